@@ -1,0 +1,35 @@
+"""Identify a verified key's owner and decide whether they may use an app at a given level."""
+
+from __future__ import annotations
+
+from .errors import AccessDenied, InvalidName
+from .models import App, Identity, Role
+from .names import app_name
+from .store import Store
+
+
+async def identify(store: Store, fingerprint: str) -> Identity | None:
+    """The account that owns this key, or None for an unregistered key."""
+    key = await store.find_key(fingerprint)
+    if key is None:
+        return None
+    return Identity(key.user_id, key.user_name, key.id, key.name, key.fingerprint)
+
+
+async def authorize(store: Store, identity: Identity, name: str, needed: Role) -> tuple[App, Role]:
+    """Return the app and the caller's role if it is at least `needed`.
+
+    A malformed name, a missing app and an app the caller cannot reach all raise the same
+    AccessDenied, so nobody learns which apps exist.
+    """
+    try:
+        app_name(name)
+    except InvalidName:
+        raise AccessDenied(name) from None
+    app = await store.get_app(name)
+    if app is None:
+        raise AccessDenied(name)
+    role = await store.role_on(app.id, identity.user_id)
+    if role is None or role < needed:
+        raise AccessDenied(name)
+    return app, role

@@ -1,0 +1,163 @@
+"""Pump bytes between an SSH channel and a git subprocess, with our own loops.
+
+asyncssh's `process.redirect()` is not used: fed from asyncio subprocess streams it raced
+and dropped connections on big clones, and onto raw pipes it closed git's stdin with data
+still buffered. Three plain loops with 256 KiB reads and awaited drains keep backpressure
+end to end (SSH window <-> pipe buffers) and never lose a byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import asyncssh
+
+CHUNK = 256 * 1024
+TERMINATE_GRACE = 5.0
+
+# What a dead or closed SSH channel raises on read, write or drain.
+CLIENT_GONE = (OSError, EOFError, asyncssh.Error)
+
+log = logging.getLogger(__name__)
+
+
+class Reader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Writer(Protocol):
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The three streams of one SSH session, as the pump sees them."""
+
+    stdin: Reader
+    stdout: Writer
+    stderr: Writer
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    client_gone: bool
+    bytes_in: int
+    bytes_out: int
+
+
+async def run(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    channel: Channel,
+    *,
+    cwd: Path | None = None,
+    finish_on_hangup: bool = False,
+) -> Outcome:
+    """Run argv with its stdio connected to the channel; return when it has exited.
+
+    If the client goes away, the process is terminated unless `finish_on_hangup` is set:
+    receive-pack must be left to finish (or fail) on its own, because killing it between
+    ref updates is exactly what could leave a repository half-updated.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        limit=CHUNK,
+        # Own process group: a termination reaches git's helpers (pack-objects...) too.
+        start_new_session=True,
+    )
+    hangup = asyncio.Event()
+    counts = {"in": 0, "out": 0}
+
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    if stdin is None or stdout is None or stderr is None:  # pragma: no cover - PIPE requested
+        raise RuntimeError("subprocess pipes missing")
+
+    async def client_to_process() -> None:
+        try:
+            while True:
+                data = await channel.stdin.read(CHUNK)
+                if not data:
+                    break
+                counts["in"] += len(data)
+                stdin.write(data)
+                await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # git closed its stdin: it has exited or will report why on stderr
+        except CLIENT_GONE:
+            hangup.set()
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                stdin.close()
+
+    async def process_to_client(reader: asyncio.StreamReader, writer: Writer, count: bool) -> None:
+        forwarding = True
+        while True:
+            data = await reader.read(CHUNK)
+            if not data:
+                return
+            if not forwarding:
+                continue  # keep draining so git never blocks on a full pipe
+            try:
+                writer.write(data)
+                await writer.drain()
+                if count:
+                    counts["out"] += len(data)
+            except CLIENT_GONE:
+                forwarding = False
+                hangup.set()
+
+    feeder = asyncio.create_task(client_to_process())
+    outputs = asyncio.gather(
+        process_to_client(stdout, channel.stdout, True),
+        process_to_client(stderr, channel.stderr, False),
+    )
+    waiter = asyncio.create_task(proc.wait())
+    try:
+        hung = asyncio.create_task(hangup.wait())
+        await asyncio.wait({waiter, hung}, return_when=asyncio.FIRST_COMPLETED)
+        hung.cancel()
+        if hangup.is_set() and not finish_on_hangup and waiter.done() is False:
+            await _terminate(proc)
+        returncode = await waiter
+        await outputs
+    except asyncio.CancelledError:
+        await _terminate(proc)
+        raise
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+        if not outputs.done():
+            outputs.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await outputs
+    return Outcome(returncode, hangup.is_set(), counts["in"], counts["out"])
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, then SIGKILL it if it does not leave in time."""
+    if proc.returncode is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), TERMINATE_GRACE)
+            return
+        except TimeoutError:
+            continue

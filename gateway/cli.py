@@ -1,0 +1,412 @@
+"""Command-line front end: `git-gateway serve` and the operator's user/key/app commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__, config, gitbin, logs, names
+from .errors import ConfigError, GatewayError, UsageError
+from .keys import parse_public_key
+from .models import Role
+from .repos import Repositories
+from .store import Store, open_store
+
+log = logging.getLogger("gateway.cli")
+
+
+# -- output helpers --
+
+
+def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    for row in [headers, *rows]:
+        out.write("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() + "\n")
+
+
+def _json(data: Any, out: TextIO) -> None:
+    out.write(json.dumps(data, indent=2) + "\n")
+
+
+# -- command implementations: each gets the parsed args, the config and an output stream --
+
+
+async def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]]) -> int:
+    store = await open_store(cfg.storage.database)
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
+def _repos(cfg: config.Config) -> Repositories:
+    return Repositories(cfg.storage.repos, cfg.git.max_input_size)
+
+
+async def user_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    name = names.user_name(args.name)
+
+    async def act(store: Store) -> int:
+        await store.create_user(name)
+        out.write(f"created user {name}\n")
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        users = await store.list_users()
+        if args.json:
+            _json([{**asdict(u.user), "keys": u.keys, "apps": u.apps} for u in users], out)
+        else:
+            rows = [[u.user.name, str(u.keys), str(u.apps), u.user.created_at] for u in users]
+            _table(rows, ["USER", "KEYS", "APPS OWNED", "CREATED"], out)
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def user_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        await store.remove_user(args.name)
+        out.write(f"removed user {args.name} with their keys and memberships\n")
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+def _read_key_input(source: str) -> str:
+    if source == "-":
+        return sys.stdin.read(64 * 1024)
+    try:
+        with open(source, encoding="utf-8", errors="replace") as handle:
+            return handle.read(64 * 1024)
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}") from None
+
+
+async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    user = names.user_name(args.user)
+    key_name = names.key_name(args.name)
+    key = parse_public_key(_read_key_input(args.file))
+
+    async def act(store: Store) -> int:
+        record = await store.add_key(user, key_name, key)
+        out.write(
+            f"added key '{record.name}' to {user}: {record.bits} {record.fingerprint} "
+            f"({key.keygen_type})\n"
+        )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        keys = await store.list_keys(args.user)
+        if args.json:
+            _json([asdict(k) for k in keys], out)
+        else:
+            rows = [
+                [
+                    k.name,
+                    k.algorithm,
+                    str(k.bits),
+                    k.fingerprint,
+                    k.fingerprint_md5,
+                    k.created_at,
+                    k.last_used_at or "never",
+                ]
+                for k in keys
+            ]
+            _table(
+                rows, ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED"], out
+            )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        key = await store.remove_key(args.user, args.name)
+        out.write(f"removed key '{key.name}' ({key.fingerprint}) from {args.user}\n")
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    app = names.app_name(args.app)
+    branch = names.branch_name(args.branch)
+    owner = names.user_name(args.owner)
+    repos = _repos(cfg)
+    path = repos.path_for(app)
+    if path.exists():
+        raise GatewayError(f"a repository already exists at {path}: move it away first")
+
+    async def act(store: Store) -> int:
+        await store.create_app(app, owner, branch)
+        try:
+            await asyncio.to_thread(repos.create, app, branch)
+        except BaseException:
+            await store.remove_app(app)
+            raise
+        out.write(f"created app {app} (owner {owner}, deploy branch {branch})\n")
+        out.write(f"clone URL: {cfg.clone_url(app)}\n")
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        apps = await store.list_apps()
+        if args.json:
+            _json([{**asdict(a), "clone_url": cfg.clone_url(a.name)} for a in apps], out)
+        else:
+            rows = [
+                [a.name, a.owner_name, a.deploy_branch, a.created_at, cfg.clone_url(a.name)]
+                for a in apps
+            ]
+            _table(rows, ["APP", "OWNER", "BRANCH", "CREATED", "CLONE URL"], out)
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    repos = _repos(cfg)
+
+    async def act(store: Store) -> int:
+        app = await store.get_app(args.app)
+        if app is None:
+            raise GatewayError(f"no such app '{args.app}'")
+        trashed = None
+        if repos.path_for(app.name).exists():
+            trashed = await asyncio.to_thread(repos.trash, app.name)
+        try:
+            await store.remove_app(app.name)
+        except BaseException:
+            if trashed is not None:  # put the repository back where it was
+                trashed.rename(repos.path_for(app.name))
+            raise
+        out.write(f"removed app {app.name}\n")
+        if trashed is not None:
+            out.write(
+                f"repository moved to {trashed} (move it back and re-create the app to restore)\n"
+            )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    try:
+        role = Role.parse(args.role)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+    async def act(store: Store) -> int:
+        previous = await store.grant(args.app, args.user, role)
+        if previous is None:
+            out.write(f"granted {role.label} on {args.app} to {args.user}\n")
+        elif previous is role:
+            out.write(f"{args.user} already has {role.label} on {args.app}\n")
+        else:
+            out.write(
+                f"changed {args.user}'s role on {args.app}: {previous.label} -> {role.label}\n"
+            )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_revoke(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        role = await store.revoke(args.app, args.user)
+        out.write(f"revoked {args.user}'s {role.label} access to {args.app}\n")
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        members = await store.list_members(args.app)
+        if args.json:
+            _json(
+                [
+                    {"user": m.user_name, "role": m.role.label, "since": m.created_at}
+                    for m in members
+                ],
+                out,
+            )
+        else:
+            _table(
+                [[m.user_name, m.role.label, m.created_at] for m in members],
+                ["USER", "ROLE", "SINCE"],
+                out,
+            )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    from .server import Gateway  # the SSH stack is only loaded for the server
+
+    logs.setup(cfg.log.level, cfg.log.format)
+    log.info(
+        "event=starting version=%s config=%s",
+        __version__,
+        cfg.source if cfg.source else "embedded-defaults",
+    )
+    try:
+        asyncio.run(Gateway(cfg).serve_forever())
+    except OSError as exc:
+        host, port = cfg.ssh.listen
+        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return 0
+
+
+def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    out.write(f"# source: {cfg.source or 'embedded defaults'}\n")
+    for name in config.SECTIONS:
+        section = getattr(cfg, name)
+        out.write(f"[{name}]\n")
+        for key, value in asdict(section).items():
+            if isinstance(value, tuple):
+                value = f"{value[0]}:{value[1]}"
+            rendered = json.dumps(str(value)) if not isinstance(value, int | float) else value
+            out.write(f"{key} = {rendered}\n")
+        out.write("\n")
+    return 0
+
+
+def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    git = gitbin.locate(cfg.git.binary)
+    out.write(
+        f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}\n"
+    )
+    return 0
+
+
+# -- argument parsing --
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help=f"config file (default: ${config.CONFIG_ENV} or {config.DEFAULT_CONFIG_FILE})",
+    )
+    parser = argparse.ArgumentParser(
+        prog="git-gateway",
+        description="Git-over-SSH gateway for push-to-deploy platforms.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def add(
+        sub: Any, name: str, func: Callable[..., Any], help_text: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    add(groups, "serve", serve, "run the SSH server")
+    add(groups, "check", check, "validate the configuration and the git runtime")
+    cfg_group = groups.add_parser("config", help="show the configuration").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add(cfg_group, "show", config_show, "print the effective configuration")
+
+    users = groups.add_parser("user", help="manage users").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add(users, "add", user_add, "create a user").add_argument("name")
+    add(users, "list", user_list, "list users").add_argument("--json", action="store_true")
+    add(users, "remove", user_remove, "remove a user, their keys and memberships").add_argument(
+        "name"
+    )
+
+    keys = groups.add_parser("key", help="manage users' SSH keys").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = add(keys, "add", key_add, "register an OpenSSH public key for a user")
+    p.add_argument("user")
+    p.add_argument("name", help="a name for this key, unique for the user (e.g. laptop)")
+    p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
+    p = add(keys, "list", key_list, "list a user's keys")
+    p.add_argument("user")
+    p.add_argument("--json", action="store_true")
+    p = add(keys, "remove", key_remove, "remove one of a user's keys")
+    p.add_argument("user")
+    p.add_argument("name")
+
+    apps = groups.add_parser("app", help="manage apps and their members").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = add(apps, "create", app_create, "create an app and its bare repository")
+    p.add_argument("app")
+    p.add_argument("--owner", required=True, metavar="USER")
+    p.add_argument("--branch", default="main", help="deploy branch and HEAD (default: main)")
+    add(apps, "list", app_list, "list apps").add_argument("--json", action="store_true")
+    add(
+        apps, "remove", app_remove, "remove an app; its repository is moved to the trash"
+    ).add_argument("app")
+    p = add(apps, "grant", app_grant, "give a user a role on an app (again to change it)")
+    p.add_argument("app")
+    p.add_argument("user")
+    p.add_argument("role", choices=["read", "write", "admin"])
+    p = add(apps, "revoke", app_revoke, "remove a user's access to an app")
+    p.add_argument("app")
+    p.add_argument("user")
+    p = add(apps, "members", app_members, "list who can reach an app")
+    p.add_argument("app")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
+        return int(exc.code or 0)
+    try:
+        cfg = config.load(getattr(args, "config", None))
+        result = args.func(args, cfg, out)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except GatewayError as exc:
+        err.write(f"error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as exc:  # pragma: no cover - ConfigError is a GatewayError
+        err.write(f"error: {exc}\n")
+        return 2
+
+
+def _path(text: str) -> Path:
+    return Path(text)

@@ -1,0 +1,97 @@
+"""Parse the SSH command line into one of the allowed commands; anything else is refused."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..errors import AccessDenied, InvalidName, UnknownCommand, printable
+from ..names import app_name
+
+if TYPE_CHECKING:
+    from ..bridge import Channel
+    from ..config import Config
+    from ..gitbin import Git
+    from ..models import Identity
+    from ..repos import Repositories
+    from ..store import Store
+
+MAX_COMMAND_LENGTH = 4096
+
+# git sends the repository path quoted in several forms depending on the URL the user typed:
+# host:app.git -> 'app.git', ssh://host/app.git -> '/app.git', ssh://host/~/app.git -> '~/app.git'.
+GIT_SERVICES = ("git-upload-pack", "git-receive-pack", "git-upload-archive")
+
+
+@dataclass
+class Context:
+    """Everything a command may use: the verified identity, the session's streams, services."""
+
+    identity: Identity
+    channel: Channel
+    config: Config
+    store: Store
+    repos: Repositories
+    git: Git
+    client_protocol: str | None = None
+    conn_id: str = "-"
+    peer: str = "-"
+    log_fields: dict[str, object] = field(default_factory=dict)
+
+
+Handler = Callable[[Context, "Invocation"], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class Invocation:
+    command: str
+    args: tuple[str, ...]
+
+    @property
+    def app(self) -> str:
+        return self.args[0]
+
+
+def repo_path_to_app(path: str) -> str:
+    """Map a path as git sends it to an app name, or raise AccessDenied."""
+    name = path
+    if name.startswith("~/"):
+        name = name[2:]
+    elif name.startswith("/"):
+        name = name[1:]
+    name = name.removesuffix("/").removesuffix(".git")
+    try:
+        return app_name(name)
+    except InvalidName:
+        raise AccessDenied(path) from None
+
+
+def parse(command: str | None) -> Invocation:
+    """Turn the exec request into an Invocation; no command at all means `info`."""
+    if command is None or not command.strip():
+        return Invocation("info", ())
+    if len(command) > MAX_COMMAND_LENGTH or "\x00" in command:
+        raise UnknownCommand("command refused")
+    try:
+        # POSIX shell-style word splitting only: nothing is ever run by a shell.
+        words = shlex.split(command)
+    except ValueError:
+        raise UnknownCommand("malformed command") from None
+    if not words:
+        return Invocation("info", ())
+    # Git for Windows and some libraries send the two-word form.
+    if len(words) >= 2 and words[0] == "git" and f"git-{words[1]}" in GIT_SERVICES:
+        words = [f"git-{words[1]}", *words[2:]]
+    name = words[0]
+    if name in GIT_SERVICES:
+        if len(words) != 2:
+            raise UnknownCommand(f"usage: {name} '<app>.git'")
+        return Invocation(name, (repo_path_to_app(words[1]),))
+    if name == "info" and len(words) == 1:
+        return Invocation("info", ())
+    raise UnknownCommand(
+        f"unknown command '{printable(name, 40)}': this server only serves git "
+        "(clone, fetch, push, archive --remote)"
+    )

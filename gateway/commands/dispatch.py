@@ -1,0 +1,17 @@
+"""The single table of allowed commands and the handler that serves each."""
+
+from __future__ import annotations
+
+from . import Context, Handler, Invocation, info
+from . import git as git_commands
+
+HANDLERS: dict[str, Handler] = {
+    "info": info.run,
+    "git-upload-pack": git_commands.run,
+    "git-receive-pack": git_commands.run,
+    "git-upload-archive": git_commands.run,
+}
+
+
+async def execute(ctx: Context, inv: Invocation) -> int:
+    return await HANDLERS[inv.command](ctx, inv)

@@ -1,0 +1,76 @@
+"""The git services: authorize, then run git's own upload-pack / receive-pack / upload-archive."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .. import bridge, gitbin
+from ..auth import authorize
+from ..errors import GatewayError
+from ..models import Role
+from ..repos import git_settings
+from . import Context, Invocation
+
+log = logging.getLogger("gateway.git")
+
+# SSH command -> (role needed, git subcommand, extra arguments)
+SERVICES: dict[str, tuple[Role, str, tuple[str, ...]]] = {
+    "git-upload-pack": (Role.READ, "upload-pack", ("--strict",)),
+    "git-upload-archive": (Role.READ, "upload-archive", ()),
+    "git-receive-pack": (Role.WRITE, "receive-pack", ()),
+}
+
+
+class RepositoryUnavailable(GatewayError):
+    def __init__(self, app: str) -> None:
+        super().__init__(f"repository '{app}' is temporarily unavailable; contact the operator")
+
+
+def git_argv(ctx: Context, subcommand: str, extra: tuple[str, ...], path: str) -> list[str]:
+    """argv for a git service: the repository settings passed with -c so that they always
+    follow the current configuration, whatever is written in the repository itself."""
+    argv = [ctx.git.path]
+    for key, value in git_settings(ctx.repos.max_input_size):
+        argv += ["-c", f"{key}={value}"]
+    return [*argv, subcommand, *extra, path]
+
+
+async def run(ctx: Context, inv: Invocation) -> int:
+    needed, subcommand, extra = SERVICES[inv.command]
+    app, role = await authorize(ctx.store, ctx.identity, inv.app, needed)
+    path = ctx.repos.path_for(app.name)
+    if not ctx.repos.exists(app.name):
+        log.error("event=repo_missing app=%s path=%s conn=%s", app.name, path, ctx.conn_id)
+        raise RepositoryUnavailable(app.name)
+    env = gitbin.environment(
+        ctx.repos.root,
+        ctx.client_protocol,
+        GATEWAY_APP=app.name,
+        GATEWAY_USER=ctx.identity.user_name,
+        GATEWAY_KEY_FINGERPRINT=ctx.identity.fingerprint,
+    )
+    started = time.monotonic()
+    outcome = await bridge.run(
+        git_argv(ctx, subcommand, extra, str(path)),
+        env,
+        ctx.channel,
+        cwd=path,
+        finish_on_hangup=subcommand == "receive-pack",
+    )
+    log.info(
+        "event=git service=%s app=%s user=%s role=%s protocol=%s rc=%d bytes_in=%d "
+        "bytes_out=%d client_gone=%s duration=%.3f conn=%s",
+        subcommand,
+        app.name,
+        ctx.identity.user_name,
+        role.label,
+        ctx.client_protocol or "v0",
+        outcome.returncode,
+        outcome.bytes_in,
+        outcome.bytes_out,
+        outcome.client_gone,
+        time.monotonic() - started,
+        ctx.conn_id,
+    )
+    return 0 if outcome.returncode == 0 else (outcome.returncode if outcome.returncode > 0 else 1)

@@ -1,0 +1,59 @@
+"""Server host keys: generated once (ed25519 + RSA for old clients), then reused forever."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import asyncssh
+
+from .errors import ConfigError
+
+log = logging.getLogger("gateway.hostkeys")
+
+# file name -> (algorithm, generation options). ed25519 first: it is what modern clients pick.
+HOST_KEYS = {
+    "ssh_host_ed25519_key": ("ssh-ed25519", {}),
+    "ssh_host_rsa_key": ("ssh-rsa", {"key_size": 3072}),
+}
+
+
+def _write_private(path: Path, key: asyncssh.SSHKey) -> None:
+    # O_EXCL + mode 0600 from the first byte: the key is never readable by others, and two
+    # processes starting at once cannot both write it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key("openssh"))
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
+
+
+def load_or_create(directory: Path) -> list[asyncssh.SSHKey]:
+    """Return the host keys, generating the missing ones."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ConfigError(f"config: [ssh] host_key_dir: cannot create {directory}: {exc}") from None
+    keys = []
+    for name, (algorithm, options) in HOST_KEYS.items():
+        path = directory / name
+        if not path.exists():
+            try:
+                _write_private(path, asyncssh.generate_private_key(algorithm, **options))
+                log.info("event=host_key_generated path=%s", path)
+            except FileExistsError:
+                pass  # another process just wrote it; read theirs
+            except OSError as exc:
+                raise ConfigError(
+                    f"config: [ssh] host_key_dir: cannot write {path}: {exc}"
+                ) from None
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("event=host_key_permissions path=%s mode=%o fixed=0600", path, mode)
+            path.chmod(0o600)
+        try:
+            keys.append(asyncssh.read_private_key(path))
+        except (OSError, asyncssh.KeyImportError) as exc:
+            raise ConfigError(f"config: [ssh] host_key_dir: cannot read {path}: {exc}") from None
+    return keys

@@ -1,0 +1,67 @@
+"""Operator logs: key=value text lines or JSON lines on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+_PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"'):
+        try:
+            return str(json.loads(value))
+        except ValueError:
+            return value.strip('"')
+    return value
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line; key=value pairs in the message become fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = dict(_PAIR.findall(message))
+        if fields:
+            entry.update({k: _unquote(v) for k, v in fields.items()})
+        else:
+            entry["msg"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+        formatter.converter = time.gmtime
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # asyncssh logs every packet-level step at INFO; keep its warnings only.
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+_BARE = re.compile(r"[A-Za-z0-9_.:/@+,-]+")
+
+
+def q(value: object) -> str:
+    """Render a log value so that key=value lines stay parseable whatever the client sent."""
+    text = "-" if value is None else str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)

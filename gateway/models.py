@@ -1,0 +1,81 @@
+"""Plain records shared by every layer: users, keys, apps, roles and the verified identity."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(enum.IntEnum):
+    """Access levels on an app, ordered so that a higher role includes the lower ones."""
+
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+    OWNER = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str) -> Role:
+        """Parse a grantable role name (owner is not grantable: it is the app's creator)."""
+        try:
+            role = cls[text.strip().upper()]
+        except KeyError:
+            role = None
+        if role is None or role is cls.OWNER:
+            raise ValueError(f"invalid role '{text}': expected read, write or admin")
+        return role
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SSHKey:
+    id: int
+    user_id: int
+    user_name: str
+    name: str
+    algorithm: str
+    bits: int
+    public_key: str
+    comment: str
+    fingerprint: str
+    fingerprint_md5: str
+    created_at: str
+    last_used_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    id: int
+    name: str
+    owner_id: int
+    owner_name: str
+    deploy_branch: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    user_name: str
+    role: Role
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is on the other end of a connection, bound to the key that completed auth."""
+
+    user_id: int
+    user_name: str
+    key_id: int
+    key_name: str
+    fingerprint: str

@@ -1,0 +1,109 @@
+"""The registry interface every caller uses; backends (SQLite today) live in submodules."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..keys import PublicKey
+from ..models import App, Member, Role, SSHKey, User
+
+
+def utcnow() -> str:
+    """Timestamps are stored as ISO 8601 UTC strings, second precision."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class UserSummary:
+    user: User
+    keys: int
+    apps: int
+
+
+class Store(abc.ABC):
+    """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL."""
+
+    # -- users --
+    @abc.abstractmethod
+    async def create_user(self, name: str) -> User: ...
+
+    @abc.abstractmethod
+    async def get_user(self, name: str) -> User:
+        """Raise NotFound if there is no such user."""
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[UserSummary]: ...
+
+    @abc.abstractmethod
+    async def remove_user(self, name: str) -> User:
+        """Remove a user with their keys and memberships; refused while they own apps."""
+
+    # -- keys --
+    @abc.abstractmethod
+    async def add_key(self, user_name: str, key_name: str, key: PublicKey) -> SSHKey:
+        """Register a key; KeyInUse if another account has it, Conflict if this one does."""
+
+    @abc.abstractmethod
+    async def list_keys(self, user_name: str) -> list[SSHKey]: ...
+
+    @abc.abstractmethod
+    async def remove_key(self, user_name: str, key_name: str) -> SSHKey: ...
+
+    @abc.abstractmethod
+    async def find_key(self, fingerprint: str) -> SSHKey | None:
+        """The key with this SHA256 fingerprint (the authentication lookup)."""
+
+    @abc.abstractmethod
+    async def touch_key(self, key_id: int, when: str) -> None:
+        """Record a successful use of the key."""
+
+    # -- apps --
+    @abc.abstractmethod
+    async def create_app(self, name: str, owner_name: str, deploy_branch: str) -> App: ...
+
+    @abc.abstractmethod
+    async def get_app(self, name: str) -> App | None: ...
+
+    @abc.abstractmethod
+    async def list_apps(self) -> list[App]: ...
+
+    @abc.abstractmethod
+    async def remove_app(self, name: str) -> App: ...
+
+    @abc.abstractmethod
+    async def grant(self, app_name: str, user_name: str, role: Role) -> Role | None:
+        """Give a user a role on an app (replacing any previous one); return the previous role."""
+
+    @abc.abstractmethod
+    async def revoke(self, app_name: str, user_name: str) -> Role:
+        """Remove a member; return the role they had."""
+
+    @abc.abstractmethod
+    async def list_members(self, app_name: str) -> list[Member]: ...
+
+    @abc.abstractmethod
+    async def role_on(self, app_id: int, user_id: int) -> Role | None:
+        """The user's role on the app: OWNER for its owner, None without access."""
+
+    @abc.abstractmethod
+    async def apps_for(self, user_id: int) -> list[tuple[App, Role]]:
+        """Every app the user can reach, with their role."""
+
+    # -- lifecycle --
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+async def open_store(database: Path | str) -> Store:
+    """Open the registry named by the config; SQLite path today, URLs for future backends."""
+    text = str(database)
+    if text.startswith(("postgres://", "postgresql://")):
+        from ..errors import ConfigError
+
+        raise ConfigError("config: [storage] database: the PostgreSQL backend is not available yet")
+    from .sqlite import SQLiteStore
+
+    return await SQLiteStore.open(Path(text))

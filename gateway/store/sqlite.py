@@ -1,0 +1,369 @@
+"""SQLite backend of the registry (aiosqlite, WAL, numbered migrations)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from ..errors import Conflict, KeyInUse, NotFound
+from ..keys import PublicKey
+from ..models import App, Member, Role, SSHKey, User
+from . import Store, UserSummary, utcnow
+
+_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+_KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
+    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
+_APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every packaged migration, in order."""
+    found = []
+    for entry in importlib.resources.files(__package__).joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return found
+
+
+def _key(row: Any) -> SSHKey:
+    return SSHKey(*row)
+
+
+def _app(row: Any) -> App:
+    return App(*row)
+
+
+class SQLiteStore(Store):
+    """One aiosqlite connection; write transactions are serialized by a lock, because
+    statements from concurrent coroutines on one connection would otherwise join them."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteStore:
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA busy_timeout = 10000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            store = cls(db, path)
+            await store.migrate()
+        except BaseException:
+            await db.close()
+            raise
+        # The registry holds every account's keys: readable by the service user only.
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(path.chmod, 0o600)
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- plumbing --
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            # IMMEDIATE takes the write lock up front, so concurrent processes (the server and
+            # the admin CLI) queue on busy_timeout instead of failing on lock upgrade.
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _one(self, sql: str, *args: Any) -> Any:
+        async with self._db.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, *args: Any) -> list[Any]:
+        async with self._db.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    async def migrate(self) -> int:
+        """Apply pending migrations, each in its own transaction; return the schema version."""
+        await self._db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        version = 0
+        for number, name, sql in migrations():
+            async with self._transaction() as db:
+                done = await self._one("SELECT 1 FROM schema_migrations WHERE version = ?", number)
+                if not done:
+                    # sqlite3's executescript() would COMMIT our transaction first, so run
+                    # the statements one by one inside it.
+                    for statement in _statements(sql):
+                        await db.execute(statement)
+                    await db.execute(
+                        "INSERT INTO schema_migrations (version, name, applied_at) "
+                        "VALUES (?, ?, ?)",
+                        (number, name, utcnow()),
+                    )
+            version = number
+        return version
+
+    async def schema_version(self) -> int:
+        row = await self._one("SELECT MAX(version) FROM schema_migrations")
+        return int(row[0] or 0)
+
+    # -- users --
+
+    async def _user_row(self, name: str) -> User:
+        row = await self._one("SELECT id, name, created_at FROM users WHERE name = ?", name)
+        if row is None:
+            raise NotFound(f"no such user '{name}'")
+        return User(*row)
+
+    async def create_user(self, name: str) -> User:
+        async with self._transaction() as db:
+            try:
+                cur = await db.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, utcnow())
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"user '{name}' already exists") from None
+            return User(cur.lastrowid or 0, name, await self._created(db, "users", cur.lastrowid))
+
+    async def _created(self, db: aiosqlite.Connection, table: str, row_id: int | None) -> str:
+        row = await self._one(f"SELECT created_at FROM {table} WHERE id = ?", row_id)  # noqa: S608
+        return str(row[0])
+
+    async def get_user(self, name: str) -> User:
+        return await self._user_row(name)
+
+    async def list_users(self) -> list[UserSummary]:
+        rows = await self._all(
+            """SELECT u.id, u.name, u.created_at,
+                      (SELECT COUNT(*) FROM ssh_keys k WHERE k.user_id = u.id),
+                      (SELECT COUNT(*) FROM apps a WHERE a.owner_id = u.id)
+                 FROM users u ORDER BY u.name"""
+        )
+        return [UserSummary(User(r[0], r[1], r[2]), r[3], r[4]) for r in rows]
+
+    async def remove_user(self, name: str) -> User:
+        async with self._transaction() as db:
+            user = await self._user_row(name)
+            owned = await self._all(
+                "SELECT name FROM apps WHERE owner_id = ? ORDER BY name", user.id
+            )
+            if owned:
+                names = ", ".join(r[0] for r in owned)
+                raise Conflict(f"user '{name}' owns apps ({names}): remove them first")
+            await db.execute("DELETE FROM users WHERE id = ?", (user.id,))
+            return user
+
+    # -- keys --
+
+    async def add_key(self, user_name: str, key_name: str, key: PublicKey) -> SSHKey:
+        async with self._transaction() as db:
+            user = await self._user_row(user_name)
+            existing = await self.find_key(key.fingerprint)
+            if existing is not None:
+                if existing.user_id != user.id:
+                    raise KeyInUse()
+                raise Conflict(
+                    f"this SSH key is already registered on account '{user_name}' "
+                    f"under the name '{existing.name}'"
+                )
+            try:
+                cur = await db.execute(
+                    """INSERT INTO ssh_keys (user_id, name, algorithm, bits, public_key, comment,
+                           fingerprint, fingerprint_md5, created_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        user.id,
+                        key_name,
+                        key.algorithm,
+                        key.bits,
+                        key.openssh,
+                        key.comment,
+                        key.fingerprint,
+                        key.fingerprint_md5,
+                        utcnow(),
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"user '{user_name}' already has a key named '{key_name}'") from None
+            row = await self._one(
+                f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
+                "WHERE k.id = ?",
+                cur.lastrowid,
+            )
+            return _key(row)
+
+    async def list_keys(self, user_name: str) -> list[SSHKey]:
+        user = await self._user_row(user_name)
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
+            "WHERE k.user_id = ? ORDER BY k.name",
+            user.id,
+        )
+        return [_key(r) for r in rows]
+
+    async def remove_key(self, user_name: str, key_name: str) -> SSHKey:
+        async with self._transaction() as db:
+            user = await self._user_row(user_name)
+            row = await self._one(
+                f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
+                "WHERE k.user_id = ? AND k.name = ?",
+                user.id,
+                key_name,
+            )
+            if row is None:
+                raise NotFound(f"user '{user_name}' has no key named '{key_name}'")
+            await db.execute("DELETE FROM ssh_keys WHERE id = ?", (row[0],))
+            return _key(row)
+
+    async def find_key(self, fingerprint: str) -> SSHKey | None:
+        row = await self._one(
+            f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
+            "WHERE k.fingerprint = ?",
+            fingerprint,
+        )
+        return None if row is None else _key(row)
+
+    async def touch_key(self, key_id: int, when: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE ssh_keys SET last_used_at = ? WHERE id = ?", (when, key_id))
+
+    # -- apps --
+
+    async def _app_row(self, name: str) -> App:
+        app = await self.get_app(name)
+        if app is None:
+            raise NotFound(f"no such app '{name}'")
+        return app
+
+    async def create_app(self, name: str, owner_name: str, deploy_branch: str) -> App:
+        async with self._transaction() as db:
+            owner = await self._user_row(owner_name)
+            try:
+                await db.execute(
+                    "INSERT INTO apps (name, owner_id, deploy_branch, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name, owner.id, deploy_branch, utcnow()),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"app '{name}' already exists") from None
+            return await self._app_row(name)
+
+    async def get_app(self, name: str) -> App | None:
+        row = await self._one(
+            f"SELECT {_APP_COLUMNS} FROM apps a JOIN users u ON u.id = a.owner_id "  # noqa: S608
+            "WHERE a.name = ?",
+            name,
+        )
+        return None if row is None else _app(row)
+
+    async def list_apps(self) -> list[App]:
+        rows = await self._all(
+            f"SELECT {_APP_COLUMNS} FROM apps a JOIN users u ON u.id = a.owner_id "  # noqa: S608
+            "ORDER BY a.name"
+        )
+        return [_app(r) for r in rows]
+
+    async def remove_app(self, name: str) -> App:
+        async with self._transaction() as db:
+            app = await self._app_row(name)
+            await db.execute("DELETE FROM apps WHERE id = ?", (app.id,))
+            return app
+
+    async def grant(self, app_name: str, user_name: str, role: Role) -> Role | None:
+        if role is Role.OWNER:
+            raise ValueError("owner is not a grantable role")
+        async with self._transaction() as db:
+            app = await self._app_row(app_name)
+            user = await self._user_row(user_name)
+            if user.id == app.owner_id:
+                raise Conflict(f"'{user_name}' owns app '{app_name}' and already has every right")
+            previous = await self._one(
+                "SELECT role FROM app_members WHERE app_id = ? AND user_id = ?", app.id, user.id
+            )
+            await db.execute(
+                """INSERT INTO app_members (app_id, user_id, role, created_at) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (app_id, user_id) DO UPDATE SET role = excluded.role""",
+                (app.id, user.id, role.label, utcnow()),
+            )
+            return None if previous is None else Role.parse(previous[0])
+
+    async def revoke(self, app_name: str, user_name: str) -> Role:
+        async with self._transaction() as db:
+            app = await self._app_row(app_name)
+            user = await self._user_row(user_name)
+            row = await self._one(
+                "SELECT role FROM app_members WHERE app_id = ? AND user_id = ?", app.id, user.id
+            )
+            if row is None:
+                if user.id == app.owner_id:
+                    raise Conflict(
+                        f"'{user_name}' owns app '{app_name}': ownership is not revocable"
+                    )
+                raise NotFound(f"'{user_name}' is not a member of app '{app_name}'")
+            await db.execute(
+                "DELETE FROM app_members WHERE app_id = ? AND user_id = ?", (app.id, user.id)
+            )
+            return Role.parse(row[0])
+
+    async def list_members(self, app_name: str) -> list[Member]:
+        app = await self._app_row(app_name)
+        rows = await self._all(
+            """SELECT u.name, m.role, m.created_at FROM app_members m
+                 JOIN users u ON u.id = m.user_id WHERE m.app_id = ? ORDER BY u.name""",
+            app.id,
+        )
+        owner = Member(app.owner_name, Role.OWNER, app.created_at)
+        return [owner, *(Member(r[0], Role.parse(r[1]), r[2]) for r in rows)]
+
+    async def role_on(self, app_id: int, user_id: int) -> Role | None:
+        row = await self._one(
+            """SELECT CASE WHEN a.owner_id = ? THEN 'owner' ELSE m.role END
+                 FROM apps a LEFT JOIN app_members m ON m.app_id = a.id AND m.user_id = ?
+                WHERE a.id = ?""",
+            user_id,
+            user_id,
+            app_id,
+        )
+        if row is None or row[0] is None:
+            return None
+        return Role.OWNER if row[0] == "owner" else Role.parse(row[0])
+
+    async def apps_for(self, user_id: int) -> list[tuple[App, Role]]:
+        rows = await self._all(
+            f"""SELECT {_APP_COLUMNS}, CASE WHEN a.owner_id = ? THEN 'owner' ELSE m.role END
+                  FROM apps a JOIN users u ON u.id = a.owner_id
+                  LEFT JOIN app_members m ON m.app_id = a.id AND m.user_id = ?
+                 WHERE a.owner_id = ? OR m.user_id IS NOT NULL
+                 ORDER BY a.name""",  # noqa: S608
+            user_id,
+            user_id,
+            user_id,
+        )
+        return [(_app(r[:6]), Role.OWNER if r[6] == "owner" else Role.parse(r[6])) for r in rows]
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (migrations hold no semicolons inside literals)."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in body.split(";") if s.strip()]

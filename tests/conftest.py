@@ -1,0 +1,55 @@
+"""Shared fixtures: one real gateway per session, fresh users and apps per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
+
+require_tools()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    directory = tmp_path_factory.mktemp("gateway")
+    thread = ServerThread(write_config(directory)).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(server: ServerThread) -> Admin:
+    return Admin(server.config_path)
+
+
+MakeUser = Callable[..., Client]
+
+
+@pytest.fixture
+def make_user(server: ServerThread, admin: Admin, tmp_path: Path) -> MakeUser:
+    """Create a registered user with one fresh key and return their client."""
+
+    def make(prefix: str = "user", kind: str = "ed25519", bits: int | None = None) -> Client:
+        name = unique(prefix)
+        key = keygen(tmp_path / f"{name}_id", kind, bits)
+        admin.ok("user", "add", name)
+        admin.ok("key", "add", name, "laptop", f"{key}.pub")
+        return Client(tmp_path / f"home-{name}", key, server, name=name)
+
+    return make
+
+
+@pytest.fixture
+def owner(make_user: MakeUser) -> Client:
+    return make_user("owner")
+
+
+@pytest.fixture
+def app(admin: Admin, owner: Client) -> str:
+    """A fresh app owned by `owner`, deploy branch main."""
+    name = unique("app")
+    admin.ok("app", "create", name, "--owner", owner.name)
+    return name

@@ -1,0 +1,279 @@
+"""Test helpers: isolated git/ssh clients, a gateway running in its own thread, key files."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway import cli
+from gateway import config as gwconfig
+from gateway.server import Gateway
+
+TIMEOUT = 60
+_counter = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    """A fresh name for users and apps, so tests sharing one gateway never collide."""
+    return f"{prefix}{next(_counter)}"
+
+
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    input: bytes | str | None = None,
+    check: bool = False,
+    timeout: float = TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    """Run a command with a timeout; text output; raises with both streams if check fails."""
+    if isinstance(input, bytes):
+        input = input.decode()
+    result = subprocess.run(
+        argv,
+        env=env,
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{argv} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
+    return result
+
+
+def keygen(path: Path, kind: str = "ed25519", bits: int | None = None, comment: str = "") -> Path:
+    argv = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path), "-C", comment or path.name]
+    if bits:
+        argv += ["-b", str(bits)]
+    run(argv, check=True)
+    return path
+
+
+def keygen_fingerprint(pub: Path, md5: bool = False) -> str:
+    argv = ["ssh-keygen", "-l", "-f", str(pub)]
+    if md5:
+        argv[1:1] = ["-E", "md5"]
+    return run(argv, check=True).stdout.split()[1]
+
+
+@dataclass
+class Admin:
+    """Runs the operator CLI in-process against the test gateway's config file."""
+
+    config_path: Path
+
+    def __call__(self, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        old_stdin = None
+        if stdin is not None:
+            import sys
+
+            old_stdin, sys.stdin = sys.stdin, io.StringIO(stdin)
+        try:
+            code = cli.main(["--config", str(self.config_path), *args], out=out, err=err)
+        finally:
+            if old_stdin is not None:
+                import sys
+
+                sys.stdin = old_stdin
+        return code, out.getvalue(), err.getvalue()
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        code, out, err = self(*args, stdin=stdin)
+        assert code == 0, f"{args} -> {code}: {err}"
+        return out
+
+
+def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
+    """A gateway config under `directory` on port 0; overrides are {section: {key: value}}."""
+    sections: dict[str, dict[str, object]] = {
+        "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(directory / "hostkeys")},
+        "storage": {"repos": str(directory / "repos"), "database": str(directory / "gw.db")},
+    }
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            rendered = f'"{value}"' if isinstance(value, str) else str(value).lower()
+            lines.append(f"{key} = {rendered}")
+    path = directory / "gateway.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class ServerThread:
+    """A real Gateway on port 0, hosted by an event loop in a background thread, so that
+    tests can call blocking git/ssh subprocesses without stalling the server."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.config = gwconfig.load(config_path)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.gateway = Gateway(self.config)
+
+    def call(self, coro: object, timeout: float = TIMEOUT) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        self.call(self.gateway.start())
+        return self
+
+    def stop(self) -> None:
+        try:
+            self.call(self.gateway.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(TIMEOUT)
+            self.loop.close()
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    @property
+    def repos(self) -> Path:
+        return self.config.storage.repos
+
+    def repo(self, app: str) -> Path:
+        return self.repos / f"{app}.git"
+
+    def known_hosts(self, path: Path) -> Path:
+        lines = []
+        for pub in sorted(self.config.ssh.host_key_dir.glob("*.pub")):
+            kind, data = pub.read_text().split()[:2]
+            lines.append(f"[127.0.0.1]:{self.port} {kind} {data}")
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+@dataclass
+class Client:
+    """One person at a terminal: their own HOME, key, known_hosts and git identity."""
+
+    home: Path
+    key: Path
+    server: ServerThread
+    name: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        gitconfig = self.home / ".gitconfig"
+        gitconfig.write_text(
+            "[init]\n\tdefaultBranch = main\n[advice]\n\tdetachedHead = false\n"
+            "[protocol]\n\tversion = 2\n"
+        )
+        known_hosts = self.server.known_hosts(self.home / "known_hosts")
+        self.ssh_base = [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(self.key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known_hosts}",
+            "-o",
+            "ConnectTimeout=20",
+            "-p",
+            str(self.server.port),
+        ]
+        self.env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.home),
+            "LC_ALL": "C",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": str(gitconfig),
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_AUTHOR_NAME": "Test Author",
+            "GIT_AUTHOR_EMAIL": "author@example.com",
+            "GIT_COMMITTER_NAME": "Test Committer",
+            "GIT_COMMITTER_EMAIL": "committer@example.com",
+            "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
+            "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z",
+            "GIT_SSH_COMMAND": " ".join(self.ssh_base),
+        }
+
+    def url(self, app: str, form: str = "ssh") -> str:
+        if form == "scp":
+            return f"git@127.0.0.1:{app}.git"  # port comes from GIT_SSH_COMMAND
+        return f"ssh://git@127.0.0.1:{self.server.port}/{app}.git"
+
+    def git(
+        self, *args: str, cwd: Path | None = None, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run(["git", *args], env=self.env, cwd=cwd, check=check, input=input)
+
+    def ssh(
+        self, *args: str, input: str | bytes | None = None, options: tuple[str, ...] = ("-T",)
+    ) -> subprocess.CompletedProcess[str]:
+        return run(
+            [*self.ssh_base, *options, "git@127.0.0.1", *args], env=self.env, input=input or ""
+        )
+
+    def new_repo(
+        self, path: Path, files: dict[str, str] | None = None, message: str = "first"
+    ) -> Path:
+        self.git("init", "-q", "-b", "main", str(path))
+        self.commit(path, files or {"README": "hello\n"}, message)
+        return path
+
+    def commit(self, repo: Path, files: dict[str, str], message: str) -> str:
+        for name, content in files.items():
+            target = repo / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(content)
+        self.git("add", "-A", cwd=repo)
+        self.git("commit", "-q", "-m", message, cwd=repo)
+        return self.git("rev-parse", "HEAD", cwd=repo).stdout.strip()
+
+
+def fsck(repo: Path) -> str:
+    """Fail unless `git fsck` finds the server repository clean; return its output."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "HOME": str(repo),
+    }
+    result = run(["git", "fsck", "--full", "--no-dangling"], env=env, cwd=repo)
+    assert result.returncode == 0, f"git fsck failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def server_refs(repo: Path) -> dict[str, str]:
+    env = {"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    out = run(
+        ["git", "for-each-ref", "--format=%(refname) %(objectname)"], env=env, cwd=repo, check=True
+    )
+    return dict(line.split(" ", 1) for line in out.stdout.splitlines())  # type: ignore[misc]
+
+
+def require_tools() -> None:
+    missing = [tool for tool in ("git", "ssh", "ssh-keygen") if shutil.which(tool) is None]
+    if missing:
+        raise RuntimeError(f"tests need {', '.join(missing)} on PATH")
