@@ -31,11 +31,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        fields = dict(_PAIR.findall(message))
-        if fields:
-            entry.update({k: _unquote(v) for k, v in fields.items()})
-        else:
-            entry["msg"] = message
+        entry["msg"] = message
+        entry.update({k: _unquote(v) for k, v in _PAIR.findall(message) if k not in entry})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))

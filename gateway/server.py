@@ -110,7 +110,7 @@ class Connection(asyncssh.SSHServer):
         self._candidate = identity
         return True
 
-    def auth_completed(self) -> None:
+    async def auth_completed(self) -> None:
         # asyncssh completes authentication in the same step as the validate_public_key call
         # that returned True for a request whose signature it then verified; a newer request
         # cancels an older pending one. So the last candidate is the key that authenticated.
@@ -129,7 +129,7 @@ class Connection(asyncssh.SSHServer):
             q(identity.key_name),
             identity.fingerprint,
         )
-        self.gateway.record_key_use(identity)
+        await self.gateway.record_key_use(identity)
 
 
 class Gateway:
@@ -143,7 +143,6 @@ class Gateway:
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
         self._acceptor: asyncssh.SSHAcceptor | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._last_touch: dict[int, float] = {}
 
     @property
@@ -205,20 +204,23 @@ class Gateway:
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
-        for task in list(self._tasks):
-            with contextlib.suppress(Exception):
-                await task
         await self.store.close()
 
     async def serve_forever(
         self, stop_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)
     ) -> None:
         """Start, run until SIGTERM or SIGINT, then close."""
-        await self.start()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # Handlers first: once "listening on" is logged, a SIGTERM must mean a clean stop.
         for sig in stop_signals:
             loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+        except BaseException:
+            for sig in stop_signals:
+                loop.remove_signal_handler(sig)
+            raise
         try:
             await stop.wait()
             log.info("event=stopping")
@@ -228,27 +230,20 @@ class Gateway:
             await self.close()
         log.info("event=stopped")
 
-    # -- background bookkeeping --
+    # -- bookkeeping --
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def record_key_use(self, identity: Identity) -> None:
+    async def record_key_use(self, identity: Identity) -> None:
+        """Update the key's "last used", at most once a minute per key (it is a write)."""
         now = asyncio.get_running_loop().time()
         last = self._last_touch.get(identity.key_id)
         if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
             return
         self._last_touch[identity.key_id] = now
-
-        async def touch() -> None:
-            try:
-                await self.store.touch_key(identity.key_id, utcnow())
-            except Exception:
-                log.exception("event=touch_key_failed key_id=%d", identity.key_id)
-
-        self._spawn(touch())
+        try:
+            await self.store.touch_key(identity.key_id, utcnow())
+        except Exception:
+            # Bookkeeping must never cost the user their session.
+            log.exception("event=touch_key_failed key_id=%d", identity.key_id)
 
     # -- sessions --
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
+from tests.helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
 
 require_tools()
 

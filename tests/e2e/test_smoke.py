@@ -1,4 +1,4 @@
-from .helpers import fsck
+from tests.helpers import fsck
 
 
 def test_push_then_clone(owner, app, server, tmp_path):

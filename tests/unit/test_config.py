@@ -1,0 +1,106 @@
+"""Configuration: defaults, file overlay, validation naming the key, file selection."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_text(tmp_path: Path, text: str) -> config.Config:
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    return config.load(path)
+
+
+def test_defaults():
+    cfg = config.from_mapping({})
+    assert cfg.ssh.listen == ("127.0.0.1", 2222)
+    assert cfg.ssh.user == "git"
+    assert cfg.storage.repos == Path("repos").absolute()
+    assert cfg.git.max_input_size == 2 * 1024**3
+
+
+def test_committed_default_file_matches_embedded_defaults():
+    committed = config.load(ROOT / "config" / "gateway.toml")
+    embedded = config.from_mapping({})
+    for section in config.SECTIONS:
+        assert getattr(committed, section) == getattr(embedded, section)
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    for section, cls in config.SECTIONS.items():
+        for field in cls.__dataclass_fields__:
+            assert f"`[{section}] {field}`" in readme, f"[{section}] {field} missing from README"
+
+
+def test_file_overrides(tmp_path):
+    cfg = load_text(
+        tmp_path,
+        '[ssh]\nlisten = "[::1]:0"\nuser = "deploy"\n[git]\nmax_input_size = "512M"\n'
+        '[storage]\nrepos = "/srv/repos"\n',
+    )
+    assert cfg.ssh.listen == ("::1", 0)
+    assert cfg.ssh.user == "deploy"
+    assert cfg.git.max_input_size == 512 * 1024**2
+    assert cfg.storage.repos == Path("/srv/repos")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[ssh]\nlisten = 2222\n", "[ssh] listen"),
+        ('[ssh]\nlisten = "localhost"\n', "[ssh] listen"),
+        ('[ssh]\nlisten = "127.0.0.1:70000"\n', "[ssh] listen"),
+        ('[ssh]\nlistne = "127.0.0.1:22"\n', "unknown key [ssh] listne"),
+        ("[sssh]\n", "unknown section [sssh]"),
+        ('[git]\nmax_input_size = "lots"\n', "[git] max_input_size"),
+        ("[git]\nmax_input_size = 0\n", "[git] max_input_size"),
+        ('[log]\nlevel = "loud"\n', "[log] level"),
+        ("[ssh]\nlogin_timeout = -1\n", "[ssh] login_timeout"),
+        ('[ssh]\nuser = "Root User"\n', "[ssh] user"),
+        ('ssh = "x"\n', "[ssh] must be a table"),
+        ("[ssh\n", "gw.toml"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError) as err:
+        load_text(tmp_path, text)
+    assert message in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_file_selection(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert config.load(env={}).source is None  # no default file: embedded defaults
+    other = tmp_path / "other.toml"
+    other.write_text('[ssh]\nuser = "envuser"\n')
+    assert config.load(env={"GATEWAY_CONFIG": str(other)}).ssh.user == "envuser"
+    explicit = tmp_path / "explicit.toml"
+    explicit.write_text('[ssh]\nuser = "explicit"\n')
+    cfg = config.load(explicit, env={"GATEWAY_CONFIG": str(other)})
+    assert cfg.ssh.user == "explicit"
+    with pytest.raises(ConfigError, match="file not found"):
+        config.load(tmp_path / "missing.toml", env={})
+
+
+def test_clone_urls():
+    cfg = config.from_mapping({"ssh": {"public_address": "git.example.com"}})
+    assert cfg.clone_url("myapp") == "git@git.example.com:myapp.git"
+    cfg = config.from_mapping({"ssh": {"public_address": "git.example.com:2222"}})
+    assert cfg.clone_url("myapp") == "ssh://git@git.example.com:2222/myapp.git"
+    cfg = config.from_mapping({})
+    assert cfg.clone_url("myapp") == "ssh://git@127.0.0.1:2222/myapp.git"
+
+
+def test_reference_lists_every_key():
+    text = config.reference()
+    tomllib.loads("\n".join(line.split("  #")[0] for line in text.splitlines()))
+    assert "max_input_size" in text

@@ -1,0 +1,80 @@
+"""Bare repositories on disk: safe paths, creation with settings, trash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from gateway.errors import AccessDenied, Conflict, InvalidName
+from gateway.repos import Repositories
+
+
+def git_config(path, key):
+    env = {"PATH": os.environ["PATH"], "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    return subprocess.run(
+        ["git", "config", "--get", key],
+        cwd=path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.strip()
+
+
+def test_create_sets_head_and_settings(tmp_path):
+    repos = Repositories(tmp_path / "repos", 12345)
+    path = repos.create("web", "master")
+    assert path == (tmp_path / "repos" / "web.git").resolve()
+    assert (path / "HEAD").read_text().strip() == "ref: refs/heads/master"
+    assert repos.head_branch("web") == "master"
+    assert git_config(path, "receive.fsckObjects") == "true"
+    assert git_config(path, "receive.maxInputSize") == "12345"
+    assert git_config(path, "receive.fsck.zeroPaddedFilemode") == "warn"
+    assert git_config(path, "core.bare") == "true"
+    assert repos.exists("web")
+    assert not any(p.name.startswith(".new-") for p in repos.root.iterdir())
+    with pytest.raises(Conflict):
+        repos.create("web", "main")
+
+
+@pytest.mark.parametrize("name", ["../x", "x/y", ".hidden", "UPPER", "", "a" * 64, "x\x00"])
+def test_names_are_validated(tmp_path, name):
+    repos = Repositories(tmp_path, 1)
+    with pytest.raises(InvalidName):
+        repos.path_for(name)
+
+
+def test_symlink_out_of_root_is_refused(tmp_path):
+    root = tmp_path / "repos"
+    root.mkdir()
+    (tmp_path / "elsewhere.git").mkdir()
+    (root / "evil.git").symlink_to(tmp_path / "elsewhere.git")
+    with pytest.raises(AccessDenied):
+        Repositories(root, 1).path_for("evil")
+
+
+def test_sibling_prefix_is_not_under_root(tmp_path):
+    (tmp_path / "repos").mkdir()
+    (tmp_path / "repos-evil").mkdir()
+    repos = Repositories(tmp_path / "repos", 1)
+    assert repos.path_for("app").parent == (tmp_path / "repos").resolve()
+
+
+def test_bad_branch_refused(tmp_path):
+    with pytest.raises(InvalidName):
+        Repositories(tmp_path, 1).create("web", "bad..branch")
+
+
+def test_trash_keeps_the_repository(tmp_path):
+    repos = Repositories(tmp_path / "repos", 1)
+    repos.create("web", "main")
+    first = repos.trash("web")
+    assert not (tmp_path / "repos" / "web.git").exists()
+    assert (first / "HEAD").is_file()
+    assert first.parent.parent == repos.root / ".trash"
+    repos.create("web", "main")
+    second = repos.trash("web")
+    assert second != first and (second / "HEAD").is_file()
