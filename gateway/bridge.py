@@ -131,7 +131,7 @@ async def run(
         hung = asyncio.create_task(hangup.wait())
         await asyncio.wait({waiter, hung}, return_when=asyncio.FIRST_COMPLETED)
         hung.cancel()
-        if hangup.is_set() and not finish_on_hangup and waiter.done() is False:
+        if hangup.is_set() and not finish_on_hangup and not waiter.done():
             await _terminate(proc)
         returncode = await waiter
         await outputs

@@ -9,11 +9,10 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, config, gitbin, logs, names
-from .errors import ConfigError, GatewayError, UsageError
+from .errors import GatewayError, UsageError
 from .keys import parse_public_key
 from .models import Role
 from .repos import Repositories
@@ -403,10 +402,3 @@ def main(
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except ConfigError as exc:  # pragma: no cover - ConfigError is a GatewayError
-        err.write(f"error: {exc}\n")
-        return 2
-
-
-def _path(text: str) -> Path:
-    return Path(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import signal
@@ -192,6 +193,10 @@ class Gateway:
             await self.store.close()
             raise
         self.addresses = [s.getsockname()[:2] for s in self._acceptor.sockets]
+        if port == 0:
+            # Port 0 asked the OS for a port: clone URLs must show the one it gave.
+            ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
+            self.config = dataclasses.replace(cfg, ssh=ssh)
         for addr_host, addr_port in self.addresses:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening listening on %s:%d", shown, addr_port)

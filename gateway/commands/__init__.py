@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import AccessDenied, InvalidName, UnknownCommand, printable
@@ -38,7 +38,6 @@ class Context:
     client_protocol: str | None = None
     conn_id: str = "-"
     peer: str = "-"
-    log_fields: dict[str, object] = field(default_factory=dict)
 
 
 Handler = Callable[[Context, "Invocation"], Awaitable[int]]

@@ -139,16 +139,12 @@ class SQLiteStore(Store):
     async def create_user(self, name: str) -> User:
         async with self._transaction() as db:
             try:
-                cur = await db.execute(
+                await db.execute(
                     "INSERT INTO users (name, created_at) VALUES (?, ?)", (name, utcnow())
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(f"user '{name}' already exists") from None
-            return User(cur.lastrowid or 0, name, await self._created(db, "users", cur.lastrowid))
-
-    async def _created(self, db: aiosqlite.Connection, table: str, row_id: int | None) -> str:
-        row = await self._one(f"SELECT created_at FROM {table} WHERE id = ?", row_id)  # noqa: S608
-        return str(row[0])
+            return await self._user_row(name)
 
     async def get_user(self, name: str) -> User:
         return await self._user_row(name)

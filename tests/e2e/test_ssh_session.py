@@ -21,7 +21,7 @@ def test_welcome_names_user_key_and_apps(owner, app, admin, make_user):
     fingerprint = keygen_fingerprint(Path(f"{owner.key}.pub"))
     first = result.stdout.splitlines()[0]
     assert first == f'Hi {owner.name}! You are authenticated with key "laptop" ({fingerprint}).'
-    assert f"  {app}  owner" in result.stdout
+    assert f"  {app}  owner  ssh://git@127.0.0.1:{owner.server.port}/{app}.git" in result.stdout
     reader = make_user("reader")
     admin.ok("app", "grant", app, reader.name, "read")
     out = reader.ssh().stdout
