@@ -62,12 +62,14 @@ async def run(
     *,
     cwd: Path | None = None,
     finish_on_hangup: bool = False,
+    hangup: asyncio.Event | None = None,
 ) -> Outcome:
     """Run argv with its stdio connected to the channel; return when it has exited.
 
     If the client goes away, the process is terminated unless `finish_on_hangup` is set:
     receive-pack must be left to finish (or fail) on its own, because killing it between
-    ref updates is exactly what could leave a repository half-updated.
+    ref updates is exactly what could leave a repository half-updated. `hangup`, if given,
+    is set when the client goes away, so others (a deploy being watched) can react.
     """
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -80,7 +82,7 @@ async def run(
         # Own process group: a termination reaches git's helpers (pack-objects...) too.
         start_new_session=True,
     )
-    hangup = asyncio.Event()
+    hangup = hangup if hangup is not None else asyncio.Event()
     counts = {"in": 0, "out": 0}
 
     stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr

@@ -147,7 +147,7 @@ async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
 
 async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     app = names.app_name(args.app)
-    branch = names.branch_name(args.branch)
+    branch = names.branch_name(args.branch or cfg.deploy.branch)
     owner = names.user_name(args.owner)
     repos = _repos(cfg)
     path = repos.path_for(app)
@@ -280,16 +280,7 @@ def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
 
 
 def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    out.write(f"# source: {cfg.source or 'embedded defaults'}\n")
-    for name in config.SECTIONS:
-        section = getattr(cfg, name)
-        out.write(f"[{name}]\n")
-        for key, value in asdict(section).items():
-            if isinstance(value, tuple):
-                value = f"{value[0]}:{value[1]}"
-            rendered = json.dumps(str(value)) if not isinstance(value, int | float) else value
-            out.write(f"{key} = {rendered}\n")
-        out.write("\n")
+    out.write(config.render(cfg) + "\n")
     return 0
 
 
@@ -363,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(apps, "create", app_create, "create an app and its bare repository")
     p.add_argument("app")
     p.add_argument("--owner", required=True, metavar="USER")
-    p.add_argument("--branch", default="main", help="deploy branch and HEAD (default: main)")
+    p.add_argument("--branch", help="deploy branch and HEAD (default: [deploy] branch, main)")
     add(apps, "list", app_list, "list apps").add_argument("--json", action="store_true")
     add(
         apps, "remove", app_remove, "remove an app; its repository is moved to the trash"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -91,6 +93,35 @@ def _public_address(value: Any) -> str:
     return text
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number >= 1")
+    return value
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    """A command as an argument list, run without a shell; [] means no command."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError('expected a list of strings, e.g. ["./deploy.sh", "--prod"]')
+    if value and not value[0].strip():
+        raise ValueError("the program (first element) must not be empty")
+    if any("\x00" in a for a in value):
+        raise ValueError("arguments must not contain NUL")
+    return tuple(value)
+
+
+def _http_url(value: Any) -> str:
+    text = _string(value).strip()
+    if text and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
+        raise ValueError(f"invalid URL '{text}': expected http:// or https://")
+    return text
+
+
+def _optional_listen(value: Any) -> tuple[str, int] | None:
+    text = _string(value).strip()
+    return _listen(text) if text else None
+
+
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = _nonempty(value).lower()
@@ -133,6 +164,11 @@ class SSHSettings:
 class StorageSettings:
     repos: Path = _setting("repos", _path, "root directory of the apps' bare repositories")
     database: Path = _setting("var/gateway.db", _path, "SQLite registry file")
+    control_socket: Path = _setting(
+        "var/gateway.sock",
+        _path,
+        "Unix socket the repository hooks and the CLI reach the server on",
+    )
 
 
 @dataclass(frozen=True)
@@ -149,10 +185,45 @@ class LogSettings:
     format: str = _setting("text", _choice("text", "json"), "text (key=value) or json lines")
 
 
+DEPLOY_MODES = ("attached", "detached", "gate")
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    branch: str = _setting("main", _nonempty, "deploy branch of new apps (app create --branch)")
+    command: tuple[str, ...] = _setting(
+        [], _argv, "deploy command as an argument list, run without a shell"
+    )
+    webhook_url: str = _setting("", _http_url, "deploy webhook: JSON POSTed on each deploy")
+    webhook_secret: str = _setting("", _string, "HMAC-SHA256 key signing webhook bodies")
+    mode: str = _setting("attached", _choice(*DEPLOY_MODES), "attached, detached or gate")
+    timeout: float = _setting(600, _seconds, "seconds before a deploy is killed (timed_out)")
+    max_parallel: int = _setting(4, _count, "deploys running at once across all apps")
+    log_limit: int = _setting("1M", _size, "deploy log kept per deploy (the tail is kept)")
+    log_dir: Path = _setting("var/deploys", _path, "where deploy logs are written")
+    webhook_timeout: float = _setting(10, _seconds, "seconds per webhook delivery attempt")
+    webhook_attempts: int = _setting(4, _count, "webhook delivery attempts (retries back off)")
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    listen: tuple[str, int] | None = _setting(
+        "", _optional_listen, "HTTP endpoint for health and deploy status calls; empty = off"
+    )
+    public_url: str = _setting(
+        "", _http_url, "base URL webhook receivers use to call back; defaults to listen"
+    )
+
+
+# Keys an app may override in [apps.NAME]; everything else is global.
+APP_OVERRIDABLE = ("command", "webhook_url", "webhook_secret", "mode", "timeout")
+
 SECTIONS: dict[str, type] = {
     "ssh": SSHSettings,
     "storage": StorageSettings,
     "git": GitSettings,
+    "deploy": DeploySettings,
+    "http": HTTPSettings,
     "log": LogSettings,
 }
 
@@ -162,8 +233,16 @@ class Config:
     ssh: SSHSettings
     storage: StorageSettings
     git: GitSettings
+    deploy: DeploySettings
+    http: HTTPSettings
     log: LogSettings
+    apps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: Path | None = None
+
+    def deploy_for(self, app: str) -> DeploySettings:
+        """The deploy settings of one app: [deploy] with its [apps.NAME] overrides."""
+        overrides = self.apps.get(app)
+        return dataclasses.replace(self.deploy, **overrides) if overrides else self.deploy
 
     @property
     def clone_host(self) -> str:
@@ -176,6 +255,15 @@ class Config:
         if ":" in host:
             host = f"[{host}]"
         return host if port == 22 else f"{host}:{port}"
+
+    def ssh_command(self, arguments: str) -> str:
+        """How a user runs a gateway command over SSH, e.g. `ssh git@host logs web 3`."""
+        host = self.clone_host
+        match = re.fullmatch(r"(\[[^\]]+\]|[^:]+)(?::(\d+))?", host)
+        name, port = (match.group(1), match.group(2)) if match else (host, None)
+        name = name.strip("[]")
+        port_option = f"-p {port} " if port else ""
+        return f"ssh {port_option}{self.ssh.user}@{name} {arguments}"
 
     def clone_url(self, app: str) -> str:
         host = self.clone_host
@@ -199,17 +287,52 @@ def _build_section(name: str, cls: type, table: Mapping[str, Any]) -> Any:
     return cls(**values)
 
 
+def _build_app_overrides(table: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    from .names import APP_NAME  # names has no config dependency; imported late to stay light
+
+    specs = {f.name: f for f in fields(DeploySettings)}
+    apps: dict[str, dict[str, Any]] = {}
+    for app, overrides in table.items():
+        if not APP_NAME.fullmatch(app):
+            raise ConfigError(f"config: [apps.{app}]: invalid app name")
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"config: [apps.{app}] must be a table")
+        parsed = {}
+        for key, raw in overrides.items():
+            if key not in APP_OVERRIDABLE:
+                raise ConfigError(
+                    f"config: unknown key [apps.{app}] {key} "
+                    f"(an app may override: {', '.join(APP_OVERRIDABLE)})"
+                )
+            try:
+                parsed[key] = specs[key].metadata["parse"](raw)
+            except ValueError as exc:
+                raise ConfigError(f"config: [apps.{app}] {key}: {exc}") from None
+        apps[app] = parsed
+    return apps
+
+
+def _check_pipelines(cfg: Config) -> None:
+    labelled = [("[deploy]", cfg.deploy)]
+    labelled += [(f"[apps.{app}]", cfg.deploy_for(app)) for app in cfg.apps]
+    for label, settings in labelled:
+        if settings.command and settings.webhook_url:
+            raise ConfigError(f"config: {label}: set either command or webhook_url, not both")
+
+
 def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document; unknown sections or keys are errors."""
     for name, table in data.items():
-        if name not in SECTIONS:
+        if name not in SECTIONS and name != "apps":
             raise ConfigError(f"config: unknown section [{name}]")
         if not isinstance(table, dict):
             raise ConfigError(f"config: [{name}] must be a table")
     sections = {
         name: _build_section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()
     }
-    return Config(**sections, source=source)
+    cfg = Config(**sections, apps=_build_app_overrides(data.get("apps", {})), source=source)
+    _check_pipelines(cfg)
+    return cfg
 
 
 def load(
@@ -233,6 +356,38 @@ def load(
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config: cannot read {file}: {exc}") from None
     return from_mapping(data, source=file.absolute())
+
+
+def _render(name: str, value: Any) -> str:
+    if "secret" in name and value:
+        return '"********"'
+    if value is None:
+        return '""'
+    if name == "listen":
+        host, port = value
+        return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return json.dumps(str(value))
+    return str(value)
+
+
+def render(cfg: Config) -> str:
+    """The effective configuration as TOML (what `config show` prints)."""
+    lines = [f"# source: {cfg.source or 'embedded defaults'}"]
+    for name in SECTIONS:
+        lines.append(f"[{name}]")
+        section = getattr(cfg, name)
+        lines += [
+            f"{f.name} = {_render(f.name, getattr(section, f.name))}" for f in fields(section)
+        ]
+        lines.append("")
+    for app, overrides in cfg.apps.items():
+        lines.append(f"[apps.{app}]")
+        lines += [f"{key} = {_render(key, value)}" for key, value in overrides.items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def reference() -> str:

@@ -79,3 +79,75 @@ class Identity:
     key_id: int
     key_name: str
     fingerprint: str
+
+
+class DeployStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (DeployStatus.QUEUED, DeployStatus.RUNNING)
+
+    @property
+    def ok(self) -> bool:
+        return self is DeployStatus.SUCCEEDED
+
+
+@dataclass(frozen=True, slots=True)
+class Deploy:
+    id: int
+    app_id: int
+    app_name: str
+    ref: str
+    old_sha: str
+    new_sha: str
+    pusher: str
+    key_fingerprint: str
+    subject: str
+    author: str
+    mode: str
+    pipeline: str
+    status: DeployStatus
+    superseded_by: int | None
+    exit_code: int | None
+    reason: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+    @property
+    def branch(self) -> str:
+        return self.ref.removeprefix("refs/heads/")
+
+
+@dataclass(frozen=True, slots=True)
+class NewDeploy:
+    """What a push provides to create a deploy record."""
+
+    app_id: int
+    ref: str
+    old_sha: str
+    new_sha: str
+    pusher: str
+    key_fingerprint: str
+    subject: str
+    author: str
+    mode: str
+    pipeline: str
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    deploy_id: int
+    attempt: int
+    url: str
+    status_code: int | None
+    error: str
+    duration_ms: int
+    created_at: str

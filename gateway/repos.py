@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dulwich.object_store import (
+    BaseObjectStore,
+    DiskObjectStore,
+    OverlayObjectStore,
+    iter_tree_contents,
+)
+from dulwich.objects import Commit
 from dulwich.repo import Repo
 
-from . import names
-from .errors import AccessDenied, Conflict, NotFound
+from . import hooks, names
+from .errors import AccessDenied, Conflict, GatewayError, NotFound
 
 # Quirks found in real-world history that hosted services accept (pallets/flask carries
 # zero-padded modes, old converted repos carry odd dates and timezones). Only message ids
@@ -26,6 +35,17 @@ LEGACY_FSCK_WARNINGS = (
 )
 
 TRASH_DIR = ".trash"
+QUARANTINE_PREFIX = "tmp_objdir-incoming-"
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    subject: str
+    author: str
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def git_settings(max_input_size: int) -> list[tuple[str, str]]:
@@ -90,6 +110,7 @@ class Repositories:
                 str(staging / "repo.git"), mkdir=True, default_branch=default_branch.encode()
             )
             try:
+                _write_hooks(Path(repo.controldir()))
                 config = repo.get_config()
                 for key, value in git_settings(self.max_input_size):
                     section, _, name = key.rpartition(".")
@@ -132,3 +153,101 @@ class Repositories:
         if target is None or not target.startswith(b"refs/heads/"):
             return None
         return target[len(b"refs/heads/") :].decode()
+
+    # -- hooks --
+
+    def install_hooks(self, app: str) -> None:
+        """(Re)write the gateway's hooks; called at creation and at every start."""
+        _write_hooks(self.path_for(app))
+
+    # -- reading commits and trees, from the repository or from a push's quarantine --
+
+    def quarantine_path(self, app: str, raw: str) -> Path:
+        """Validate a quarantine directory reported by a hook: it must be one of git's
+        incoming object directories inside this app's repository."""
+        objects = self.path_for(app) / "objects"
+        path = Path(raw).resolve()
+        if (
+            path.parent != objects
+            or not path.name.startswith(QUARANTINE_PREFIX)
+            or not path.is_dir()
+        ):
+            raise GatewayError(f"invalid quarantine path for {app}")
+        return path
+
+    def _open(self, app: str, quarantine: Path | None) -> tuple[Repo, BaseObjectStore]:
+        repo = Repo(str(self.path_for(app)))
+        if quarantine is None:
+            return repo, repo.object_store
+        return repo, OverlayObjectStore([DiskObjectStore(str(quarantine)), repo.object_store])
+
+    def commit_info(self, app: str, sha: str, quarantine: Path | None = None) -> CommitInfo:
+        repo, store = self._open(app, quarantine)
+        try:
+            commit = store[sha.encode()]
+            if not isinstance(commit, Commit):
+                return CommitInfo("", "")
+            subject = _decode(commit.message).strip().splitlines()
+            return CommitInfo(subject[0][:200] if subject else "", _decode(commit.author)[:200])
+        finally:
+            repo.close()
+
+    def read_ref(self, app: str, ref: str) -> str | None:
+        repo = Repo(str(self.path_for(app)))
+        try:
+            value = repo.refs.as_dict().get(ref.encode())
+            return None if value is None else value.decode()
+        finally:
+            repo.close()
+
+    def export_tree(self, app: str, sha: str, dest: Path, quarantine: Path | None = None) -> int:
+        """Write the tree of commit `sha` into the empty directory `dest`; return the file count.
+
+        Paths come from git trees that passed fsck, and are checked again here: no absolute
+        paths, no `..`, no writing through a symlink.
+        """
+        repo, store = self._open(app, quarantine)
+        root = dest.resolve()
+        count = 0
+        try:
+            commit = store[sha.encode()]
+            if not isinstance(commit, Commit):
+                raise GatewayError(f"{sha} is not a commit")
+            for entry in iter_tree_contents(store, commit.tree):
+                rel = os.fsdecode(entry.path)
+                parts = rel.split("/")
+                if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                    raise GatewayError(f"unsafe path in tree: {rel!r}")
+                target = root.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent.resolve() != target.parent or not target.parent.is_relative_to(
+                    root
+                ):
+                    raise GatewayError(f"path escapes the export directory: {rel!r}")
+                if stat.S_ISLNK(entry.mode):
+                    os.symlink(store[entry.sha].as_raw_string(), target)
+                elif entry.mode == 0o160000:  # submodule: an empty directory, as git archive does
+                    target.mkdir(exist_ok=True)
+                else:
+                    mode = 0o755 if entry.mode & 0o100 else 0o644
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(store[entry.sha].as_raw_string())
+                count += 1
+        finally:
+            repo.close()
+        return count
+
+
+def _write_hooks(repo_path: Path) -> None:
+    directory = repo_path / "hooks"
+    directory.mkdir(exist_ok=True)
+    for name in hooks.HOOK_NAMES:
+        target = directory / name
+        text = hooks.script(name)
+        if target.exists() and target.read_text() == text and os.access(target, os.X_OK):
+            continue
+        staging = directory / f".{name}.new"
+        staging.write_text(text)
+        staging.chmod(0o755)
+        os.replace(staging, target)  # atomic: a push never runs a half-written hook

@@ -17,6 +17,8 @@ from .auth import identify
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
+from .control import ControlServer
+from .deploys import DeployService
 from .errors import GatewayError
 from .logs import q
 from .models import Identity
@@ -141,6 +143,8 @@ class Gateway:
         self.store: Store
         self.repos = Repositories(config.storage.repos, config.git.max_input_size)
         self.git: gitbin.Git
+        self.deploys: DeployService
+        self.control: ControlServer
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -155,8 +159,13 @@ class Gateway:
         self.git = await asyncio.to_thread(gitbin.locate, cfg.git.binary)
         log.info("event=git_found path=%s version=%s", self.git.path, self.git.version_text)
         self.store = await open_store(cfg.storage.database)
+        self.deploys = DeployService(cfg, self.store, self.repos)
+        self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
             self.repos.ensure_root()
+            await self._refresh_hooks()
+            await self.control.start()
+            await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             for key in keys:
                 log.info(
@@ -190,13 +199,15 @@ class Gateway:
                 reuse_address=True,
             )
         except BaseException:
+            await self.deploys.close()
+            await self.control.close()
             await self.store.close()
             raise
         self.addresses = [s.getsockname()[:2] for s in self._acceptor.sockets]
         if port == 0:
             # Port 0 asked the OS for a port: clone URLs must show the one it gave.
             ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
-            self.config = dataclasses.replace(cfg, ssh=ssh)
+            self.config = self.deploys.config = dataclasses.replace(cfg, ssh=ssh)
         for addr_host, addr_port in self.addresses:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening listening on %s:%d", shown, addr_port)
@@ -209,7 +220,15 @@ class Gateway:
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
+        await self.deploys.close()
+        await self.control.close()
         await self.store.close()
+
+    async def _refresh_hooks(self) -> None:
+        """Every app repository gets this version's hooks (they are generated files)."""
+        for app in await self.store.list_apps():
+            if self.repos.exists(app.name):
+                await asyncio.to_thread(self.repos.install_hooks, app.name)
 
     async def serve_forever(
         self, stop_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)
@@ -305,6 +324,7 @@ class Gateway:
             store=self.store,
             repos=self.repos,
             git=self.git,
+            deploys=self.deploys,
             client_protocol=env.get("GIT_PROTOCOL"),
             conn_id=connection.id,
             peer=connection.peer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import itertools
 import os
 import shutil
@@ -101,7 +102,12 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
     """A gateway config under `directory` on port 0; overrides are {section: {key: value}}."""
     sections: dict[str, dict[str, object]] = {
         "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(directory / "hostkeys")},
-        "storage": {"repos": str(directory / "repos"), "database": str(directory / "gw.db")},
+        "storage": {
+            "repos": str(directory / "repos"),
+            "database": str(directory / "gw.db"),
+            "control_socket": str(directory / "gw.sock"),
+        },
+        "deploy": {"log_dir": str(directory / "deploys")},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
@@ -109,7 +115,7 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
     for name, values in sections.items():
         lines.append(f"[{name}]")
         for key, value in values.items():
-            rendered = f'"{value}"' if isinstance(value, str) else str(value).lower()
+            rendered = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
             lines.append(f"{key} = {rendered}")
     path = directory / "gateway.toml"
     path.write_text("\n".join(lines) + "\n")

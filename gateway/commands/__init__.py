@@ -13,6 +13,7 @@ from ..names import app_name
 if TYPE_CHECKING:
     from ..bridge import Channel
     from ..config import Config
+    from ..deploys import DeployService
     from ..gitbin import Git
     from ..models import Identity
     from ..repos import Repositories
@@ -35,6 +36,7 @@ class Context:
     store: Store
     repos: Repositories
     git: Git
+    deploys: DeployService
     client_protocol: str | None = None
     conn_id: str = "-"
     peer: str = "-"
@@ -67,6 +69,13 @@ def repo_path_to_app(path: str) -> str:
         raise AccessDenied(path) from None
 
 
+def _deploy_id(text: str) -> str:
+    digits = text.removeprefix("#")
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+        raise UnknownCommand(f"invalid deploy id '{printable(text, 20)}'")
+    return str(int(digits))
+
+
 def parse(command: str | None) -> Invocation:
     """Turn the exec request into an Invocation; no command at all means `info`."""
     if command is None or not command.strip():
@@ -90,7 +99,20 @@ def parse(command: str | None) -> Invocation:
         return Invocation(name, (repo_path_to_app(words[1]),))
     if name == "info" and len(words) == 1:
         return Invocation("info", ())
+    if name == "deploys" and len(words) == 2:
+        return Invocation("deploys", (repo_path_to_app(words[1]),))
+    if name == "logs" and 2 <= len(words) <= 4:
+        follow = [w for w in words[2:] if w in ("--follow", "-f")]
+        rest = [w for w in words[2:] if w not in ("--follow", "-f")]
+        if len(follow) <= 1 and len(rest) <= 1:
+            deploy_id = _deploy_id(rest[0]) if rest else ""
+            return Invocation(
+                "logs", (repo_path_to_app(words[1]), deploy_id, "follow" if follow else "")
+            )
+        raise UnknownCommand("usage: logs APP [DEPLOY_ID] [--follow]")
+    if name == "cancel" and len(words) == 2:
+        return Invocation("cancel", (_deploy_id(words[1]),))
     raise UnknownCommand(
-        f"unknown command '{printable(name, 40)}': this server only serves git "
-        "(clone, fetch, push, archive --remote)"
+        f"unknown command '{printable(name, 40)}': this server serves git (clone, fetch, push, "
+        "archive --remote) and: deploys APP, logs APP [ID] [--follow], cancel ID"
     )

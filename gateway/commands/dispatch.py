@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Context, Handler, Invocation, info
+from . import Context, Handler, Invocation, deploys, info
 from . import git as git_commands
 
 HANDLERS: dict[str, Handler] = {
@@ -10,6 +10,9 @@ HANDLERS: dict[str, Handler] = {
     "git-upload-pack": git_commands.run,
     "git-receive-pack": git_commands.run,
     "git-upload-archive": git_commands.run,
+    "deploys": deploys.list_deploys,
+    "logs": deploys.logs,
+    "cancel": deploys.cancel,
 }
 
 

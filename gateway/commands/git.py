@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .. import bridge, gitbin
+from .. import bridge, gitbin, hooks
 from ..auth import authorize
 from ..errors import GatewayError
 from ..models import Role
@@ -51,13 +51,25 @@ async def run(ctx: Context, inv: Invocation) -> int:
         GATEWAY_KEY_FINGERPRINT=ctx.identity.fingerprint,
     )
     started = time.monotonic()
-    outcome = await bridge.run(
-        git_argv(ctx, subcommand, extra, str(path)),
-        env,
-        ctx.channel,
-        cwd=path,
-        finish_on_hangup=subcommand == "receive-pack",
-    )
+    session = None
+    if subcommand == "receive-pack":
+        # The hooks of this push reach the deploy service with this session's token; the
+        # identity stays on the server side, bound to the verified key.
+        session = ctx.deploys.open_session(ctx.identity, app, ctx.conn_id)
+        env[hooks.SOCKET_ENV] = str(ctx.config.storage.control_socket)
+        env[hooks.TOKEN_ENV] = session.token
+    try:
+        outcome = await bridge.run(
+            git_argv(ctx, subcommand, extra, str(path)),
+            env,
+            ctx.channel,
+            cwd=path,
+            finish_on_hangup=session is not None,
+            hangup=session.detached if session is not None else None,
+        )
+    finally:
+        if session is not None:
+            ctx.deploys.close_session(session.token)
     log.info(
         "event=git service=%s app=%s user=%s role=%s protocol=%s rc=%d bytes_in=%d "
         "bytes_out=%d client_gone=%s duration=%.3f conn=%s",
@@ -73,4 +85,8 @@ async def run(ctx: Context, inv: Invocation) -> int:
         time.monotonic() - started,
         ctx.conn_id,
     )
-    return 0 if outcome.returncode == 0 else (outcome.returncode if outcome.returncode > 0 else 1)
+    if outcome.returncode != 0:
+        return outcome.returncode if outcome.returncode > 0 else 1
+    # The refs are stored, but an attached deploy failed: a non-zero exit makes `git push`
+    # fail too, so a broken deploy never looks green in a terminal or a CI job.
+    return 1 if session is not None and session.failed else 0

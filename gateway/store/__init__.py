@@ -8,7 +8,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..keys import PublicKey
-from ..models import App, Member, Role, SSHKey, User
+from ..models import (
+    App,
+    Deploy,
+    DeployStatus,
+    Member,
+    NewDeploy,
+    Role,
+    SSHKey,
+    User,
+    WebhookDelivery,
+)
 
 
 def utcnow() -> str:
@@ -91,6 +101,51 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def apps_for(self, user_id: int) -> list[tuple[App, Role]]:
         """Every app the user can reach, with their role."""
+
+    # -- deploys --
+    @abc.abstractmethod
+    async def create_deploy(self, new: NewDeploy) -> Deploy:
+        """Record a queued deploy."""
+
+    @abc.abstractmethod
+    async def get_deploy(self, deploy_id: int) -> Deploy | None: ...
+
+    @abc.abstractmethod
+    async def list_deploys(self, app_name: str, limit: int = 20) -> list[Deploy]:
+        """The app's most recent deploys, newest first."""
+
+    @abc.abstractmethod
+    async def deploys_in(self, statuses: tuple[DeployStatus, ...]) -> list[Deploy]:
+        """Every deploy in one of these states, oldest first (restart recovery)."""
+
+    @abc.abstractmethod
+    async def start_deploy(self, deploy_id: int, when: str) -> bool:
+        """queued -> running; False if it was not queued any more."""
+
+    @abc.abstractmethod
+    async def finish_deploy(
+        self,
+        deploy_id: int,
+        status: DeployStatus,
+        when: str,
+        *,
+        exit_code: int | None = None,
+        reason: str = "",
+        superseded_by: int | None = None,
+    ) -> bool:
+        """Set a final status on a queued or running deploy; False if it had already ended."""
+
+    @abc.abstractmethod
+    async def set_status_token(self, deploy_id: int, token_hash: str) -> None: ...
+
+    @abc.abstractmethod
+    async def status_token_hash(self, deploy_id: int) -> str | None: ...
+
+    @abc.abstractmethod
+    async def add_webhook_delivery(self, delivery: WebhookDelivery) -> None: ...
+
+    @abc.abstractmethod
+    async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]: ...
 
     # -- lifecycle --
     @abc.abstractmethod

@@ -15,7 +15,17 @@ import aiosqlite
 
 from ..errors import Conflict, KeyInUse, NotFound
 from ..keys import PublicKey
-from ..models import App, Member, Role, SSHKey, User
+from ..models import (
+    App,
+    Deploy,
+    DeployStatus,
+    Member,
+    NewDeploy,
+    Role,
+    SSHKey,
+    User,
+    WebhookDelivery,
+)
 from . import Store, UserSummary, utcnow
 
 _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -23,6 +33,12 @@ _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
     k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
 _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
+_DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
+    d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
+    d.exit_code, d.reason,
+    d.created_at, d.started_at, d.finished_at"""
+_DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
+_OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -45,6 +61,12 @@ def _key(row: Any) -> SSHKey:
 
 def _app(row: Any) -> App:
     return App(*row)
+
+
+def _deploy(row: Any) -> Deploy:
+    values = list(row)
+    values[12] = DeployStatus(values[12])
+    return Deploy(*values)
 
 
 class SQLiteStore(Store):
@@ -357,6 +379,121 @@ class SQLiteStore(Store):
             user_id,
         )
         return [(_app(r[:6]), Role.OWNER if r[6] == "owner" else Role.parse(r[6])) for r in rows]
+
+    # -- deploys --
+
+    async def create_deploy(self, new: NewDeploy) -> Deploy:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
+                       subject, author, mode, pipeline, status, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)""",
+                (
+                    new.app_id,
+                    new.ref,
+                    new.old_sha,
+                    new.new_sha,
+                    new.pusher,
+                    new.key_fingerprint,
+                    new.subject,
+                    new.author,
+                    new.mode,
+                    new.pipeline,
+                    utcnow(),
+                ),
+            )
+            deploy_id = cur.lastrowid
+        found = await self.get_deploy(int(deploy_id or 0))
+        if found is None:  # pragma: no cover - just inserted
+            raise RuntimeError("deploy vanished")
+        return found
+
+    async def get_deploy(self, deploy_id: int) -> Deploy | None:
+        row = await self._one(f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = ?", deploy_id)
+        return None if row is None else _deploy(row)
+
+    async def list_deploys(self, app_name: str, limit: int = 20) -> list[Deploy]:
+        app = await self._app_row(app_name)
+        rows = await self._all(
+            f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.app_id = ? "
+            "ORDER BY d.id DESC LIMIT ?",
+            app.id,
+            limit,
+        )
+        return [_deploy(r) for r in rows]
+
+    async def deploys_in(self, statuses: tuple[DeployStatus, ...]) -> list[Deploy]:
+        marks = ", ".join("?" for _ in statuses)
+        rows = await self._all(
+            f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.status IN ({marks}) ORDER BY d.id",
+            *(s.value for s in statuses),
+        )
+        return [_deploy(r) for r in rows]
+
+    async def start_deploy(self, deploy_id: int, when: str) -> bool:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE deploys SET status = 'running', started_at = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (when, deploy_id),
+            )
+            return cur.rowcount == 1
+
+    async def finish_deploy(
+        self,
+        deploy_id: int,
+        status: DeployStatus,
+        when: str,
+        *,
+        exit_code: int | None = None,
+        reason: str = "",
+        superseded_by: int | None = None,
+    ) -> bool:
+        if not status.finished:
+            raise ValueError(f"{status} is not a final status")
+        async with self._transaction() as db:
+            cur = await db.execute(
+                """UPDATE deploys SET status = ?, finished_at = ?, exit_code = ?, reason = ?,
+                       superseded_by = ?
+                   WHERE id = ? AND status IN (?, ?)""",
+                (status.value, when, exit_code, reason, superseded_by, deploy_id, *_OPEN),
+            )
+            return cur.rowcount == 1
+
+    async def set_status_token(self, deploy_id: int, token_hash: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE deploys SET status_token_hash = ? WHERE id = ?", (token_hash, deploy_id)
+            )
+
+    async def status_token_hash(self, deploy_id: int) -> str | None:
+        row = await self._one("SELECT status_token_hash FROM deploys WHERE id = ?", deploy_id)
+        return None if row is None else row[0]
+
+    async def add_webhook_delivery(self, delivery: WebhookDelivery) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO webhook_deliveries
+                       (deploy_id, attempt, url, status_code, error, duration_ms, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    delivery.deploy_id,
+                    delivery.attempt,
+                    delivery.url,
+                    delivery.status_code,
+                    delivery.error,
+                    delivery.duration_ms,
+                    delivery.created_at,
+                ),
+            )
+
+    async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]:
+        rows = await self._all(
+            "SELECT deploy_id, attempt, url, status_code, error, duration_ms, created_at "
+            "FROM webhook_deliveries WHERE deploy_id = ? ORDER BY attempt",
+            deploy_id,
+        )
+        return [WebhookDelivery(*r) for r in rows]
 
 
 def _statements(sql: str) -> list[str]:

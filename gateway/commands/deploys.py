@@ -1,0 +1,95 @@
+"""Deploy commands over SSH: `deploys APP`, `logs APP [ID] [--follow]`, `cancel ID`."""
+
+from __future__ import annotations
+
+from ..auth import authorize
+from ..errors import AccessDenied, GatewayError
+from ..models import Deploy, Role
+from . import Context, Invocation
+
+
+class DeployNotFound(GatewayError):
+    def __init__(self, text: str) -> None:
+        super().__init__(f"deploy {text} not found or access denied")
+
+
+def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:
+    return [
+        [
+            f"#{d.id}",
+            d.status.value,
+            d.branch,
+            d.new_sha[:8],
+            d.pusher,
+            d.created_at,
+            d.subject[:50],
+        ]
+        for d in deploys
+    ]
+
+
+def table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
+        for row in [headers, *rows]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _write(ctx: Context, text: str) -> None:
+    ctx.channel.stdout.write(text.encode("utf-8", "replace"))
+    await ctx.channel.stdout.drain()
+
+
+async def list_deploys(ctx: Context, inv: Invocation) -> int:
+    app, _ = await authorize(ctx.store, ctx.identity, inv.app, Role.READ)
+    deploys = await ctx.store.list_deploys(app.name)
+    if not deploys:
+        await _write(ctx, f"no deploys of {app.name} yet\n")
+        return 0
+    headers = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT"]
+    await _write(ctx, table(deploy_rows(deploys), headers))
+    return 0
+
+
+async def logs(ctx: Context, inv: Invocation) -> int:
+    app, _ = await authorize(ctx.store, ctx.identity, inv.app, Role.READ)
+    _, wanted, follow = inv.args
+    if wanted:
+        deploy = await ctx.store.get_deploy(int(wanted))
+        if deploy is None or deploy.app_id != app.id:
+            raise DeployNotFound(f"#{wanted} of {app.name}")
+    else:
+        latest = await ctx.store.list_deploys(app.name, limit=1)
+        if not latest:
+            raise GatewayError(f"no deploys of {app.name} yet")
+        deploy = latest[0]
+
+    async def say(text: str) -> None:
+        await _write(ctx, text)
+
+    if follow:
+        final = await ctx.deploys.follow(deploy.id, say)
+        return 0 if final.status.ok else 1
+    await say(await ctx.deploys.log_text(deploy.id))
+    current = await ctx.store.get_deploy(deploy.id) or deploy
+    if not current.status.finished:
+        await say(f"deploy #{current.id} is {current.status.value}; add --follow to watch it\n")
+    return 0
+
+
+async def cancel(ctx: Context, inv: Invocation) -> int:
+    deploy_id = int(inv.args[0])
+    deploy = await ctx.store.get_deploy(deploy_id)
+    if deploy is None:
+        raise DeployNotFound(f"#{deploy_id}")
+    try:
+        await authorize(ctx.store, ctx.identity, deploy.app_name, Role.WRITE)
+    except AccessDenied:
+        raise DeployNotFound(f"#{deploy_id}") from None
+    final = await ctx.deploys.cancel(deploy_id, ctx.identity.user_name)
+    await _write(
+        ctx, f"deploy #{final.id} of {final.app_name}: {final.status.value} ({final.reason})\n"
+    )
+    return 0

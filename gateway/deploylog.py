@@ -1,0 +1,115 @@
+"""One deploy's output: live to every watcher, kept on disk, bounded to its tail."""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import os
+from collections import deque
+from pathlib import Path
+
+_END = None  # sentinel pushed to subscribers when the log is closed
+
+
+def log_path(log_dir: Path, deploy_id: int) -> Path:
+    return log_dir / f"{deploy_id}.log"
+
+
+def cut_marker(dropped: int) -> str:
+    return f"[... {dropped} bytes of earlier output cut: the log keeps the last part ...]\n"
+
+
+def read_log(log_dir: Path, deploy_id: int) -> str:
+    """The stored log of a deploy (empty if none was written)."""
+    try:
+        return log_path(log_dir, deploy_id).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+class DeployLog:
+    """Appends text, keeps at most `limit` bytes of tail in memory and on disk, and fans the
+    text out to subscribers (attached pushes, `logs --follow`)."""
+
+    def __init__(self, log_dir: Path, deploy_id: int, limit: int) -> None:
+        self.path = log_path(log_dir, deploy_id)
+        self.limit = limit
+        self._tail: deque[str] = deque()
+        self._tail_bytes = 0
+        self.dropped = 0
+        self._subscribers: set[asyncio.Queue[str | None]] = set()
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.closed = False
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the log
+        self._file_bytes = 0
+
+    # -- writing --
+
+    def write_bytes(self, data: bytes) -> None:
+        self.write(self._decoder.decode(data))
+
+    def write(self, text: str) -> None:
+        if not text or self.closed:
+            return
+        size = len(text.encode("utf-8", "replace"))
+        self._tail.append(text)
+        self._tail_bytes += size
+        while self._tail_bytes > self.limit and len(self._tail) > 1:
+            old = self._tail.popleft()
+            old_size = len(old.encode("utf-8", "replace"))
+            self._tail_bytes -= old_size
+            self.dropped += old_size
+        self._file.write(text)
+        self._file.flush()
+        self._file_bytes += size
+        if self._file_bytes > 2 * self.limit:
+            self._rewrite()  # keeps the file bounded while a chatty deploy runs
+        for queue in self._subscribers:
+            queue.put_nowait(text)
+
+    def text(self) -> str:
+        """Everything still kept: the cut marker, then the tail."""
+        head = cut_marker(self.dropped) if self.dropped else ""
+        return head + "".join(self._tail)
+
+    def _rewrite(self) -> None:
+        self._file.close()
+        staging = self.path.with_suffix(".log.new")
+        content = self.text()
+        staging.write_text(content, encoding="utf-8")
+        os.replace(staging, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file_bytes = len(content.encode("utf-8", "replace"))
+
+    def close(self, final_line: str = "") -> None:
+        """End the log. The final line is kept in the log but not sent to subscribers:
+        each of them prints its own closing line from the final record."""
+        if self.closed:
+            return
+        self.write(self._decoder.decode(b"", final=True))
+        subscribers, self._subscribers = self._subscribers, set()
+        if final_line:
+            self.write(final_line)
+        self._subscribers = subscribers
+        self.closed = True
+        if self.dropped:
+            self._rewrite()
+        self._file.close()
+        for queue in self._subscribers:
+            queue.put_nowait(_END)
+
+    # -- reading --
+
+    @contextlib.contextmanager
+    def subscribe(self):  # type: ignore[no-untyped-def]
+        """Yield (text so far, queue of what follows; None marks the end)."""
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        if self.closed:
+            queue.put_nowait(_END)
+        self._subscribers.add(queue)
+        try:
+            yield self.text(), queue
+        finally:
+            self._subscribers.discard(queue)
