@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from . import __version__, config, gitbin, logs, names
-from .errors import GatewayError, UsageError
+from . import __version__, config, control, gitbin, logs, names
+from .deploylog import read_log
+from .errors import GatewayError, NotFound, UsageError
 from .keys import parse_public_key
-from .models import Role
+from .models import Deploy, DeployStatus, Role
 from .repos import Repositories
-from .store import Store, open_store
+from .store import Store, open_store, utcnow
 
 log = logging.getLogger("gateway.cli")
 
@@ -262,6 +263,123 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
     return await _with_store(cfg, act)
 
 
+def _deploy_dict(deploy: Deploy) -> dict[str, Any]:
+    data = asdict(deploy)
+    data["status"] = deploy.status.value
+    return data
+
+
+async def deploy_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        deploys = await store.list_deploys(args.app, limit=args.limit)
+        if args.json:
+            _json([_deploy_dict(d) for d in deploys], out)
+        else:
+            rows = [
+                [
+                    f"#{d.id}",
+                    d.status.value,
+                    d.branch,
+                    d.new_sha[:8],
+                    d.pusher,
+                    d.created_at,
+                    d.subject[:50],
+                ]
+                for d in deploys
+            ]
+            _table(rows, ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT"], out)
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+async def _get_deploy(store: Store, deploy_id: int) -> Deploy:
+    deploy = await store.get_deploy(deploy_id)
+    if deploy is None:
+        raise NotFound(f"no deploy #{deploy_id}")
+    return deploy
+
+
+async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        deploy = await _get_deploy(store, args.id)
+        deliveries = await store.webhook_deliveries(deploy.id)
+        if args.json:
+            _json(
+                {**_deploy_dict(deploy), "webhook_deliveries": [asdict(d) for d in deliveries]}, out
+            )
+            return 0
+        for key, value in _deploy_dict(deploy).items():
+            out.write(f"{key + ':':<17}{'' if value is None else value}\n")
+        for d in deliveries:
+            result = d.status_code if d.status_code is not None else d.error
+            out.write(
+                f"webhook attempt {d.attempt}: {result} in {d.duration_ms} ms at {d.created_at}\n"
+            )
+        return 0
+
+    return await _with_store(cfg, act)
+
+
+def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    deploy = asyncio.run(_with_store_value(cfg, lambda s: _get_deploy(s, args.id)))
+    if args.follow and not deploy.status.finished:
+        try:
+            code = 1
+            for reply in control.request(
+                cfg.storage.control_socket, {"op": "follow", "deploy": args.id}
+            ):
+                if "out" in reply:
+                    out.write(reply["out"])
+                    out.flush()
+                if "exit" in reply:
+                    code = int(reply["exit"])
+            return code
+        except control.NotRunning:
+            pass  # nothing runs it now: show what is stored
+    out.write(read_log(cfg.deploy.log_dir, args.id))
+    if not deploy.status.finished:
+        out.write(f"deploy #{deploy.id} is {deploy.status.value}\n")
+    if args.follow:
+        return 0 if deploy.status.ok else 1
+    return 0
+
+
+def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    try:
+        code = 1
+        message = {"op": "cancel", "deploy": args.id, "by": "operator"}
+        for reply in control.request(cfg.storage.control_socket, message, timeout=120):
+            if "out" in reply:
+                out.write(reply["out"])
+            if "exit" in reply:
+                code = int(reply["exit"])
+        return code
+    except control.NotRunning:
+        pass
+
+    async def offline(store: Store) -> int:
+        # No gateway runs: nothing executes the deploy, so recording the cancel is the cancel.
+        deploy = await _get_deploy(store, args.id)
+        done = await store.finish_deploy(
+            deploy.id, DeployStatus.CANCELLED, utcnow(), reason="cancelled by operator"
+        )
+        if not done:
+            raise GatewayError(f"deploy #{deploy.id} already ended: {deploy.status.value}")
+        out.write(f"deploy #{deploy.id}: cancelled (the gateway is not running)\n")
+        return 0
+
+    return asyncio.run(_with_store(cfg, offline))
+
+
+async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
+    store = await open_store(cfg.storage.database)
+    try:
+        return await action(store)
+    finally:
+        await store.close()
+
+
 def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     from .server import Gateway  # the SSH stack is only loaded for the server
 
@@ -369,7 +487,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(apps, "members", app_members, "list who can reach an app")
     p.add_argument("app")
     p.add_argument("--json", action="store_true")
+
+    deploys = groups.add_parser("deploy", help="see and cancel deploys").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = add(deploys, "list", deploy_list, "an app's recent deploys, newest first")
+    p.add_argument("app")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p = add(deploys, "show", deploy_show, "one deploy's record and webhook deliveries")
+    p.add_argument("id", type=_deploy_id)
+    p.add_argument("--json", action="store_true")
+    p = add(deploys, "logs", deploy_logs, "a deploy's log")
+    p.add_argument("id", type=_deploy_id)
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="stream until it ends; exit 1 unless it succeeded",
+    )
+    p = add(deploys, "cancel", deploy_cancel, "cancel a queued or running deploy")
+    p.add_argument("id", type=_deploy_id)
     return parser
+
+
+def _deploy_id(text: str) -> int:
+    digits = text.removeprefix("#")
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid deploy id: {text!r}")
+    return int(digits)
 
 
 def main(
@@ -391,5 +537,8 @@ def main(
     except GatewayError as exc:
         err.write(f"error: {exc}\n")
         return exc.exit_code
+    except control.ControlError as exc:
+        err.write(f"error: {exc}\n")
+        return exc.code
     except KeyboardInterrupt:
         return 130

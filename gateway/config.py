@@ -110,6 +110,16 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _branch(value: Any) -> str:
+    from .errors import InvalidName
+    from .names import branch_name
+
+    try:
+        return branch_name(_nonempty(value))
+    except InvalidName as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _http_url(value: Any) -> str:
     text = _string(value).strip()
     if text and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", text):
@@ -190,7 +200,7 @@ DEPLOY_MODES = ("attached", "detached", "gate")
 
 @dataclass(frozen=True)
 class DeploySettings:
-    branch: str = _setting("main", _nonempty, "deploy branch of new apps (app create --branch)")
+    branch: str = _setting("main", _branch, "deploy branch of new apps (app create --branch)")
     command: tuple[str, ...] = _setting(
         [], _argv, "deploy command as an argument list, run without a shell"
     )
@@ -203,6 +213,9 @@ class DeploySettings:
     log_dir: Path = _setting("var/deploys", _path, "where deploy logs are written")
     webhook_timeout: float = _setting(10, _seconds, "seconds per webhook delivery attempt")
     webhook_attempts: int = _setting(4, _count, "webhook delivery attempts (retries back off)")
+    webhook_backoff: float = _setting(
+        1, _seconds, "seconds before the first webhook retry; doubles each time (max 60)"
+    )
 
 
 @dataclass(frozen=True)
@@ -241,8 +254,15 @@ class Config:
 
     def deploy_for(self, app: str) -> DeploySettings:
         """The deploy settings of one app: [deploy] with its [apps.NAME] overrides."""
-        overrides = self.apps.get(app)
-        return dataclasses.replace(self.deploy, **overrides) if overrides else self.deploy
+        overrides = dict(self.apps.get(app) or {})
+        if not overrides:
+            return self.deploy
+        # An app that picks a pipeline replaces the global one rather than adding to it.
+        if overrides.get("webhook_url") and "command" not in overrides:
+            overrides["command"] = ()
+        if overrides.get("command") and "webhook_url" not in overrides:
+            overrides["webhook_url"] = ""
+        return dataclasses.replace(self.deploy, **overrides)
 
     @property
     def clone_host(self) -> str:

@@ -78,7 +78,11 @@ class ControlServer:
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("request must be an object")
-            code = await self._dispatch(request, say)
+            try:
+                code = await self._dispatch(request, say)
+            except ControlError as exc:
+                await send({"err": str(exc), "exit": exc.code})
+                return
             await send({"exit": code})
         except (ValueError, asyncio.LimitOverrunError) as exc:
             log.warning("event=control_bad_request reason=%s", q(exc))
@@ -112,8 +116,15 @@ class ControlServer:
             await say(f"deploy #{final.id}: {final.status.value} ({final.reason})\n")
             return 0
         except GatewayError as exc:
-            await say(f"error: {exc}\n")
-            return exc.exit_code
+            raise ControlError(str(exc), exc.exit_code) from None
+
+
+class ControlError(Exception):
+    """A refused control request: one line for the operator and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _is_live(path: Path) -> bool:
@@ -147,9 +158,12 @@ def request(
         conn.sendall(json.dumps(message).encode() + b"\n")
         with conn.makefile("rb") as replies:
             for line in replies:
-                yield json.loads(line)
+                reply = json.loads(line)
+                if "err" in reply:
+                    raise ControlError(reply["err"], int(reply.get("exit", 1)))
+                yield reply
     finally:
         conn.close()
 
 
-__all__ = ["ControlServer", "NotFound", "NotRunning", "request"]
+__all__ = ["ControlError", "ControlServer", "NotFound", "NotRunning", "request"]

@@ -56,11 +56,7 @@ class DeployLog:
         size = len(text.encode("utf-8", "replace"))
         self._tail.append(text)
         self._tail_bytes += size
-        while self._tail_bytes > self.limit and len(self._tail) > 1:
-            old = self._tail.popleft()
-            old_size = len(old.encode("utf-8", "replace"))
-            self._tail_bytes -= old_size
-            self.dropped += old_size
+        self._trim()
         self._file.write(text)
         self._file.flush()
         self._file_bytes += size
@@ -68,6 +64,27 @@ class DeployLog:
             self._rewrite()  # keeps the file bounded while a chatty deploy runs
         for queue in self._subscribers:
             queue.put_nowait(text)
+
+    def _trim(self) -> None:
+        """Drop the oldest text beyond the limit; a partly dropped chunk is cut at its next
+        line break so the kept tail starts with a whole line."""
+        excess = self._tail_bytes - self.limit
+        while excess > 0 and self._tail:
+            oldest = self._tail[0].encode("utf-8", "replace")
+            if len(oldest) <= excess:
+                self._tail.popleft()
+                cut = len(oldest)
+            else:
+                newline = oldest.find(b"\n", excess - 1)
+                cut = len(oldest) if newline == -1 else newline + 1
+                kept = oldest[cut:].decode("utf-8", "ignore")
+                if kept:
+                    self._tail[0] = kept
+                else:
+                    self._tail.popleft()
+            self._tail_bytes -= cut
+            self.dropped += cut
+            excess -= cut
 
     def text(self) -> str:
         """Everything still kept: the cut marker, then the tail."""

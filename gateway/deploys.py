@@ -77,6 +77,7 @@ class Job:
     stop: tuple[DeployStatus, str] | None = None  # why the running pipeline was stopped
     started: float | None = None
     elapsed: float | None = None
+    report: asyncio.Future[pipelines.Outcome] | None = None  # webhook: receiver's status
 
 
 @dataclass
@@ -113,6 +114,7 @@ class DeployService:
         self.queues: dict[str, AppQueue] = {}
         self.semaphore = asyncio.Semaphore(config.deploy.max_parallel)
         self.closing = False
+        self.http_address: tuple[str, int] | None = None  # set when the HTTP endpoint listens
 
     # -- lifecycle --
 
@@ -523,6 +525,39 @@ class DeployService:
             raise NotFound(f"no deploy #{deploy_id}")
         await say(await asyncio.to_thread(read_log, self.log_dir, deploy_id))
         return deploy
+
+    # -- webhook receivers' status reports --
+
+    def status_base_url(self) -> str | None:
+        if self.config.http.public_url:
+            return self.config.http.public_url.rstrip("/")
+        if self.http_address is None:
+            return None
+        host, port = self.http_address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    async def wait_for_report(self, job: Job) -> pipelines.Outcome:
+        job.report = asyncio.get_running_loop().create_future()
+        try:
+            return await job.report
+        finally:
+            job.report = None
+
+    def report(
+        self, deploy_id: int, text: str | None, status: DeployStatus | None, exit_code: int | None
+    ) -> bool:
+        """A receiver's report: log lines, and possibly the final status. False if the
+        deploy is not waiting for one."""
+        job = self.jobs.get(deploy_id)
+        if job is None or job.report is None or job.report.done():
+            return False
+        if text:
+            job.log.write(text if text.endswith("\n") else text + "\n")
+        if status is not None:
+            job.report.set_result(
+                pipelines.Outcome(status, exit_code, f"reported {status.value} by the receiver")
+            )
+        return True
 
     async def log_text(self, deploy_id: int) -> str:
         """What is kept of a deploy's log so far (live if it is running)."""

@@ -18,6 +18,7 @@ from dulwich.object_store import (
 )
 from dulwich.objects import Commit
 from dulwich.repo import Repo
+from dulwich.walk import Walker
 
 from . import hooks, names
 from .errors import AccessDenied, Conflict, GatewayError, NotFound
@@ -57,6 +58,8 @@ def git_settings(max_input_size: int) -> list[tuple[str, str]]:
         # ...but bounded, and a crafted pack cannot make receive-pack read without limit.
         ("receive.maxInputSize", str(max_input_size)),
         ("receive.denyNonFastForwards", "false"),
+        # Deleting the deploy branch is allowed (it deploys nothing; the gateway says so).
+        ("receive.denyDeleteCurrent", "ignore"),
         # Partial clone (--filter) needs the server to honour filters and wanted blobs.
         ("uploadpack.allowFilter", "true"),
         ("uploadpack.allowAnySHA1InWant", "true"),
@@ -189,6 +192,29 @@ class Repositories:
                 return CommitInfo("", "")
             subject = _decode(commit.message).strip().splitlines()
             return CommitInfo(subject[0][:200] if subject else "", _decode(commit.author)[:200])
+        finally:
+            repo.close()
+
+    def commits_between(
+        self, app: str, old: str, new: str, limit: int, quarantine: Path | None = None
+    ) -> list[dict[str, object]]:
+        """Commits reachable from `new` but not `old`, newest first (webhook payloads)."""
+        repo, store = self._open(app, quarantine)
+        try:
+            exclude = [] if set(old) == {"0"} else [old.encode()]
+            walker = Walker(store, [new.encode()], exclude=exclude, max_entries=limit)
+            commits = []
+            for entry in walker:
+                commit = entry.commit
+                commits.append(
+                    {
+                        "id": commit.id.decode(),
+                        "message": _decode(commit.message)[:4000],
+                        "author": _decode(commit.author),
+                        "timestamp": commit.commit_time,
+                    }
+                )
+            return commits
         finally:
             repo.close()
 

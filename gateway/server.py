@@ -20,6 +20,7 @@ from .config import Config
 from .control import ControlServer
 from .deploys import DeployService
 from .errors import GatewayError
+from .http import HTTPServer
 from .logs import q
 from .models import Identity
 from .repos import Repositories
@@ -145,6 +146,7 @@ class Gateway:
         self.git: gitbin.Git
         self.deploys: DeployService
         self.control: ControlServer
+        self.http: HTTPServer | None = None
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
         self._acceptor: asyncssh.SSHAcceptor | None = None
@@ -165,6 +167,10 @@ class Gateway:
             self.repos.ensure_root()
             await self._refresh_hooks()
             await self.control.start()
+            if cfg.http.listen is not None:
+                self.http = HTTPServer(*cfg.http.listen, self.deploys)
+                self.deploys.http_address = await self.http.start()
+                log.info("event=http_listening address=%s:%d", *self.deploys.http_address)
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             for key in keys:
@@ -200,6 +206,8 @@ class Gateway:
             )
         except BaseException:
             await self.deploys.close()
+            if self.http is not None:
+                await self.http.close()
             await self.control.close()
             await self.store.close()
             raise
@@ -221,6 +229,8 @@ class Gateway:
             if connection.conn is not None:
                 connection.conn.close()
         await self.deploys.close()
+        if self.http is not None:
+            await self.http.close()
         await self.control.close()
         await self.store.close()
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -117,6 +117,7 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
         for key, value in values.items():
             rendered = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
             lines.append(f"{key} = {rendered}")
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "gateway.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -283,3 +284,74 @@ def require_tools() -> None:
     missing = [tool for tool in ("git", "ssh", "ssh-keygen") if shutil.which(tool) is None]
     if missing:
         raise RuntimeError(f"tests need {', '.join(missing)} on PATH")
+
+
+class LiveProcess:
+    """A subprocess whose output lines are read by threads as they come, so that a test can
+    wait for one line (an event, never a sleep) and act while the process still runs."""
+
+    def __init__(
+        self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ):
+        import queue
+
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
+        self.lines: list[str] = []  # stderr lines consumed so far
+        self.stdout: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._read_stdout, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+
+    def wait_for(self, pattern: str):  # type: ignore[no-untyped-def]
+        """Block until a stderr line matches; fail if the process ends first."""
+        import re
+
+        while True:
+            line = self._queue.get(timeout=TIMEOUT)
+            if line is None:
+                raise AssertionError(f"process ended before {pattern!r}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        """Wait for the exit and collect the rest of the output."""
+        code = self.proc.wait(timeout)
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        for reader in self._readers:
+            reader.join(timeout)
+        return code
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(TIMEOUT)

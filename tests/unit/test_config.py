@@ -104,3 +104,48 @@ def test_reference_lists_every_key():
     text = config.reference()
     tomllib.loads("\n".join(line.split("  #")[0] for line in text.splitlines()))
     assert "max_input_size" in text
+
+
+def test_app_overrides():
+    cfg = config.from_mapping(
+        {
+            "deploy": {"command": ["./deploy"], "timeout": 30},
+            "apps": {
+                "web": {"mode": "gate", "timeout": 5},
+                "api": {"webhook_url": "https://ci.example.com/hook"},
+            },
+        }
+    )
+    assert cfg.deploy_for("web").mode == "gate" and cfg.deploy_for("web").timeout == 5
+    assert cfg.deploy_for("web").command == ("./deploy",)
+    assert cfg.deploy_for("other").mode == "attached"
+    api = cfg.deploy_for("api")  # picking the webhook replaces the global command
+    assert api.command == () and api.webhook_url == "https://ci.example.com/hook"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"apps": {"web": {"branch": "x"}}}, "unknown key [apps.web] branch"),
+        ({"apps": {"Bad!": {}}}, "[apps.Bad!]: invalid app name"),
+        ({"apps": {"web": {"mode": "sometimes"}}}, "[apps.web] mode"),
+        ({"deploy": {"command": "./deploy.sh"}}, "[deploy] command: expected a list"),
+        ({"deploy": {"webhook_url": "ftp://x"}}, "[deploy] webhook_url"),
+        (
+            {"deploy": {"command": ["x"], "webhook_url": "https://x"}},
+            "set either command or webhook_url",
+        ),
+        ({"deploy": {"max_parallel": 0}}, "[deploy] max_parallel"),
+        ({"http": {"listen": "nowhere"}}, "[http] listen"),
+    ],
+)
+def test_bad_deploy_settings(data, message):
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(data)
+    assert message in str(err.value)
+
+
+def test_secrets_are_masked_in_config_show():
+    cfg = config.from_mapping({"deploy": {"webhook_secret": "hunter2"}})
+    text = config.render(cfg)
+    assert "hunter2" not in text and 'webhook_secret = "********"' in text

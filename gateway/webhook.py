@@ -1,0 +1,129 @@
+"""The webhook pipeline: POST a signed JSON payload, retry with backoff, record every attempt.
+
+A 2xx answer means "accepted". With 202 and an HTTP endpoint configured, the receiver owns
+the outcome: it reports it (and optionally log lines) to `status_url` with the bearer
+`status_token` from the payload, and the deploy stays running until then (or its timeout).
+Any other 2xx ends the deploy as succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .models import DeployStatus, WebhookDelivery
+from .pipelines import Outcome
+from .store import utcnow
+
+if TYPE_CHECKING:
+    from .deploys import DeployService, Job
+
+SIGNATURE_HEADER = "X-Gateway-Signature-256"
+MAX_COMMITS = 20
+MAX_BACKOFF = 60.0
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def payload(service: DeployService, job: Job, status_token: str | None) -> dict[str, Any]:
+    deploy = job.deploy
+    data: dict[str, Any] = {
+        "event": "deploy",
+        "deploy_id": deploy.id,
+        "app": deploy.app_name,
+        "ref": deploy.ref,
+        "before": deploy.old_sha,
+        "after": deploy.new_sha,
+        "pusher": {"name": deploy.pusher, "key_fingerprint": deploy.key_fingerprint},
+        "clone_url": service.config.clone_url(deploy.app_name),
+        "commits": service.repos.commits_between(
+            deploy.app_name, deploy.old_sha, deploy.new_sha, MAX_COMMITS, job.quarantine
+        ),
+        "mode": deploy.mode,
+    }
+    base = service.status_base_url()
+    if status_token and base:
+        data["status_url"] = f"{base}/deploys/{deploy.id}/status"
+        data["status_token"] = status_token
+    return data
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+    """One HTTP attempt; the status code, or an exception for transport errors."""
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            response.read(65536)
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+async def deliver(service: DeployService, job: Job) -> Outcome:
+    settings = job.settings
+    deploy = job.deploy
+    token = secrets.token_urlsafe(32) if service.status_base_url() else None
+    if token:
+        await service.store.set_status_token(deploy.id, token_hash(token))
+    body = json.dumps(
+        await asyncio.to_thread(payload, service, job, token), sort_keys=True
+    ).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": f"git-gateway/{__version__}",
+        "X-Gateway-Event": "deploy",
+        "X-Gateway-Deploy": str(deploy.id),
+        "X-Gateway-Delivery": secrets.token_hex(8),
+    }
+    if settings.webhook_secret:
+        headers[SIGNATURE_HEADER] = sign(settings.webhook_secret, body)
+    delay = service.config.deploy.webhook_backoff
+    last = ""
+    for attempt in range(1, settings.webhook_attempts + 1):
+        started = time.monotonic()
+        code: int | None = None
+        error = ""
+        try:
+            code = await asyncio.to_thread(
+                _post, settings.webhook_url, body, headers, settings.webhook_timeout
+            )
+        except (OSError, ValueError) as exc:  # refused, reset, DNS, TLS, timeout
+            error = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        elapsed_ms = int((time.monotonic() - started) * 1000)
+        await service.store.add_webhook_delivery(
+            WebhookDelivery(
+                deploy.id, attempt, settings.webhook_url, code, error, elapsed_ms, utcnow()
+            )
+        )
+        result = f"HTTP {code}" if code is not None else error
+        job.log.write(f"webhook attempt {attempt}/{settings.webhook_attempts}: {result}\n")
+        if code is not None and 200 <= code < 300:
+            if code == 202 and token:
+                job.log.write("webhook accepted: waiting for the receiver's status report\n")
+                return await service.wait_for_report(job)
+            return Outcome(DeployStatus.SUCCEEDED, None, f"webhook accepted (HTTP {code})")
+        if code is not None and code < 500:
+            return Outcome(DeployStatus.FAILED, None, f"webhook refused (HTTP {code})")
+        last = result
+        if attempt < settings.webhook_attempts:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_BACKOFF)
+    return Outcome(
+        DeployStatus.FAILED,
+        None,
+        f"webhook delivery failed after {settings.webhook_attempts} attempts ({last})",
+    )

@@ -1,0 +1,555 @@
+"""Push-to-deploy with real `git push`: streaming, modes, queueing, timeouts, cancel, webhooks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    Admin,
+    Client,
+    LiveProcess,
+    ServerThread,
+    fsck,
+    keygen,
+    run,
+    server_refs,
+    unique,
+    write_config,
+)
+
+PIPELINE = Path(__file__).with_name("deploy_pipeline.py")
+SECRET = "s3cret-for-tests"
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: records requests; answers from a per-path script."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.answers: dict[str, list[int]] = {}
+        self.received = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.received:
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body}
+                    )
+                    script = receiver.answers.get(self.path, [])
+                    code = script.pop(0) if script else 200
+                    receiver.received.notify_all()
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_for(self, path: str, count: int) -> list[dict[str, object]]:
+        with self.received:
+            assert self.received.wait_for(
+                lambda: len([r for r in self.requests if r["path"] == path]) >= count, timeout=60
+            )
+            return [r for r in self.requests if r["path"] == path]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, receiver):
+    directory = tmp_path_factory.mktemp("deploys")
+    config = write_config(
+        directory,
+        deploy={
+            "command": [sys.executable, str(PIPELINE)],
+            "timeout": 60,
+            "log_limit": "16K",
+            "webhook_backoff": 0.05,
+            "webhook_attempts": 3,
+        },
+        http={"listen": "127.0.0.1:0"},
+    )
+    # Per-app overrides for the apps these tests create.
+    config.write_text(
+        config.read_text()
+        + '[apps.gated]\nmode = "gate"\n'
+        + '[apps.detached]\nmode = "detached"\n'
+        + '[apps.queued]\nmode = "detached"\n'
+        + "[apps.slow]\ntimeout = 2\n"
+        + f'[apps.hooked]\nwebhook_url = "{receiver.url("/hook")}"\nwebhook_secret = "{SECRET}"\n'
+        + "[apps.command]\ncommand = []\n"
+        + f'[apps.accepted]\nwebhook_url = "{receiver.url("/accepted")}"\n'
+        + f'webhook_secret = "{SECRET}"\n'
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_admin(gw) -> Admin:
+    return Admin(gw.config_path)
+
+
+def make_client(gw, admin, tmp_path, prefix="dev") -> Client:
+    name = unique(prefix)
+    key = keygen(tmp_path / f"{name}_id")
+    admin.ok("user", "add", name)
+    admin.ok("key", "add", name, "laptop", f"{key}.pub")
+    return Client(tmp_path / f"home-{name}", key, gw, name=name)
+
+
+@pytest.fixture
+def dev(gw, gw_admin, tmp_path) -> Client:
+    return make_client(gw, gw_admin, tmp_path)
+
+
+def new_app(admin: Admin, owner: Client, name: str | None = None, branch: str = "main") -> str:
+    name = name or unique("web")
+    admin.ok("app", "create", name, "--owner", owner.name, "--branch", branch)
+    return name
+
+
+def deploys(admin: Admin, app: str) -> list[dict[str, object]]:
+    return json.loads(admin.ok("deploy", "list", app, "--json"))
+
+
+def alive(pid: int) -> bool:
+    """True if the process runs (a zombie waiting to be reaped by init is dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def push(client: Client, work: Path, app: str, *refspecs: str) -> LiveProcess:
+    return LiveProcess(
+        ["git", "push", client.url(app), *(refspecs or ("main",))], env=client.env, cwd=work
+    )
+
+
+def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo), "app.txt": "v1\n"})
+    pushing = push(dev, work, app)
+    pushing.wait_for(r"remote: deploy #\d+ of .* started\. Ctrl-C stops watching")
+    pushing.wait_for(r"remote: deploying ")
+    pushing.wait_for(r"remote: waiting for the test")
+    # The pipeline is blocked until the pusher has seen its line: that is liveness.
+    assert pushing.proc.poll() is None
+    with open(fifo, "w") as release:
+        release.write("go\n")
+    assert pushing.finish() == 0, pushing.stderr
+    out = pushing.stderr
+    assert "remote: released by the test" in out
+    assert out.index("waiting for the test") < out.index("released by the test")
+    assert "succeeded in" in out and f"logs {app} " in out
+    [record] = deploys(gw_admin, app)
+    assert record["status"] == "succeeded" and record["exit_code"] == 0
+    assert record["pusher"] == dev.name and record["subject"] == "first"
+    assert record["key_fingerprint"].startswith("SHA256:")
+    assert record["old_sha"] == "0" * 40 and record["mode"] == "attached"
+    fsck(gw.repo(app))
+
+
+def test_failed_deploy_fails_the_push_but_keeps_the_refs(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    work = dev.new_repo(tmp_path / "work", {"exit": "3", "stderr": "build error on stderr"})
+    head = dev.git("rev-parse", "HEAD", cwd=work).stdout.strip()
+    result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+    assert result.returncode == 1
+    assert "remote: build error on stderr" in result.stderr
+    assert "FAILED (exit code 3)" in result.stderr and "The push itself is stored" in result.stderr
+    assert server_refs(gw.repo(app))["refs/heads/main"] == head
+    [record] = deploys(gw_admin, app)
+    assert (record["status"], record["exit_code"]) == ("failed", 3)
+    fsck(gw.repo(app))
+
+
+def test_timeout_kills_the_process_group(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, "slow")
+    pids = tmp_path / "pids"
+    work = dev.new_repo(tmp_path / "work", {"hang": str(pids)})
+    result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+    assert result.returncode == 1
+    assert "TIMED OUT (timed out after 2.0s; killed)" in result.stderr
+    [record] = deploys(gw_admin, app)
+    assert record["status"] == "timed_out"
+    for pid in map(int, pids.read_text().split()):
+        assert not alive(pid)  # the pipeline and its child are gone
+
+
+def test_other_branch_is_stored_not_deployed(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    work = dev.new_repo(tmp_path / "work")
+    result = dev.git("push", dev.url(app), "main:feature", "main:topic", cwd=work)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("remote:")]
+    assert len(lines) == 1
+    assert "'feature', 'topic' stored, not deployed" in lines[0]
+    assert "git push <remote> HEAD:main" in lines[0]
+    assert deploys(gw_admin, app) == []
+    assert "refs/heads/feature" in server_refs(gw.repo(app))
+    # Deleting the deploy branch deploys nothing either.
+    dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    assert len(deploys(gw_admin, app)) == 1
+    result = dev.git("push", dev.url(app), ":main", cwd=work)
+    assert "nothing deployed" in result.stderr
+    assert len(deploys(gw_admin, app)) == 1
+
+
+def test_deploy_branch_per_app(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, branch="production")
+    work = dev.new_repo(tmp_path / "work")
+    result = dev.git("push", dev.url(app), "main", cwd=work)
+    assert "HEAD:production" in result.stderr
+    dev.git("push", "-q", dev.url(app), "main:production", cwd=work)
+    assert deploys(gw_admin, app)[0]["ref"] == "refs/heads/production"
+
+
+def test_command_env_and_export(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    dump = tmp_path / "env.json"
+    work = dev.new_repo(tmp_path / "work", {"env-dump": str(dump), "src/main.py": "print()\n"})
+    (work / "run.sh").write_text("#!/bin/sh\n")
+    (work / "run.sh").chmod(0o755)
+    os.symlink("src/main.py", work / "link")
+    dev.commit(work, {}, "with exec bit and symlink")
+    dev.env["GIT_SSH_COMMAND"] += " -o SetEnv=FOO=from-client"
+    dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    seen = json.loads(dump.read_text())
+    env = seen["env"]
+    [record] = deploys(gw_admin, app)
+    assert {k for k in env if k.startswith("GATEWAY_")} == {
+        "GATEWAY_APP",
+        "GATEWAY_REF",
+        "GATEWAY_OLD_SHA",
+        "GATEWAY_NEW_SHA",
+        "GATEWAY_USER",
+        "GATEWAY_KEY_FINGERPRINT",
+        "GATEWAY_DEPLOY_ID",
+        "GATEWAY_REPO",
+    }
+    assert env["GATEWAY_APP"] == app and env["GATEWAY_REF"] == "refs/heads/main"
+    assert env["GATEWAY_NEW_SHA"] == record["new_sha"]
+    assert env["GATEWAY_DEPLOY_ID"] == str(record["id"])
+    assert env["GATEWAY_USER"] == dev.name
+    assert Path(env["GATEWAY_REPO"]) == gw.repo(app).resolve()
+    assert "FOO" not in env and not any(k.startswith("GIT_") for k in env)
+    assert seen["files"] == {"env-dump": "file", "link": "link", "run.sh": "exec", "src": "exec"}
+    assert not Path(seen["cwd"]).exists()  # the export is removed afterwards
+
+
+def test_gate_mode_rejects_with_refs_unchanged(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, "gated")
+    work = dev.new_repo(tmp_path / "work", {"app.txt": "good\n"})
+    good = dev.git("rev-parse", "HEAD", cwd=work).stdout.strip()
+    result = dev.git("push", dev.url(app), "main", cwd=work)
+    assert "gate mode" in result.stderr and "succeeded" in result.stderr
+    assert server_refs(gw.repo(app))["refs/heads/main"] == good
+    bad = dev.commit(work, {"exit": "1"}, "broken")
+    result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+    assert result.returncode != 0
+    assert "[remote rejected] main -> main (pre-receive hook declined)" in result.stderr
+    assert "push rejected, main unchanged" in result.stderr
+    assert server_refs(gw.repo(app))["refs/heads/main"] == good
+    missing = run(["git", "cat-file", "-e", bad], cwd=gw.repo(app))
+    assert missing.returncode != 0  # the pushed objects never left quarantine
+    statuses = [d["status"] for d in deploys(gw_admin, app)]
+    assert statuses == ["failed", "succeeded"]
+    fsck(gw.repo(app))
+
+
+def test_detached_then_follow(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, "detached")
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+    result = dev.git("push", dev.url(app), "main", cwd=work)  # returns while the deploy waits
+    assert "queued" in result.stderr and "the push is done" in result.stderr
+    [record] = deploys(gw_admin, app)
+    assert record["status"] in ("queued", "running")
+    following = LiveProcess(
+        [*dev.ssh_base, "-T", "git@127.0.0.1", "logs", app, str(record["id"]), "--follow"],
+        env=dev.env,
+    )
+    with open(fifo, "w") as release:
+        release.write("go\n")
+    assert following.finish() == 0
+    text = "".join(following.stdout)
+    assert "waiting for the test" in text and "released by the test" in text and "done" in text
+    assert "succeeded" in text
+    # A failing deploy: --follow exits non-zero.
+    dev.commit(work, {"exit": "2", "wait-fifo": ""}, "fails")
+    (work / "wait-fifo").unlink()
+    dev.commit(work, {}, "no fifo")
+    dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    latest = deploys(gw_admin, app)[0]
+    follow = dev.ssh("logs", app, "--follow")
+    assert follow.returncode == 1, follow
+    assert f"deploy #{latest['id']} FAILED (exit code 2)" in follow.stdout
+
+
+def test_queue_and_supersede(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, "queued")
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+    dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    first = deploys(gw_admin, app)[0]
+    (work / "wait-fifo").unlink()
+    for n in (2, 3):
+        dev.commit(work, {"n": f"{n}\n"}, f"push {n}")
+        dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    third, second, again_first = deploys(gw_admin, app)
+    assert again_first["id"] == first["id"]
+    assert second["status"] == "cancelled" and second["superseded_by"] == third["id"]
+    assert f"superseded by #{third['id']}" in second["reason"]
+    assert third["status"] == "queued"
+    with open(fifo, "w") as release:
+        release.write("go\n")
+    follow = dev.ssh("logs", app, str(third["id"]), "--follow")
+    assert follow.returncode == 0, follow
+    statuses = {d["id"]: d["status"] for d in deploys(gw_admin, app)}
+    assert statuses == {
+        first["id"]: "succeeded",
+        second["id"]: "cancelled",
+        third["id"]: "succeeded",
+    }
+
+
+def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path):
+    fifos, pushes = [], []
+    for index in range(2):
+        app = new_app(gw_admin, dev)
+        fifo = tmp_path / f"gate{index}.fifo"
+        os.mkfifo(fifo)
+        fifos.append(fifo)
+        work = dev.new_repo(tmp_path / f"work{index}", {"wait-fifo": str(fifo)})
+        pushes.append(push(dev, work, app))
+    for pushing in pushes:  # both pipelines run at the same time
+        pushing.wait_for(r"remote: waiting for the test")
+    for fifo in fifos:
+        with open(fifo, "w") as release:
+            release.write("go\n")
+    assert all(p.finish() == 0 for p in pushes)
+
+
+def test_ctrl_c_leaves_the_deploy_running(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+    pushing = push(dev, work, app)
+    pushing.wait_for(r"remote: waiting for the test")
+    pushing.kill()  # the pusher's Ctrl-C: the client process dies
+    [record] = deploys(gw_admin, app)
+    assert record["status"] == "running"
+    with open(fifo, "w") as release:
+        release.write("go\n")
+    follow = dev.ssh("logs", app, str(record["id"]), "--follow")
+    assert follow.returncode == 0 and "released by the test" in follow.stdout
+    assert deploys(gw_admin, app)[0]["status"] == "succeeded"
+    assert "refs/heads/main" in server_refs(gw.repo(app))
+    fsck(gw.repo(app))
+
+
+def test_cancel_over_ssh_needs_write(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+    pushing = push(dev, work, app)
+    pushing.wait_for(r"remote: waiting for the test")
+    deploy_id = deploys(gw_admin, app)[0]["id"]
+    reader = make_client(gw, gw_admin, tmp_path, "reader")
+    gw_admin.ok("app", "grant", app, reader.name, "read")
+    denied = reader.ssh("cancel", str(deploy_id))
+    assert denied.returncode == 1
+    assert denied.stderr == f"error: deploy #{deploy_id} not found or access denied\n"
+    listing = reader.ssh("deploys", app)
+    assert (
+        listing.returncode == 0
+        and f"#{deploy_id}" in listing.stdout
+        and "running" in listing.stdout
+    )
+    stranger = make_client(gw, gw_admin, tmp_path, "stranger")
+    assert stranger.ssh("deploys", app).stderr.endswith("not found or access denied\n")
+    cancelled = dev.ssh("cancel", str(deploy_id))
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    assert pushing.finish() == 1
+    assert f"cancelled by {dev.name}" in pushing.stderr
+    record = deploys(gw_admin, app)[0]
+    assert (record["status"], record["reason"]) == ("cancelled", f"cancelled by {dev.name}")
+    assert dev.ssh("cancel", str(deploy_id)).stderr.startswith("error: deploy")
+
+
+def test_logs_and_cli_views(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev)
+    work = dev.new_repo(tmp_path / "work", {"spam": "400"})  # ~36 KB of output, 16K kept
+    dev.git("push", "-q", dev.url(app), "main", cwd=work)
+    record = deploys(gw_admin, app)[0]
+    code, text, _ = gw_admin("deploy", "logs", str(record["id"]))
+    assert code == 0
+    assert (
+        "bytes of earlier output cut" in text
+        and "line 000399" in text
+        and "line 000000" not in text
+    )
+    assert len(text.encode()) < 20 * 1024
+    assert "succeeded" in text.splitlines()[-1]
+    over_ssh = dev.ssh("logs", app)
+    assert over_ssh.returncode == 0 and "line 000399" in over_ssh.stdout
+    shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
+    assert shown["status"] == "succeeded" and shown["webhook_deliveries"] == []
+    code, _, err = gw_admin("deploy", "cancel", str(record["id"]))
+    assert code == 1 and "already ended" in err
+    code, _, err = gw_admin("deploy", "show", "999999")
+    assert code == 1 and "no deploy #999999" in err
+
+
+def test_webhook_signed_delivery_with_retries(gw, gw_admin, dev, receiver, tmp_path):
+    app = new_app(gw_admin, dev, "hooked")
+    receiver.answers["/hook"] = [500, 503, 200]
+    work = dev.new_repo(tmp_path / "work")
+    result = dev.git("push", dev.url(app), "main", cwd=work)
+    assert "webhook attempt 1/3: HTTP 500" in result.stderr
+    assert "webhook attempt 3/3: HTTP 200" in result.stderr
+    calls = receiver.wait_for("/hook", 3)
+    body = calls[-1]["body"]
+    headers = calls[-1]["headers"]
+    expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert headers["X-Gateway-Signature-256"] == expected
+    payload = json.loads(body)
+    [record] = deploys(gw_admin, app)
+    assert payload["app"] == app and payload["deploy_id"] == record["id"]
+    assert payload["ref"] == "refs/heads/main" and payload["after"] == record["new_sha"]
+    assert payload["before"] == "0" * 40 and payload["pusher"]["name"] == dev.name
+    assert payload["clone_url"].endswith(f"/{app}.git")
+    assert [c["id"] for c in payload["commits"]] == [record["new_sha"]]
+    assert record["status"] == "succeeded" and record["pipeline"] == "webhook"
+    shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
+    attempts = [(d["attempt"], d["status_code"]) for d in shown["webhook_deliveries"]]
+    assert attempts == [(1, 500), (2, 503), (3, 200)]
+
+
+def test_webhook_receiver_reports_status(gw, gw_admin, dev, receiver, tmp_path):
+    app = new_app(gw_admin, dev, "accepted")
+    receiver.answers["/accepted"] = [202]
+    work = dev.new_repo(tmp_path / "work")
+    pushing = push(dev, work, app)
+    [call] = receiver.wait_for("/accepted", 1)
+    payload = json.loads(call["body"])
+    url, token = payload["status_url"], payload["status_token"]
+
+    def report(body: dict[str, object], bearer: str) -> int:
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {bearer}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert report({"status": "succeeded"}, "wrong-token") == 401
+    pushing.wait_for(r"waiting for the receiver's status report")
+    assert report({"log": "building on the receiver"}, token) == 200
+    pushing.wait_for(r"remote: building on the receiver")
+    assert report({"status": "failed", "exit_code": 7}, token) == 200
+    assert pushing.finish() == 1
+    assert "reported failed by the receiver" in pushing.stderr
+    record = deploys(gw_admin, app)[0]
+    assert (record["status"], record["exit_code"]) == ("failed", 7)
+    assert report({"status": "succeeded"}, token) == 409  # it already ended
+
+
+def test_no_pipeline_configured(gw, gw_admin, dev, tmp_path):
+    app = new_app(gw_admin, dev, "command")
+    work = dev.new_repo(tmp_path / "work")
+    result = dev.git("push", dev.url(app), "main", cwd=work)
+    assert "no deploy pipeline is configured" in result.stderr
+    assert deploys(gw_admin, app) == []
+
+
+def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
+    config = write_config(
+        tmp_path / "state",
+        deploy={"command": [sys.executable, str(PIPELINE)], "mode": "detached", "timeout": 60},
+    )
+    admin = Admin(config)
+    serve = [sys.executable, "-m", "gateway", "--config", str(config), "serve"]
+    first = LiveProcess(serve)
+    port = int(first.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    owner = "restarter"
+    key = keygen(tmp_path / "id")
+    admin.ok("user", "add", owner)
+    admin.ok("key", "add", owner, "k", f"{key}.pub")
+    admin.ok("app", "create", "web", "--owner", owner)
+    client = Client(tmp_path / "home", key, _PortOnly(port, config), name=owner)
+    fifo = tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    work = client.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+    client.git("push", "-q", client.url("web"), "main", cwd=work)
+    first.wait_for(r"event=deploy_started deploy=1 ")
+    (work / "wait-fifo").unlink()
+    client.commit(work, {"v": "2\n"}, "second")
+    client.git("push", "-q", client.url("web"), "main", cwd=work)
+    assert [d["status"] for d in deploys(admin, "web")] == ["queued", "running"]
+
+    first.kill()  # SIGKILL: no chance to record anything
+    with open(fifo, "w") as release:  # let the orphaned pipeline end
+        release.write("go\n")
+
+    second = LiveProcess(serve)
+    second.wait_for(r"listening on")
+    code, out, _ = admin("deploy", "logs", "2", "--follow")
+    assert code == 0 and "done" in out
+    by_id = {d["id"]: d for d in deploys(admin, "web")}
+    assert by_id[1]["status"] == "interrupted"
+    assert "gateway stopped" in by_id[1]["reason"]
+    assert by_id[2]["status"] == "succeeded"
+    second.proc.terminate()
+    assert second.finish() == 0
+
+
+class _PortOnly:
+    """What Client needs of a server it does not host: its port and host keys."""
+
+    def __init__(self, port: int, config_path: Path) -> None:
+        from gateway import config as gwconfig
+
+        self.port = port
+        self.config = gwconfig.load(config_path)
+
+    known_hosts = ServerThread.known_hosts
