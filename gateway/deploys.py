@@ -217,8 +217,7 @@ class DeployService:
             log.warning("event=hook_refused app=%s reason=%s", app.name, q(exc))
             await say("gateway: cannot read the pushed objects; push refused\n")
             return 1
-        job = await self.submit(session, update, settings, quarantine=path)
-        job.expected_old = update.old
+        job = await self.submit(session, update, settings, quarantine=path, expected_old=update.old)
         await say(
             f"deploy #{job.deploy.id} of {app.name} ({app.deploy_branch} {short(update.new)}): "
             "gate mode, the branch moves only if this deploy succeeds\n"
@@ -277,8 +276,12 @@ class DeployService:
         job = await self.submit(session, update, settings)
         deploy = job.deploy
         queue = self.queues[app.name]
-        ahead = queue.running.deploy.id if queue.running and queue.running is not job else None
-        state = f"queued behind #{ahead}" if ahead else "started"
+        if queue.running is not None and queue.running is not job:
+            state = f"queued behind #{queue.running.deploy.id}"
+        elif self.semaphore.locked():
+            state = f"queued: all {self.config.deploy.max_parallel} deploy slots are busy"
+        else:
+            state = "started"
         lines = [
             f"deploy #{deploy.id} of {app.name} {state}. Ctrl-C stops watching, not the deploy.",
             f"Watch it again with: {self.logs_command(app.name, deploy.id, True)}",
@@ -299,6 +302,7 @@ class DeployService:
         update: RefUpdate,
         settings: DeploySettings,
         quarantine: Path | None = None,
+        expected_old: str | None = None,
     ) -> Job:
         app = session.app
         info = await asyncio.to_thread(self.repos.commit_info, app.name, update.new, quarantine)
@@ -324,10 +328,15 @@ class DeployService:
             deploy.pusher,
             deploy.mode,
         )
-        return await self._enqueue(app, deploy, settings, quarantine)
+        return await self._enqueue(app, deploy, settings, quarantine, expected_old)
 
     async def _enqueue(
-        self, app: App, deploy: Deploy, settings: DeploySettings, quarantine: Path | None = None
+        self,
+        app: App,
+        deploy: Deploy,
+        settings: DeploySettings,
+        quarantine: Path | None = None,
+        expected_old: str | None = None,
     ) -> Job:
         job = Job(
             deploy,
@@ -335,6 +344,7 @@ class DeployService:
             DeployLog(self.log_dir, deploy.id, self.config.deploy.log_limit),
             asyncio.get_running_loop().create_future(),
             quarantine,
+            expected_old,
         )
         queue = self.queues.setdefault(app.name, AppQueue())
         # A newer push supersedes what is still waiting: only the latest code is worth deploying.
@@ -388,6 +398,9 @@ class DeployService:
                     reason=f"{deploy.branch} moved while this push waited: fetch and push again",
                 )
                 return
+        if self.closing:
+            await self._finish(job, DeployStatus.INTERRUPTED, reason="the gateway stopped")
+            return
         job.task = asyncio.create_task(self._pipeline(job))
         done, _ = await asyncio.wait({job.task}, timeout=settings.timeout)
         if job.task not in done:
