@@ -151,3 +151,15 @@ class WebhookDelivery:
     error: str
     duration_ms: int
     created_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    event: str
+    actor: str = ""
+    fingerprint: str = ""
+    source: str = ""
+    app: str = ""
+    detail: str = "{}"  # JSON object
+    at: str = ""
+    id: int = 0

@@ -6,21 +6,26 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 import signal
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Coroutine, Iterable
+from typing import Any
 
 import asyncssh
 
-from . import commands, gitbin, hostkeys
+from . import audit, commands, gitbin, hostkeys
+from . import config as config_module
 from .auth import identify
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
 from .deploys import DeployService
-from .errors import GatewayError
+from .errors import AccessDenied, ConfigError, GatewayError
 from .http import HTTPServer
+from .limits import Admission, RateLimiter
 from .logs import q
 from .models import Identity
 from .repos import Repositories
@@ -47,27 +52,48 @@ class Connection(asyncssh.SSHServer):
         self.identity: Identity | None = None
         self._candidate: Identity | None = None
         self.auth_attempts = 0
+        self.last_fingerprint = "-"
+        self.address = "-"
+        self.admitted = False
+        self.sessions = 0
+        self.failure = "client disconnected before authenticating"
 
     # -- connection lifecycle --
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("-", 0)
+        self.address = str(peer[0])
         self.peer = f"{peer[0]}:{peer[1]}"
+        refused = self.gateway.admission.admit(self.address)
+        if refused is not None:
+            # Closed before our banner, as OpenSSH does past MaxStartups: the client sees
+            # "Connection closed by remote host" and may retry.
+            log.warning("event=connection_refused peer=%s reason=%s", self.peer, refused)
+            self.gateway.metrics["connections_refused"] += 1
+            conn.abort()
+            return
+        self.admitted = True
         conn.set_extra_info(gateway_connection=self)
         self.gateway.connections.add(self)
         log.debug("event=connect conn=%s peer=%s", self.id, self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
         self.gateway.connections.discard(self)
+        self.gateway.admission.release(self.address, self.identity is not None)
         if self.identity is None:
+            if exc is not None and not isinstance(exc, asyncssh.ConnectionLost):
+                self.failure = str(exc) or type(exc).__name__
             log.info(
                 "event=auth_failed conn=%s peer=%s attempts=%d reason=%s",
                 self.id,
                 self.peer,
                 self.auth_attempts,
-                q(str(exc) if exc else "client disconnected before authenticating"),
+                q(self.failure),
             )
+            self.gateway.audit_auth_failure(self)
         log.debug("event=disconnect conn=%s reason=%s", self.id, q(exc))
 
     # -- authentication: public keys only --
@@ -93,6 +119,12 @@ class Connection(asyncssh.SSHServer):
         self._candidate = None
         self.auth_attempts += 1
         fingerprint = key.get_fingerprint("sha256")
+        self.last_fingerprint = fingerprint
+        if self.auth_attempts > self.gateway.config.limits.max_auth_attempts:
+            # asyncssh has no MaxAuthTries: count every key offered (probes too, since an
+            # agent with many keys burns one try per key) and disconnect past the limit.
+            self.failure = "too many authentication attempts"
+            raise asyncssh.PermissionDenied("Too many authentication failures")
         if username != self.gateway.config.ssh.user:
             log.info(
                 "event=auth_rejected conn=%s peer=%s reason=bad_user user=%s fp=%s",
@@ -101,6 +133,7 @@ class Connection(asyncssh.SSHServer):
                 q(username),
                 fingerprint,
             )
+            self.failure = f"SSH user '{username}' is not accepted"
             return False
         identity = await identify(self.gateway.store, fingerprint)
         if identity is None:
@@ -110,6 +143,7 @@ class Connection(asyncssh.SSHServer):
                 self.peer,
                 fingerprint,
             )
+            self.failure = "unknown key"
             return False
         self._candidate = identity
         return True
@@ -124,6 +158,7 @@ class Connection(asyncssh.SSHServer):
                 self.conn.abort()
             return
         self.identity = identity
+        self.gateway.admission.authenticated()
         self.conn.set_extra_info(gateway_identity=identity)
         log.info(
             "event=auth_ok conn=%s peer=%s user=%s key=%s fp=%s",
@@ -134,6 +169,14 @@ class Connection(asyncssh.SSHServer):
             identity.fingerprint,
         )
         await self.gateway.record_key_use(identity)
+        await audit.record(
+            self.gateway.store,
+            "auth_ok",
+            actor=identity.user_name,
+            fingerprint=identity.fingerprint,
+            source=self.peer,
+            key=identity.key_name,
+        )
 
 
 class Gateway:
@@ -149,6 +192,11 @@ class Gateway:
         self.http: HTTPServer | None = None
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
+        self.admission = Admission(config.limits)
+        self.rate = RateLimiter(config.limits.user_ops_per_minute)
+        self.metrics: Counter[str] = Counter()
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._last_touch: dict[int, float] = {}
 
@@ -196,6 +244,12 @@ class Gateway:
                 gss_host=None,
                 password_auth=False,
                 kbdint_auth=False,
+                kex_algs=list(cfg.ssh.kex_algorithms),
+                encryption_algs=list(cfg.ssh.ciphers),
+                mac_algs=list(cfg.ssh.macs),
+                signature_algs=list(cfg.ssh.signature_algorithms),
+                # Packs are compressed already; SSH compression would only burn CPU.
+                compression_algs=["none"],
                 login_timeout=cfg.ssh.login_timeout,
                 keepalive_interval=cfg.ssh.keepalive_interval,
                 keepalive_count_max=3,
@@ -220,11 +274,15 @@ class Gateway:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening listening on %s:%d", shown, addr_port)
 
-    async def close(self) -> None:
+    async def close(self, drain: float = 0.0) -> None:
+        """Stop accepting, let running git operations and deploys finish for up to `drain`
+        seconds, then close what is left."""
         if self._acceptor is not None:
             self._acceptor.close()
             await self._acceptor.wait_closed()
             self._acceptor = None
+        if drain > 0:
+            await self._drain(drain)
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
@@ -232,7 +290,71 @@ class Gateway:
         if self.http is not None:
             await self.http.close()
         await self.control.close()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
         await self.store.close()
+
+    async def _drain(self, seconds: float) -> None:
+        waits: set[asyncio.Future[Any]] = set(self.sessions)
+        waits |= {job.done for job in self.deploys.jobs.values() if job.task is not None}
+        if not waits:
+            return
+        log.info(
+            "event=draining sessions=%d deploys=%d timeout=%s",
+            len(self.sessions),
+            len(waits) - len(self.sessions),
+            seconds,
+        )
+        _, pending = await asyncio.wait(waits, timeout=seconds)
+        if pending:
+            log.warning("event=drain_timeout left=%d", len(pending))
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply what can change while running (limits,
+        deploy settings, per-app overrides, log level); the rest needs a restart."""
+        try:
+            new = config_module.load(self.config.source) if self.config.source else None
+        except ConfigError as exc:
+            log.error("event=reload_failed reason=%s", q(exc))
+            return
+        if new is None:
+            log.info("event=reload_skipped reason=no_config_file")
+            return
+        fixed = {"ssh", "storage", "git", "http"}
+        for section in sorted(fixed):
+            if getattr(new, section) != getattr(self.config, section):
+                log.warning("event=reload_needs_restart section=%s", section)
+        applied = dataclasses.replace(
+            new,
+            ssh=self.config.ssh,
+            storage=self.config.storage,
+            git=self.config.git,
+            http=self.config.http,
+        )
+        self.config = self.deploys.config = applied
+        self.admission.settings = applied.limits
+        self.rate.per_minute = applied.limits.user_ops_per_minute
+        logging.getLogger().setLevel(applied.log.level.upper())
+        log.info("event=reloaded source=%s", applied.source)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run bookkeeping in the background; close() waits for it."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def audit_auth_failure(self, connection: Connection) -> None:
+        self.spawn(
+            audit.record(
+                self.store,
+                "auth_failed",
+                fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
+                source=connection.peer,
+                reason=connection.failure,
+                attempts=connection.auth_attempts,
+            )
+        )
 
     async def _refresh_hooks(self) -> None:
         """Every app repository gets this version's hooks (they are generated files)."""
@@ -255,13 +377,14 @@ class Gateway:
             for sig in stop_signals:
                 loop.remove_signal_handler(sig)
             raise
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await stop.wait()
-            log.info("event=stopping")
+            log.info("event=stopping drain_timeout=%s", self.config.limits.drain_timeout)
         finally:
-            for sig in stop_signals:
+            for sig in (*stop_signals, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.close()
+            await self.close(drain=self.config.limits.drain_timeout)
         log.info("event=stopped")
 
     # -- bookkeeping --
@@ -287,10 +410,31 @@ class Gateway:
         connection: Connection = conn.get_extra_info("gateway_connection")
         stderr = process.stderr
         code = 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.sessions.add(task)
+        connection.sessions += 1
         try:
+            if connection.sessions > self.config.limits.max_sessions_per_connection:
+                raise GatewayError(
+                    "too many sessions on this connection "
+                    f"(limit {self.config.limits.max_sessions_per_connection})"
+                )
             code = await self._serve(process, connection)
         except GatewayError as exc:
             code = exc.exit_code
+            if isinstance(exc, AccessDenied) and connection.identity is not None:
+                self.spawn(
+                    audit.record(
+                        self.store,
+                        "access_denied",
+                        actor=connection.identity.user_name,
+                        fingerprint=connection.identity.fingerprint,
+                        source=connection.peer,
+                        app=exc.name[:100],
+                        command=(process.command or "")[:200],
+                    )
+                )
             log.info(
                 "event=refused conn=%s user=%s command=%s reason=%s",
                 connection.id,
@@ -311,6 +455,9 @@ class Gateway:
             with contextlib.suppress(Exception):
                 stderr.write(f"error: internal error (reference {reference})\n".encode())
         finally:
+            connection.sessions -= 1
+            if task is not None:
+                self.sessions.discard(task)
             with contextlib.suppress(Exception):
                 process.exit(code)
 
@@ -327,6 +474,15 @@ class Gateway:
         if declined:
             log.debug("event=env_declined conn=%s names=%s", connection.id, q(",".join(declined)))
         invocation = commands.parse(process.command)
+        if invocation.command in commands.GIT_SERVICES:
+            wait = self.rate.take(identity.user_id)
+            if wait > 0:
+                self.metrics["rate_limited"] += 1
+                raise GatewayError(
+                    f"too many git operations for {identity.user_name} (limit "
+                    f"{self.config.limits.user_ops_per_minute} per minute): retry in "
+                    f"{math.ceil(wait)}s"
+                )
         ctx = commands.Context(
             identity=identity,
             channel=Channel(process.stdin, process.stdout, process.stderr),

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..keys import PublicKey
 from ..models import (
     App,
+    AuditEvent,
     Deploy,
     DeployStatus,
     Member,
@@ -146,6 +147,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]: ...
+
+    # -- audit trail --
+    @abc.abstractmethod
+    async def add_audit(self, event: AuditEvent) -> None: ...
+
+    @abc.abstractmethod
+    async def list_audit(
+        self, app: str | None = None, actor: str | None = None, limit: int = 100
+    ) -> list[AuditEvent]:
+        """Most recent events first, optionally for one app and/or one actor."""
 
     # -- lifecycle --
     @abc.abstractmethod

@@ -17,6 +17,7 @@ from ..errors import Conflict, KeyInUse, NotFound
 from ..keys import PublicKey
 from ..models import (
     App,
+    AuditEvent,
     Deploy,
     DeployStatus,
     Member,
@@ -495,8 +496,55 @@ class SQLiteStore(Store):
         )
         return [WebhookDelivery(*r) for r in rows]
 
+    # -- audit trail --
+
+    async def add_audit(self, event: AuditEvent) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                """INSERT INTO audit_events (at, event, actor, fingerprint, source, app, detail)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    event.at or utcnow(),
+                    event.event,
+                    event.actor,
+                    event.fingerprint,
+                    event.source,
+                    event.app,
+                    event.detail,
+                ),
+            )
+
+    async def list_audit(
+        self, app: str | None = None, actor: str | None = None, limit: int = 100
+    ) -> list[AuditEvent]:
+        clauses, args = [], []
+        if app is not None:
+            clauses.append("app = ?")
+            args.append(app)
+        if actor is not None:
+            clauses.append("actor = ?")
+            args.append(actor)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._all(
+            "SELECT event, actor, fingerprint, source, app, detail, at, id "  # noqa: S608
+            f"FROM audit_events {where} ORDER BY id DESC LIMIT ?",
+            *args,
+            limit,
+        )
+        return [AuditEvent(*r) for r in rows]
+
 
 def _statements(sql: str) -> list[str]:
-    """Split a migration into statements (migrations hold no semicolons inside literals)."""
-    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
-    return [s.strip() for s in body.split(";") if s.strip()]
+    """Split a migration into statements, the way sqlite3 itself sees their ends (quotes and
+    comments included)."""
+    statements, buffer = [], ""
+    for line in sql.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()
+    ):
+        raise ValueError(f"incomplete statement at the end of a migration: {buffer.strip()[:80]}")
+    return statements
