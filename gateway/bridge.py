@@ -53,6 +53,7 @@ class Outcome:
     client_gone: bool
     bytes_in: int
     bytes_out: int
+    idle: bool = False  # ended by the idle timeout
 
 
 async def run(
@@ -63,6 +64,7 @@ async def run(
     cwd: Path | None = None,
     finish_on_hangup: bool = False,
     hangup: asyncio.Event | None = None,
+    idle_timeout: float | None = None,
 ) -> Outcome:
     """Run argv with its stdio connected to the channel; return when it has exited.
 
@@ -70,6 +72,8 @@ async def run(
     receive-pack must be left to finish (or fail) on its own, because killing it between
     ref updates is exactly what could leave a repository half-updated. `hangup`, if given,
     is set when the client goes away, so others (a deploy being watched) can react.
+    A transfer with no byte in either direction for `idle_timeout` seconds is terminated:
+    a stalled client must not hold a git process (and its locks) forever.
     """
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -84,6 +88,9 @@ async def run(
     )
     hangup = hangup if hangup is not None else asyncio.Event()
     counts = {"in": 0, "out": 0}
+    loop = asyncio.get_running_loop()
+    last_activity = [loop.time()]
+    idle = asyncio.Event()
 
     stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
     if stdin is None or stdout is None or stderr is None:  # pragma: no cover - PIPE requested
@@ -96,6 +103,7 @@ async def run(
                 if not data:
                     break
                 counts["in"] += len(data)
+                last_activity[0] = loop.time()
                 stdin.write(data)
                 await stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
@@ -112,6 +120,7 @@ async def run(
             data = await reader.read(CHUNK)
             if not data:
                 return
+            last_activity[0] = loop.time()
             if not forwarding:
                 continue  # keep draining so git never blocks on a full pipe
             try:
@@ -128,12 +137,34 @@ async def run(
         process_to_client(stdout, channel.stdout, True),
         process_to_client(stderr, channel.stderr, False),
     )
+
+    async def watchdog() -> None:
+        if idle_timeout is None:
+            return
+        # Wake at a fraction of the timeout: a transfer is cut at most ~10% late.
+        period = max(min(idle_timeout / 10, 10.0), 0.05)
+        while True:
+            await asyncio.sleep(period)
+            if loop.time() - last_activity[0] >= idle_timeout:
+                idle.set()
+                return
+
     waiter = asyncio.create_task(proc.wait())
+    watcher = asyncio.create_task(watchdog())
     try:
         hung = asyncio.create_task(hangup.wait())
-        await asyncio.wait({waiter, hung}, return_when=asyncio.FIRST_COMPLETED)
+        stalled = asyncio.create_task(idle.wait())
+        await asyncio.wait({waiter, hung, stalled}, return_when=asyncio.FIRST_COMPLETED)
         hung.cancel()
-        if hangup.is_set() and not finish_on_hangup and not waiter.done():
+        stalled.cancel()
+        if idle.is_set() and not waiter.done():
+            log.info("event=idle_timeout pid=%d after=%s", proc.pid, idle_timeout)
+            with contextlib.suppress(*CLIENT_GONE):
+                channel.stderr.write(
+                    f"error: transfer idle for {idle_timeout:g}s: closing\n".encode()
+                )
+            await _terminate(proc)
+        elif hangup.is_set() and not finish_on_hangup and not waiter.done():
             await _terminate(proc)
         returncode = await waiter
         await outputs
@@ -141,6 +172,7 @@ async def run(
         await _terminate(proc)
         raise
     finally:
+        watcher.cancel()
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
@@ -148,7 +180,7 @@ async def run(
             outputs.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await outputs
-    return Outcome(returncode, hangup.is_set(), counts["in"], counts["out"])
+    return Outcome(returncode, hangup.is_set(), counts["in"], counts["out"], idle.is_set())
 
 
 async def _terminate(proc: asyncio.subprocess.Process) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from . import __version__, config, control, gitbin, logs, names
+from . import __version__, audit, config, control, gitbin, logs, names
 from .deploylog import read_log
 from .errors import GatewayError, NotFound, UsageError
 from .keys import parse_public_key
@@ -20,6 +20,9 @@ from .repos import Repositories
 from .store import Store, open_store, utcnow
 
 log = logging.getLogger("gateway.cli")
+
+# The actor recorded in the audit trail for changes made with this CLI.
+OPERATOR = "operator"
 
 
 # -- output helpers --
@@ -57,6 +60,7 @@ async def user_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
 
     async def act(store: Store) -> int:
         await store.create_user(name)
+        await audit.record(store, "user_added", actor=OPERATOR, user=name)
         out.write(f"created user {name}\n")
         return 0
 
@@ -79,6 +83,7 @@ async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
 async def user_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(store: Store) -> int:
         await store.remove_user(args.name)
+        await audit.record(store, "user_removed", actor=OPERATOR, user=args.name)
         out.write(f"removed user {args.name} with their keys and memberships\n")
         return 0
 
@@ -102,6 +107,14 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
 
     async def act(store: Store) -> int:
         record = await store.add_key(user, key_name, key)
+        await audit.record(
+            store,
+            "key_added",
+            actor=OPERATOR,
+            fingerprint=record.fingerprint,
+            user=user,
+            key=key_name,
+        )
         out.write(
             f"added key '{record.name}' to {user}: {record.bits} {record.fingerprint} "
             f"({key.keygen_type})\n"
@@ -140,6 +153,14 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
 async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(store: Store) -> int:
         key = await store.remove_key(args.user, args.name)
+        await audit.record(
+            store,
+            "key_removed",
+            actor=OPERATOR,
+            fingerprint=key.fingerprint,
+            user=args.user,
+            key=args.name,
+        )
         out.write(f"removed key '{key.name}' ({key.fingerprint}) from {args.user}\n")
         return 0
 
@@ -162,6 +183,9 @@ async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
         except BaseException:
             await store.remove_app(app)
             raise
+        await audit.record(
+            store, "app_created", actor=OPERATOR, app=app, owner=owner, branch=branch
+        )
         out.write(f"created app {app} (owner {owner}, deploy branch {branch})\n")
         out.write(f"clone URL: {cfg.clone_url(app)}\n")
         return 0
@@ -201,6 +225,9 @@ async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
             if trashed is not None:  # put the repository back where it was
                 trashed.rename(repos.path_for(app.name))
             raise
+        await audit.record(
+            store, "app_removed", actor=OPERATOR, app=app.name, trash=str(trashed or "")
+        )
         out.write(f"removed app {app.name}\n")
         if trashed is not None:
             out.write(
@@ -219,6 +246,15 @@ async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
 
     async def act(store: Store) -> int:
         previous = await store.grant(args.app, args.user, role)
+        await audit.record(
+            store,
+            "member_granted",
+            actor=OPERATOR,
+            app=args.app,
+            user=args.user,
+            role=role.label,
+            previous=previous.label if previous else None,
+        )
         if previous is None:
             out.write(f"granted {role.label} on {args.app} to {args.user}\n")
         elif previous is role:
@@ -235,6 +271,9 @@ async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
 async def app_revoke(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(store: Store) -> int:
         role = await store.revoke(args.app, args.user)
+        await audit.record(
+            store, "member_revoked", actor=OPERATOR, app=args.app, user=args.user, role=role.label
+        )
         out.write(f"revoked {args.user}'s {role.label} access to {args.app}\n")
         return 0
 
@@ -366,6 +405,9 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         )
         if not done:
             raise GatewayError(f"deploy #{deploy.id} already ended: {deploy.status.value}")
+        await audit.record(
+            store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
+        )
         out.write(f"deploy #{deploy.id}: cancelled (the gateway is not running)\n")
         return 0
 
@@ -378,6 +420,30 @@ async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaita
         return await action(store)
     finally:
         await store.close()
+
+
+async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(store: Store) -> int:
+        events = await store.list_audit(app=args.app, actor=args.user, limit=args.limit)
+        if args.json:
+            _json([{**asdict(e), "detail": json.loads(e.detail)} for e in events], out)
+            return 0
+        rows = [
+            [
+                e.at,
+                e.event,
+                e.actor or "-",
+                e.app or "-",
+                e.source or "-",
+                e.fingerprint or "-",
+                " ".join(f"{k}={v}" for k, v in json.loads(e.detail).items()),
+            ]
+            for e in events
+        ]
+        _table(rows, ["AT", "EVENT", "ACTOR", "APP", "SOURCE", "FINGERPRINT", "DETAIL"], out)
+        return 0
+
+    return await _with_store(cfg, act)
 
 
 def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -508,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(deploys, "cancel", deploy_cancel, "cancel a queued or running deploy")
     p.add_argument("id", type=_deploy_id)
+
+    p = add(groups, "audit", audit_list, "the audit trail: logins, refusals, changes, pushes")
+    p.add_argument("--app", metavar="APP")
+    p.add_argument("--user", metavar="USER", help="events whose actor is USER")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
     return parser
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import pipelines
+from . import audit, pipelines
 from .config import Config, DeploySettings
 from .deploylog import DeployLog, read_log
 from .errors import GatewayError, NotFound
@@ -61,6 +61,7 @@ class PushSession:
     identity: Identity
     app: App
     conn_id: str
+    peer: str = "-"
     detached: asyncio.Event = field(default_factory=asyncio.Event)
     failed: bool = False  # an attached deploy of this push did not succeed
 
@@ -169,8 +170,10 @@ class DeployService:
 
     # -- push sessions, opened by receive-pack and presented by its hooks --
 
-    def open_session(self, identity: Identity, app: App, conn_id: str) -> PushSession:
-        session = PushSession(secrets.token_urlsafe(24), identity, app, conn_id)
+    def open_session(
+        self, identity: Identity, app: App, conn_id: str, peer: str = "-"
+    ) -> PushSession:
+        session = PushSession(secrets.token_urlsafe(24), identity, app, conn_id, peer)
         self.sessions[session.token] = session
         return session
 
@@ -194,6 +197,16 @@ class DeployService:
             return 1 if gate else 0
         if gate:
             return await self._pre_receive(session, updates, request.get("quarantine"), say)
+        # post-receive lists exactly the refs this push changed: the audit trail's push record.
+        await audit.record(
+            self.store,
+            "push",
+            actor=session.identity.user_name,
+            fingerprint=session.identity.fingerprint,
+            source=session.peer,
+            app=session.app.name,
+            updates=[f"{u.ref} {u.old[:12]}..{u.new[:12]}" for u in updates],
+        )
         return await self._post_receive(session, updates, say)
 
     def _deploy_ref(self, app: App) -> str:

@@ -57,3 +57,23 @@ def load_or_create(directory: Path) -> list[asyncssh.SSHKey]:
         except (OSError, asyncssh.KeyImportError) as exc:
             raise ConfigError(f"config: [ssh] host_key_dir: cannot read {path}: {exc}") from None
     return keys
+
+
+def offered(keys: list[asyncssh.SSHKey], allowed: tuple[str, ...]) -> list[asyncssh.SSHKeyPair]:
+    """Key pairs advertising only the allowed signature algorithms, in the configured order.
+
+    asyncssh would otherwise offer every algorithm a key supports, SHA-1 `ssh-rsa`
+    included, whatever `signature_algs` says.
+    """
+    wanted = [a.encode() for a in allowed]
+    pairs = []
+    for pair in asyncssh.load_keypairs(keys):
+        algorithms = [a for a in wanted if a in pair.host_key_algorithms]
+        if not algorithms:
+            raise ConfigError(
+                f"config: [ssh] signature_algorithms: nothing usable for the "
+                f"{pair.get_algorithm()} host key"
+            )
+        pair.host_key_algorithms = algorithms
+        pairs.append(pair)
+    return pairs

@@ -232,7 +232,7 @@ class Gateway:
                 host,
                 port,
                 server_factory=lambda: Connection(self),
-                server_host_keys=keys,
+                server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
                 process_factory=self.handle_process,
                 encoding=None,
                 # Only exec sessions are served: no pty, no forwarding of any kind, no sftp/scp.

@@ -137,6 +137,19 @@ class ServerThread:
     def call(self, coro: object, timeout: float = TIMEOUT) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
+    def wait_until(self, predicate: object, timeout: float = TIMEOUT) -> None:
+        """Block until predicate() is true, evaluated in the server's own loop between its
+        callbacks (it sees the server's state as the server does)."""
+
+        async def watch() -> None:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while not predicate():  # type: ignore[operator]
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError("server condition not reached")
+                await asyncio.sleep(0.01)
+
+        self.call(watch(), timeout + 5)
+
     def start(self) -> ServerThread:
         self.thread.start()
         self.call(self.gateway.start())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import audit
 from ..auth import authorize
 from ..errors import AccessDenied, GatewayError
 from ..models import Deploy, Role
@@ -89,6 +90,15 @@ async def cancel(ctx: Context, inv: Invocation) -> int:
     except AccessDenied:
         raise DeployNotFound(f"#{deploy_id}") from None
     final = await ctx.deploys.cancel(deploy_id, ctx.identity.user_name)
+    await audit.record(
+        ctx.store,
+        "deploy_cancelled",
+        actor=ctx.identity.user_name,
+        fingerprint=ctx.identity.fingerprint,
+        source=ctx.peer,
+        app=final.app_name,
+        deploy=final.id,
+    )
     await _write(
         ctx, f"deploy #{final.id} of {final.app_name}: {final.status.value} ({final.reason})\n"
     )

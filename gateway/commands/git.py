@@ -55,7 +55,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
     if subcommand == "receive-pack":
         # The hooks of this push reach the deploy service with this session's token; the
         # identity stays on the server side, bound to the verified key.
-        session = ctx.deploys.open_session(ctx.identity, app, ctx.conn_id)
+        session = ctx.deploys.open_session(ctx.identity, app, ctx.conn_id, ctx.peer)
         env[hooks.SOCKET_ENV] = str(ctx.config.storage.control_socket)
         env[hooks.TOKEN_ENV] = session.token
     try:
@@ -66,6 +66,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
             cwd=path,
             finish_on_hangup=session is not None,
             hangup=session.detached if session is not None else None,
+            idle_timeout=ctx.config.limits.idle_timeout,
         )
     finally:
         if session is not None:
@@ -85,6 +86,8 @@ async def run(ctx: Context, inv: Invocation) -> int:
         time.monotonic() - started,
         ctx.conn_id,
     )
+    if outcome.idle:
+        return 1
     if outcome.returncode != 0:
         return outcome.returncode if outcome.returncode > 0 else 1
     # The refs are stored, but an attached deploy failed: a non-zero exit makes `git push`

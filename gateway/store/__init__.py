@@ -156,7 +156,8 @@ class Store(abc.ABC):
     async def list_audit(
         self, app: str | None = None, actor: str | None = None, limit: int = 100
     ) -> list[AuditEvent]:
-        """Most recent events first, optionally for one app and/or one actor."""
+        """Most recent events first, optionally for one app and/or one user (events by
+        them, and changes made to their account)."""
 
     # -- lifecycle --
     @abc.abstractmethod

@@ -522,8 +522,9 @@ class SQLiteStore(Store):
             clauses.append("app = ?")
             args.append(app)
         if actor is not None:
-            clauses.append("actor = ?")
-            args.append(actor)
+            # Events by the user, and operator events about them (detail.user).
+            clauses.append("(actor = ? OR json_extract(detail, '$.user') = ?)")
+            args += [actor, actor]
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = await self._all(
             "SELECT event, actor, fingerprint, source, app, detail, at, id "  # noqa: S608

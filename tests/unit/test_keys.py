@@ -133,3 +133,26 @@ def test_comment_is_sanitized(keydir):
     key = parse_public_key(f"{pub[0]} {pub[1]} evil\x1b[31m name")
     assert "\x1b" not in key.comment
     assert key.comment.startswith("evil")
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(st.text(max_size=400))
+def test_key_parser_never_crashes(text):
+    try:
+        key = parse_public_key(text)
+    except InvalidKey as exc:
+        assert "\n" not in str(exc)
+        return
+    assert key.fingerprint.startswith("SHA256:")
+
+
+@given(st.binary(max_size=300), st.sampled_from(["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"]))
+def test_key_parser_on_random_blobs(blob, algorithm):
+    line = f"{algorithm} {base64.b64encode(blob).decode()}"
+    try:
+        parse_public_key(line)
+    except InvalidKey:
+        pass

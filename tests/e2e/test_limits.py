@@ -1,0 +1,251 @@
+"""Edge limits and the crypto policy, against real clients: floods are bounded, legitimate
+parallel work passes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+
+import asyncssh
+import pytest
+
+from tests.helpers import TIMEOUT, Admin, Client, ServerThread, keygen, run, unique, write_config
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """A gateway with small limits, so that tests can reach them."""
+    directory = tmp_path_factory.mktemp("tight")
+    config = write_config(
+        directory,
+        ssh={"login_timeout": 2},
+        limits={
+            "max_connections": 8,
+            "max_connections_per_address": 6,
+            "max_unauthenticated": 3,
+            "max_sessions_per_connection": 2,
+            "max_auth_attempts": 4,
+            "idle_timeout": 1,
+            "user_ops_per_minute": 3,
+        },
+    )
+    thread = ServerThread(config).start()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def tight_user(tight, tmp_path) -> Client:
+    admin = Admin(tight.config_path)
+    name, app = unique("lim"), unique("limapp")
+    key = keygen(tmp_path / f"{name}_id")
+    admin.ok("user", "add", name)
+    admin.ok("key", "add", name, "k", f"{key}.pub")
+    admin.ok("app", "create", app, "--owner", name)
+    client = Client(tmp_path / f"home-{name}", key, tight, name=name)
+    client.app = app  # type: ignore[attr-defined]
+    return client
+
+
+def raw(server: ServerThread, source: str = "127.0.0.1") -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", server.port), timeout=TIMEOUT, source_address=(source, 0)
+    )
+    return sock
+
+
+def banner(sock: socket.socket) -> bytes:
+    """What the server sends first: its SSH banner, or b"" if it closed the connection."""
+    return sock.recv(256)
+
+
+def settle(server: ServerThread) -> None:
+    server.wait_until(lambda: server.gateway.admission.total == 0)
+
+
+def test_unauthenticated_flood_is_closed_before_the_banner(tight, tight_user):
+    held = [raw(tight) for _ in range(3)]
+    try:
+        assert all(banner(s).startswith(b"SSH-2.0-git-gateway") for s in held)
+        refused = raw(tight)
+        assert banner(refused) == b""  # closed before any banner, as OpenSSH past MaxStartups
+        refused.close()
+        result = tight_user.ssh()
+        assert result.returncode == 255
+        assert "Connection closed" in result.stderr or "reset" in result.stderr
+        # Slowloris: the held connections are dropped at the login grace time (2 s).
+        started = time.monotonic()
+        assert all(s.recv(4096) == b"" for s in held)
+        assert time.monotonic() - started < 10
+    finally:
+        for s in held:
+            s.close()
+    settle(tight)
+    assert tight_user.ssh().returncode == 0  # and service is back
+
+
+def test_per_address_and_total_caps(tmp_path):
+    config = write_config(
+        tmp_path,
+        limits={"max_connections": 3, "max_connections_per_address": 2, "max_unauthenticated": 10},
+    )
+    server = ServerThread(config).start()
+    held = []
+    try:
+        for _ in range(2):
+            held.append(raw(server, "127.0.0.1"))
+            assert banner(held[-1]).startswith(b"SSH-2.0")
+        third = raw(server, "127.0.0.1")
+        held.append(third)
+        assert banner(third) == b""  # per-address cap
+        other = raw(server, "127.0.0.2")
+        held.append(other)
+        assert banner(other).startswith(b"SSH-2.0")  # other addresses are not affected
+        fourth = raw(server, "127.0.0.3")
+        held.append(fourth)
+        assert banner(fourth) == b""  # total cap: 3 connections are open
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_auth_attempts_are_capped_counting_probes(tight, tight_user, tmp_path):
+    strangers = [keygen(tmp_path / f"stranger{i}") for i in range(5)]
+    identities = [a for key in strangers for a in ("-i", str(key))]
+    base = [*tight_user.ssh_base[:3], *tight_user.ssh_base[5:]]  # without the user's key
+    result = run(
+        [*base, *identities, "-i", str(tight_user.key), "-T", "git@127.0.0.1"], env=tight_user.env
+    )
+    assert result.returncode == 255
+    assert "Too many authentication failures" in result.stderr
+    # Within the limit, the right key still gets in after a few wrong ones.
+    result = run(
+        [*base, *identities[:4], "-i", str(tight_user.key), "-T", "git@127.0.0.1"],
+        env=tight_user.env,
+    )
+    assert result.returncode == 0, result.stderr
+    settle(tight)
+
+
+async def test_sessions_per_connection(tight, tight_user):
+    key = asyncssh.read_private_key(tight_user.key)
+    async with asyncssh.connect(
+        "127.0.0.1",
+        tight.port,
+        username="git",
+        client_keys=[key],
+        known_hosts=None,
+        agent_path=None,
+    ) as conn:
+        command = f"git-upload-pack '{tight_user.app}.git'"
+        held = [await conn.create_process(command, encoding=None) for _ in range(2)]
+        for process in held:  # both are being served: they sent their ref advertisement
+            assert await asyncio.wait_for(process.stdout.read(4), 30)
+        third = await asyncio.wait_for(conn.run(command, encoding=None), 30)
+        assert third.exit_status == 1
+        assert third.stderr == b"error: too many sessions on this connection (limit 2)\n"
+        for process in held:
+            process.stdin.write(b"0000")
+            process.stdin.write_eof()
+            await asyncio.wait_for(process.wait(), 30)
+    await asyncio.get_running_loop().run_in_executor(None, settle, tight)
+
+
+def test_per_user_rate_limit(tight, tight_user):
+    results = [
+        tight_user.git("ls-remote", tight_user.url(tight_user.app), check=False) for _ in range(4)
+    ]
+    assert [r.returncode for r in results[:3]] == [0, 0, 0]
+    assert results[3].returncode != 0
+    assert (
+        f"too many git operations for {tight_user.name} (limit 3 per minute)" in results[3].stderr
+    )
+    assert tight_user.ssh().returncode == 0  # the welcome is not a git operation
+    settle(tight)
+
+
+def test_idle_transfer_is_cut(tight, tmp_path):
+    admin = Admin(tight.config_path)
+    name, app = unique("idle"), unique("idleapp")
+    key = keygen(tmp_path / "idle_id")
+    admin.ok("user", "add", name)
+    admin.ok("key", "add", name, "k", f"{key}.pub")
+    admin.ok("app", "create", app, "--owner", name)
+    client = Client(tmp_path / "idlehome", key, tight, name=name)
+    # A client that opens upload-pack, reads the advertisement, then sends nothing.
+    proc = subprocess.Popen(
+        [*client.ssh_base, "-T", "git@127.0.0.1", f"git-upload-pack '{app}.git'"],
+        env=client.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        proc.wait(timeout=TIMEOUT)  # stdin stays open and silent: the server must end it
+        err = proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.stdin.close()
+    assert proc.returncode == 1
+    assert b"error: transfer idle for 1s: closing" in err
+    settle(tight)
+
+
+def test_ci_fan_out_from_one_address_passes_with_defaults(owner, app, tmp_path):
+    work = owner.new_repo(tmp_path / "work")
+    owner.git("push", "-q", owner.url(app), "main", cwd=work)
+    clones = [
+        subprocess.Popen(
+            ["git", "clone", "-q", owner.url(app), str(tmp_path / f"clone{i}")],
+            env=owner.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(50)
+    ]
+    failures = []
+    for proc in clones:
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode != 0:
+            failures.append(err.decode())
+    assert failures == []
+    assert all((tmp_path / f"clone{i}" / "README").is_file() for i in range(50))
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("Ciphers=chacha20-poly1305@openssh.com", "no matching cipher found"),
+        ("Ciphers=aes128-cbc", "no matching cipher found"),
+        ("KexAlgorithms=diffie-hellman-group14-sha1", "no matching key exchange method found"),
+        ("KexAlgorithms=diffie-hellman-group1-sha1", "no matching key exchange method found"),
+        ("HostKeyAlgorithms=ssh-rsa", "no matching host key type found"),
+        ("HostKeyAlgorithms=ssh-dss", "no matching host key type found"),
+    ],
+)
+def test_weak_algorithms_are_not_negotiated(owner, option, message):
+    result = owner.ssh(options=("-T", "-o", option))
+    assert result.returncode == 255 and message in result.stderr
+
+
+def test_default_negotiation_is_modern_and_strict(owner):
+    result = owner.ssh(options=("-T", "-vvv"))
+    assert result.returncode == 0
+    log = result.stderr
+    assert "will use strict KEX ordering" in log  # Terrapin countermeasure
+    assert "kex: algorithm: curve25519-sha256" in log
+    assert "cipher: aes128-gcm@openssh.com" in log
+
+
+def test_sha1_rsa_signatures_are_refused(server, admin, tmp_path):
+    name = unique("rsa")
+    key = keygen(tmp_path / "rsa_id", "rsa", 3072)
+    admin.ok("user", "add", name)
+    admin.ok("key", "add", name, "k", f"{key}.pub")
+    client = Client(tmp_path / "rsahome", key, server, name=name)
+    assert client.ssh().returncode == 0  # rsa-sha2-512 by default
+    result = client.ssh(options=("-T", "-o", "PubkeyAcceptedAlgorithms=ssh-rsa"))
+    assert result.returncode == 255 and "Permission denied" in result.stderr
