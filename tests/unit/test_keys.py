@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import struct
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import InvalidKey
 from gateway.keys import parse_public_key
@@ -135,10 +138,6 @@ def test_comment_is_sanitized(keydir):
     assert key.comment.startswith("evil")
 
 
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-
 @given(st.text(max_size=400))
 def test_key_parser_never_crashes(text):
     try:
@@ -152,7 +151,5 @@ def test_key_parser_never_crashes(text):
 @given(st.binary(max_size=300), st.sampled_from(["ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256"]))
 def test_key_parser_on_random_blobs(blob, algorithm):
     line = f"{algorithm} {base64.b64encode(blob).decode()}"
-    try:
+    with contextlib.suppress(InvalidKey):  # refusing is fine; crashing is not
         parse_public_key(line)
-    except InvalidKey:
-        pass
