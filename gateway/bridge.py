@@ -65,6 +65,7 @@ async def run(
     finish_on_hangup: bool = False,
     hangup: asyncio.Event | None = None,
     idle_timeout: float | None = None,
+    label: str = "",
 ) -> Outcome:
     """Run argv with its stdio connected to the channel; return when it has exited.
 
@@ -86,6 +87,8 @@ async def run(
         # Own process group: a termination reaches git's helpers (pack-objects...) too.
         start_new_session=True,
     )
+    if label:
+        log.info("event=process_started pid=%d %s", proc.pid, label)
     hangup = hangup if hangup is not None else asyncio.Event()
     counts = {"in": 0, "out": 0}
     loop = asyncio.get_running_loop()

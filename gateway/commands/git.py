@@ -67,6 +67,8 @@ async def run(ctx: Context, inv: Invocation) -> int:
             finish_on_hangup=session is not None,
             hangup=session.detached if session is not None else None,
             idle_timeout=ctx.config.limits.idle_timeout,
+            label=f"service={subcommand} app={app.name} user={ctx.identity.user_name} "
+            f"conn={ctx.conn_id}",
         )
     finally:
         if session is not None:
