@@ -57,6 +57,7 @@ class Connection(asyncssh.SSHServer):
         self.admitted = False
         self.sessions = 0
         self.failure = "client disconnected before authenticating"
+        self.closed = asyncio.Event()
 
     # -- connection lifecycle --
 
@@ -79,6 +80,7 @@ class Connection(asyncssh.SSHServer):
         log.debug("event=connect conn=%s peer=%s", self.id, self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.set()
         if not self.admitted:
             return
         self.gateway.connections.discard(self)
@@ -296,6 +298,9 @@ class Gateway:
         await self.store.close()
 
     async def _drain(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        busy = [c for c in self.connections if c.sessions > 0]
         waits: set[asyncio.Future[Any]] = set(self.sessions)
         waits |= {job.done for job in self.deploys.jobs.values() if job.task is not None}
         if not waits:
@@ -309,6 +314,14 @@ class Gateway:
         _, pending = await asyncio.wait(waits, timeout=seconds)
         if pending:
             log.warning("event=drain_timeout left=%d", len(pending))
+            return
+        # A finished session's last bytes may still be on their way: let those clients close
+        # their connections themselves rather than cut them.
+        closing = {asyncio.ensure_future(c.closed.wait()) for c in busy if not c.closed.is_set()}
+        if closing:
+            _, left = await asyncio.wait(closing, timeout=max(deadline - loop.time(), 0.1))
+            for waiter in left:
+                waiter.cancel()
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply what can change while running (limits,

@@ -232,7 +232,7 @@ def test_pack_referencing_a_missing_object_is_rejected(owner, app, server, tmp_p
     tree = owner.git("rev-parse", "HEAD^{tree}", cwd=work).stdout.strip()
     pack = pack_of(owner, work, [head, tree])  # the blobs are left out
     proc = raw_receive_pack(owner, app)
-    out, err = proc.communicate(
+    out, _ = proc.communicate(
         pkt(f"{ZERO} {head} refs/heads/main\0report-status\n") + b"0000" + pack, timeout=TIMEOUT
     )
     assert b"ng refs/heads/main" in out
