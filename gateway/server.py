@@ -39,6 +39,7 @@ WINDOW = 16 * 1024 * 1024
 MAX_PACKET = 256 * 1024
 # Recording "last used" is a write; once a minute per key is enough.
 TOUCH_INTERVAL_SECONDS = 60
+NO_AUTH = "client disconnected before authenticating"
 
 
 class Connection(asyncssh.SSHServer):
@@ -56,7 +57,7 @@ class Connection(asyncssh.SSHServer):
         self.address = "-"
         self.admitted = False
         self.sessions = 0
-        self.failure = "client disconnected before authenticating"
+        self.failure = NO_AUTH
         self.closed = asyncio.Event()
 
     # -- connection lifecycle --
@@ -86,7 +87,7 @@ class Connection(asyncssh.SSHServer):
         self.gateway.connections.discard(self)
         self.gateway.admission.release(self.address, self.identity is not None)
         if self.identity is None:
-            if exc is not None and not isinstance(exc, asyncssh.ConnectionLost):
+            if self.failure == NO_AUTH and exc is not None:
                 self.failure = str(exc) or type(exc).__name__
             log.info(
                 "event=auth_failed conn=%s peer=%s attempts=%d reason=%s",

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -368,3 +369,20 @@ class LiveProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(TIMEOUT)
+
+
+def raw(server: ServerThread, source: str = "127.0.0.1") -> socket.socket:
+    """A bare TCP connection to the gateway that says nothing (a slowloris client)."""
+    return socket.create_connection(
+        ("127.0.0.1", server.port), timeout=TIMEOUT, source_address=(source, 0)
+    )
+
+
+def banner(sock: socket.socket) -> bytes:
+    """What the server sends first: its SSH banner, or b"" if it closed the connection."""
+    return sock.recv(256)
+
+
+def settle(server: ServerThread) -> None:
+    """Wait until the server has released every connection."""
+    server.wait_until(lambda: server.gateway.admission.total == 0)

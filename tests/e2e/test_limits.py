@@ -4,86 +4,24 @@ parallel work passes."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
-import time
 
 import asyncssh
 import pytest
 
-from tests.helpers import TIMEOUT, Admin, Client, ServerThread, keygen, run, unique, write_config
-
-
-@pytest.fixture(scope="module")
-def tight(tmp_path_factory):
-    """A gateway with small limits, so that tests can reach them."""
-    directory = tmp_path_factory.mktemp("tight")
-    config = write_config(
-        directory,
-        ssh={"login_timeout": 2},
-        limits={
-            "max_connections": 8,
-            "max_connections_per_address": 6,
-            "max_unauthenticated": 3,
-            "max_sessions_per_connection": 2,
-            "max_auth_attempts": 4,
-            "idle_timeout": 1,
-            "user_ops_per_minute": 3,
-        },
-    )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture
-def tight_user(tight, tmp_path) -> Client:
-    admin = Admin(tight.config_path)
-    name, app = unique("lim"), unique("limapp")
-    key = keygen(tmp_path / f"{name}_id")
-    admin.ok("user", "add", name)
-    admin.ok("key", "add", name, "k", f"{key}.pub")
-    admin.ok("app", "create", app, "--owner", name)
-    client = Client(tmp_path / f"home-{name}", key, tight, name=name)
-    client.app = app  # type: ignore[attr-defined]
-    return client
-
-
-def raw(server: ServerThread, source: str = "127.0.0.1") -> socket.socket:
-    sock = socket.create_connection(
-        ("127.0.0.1", server.port), timeout=TIMEOUT, source_address=(source, 0)
-    )
-    return sock
-
-
-def banner(sock: socket.socket) -> bytes:
-    """What the server sends first: its SSH banner, or b"" if it closed the connection."""
-    return sock.recv(256)
-
-
-def settle(server: ServerThread) -> None:
-    server.wait_until(lambda: server.gateway.admission.total == 0)
-
-
-def test_unauthenticated_flood_is_closed_before_the_banner(tight, tight_user):
-    held = [raw(tight) for _ in range(3)]
-    try:
-        assert all(banner(s).startswith(b"SSH-2.0-git-gateway") for s in held)
-        refused = raw(tight)
-        assert banner(refused) == b""  # closed before any banner, as OpenSSH past MaxStartups
-        refused.close()
-        result = tight_user.ssh()
-        assert result.returncode == 255
-        assert "Connection closed" in result.stderr or "reset" in result.stderr
-        # Slowloris: the held connections are dropped at the login grace time (2 s).
-        started = time.monotonic()
-        assert all(s.recv(4096) == b"" for s in held)
-        assert time.monotonic() - started < 10
-    finally:
-        for s in held:
-            s.close()
-    settle(tight)
-    assert tight_user.ssh().returncode == 0  # and service is back
+from tests.helpers import (
+    TIMEOUT,
+    Admin,
+    Client,
+    ServerThread,
+    banner,
+    keygen,
+    raw,
+    run,
+    settle,
+    unique,
+    write_config,
+)
 
 
 def test_per_address_and_total_caps(tmp_path):

@@ -1,0 +1,56 @@
+"""The audit trail: logins, failures, refusals, registry changes and pushes, in the registry
+(`git-gateway audit`) and as structured log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from tests.helpers import Client, keygen
+
+
+def events(admin, *args: str) -> list[dict[str, object]]:
+    return json.loads(admin.ok("audit", "--json", "--limit", "1000", *args))
+
+
+def test_audit_trail_of_a_user_and_an_app(owner, app, admin, make_user, server, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.audit")
+    work = owner.new_repo(tmp_path / "work")
+    owner.git("push", "-q", owner.url(app), "main", cwd=work)
+    stranger = make_user("stranger")
+    stranger.ssh(f"git-upload-pack '{app}.git'", input="0000")
+    unknown = Client(tmp_path / "unknown", keygen(tmp_path / "unknown_id"), server)
+    assert unknown.ssh().returncode == 255
+    admin.ok("app", "grant", app, stranger.name, "read")
+
+    mine = events(admin, "--user", owner.name)
+    kinds = [e["event"] for e in mine]
+    assert {"user_added", "key_added", "auth_ok", "push"} <= set(kinds)
+    push = next(e for e in mine if e["event"] == "push")
+    assert push["app"] == app and push["actor"] == owner.name
+    assert push["fingerprint"].startswith("SHA256:") and push["source"].startswith("127.0.0.1:")
+    assert push["detail"]["updates"][0].startswith("refs/heads/main 000000000000..")
+    key_added = next(e for e in mine if e["event"] == "key_added")
+    assert key_added["actor"] == "operator" and key_added["detail"]["key"] == "laptop"
+
+    on_app = {e["event"] for e in events(admin, "--app", app)}
+    assert {"app_created", "push", "access_denied", "member_granted"} <= on_app
+    denied = next(
+        e for e in events(admin, "--user", stranger.name) if e["event"] == "access_denied"
+    )
+    assert denied["app"] == app
+    failed = [e for e in events(admin) if e["event"] == "auth_failed"]
+    assert any(e["detail"]["reason"] == "unknown key" for e in failed)
+
+    table = admin.ok("audit", "--app", app)
+    assert table.splitlines()[0].split() == [
+        "AT",
+        "EVENT",
+        "ACTOR",
+        "APP",
+        "SOURCE",
+        "FINGERPRINT",
+        "DETAIL",
+    ]
+    logged = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
+    assert any("kind=push" in line and f"actor={owner.name}" in line for line in logged)
