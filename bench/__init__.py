@@ -1,0 +1,1 @@
+"""Benchmarks and load tests for git-gateway (run from the repository root)."""
