@@ -42,6 +42,40 @@ TOUCH_INTERVAL_SECONDS = 60
 NO_AUTH = "client disconnected before authenticating"
 
 
+MAX_GIT_PROTOCOL = 256
+
+
+def decline_env_requests(conn: asyncssh.SSHServerConnection) -> None:
+    """Make this connection's session channels accept only a GIT_PROTOCOL env request.
+
+    asyncssh stores every env request a client sends, without limit; declining the others
+    at the SSH layer keeps them out of memory as well as away from git. It relies on
+    asyncssh's channel request dispatch (`_process_<name>_request`), checked at install
+    time; without it, the variables are still ignored when git is spawned.
+    """
+    create = conn.create_server_channel
+
+    def create_filtered(*args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel:
+        channel = create(*args, **kwargs)
+        env = getattr(channel, "_env", None)
+        if not isinstance(env, dict) or not hasattr(channel, "_process_env_request"):
+            log.warning("event=env_filter_unavailable asyncssh=%s", asyncssh.__version__)
+            return channel
+
+        def env_request(packet: Any) -> bool:
+            name, value = packet.get_string(), packet.get_string()
+            packet.check_end()
+            if name == b"GIT_PROTOCOL" and len(value) <= MAX_GIT_PROTOCOL:
+                env[name] = value
+                return True
+            return False  # declined; OpenSSH clients go on (default configs send LANG, LC_*)
+
+        channel._process_env_request = env_request  # type: ignore[attr-defined]
+        return channel
+
+    conn.create_server_channel = create_filtered  # type: ignore[method-assign]
+
+
 class Connection(asyncssh.SSHServer):
     """One client connection: authentication state and the identity it ends with."""
 
@@ -76,6 +110,7 @@ class Connection(asyncssh.SSHServer):
             conn.abort()
             return
         self.admitted = True
+        decline_env_requests(conn)
         conn.set_extra_info(gateway_connection=self)
         self.gateway.connections.add(self)
         log.debug("event=connect conn=%s peer=%s", self.id, self.peer)

@@ -12,6 +12,7 @@ import textwrap
 
 import asyncssh
 import pytest
+from asyncssh.packet import String
 
 from tests.helpers import run, server_refs
 
@@ -200,3 +201,32 @@ def test_traversal_through_git_itself(owner, tmp_path):
         "clone", f"git@127.0.0.1:../{owner.name}.git", str(tmp_path / "x"), check=False
     )
     assert result.returncode != 0 and "not found or access denied" in result.stderr
+
+
+async def test_env_requests_are_declined_at_the_ssh_layer(server, owner, app):
+    key = asyncssh.read_private_key(owner.key)
+    async with asyncssh.connect(
+        "127.0.0.1",
+        server.port,
+        username="git",
+        client_keys=[key],
+        known_hosts=None,
+        agent_path=None,
+    ) as conn:
+        chan = await held_channel(conn, app)
+        request = chan._make_request  # asks for a reply, which OpenSSH clients never do
+        assert await request(b"env", String(b"LD_PRELOAD"), String(b"/tmp/x.so")) is False
+        assert await request(b"env", String(b"GIT_DIR"), String(b"/etc")) is False
+        assert await request(b"env", String(b"GIT_PROTOCOL"), String(b"version=2")) is True
+        assert await request(b"env", String(b"GIT_PROTOCOL"), String(b"v" * 1000)) is False
+        assert chan._send_chan is not None  # declining never closed the session
+        chan.close()
+
+
+async def held_channel(conn: asyncssh.SSHClientConnection, app: str) -> asyncssh.SSHClientChannel:
+    """A session kept open by the server (upload-pack waits for our wants), so that channel
+    requests sent afterwards are answered by the gateway's policy, not by a closed channel."""
+    chan, _ = await conn.create_session(
+        asyncssh.SSHClientSession, f"git-upload-pack '{app}.git'", encoding=None
+    )
+    return chan

@@ -8,6 +8,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
+from tests.e2e.test_regressions_security import held_channel
 from tests.helpers import Client, keygen, keygen_fingerprint, run
 
 
@@ -143,7 +144,7 @@ def test_x11_forwarding_refused(owner):
     assert "X11 forwarding request failed" in result.stderr
 
 
-async def test_agent_forwarding_refused(server, owner):
+async def test_agent_forwarding_refused(server, owner, app):
     # OpenSSH sends this request without asking for a reply, so ask for one explicitly.
     key = asyncssh.read_private_key(owner.key)
     async with asyncssh.connect(
@@ -154,7 +155,8 @@ async def test_agent_forwarding_refused(server, owner):
         known_hosts=None,
         agent_path=None,
     ) as conn:
-        chan, _ = await conn.create_session(asyncssh.SSHClientSession)
+        chan = await held_channel(conn, app)
         granted = await chan._make_request(b"auth-agent-req@openssh.com")
         assert granted is False
+        assert chan._send_chan is not None  # refused by policy, not by a closed channel
         chan.close()

@@ -149,3 +149,18 @@ def test_secrets_are_masked_in_config_show():
     cfg = config.from_mapping({"deploy": {"webhook_secret": "hunter2"}})
     text = config.render(cfg)
     assert "hunter2" not in text and 'webhook_secret = "********"' in text
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("ciphers", ["rot13"], "unsupported cipher algorithm(s): rot13"),
+        ("ciphers", [], "non-empty list"),
+        ("kex_algorithms", "curve25519-sha256", "non-empty list"),
+        ("signature_algorithms", ["ssh-foo"], "unsupported public key algorithm(s): ssh-foo"),
+    ],
+)
+def test_crypto_lists_are_validated(key, value, message):
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping({"ssh": {key: value}})
+    assert f"[ssh] {key}" in str(err.value) and message in str(err.value)
