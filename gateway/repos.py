@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,6 +163,25 @@ class Repositories:
     def install_hooks(self, app: str) -> None:
         """(Re)write the gateway's hooks; called at creation and at every start."""
         _write_hooks(self.path_for(app))
+
+    def remove_stale_quarantines(self, app: str, older_than: float) -> int:
+        """Delete push quarantines untouched for `older_than` seconds; return how many.
+
+        git removes its quarantine when a push fails, but not when receive-pack is killed by a
+        signal while a child (unpack-objects, index-pack) still writes: that happens when the
+        gateway itself dies mid-push. Their objects were never visible to the repository.
+        """
+        now = time.time()
+        removed = 0
+        for path in (self.path_for(app) / "objects").glob(f"{QUARANTINE_PREFIX}*"):
+            try:
+                newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
+            except FileNotFoundError:
+                continue  # removed meanwhile by its own receive-pack
+            if now - newest >= older_than:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        return removed
 
     # -- reading commits and trees, from the repository or from a push's quarantine --
 

@@ -40,6 +40,8 @@ MAX_PACKET = 256 * 1024
 # Recording "last used" is a write; once a minute per key is enough.
 TOUCH_INTERVAL_SECONDS = 60
 NO_AUTH = "client disconnected before authenticating"
+# A push quarantine not touched for this long belongs to no running receive-pack.
+STALE_QUARANTINE_SECONDS = 3600
 
 
 MAX_GIT_PROTOCOL = 256
@@ -251,7 +253,7 @@ class Gateway:
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
             self.repos.ensure_root()
-            await self._refresh_hooks()
+            await self._prepare_repositories()
             await self.control.start()
             if cfg.http.listen is not None:
                 self.http = HTTPServer(*cfg.http.listen, self.deploys)
@@ -405,11 +407,17 @@ class Gateway:
             )
         )
 
-    async def _refresh_hooks(self) -> None:
-        """Every app repository gets this version's hooks (they are generated files)."""
+    async def _prepare_repositories(self) -> None:
+        """Every app repository gets this version's hooks (they are generated files), and
+        push quarantines abandoned by a killed gateway are removed."""
         for app in await self.store.list_apps():
             if self.repos.exists(app.name):
                 await asyncio.to_thread(self.repos.install_hooks, app.name)
+                removed = await asyncio.to_thread(
+                    self.repos.remove_stale_quarantines, app.name, STALE_QUARANTINE_SECONDS
+                )
+                if removed:
+                    log.warning("event=stale_quarantine_removed app=%s count=%d", app.name, removed)
 
     async def serve_forever(
         self, stop_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)

@@ -386,3 +386,25 @@ def banner(sock: socket.socket) -> bytes:
 def settle(server: ServerThread) -> None:
     """Wait until the server has released every connection."""
     server.wait_until(lambda: server.gateway.admission.total == 0)
+
+
+class ServeProcess(LiveProcess):
+    """The gateway as operators run it (`python -m gateway serve`), in its own process, with
+    what Client needs of a server: its port, its config and its host keys."""
+
+    def __init__(self, config_path: Path) -> None:
+        import sys
+
+        super().__init__([sys.executable, "-m", "gateway", "--config", str(config_path), "serve"])
+        self.config_path = config_path
+        self.config = gwconfig.load(config_path)
+        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+    known_hosts = ServerThread.known_hosts
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code once the log is read to its end."""
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        return self.finish()

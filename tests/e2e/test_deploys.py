@@ -19,6 +19,7 @@ from tests.helpers import (
     Admin,
     Client,
     LiveProcess,
+    ServeProcess,
     ServerThread,
     fsck,
     keygen,
@@ -508,15 +509,13 @@ def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
         deploy={"command": [sys.executable, str(PIPELINE)], "mode": "detached", "timeout": 60},
     )
     admin = Admin(config)
-    serve = [sys.executable, "-m", "gateway", "--config", str(config), "serve"]
-    first = LiveProcess(serve)
-    port = int(first.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    first = ServeProcess(config)
     owner = "restarter"
     key = keygen(tmp_path / "id")
     admin.ok("user", "add", owner)
     admin.ok("key", "add", owner, "k", f"{key}.pub")
     admin.ok("app", "create", "web", "--owner", owner)
-    client = Client(tmp_path / "home", key, _PortOnly(port, config), name=owner)
+    client = Client(tmp_path / "home", key, first, name=owner)
     fifo = tmp_path / "gate.fifo"
     os.mkfifo(fifo)
     work = client.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
@@ -531,25 +530,11 @@ def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
     with open(fifo, "w") as release:  # let the orphaned pipeline end
         release.write("go\n")
 
-    second = LiveProcess(serve)
-    second.wait_for(r"listening on")
+    second = ServeProcess(config)
     code, out, _ = admin("deploy", "logs", "2", "--follow")
     assert code == 0 and "done" in out
     by_id = {d["id"]: d for d in deploys(admin, "web")}
     assert by_id[1]["status"] == "interrupted"
     assert "gateway stopped" in by_id[1]["reason"]
     assert by_id[2]["status"] == "succeeded"
-    second.proc.terminate()
-    assert second.finish() == 0
-
-
-class _PortOnly:
-    """What Client needs of a server it does not host: its port and host keys."""
-
-    def __init__(self, port: int, config_path: Path) -> None:
-        from gateway import config as gwconfig
-
-        self.port = port
-        self.config = gwconfig.load(config_path)
-
-    known_hosts = ServerThread.known_hosts
+    assert second.stop() == 0

@@ -10,7 +10,6 @@ import select
 import signal
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from tests.helpers import (
     TIMEOUT,
     Admin,
     Client,
-    LiveProcess,
+    ServeProcess,
     ServerThread,
     keygen,
     run,
@@ -131,15 +130,13 @@ def test_client_killed_mid_push(owner, app, server, tmp_path):
 def test_gateway_sigkilled_mid_push_then_restarted(tmp_path):
     config = write_config(tmp_path / "state")
     admin = Admin(config)
-    serve = [sys.executable, "-m", "gateway", "--config", str(config), "serve"]
-    gateway = LiveProcess(serve)
-    port = int(gateway.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    gateway = ServeProcess(config)
     key = keygen(tmp_path / "id")
     admin.ok("user", "add", "kim")
     admin.ok("key", "add", "kim", "k", f"{key}.pub")
     admin.ok("app", "create", "web", "--owner", "kim")
     repo = tmp_path / "state" / "repos" / "web.git"
-    client = Client(tmp_path / "home", key, _Remote(port, config), name="kim")
+    client = Client(tmp_path / "home", key, gateway, name="kim")
     work, head = big_commit(client, tmp_path / "work")
     pack = pack_of(client, work, all_objects(client, work))
     proc = raw_receive_pack(client, "web")
@@ -155,30 +152,18 @@ def test_gateway_sigkilled_mid_push_then_restarted(tmp_path):
     proc.kill()
     proc.wait(TIMEOUT)
     assert server_refs(repo) == {}
-    no_quarantine_left(repo)
+    # receive-pack, orphaned, may die of SIGPIPE while its unpack-objects child still writes:
+    # objects can then stay in a quarantine directory, never in the repository.
+    assert object_count(repo) == 0
     strict_fsck(repo)
     registry_consistent(tmp_path / "state" / "gw.db")
     # Restarted, the gateway serves the same push normally.
-    again = LiveProcess(serve)
-    port = int(again.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-    client = Client(tmp_path / "home2", key, _Remote(port, config), name="kim")
+    again = ServeProcess(config)
+    client = Client(tmp_path / "home2", key, again, name="kim")
     client.git("push", "-q", client.url("web"), "main", cwd=work)
     assert server_refs(repo) == {"refs/heads/main": head}
     strict_fsck(repo)
-    again.proc.terminate()
-    assert again.finish() == 0
-
-
-class _Remote:
-    """What Client needs of a gateway it does not host: port and host keys."""
-
-    def __init__(self, port: int, config_path: Path) -> None:
-        from gateway import config as gwconfig
-
-        self.port = port
-        self.config = gwconfig.load(config_path)
-
-    known_hosts = ServerThread.known_hosts
+    assert again.stop() == 0
 
 
 @pytest.mark.parametrize(("clients", "rounds"), [(2, 3), (10, 2)])

@@ -3,60 +3,16 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT, Admin, keygen, keygen_fingerprint, run, write_config
-
-
-class ServeProcess:
-    """The gateway as operators run it; its log lines are read by a thread into a queue."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(config), "serve"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str) -> re.Match[str]:
-        """Block until a log line matches (or the process ends, which fails the test)."""
-        while True:
-            line = self._queue.get(timeout=TIMEOUT)
-            if line is None:
-                raise AssertionError(
-                    f"gateway exited before logging {pattern!r}:\n{''.join(self.lines)}"
-                )
-            self.lines.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(TIMEOUT)
-        while (line := self._queue.get(timeout=TIMEOUT)) is not None:
-            self.lines.append(line)
-        return code
+from tests.helpers import Admin, ServeProcess, keygen, keygen_fingerprint, run, write_config
 
 
 def ssh_welcome(port: int, key: Path, known_hosts: Path) -> subprocess.CompletedProcess[str]:
@@ -94,7 +50,7 @@ def test_start_log_host_keys_restart_and_sigterm(tmp_path):
     admin.ok("key", "add", "alice", "laptop", f"{key}.pub")
 
     first = ServeProcess(config)
-    port = int(first.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    port = first.port
     assert port > 0
     key_dir = tmp_path / "hostkeys"
     pubs = sorted(key_dir.glob("*.pub"))
@@ -115,7 +71,7 @@ def test_start_log_host_keys_restart_and_sigterm(tmp_path):
 
     # Restart: the same host keys, so clients' known_hosts stay valid.
     second = ServeProcess(config)
-    port = int(second.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    port = second.port
     assert sorted(re.findall(r"fingerprint=(SHA256:\S+)", "".join(second.lines))) == sorted(logged)
     known_hosts.write_text(
         "".join(f"[127.0.0.1]:{port} {' '.join(p.read_text().split()[:2])}\n" for p in pubs)
@@ -170,7 +126,6 @@ def test_json_logs(tmp_path, fmt):
 
     config = write_config(tmp_path, log={"format": fmt})
     proc = ServeProcess(config)
-    proc.wait_for(r"listening on")
     assert proc.stop() == 0
     records = [json.loads(line) for line in proc.lines]
     assert any(r.get("event") == "listening" for r in records)

@@ -6,22 +6,11 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_deploys import PIPELINE
-from tests.helpers import Admin, Client, LiveProcess, ServerThread, keygen, write_config
-
-
-class _Remote:
-    def __init__(self, port: int, config_path: Path) -> None:
-        from gateway import config as gwconfig
-
-        self.port = port
-        self.config = gwconfig.load(config_path)
-
-    known_hosts = ServerThread.known_hosts
+from tests.helpers import Admin, Client, LiveProcess, ServeProcess, keygen, write_config
 
 
 @pytest.fixture
@@ -37,9 +26,8 @@ def running(tmp_path):
     admin.ok("user", "add", "ana")
     admin.ok("key", "add", "ana", "k", f"{key}.pub")
     admin.ok("app", "create", "web", "--owner", "ana")
-    gateway = LiveProcess([sys.executable, "-m", "gateway", "--config", str(config), "serve"])
-    port = int(gateway.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-    client = Client(tmp_path / "home", key, _Remote(port, config), name="ana")
+    gateway = ServeProcess(config)
+    client = Client(tmp_path / "home", key, gateway, name="ana")
     yield gateway, client, config
     if gateway.proc.poll() is None:
         gateway.kill()
@@ -81,5 +69,4 @@ def test_sighup_reloads_limits(running, tmp_path):
     config.write_text(config.read_text() + "[limits]\nbogus = 1\n")
     gateway.proc.send_signal(signal.SIGHUP)
     gateway.wait_for(r"event=reload_failed")
-    gateway.proc.terminate()
-    assert gateway.finish() == 0
+    assert gateway.stop() == 0

@@ -78,3 +78,20 @@ def test_trash_keeps_the_repository(tmp_path):
     repos.create("web", "main")
     second = repos.trash("web")
     assert second != first and (second / "HEAD").is_file()
+
+
+def test_stale_quarantines_are_removed(tmp_path):
+    import time
+
+    repos = Repositories(tmp_path / "repos", 1)
+    path = repos.create("web", "main")
+    fresh = path / "objects" / "tmp_objdir-incoming-fresh"
+    stale = path / "objects" / "tmp_objdir-incoming-stale"
+    for quarantine in (fresh, stale):
+        (quarantine / "ab").mkdir(parents=True)
+        (quarantine / "ab" / "cdef").write_bytes(b"x")
+    old = time.time() - 7200
+    for item in (stale, stale / "ab", stale / "ab" / "cdef"):
+        os.utime(item, (old, old))
+    assert repos.remove_stale_quarantines("web", 3600) == 1
+    assert fresh.exists() and not stale.exists()
