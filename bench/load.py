@@ -10,17 +10,16 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import servers
+from .servers import Gateway
 
 OP_TIMEOUT = 120.0
 
@@ -50,77 +49,7 @@ class Stats:
 
 
 def run(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> str:
-    return subprocess.run(
-        argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=OP_TIMEOUT, check=True
-    ).stdout
-
-
-class Gateway:
-    """A gateway started as operators start it, in a private state directory."""
-
-    def __init__(self, state: Path) -> None:
-        self.state = state
-        self.config = state / "gateway.toml"
-        self.config.write_text(
-            "[ssh]\n"
-            'listen = "127.0.0.1:0"\n'
-            f'host_key_dir = "{state / "hostkeys"}"\n'
-            "[storage]\n"
-            f'repos = "{state / "repos"}"\n'
-            f'database = "{state / "gw.db"}"\n'
-            f'control_socket = "{state / "gw.sock"}"\n'
-            "[deploy]\n"
-            f'log_dir = "{state / "deploys"}"\n'
-        )
-        self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
-
-    def cli(self, *args: str, stdin: str | None = None) -> str:
-        return subprocess.run(
-            [sys.executable, "-m", "gateway", "--config", str(self.config), *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=OP_TIMEOUT,
-            check=True,
-        ).stdout
-
-    def start(self) -> None:
-        log = open(self.state / "gateway.log", "w")  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(self.config), "serve"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        if self.proc.stderr is None:  # pragma: no cover - PIPE requested
-            raise RuntimeError("no stderr pipe")
-        for line in self.proc.stderr:
-            log.write(line)
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                break
-        else:
-            raise SystemExit(f"gateway did not start; see {self.state / 'gateway.log'}")
-        # Keep draining its stderr so it never blocks on a full pipe.
-        threading_drain(self.proc.stderr, log)
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(OP_TIMEOUT)
-
-
-def threading_drain(stream: object, sink: object) -> None:
-    """Copy the gateway's log to a file in the background."""
-
-    def pump() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            sink.write(line)  # type: ignore[attr-defined]
-
-    threading.Thread(target=pump, daemon=True).start()
+    return servers.run(argv, env, cwd)
 
 
 async def timed(argv: list[str], env: dict[str, str], cwd: Path | None, stats: Stats) -> bool:

@@ -1,0 +1,609 @@
+"""Benchmark: the gateway against OpenSSH + git and the file:// floor, in the same run.
+
+    python -m bench [--quick | --profile tiny|small|large] [--repo PATH] [--json FILE]
+
+Every workload runs against the three targets, alternating their order at each repetition,
+and reports min / median / max and the ratios gateway/OpenSSH and gateway/file:// (lower is
+better). The three targets serve the very same bare repository, with the same git settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.repos import git_settings
+
+from . import repogen
+from .servers import TIMEOUT, Gateway, PrivateSSHD, cpu_seconds, rss_kib, run
+
+TARGETS = ("file", "openssh", "gateway")
+
+
+@dataclass
+class Settings:
+    profile: str
+    reps: int
+    keys: int  # keys registered for the auth-cost workload
+    idle_connections: int
+    sequential: int  # ls-remote connections in a row
+    concurrency: tuple[int, ...]
+
+
+MODES = {
+    "tiny": Settings(
+        "tiny", reps=1, keys=1_000, idle_connections=20, sequential=5, concurrency=(2, 4)
+    ),
+    "quick": Settings(
+        "small", reps=3, keys=10_000, idle_connections=200, sequential=50, concurrency=(8, 32)
+    ),
+    "full": Settings(
+        "large", reps=5, keys=100_000, idle_connections=200, sequential=50, concurrency=(8, 32)
+    ),
+}
+
+
+@dataclass
+class Target:
+    name: str
+    repo_url: Callable[[str], str]  # repository name -> URL
+    repo_path: Callable[[str], Path]  # repository name -> path on the server
+    upload_pack: Callable[[str], list[str]]  # repository name -> argv serving upload-pack
+
+
+@dataclass
+class Figures:
+    """Measurements of one workload: per target, a list of values (seconds unless said)."""
+
+    values: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    extra: dict[str, object] = field(default_factory=dict)
+    gateway_cpu_s: float = 0.0
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for target, values in self.values.items():
+            if values:
+                out[target] = {
+                    "min": round(min(values), 4),
+                    "median": round(statistics.median(values), 4),
+                    "max": round(max(values), 4),
+                    "n": len(values),
+                }
+        medians = {t: statistics.median(v) for t, v in self.values.items() if v}
+        if "gateway" in medians and medians.get("openssh"):
+            out["gateway/openssh"] = round(medians["gateway"] / medians["openssh"], 3)
+        if "gateway" in medians and medians.get("file"):
+            out["gateway/file"] = round(medians["gateway"] / medians["file"], 3)
+        out.update(self.extra)
+        out["gateway_cpu_s"] = round(self.gateway_cpu_s, 3)
+        return out
+
+
+def pkt(text: str) -> bytes:
+    data = text.encode()
+    return f"{len(data) + 4:04x}".encode() + data
+
+
+class Bench:
+    def __init__(self, settings: Settings, root: Path, repo: Path | None) -> None:
+        self.s = settings
+        self.root = root
+        self.source_repo = repo
+        self.results: dict[str, dict[str, object]] = {}
+        self.user = getpass.getuser()
+
+    # -- setup --
+
+    def setup(self) -> None:
+        root = self.root
+        self.key = root / "id_ed25519"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)])
+        pubkey = Path(f"{self.key}.pub").read_text()
+
+        self.gateway = Gateway(
+            root / "gateway",
+            "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
+            "max_unauthenticated = 500\nuser_ops_per_minute = 100000\n",
+        )
+        self.gateway.cli("user", "add", "bench")
+        self.gateway.cli("key", "add", "bench", "k", "-", stdin=pubkey)
+        self.gateway.cli("app", "create", "bench", "--owner", "bench")
+        self.repo = root / "gateway" / "repos" / "bench.git"
+        generated = self.source_repo or root / "generated.git"
+        if self.source_repo is None:
+            repogen.generate(generated, repogen.PROFILES[self.s.profile])
+        git = self.git_env()
+        run(["git", "fetch", "-q", str(generated), "+refs/heads/*:refs/heads/*"], git, self.repo)
+        run(["git", "repack", "-adq"], git, self.repo)
+        self.head = run(["git", "rev-parse", "main"], git, self.repo).strip()
+        run(["git", "update-ref", "refs/heads/bench-base", "main~10"], git, self.repo)
+        self.pack_bytes = repogen.pack_size(self.repo)
+
+        self.sshd = PrivateSSHD(root / "sshd", pubkey)
+        self.gateway.start()
+        self.sshd.start()
+        known = root / "known_hosts"
+        known.write_text(
+            "".join(f"[127.0.0.1]:{self.gateway.port} {k}\n" for k in self.gateway.host_keys())
+            + "".join(f"[127.0.0.1]:{self.sshd.port} {k}\n" for k in self.sshd.host_keys())
+        )
+        self.ssh_base = [
+            "ssh",
+            "-F",
+            "/dev/null",
+            "-i",
+            str(self.key),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "IdentityAgent=none",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={known}",
+        ]
+        # Repositories that OpenSSH and file:// push into live beside, with the gateway's
+        # git settings, so that the comparison is about transport, not configuration.
+        self.plain_root = root / "plain"
+        self.plain_root.mkdir()
+        gw_repos = root / "gateway" / "repos"
+
+        def plain(name: str) -> Path:
+            return gw_repos / f"{name}.git" if name == "bench" else self.plain_root / f"{name}.git"
+
+        ssh_upload = [*self.ssh_base, "-p", str(self.sshd.port), f"{self.user}@127.0.0.1"]
+        gw_upload = [*self.ssh_base, "-p", str(self.gateway.port), "git@127.0.0.1"]
+        self.targets = {
+            "file": Target(
+                "file",
+                lambda n: f"file://{plain(n)}",
+                plain,
+                lambda n: ["git", "upload-pack", str(plain(n))],
+            ),
+            "openssh": Target(
+                "openssh",
+                lambda n: f"ssh://{self.user}@127.0.0.1:{self.sshd.port}{plain(n)}",
+                plain,
+                lambda n: [*ssh_upload, f"git-upload-pack '{plain(n)}'"],
+            ),
+            "gateway": Target(
+                "gateway",
+                lambda n: f"ssh://git@127.0.0.1:{self.gateway.port}/{n}.git",
+                lambda n: gw_repos / f"{n}.git",
+                lambda n: [*gw_upload, f"git-upload-pack '{n}.git'"],
+            ),
+        }
+        self.work = root / "work"
+        self.work.mkdir()
+
+    def git_env(self, port: int | None = None) -> dict[str, str]:
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.root),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_AUTHOR_NAME": "bench",
+            "GIT_AUTHOR_EMAIL": "bench@example.com",
+            "GIT_COMMITTER_NAME": "bench",
+            "GIT_COMMITTER_EMAIL": "bench@example.com",
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+        if hasattr(self, "ssh_base"):
+            env["GIT_SSH_COMMAND"] = " ".join(self.ssh_base)
+        return env
+
+    def plain_repo(self, name: str) -> Path:
+        path = self.plain_root / f"{name}.git"
+        run(["git", "init", "-q", "--bare", "-b", "main", str(path)])
+        for key, value in git_settings(2 * 1024**3):
+            run(["git", "config", key, value], cwd=path)
+        return path
+
+    def new_app(self, name: str) -> None:
+        self.gateway.cli("app", "create", name, "--owner", "bench")
+
+    # -- measuring --
+
+    def order(self, rep: int) -> list[str]:
+        return list(TARGETS[rep % 3 :] + TARGETS[: rep % 3])  # alternate who goes first
+
+    def timed(self, argv: list[str], cwd: Path | None = None, stdin: bytes | None = None) -> float:
+        started = time.perf_counter()
+        subprocess.run(
+            argv,
+            cwd=cwd,
+            env=self.git_env(),
+            input=stdin,
+            capture_output=True,
+            timeout=TIMEOUT,
+            check=True,
+        )
+        return time.perf_counter() - started
+
+    def measure(
+        self, name: str, each: Callable[[Target, int], float | None], reps: int | None = None
+    ) -> Figures:
+        figures = Figures()
+        for rep in range(reps or self.s.reps):
+            for target_name in self.order(rep):
+                target = self.targets[target_name]
+                before = cpu_seconds(self.gateway.pid)[0] if target_name == "gateway" else 0.0
+                value = each(target, rep)
+                if target_name == "gateway":
+                    figures.gateway_cpu_s += cpu_seconds(self.gateway.pid)[0] - before
+                if value is not None:
+                    figures.values[target_name].append(value)
+        self.results[name] = figures.summary()
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+        return figures
+
+    # -- workloads --
+
+    def clone(self, bare: bool) -> Callable[[Target, int], float]:
+        def each(target: Target, rep: int) -> float:
+            dest = self.work / f"clone-{target.name}-{rep}"
+            argv = [
+                "git",
+                "clone",
+                "-q",
+                *(["--bare"] if bare else []),
+                target.repo_url("bench"),
+                str(dest),
+            ]
+            seconds = self.timed(argv)
+            shutil.rmtree(dest)
+            return seconds
+
+        return each
+
+    def raw_pack(self, target: Target, rep: int) -> float:
+        refs = run(
+            ["git", "for-each-ref", "--format=%(objectname)"], self.git_env(), self.repo
+        ).split()
+        wants = sorted(set(refs))
+        request = pkt(f"want {wants[0]} side-band-64k ofs-delta no-progress\n")
+        request += b"".join(pkt(f"want {sha}\n") for sha in wants[1:]) + b"0000" + pkt("done\n")
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            target.upload_pack("bench"),
+            env=self.git_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101 - PIPEs
+        proc.stdin.write(request)
+        proc.stdin.close()
+        total = 0
+        while chunk := proc.stdout.read(1 << 20):
+            total += len(chunk)
+        proc.wait(TIMEOUT)
+        seconds = time.perf_counter() - started
+        self.results.setdefault("raw_pack_bytes", {})[target.name] = total  # type: ignore[index]
+        return seconds
+
+    def fetch_incremental(self, target: Target, rep: int) -> float:
+        baseline = self.work / "baseline.git"
+        if not baseline.exists():
+            run(
+                [
+                    "git",
+                    "clone",
+                    "-q",
+                    "--bare",
+                    "--single-branch",
+                    "--branch",
+                    "bench-base",
+                    f"file://{self.repo}",
+                    str(baseline),
+                ],
+                self.git_env(),
+            )
+        copy = self.work / f"fetch-{target.name}-{rep}.git"
+        shutil.copytree(baseline, copy, symlinks=True)
+        seconds = self.timed(
+            ["git", "fetch", "-q", target.repo_url("bench"), "main:refs/heads/new"], cwd=copy
+        )
+        shutil.rmtree(copy)
+        return seconds
+
+    def push_initial(self, target: Target, rep: int) -> float:
+        name = f"push-{target.name}-{rep}"
+        if target.name == "gateway":
+            self.new_app(name)
+        else:
+            self.plain_repo(name)
+        return self.timed(["git", "push", "-q", target.repo_url(name), "main"], cwd=self.repo)
+
+    def push_one(self, target: Target, rep: int) -> float:
+        local = self.work / f"one-{target.name}"
+        if not local.exists():
+            run(["git", "clone", "-q", f"file://{self.repo}", str(local)], self.git_env())
+        (local / "bench-change.txt").write_text(f"{target.name} {rep}\n")
+        run(["git", "add", "-A"], self.git_env(), local)
+        run(["git", "commit", "-qm", f"one {rep}"], self.git_env(), local)
+        return self.timed(
+            ["git", "push", "-q", target.repo_url(f"push-{target.name}-0"), "HEAD:main"], cwd=local
+        )
+
+    def ls_remote_latencies(self, target: Target) -> list[float]:
+        return [
+            self.timed(["git", "ls-remote", target.repo_url("bench")])
+            for _ in range(self.s.sequential)
+        ]
+
+    def concurrent(self, count: int) -> Callable[[Target, int], float]:
+        def each(target: Target, rep: int) -> float:
+            started = time.perf_counter()
+            procs = [
+                subprocess.Popen(
+                    [
+                        "git",
+                        "clone",
+                        "-q",
+                        "--bare",
+                        target.repo_url("bench"),
+                        str(self.work / f"cc-{target.name}-{rep}-{i}"),
+                    ],
+                    env=self.git_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for i in range(count)
+            ]
+            failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
+            seconds = time.perf_counter() - started
+            key = f"concurrent_{count}_failures"
+            failed = self.results.setdefault(key, {t: 0 for t in TARGETS})
+            failed[target.name] += failures  # type: ignore[index]
+            for i in range(count):
+                shutil.rmtree(self.work / f"cc-{target.name}-{rep}-{i}", ignore_errors=True)
+            return seconds
+
+        return each
+
+    def percentile(self, values: list[float], p: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+    def ls_remote(self) -> None:
+        latencies: dict[str, list[float]] = {t: [] for t in TARGETS}
+        for target_name in self.order(0):
+            before = cpu_seconds(self.gateway.pid)[0]
+            latencies[target_name] = self.ls_remote_latencies(self.targets[target_name])
+            if target_name == "gateway":
+                cpu = cpu_seconds(self.gateway.pid)[0] - before
+        result: dict[str, object] = {}
+        for name, values in latencies.items():
+            result[name] = {
+                "p50": round(self.percentile(values, 0.5), 4),
+                "p99": round(self.percentile(values, 0.99), 4),
+                "n": len(values),
+            }
+        p50 = {n: self.percentile(v, 0.5) for n, v in latencies.items()}
+        result["gateway/openssh"] = round(p50["gateway"] / p50["openssh"], 3)
+        result["gateway/file"] = round(p50["gateway"] / p50["file"], 3)
+        result["gateway_cpu_s"] = round(cpu, 3)
+        self.results["ls_remote"] = result
+        print("  ls_remote: done", file=sys.stderr, flush=True)
+
+    def auth_cost(self) -> None:
+        gateway = self.targets["gateway"]
+        few = self.ls_remote_latencies(gateway)
+        asyncio.run(self._register_keys(self.s.keys))
+        many = self.ls_remote_latencies(gateway)
+        p_few, p_many = self.percentile(few, 0.5), self.percentile(many, 0.5)
+        self.results["auth_cost"] = {
+            "keys_few": 10,
+            "keys_many": self.s.keys,
+            "ls_remote_p50_few": round(p_few, 4),
+            "ls_remote_p50_many": round(p_many, 4),
+            "many/few": round(p_many / p_few, 3),
+        }
+        print("  auth_cost: done", file=sys.stderr, flush=True)
+
+    async def _register_keys(self, total: int) -> None:
+        """Register `total` keys (real ed25519 public keys) for other users, through the
+        registry interface the CLI uses."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from gateway.keys import parse_public_key
+        from gateway.store import open_store
+
+        store = await open_store(self.root / "gateway" / "gw.db")
+        try:
+            for index in range(total - 10 if total > 10 else 0):
+                if index % 1000 == 0:
+                    await store.create_user(f"crowd{index // 1000}")
+                raw = (
+                    ed25519.Ed25519PrivateKey.generate()
+                    .public_key()
+                    .public_bytes(
+                        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                    )
+                )
+                await store.add_key(
+                    f"crowd{index // 1000}", f"k{index}", parse_public_key(raw.decode())
+                )
+        finally:
+            await store.close()
+
+    def memory(self) -> None:
+        before = rss_kib(self.gateway.pid)
+        after = asyncio.run(self._hold_connections(self.s.idle_connections))
+        self.results["memory"] = {
+            "idle_connections": self.s.idle_connections,
+            "rss_before_kib": before,
+            "rss_with_connections_kib": after,
+            "kib_per_connection": round((after - before) / self.s.idle_connections, 1),
+        }
+        print("  memory: done", file=sys.stderr, flush=True)
+
+    async def _hold_connections(self, count: int) -> int:
+        import asyncssh
+
+        key = asyncssh.read_private_key(self.key)
+        conns = []
+        try:
+            for _ in range(count):
+                conns.append(
+                    await asyncssh.connect(
+                        "127.0.0.1",
+                        self.gateway.port,
+                        username="git",
+                        client_keys=[key],
+                        known_hosts=None,
+                        agent_path=None,
+                    )
+                )
+            await asyncio.sleep(1)  # let the server settle its buffers before reading RSS
+            return rss_kib(self.gateway.pid)
+        finally:
+            for conn in conns:
+                conn.close()
+
+    # -- the whole run --
+
+    def run_all(self) -> None:
+        self.measure("clone_bare", self.clone(bare=True))
+        self.measure("clone_checkout", self.clone(bare=False))
+        self.measure("raw_pack", self.raw_pack)
+        self.measure("fetch_incremental", self.fetch_incremental)
+        self.measure("push_initial", self.push_initial)
+        self.measure("push_one_commit", self.push_one)
+        self.ls_remote()
+        for count in self.s.concurrency:
+            self.measure(
+                f"concurrent_{count}", self.concurrent(count), reps=max(1, self.s.reps - 1)
+            )
+        self.auth_cost()
+        self.memory()
+        medians = self.results["raw_pack"]
+        throughput = {}
+        for target in TARGETS:
+            seconds = medians[target]["median"]  # type: ignore[index]
+            size = self.results["raw_pack_bytes"][target]  # type: ignore[index]
+            throughput[target] = round(size / seconds / 1e6, 1)
+        self.results["raw_pack_mb_per_s"] = throughput
+
+    def close(self) -> None:
+        self.sshd.stop()
+        code = self.gateway.stop()
+        self.results["gateway_exit_code"] = {"code": code}
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    git = run(["git", "--version"]).strip()
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, timeout=30).stderr.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "git": git,
+        "ssh": ssh,
+    }
+
+
+def table(results: dict[str, dict[str, object]]) -> str:
+    lines = [
+        f"{'workload':<20} {'file':>24} {'openssh':>24} {'gateway':>24} "
+        f"{'gw/ssh':>7} {'gw/file':>7} {'gw cpu':>7}"
+    ]
+    for name, figures in results.items():
+        if not isinstance(figures.get("gateway"), dict):
+            continue  # not a per-target workload row
+        cells = []
+        for target in TARGETS:
+            f = figures.get(target)
+            if isinstance(f, dict) and "median" in f:
+                cells.append(f"{f['min']:.3f}/{f['median']:.3f}/{f['max']:.3f}")
+            elif isinstance(f, dict) and "p50" in f:
+                cells.append(f"p50 {f['p50']:.3f} p99 {f['p99']:.3f}")
+            else:
+                cells.append("-")
+        lines.append(
+            f"{name:<20} {cells[0]:>24} {cells[1]:>24} {cells[2]:>24} "
+            f"{figures.get('gateway/openssh', '-')!s:>7} {figures.get('gateway/file', '-')!s:>7} "
+            f"{figures.get('gateway_cpu_s', '-')!s:>7}"
+        )
+    for name in (
+        "raw_pack_mb_per_s",
+        "concurrent_8_failures",
+        "concurrent_32_failures",
+        "auth_cost",
+        "memory",
+    ):
+        if name in results:
+            lines.append(f"{name}: {json.dumps(results[name])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="small profile and fewer keys: under two minutes"
+    )
+    parser.add_argument(
+        "--profile",
+        choices=["tiny", "small", "large"],
+        help="repository profile (default: small with --quick, else large; tiny is for the tests)",
+    )
+    parser.add_argument("--repo", type=Path, help="benchmark this existing repository instead")
+    parser.add_argument("--reps", type=int, help="repetitions per workload")
+    parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    args = parser.parse_args(argv)
+    if args.profile == "tiny":
+        settings = MODES["tiny"]
+    else:
+        settings = MODES["quick" if args.quick else "full"]
+        settings.profile = args.profile or settings.profile
+    if args.reps:
+        settings.reps = args.reps
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        bench = Bench(settings, Path(tmp), args.repo.resolve() if args.repo else None)
+        print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
+        bench.setup()
+        try:
+            bench.run_all()
+        finally:
+            bench.close()
+        report = {
+            "profile": settings.profile,
+            "pack_bytes": bench.pack_bytes,
+            "machine": machine(),
+            "elapsed_s": round(time.monotonic() - started, 1),
+            "results": bench.results,
+        }
+    print(table(bench.results))
+    print(
+        f"pack {report['pack_bytes'] / 1e6:.1f} MB, {report['elapsed_s']} s, "
+        f"{json.dumps(report['machine'])}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
