@@ -42,6 +42,7 @@ class Settings:
     idle_connections: int
     sequential: int  # ls-remote connections in a row
     concurrency: tuple[int, ...]
+    concurrent_reps: int = 1
 
 
 MODES = {
@@ -240,6 +241,7 @@ class Bench:
         self, name: str, each: Callable[[Target, int], float | None], reps: int | None = None
     ) -> Figures:
         figures = Figures()
+        began = time.monotonic()
         for rep in range(reps or self.s.reps):
             for target_name in self.order(rep):
                 target = self.targets[target_name]
@@ -250,7 +252,7 @@ class Bench:
                 if value is not None:
                     figures.values[target_name].append(value)
         self.results[name] = figures.summary()
-        print(f"  {name}: done", file=sys.stderr, flush=True)
+        print(f"  {name}: done ({time.monotonic() - began:.0f}s)", file=sys.stderr, flush=True)
         return figures
 
     # -- workloads --
