@@ -53,7 +53,13 @@ MODES = {
         "small", reps=3, keys=10_000, idle_connections=200, sequential=50, concurrency=(8, 32)
     ),
     "full": Settings(
-        "large", reps=5, keys=100_000, idle_connections=200, sequential=50, concurrency=(8, 32)
+        "large",
+        reps=5,
+        keys=100_000,
+        idle_connections=200,
+        sequential=50,
+        concurrency=(8, 32),
+        concurrent_reps=3,
     ),
 }
 
@@ -447,6 +453,17 @@ class Bench:
         finally:
             await store.close()
 
+    async def _remove_crowd(self) -> None:
+        from gateway.store import open_store
+
+        store = await open_store(self.root / "gateway" / "gw.db")
+        try:
+            for summary in await store.list_users():
+                if summary.user.name.startswith("crowd"):
+                    await store.remove_user(summary.user.name)
+        finally:
+            await store.close()
+
     def memory(self) -> None:
         before = rss_kib(self.gateway.pid)
         after = asyncio.run(self._hold_connections(self.s.idle_connections))
@@ -483,20 +500,36 @@ class Bench:
 
     # -- the whole run --
 
-    def run_all(self) -> None:
-        self.measure("clone_bare", self.clone(bare=True))
-        self.measure("clone_checkout", self.clone(bare=False))
-        self.measure("raw_pack", self.raw_pack)
-        self.measure("fetch_incremental", self.fetch_incremental)
-        self.measure("push_initial", self.push_initial)
-        self.measure("push_one_commit", self.push_one)
-        self.ls_remote()
+    def workloads(self) -> dict[str, Callable[[], object]]:
+        steps: dict[str, Callable[[], object]] = {
+            "clone_bare": lambda: self.measure("clone_bare", self.clone(bare=True)),
+            "clone_checkout": lambda: self.measure("clone_checkout", self.clone(bare=False)),
+            "raw_pack": lambda: self.measure("raw_pack", self.raw_pack),
+            "fetch_incremental": lambda: self.measure("fetch_incremental", self.fetch_incremental),
+            "push_initial": lambda: self.measure("push_initial", self.push_initial),
+            "push_one_commit": lambda: self.measure("push_one_commit", self.push_one),
+            "ls_remote": self.ls_remote,
+        }
         for count in self.s.concurrency:
-            self.measure(
-                f"concurrent_{count}", self.concurrent(count), reps=max(1, self.s.reps - 1)
-            )
-        self.auth_cost()
-        self.memory()
+
+            def concurrent(count: int = count) -> object:
+                return self.measure(
+                    f"concurrent_{count}", self.concurrent(count), reps=self.s.concurrent_reps
+                )
+
+            steps[f"concurrent_{count}"] = concurrent
+        steps["auth_cost"] = self.auth_cost
+        steps["memory"] = self.memory
+        return steps
+
+    def run_all(self, only: set[str] | None = None) -> None:
+        if only and "push_one_commit" in only:
+            only.add("push_initial")  # it pushes into the repositories push_initial creates
+        for name, step in self.workloads().items():
+            if not only or name in only:
+                step()
+        if "raw_pack" not in self.results:
+            return
         medians = self.results["raw_pack"]
         throughput = {}
         for target in TARGETS:
@@ -564,6 +597,43 @@ def table(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, object]) -> str:
+    """The run as a README table: medians (p50 for ls-remote) and ratios."""
+    results: dict[str, dict[str, object]] = report["results"]  # type: ignore[assignment]
+    rows = [
+        "| workload | file:// | OpenSSH + git | gateway | gateway / OpenSSH | gateway / file:// |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, figures in results.items():
+        if not isinstance(figures.get("gateway"), dict):
+            continue
+        cells = []
+        for target in TARGETS:
+            f = figures[target]
+            value = f.get("median", f.get("p50"))  # type: ignore[union-attr]
+            cells.append(f"{value:.3f} s")
+        label = name.replace("_", " ") + (" (p50)" if name == "ls_remote" else "")
+        rows.append(
+            f"| {label} | {' | '.join(cells)} | {figures['gateway/openssh']}x | "
+            f"{figures['gateway/file']}x |"
+        )
+    mbps = results["raw_pack_mb_per_s"]
+    auth = results["auth_cost"]
+    memory = results["memory"]
+    rows.append("")
+    rows.append(
+        f"Raw pack transfer: {mbps['file']} MB/s file://, {mbps['openssh']} MB/s OpenSSH, "  # type: ignore[index]
+        f"{mbps['gateway']} MB/s gateway (connection setup included). "  # type: ignore[index]
+        f"Concurrent clones failed: {results.get('concurrent_8_failures')}, "
+        f"{results.get('concurrent_32_failures')}. Auth cost: ls-remote p50 "
+        f"{auth['ls_remote_p50_few']} s with 10 keys, {auth['ls_remote_p50_many']} s with "  # type: ignore[index]
+        f"{auth['keys_many']:,} ({auth['many/few']}x). Memory: "  # type: ignore[index]
+        f"{memory['kib_per_connection']} KiB per idle authenticated connection "  # type: ignore[index]
+        f"({memory['idle_connections']} connections)."  # type: ignore[index]
+    )
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -577,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, help="benchmark this existing repository instead")
     parser.add_argument("--reps", type=int, help="repetitions per workload")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="write the README table")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated workloads to run")
     args = parser.parse_args(argv)
     if args.profile == "tiny":
         settings = MODES["tiny"]
@@ -591,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
         bench.setup()
         try:
-            bench.run_all()
+            bench.run_all(set(args.only.split(",")) if args.only else None)
         finally:
             bench.close()
         report = {
@@ -608,4 +680,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown and not args.only:
+        Path(args.markdown).write_text(markdown(report))
     return 0
