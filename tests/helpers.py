@@ -408,3 +408,19 @@ class ServeProcess(LiveProcess):
 
         self.proc.send_signal(signal.SIGTERM)
         return self.finish()
+
+
+def ssh_connect(port: int, *keys: object, **options: object):  # type: ignore[no-untyped-def]
+    """An asyncssh client connection to a test gateway as user git, with exactly these keys
+    (a path, or an asyncssh key or key pair) and no agent; host keys are not checked."""
+    import asyncssh
+
+    loaded = [asyncssh.read_private_key(k) if isinstance(k, Path) else k for k in keys]
+    settings: dict[str, object] = {
+        "username": "git",
+        "client_keys": loaded or None,
+        "known_hosts": None,
+        "agent_path": None,
+    }
+    settings.update(options)
+    return asyncssh.connect("127.0.0.1", port, **settings)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
-import asyncssh
 import pytest
 
 from tests.helpers import (
@@ -19,6 +18,7 @@ from tests.helpers import (
     raw,
     run,
     settle,
+    ssh_connect,
     unique,
     write_config,
 )
@@ -69,15 +69,7 @@ def test_auth_attempts_are_capped_counting_probes(tight, tight_user, tmp_path):
 
 
 async def test_sessions_per_connection(tight, tight_user):
-    key = asyncssh.read_private_key(tight_user.key)
-    async with asyncssh.connect(
-        "127.0.0.1",
-        tight.port,
-        username="git",
-        client_keys=[key],
-        known_hosts=None,
-        agent_path=None,
-    ) as conn:
+    async with ssh_connect(tight.port, tight_user.key) as conn:
         command = f"git-upload-pack '{tight_user.app}.git'"
         held = [await conn.create_process(command, encoding=None) for _ in range(2)]
         for process in held:  # both are being served: they sent their ref advertisement

@@ -14,7 +14,7 @@ import asyncssh
 import pytest
 from asyncssh.packet import String
 
-from tests.helpers import run, server_refs
+from tests.helpers import run, server_refs, ssh_connect
 
 
 def denied(name: str) -> str:
@@ -27,15 +27,7 @@ async def test_registered_key_with_a_forged_signature_is_refused(server, owner):
     forged = asyncssh.load_keypairs([asyncssh.generate_private_key("ssh-ed25519")])[0]
     forged.public_data = asyncssh.read_public_key(f"{victim.key}.pub").public_data
     with pytest.raises(asyncssh.PermissionDenied):
-        async with asyncssh.connect(
-            "127.0.0.1",
-            server.port,
-            username="git",
-            client_keys=[forged],
-            known_hosts=None,
-            agent_path=None,
-            preferred_auth="publickey",
-        ):
+        async with ssh_connect(server.port, forged, preferred_auth="publickey"):
             pass
 
 
@@ -120,15 +112,7 @@ def test_env_requests_never_reach_git_or_hooks(owner, app, server, tmp_path):
 
 
 async def test_nul_and_huge_commands_refused(server, owner):
-    key = asyncssh.read_private_key(owner.key)
-    async with asyncssh.connect(
-        "127.0.0.1",
-        server.port,
-        username="git",
-        client_keys=[key],
-        known_hosts=None,
-        agent_path=None,
-    ) as conn:
+    async with ssh_connect(server.port, owner.key) as conn:
         for command in ("git-upload-pack 'a\x00b.git'", "git-upload-pack '" + "a" * 10000 + "'"):
             result = await asyncio.wait_for(conn.run(command), 30)
             assert result.exit_status != 0
@@ -204,15 +188,7 @@ def test_traversal_through_git_itself(owner, tmp_path):
 
 
 async def test_env_requests_are_declined_at_the_ssh_layer(server, owner, app):
-    key = asyncssh.read_private_key(owner.key)
-    async with asyncssh.connect(
-        "127.0.0.1",
-        server.port,
-        username="git",
-        client_keys=[key],
-        known_hosts=None,
-        agent_path=None,
-    ) as conn:
+    async with ssh_connect(server.port, owner.key) as conn:
         chan = await held_channel(conn, app)
         request = chan._make_request  # asks for a reply, which OpenSSH clients never do
         assert await request(b"env", String(b"LD_PRELOAD"), String(b"/tmp/x.so")) is False

@@ -9,7 +9,7 @@ import asyncssh
 import pytest
 
 from tests.e2e.test_regressions_security import held_channel
-from tests.helpers import Client, keygen, keygen_fingerprint, run
+from tests.helpers import Client, keygen, keygen_fingerprint, run, ssh_connect
 
 
 def test_welcome_names_user_key_and_apps(owner, app, admin, make_user):
@@ -67,15 +67,8 @@ def test_password_and_keyboard_interactive_are_not_offered(owner):
 
 async def test_password_auth_refused_by_the_server(server):
     with pytest.raises(asyncssh.PermissionDenied):
-        async with asyncssh.connect(
-            "127.0.0.1",
-            server.port,
-            username="git",
-            password="anything",
-            known_hosts=None,
-            client_keys=None,
-            agent_path=None,
-            preferred_auth="password,keyboard-interactive",
+        async with ssh_connect(
+            server.port, password="anything", preferred_auth="password,keyboard-interactive"
         ):
             pass
 
@@ -146,15 +139,7 @@ def test_x11_forwarding_refused(owner):
 
 async def test_agent_forwarding_refused(server, owner, app):
     # OpenSSH sends this request without asking for a reply, so ask for one explicitly.
-    key = asyncssh.read_private_key(owner.key)
-    async with asyncssh.connect(
-        "127.0.0.1",
-        server.port,
-        username="git",
-        client_keys=[key],
-        known_hosts=None,
-        agent_path=None,
-    ) as conn:
+    async with ssh_connect(server.port, owner.key) as conn:
         chan = await held_channel(conn, app)
         granted = await chan._make_request(b"auth-agent-req@openssh.com")
         assert granted is False
