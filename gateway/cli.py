@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from . import __version__, audit, config, control, gitbin, logs, names
+from . import __version__, audit, config, control, gitbin, logs, names, tables
 from .deploylog import read_log
 from .errors import GatewayError, NotFound, UsageError
 from .keys import parse_public_key
@@ -29,11 +29,7 @@ OPERATOR = "operator"
 
 
 def _table(rows: list[list[str]], headers: list[str], out: TextIO) -> None:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    for row in [headers, *rows]:
-        out.write("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() + "\n")
+    out.write(tables.render(rows, headers))
 
 
 def _json(data: Any, out: TextIO) -> None:
@@ -314,19 +310,7 @@ async def deploy_list(args: argparse.Namespace, cfg: config.Config, out: TextIO)
         if args.json:
             _json([_deploy_dict(d) for d in deploys], out)
         else:
-            rows = [
-                [
-                    f"#{d.id}",
-                    d.status.value,
-                    d.branch,
-                    d.new_sha[:8],
-                    d.pusher,
-                    d.created_at,
-                    d.subject[:50],
-                ]
-                for d in deploys
-            ]
-            _table(rows, ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT"], out)
+            _table(tables.deploy_rows(deploys), tables.DEPLOY_HEADERS, out)
         return 0
 
     return await _with_store(cfg, act)

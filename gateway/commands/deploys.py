@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-from .. import audit
+from .. import audit, tables
 from ..auth import authorize
 from ..errors import AccessDenied, GatewayError
-from ..models import Deploy, Role
+from ..models import Role
 from . import Context, Invocation
 
 
 class DeployNotFound(GatewayError):
     def __init__(self, text: str) -> None:
         super().__init__(f"deploy {text} not found or access denied")
-
-
-def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:
-    return [
-        [
-            f"#{d.id}",
-            d.status.value,
-            d.branch,
-            d.new_sha[:8],
-            d.pusher,
-            d.created_at,
-            d.subject[:50],
-        ]
-        for d in deploys
-    ]
-
-
-def table(rows: list[list[str]], headers: list[str]) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = [
-        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
-        for row in [headers, *rows]
-    ]
-    return "\n".join(lines) + "\n"
 
 
 async def _write(ctx: Context, text: str) -> None:
@@ -49,8 +25,7 @@ async def list_deploys(ctx: Context, inv: Invocation) -> int:
     if not deploys:
         await _write(ctx, f"no deploys of {app.name} yet\n")
         return 0
-    headers = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT"]
-    await _write(ctx, table(deploy_rows(deploys), headers))
+    await _write(ctx, tables.render(tables.deploy_rows(deploys), tables.DEPLOY_HEADERS))
     return 0
 
 
