@@ -11,13 +11,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from . import __version__, audit, config, control, gitbin, logs, names, tables
+from . import __version__, config, control, gitbin, logs, names, tables
 from .deploylog import read_log
-from .errors import GatewayError, NotFound, UsageError
-from .keys import parse_public_key
-from .models import Deploy, DeployStatus, Role
-from .repos import Repositories
-from .store import Store, open_store, utcnow
+from .errors import GatewayError, UsageError
+from .keys import KEYGEN_TYPE
+from .models import Deploy
+from .service import MAX_KEY_TEXT, Registry
+from .store import Store, open_store
 
 log = logging.getLogger("gateway.cli")
 
@@ -47,25 +47,26 @@ async def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[in
         await store.close()
 
 
-def _repos(cfg: config.Config) -> Repositories:
-    return Repositories(cfg.storage.repos, cfg.git.max_input_size)
+async def _with_registry(cfg: config.Config, action: Callable[[Registry], Awaitable[int]]) -> int:
+    store = await open_store(cfg.storage.database)
+    try:
+        return await action(Registry(cfg, store))
+    finally:
+        await store.close()
 
 
 async def user_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    name = names.user_name(args.name)
-
-    async def act(store: Store) -> int:
-        await store.create_user(name)
-        await audit.record(store, "user_added", actor=OPERATOR, user=name)
-        out.write(f"created user {name}\n")
+    async def act(reg: Registry) -> int:
+        user = await reg.create_user(args.name, actor=OPERATOR)
+        out.write(f"created user {user.name}\n")
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        users = await store.list_users()
+    async def act(reg: Registry) -> int:
+        users = await reg.list_users()
         if args.json:
             _json([{**asdict(u.user), "keys": u.keys, "apps": u.apps} for u in users], out)
         else:
@@ -73,56 +74,48 @@ async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
             _table(rows, ["USER", "KEYS", "APPS OWNED", "CREATED"], out)
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def user_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        await store.remove_user(args.name)
-        await audit.record(store, "user_removed", actor=OPERATOR, user=args.name)
+    async def act(reg: Registry) -> int:
+        await reg.remove_user(args.name, actor=OPERATOR)
         out.write(f"removed user {args.name} with their keys and memberships\n")
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 def _read_key_input(source: str) -> str:
     if source == "-":
-        return sys.stdin.read(64 * 1024)
+        return sys.stdin.read(MAX_KEY_TEXT)
     try:
         with open(source, encoding="utf-8", errors="replace") as handle:
-            return handle.read(64 * 1024)
+            return handle.read(MAX_KEY_TEXT)
     except OSError as exc:
         raise UsageError(f"cannot read {source}: {exc.strerror}") from None
 
 
 async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    user = names.user_name(args.user)
-    key_name = names.key_name(args.name)
-    key = parse_public_key(_read_key_input(args.file))
+    # Names are checked before the key is read, so a typo does not eat stdin.
+    names.user_name(args.user)
+    names.key_name(args.name)
+    text = _read_key_input(args.file)
 
-    async def act(store: Store) -> int:
-        record = await store.add_key(user, key_name, key)
-        await audit.record(
-            store,
-            "key_added",
-            actor=OPERATOR,
-            fingerprint=record.fingerprint,
-            user=user,
-            key=key_name,
-        )
+    async def act(reg: Registry) -> int:
+        record = await reg.add_key(args.user, args.name, text, actor=OPERATOR)
         out.write(
-            f"added key '{record.name}' to {user}: {record.bits} {record.fingerprint} "
-            f"({key.keygen_type})\n"
+            f"added key '{record.name}' to {record.user_name}: {record.bits} "
+            f"{record.fingerprint} ({KEYGEN_TYPE[record.algorithm]})\n"
         )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        keys = await store.list_keys(args.user)
+    async def act(reg: Registry) -> int:
+        keys = await reg.list_keys(args.user)
         if args.json:
             _json([asdict(k) for k in keys], out)
         else:
@@ -143,55 +136,33 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
             )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        key = await store.remove_key(args.user, args.name)
-        await audit.record(
-            store,
-            "key_removed",
-            actor=OPERATOR,
-            fingerprint=key.fingerprint,
-            user=args.user,
-            key=args.name,
-        )
+    async def act(reg: Registry) -> int:
+        key = await reg.remove_key(args.user, args.name, actor=OPERATOR)
         out.write(f"removed key '{key.name}' ({key.fingerprint}) from {args.user}\n")
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    app = names.app_name(args.app)
-    branch = names.branch_name(args.branch or cfg.deploy.branch)
-    owner = names.user_name(args.owner)
-    repos = _repos(cfg)
-    path = repos.path_for(app)
-    if path.exists():
-        raise GatewayError(f"a repository already exists at {path}: move it away first")
-
-    async def act(store: Store) -> int:
-        await store.create_app(app, owner, branch)
-        try:
-            await asyncio.to_thread(repos.create, app, branch)
-        except BaseException:
-            await store.remove_app(app)
-            raise
-        await audit.record(
-            store, "app_created", actor=OPERATOR, app=app, owner=owner, branch=branch
+    async def act(reg: Registry) -> int:
+        app = await reg.create_app(args.app, args.owner, args.branch, actor=OPERATOR)
+        out.write(
+            f"created app {app.name} (owner {app.owner_name}, deploy branch {app.deploy_branch})\n"
         )
-        out.write(f"created app {app} (owner {owner}, deploy branch {branch})\n")
-        out.write(f"clone URL: {cfg.clone_url(app)}\n")
+        out.write(f"clone URL: {cfg.clone_url(app.name)}\n")
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        apps = await store.list_apps()
+    async def act(reg: Registry) -> int:
+        apps = await reg.list_apps()
         if args.json:
             _json([{**asdict(a), "clone_url": cfg.clone_url(a.name)} for a in apps], out)
         else:
@@ -202,55 +173,27 @@ async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
             _table(rows, ["APP", "OWNER", "BRANCH", "CREATED", "CLONE URL"], out)
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    repos = _repos(cfg)
-
-    async def act(store: Store) -> int:
-        app = await store.get_app(args.app)
-        if app is None:
-            raise GatewayError(f"no such app '{args.app}'")
-        trashed = None
-        if repos.path_for(app.name).exists():
-            trashed = await asyncio.to_thread(repos.trash, app.name)
-        try:
-            await store.remove_app(app.name)
-        except BaseException:
-            if trashed is not None:  # put the repository back where it was
-                trashed.rename(repos.path_for(app.name))
-            raise
-        await audit.record(
-            store, "app_removed", actor=OPERATOR, app=app.name, trash=str(trashed or "")
-        )
-        out.write(f"removed app {app.name}\n")
-        if trashed is not None:
+    async def act(reg: Registry) -> int:
+        removed = await reg.remove_app(args.app, actor=OPERATOR)
+        out.write(f"removed app {removed.app.name}\n")
+        if removed.trashed is not None:
             out.write(
-                f"repository moved to {trashed} (move it back and re-create the app to restore)\n"
+                f"repository moved to {removed.trashed} "
+                "(move it back and re-create the app to restore)\n"
             )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    try:
-        role = Role.parse(args.role)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-    async def act(store: Store) -> int:
-        previous = await store.grant(args.app, args.user, role)
-        await audit.record(
-            store,
-            "member_granted",
-            actor=OPERATOR,
-            app=args.app,
-            user=args.user,
-            role=role.label,
-            previous=previous.label if previous else None,
-        )
+    async def act(reg: Registry) -> int:
+        grant = await reg.grant(args.app, args.user, args.role, actor=OPERATOR)
+        role, previous = grant.role, grant.previous
         if previous is None:
             out.write(f"granted {role.label} on {args.app} to {args.user}\n")
         elif previous is role:
@@ -261,24 +204,21 @@ async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
             )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_revoke(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        role = await store.revoke(args.app, args.user)
-        await audit.record(
-            store, "member_revoked", actor=OPERATOR, app=args.app, user=args.user, role=role.label
-        )
+    async def act(reg: Registry) -> int:
+        role = await reg.revoke(args.app, args.user, actor=OPERATOR)
         out.write(f"revoked {args.user}'s {role.label} access to {args.app}\n")
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        members = await store.list_members(args.app)
+    async def act(reg: Registry) -> int:
+        members = await reg.members(args.app)
         if args.json:
             _json(
                 [
@@ -295,7 +235,45 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
+
+
+async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        token, secret = await reg.create_token(args.name, args.user, actor=OPERATOR)
+        if args.json:
+            _json({**asdict(token), "token": secret}, out)
+            return 0
+        scope = f"personal token of {token.user_name}" if token.personal else "operator token"
+        out.write(f"created {scope} '{token.name}'; it is shown only this once:\n{secret}\n")
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
+async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        tokens = await reg.list_tokens()
+        if args.json:
+            _json([asdict(t) for t in tokens], out)
+        else:
+            rows = [
+                [t.name, t.user_name or "(operator)", t.created_at, t.last_used_at or "never"]
+                for t in tokens
+            ]
+            _table(rows, ["NAME", "USER", "CREATED", "LAST USED"], out)
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
+async def token_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        token = await reg.remove_token(args.name, actor=OPERATOR)
+        out.write(f"removed token '{token.name}'\n")
+        return 0
+
+    return await _with_registry(cfg, act)
 
 
 def _deploy_dict(deploy: Deploy) -> dict[str, Any]:
@@ -305,28 +283,21 @@ def _deploy_dict(deploy: Deploy) -> dict[str, Any]:
 
 
 async def deploy_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        deploys = await store.list_deploys(args.app, limit=args.limit)
+    async def act(reg: Registry) -> int:
+        deploys = await reg.list_deploys(args.app, limit=args.limit)
         if args.json:
             _json([_deploy_dict(d) for d in deploys], out)
         else:
             _table(tables.deploy_rows(deploys), tables.DEPLOY_HEADERS, out)
         return 0
 
-    return await _with_store(cfg, act)
-
-
-async def _get_deploy(store: Store, deploy_id: int) -> Deploy:
-    deploy = await store.get_deploy(deploy_id)
-    if deploy is None:
-        raise NotFound(f"no deploy #{deploy_id}")
-    return deploy
+    return await _with_registry(cfg, act)
 
 
 async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        deploy = await _get_deploy(store, args.id)
-        deliveries = await store.webhook_deliveries(deploy.id)
+    async def act(reg: Registry) -> int:
+        record = await reg.deploy_record(args.id)
+        deploy, deliveries = record.deploy, record.deliveries
         if args.json:
             _json(
                 {**_deploy_dict(deploy), "webhook_deliveries": [asdict(d) for d in deliveries]}, out
@@ -341,11 +312,11 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             )
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_registry(cfg, act)
 
 
 def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    deploy = asyncio.run(_with_store_value(cfg, lambda s: _get_deploy(s, args.id)))
+    deploy = asyncio.run(_with_store_value(cfg, lambda s: Registry(cfg, s).get_deploy(args.id)))
     if args.follow and not deploy.status.finished:
         try:
             code = 1
@@ -360,7 +331,7 @@ def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
             return code
         except control.NotRunning:
             pass  # nothing runs it now: show what is stored
-    out.write(read_log(cfg.deploy.log_dir, args.id))
+    out.write(read_log(cfg.deploy.log_dir, deploy.id))
     if not deploy.status.finished:
         out.write(f"deploy #{deploy.id} is {deploy.status.value}\n")
     if args.follow:
@@ -381,21 +352,12 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     except control.NotRunning:
         pass
 
-    async def offline(store: Store) -> int:
-        # No gateway runs: nothing executes the deploy, so recording the cancel is the cancel.
-        deploy = await _get_deploy(store, args.id)
-        done = await store.finish_deploy(
-            deploy.id, DeployStatus.CANCELLED, utcnow(), reason="cancelled by operator"
-        )
-        if not done:
-            raise GatewayError(f"deploy #{deploy.id} already ended: {deploy.status.value}")
-        await audit.record(
-            store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
-        )
+    async def offline(reg: Registry) -> int:
+        deploy = await reg.record_cancel_offline(args.id, actor=OPERATOR)
         out.write(f"deploy #{deploy.id}: cancelled (the gateway is not running)\n")
         return 0
 
-    return asyncio.run(_with_store(cfg, offline))
+    return asyncio.run(_with_registry(cfg, offline))
 
 
 async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
@@ -537,6 +499,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(apps, "members", app_members, "list who can reach an app")
     p.add_argument("app")
     p.add_argument("--json", action="store_true")
+
+    tokens = groups.add_parser("token", help="manage HTTP API tokens").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = add(tokens, "create", token_create, "create an API token; its secret is shown once")
+    p.add_argument("name", help="a unique name for the token (e.g. console)")
+    p.add_argument(
+        "--user",
+        metavar="USER",
+        help="a personal token acting as USER (their own keys, and the keys page); "
+        "without it, an operator token for the whole API",
+    )
+    p.add_argument("--json", action="store_true")
+    add(tokens, "list", token_list, "list API tokens (never their secrets)").add_argument(
+        "--json", action="store_true"
+    )
+    add(tokens, "remove", token_remove, "revoke an API token").add_argument("name")
 
     deploys = groups.add_parser("deploy", help="see and cancel deploys").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -4,41 +4,57 @@ from __future__ import annotations
 
 
 class GatewayError(Exception):
-    """Base class; ``str(err)`` is the single line shown to the user."""
+    """Base class; ``str(err)`` is the single line shown to the user.
+
+    `code` is the stable machine-readable name the HTTP API returns with it.
+    """
 
     exit_code = 1
+    code = "error"
 
 
 class UsageError(GatewayError):
     """Bad command-line usage or arguments (exit 2)."""
 
     exit_code = 2
+    code = "bad_request"
 
 
 class ConfigError(GatewayError):
     """Invalid or unreadable configuration (exit 2)."""
 
     exit_code = 2
+    code = "config"
 
 
 class NotFound(GatewayError):
     """A user, key or app named by the operator does not exist."""
 
+    code = "not_found"
+
 
 class Conflict(GatewayError):
     """The request clashes with what is already registered."""
+
+    code = "conflict"
 
 
 class InvalidName(GatewayError):
     """A user, key, app or branch name fails its allow-list."""
 
+    code = "invalid_name"
+
 
 class InvalidKey(GatewayError):
     """A public key offered for registration is refused."""
 
+    code = "invalid_key"
+
 
 class KeyInUse(Conflict):
     """The key is already registered on another account."""
+
+    code = "key_in_use"
 
     def __init__(self) -> None:
         super().__init__("this SSH key is already used by another account")
@@ -46,6 +62,8 @@ class KeyInUse(Conflict):
 
 class AccessDenied(GatewayError):
     """Unknown app, forbidden app and invalid path all look the same to the user."""
+
+    code = "not_found"
 
     def __init__(self, name: str) -> None:
         super().__init__(f"repository '{printable(name)}' not found or access denied")
@@ -56,12 +74,26 @@ class UnknownCommand(GatewayError):
     """An SSH command outside the allow-list (git's fatal exit code)."""
 
     exit_code = 128
+    code = "unknown_command"
+
+
+class Unauthorized(GatewayError):
+    """An HTTP request without a valid token."""
+
+    code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    """A valid token that does not allow this request."""
+
+    code = "forbidden"
 
 
 class GitUnavailable(GatewayError):
     """git is missing or older than the supported minimum."""
 
     exit_code = 2
+    code = "git_unavailable"
 
 
 def printable(text: str, limit: int = 80) -> str:

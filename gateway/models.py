@@ -163,3 +163,19 @@ class AuditEvent:
     detail: str = "{}"  # JSON object
     at: str = ""
     id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A bearer token for the HTTP API: an operator's (user_name None) or a user's own."""
+
+    id: int
+    name: str
+    user_id: int | None
+    user_name: str | None
+    created_at: str
+    last_used_at: str | None
+
+    @property
+    def personal(self) -> bool:
+        return self.user_id is not None

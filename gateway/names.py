@@ -43,6 +43,15 @@ def key_name(name: str) -> str:
     return name
 
 
+def token_name(name: str) -> str:
+    if not KEY_NAME.fullmatch(name):
+        raise InvalidName(
+            f"invalid token name '{printable(name)}': use 1-64 letters, digits, '.', '_', '@', "
+            "'+' or '-', starting with a letter or digit"
+        )
+    return name
+
+
 def branch_name(name: str) -> str:
     """A branch name git accepts, restricted to a conservative character set."""
     ok = bool(BRANCH_CHARS.fullmatch(name)) and check_ref_format(f"refs/heads/{name}".encode())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..keys import PublicKey
 from ..models import (
+    ApiToken,
     App,
     AuditEvent,
     Deploy,
@@ -159,7 +160,28 @@ class Store(abc.ABC):
         """Most recent events first, optionally for one app and/or one user (events by
         them, and changes made to their account)."""
 
+    # -- API tokens --
+    @abc.abstractmethod
+    async def create_token(self, name: str, user_name: str | None, token_hash: str) -> ApiToken:
+        """Conflict if the name is taken; NotFound if the user does not exist."""
+
+    @abc.abstractmethod
+    async def list_tokens(self) -> list[ApiToken]: ...
+
+    @abc.abstractmethod
+    async def remove_token(self, name: str) -> ApiToken: ...
+
+    @abc.abstractmethod
+    async def token_by_hash(self, token_hash: str) -> ApiToken | None: ...
+
+    @abc.abstractmethod
+    async def touch_token(self, token_id: int, when: str) -> None: ...
+
     # -- lifecycle --
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the registry cannot be read (readiness probe)."""
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

@@ -16,6 +16,7 @@ import aiosqlite
 from ..errors import Conflict, KeyInUse, NotFound
 from ..keys import PublicKey
 from ..models import (
+    ApiToken,
     App,
     AuditEvent,
     Deploy,
@@ -533,6 +534,56 @@ class SQLiteStore(Store):
             limit,
         )
         return [AuditEvent(*r) for r in rows]
+
+    # -- API tokens --
+
+    async def create_token(self, name: str, user_name: str | None, token_hash: str) -> ApiToken:
+        async with self._transaction() as db:
+            user_id = None if user_name is None else (await self._user_row(user_name)).id
+            try:
+                cur = await db.execute(
+                    "INSERT INTO api_tokens (name, user_id, token_hash, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name, user_id, token_hash, utcnow()),
+                )
+            except sqlite3.IntegrityError:
+                raise Conflict(f"a token named '{name}' already exists") from None
+            return await self._token_where("t.id = ?", cur.lastrowid)  # type: ignore[return-value]
+
+    async def _token_where(self, clause: str, *args: Any) -> ApiToken | None:
+        row = await self._one(
+            "SELECT t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "  # noqa: S608
+            f"FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE {clause}",
+            *args,
+        )
+        return None if row is None else ApiToken(*row)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        rows = await self._all(
+            "SELECT t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "
+            "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id ORDER BY t.name"
+        )
+        return [ApiToken(*r) for r in rows]
+
+    async def remove_token(self, name: str) -> ApiToken:
+        async with self._transaction() as db:
+            token = await self._token_where("t.name = ?", name)
+            if token is None:
+                raise NotFound(f"no token named '{name}'")
+            await db.execute("DELETE FROM api_tokens WHERE id = ?", (token.id,))
+            return token
+
+    async def token_by_hash(self, token_hash: str) -> ApiToken | None:
+        return await self._token_where("t.token_hash = ?", token_hash)
+
+    async def touch_token(self, token_id: int, when: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (when, token_id)
+            )
+
+    async def ping(self) -> None:
+        await self._one("SELECT 1 FROM schema_migrations LIMIT 1")
 
 
 def _statements(sql: str) -> list[str]:

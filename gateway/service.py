@@ -1,0 +1,255 @@
+"""The registry's business rules, shared by the admin CLI and the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import audit, names
+from .config import Config
+from .deploylog import read_log
+from .errors import GatewayError, NotFound, UsageError
+from .keys import parse_public_key
+from .models import ApiToken, App, Deploy, DeployStatus, Member, Role, SSHKey, User, WebhookDelivery
+from .repos import Repositories
+from .store import Store, UserSummary, utcnow
+
+# Tokens are random secrets with a recognisable prefix (so secret scanners can spot a
+# leaked one); only their SHA-256 is stored.
+TOKEN_PREFIX = "ggw_"  # noqa: S105 (a prefix, not a secret)
+MAX_KEY_TEXT = 64 * 1024
+
+
+def hash_token(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8", "replace")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedApp:
+    app: App
+    trashed: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    role: Role
+    previous: Role | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeployRecord:
+    deploy: Deploy
+    deliveries: list[WebhookDelivery]
+
+
+class Registry:
+    """Users, keys, apps, members, deploy records and API tokens.
+
+    Every change is validated here and recorded in the audit trail with `actor`, so the CLI
+    and the API cannot drift apart on a rule or a message.
+    """
+
+    def __init__(self, config: Config, store: Store, repos: Repositories | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.repos = repos or Repositories(config.storage.repos, config.git.max_input_size)
+
+    # -- users --
+
+    async def create_user(self, name: str, *, actor: str) -> User:
+        user = await self.store.create_user(names.user_name(name))
+        await audit.record(self.store, "user_added", actor=actor, user=user.name)
+        return user
+
+    async def list_users(self) -> list[UserSummary]:
+        return await self.store.list_users()
+
+    async def get_user(self, name: str) -> User:
+        return await self.store.get_user(name)
+
+    async def remove_user(self, name: str, *, actor: str) -> User:
+        user = await self.store.remove_user(name)
+        await audit.record(self.store, "user_removed", actor=actor, user=user.name)
+        return user
+
+    # -- keys --
+
+    async def add_key(self, user: str, key_name: str, text: str, *, actor: str) -> SSHKey:
+        """Register a public key (one OpenSSH line) for a user, with the key policy of
+        `keys.parse_public_key` and the one-account-per-key rule of the store."""
+        user = names.user_name(user)
+        key_name = names.key_name(key_name)
+        if len(text) > MAX_KEY_TEXT:
+            raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
+        key = parse_public_key(text)
+        record = await self.store.add_key(user, key_name, key)
+        await audit.record(
+            self.store,
+            "key_added",
+            actor=actor,
+            fingerprint=record.fingerprint,
+            user=user,
+            key=key_name,
+        )
+        return record
+
+    async def list_keys(self, user: str) -> list[SSHKey]:
+        return await self.store.list_keys(user)
+
+    async def remove_key(self, user: str, key_name: str, *, actor: str) -> SSHKey:
+        key = await self.store.remove_key(user, key_name)
+        await audit.record(
+            self.store,
+            "key_removed",
+            actor=actor,
+            fingerprint=key.fingerprint,
+            user=user,
+            key=key_name,
+        )
+        return key
+
+    # -- apps --
+
+    async def create_app(
+        self, name: str, owner: str, branch: str | None = None, *, actor: str
+    ) -> App:
+        """Register an app and create its bare repository; neither exists if either fails."""
+        name = names.app_name(name)
+        branch = names.branch_name(branch or self.config.deploy.branch)
+        owner = names.user_name(owner)
+        path = self.repos.path_for(name)
+        if path.exists():
+            raise GatewayError(f"a repository already exists at {path}: move it away first")
+        app = await self.store.create_app(name, owner, branch)
+        try:
+            await asyncio.to_thread(self.repos.create, name, branch)
+        except BaseException:
+            await self.store.remove_app(name)
+            raise
+        await audit.record(
+            self.store, "app_created", actor=actor, app=name, owner=owner, branch=branch
+        )
+        return app
+
+    async def list_apps(self) -> list[App]:
+        return await self.store.list_apps()
+
+    async def get_app(self, name: str) -> App:
+        app = await self.store.get_app(name)
+        if app is None:
+            raise NotFound(f"no such app '{name}'")
+        return app
+
+    async def remove_app(self, name: str, *, actor: str) -> RemovedApp:
+        """Unregister an app; its repository goes to the trash, from where it can be restored."""
+        app = await self.get_app(name)
+        trashed = None
+        if self.repos.path_for(app.name).exists():
+            trashed = await asyncio.to_thread(self.repos.trash, app.name)
+        try:
+            await self.store.remove_app(app.name)
+        except BaseException:
+            if trashed is not None:  # put the repository back where it was
+                trashed.rename(self.repos.path_for(app.name))
+            raise
+        await audit.record(
+            self.store, "app_removed", actor=actor, app=app.name, trash=str(trashed or "")
+        )
+        return RemovedApp(app, trashed)
+
+    async def grant(self, app: str, user: str, role: str, *, actor: str) -> Grant:
+        try:
+            parsed = Role.parse(role)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        previous = await self.store.grant(app, user, parsed)
+        await audit.record(
+            self.store,
+            "member_granted",
+            actor=actor,
+            app=app,
+            user=user,
+            role=parsed.label,
+            previous=previous.label if previous else None,
+        )
+        return Grant(parsed, previous)
+
+    async def revoke(self, app: str, user: str, *, actor: str) -> Role:
+        role = await self.store.revoke(app, user)
+        await audit.record(
+            self.store, "member_revoked", actor=actor, app=app, user=user, role=role.label
+        )
+        return role
+
+    async def members(self, app: str) -> list[Member]:
+        return await self.store.list_members(app)
+
+    # -- deploys --
+
+    async def list_deploys(self, app: str, limit: int = 20) -> list[Deploy]:
+        if not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        await self.get_app(app)
+        return await self.store.list_deploys(app, limit=limit)
+
+    async def get_deploy(self, deploy_id: int) -> Deploy:
+        deploy = await self.store.get_deploy(deploy_id)
+        if deploy is None:
+            raise NotFound(f"no deploy #{deploy_id}")
+        return deploy
+
+    async def deploy_record(self, deploy_id: int) -> DeployRecord:
+        deploy = await self.get_deploy(deploy_id)
+        return DeployRecord(deploy, await self.store.webhook_deliveries(deploy.id))
+
+    async def deploy_log(self, deploy_id: int) -> str:
+        deploy = await self.get_deploy(deploy_id)
+        return await asyncio.to_thread(read_log, self.config.deploy.log_dir, deploy.id)
+
+    async def record_cancel_offline(self, deploy_id: int, *, actor: str) -> Deploy:
+        """Cancel a deploy while no gateway runs: nothing executes it, so recording the
+        cancel is the cancel."""
+        deploy = await self.get_deploy(deploy_id)
+        done = await self.store.finish_deploy(
+            deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
+        )
+        if not done:
+            raise GatewayError(f"deploy #{deploy.id} already ended: {deploy.status.value}")
+        await audit.record(
+            self.store, "deploy_cancelled", actor=actor, app=deploy.app_name, deploy=deploy.id
+        )
+        return await self.get_deploy(deploy.id)
+
+    # -- API tokens --
+
+    async def create_token(
+        self, name: str, user: str | None = None, *, actor: str
+    ) -> tuple[ApiToken, str]:
+        """A new token and its secret, shown once: only its hash is kept."""
+        name = names.token_name(name)
+        if user is not None:
+            user = names.user_name(user)
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = await self.store.create_token(name, user, hash_token(secret))
+        await audit.record(
+            self.store, "token_created", actor=actor, token=name, user=user or "(operator)"
+        )
+        return token, secret
+
+    async def list_tokens(self) -> list[ApiToken]:
+        return await self.store.list_tokens()
+
+    async def remove_token(self, name: str, *, actor: str) -> ApiToken:
+        token = await self.store.remove_token(name)
+        await audit.record(self.store, "token_removed", actor=actor, token=name)
+        return token
+
+    async def authenticate(self, secret: str) -> ApiToken | None:
+        """The token with this secret, or None. Lookup is by hash: a 256-bit random secret
+        cannot be guessed byte by byte from timing."""
+        if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
+            return None
+        return await self.store.token_by_hash(hash_token(secret))
