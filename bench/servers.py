@@ -77,7 +77,9 @@ class Gateway:
             f'database = "{state / "gw.db"}"\n'
             f'control_socket = "{state / "gw.sock"}"\n'
             "[deploy]\n"
-            f'log_dir = "{state / "deploys"}"\n' + extra
+            f'log_dir = "{state / "deploys"}"\n'
+            "[http]\n"
+            'listen = "127.0.0.1:0"\n' + extra
         )
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -93,6 +94,12 @@ def _public_address(value: Any) -> str:
     return text
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("expected a whole number >= 1")
@@ -173,6 +180,19 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+def _networks(value: Any) -> tuple[str, ...]:
+    """A list of addresses or CIDR blocks, normalized ("10.0.0.0/8", "::1/128")."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError('expected a list of addresses or CIDR blocks, e.g. ["10.0.0.0/8"]')
+    out = []
+    for text in value:
+        try:
+            out.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"invalid address or CIDR block '{text}'") from None
+    return tuple(out)
+
+
 def _setting(raw_default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
     """A config key: its raw default goes through the same parser as file values."""
     return field(metadata={"default": raw_default, "parse": parse, "doc": doc})
@@ -198,6 +218,22 @@ class SSHSettings:
     )
     keepalive_interval: float = _setting(
         30, _seconds, "seconds between keepalives to detect dead clients"
+    )
+    # Behind a TCP load balancer, the PROXY protocol header carries the client's address.
+    # Only balancers in proxy_allowed are believed: anyone else could claim any address.
+    proxy_protocol: str = _setting(
+        "off",
+        _choice("off", "optional", "required"),
+        "PROXY protocol v1/v2 on the SSH listener: off | optional | required",
+    )
+    proxy_allowed: tuple[str, ...] = _setting(
+        [],
+        _networks,
+        "balancer addresses (CIDR) whose PROXY headers are trusted; others are refused "
+        "(required) or served without a header (optional)",
+    )
+    proxy_header_timeout: float = _setting(
+        5, _seconds, "seconds a trusted balancer has to send the PROXY header"
     )
     # Crypto policy: modern algorithms only (no SHA-1 key exchange or signatures, no CBC);
     # asyncssh negotiates strict KEX (Terrapin). AES-GCM is the only cipher offered because
@@ -324,7 +360,13 @@ class DeploySettings:
 @dataclass(frozen=True)
 class HTTPSettings:
     listen: tuple[str, int] | None = _setting(
-        "", _optional_listen, "HTTP endpoint for health and deploy status calls; empty = off"
+        "127.0.0.1:8080",
+        _optional_listen,
+        "HTTP listener: API, keys page, /metrics, /healthz, /readyz, deploy status "
+        "reports; empty = off",
+    )
+    secure_cookies: bool = _setting(
+        False, _bool, "mark the keys page's sign-in cookie Secure (when served over HTTPS)"
     )
     public_url: str = _setting(
         "", _http_url, "base URL webhook receivers use to call back; defaults to listen"
@@ -493,7 +535,9 @@ def _render(name: str, value: Any) -> str:
         return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(value, tuple):
         return json.dumps(list(value))
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if not isinstance(value, int | float):
         return json.dumps(str(value))
     return str(value)
 
@@ -522,7 +566,8 @@ def reference() -> str:
         lines.append(f"[{name}]")
         for spec in fields(cls):
             default = spec.metadata["default"]
-            rendered = f'"{default}"' if isinstance(default, str) else str(default)
+            rendered = _render(spec.name, default) if isinstance(default, bool) else None
+            rendered = rendered or (f'"{default}"' if isinstance(default, str) else str(default))
             lines.append(f"{spec.name} = {rendered}  # {spec.metadata['doc']}")
         lines.append("")
     return "\n".join(lines)

@@ -27,8 +27,9 @@ from typing import Any
 from . import audit, pipelines
 from .config import Config, DeploySettings
 from .deploylog import DeployLog, read_log
-from .errors import GatewayError, NotFound
+from .errors import Conflict, GatewayError, NotFound
 from .logs import q
+from .metrics import Metrics
 from .models import App, Deploy, DeployStatus, Identity, NewDeploy
 from .repos import Repositories
 from .store import Store, utcnow
@@ -109,6 +110,7 @@ class DeployService:
         self.config = config
         self.store = store
         self.repos = repos
+        self.metrics: Metrics | None = None  # set by the server
         self.log_dir = config.deploy.log_dir
         self.sessions: dict[str, PushSession] = {}
         self.jobs: dict[int, Job] = {}
@@ -396,6 +398,8 @@ class DeployService:
         if not await self.store.start_deploy(deploy.id, utcnow()):
             return
         job.started = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.deploys_running.inc()
         settings = job.settings
         log.info("event=deploy_started deploy=%d app=%s", deploy.id, deploy.app_name)
         job.log.write(
@@ -492,6 +496,10 @@ class DeployService:
         final = await self.store.get_deploy(deploy.id) or deploy
         elapsed = time.monotonic() - job.started if job.started is not None else None
         job.elapsed = elapsed
+        if self.metrics is not None:
+            if job.started is not None:
+                self.metrics.deploys_running.dec()
+            self.metrics.deploy_done(final.status.value, elapsed)
         job.log.close(f"----> deploy #{deploy.id} {self.describe(final, elapsed)}\n")
         self.jobs.pop(deploy.id, None)
         if not job.done.done():
@@ -598,7 +606,7 @@ class DeployService:
             deploy = await self.store.get_deploy(deploy_id)
             if deploy is None:
                 raise NotFound(f"no deploy #{deploy_id}")
-            raise GatewayError(f"deploy #{deploy_id} already ended: {deploy.status.value}")
+            raise Conflict(f"deploy #{deploy_id} already ended: {deploy.status.value}")
         reason = f"cancelled by {by}"
         queue = self.queues.get(job.deploy.app_name)
         if queue is not None and job in queue.pending:

@@ -10,7 +10,7 @@ import math
 import secrets
 import signal
 import socket
-from collections import Counter
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
@@ -25,12 +25,15 @@ from .config import Config
 from .control import ControlServer
 from .deploys import DeployService
 from .errors import AccessDenied, ConfigError, GatewayError
-from .http import HTTPServer
 from .limits import Admission, RateLimiter
+from .listener import Listener
 from .logs import q
+from .metrics import Metrics
 from .models import Identity
 from .repos import Repositories
+from .service import Registry
 from .store import Store, open_store, utcnow
+from .web import WebServer
 
 log = logging.getLogger("gateway.server")
 
@@ -106,10 +109,20 @@ def quick_acks(conn: asyncssh.SSHServerConnection) -> None:
 class Connection(asyncssh.SSHServer):
     """One client connection: authentication state and the identity it ends with."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        client: tuple[str, int] | None = None,
+        via: tuple[str, int] | None = None,
+    ) -> None:
         self.gateway = gateway
         self.id = secrets.token_hex(4)
+        # The client's address: from the PROXY header when a trusted balancer sent one.
+        self.client = client
+        self.via = f"{via[0]}:{via[1]}" if via else "-"
         self.peer = "-"
+        self.started = time.monotonic()
+        self.failure_kind = "disconnected"
         self.conn: asyncssh.SSHServerConnection | None = None
         self.identity: Identity | None = None
         self._candidate: Identity | None = None
@@ -118,6 +131,10 @@ class Connection(asyncssh.SSHServer):
         self.address = "-"
         self.admitted = False
         self.sessions = 0
+        self.sessions_total = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.outcome = "ok"
         self.failure = NO_AUTH
         self.closed = asyncio.Event()
 
@@ -125,42 +142,69 @@ class Connection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        peer = conn.get_extra_info("peername") or ("-", 0)
+        peer = self.client or conn.get_extra_info("peername") or ("-", 0)
         self.address = str(peer[0])
-        self.peer = f"{peer[0]}:{peer[1]}"
+        self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        metrics = self.gateway.metrics
         refused = self.gateway.admission.admit(self.address)
         if refused is not None:
             # Closed before our banner, as OpenSSH does past MaxStartups: the client sees
             # "Connection closed by remote host" and may retry.
-            log.warning("event=connection_refused peer=%s reason=%s", self.peer, refused)
-            self.gateway.metrics["connections_refused"] += 1
+            log.warning(
+                "event=connection_refused conn=%s peer=%s via=%s reason=%s",
+                self.id,
+                self.peer,
+                self.via,
+                refused,
+            )
+            metrics.limit_rejections.labels(refused).inc()
             conn.abort()
             return
         self.admitted = True
+        metrics.connections.inc()
+        metrics.connections_open.inc()
         quick_acks(conn)
         decline_env_requests(conn)
         conn.set_extra_info(gateway_connection=self)
         self.gateway.connections.add(self)
-        log.debug("event=connect conn=%s peer=%s", self.id, self.peer)
+        log.info("event=connect conn=%s peer=%s via=%s", self.id, self.peer, self.via)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
         if not self.admitted:
             return
+        metrics = self.gateway.metrics
+        metrics.connections_open.dec()
         self.gateway.connections.discard(self)
         self.gateway.admission.release(self.address, self.identity is not None)
         if self.identity is None:
             if self.failure == NO_AUTH and exc is not None:
                 self.failure = str(exc) or type(exc).__name__
+            metrics.auth.labels(self.failure_kind).inc()
             log.info(
-                "event=auth_failed conn=%s peer=%s attempts=%d reason=%s",
+                "event=auth_failed conn=%s peer=%s attempts=%d fp=%s reason=%s",
                 self.id,
                 self.peer,
                 self.auth_attempts,
+                self.last_fingerprint,
                 q(self.failure),
             )
             self.gateway.audit_auth_failure(self)
-        log.debug("event=disconnect conn=%s reason=%s", self.id, q(exc))
+        # One line per connection that ties it together: who, how long, how much, how it ended.
+        log.info(
+            "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d bytes_in=%d "
+            "bytes_out=%d duration=%.3f outcome=%s reason=%s",
+            self.id,
+            self.peer,
+            self.identity.user_name if self.identity else "-",
+            self.identity.fingerprint if self.identity else self.last_fingerprint,
+            self.sessions_total,
+            self.bytes_in,
+            self.bytes_out,
+            time.monotonic() - self.started,
+            self.outcome if self.identity else "auth_failed",
+            q(exc) if exc else "closed",
+        )
 
     # -- authentication: public keys only --
 
@@ -190,6 +234,8 @@ class Connection(asyncssh.SSHServer):
             # asyncssh has no MaxAuthTries: count every key offered (probes too, since an
             # agent with many keys burns one try per key) and disconnect past the limit.
             self.failure = "too many authentication attempts"
+            self.failure_kind = "too_many_attempts"
+            self.gateway.metrics.limit_rejections.labels("max_auth_attempts").inc()
             raise asyncssh.PermissionDenied("Too many authentication failures")
         if username != self.gateway.config.ssh.user:
             log.info(
@@ -200,6 +246,7 @@ class Connection(asyncssh.SSHServer):
                 fingerprint,
             )
             self.failure = f"SSH user '{username}' is not accepted"
+            self.failure_kind = "bad_user"
             return False
         identity = await identify(self.gateway.store, fingerprint)
         if identity is None:
@@ -210,6 +257,7 @@ class Connection(asyncssh.SSHServer):
                 fingerprint,
             )
             self.failure = "unknown key"
+            self.failure_kind = "unknown_key"
             return False
         self._candidate = identity
         return True
@@ -225,11 +273,13 @@ class Connection(asyncssh.SSHServer):
             return
         self.identity = identity
         self.gateway.admission.authenticated()
+        self.gateway.metrics.auth.labels("ok").inc()
         self.conn.set_extra_info(gateway_identity=identity)
         log.info(
-            "event=auth_ok conn=%s peer=%s user=%s key=%s fp=%s",
+            "event=auth_ok conn=%s peer=%s via=%s user=%s key=%s fp=%s",
             self.id,
             self.peer,
+            self.via,
             identity.user_name,
             q(identity.key_name),
             identity.fingerprint,
@@ -255,15 +305,16 @@ class Gateway:
         self.git: gitbin.Git
         self.deploys: DeployService
         self.control: ControlServer
-        self.http: HTTPServer | None = None
+        self.web: WebServer | None = None
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
         self.admission = Admission(config.limits)
         self.rate = RateLimiter(config.limits.user_ops_per_minute)
-        self.metrics: Counter[str] = Counter()
+        self.metrics = Metrics()
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
-        self._acceptor: asyncssh.SSHAcceptor | None = None
+        self.listener: Listener | None = None
+        self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         self._last_touch: dict[int, float] = {}
 
     @property
@@ -276,14 +327,18 @@ class Gateway:
         log.info("event=git_found path=%s version=%s", self.git.path, self.git.version_text)
         self.store = await open_store(cfg.storage.database)
         self.deploys = DeployService(cfg, self.store, self.repos)
+        self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
             self.repos.ensure_root()
             await self._prepare_repositories()
             await self.control.start()
             if cfg.http.listen is not None:
-                self.http = HTTPServer(*cfg.http.listen, self.deploys)
-                self.deploys.http_address = await self.http.start()
+                registry = Registry(cfg, self.store, self.repos)
+                self.web = WebServer(
+                    cfg, registry, self.deploys, self.metrics, lambda: self.accepting
+                )
+                self.deploys.http_address = await self.web.start()
                 log.info("event=http_listening address=%s:%d", *self.deploys.http_address)
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
@@ -294,10 +349,7 @@ class Gateway:
                     key.get_fingerprint("sha256"),
                 )
             host, port = cfg.ssh.listen
-            self._acceptor = await asyncssh.listen(
-                host,
-                port,
-                server_factory=lambda: Connection(self),
+            self._ssh_options = await asyncssh.SSHServerConnectionOptions.construct(
                 server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
                 process_factory=self.handle_process,
                 encoding=None,
@@ -322,16 +374,17 @@ class Gateway:
                 window=WINDOW,
                 max_pktsize=MAX_PACKET,
                 server_version="git-gateway",
-                reuse_address=True,
             )
+            self.listener = Listener(cfg.ssh, self._handoff, self.metrics)
+            self.listener.start()
         except BaseException:
             await self.deploys.close()
-            if self.http is not None:
-                await self.http.close()
+            if self.web is not None:
+                await self.web.close()
             await self.control.close()
             await self.store.close()
             raise
-        self.addresses = [s.getsockname()[:2] for s in self._acceptor.sockets]
+        self.addresses = self.listener.addresses
         if port == 0:
             # Port 0 asked the OS for a port: clone URLs must show the one it gave.
             ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
@@ -343,18 +396,16 @@ class Gateway:
     async def close(self, drain: float = 0.0) -> None:
         """Stop accepting, let running git operations and deploys finish for up to `drain`
         seconds, then close what is left."""
-        if self._acceptor is not None:
-            self._acceptor.close()
-            await self._acceptor.wait_closed()
-            self._acceptor = None
+        if self.listener is not None:
+            await self.listener.close()
         if drain > 0:
             await self._drain(drain)
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
         await self.deploys.close()
-        if self.http is not None:
-            await self.http.close()
+        if self.web is not None:
+            await self.web.close()
         await self.control.close()
         for task in list(self._background):
             with contextlib.suppress(Exception):
@@ -386,6 +437,20 @@ class Gateway:
             _, left = await asyncio.wait(closing, timeout=max(deadline - loop.time(), 0.1))
             for waiter in left:
                 waiter.cancel()
+
+    async def _handoff(
+        self, sock: socket.socket, client: tuple[str, int], via: tuple[str, int] | None
+    ) -> None:
+        """Run SSH on an accepted socket; returns once the client has authenticated."""
+        await asyncssh.run_server(
+            sock,
+            options=self._ssh_options,
+            server_factory=lambda: Connection(self, client, via),
+        )
+
+    @property
+    def accepting(self) -> bool:
+        return self.listener is not None and self.listener.accepting
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply what can change while running (limits,
@@ -497,15 +562,19 @@ class Gateway:
         if task is not None:
             self.sessions.add(task)
         connection.sessions += 1
+        connection.sessions_total += 1
+        stats = commands.SessionStats()
         try:
             if connection.sessions > self.config.limits.max_sessions_per_connection:
+                self.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
                 raise GatewayError(
                     "too many sessions on this connection "
                     f"(limit {self.config.limits.max_sessions_per_connection})"
                 )
-            code = await self._serve(process, connection)
+            code = await self._serve(process, connection, stats)
         except GatewayError as exc:
             code = exc.exit_code
+            stats.outcome = "denied" if isinstance(exc, AccessDenied) else "refused"
             if isinstance(exc, AccessDenied) and connection.identity is not None:
                 self.spawn(
                     audit.record(
@@ -528,6 +597,7 @@ class Gateway:
             with contextlib.suppress(Exception):
                 stderr.write(f"error: {exc}\n".encode())
         except Exception:
+            stats.outcome = "internal_error"
             reference = secrets.token_hex(4)
             log.exception(
                 "event=internal_error conn=%s ref=%s command=%s",
@@ -539,12 +609,24 @@ class Gateway:
                 stderr.write(f"error: internal error (reference {reference})\n".encode())
         finally:
             connection.sessions -= 1
+            connection.bytes_in += stats.bytes_in
+            connection.bytes_out += stats.bytes_out
+            if stats.outcome != "ok":
+                connection.outcome = stats.outcome
+            self.metrics.commands.labels(
+                commands.command_label(process.command), stats.outcome
+            ).inc()
             if task is not None:
                 self.sessions.discard(task)
             with contextlib.suppress(Exception):
                 process.exit(code)
 
-    async def _serve(self, process: asyncssh.SSHServerProcess, connection: Connection) -> int:
+    async def _serve(
+        self,
+        process: asyncssh.SSHServerProcess,
+        connection: Connection,
+        stats: commands.SessionStats,
+    ) -> int:
         identity = connection.identity
         if identity is None:
             raise GatewayError("not authenticated")
@@ -560,7 +642,7 @@ class Gateway:
         if invocation.command in commands.GIT_SERVICES:
             wait = self.rate.take(identity.user_id)
             if wait > 0:
-                self.metrics["rate_limited"] += 1
+                self.metrics.limit_rejections.labels("user_ops_per_minute").inc()
                 raise GatewayError(
                     f"too many git operations for {identity.user_name} (limit "
                     f"{self.config.limits.user_ops_per_minute} per minute): retry in "
@@ -577,5 +659,7 @@ class Gateway:
             client_protocol=env.get("GIT_PROTOCOL"),
             conn_id=connection.id,
             peer=connection.peer,
+            metrics=self.metrics,
+            stats=stats,
         )
         return await execute(ctx, invocation)

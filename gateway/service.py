@@ -11,7 +11,7 @@ from pathlib import Path
 from . import audit, names
 from .config import Config
 from .deploylog import read_log
-from .errors import GatewayError, NotFound, UsageError
+from .errors import Conflict, GatewayError, NotFound, UsageError
 from .keys import parse_public_key
 from .models import ApiToken, App, Deploy, DeployStatus, Member, Role, SSHKey, User, WebhookDelivery
 from .repos import Repositories
@@ -217,7 +217,7 @@ class Registry:
             deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
         )
         if not done:
-            raise GatewayError(f"deploy #{deploy.id} already ended: {deploy.status.value}")
+            raise Conflict(f"deploy #{deploy.id} already ended: {deploy.status.value}")
         await audit.record(
             self.store, "deploy_cancelled", actor=actor, app=deploy.app_name, deploy=deploy.id
         )

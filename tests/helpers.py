@@ -109,6 +109,7 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
             "control_socket": str(directory / "gw.sock"),
         },
         "deploy": {"log_dir": str(directory / "deploys")},
+        "http": {"listen": "127.0.0.1:0"},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import AccessDenied, InvalidName, UnknownCommand, printable
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..deploys import DeployService
     from ..gitbin import Git
+    from ..metrics import Metrics
     from ..models import Identity
     from ..repos import Repositories
     from ..store import Store
@@ -24,6 +25,26 @@ MAX_COMMAND_LENGTH = 4096
 # git sends the repository path quoted in several forms depending on the URL the user typed:
 # host:app.git -> 'app.git', ssh://host/app.git -> '/app.git', ssh://host/~/app.git -> '~/app.git'.
 GIT_SERVICES = ("git-upload-pack", "git-receive-pack", "git-upload-archive")
+KNOWN_COMMANDS = (*GIT_SERVICES, "info", "deploys", "logs", "cancel")
+
+
+def command_label(command: str | None) -> str:
+    """A bounded metric label for a raw SSH command line (never the client's text)."""
+    words = (command or "").split()
+    if not words:
+        return "info"
+    if len(words) >= 2 and words[0] == "git" and f"git-{words[1]}" in GIT_SERVICES:
+        return f"git-{words[1]}"
+    return words[0] if words[0] in KNOWN_COMMANDS else "other"
+
+
+@dataclass
+class SessionStats:
+    """What a command reports back about its session, for the connection's summary line."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    outcome: str = "ok"
 
 
 @dataclass
@@ -37,6 +58,8 @@ class Context:
     repos: Repositories
     git: Git
     deploys: DeployService
+    metrics: Metrics | None = None
+    stats: SessionStats = field(default_factory=SessionStats)
     client_protocol: str | None = None
     conn_id: str = "-"
     peer: str = "-"

@@ -73,25 +73,42 @@ async def run(ctx: Context, inv: Invocation) -> int:
     finally:
         if session is not None:
             ctx.deploys.close_session(session.token)
+    failed_deploy = session is not None and session.failed
+    if outcome.idle:
+        result = "idle_timeout"
+    elif outcome.client_gone:
+        result = "client_gone"
+    elif outcome.returncode != 0:
+        result = "error"
+    else:
+        result = "deploy_failed" if failed_deploy else "ok"
+    duration = time.monotonic() - started
     log.info(
-        "event=git service=%s app=%s user=%s role=%s protocol=%s rc=%d bytes_in=%d "
-        "bytes_out=%d client_gone=%s duration=%.3f conn=%s",
+        "event=git service=%s app=%s user=%s fp=%s role=%s protocol=%s rc=%d bytes_in=%d "
+        "bytes_out=%d client_gone=%s duration=%.3f outcome=%s conn=%s",
         subcommand,
         app.name,
         ctx.identity.user_name,
+        ctx.identity.fingerprint,
         role.label,
         ctx.client_protocol or "v0",
         outcome.returncode,
         outcome.bytes_in,
         outcome.bytes_out,
         outcome.client_gone,
-        time.monotonic() - started,
+        duration,
+        result,
         ctx.conn_id,
     )
+    ctx.stats.bytes_in += outcome.bytes_in
+    ctx.stats.bytes_out += outcome.bytes_out
+    ctx.stats.outcome = result
+    if ctx.metrics is not None:
+        ctx.metrics.git_done(subcommand, result, duration, outcome.bytes_in, outcome.bytes_out)
     if outcome.idle:
         return 1
     if outcome.returncode != 0:
         return outcome.returncode if outcome.returncode > 0 else 1
     # The refs are stored, but an attached deploy failed: a non-zero exit makes `git push`
     # fail too, so a broken deploy never looks green in a terminal or a CI job.
-    return 1 if session is not None and session.failed else 0
+    return 1 if failed_deploy else 0

@@ -1,0 +1,114 @@
+"""Prometheus metrics of one gateway: connections, auth, git operations, limits, deploys."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from . import __version__
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Clones and pushes range from a ls-remote (ms) to a multi-GB first push (minutes).
+GIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180, 600, 1800)
+DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
+
+
+class Metrics:
+    """One registry per gateway (not the global default), so that several gateways in one
+    process, as in the tests, keep separate counts."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        Info("gateway_build", "git-gateway version", registry=r).info({"version": __version__})
+        self.connections_open = Gauge(
+            "gateway_connections_open", "SSH connections currently open", registry=r
+        )
+        self.connections = Counter(
+            "gateway_connections", "SSH connections accepted (admitted)", registry=r
+        )
+        self.auth = Counter(
+            "gateway_auth_results",
+            "Authentication outcomes by reason",
+            ["result"],
+            registry=r,
+        )
+        self.git_ops = Counter(
+            "gateway_git_operations",
+            "git services served, by verb and outcome",
+            ["verb", "outcome"],
+            registry=r,
+        )
+        self.git_duration = Histogram(
+            "gateway_git_operation_duration_seconds",
+            "Duration of git services, by verb",
+            ["verb"],
+            buckets=GIT_BUCKETS,
+            registry=r,
+        )
+        self.bytes = Counter(
+            "gateway_git_bytes",
+            "Bytes moved by git services: in = from clients, out = to clients",
+            ["direction", "verb"],
+            registry=r,
+        )
+        self.commands = Counter(
+            "gateway_ssh_commands",
+            "SSH commands by name and outcome (git services and the others)",
+            ["command", "outcome"],
+            registry=r,
+        )
+        self.limit_rejections = Counter(
+            "gateway_limit_rejections",
+            "Requests refused by a limit, by limit",
+            ["limit"],
+            registry=r,
+        )
+        self.proxy_rejections = Counter(
+            "gateway_proxy_protocol_rejections",
+            "Connections closed for a missing, malformed or untrusted PROXY header",
+            ["reason"],
+            registry=r,
+        )
+        self.deploys = Counter(
+            "gateway_deploys", "Deploys that ended, by final status", ["status"], registry=r
+        )
+        self.deploy_duration = Histogram(
+            "gateway_deploy_duration_seconds",
+            "Run time of deploys that started, by final status",
+            ["status"],
+            buckets=DEPLOY_BUCKETS,
+            registry=r,
+        )
+        self.deploys_running = Gauge("gateway_deploys_running", "Deploys running now", registry=r)
+        self.http_requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests by route and status code",
+            ["route", "code"],
+            registry=r,
+        )
+
+    def git_done(
+        self, verb: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
+        self.git_ops.labels(verb, outcome).inc()
+        self.git_duration.labels(verb).observe(seconds)
+        self.bytes.labels("in", verb).inc(bytes_in)
+        self.bytes.labels("out", verb).inc(bytes_out)
+
+    def deploy_done(self, status: str, seconds: float | None) -> None:
+        self.deploys.labels(status).inc()
+        if seconds is not None:
+            self.deploy_duration.labels(status).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,280 @@
+"""The SSH keys page: server-rendered HTML where a user lists, adds and deletes their keys.
+
+Sign-in is with a personal API token; the cookie that holds it is HttpOnly and
+SameSite=Strict, and every form carries a CSRF token derived from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import html
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from ..errors import GatewayError
+from ..models import ApiToken, SSHKey
+from ..service import Registry
+from .api import STATUS_OF  # the page answers with the API's status codes
+
+COOKIE = "gw_session"
+PATH = "/keys"
+MAX_FORM = 64 * 1024
+SECURITY_HEADERS = {
+    # No script at all; inline styles only; forms post back here; never framed.
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+}
+
+STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2430}
+header{background:#1d2430;color:#fff;padding:12px 24px;display:flex;align-items:center;
+justify-content:space-between}
+header h1{font-size:17px;margin:0;font-weight:600}
+header form{margin:0}
+main{max-width:980px;margin:24px auto;padding:0 24px}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:18px 22px;
+margin-bottom:20px}
+h2{font-size:16px;margin:0 0 12px}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:7px 8px;border-bottom:1px solid #eceef2;vertical-align:middle}
+th{font-size:12px;text-transform:uppercase;color:#5b6472;letter-spacing:.03em}
+code{font:13px ui-monospace,monospace;word-break:break-all}
+label{display:block;font-weight:600;margin:10px 0 4px}
+input[type=text],input[type=password],textarea{width:100%;box-sizing:border-box;
+padding:8px;border:1px solid #c5cbd3;border-radius:4px;font:13px ui-monospace,monospace}
+textarea{height:110px}
+button{background:#2457c5;color:#fff;border:0;border-radius:4px;padding:8px 16px;
+font-weight:600;cursor:pointer;margin-top:12px}
+button.danger{background:#fff;color:#b42318;border:1px solid #e4a29c;margin:0;padding:5px 12px}
+header button{background:#fff;color:#1d2430;margin:0;padding:5px 12px}
+.error{background:#fdecea;border:1px solid #f5c2bd;color:#8a1c12;padding:10px 14px;
+border-radius:4px;margin-bottom:14px}
+.ok{background:#e8f5ec;border:1px solid #b7dfc3;color:#17603a;padding:10px 14px;
+border-radius:4px;margin-bottom:14px}
+.muted{color:#5b6472}
+"""
+
+
+def csrf_token(secret: str) -> str:
+    return hmac.new(secret.encode(), b"git-gateway keys page csrf", hashlib.sha256).hexdigest()
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _layout(title: str, body: str, user: str | None = None, csrf: str = "") -> str:
+    signout = ""
+    if user is not None:
+        signout = (
+            f'<form method="post" action="{PATH}/signout">'
+            f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
+            f'<span class="muted" style="color:#c9d1dc">{_e(user)}</span> '
+            '<button type="submit">Sign out</button></form>'
+        )
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name=viewport content="width=device-width,initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>git-gateway · SSH keys</h1>{signout}</header><main>{body}</main>"
+        "</body></html>"
+    )
+
+
+def _notice(error: str | None, ok: str | None) -> str:
+    if error:
+        return f'<div class="error" role="alert" id="error">{_e(error)}</div>'
+    if ok:
+        return f'<div class="ok" role="status" id="notice">{_e(ok)}</div>'
+    return ""
+
+
+def signin_page(error: str | None = None) -> str:
+    body = (
+        "<section><h2>Sign in</h2>"
+        + _notice(error, None)
+        + f'<form method="post" action="{PATH}/signin">'
+        '<label for="token">Personal access token</label>'
+        '<input type="password" id="token" name="token" autocomplete="off" required>'
+        '<p class="muted">Your operator creates it with '
+        "<code>git-gateway token create NAME --user YOU</code>.</p>"
+        '<button type="submit">Sign in</button></form></section>'
+    )
+    return _layout("Sign in · SSH keys", body)
+
+
+def keys_page(
+    user: str,
+    keys: list[SSHKey],
+    csrf: str,
+    *,
+    error: str | None = None,
+    ok: str | None = None,
+    form: dict[str, str] | None = None,
+) -> str:
+    form = form or {}
+    if keys:
+        rows = "".join(
+            f'<tr data-key="{_e(k.name)}"><td>{_e(k.name)}</td><td>{_e(k.algorithm)}</td>'
+            f"<td><code>{_e(k.fingerprint)}</code></td><td>{_e(k.created_at)}</td>"
+            f"<td>{_e(k.last_used_at or 'never')}</td><td>"
+            f'<form method="post" action="{PATH}/delete">'
+            f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
+            f'<input type="hidden" name="name" value="{_e(k.name)}">'
+            f'<button class="danger" type="submit" aria-label="Delete {_e(k.name)}">Delete'
+            "</button></form></td></tr>"
+            for k in keys
+        )
+        table = (
+            '<table id="keys"><thead><tr><th>Name</th><th>Type</th><th>Fingerprint</th>'
+            f"<th>Added</th><th>Last used</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+        )
+    else:
+        table = '<p class="muted" id="no-keys">No SSH key yet: add one below to push with git.</p>'
+    body = (
+        _notice(error, ok)
+        + f"<section><h2>Your SSH keys</h2>{table}</section>"
+        + "<section><h2>Add an SSH key</h2>"
+        f'<form method="post" action="{PATH}">'
+        f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
+        '<label for="name">Name</label>'
+        f'<input type="text" id="name" name="name" placeholder="laptop" '
+        f'value="{_e(form.get("name", ""))}" required maxlength="64">'
+        '<label for="key">Public key</label>'
+        '<textarea id="key" name="key" required placeholder="ssh-ed25519 AAAA... you@example.com">'
+        f"{_e(form.get('key', ''))}</textarea>"
+        '<p class="muted">Paste the whole content of your <code>~/.ssh/id_ed25519.pub</code> '
+        "(create one with <code>ssh-keygen -t ed25519 -C you@example.com</code>). "
+        "A key belongs to one account only.</p>"
+        '<button type="submit">Add key</button></form></section>'
+    )
+    return _layout("SSH keys", body, user, csrf)
+
+
+class KeysPage:
+    def __init__(self, registry: Registry, secure_cookies: bool) -> None:
+        self.registry = registry
+        self.secure = secure_cookies
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get(PATH, self.show),
+            web.post(PATH, self.add),
+            web.post(f"{PATH}/delete", self.delete),
+            web.post(f"{PATH}/signin", self.signin),
+            web.post(f"{PATH}/signout", self.signout),
+        ]
+
+    @staticmethod
+    def _html(text: str, status: int = 200) -> web.Response:
+        return web.Response(
+            text=text, status=status, content_type="text/html", headers=SECURITY_HEADERS
+        )
+
+    @staticmethod
+    def _redirect(query: str = "") -> web.Response:
+        return web.Response(status=303, headers={**SECURITY_HEADERS, "Location": PATH + query})
+
+    async def _session(self, request: web.Request) -> tuple[ApiToken, str] | None:
+        secret = request.cookies.get(COOKIE, "")
+        token = await self.registry.authenticate(secret) if secret else None
+        if token is None or not token.personal:
+            return None
+        return token, secret
+
+    async def _form(self, request: web.Request) -> dict[str, str]:
+        data = await request.post()
+        return {k: v for k, v in data.items() if isinstance(v, str)}
+
+    async def show(self, request: web.Request) -> web.Response:
+        session = await self._session(request)
+        if session is None:
+            return self._html(signin_page())
+        token, secret = session
+        ok = None
+        if "added" in request.query:
+            ok = f"Key '{request.query['added'][:64]}' added."
+        elif "deleted" in request.query:
+            ok = f"Key '{request.query['deleted'][:64]}' deleted."
+        return await self._render(token, secret, ok=ok)
+
+    async def _render(
+        self, token: ApiToken, secret: str, status: int = 200, **kw: Any
+    ) -> web.Response:
+        user = token.user_name or ""  # sessions only hold personal tokens
+        keys = await self.registry.list_keys(user)
+        return self._html(keys_page(user, keys, csrf_token(secret), **kw), status)
+
+    async def _authorized_form(
+        self, request: web.Request
+    ) -> tuple[ApiToken, str, dict[str, str]] | web.Response:
+        session = await self._session(request)
+        if session is None:
+            return self._html(signin_page("Your session has ended: sign in again."), 401)
+        form = await self._form(request)
+        token, secret = session
+        if not hmac.compare_digest(form.get("csrf", ""), csrf_token(secret)):
+            return self._html(signin_page("The form expired: sign in again."), 403)
+        return token, secret, form
+
+    async def add(self, request: web.Request) -> web.Response:
+        checked = await self._authorized_form(request)
+        if isinstance(checked, web.Response):
+            return checked
+        token, secret, form = checked
+        user = token.user_name or ""
+        name, text = form.get("name", "").strip(), form.get("key", "")
+        try:
+            key = await self.registry.add_key(user, name, text, actor=user)
+        except GatewayError as exc:
+            return await self._render(
+                token, secret, STATUS_OF.get(exc.code, 400), error=str(exc), form=form
+            )
+        return self._redirect(f"?added={quote(key.name)}")
+
+    async def delete(self, request: web.Request) -> web.Response:
+        checked = await self._authorized_form(request)
+        if isinstance(checked, web.Response):
+            return checked
+        token, secret, form = checked
+        user = token.user_name or ""
+        try:
+            key = await self.registry.remove_key(user, form.get("name", ""), actor=user)
+        except GatewayError as exc:
+            return await self._render(token, secret, STATUS_OF.get(exc.code, 400), error=str(exc))
+        return self._redirect(f"?deleted={quote(key.name)}")
+
+    async def signin(self, request: web.Request) -> web.Response:
+        secret = (await self._form(request)).get("token", "").strip()
+        token = await self.registry.authenticate(secret)
+        if token is None:
+            return self._html(signin_page("Unknown token."), 401)
+        if not token.personal:
+            return self._html(
+                signin_page("This is an operator token: sign in with a personal token."), 403
+            )
+        response = self._redirect()
+        response.set_cookie(
+            COOKIE,
+            secret,
+            path=PATH,
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure,
+            max_age=8 * 3600,
+        )
+        return response
+
+    async def signout(self, request: web.Request) -> web.Response:
+        response = self._redirect()
+        response.del_cookie(COOKIE, path=PATH)
+        return response
