@@ -244,7 +244,13 @@ class Registry:
 
     async def remove_token(self, name: str, *, actor: str) -> ApiToken:
         token = await self.store.remove_token(name)
-        await audit.record(self.store, "token_removed", actor=actor, token=name)
+        await audit.record(
+            self.store,
+            "token_removed",
+            actor=actor,
+            token=name,
+            user=token.user_name or "(operator)",
+        )
         return token
 
     async def authenticate(self, secret: str) -> ApiToken | None:

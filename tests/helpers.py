@@ -13,6 +13,7 @@ import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway import cli
 from gateway import config as gwconfig
@@ -425,3 +426,44 @@ def ssh_connect(port: int, *keys: object, **options: object):  # type: ignore[no
     }
     settings.update(options)
     return asyncssh.connect("127.0.0.1", port, **settings)
+
+
+def http_base(server: ServerThread) -> str:
+    """The base URL of a test gateway's HTTP listener."""
+    address = server.gateway.deploys.http_address
+    assert address is not None, "the gateway's HTTP listener is off"
+    return f"http://{address[0]}:{address[1]}"
+
+
+@dataclass
+class HTTPReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+def http(
+    method: str,
+    url: str,
+    token: str | None = None,
+    body: object = None,
+    raw: bytes | None = None,
+) -> HTTPReply:
+    """One HTTP request (urllib, blocking: the server runs in its own thread or process)."""
+    import urllib.error
+    import urllib.request
+
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as reply:
+            return HTTPReply(reply.status, dict(reply.headers), reply.read())
+    except urllib.error.HTTPError as err:
+        return HTTPReply(err.code, dict(err.headers), err.read())

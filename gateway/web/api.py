@@ -307,7 +307,9 @@ APP = _object(
     }
 )
 REMOVED_APP = {**APP, "properties": {**APP["properties"], "trashed_to": _STR}}
-MEMBER = _object({"user": _STR, "role": {"enum": ["read", "write", "admin"]}, "since": _STR})
+MEMBER = _object(
+    {"user": _STR, "role": {"enum": ["read", "write", "admin", "owner"]}, "since": _STR}
+)
 GRANT = _object(
     {
         "user": _STR,
