@@ -94,9 +94,7 @@ def test_metrics_count_connections_auth_git_and_limits(
 def test_limit_rejections_are_counted(tmp_path: Path) -> None:
     from tests.helpers import banner, raw
 
-    server = ServerThread(
-        write_config(tmp_path, limits={"max_connections_per_address": 1})
-    ).start()
+    server = ServerThread(write_config(tmp_path, limits={"max_connections_per_address": 1})).start()
     try:
         first = raw(server)
         server.wait_until(lambda: server.gateway.admission.total == 1)
@@ -105,9 +103,9 @@ def test_limit_rejections_are_counted(tmp_path: Path) -> None:
         first.close()
         second.close()
         text = metrics(server)
-        assert sample(
-            text, "gateway_limit_rejections_total", limit="max_connections_per_address"
-        ) == 1
+        assert (
+            sample(text, "gateway_limit_rejections_total", limit="max_connections_per_address") == 1
+        )
     finally:
         server.stop()
 
