@@ -46,6 +46,7 @@ margin-bottom:20px}
 h2{font-size:16px;margin:0 0 12px}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:7px 8px;border-bottom:1px solid #eceef2;vertical-align:middle}
+td:not(:nth-child(3)){white-space:nowrap}
 th{font-size:12px;text-transform:uppercase;color:#5b6472;letter-spacing:.03em}
 code{font:13px ui-monospace,monospace;word-break:break-all}
 label{display:block;font-weight:600;margin:10px 0 4px}

@@ -1,0 +1,172 @@
+"""The SSH keys page in real headless Chromium: sign in, add a key, push with it, delete it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import Admin, Client, ServerThread, http_base, keygen, keygen_fingerprint, unique
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# CI sets this, so that a missing browser fails the run instead of skipping the test.
+REQUIRED = os.environ.get("GATEWAY_REQUIRE_BROWSER") == "1"
+# As the machine's notes say: without these, Chromium keeps trying to reach Google's hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if REQUIRED:
+            raise
+        pytest.skip("playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        if REQUIRED:
+            pytest.fail(f"chromium not found at {CHROMIUM}")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    yield tab
+    context.close()
+
+
+def cli(admin: Admin, *args: str) -> str:
+    """The admin CLI, from a thread of its own: Playwright's sync API keeps an event loop
+    running in the test's thread, and the CLI starts one with asyncio.run."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(admin.ok, *args).result()
+
+
+def personal_token(admin: Admin, user: str) -> str:
+    return json.loads(cli(admin, "token", "create", unique("web"), "--user", user, "--json"))[
+        "token"
+    ]
+
+
+def test_add_a_key_in_the_page_then_push_with_it(
+    server: ServerThread, admin: Admin, page: Any, tmp_path: Path
+) -> None:
+    user, other, app = unique("webu"), unique("webo"), unique("webapp")
+    for name in (user, other):
+        cli(admin, "user", "add", name)
+    cli(admin, "app", "create", app, "--owner", user)
+    token = personal_token(admin, user)
+    key = keygen(tmp_path / "id_ed25519", comment=f"{user}@laptop")
+    taken = keygen(tmp_path / "other_key")
+    cli(admin, "key", "add", other, "theirs", f"{taken}.pub")
+    base = http_base(server)
+
+    # Signing in: a wrong token is refused, the personal token opens the page.
+    page.goto(f"{base}/keys")
+    page.fill("#token", "ggw_wrong")
+    page.click('button:has-text("Sign in")')
+    assert page.text_content("#error") == "Unknown token."
+    page.fill("#token", token)
+    page.click('button:has-text("Sign in")')
+    assert page.is_visible("#no-keys")
+
+    # Adding: the key shows with its SHA256 fingerprint, exactly as ssh-keygen prints it.
+    page.fill("#name", "laptop")
+    page.fill("#key", Path(f"{key}.pub").read_text())
+    page.click('button:has-text("Add key")')
+    assert page.text_content("#notice") == "Key 'laptop' added."
+    row = page.locator('tr[data-key="laptop"]')
+    assert keygen_fingerprint(Path(f"{key}.pub")) in row.inner_text()
+    assert "ssh-ed25519" in row.inner_text() and "never" in row.inner_text()
+
+    # The API's messages: a key of another account, a bad key, a duplicate name.
+    page.fill("#name", "stolen")
+    page.fill("#key", Path(f"{taken}.pub").read_text())
+    page.click('button:has-text("Add key")')
+    assert page.text_content("#error") == "this SSH key is already used by another account"
+    assert page.input_value("#name") == "stolen"  # the form keeps what was typed
+    bad = "ssh-ed25519 not-base64"
+    page.fill("#key", bad)
+    page.click('button:has-text("Add key")')
+    with ThreadPoolExecutor(1) as pool:
+        _, _, err = pool.submit(admin, "key", "add", user, "x", "-", stdin=bad).result()
+    assert f"error: {page.text_content('#error')}\n" == err
+    page.fill("#name", "laptop")
+    page.fill("#key", Path(f"{tmp_path / 'id_ed25519'}.pub").read_text())
+    page.click('button:has-text("Add key")')
+    assert "already registered" in page.text_content("#error")
+    assert page.locator("#keys tbody tr").count() == 1
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.goto(f"{base}/keys")
+    page.screenshot(path=str(ARTIFACTS / "keys-page.png"), full_page=True)
+
+    # The key added in the page pushes.
+    client = Client(tmp_path / "home", key, server, name=user)
+    repo = client.new_repo(tmp_path / "work")
+    client.git("push", "-q", client.url(app), "main", cwd=repo, check=True)
+    page.reload()
+    assert "never" not in page.locator('tr[data-key="laptop"]').inner_text()
+
+    # Deleting it in the page locks that key out.
+    page.click('button[aria-label="Delete laptop"]')
+    assert page.text_content("#notice") == "Key 'laptop' deleted."
+    assert page.is_visible("#no-keys")
+    assert client.git("ls-remote", client.url(app), check=False).returncode != 0
+
+    # Signing out ends the session.
+    page.click('button:has-text("Sign out")')
+    assert page.is_visible("#token")
+    events = json.loads(cli(admin, "audit", "--user", user, "--json"))
+    assert {"key_added", "key_removed"} <= {e["event"] for e in events if e["actor"] == user}
+
+
+def test_forms_need_the_session_and_its_csrf_token(
+    server: ServerThread, admin: Admin, page: Any, tmp_path: Path
+) -> None:
+    user = unique("csrf")
+    cli(admin, "user", "add", user)
+    token = personal_token(admin, user)
+    base = http_base(server)
+    page.goto(f"{base}/keys")
+    page.fill("#token", token)
+    page.click('button:has-text("Sign in")')
+    cookie = next(c for c in page.context.cookies() if c["name"] == "gw_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/keys"
+    # A post without the page's CSRF token (as a forged cross-site form would be) is refused.
+    pub = Path(f"{keygen(tmp_path / 'k')}.pub").read_text()
+    reply = page.request.post(f"{base}/keys", form={"name": "x", "key": pub, "csrf": "forged"})
+    assert reply.status == 403
+    assert json.loads(cli(admin, "key", "list", user, "--json")) == []
+    headers = page.request.get(f"{base}/keys").headers
+    assert "default-src 'none'" in headers["content-security-policy"]
+    # An operator token cannot sign in to the page.
+    page.context.clear_cookies()
+    page.goto(f"{base}/keys")
+    ops = json.loads(cli(admin, "token", "create", unique("opsweb"), "--json"))["token"]
+    page.fill("#token", ops)
+    page.click('button:has-text("Sign in")')
+    assert "operator token" in page.text_content("#error")
