@@ -34,6 +34,11 @@ def test_committed_default_file_matches_embedded_defaults():
         assert getattr(committed, section) == getattr(embedded, section)
 
 
+def test_committed_example_is_generated_from_the_settings_table():
+    # Regenerate with: python -m gateway.config > config/gateway.toml
+    assert (ROOT / "config" / "gateway.toml").read_text() == config.example()
+
+
 def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     for section, cls in config.SECTIONS.items():
