@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # CI sets this, so that a missing browser fails the run instead of skipping the test.
-REQUIRED = os.environ.get("GATEWAY_REQUIRE_BROWSER") == "1"
+REQUIRED = os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1"
 # As the machine's notes say: without these, Chromium keeps trying to reach Google's hosts.
 CHROMIUM_ARGS = [
     "--no-sandbox",
