@@ -15,8 +15,7 @@ from . import __version__, config, control, gitbin, logs, names, tables
 from .deploylog import read_log
 from .errors import GatewayError, UsageError
 from .keys import KEYGEN_TYPE
-from .models import Deploy
-from .service import MAX_KEY_TEXT, Registry
+from .service import MAX_KEY_TEXT, Registry, deploy_dict, deploy_record_dict, user_dict
 from .store import Store, open_store
 
 log = logging.getLogger("gateway.cli")
@@ -68,7 +67,7 @@ async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
     async def act(reg: Registry) -> int:
         users = await reg.list_users()
         if args.json:
-            _json([{**asdict(u.user), "keys": u.keys, "apps": u.apps} for u in users], out)
+            _json([user_dict(u) for u in users], out)
         else:
             rows = [[u.user.name, str(u.keys), str(u.apps), u.user.created_at] for u in users]
             _table(rows, ["USER", "KEYS", "APPS OWNED", "CREATED"], out)
@@ -276,17 +275,11 @@ async def token_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO
     return await _with_registry(cfg, act)
 
 
-def _deploy_dict(deploy: Deploy) -> dict[str, Any]:
-    data = asdict(deploy)
-    data["status"] = deploy.status.value
-    return data
-
-
 async def deploy_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
         deploys = await reg.list_deploys(args.app, limit=args.limit)
         if args.json:
-            _json([_deploy_dict(d) for d in deploys], out)
+            _json([deploy_dict(d) for d in deploys], out)
         else:
             _table(tables.deploy_rows(deploys), tables.DEPLOY_HEADERS, out)
         return 0
@@ -299,11 +292,9 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
         record = await reg.deploy_record(args.id)
         deploy, deliveries = record.deploy, record.deliveries
         if args.json:
-            _json(
-                {**_deploy_dict(deploy), "webhook_deliveries": [asdict(d) for d in deliveries]}, out
-            )
+            _json(deploy_record_dict(record), out)
             return 0
-        for key, value in _deploy_dict(deploy).items():
+        for key, value in deploy_dict(deploy).items():
             out.write(f"{key + ':':<17}{'' if value is None else value}\n")
         for d in deliveries:
             result = d.status_code if d.status_code is not None else d.error

@@ -12,8 +12,8 @@ from aiohttp import web
 from .. import audit
 from ..deploys import DeployService
 from ..errors import Forbidden, GatewayError, UsageError
-from ..models import ApiToken, App, Deploy, SSHKey
-from ..service import Registry
+from ..models import ApiToken, App, SSHKey
+from ..service import Registry, deploy_dict, deploy_record_dict, user_dict
 from ..store import UserSummary
 
 PREFIX = "/api/v1"
@@ -81,10 +81,6 @@ class Route:
 # -- JSON shapes --
 
 
-def user_json(summary: UserSummary) -> dict[str, Any]:
-    return {**asdict(summary.user), "keys": summary.keys, "apps": summary.apps}
-
-
 def key_json(key: SSHKey) -> dict[str, Any]:
     data = asdict(key)
     data.pop("user_id")
@@ -98,23 +94,17 @@ def app_json(app: App, call: Call) -> dict[str, Any]:
     return data
 
 
-def deploy_json(deploy: Deploy) -> dict[str, Any]:
-    data = asdict(deploy)
-    data["status"] = deploy.status.value
-    return data
-
-
 # -- handlers --
 
 
 async def list_users(call: Call) -> tuple[int, Any]:
-    return 200, [user_json(u) for u in await call.registry.list_users()]
+    return 200, [user_dict(u) for u in await call.registry.list_users()]
 
 
 async def create_user(call: Call) -> tuple[int, Any]:
     body = await call.body()
     user = await call.registry.create_user(string(body, "name") or "", actor=call.actor)
-    return 201, user_json(UserSummary(user, 0, 0))
+    return 201, user_dict(UserSummary(user, 0, 0))
 
 
 async def get_user(call: Call) -> tuple[int, Any]:
@@ -122,8 +112,8 @@ async def get_user(call: Call) -> tuple[int, Any]:
     user = await call.registry.get_user(name)
     for summary in await call.registry.list_users():
         if summary.user.id == user.id:
-            return 200, user_json(summary)
-    return 200, user_json(UserSummary(user, 0, 0))
+            return 200, user_dict(summary)
+    return 200, user_dict(UserSummary(user, 0, 0))
 
 
 async def remove_user(call: Call) -> tuple[int, Any]:
@@ -229,15 +219,12 @@ async def list_deploys(call: Call) -> tuple[int, Any]:
     if not text.isdigit():
         raise UsageError("limit must be a whole number")
     deploys = await call.registry.list_deploys(call.param("app"), limit=int(text))
-    return 200, [deploy_json(d) for d in deploys]
+    return 200, [deploy_dict(d) for d in deploys]
 
 
 async def get_deploy(call: Call) -> tuple[int, Any]:
     record = await call.registry.deploy_record(call.deploy_id())
-    return 200, {
-        **deploy_json(record.deploy),
-        "webhook_deliveries": [asdict(d) for d in record.deliveries],
-    }
+    return 200, deploy_record_dict(record)
 
 
 async def deploy_log(call: Call) -> tuple[int, Any]:
@@ -260,7 +247,7 @@ async def cancel_deploy(call: Call) -> tuple[int, Any]:
         app=final.app_name,
         deploy=final.id,
     )
-    return 200, deploy_json(final)
+    return 200, deploy_dict(final)
 
 
 # -- schemas --
