@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +66,7 @@ async def run(
     hangup: asyncio.Event | None = None,
     idle_timeout: float | None = None,
     label: str = "",
+    started: Callable[[int], None] | None = None,
 ) -> Outcome:
     """Run argv with its stdio connected to the channel; return when it has exited.
 
@@ -73,6 +74,7 @@ async def run(
     receive-pack must be left to finish (or fail) on its own, because killing it between
     ref updates is exactly what could leave a repository half-updated. `hangup`, if given,
     is set when the client goes away, so others (a deploy being watched) can react.
+    `started` is called with the process id as soon as it exists.
     A transfer with no byte in either direction for `idle_timeout` seconds is terminated:
     a stalled client must not hold a git process (and its locks) forever.
     """
@@ -87,6 +89,8 @@ async def run(
         # Own process group: a termination reaches git's helpers (pack-objects...) too.
         start_new_session=True,
     )
+    if started is not None:
+        started(proc.pid)
     if label:
         log.info("event=process_started pid=%d %s", proc.pid, label)
     hangup = hangup if hangup is not None else asyncio.Event()

@@ -406,9 +406,17 @@ def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
 
 
 def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    from .deploys import sandbox  # builds a test sandbox per configured command pipeline
+
     git = gitbin.locate(cfg.git.binary)
+    warnings = asyncio.run(sandbox.check(cfg))
+    for warning in warnings:
+        out.write(f"warning: {warning}\n")
+    built = [label for label, box in sandbox.sandboxes(cfg).items() if box.enabled]
+    sandboxed = f"; deploy sandbox ok for {', '.join(built)}" if built else ""
     out.write(
-        f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}\n"
+        f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
+        f"{sandboxed}\n"
     )
     return 0
 

@@ -117,6 +117,43 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _paths(value: Any) -> tuple[Path, ...]:
+    """A list of absolute paths (bound into the deploy sandbox at the same place)."""
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError('expected a list of absolute paths, e.g. ["/opt/node"]')
+    out = []
+    for text in value:
+        path = Path(text).expanduser()
+        if not path.is_absolute() or "\x00" in text:
+            raise ValueError(f"'{text}' is not an absolute path")
+        # The sandbox's own layout (system, /tmp, /proc, the export) cannot be replaced.
+        normalized = Path(os.path.normpath(path))
+        if normalized in _SANDBOX_RESERVED or normalized == Path("/"):
+            raise ValueError(f"'{text}' is part of the sandbox's own layout")
+        out.append(normalized)
+    return tuple(out)
+
+
+# Paths the deploy sandbox builds itself; operators' extra binds may not shadow them.
+_SANDBOX_RESERVED = frozenset(
+    Path(p)
+    for p in ("/proc", "/dev", "/tmp", "/etc", "/usr", "/app", "/run", "/var/tmp")  # noqa: S108
+)
+
+
+def _sandbox_user(value: Any) -> str:
+    text = _string(value).strip()
+    if text and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}\$?|\d{1,10}", text):
+        raise ValueError(f"invalid user name '{text}'")
+    return text
+
+
+def _seconds_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of seconds >= 1")
+    return value
+
+
 def _branch(value: Any) -> str:
     from .errors import InvalidName
     from .names import branch_name
@@ -355,6 +392,53 @@ class DeploySettings:
     webhook_backoff: float = _setting(
         1, _seconds, "seconds before the first webhook retry; doubles each time (max 60)"
     )
+    # The sandbox every deploy command runs in (see README "What a deploy can see").
+    sandbox: str = _setting(
+        "bubblewrap",
+        _choice("bubblewrap", "none"),
+        'bubblewrap: deploy commands run in a bubblewrap sandbox; "none": as the gateway '
+        "itself, with everything it can reach (single-tenant installations only)",
+    )
+    sandbox_read_paths: tuple[Path, ...] = _setting(
+        [],
+        _paths,
+        "extra host paths bound read-only into the sandbox at the same place (a toolchain "
+        "outside /usr, the operator's deploy program and its interpreter)",
+    )
+    sandbox_write_paths: tuple[Path, ...] = _setting(
+        [], _paths, "extra host paths bound writable into the sandbox (e.g. a shared build cache)"
+    )
+    network: bool = _setting(True, _bool, "deploy commands may use the network (false: none)")
+    sandbox_user: str = _setting(
+        "",
+        _sandbox_user,
+        "user (name or uid) deploy commands run as when the gateway runs as root (required "
+        "then); otherwise they run as the gateway's own user",
+    )
+    build_dir: Path = _setting(
+        "var/builds", _path, "where each deploy's export directory is created (then removed)"
+    )
+    max_export_size: int = _setting(
+        "1G", _size, "largest tree a deploy exports (the tar stream of the pushed commit)"
+    )
+    max_output: int = _setting(
+        "1G", _size, "output a deploy may print before it is stopped (the log keeps its tail)"
+    )
+    max_cpu_seconds: int = _setting(
+        900, _seconds_int, "CPU seconds each process of a deploy may use (RLIMIT_CPU)"
+    )
+    max_memory: int = _setting(
+        "2G", _size, "memory each process of a deploy may allocate (RLIMIT_DATA)"
+    )
+    max_processes: int = _setting(
+        1024,
+        _count,
+        "processes and threads of the sandbox user, counted across all its running deploys "
+        "(RLIMIT_NPROC)",
+    )
+    max_file_size: int = _setting("1G", _size, "largest file a deploy may write (RLIMIT_FSIZE)")
+    max_open_files: int = _setting(1024, _count, "open files per deploy process (RLIMIT_NOFILE)")
+    max_tmp_size: int = _setting("512M", _size, "size of the deploy's private /tmp (in memory)")
 
 
 @dataclass(frozen=True)
@@ -374,7 +458,26 @@ class HTTPSettings:
 
 
 # Keys an app may override in [apps.NAME]; everything else is global.
-APP_OVERRIDABLE = ("command", "webhook_url", "webhook_secret", "mode", "timeout")
+APP_OVERRIDABLE = (
+    "command",
+    "webhook_url",
+    "webhook_secret",
+    "mode",
+    "timeout",
+    "sandbox",
+    "sandbox_read_paths",
+    "sandbox_write_paths",
+    "network",
+    "sandbox_user",
+    "max_export_size",
+    "max_output",
+    "max_cpu_seconds",
+    "max_memory",
+    "max_processes",
+    "max_file_size",
+    "max_open_files",
+    "max_tmp_size",
+)
 
 SECTIONS: dict[str, type] = {
     "ssh": SSHSettings,
@@ -487,6 +590,39 @@ def _check_pipelines(cfg: Config) -> None:
             raise ConfigError(f"config: {label}: set either command or webhook_url, not both")
 
 
+_STATE_FILES = ("[storage] database", "[storage] control_socket", "the configuration file")
+
+
+def _check_sandbox_paths(cfg: Config) -> None:
+    """Extra sandbox binds must not expose the gateway's own state: a bind shows everything
+    below it, so none may contain (or lie inside) the registry, repositories, host keys,
+    control socket, deploy logs, build directories or this file."""
+    private = {
+        "[storage] repos": cfg.storage.repos,
+        "[storage] database": cfg.storage.database,
+        "[storage] control_socket": cfg.storage.control_socket,
+        "[ssh] host_key_dir": cfg.ssh.host_key_dir,
+        "[deploy] log_dir": cfg.deploy.log_dir,
+        "[deploy] build_dir": cfg.deploy.build_dir,
+    }
+    if cfg.source is not None:
+        private["the configuration file"] = cfg.source
+    labelled = [("[deploy]", cfg.deploy)]
+    labelled += [(f"[apps.{app}]", cfg.deploy_for(app)) for app in cfg.apps]
+    for label, settings in labelled:
+        for key in ("sandbox_read_paths", "sandbox_write_paths"):
+            for path in getattr(settings, key):
+                for what, secret in private.items():
+                    if secret.is_relative_to(path) or (
+                        (secret.is_dir() or what.endswith(("repos", "dir")))
+                        and path.is_relative_to(secret)
+                    ):
+                        raise ConfigError(
+                            f"config: {label} {key}: {path} would expose {what} ({secret}) "
+                            "to deploys"
+                        )
+
+
 def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document; unknown sections or keys are errors."""
     for name, table in data.items():
@@ -499,6 +635,7 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
     }
     cfg = Config(**sections, apps=_build_app_overrides(data.get("apps", {})), source=source)
     _check_pipelines(cfg)
+    _check_sandbox_paths(cfg)
     return cfg
 
 
@@ -534,7 +671,7 @@ def _render(name: str, value: Any) -> str:
         host, port = value
         return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(value, tuple):
-        return json.dumps(list(value))
+        return json.dumps([str(v) for v in value])
     if isinstance(value, bool):
         return "true" if value else "false"
     if not isinstance(value, int | float):
@@ -569,11 +706,13 @@ EXAMPLE_HEADER = """\
 """
 
 EXAMPLE_APPS = """\
-# Per-app overrides of the deploy pipeline (command, webhook_url, webhook_secret, mode,
-# timeout), for example:
+# Per-app overrides of [deploy]: the pipeline (command, webhook_url, webhook_secret, mode,
+# timeout) and the sandbox (sandbox, sandbox_read_paths, sandbox_write_paths, network,
+# sandbox_user and the max_* limits), for example:
 # [apps.myapp]
 # command = ["/srv/deploy/myapp.sh"]
 # mode = "gate"
+# max_memory = "4G"
 """
 
 

@@ -9,11 +9,12 @@ import json
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .deploys import DeployService
+from .deploys import DeployService, Peer
 from .errors import ConfigError, GatewayError, NotFound
 from .logs import q
 
@@ -73,13 +74,20 @@ class ControlServer:
         async def say(text: str) -> None:
             await send({"out": text})
 
+        peer = _peer(writer)
         try:
+            if peer is None or peer.uid not in (os.geteuid(), 0):
+                # The socket file is private already; this also holds if its mode is widened.
+                log.warning(
+                    "event=control_refused reason=foreign_peer uid=%s", peer.uid if peer else "-"
+                )
+                return
             line = await reader.readline()
             request = json.loads(line)
             if not isinstance(request, dict):
                 raise ValueError("request must be an object")
             try:
-                code = await self._dispatch(request, say)
+                code = await self._dispatch(request, say, peer)
             except ControlError as exc:
                 await send({"err": str(exc), "exit": exc.code})
                 return
@@ -101,9 +109,11 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _dispatch(self, request: dict[str, Any], say: Callable[[str], Any]) -> int:
+    async def _dispatch(
+        self, request: dict[str, Any], say: Callable[[str], Any], peer: Peer | None
+    ) -> int:
         if "hook" in request:
-            return await self.deploys.handle_hook(request, say)
+            return await self.deploys.handle_hook(request, say, peer)
         op = request.get("op")
         deploy_id = request.get("deploy")
         if op not in ("follow", "cancel") or not isinstance(deploy_id, int):
@@ -125,6 +135,19 @@ class ControlError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _peer(writer: asyncio.StreamWriter) -> Peer | None:
+    """The connecting process as the kernel reports it (SO_PEERCRED: pid, uid, gid)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid)
 
 
 def _is_live(path: Path) -> bool:

@@ -7,9 +7,12 @@ import codecs
 import contextlib
 import os
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 
-_END = None  # sentinel pushed to subscribers when the log is closed
+# What one watcher (an attached push, `logs --follow`) may have waiting for it: a watcher
+# that stops reading skips ahead with a marker instead of holding the deploy's output.
+WATCHER_BUFFER = 1024 * 1024
 
 
 def log_path(log_dir: Path, deploy_id: int) -> Path:
@@ -18,6 +21,59 @@ def log_path(log_dir: Path, deploy_id: int) -> Path:
 
 def cut_marker(dropped: int) -> str:
     return f"[... {dropped} bytes of earlier output cut: the log keeps the last part ...]\n"
+
+
+def skip_marker(skipped: int) -> str:
+    return f"\n[... {skipped} bytes skipped: this watcher fell behind the deploy ...]\n"
+
+
+class _Skipped(int):
+    """Bytes dropped for a watcher at this point of its stream."""
+
+
+class Subscription:
+    """One watcher's view of a log: the text so far, then what follows, bounded."""
+
+    def __init__(self, so_far: str, limit: int = WATCHER_BUFFER) -> None:
+        initial = len(so_far.encode("utf-8", "replace"))
+        # The text so far is the log's kept tail (bounded by log_limit): on top of the buffer.
+        self.limit = limit + initial
+        self._items: deque[str | _Skipped] = deque([so_far] if so_far else [])
+        self._bytes = initial
+        self._ended = False
+        self._ready = asyncio.Event()
+        self._ready.set()
+
+    def push(self, text: str) -> None:
+        size = len(text.encode("utf-8", "replace"))
+        if self._bytes + size > self.limit:
+            last = self._items[-1] if self._items else None
+            if isinstance(last, _Skipped):
+                self._items[-1] = _Skipped(last + size)
+            else:
+                self._items.append(_Skipped(size))
+        else:
+            self._items.append(text)
+            self._bytes += size
+        self._ready.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._ready.set()
+
+    async def next(self) -> str | None:
+        """The next text for this watcher; None once the log has ended."""
+        while True:
+            if self._items:
+                item = self._items.popleft()
+                if isinstance(item, _Skipped):
+                    return skip_marker(int(item))
+                self._bytes = max(0, self._bytes - len(item.encode("utf-8", "replace")))
+                return item
+            if self._ended:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
 
 
 def read_log(log_dir: Path, deploy_id: int) -> str:
@@ -38,7 +94,7 @@ class DeployLog:
         self._tail: deque[str] = deque()
         self._tail_bytes = 0
         self.dropped = 0
-        self._subscribers: set[asyncio.Queue[str | None]] = set()
+        self._subscribers: set[Subscription] = set()
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.closed = False
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +118,8 @@ class DeployLog:
         self._file_bytes += size
         if self._file_bytes > 2 * self.limit:
             self._rewrite()  # keeps the file bounded while a chatty deploy runs
-        for queue in self._subscribers:
-            queue.put_nowait(text)
+        for subscriber in self._subscribers:
+            subscriber.push(text)
 
     def _trim(self) -> None:
         """Drop the oldest text beyond the limit; a partly dropped chunk is cut at its next
@@ -114,19 +170,19 @@ class DeployLog:
         if self.dropped:
             self._rewrite()
         self._file.close()
-        for queue in self._subscribers:
-            queue.put_nowait(_END)
+        for subscriber in self._subscribers:
+            subscriber.end()
 
     # -- reading --
 
     @contextlib.contextmanager
-    def subscribe(self):  # type: ignore[no-untyped-def]
-        """Yield (text so far, queue of what follows; None marks the end)."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
+    def subscribe(self) -> Iterator[Subscription]:
+        """A bounded subscription: the text kept so far, then what follows, then None."""
+        subscription = Subscription(self.text())
         if self.closed:
-            queue.put_nowait(_END)
-        self._subscribers.add(queue)
+            subscription.end()
+        self._subscribers.add(subscription)
         try:
-            yield self.text(), queue
+            yield subscription
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.discard(subscription)

@@ -23,7 +23,7 @@ from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
-from .deploys import DeployService
+from .deploys import DeployService, sandbox
 from .errors import AccessDenied, ConfigError, GatewayError
 from .limits import Admission, RateLimiter
 from .listener import Listener
@@ -325,8 +325,11 @@ class Gateway:
         cfg = self.config
         self.git = await asyncio.to_thread(gitbin.locate, cfg.git.binary)
         log.info("event=git_found path=%s version=%s", self.git.path, self.git.version_text)
+        # Before anything listens: a deploy must never run outside the sandbox it was promised.
+        for warning in await sandbox.check(cfg):
+            log.warning("event=sandbox_disabled %s", warning)
         self.store = await open_store(cfg.storage.database)
-        self.deploys = DeployService(cfg, self.store, self.repos)
+        self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
@@ -415,6 +418,7 @@ class Gateway:
     async def _drain(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
+        self.deploys.draining.set()  # watchers that stopped reading must not hold us up
         busy = [c for c in self.connections if c.sessions > 0]
         waits: set[asyncio.Future[Any]] = set(self.sessions)
         waits |= {job.done for job in self.deploys.jobs.values() if job.task is not None}
@@ -453,10 +457,18 @@ class Gateway:
         return self.listener is not None and self.listener.accepting
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and apply what can change while running (limits,
-        deploy settings, per-app overrides, log level); the rest needs a restart."""
+        """SIGHUP: re-read the config file in the background (see `_reload`)."""
+        self.spawn(self._reload())
+
+    async def _reload(self) -> None:
+        """Re-read the config file and apply what can change while running (limits,
+        deploy settings, per-app overrides, log level); the rest needs a restart. A file
+        that does not validate, or asks for a sandbox that cannot be built, changes nothing."""
         try:
             new = config_module.load(self.config.source) if self.config.source else None
+            if new is not None:
+                for warning in await sandbox.check(new):
+                    log.warning("event=sandbox_disabled %s", warning)
         except ConfigError as exc:
             log.error("event=reload_failed reason=%s", q(exc))
             return
@@ -467,14 +479,24 @@ class Gateway:
         for section in sorted(fixed):
             if getattr(new, section) != getattr(self.config, section):
                 log.warning("event=reload_needs_restart section=%s", section)
+        deploy = new.deploy
+        if deploy.log_dir != self.config.deploy.log_dir:
+            # Earlier deploys' logs are read from the directory the gateway started with.
+            log.warning("event=reload_needs_restart setting=deploy.log_dir")
+            deploy = dataclasses.replace(deploy, log_dir=self.config.deploy.log_dir)
         applied = dataclasses.replace(
             new,
             ssh=self.config.ssh,
             storage=self.config.storage,
             git=self.config.git,
             http=self.config.http,
+            deploy=deploy,
         )
-        self.config = self.deploys.config = applied
+        self.config = applied
+        await self.deploys.reconfigure(applied)
+        if self.web is not None:
+            # Apps created through the API get the new default deploy branch.
+            self.web.registry.config = applied
         self.admission.settings = applied.limits
         self.rate.per_minute = applied.limits.user_ops_per_minute
         logging.getLogger().setLevel(applied.log.level.upper())

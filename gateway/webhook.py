@@ -19,8 +19,8 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .deploys.outcome import Outcome
 from .models import DeployStatus, WebhookDelivery
-from .pipelines import Outcome
 from .store import utcnow
 
 if TYPE_CHECKING:

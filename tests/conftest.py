@@ -7,9 +7,26 @@ from pathlib import Path
 
 import pytest
 
+from gateway.deploys.sandbox import remove_tree
+from tests import helpers
 from tests.helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
 
 require_tools()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sandbox_scratch() -> Iterator[None]:
+    """Remove what test gateways shared with their deploy sandboxes, once all are done."""
+    yield
+    root = helpers._SANDBOX_ROOT
+    if root is not None:
+        remove_tree(root)
+
+
+@pytest.fixture
+def exchange() -> Path:
+    """A directory this test shares with its deploys' sandboxes (FIFOs, dumps)."""
+    return helpers.exchange_subdir("x")
 
 
 @pytest.fixture(scope="session")

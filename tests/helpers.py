@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,8 +101,68 @@ class Admin:
         return out
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+_SANDBOX_ROOT: Path | None = None
+
+
+def sandbox_root() -> Path:
+    """A directory in the system temp dir (searchable by everyone, unlike pytest's) for
+    what test gateways share with their deploy sandboxes: build directories and the
+    exchange directory. Removed by the tests' conftest at the end of the session."""
+    global _SANDBOX_ROOT
+    if _SANDBOX_ROOT is None:
+        import tempfile
+
+        _SANDBOX_ROOT = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
+        _SANDBOX_ROOT.chmod(0o711)
+    return _SANDBOX_ROOT
+
+
+def exchange_dir() -> Path:
+    """The directory test gateways' deploy sandboxes may write (FIFOs and dumps the deploy
+    pipeline uses to talk to the test), apart from any gateway's state."""
+    path = sandbox_root() / "exchange"
+    path.mkdir(exist_ok=True)
+    path.chmod(0o1777)  # the sandbox user (nobody under root) creates files here
+    return path
+
+
+def exchange_subdir(name: str) -> Path:
+    """A fresh directory in the exchange directory, writable by the sandbox user."""
+    path = exchange_dir() / unique(name)
+    path.mkdir()
+    path.chmod(0o777)
+    return path
+
+
+# Deploy commands in the tests run on the system's Python, which the sandbox sees under /usr
+# (the test runner's own interpreter may live where the sandbox user cannot reach).
+DEPLOY_PYTHON = "/usr/bin/python3"
+PIPELINE = REPO_ROOT / "tests" / "e2e" / "deploy_pipeline.py"
+
+
+def sandbox_settings(state: Path) -> dict[str, object]:
+    """[deploy] settings that let a test's deploy command run in the real sandbox: the
+    tests' pipeline script bound read-only, the exchange directory writable, builds beside
+    the state, and an unprivileged user under root."""
+    builds = sandbox_root() / unique("builds")
+    settings: dict[str, object] = {
+        "sandbox_read_paths": [str(PIPELINE.parent)],
+        "sandbox_write_paths": [str(exchange_dir())],
+        "build_dir": str(builds),
+    }
+    if os.geteuid() == 0:
+        settings["sandbox_user"] = "nobody"
+    return settings
+
+
 def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
-    """A gateway config under `directory` on port 0; overrides are {section: {key: value}}."""
+    """A gateway config under `directory` on port 0; overrides are {section: {key: value}}.
+
+    A deploy command runs in the real sandbox (see sandbox_settings) unless the test says
+    otherwise."""
     sections: dict[str, dict[str, object]] = {
         "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(directory / "hostkeys")},
         "storage": {
@@ -109,11 +170,14 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
             "database": str(directory / "gw.db"),
             "control_socket": str(directory / "gw.sock"),
         },
-        "deploy": {"log_dir": str(directory / "deploys")},
+        "deploy": {"log_dir": str(directory / "deploys"), "build_dir": str(directory / "builds")},
         "http": {"listen": "127.0.0.1:0"},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
+    if sections["deploy"].get("command"):
+        defaults = sandbox_settings(directory)
+        sections["deploy"] = {**sections["deploy"], **defaults, **overrides.get("deploy", {})}
     lines = []
     for name, values in sections.items():
         lines.append(f"[{name}]")
@@ -395,7 +459,6 @@ class ServeProcess(LiveProcess):
     what Client needs of a server: its port, its config and its host keys."""
 
     def __init__(self, config_path: Path) -> None:
-        import sys
 
         super().__init__([sys.executable, "-m", "gateway", "--config", str(config_path), "serve"])
         self.config_path = config_path

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 from .. import bridge, gitbin, hooks
 from ..auth import authorize
+from ..deploys import PushSession
 from ..errors import GatewayError
 from ..models import Role
 from ..repos import git_settings
@@ -51,13 +53,16 @@ async def run(ctx: Context, inv: Invocation) -> int:
         GATEWAY_KEY_FINGERPRINT=ctx.identity.fingerprint,
     )
     started = time.monotonic()
-    session = None
+    session: PushSession | None = None
+    on_spawn = None
     if subcommand == "receive-pack":
         # The hooks of this push reach the deploy service with this session's token; the
         # identity stays on the server side, bound to the verified key.
-        session = ctx.deploys.open_session(ctx.identity, app, ctx.conn_id, ctx.peer)
+        session = await ctx.deploys.open_session(ctx.identity, app, ctx.conn_id, ctx.peer)
         env[hooks.SOCKET_ENV] = str(ctx.config.storage.control_socket)
         env[hooks.TOKEN_ENV] = session.token
+        # Only this receive-pack's own hooks may present the session's token.
+        on_spawn = functools.partial(ctx.deploys.pushes.bind, session)
     try:
         outcome = await bridge.run(
             git_argv(ctx, subcommand, extra, str(path)),
@@ -69,10 +74,11 @@ async def run(ctx: Context, inv: Invocation) -> int:
             idle_timeout=ctx.config.limits.idle_timeout,
             label=f"service={subcommand} app={app.name} user={ctx.identity.user_name} "
             f"conn={ctx.conn_id}",
+            started=on_spawn,
         )
     finally:
         if session is not None:
-            ctx.deploys.close_session(session.token)
+            ctx.deploys.close_session(session)
     failed_deploy = session is not None and session.failed
     if outcome.idle:
         result = "idle_timeout"

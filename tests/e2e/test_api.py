@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import jsonschema
 import pytest
 
 from tests.helpers import (
+    DEPLOY_PYTHON,
     Admin,
     Client,
     ServerThread,
@@ -70,7 +70,7 @@ class Spec:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """A gateway whose deploys run a real command, so that pushes make deploy records."""
     directory = tmp_path_factory.mktemp("api")
-    command = [sys.executable, "-c", "print('deployed')"]
+    command = [DEPLOY_PYTHON, "-c", "print('deployed')"]
     thread = ServerThread(write_config(directory, deploy={"command": command})).start()
     yield thread
     thread.stop()

@@ -6,8 +6,8 @@ import hashlib
 import hmac
 import json
 import os
-import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    DEPLOY_PYTHON,
+    PIPELINE,
     Admin,
     Client,
     LiveProcess,
@@ -29,7 +31,6 @@ from tests.helpers import (
     write_config,
 )
 
-PIPELINE = Path(__file__).with_name("deploy_pipeline.py")
 SECRET = "s3cret-for-tests"
 
 
@@ -87,7 +88,7 @@ def gw(tmp_path_factory, receiver):
     config = write_config(
         directory,
         deploy={
-            "command": [sys.executable, str(PIPELINE)],
+            "command": [DEPLOY_PYTHON, str(PIPELINE)],
             "timeout": 60,
             "log_limit": "16K",
             "webhook_backoff": 0.05,
@@ -140,6 +141,31 @@ def deploys(admin: Admin, app: str) -> list[dict[str, object]]:
     return json.loads(admin.ok("deploy", "list", app, "--json"))
 
 
+def wait_for_condition(predicate, what: str, timeout: float = 30) -> None:
+    """Poll a condition outside the server (here: the kernel's process table)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def deploy_processes(app: str, deploy_id: int) -> list[int]:
+    """Host pids of live processes that belong to a deploy (found by the environment every
+    deploy process inherits: the sandbox's own pids mean nothing out here)."""
+    marks = (f"GATEWAY_APP={app}".encode(), f"GATEWAY_DEPLOY_ID={deploy_id}".encode())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(mark in env for mark in marks) and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def alive(pid: int) -> bool:
     """True if the process runs (a zombie waiting to be reaped by init is dead)."""
     try:
@@ -155,9 +181,9 @@ def push(client: Client, work: Path, app: str, *refspecs: str) -> LiveProcess:
     )
 
 
-def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path):
+def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev)
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo), "app.txt": "v1\n"})
     pushing = push(dev, work, app)
@@ -195,17 +221,17 @@ def test_failed_deploy_fails_the_push_but_keeps_the_refs(gw, gw_admin, dev, tmp_
     fsck(gw.repo(app))
 
 
-def test_timeout_kills_the_process_group(gw, gw_admin, dev, tmp_path):
+def test_timeout_kills_the_process_group(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev, "slow")
-    pids = tmp_path / "pids"
+    pids = exchange / "pids"
     work = dev.new_repo(tmp_path / "work", {"hang": str(pids)})
     result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
     assert result.returncode == 1
     assert "TIMED OUT (timed out after 2.0s; killed)" in result.stderr
     [record] = deploys(gw_admin, app)
     assert record["status"] == "timed_out"
-    for pid in map(int, pids.read_text().split()):
-        assert not alive(pid)  # the pipeline and its child are gone
+    assert len(pids.read_text().split()) == 2  # the pipeline and its child were running...
+    assert deploy_processes(app, record["id"]) == []  # ...and are gone
 
 
 def test_other_branch_is_stored_not_deployed(gw, gw_admin, dev, tmp_path):
@@ -235,9 +261,9 @@ def test_deploy_branch_per_app(gw, gw_admin, dev, tmp_path):
     assert deploys(gw_admin, app)[0]["ref"] == "refs/heads/production"
 
 
-def test_command_env_and_export(gw, gw_admin, dev, tmp_path):
+def test_command_env_and_export(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev)
-    dump = tmp_path / "env.json"
+    dump = exchange / "env.json"
     work = dev.new_repo(tmp_path / "work", {"env-dump": str(dump), "src/main.py": "print()\n"})
     (work / "run.sh").write_text("#!/bin/sh\n")
     (work / "run.sh").chmod(0o755)
@@ -256,16 +282,19 @@ def test_command_env_and_export(gw, gw_admin, dev, tmp_path):
         "GATEWAY_USER",
         "GATEWAY_KEY_FINGERPRINT",
         "GATEWAY_DEPLOY_ID",
-        "GATEWAY_REPO",
     }
     assert env["GATEWAY_APP"] == app and env["GATEWAY_REF"] == "refs/heads/main"
     assert env["GATEWAY_NEW_SHA"] == record["new_sha"]
     assert env["GATEWAY_DEPLOY_ID"] == str(record["id"])
     assert env["GATEWAY_USER"] == dev.name
-    assert Path(env["GATEWAY_REPO"]) == gw.repo(app).resolve()
     assert "FOO" not in env and not any(k.startswith("GIT_") for k in env)
+    # Nothing of the gateway's: no hook token, control socket or repository path.
+    text = json.dumps(env)
+    for secret in ("HOOK", str(gw.config.storage.control_socket), str(gw.repos)):
+        assert secret not in text
+    assert seen["cwd"] == env["HOME"] == "/app"
     assert seen["files"] == {"env-dump": "file", "link": "link", "run.sh": "exec", "src": "exec"}
-    assert not Path(seen["cwd"]).exists()  # the export is removed afterwards
+    assert list(gw.config.deploy.build_dir.iterdir()) == []  # the export is removed afterwards
 
 
 def test_gate_mode_rejects_with_refs_unchanged(gw, gw_admin, dev, tmp_path):
@@ -288,9 +317,9 @@ def test_gate_mode_rejects_with_refs_unchanged(gw, gw_admin, dev, tmp_path):
     fsck(gw.repo(app))
 
 
-def test_detached_then_follow(gw, gw_admin, dev, tmp_path):
+def test_detached_then_follow(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev, "detached")
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     result = dev.git("push", dev.url(app), "main", cwd=work)  # returns while the deploy waits
@@ -318,9 +347,9 @@ def test_detached_then_follow(gw, gw_admin, dev, tmp_path):
     assert f"deploy #{latest['id']} FAILED (exit code 2)" in follow.stdout
 
 
-def test_queue_and_supersede(gw, gw_admin, dev, tmp_path):
+def test_queue_and_supersede(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev, "queued")
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
@@ -346,11 +375,11 @@ def test_queue_and_supersede(gw, gw_admin, dev, tmp_path):
     }
 
 
-def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path):
+def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path, exchange):
     fifos, pushes = [], []
     for index in range(2):
         app = new_app(gw_admin, dev)
-        fifo = tmp_path / f"gate{index}.fifo"
+        fifo = exchange / f"gate{index}.fifo"
         os.mkfifo(fifo)
         fifos.append(fifo)
         work = dev.new_repo(tmp_path / f"work{index}", {"wait-fifo": str(fifo)})
@@ -363,9 +392,9 @@ def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path):
     assert all(p.finish() == 0 for p in pushes)
 
 
-def test_ctrl_c_leaves_the_deploy_running(gw, gw_admin, dev, tmp_path):
+def test_ctrl_c_leaves_the_deploy_running(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev)
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     pushing = push(dev, work, app)
@@ -382,9 +411,9 @@ def test_ctrl_c_leaves_the_deploy_running(gw, gw_admin, dev, tmp_path):
     fsck(gw.repo(app))
 
 
-def test_cancel_over_ssh_needs_write(gw, gw_admin, dev, tmp_path):
+def test_cancel_over_ssh_needs_write(gw, gw_admin, dev, tmp_path, exchange):
     app = new_app(gw_admin, dev)
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     pushing = push(dev, work, app)
@@ -503,10 +532,10 @@ def test_no_pipeline_configured(gw, gw_admin, dev, tmp_path):
     assert deploys(gw_admin, app) == []
 
 
-def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
+def test_restart_marks_running_interrupted_and_runs_queued(tmp_path, exchange):
     config = write_config(
         tmp_path / "state",
-        deploy={"command": [sys.executable, str(PIPELINE)], "mode": "detached", "timeout": 60},
+        deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "mode": "detached", "timeout": 60},
     )
     admin = Admin(config)
     first = ServeProcess(config)
@@ -516,7 +545,7 @@ def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
     admin.ok("key", "add", owner, "k", f"{key}.pub")
     admin.ok("app", "create", "web", "--owner", owner)
     client = Client(tmp_path / "home", key, first, name=owner)
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = client.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     client.git("push", "-q", client.url("web"), "main", cwd=work)
@@ -527,8 +556,8 @@ def test_restart_marks_running_interrupted_and_runs_queued(tmp_path):
     assert [d["status"] for d in deploys(admin, "web")] == ["queued", "running"]
 
     first.kill()  # SIGKILL: no chance to record anything
-    with open(fifo, "w") as release:  # let the orphaned pipeline end
-        release.write("go\n")
+    # The sandbox dies with the gateway (bwrap --die-with-parent): no orphaned deploy.
+    wait_for_condition(lambda: deploy_processes("web", 1) == [], "deploy #1's processes exit")
 
     second = ServeProcess(config)
     code, out, _ = admin("deploy", "logs", "2", "--follow")

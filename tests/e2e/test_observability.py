@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 from tests.helpers import (
+    DEPLOY_PYTHON,
     Admin,
     Client,
     ServeProcess,
@@ -111,7 +111,7 @@ def test_limit_rejections_are_counted(tmp_path: Path) -> None:
 
 
 def test_deploy_metrics(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "print('deployed')"]
+    command = [DEPLOY_PYTHON, "-c", "print('deployed')"]
     server = ServerThread(write_config(tmp_path, deploy={"command": command})).start()
     try:
         admin = Admin(server.config_path)

@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 
 import pytest
 
-from tests.e2e.test_deploys import PIPELINE
-from tests.helpers import Admin, Client, LiveProcess, ServeProcess, keygen, write_config
+from tests.helpers import (
+    DEPLOY_PYTHON,
+    PIPELINE,
+    Admin,
+    Client,
+    LiveProcess,
+    ServeProcess,
+    keygen,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -18,7 +25,7 @@ def running(tmp_path):
     """A real gateway process with one user and app; yields (process, client, config)."""
     config = write_config(
         tmp_path / "state",
-        deploy={"command": [sys.executable, str(PIPELINE)], "timeout": 60},
+        deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "timeout": 60},
         limits={"drain_timeout": 30},
     )
     admin = Admin(config)
@@ -33,9 +40,9 @@ def running(tmp_path):
         gateway.kill()
 
 
-def test_sigterm_lets_an_attached_deploy_finish(running, tmp_path):
+def test_sigterm_lets_an_attached_deploy_finish(running, tmp_path, exchange):
     gateway, client, _ = running
-    fifo = tmp_path / "gate.fifo"
+    fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = client.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     pushing = LiveProcess(["git", "push", client.url("web"), "main"], env=client.env, cwd=work)

@@ -1,10 +1,11 @@
-"""Deploy orchestration: records, per-app queues, pipelines, timeouts, cancel, recovery.
+"""Deploy orchestration: what a push's hooks ask for, and the deploys that follow.
 
-A push reaches this service through the repository hooks (see hooks.py): `post-receive`
-queues a deploy of the deploy branch and, in attached mode, streams its log back; in gate
-mode `pre-receive` runs the deploy on the quarantined objects and its result decides
-whether the refs move. Deploys run here, in the gateway, never in the hook process: a
-pusher's Ctrl-C only stops the watching.
+A push reaches this service through the repository hooks (see gateway/hooks.py), verified by
+`pushes`: `post-receive` queues a deploy of the deploy branch and, in attached mode, streams
+its log back; in gate mode `pre-receive` runs the deploy on the quarantined objects and its
+result decides whether the refs move. Deploys run here, in the gateway, never in the hook
+process: a pusher's Ctrl-C only stops the watching. Command pipelines run sandboxed
+(`sandbox`, `command`); webhooks are delivered by `gateway.webhook`.
 """
 
 from __future__ import annotations
@@ -12,81 +13,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import re
-import secrets
-import shutil
-import tempfile
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import audit, pipelines
-from .config import Config, DeploySettings
-from .deploylog import DeployLog, read_log
-from .errors import Conflict, GatewayError, NotFound
-from .logs import q
-from .metrics import Metrics
-from .models import App, Deploy, DeployStatus, Identity, NewDeploy
-from .repos import Repositories
-from .store import Store, utcnow
+from .. import audit, executors
+from ..config import Config, DeploySettings
+from ..deploylog import DeployLog, read_log
+from ..errors import Conflict, GatewayError, NotFound
+from ..logs import q
+from ..metrics import Metrics
+from ..models import App, Deploy, DeployStatus, Identity, NewDeploy
+from ..repos import Repositories
+from ..store import Store, utcnow
+from . import messages, pushes
+from .command import run_pipeline
+from .outcome import Outcome
+from .pushes import HookRefused, Peer, PushSession, RefUpdate, is_zero
+from .queue import Job, Queues, Slots
+from .sandbox import Sandbox, SandboxError
 
 log = logging.getLogger("gateway.deploys")
 
 Say = Callable[[str], Awaitable[None]]
 
-_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-_REF = re.compile(r"refs/[A-Za-z0-9._/+@-]{1,250}")
-
-
-def is_zero(sha: str) -> bool:
-    return set(sha) == {"0"}
-
-
-@dataclass(frozen=True)
-class RefUpdate:
-    old: str
-    new: str
-    ref: str
-
-
-@dataclass
-class PushSession:
-    """One receive-pack run: who pushes what, as the gateway verified it (hooks only
-    present the session's token; they cannot claim an identity)."""
-
-    token: str
-    identity: Identity
-    app: App
-    conn_id: str
-    peer: str = "-"
-    detached: asyncio.Event = field(default_factory=asyncio.Event)
-    failed: bool = False  # an attached deploy of this push did not succeed
-
-
-@dataclass
-class Job:
-    deploy: Deploy
-    settings: DeploySettings
-    log: DeployLog
-    done: asyncio.Future[Deploy]
-    quarantine: Path | None = None
-    expected_old: str | None = None  # gate mode: the branch must still be here when we run
-    task: asyncio.Task[pipelines.Outcome] | None = None
-    stop: tuple[DeployStatus, str] | None = None  # why the running pipeline was stopped
-    started: float | None = None
-    elapsed: float | None = None
-    report: asyncio.Future[pipelines.Outcome] | None = None  # webhook: receiver's status
-
-
-@dataclass
-class AppQueue:
-    pending: deque[Job] = field(default_factory=deque)
-    running: Job | None = None
-    worker: asyncio.Task[None] | None = None
+# A watcher that cannot take the next piece of a deploy's output within this many seconds
+# is dropped (the deploy goes on); once the gateway drains, within DRAIN_STALL.
+WATCHER_STALL = 60.0
+DRAIN_STALL = 2.0
 
 
 def pipeline_kind(settings: DeploySettings) -> str | None:
@@ -97,33 +52,28 @@ def pipeline_kind(settings: DeploySettings) -> str | None:
     return None
 
 
-def short(sha: str) -> str:
-    return sha[:8]
-
-
-def duration_text(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 120 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 class DeployService:
-    def __init__(self, config: Config, store: Store, repos: Repositories) -> None:
+    def __init__(self, config: Config, store: Store, repos: Repositories, git: str = "git") -> None:
         self.config = config
         self.store = store
         self.repos = repos
+        self.git = git
         self.metrics: Metrics | None = None  # set by the server
+        # Fixed for the process's life: the logs of earlier deploys are read from here.
         self.log_dir = config.deploy.log_dir
-        self.sessions: dict[str, PushSession] = {}
+        self.pushes = pushes.PushSessions()
         self.jobs: dict[int, Job] = {}
-        self.queues: dict[str, AppQueue] = {}
-        self.semaphore = asyncio.Semaphore(config.deploy.max_parallel)
+        self.queues = Queues(Slots(config.deploy.max_parallel), self._run, self._superseded)
         self.closing = False
+        # Set when the gateway drains: watchers that do not read are dropped quickly then.
+        self.draining = asyncio.Event()
         self.http_address: tuple[str, int] | None = None  # set when the HTTP endpoint listens
 
     # -- lifecycle --
 
     async def start(self) -> None:
         """Recover from the previous run: running deploys were interrupted; queued ones run."""
-        await asyncio.to_thread(self.log_dir.mkdir, parents=True, exist_ok=True)
+        await executors.run(self.log_dir.mkdir, parents=True, exist_ok=True)
         for deploy in await self.store.deploys_in((DeployStatus.RUNNING,)):
             await self.store.finish_deploy(
                 deploy.id,
@@ -153,60 +103,84 @@ class DeployService:
                 )
                 continue
             log.info("event=deploy_resumed deploy=%d app=%s", deploy.id, app.name)
-            await self._enqueue(app, deploy, settings)
+            await self._enqueue(deploy, settings)
 
     async def close(self) -> None:
         """Stop running pipelines (recorded as interrupted); queued deploys wait for the next
         start, as recovery promises."""
-        self.closing = True
+        self.closing = self.queues.closing = True
         for job in list(self.jobs.values()):
             if job.task is not None and not job.task.done():
                 job.stop = (DeployStatus.INTERRUPTED, "the gateway stopped")
                 job.task.cancel()
-        workers = [q.worker for q in self.queues.values() if q.worker is not None]
-        for worker in workers:
+        for worker in self.queues.workers():
             with contextlib.suppress(Exception):
                 await worker
         for job in list(self.jobs.values()):
             job.log.close()
 
-    # -- push sessions, opened by receive-pack and presented by its hooks --
+    async def reconfigure(self, config: Config) -> None:
+        """A reload: new deploys follow the new settings; max_parallel applies at once."""
+        self.config = config
+        await self.queues.slots.resize(config.deploy.max_parallel)
 
-    def open_session(
+    # -- push sessions, opened for receive-pack and presented by its hooks --
+
+    async def open_session(
         self, identity: Identity, app: App, conn_id: str, peer: str = "-"
     ) -> PushSession:
-        session = PushSession(secrets.token_urlsafe(24), identity, app, conn_id, peer)
-        self.sessions[session.token] = session
-        return session
+        before = await executors.run(pushes.read_refs, self.repos.path_for(app.name))
+        return self.pushes.open(identity, app, conn_id, peer, before)
 
-    def close_session(self, token: str) -> None:
-        self.sessions.pop(token, None)
+    def close_session(self, session: PushSession) -> None:
+        self.pushes.close(session)
 
     # -- hooks --
 
-    async def handle_hook(self, request: dict[str, Any], say: Say) -> int:
+    async def handle_hook(self, request: dict[str, Any], say: Say, peer: Peer | None) -> int:
         hook = request.get("hook")
         gate = hook == "pre-receive"
-        session = self.sessions.get(str(request.get("token", "")))
-        if session is None or hook not in ("pre-receive", "post-receive"):
-            log.warning("event=hook_refused hook=%s reason=unknown_session", q(hook))
+        try:
+            session = self.pushes.claim(request.get("token"), hook, peer)
+        except HookRefused as exc:
+            log.warning(
+                "event=hook_refused hook=%s reason=%s peer_pid=%s peer_uid=%s",
+                q(str(hook)[:40]),
+                exc,
+                peer.pid if peer else "-",
+                peer.uid if peer else "-",
+            )
             await say("gateway: this push is not known to the gateway\n")
             return 1 if gate else 0
+        app = session.app
+        path = self.repos.path_for(app.name)
         try:
-            updates = [_parse_update(u) for u in request.get("updates", [])]
-        except ValueError as exc:
-            log.warning("event=hook_refused hook=%s reason=%s", hook, q(exc))
+            updates = pushes.parse_updates(request.get("updates"))
+            if gate:
+                await executors.run(pushes.verify_before, path, updates)
+            else:
+                await executors.run(pushes.verify_after, path, updates, session.refs_before)
+        except HookRefused as exc:
+            log.warning(
+                "event=hook_refused hook=%s app=%s conn=%s reason=%s",
+                hook,
+                app.name,
+                session.conn_id,
+                q(str(exc)),
+            )
+            await say("gateway: the ref updates do not match the repository: nothing deployed\n")
             return 1 if gate else 0
         if gate:
             return await self._pre_receive(session, updates, request.get("quarantine"), say)
-        # post-receive lists exactly the refs this push changed: the audit trail's push record.
+        # post-receive lists exactly the refs this push changed, checked against the
+        # repository: the audit trail's push record.
         await audit.record(
             self.store,
             "push",
             actor=session.identity.user_name,
             fingerprint=session.identity.fingerprint,
             source=session.peer,
-            app=session.app.name,
+            app=app.name,
             updates=[f"{u.ref} {u.old[:12]}..{u.new[:12]}" for u in updates],
         )
         return await self._post_receive(session, updates, say)
@@ -227,25 +201,30 @@ class DeployService:
         if update is None:
             return 0
         try:
-            path = self.repos.quarantine_path(app.name, str(quarantine)) if quarantine else None
+            if not isinstance(quarantine, str) or not quarantine:
+                raise GatewayError("no quarantine")
+            path = await executors.run(self.repos.quarantine_path, app.name, quarantine)
         except GatewayError as exc:
             log.warning("event=hook_refused app=%s reason=%s", app.name, q(exc))
             await say("gateway: cannot read the pushed objects; push refused\n")
             return 1
         job = await self.submit(session, update, settings, quarantine=path, expected_old=update.old)
         await say(
-            f"deploy #{job.deploy.id} of {app.name} ({app.deploy_branch} {short(update.new)}): "
-            "gate mode, the branch moves only if this deploy succeeds\n"
+            f"deploy #{job.deploy.id} of {app.name} ({app.deploy_branch} "
+            f"{messages.short(update.new)}): gate mode, the branch moves only if this deploy "
+            "succeeds\n"
         )
         final = await self.watch(job, say, session, until_done=True)
+        if final is None:  # pragma: no cover - until_done waits for the end
+            return 1
         if final.status.ok:
             await say(
-                f"deploy #{final.id} {self.describe(final, job.elapsed)}: "
+                f"deploy #{final.id} {messages.describe(final, job.elapsed)}: "
                 f"updating {app.deploy_branch}\n"
             )
             return 0
         await say(
-            f"deploy #{final.id} {self.describe(final)}: push rejected, "
+            f"deploy #{final.id} {messages.describe(final)}: push rejected, "
             f"{app.deploy_branch} unchanged. Log: {self.logs_command(app.name, final.id)}\n"
         )
         return 1
@@ -271,8 +250,8 @@ class DeployService:
                 job = await self.submit(session, update, settings)
                 follow = self.logs_command(app.name, job.deploy.id, True)
                 await say(
-                    f"deploy #{job.deploy.id} of {app.name} queued ({short(update.new)}); "
-                    f"the push is done. Follow it: {follow}\n"
+                    f"deploy #{job.deploy.id} of {app.name} queued "
+                    f"({messages.short(update.new)}); the push is done. Follow it: {follow}\n"
                 )
             else:
                 await self._attached(session, update, settings, say)
@@ -290,11 +269,11 @@ class DeployService:
         app = session.app
         job = await self.submit(session, update, settings)
         deploy = job.deploy
-        queue = self.queues[app.name]
-        if queue.running is not None and queue.running is not job:
-            state = f"queued behind #{queue.running.deploy.id}"
-        elif self.semaphore.locked():
-            state = f"queued: all {self.config.deploy.max_parallel} deploy slots are busy"
+        running = self.queues.running(app.name)
+        if running is not None and running is not job:
+            state = f"queued behind #{running.deploy.id}"
+        elif self.queues.slots.full:
+            state = f"queued: all {self.queues.slots.limit} deploy slots are busy"
         else:
             state = "started"
         lines = [
@@ -320,7 +299,7 @@ class DeployService:
         expected_old: str | None = None,
     ) -> Job:
         app = session.app
-        info = await asyncio.to_thread(self.repos.commit_info, app.name, update.new, quarantine)
+        info = await executors.run(self.repos.commit_info, app.name, update.new, quarantine)
         deploy = await self.store.create_deploy(
             NewDeploy(
                 app_id=app.id,
@@ -339,15 +318,14 @@ class DeployService:
             "event=deploy_queued deploy=%d app=%s sha=%s pusher=%s mode=%s",
             deploy.id,
             app.name,
-            short(update.new),
+            messages.short(update.new),
             deploy.pusher,
             deploy.mode,
         )
-        return await self._enqueue(app, deploy, settings, quarantine, expected_old)
+        return await self._enqueue(deploy, settings, quarantine, expected_old)
 
     async def _enqueue(
         self,
-        app: App,
         deploy: Deploy,
         settings: DeploySettings,
         quarantine: Path | None = None,
@@ -361,53 +339,39 @@ class DeployService:
             quarantine,
             expected_old,
         )
-        queue = self.queues.setdefault(app.name, AppQueue())
-        # A newer push supersedes what is still waiting: only the latest code is worth deploying.
-        while queue.pending:
-            older = queue.pending.popleft()
-            await self._finish(
-                older,
-                DeployStatus.CANCELLED,
-                reason=f"superseded by #{deploy.id}",
-                superseded_by=deploy.id,
-            )
-        queue.pending.append(job)
         self.jobs[deploy.id] = job
-        if queue.worker is None or queue.worker.done():
-            queue.worker = asyncio.create_task(self._app_worker(queue))
+        await self.queues.add(job)
         return job
 
-    async def _app_worker(self, queue: AppQueue) -> None:
-        """One deploy at a time per app; at most max_parallel across apps."""
-        while queue.pending and not self.closing:
-            async with self.semaphore:
-                if not queue.pending or self.closing:
-                    return
-                job = queue.pending.popleft()
-                queue.running = job
-                try:
-                    await self._run(job)
-                except Exception:
-                    log.exception("event=deploy_crashed deploy=%d", job.deploy.id)
-                    await self._finish(job, DeployStatus.FAILED, reason="internal error")
-                finally:
-                    queue.running = None
+    async def _superseded(self, older: Job, newer: Job) -> None:
+        await self._finish(
+            older,
+            DeployStatus.CANCELLED,
+            reason=f"superseded by #{newer.deploy.id}",
+            superseded_by=newer.deploy.id,
+        )
 
     async def _run(self, job: Job) -> None:
+        try:
+            await self._run_job(job)
+        except Exception:
+            log.exception("event=deploy_crashed deploy=%d", job.deploy.id)
+            await self._finish(job, DeployStatus.FAILED, reason="internal error")
+
+    async def _run_job(self, job: Job) -> None:
         deploy = job.deploy
         if not await self.store.start_deploy(deploy.id, utcnow()):
             return
         job.started = time.monotonic()
         if self.metrics is not None:
             self.metrics.deploys_running.inc()
-        settings = job.settings
         log.info("event=deploy_started deploy=%d app=%s", deploy.id, deploy.app_name)
         job.log.write(
             f"----> deploy #{deploy.id} of {deploy.app_name}: {deploy.branch} "
-            f"{short(deploy.new_sha)} ({deploy.subject}) pushed by {deploy.pusher}\n"
+            f"{messages.short(deploy.new_sha)} ({deploy.subject}) pushed by {deploy.pusher}\n"
         )
         if job.expected_old is not None:
-            current = await asyncio.to_thread(self.repos.read_ref, deploy.app_name, deploy.ref)
+            current = await executors.run(self.repos.read_ref, deploy.app_name, deploy.ref)
             if (current or "0" * len(deploy.new_sha)) != job.expected_old:
                 await self._finish(
                     job,
@@ -419,11 +383,13 @@ class DeployService:
             await self._finish(job, DeployStatus.INTERRUPTED, reason="the gateway stopped")
             return
         job.task = asyncio.create_task(self._pipeline(job))
-        done, _ = await asyncio.wait({job.task}, timeout=settings.timeout)
+        if job.stop is not None:  # cancelled while it was starting
+            job.task.cancel()
+        done, _ = await asyncio.wait({job.task}, timeout=job.settings.timeout)
         if job.task not in done:
             job.stop = (
                 DeployStatus.TIMED_OUT,
-                f"timed out after {duration_text(settings.timeout)}",
+                f"timed out after {messages.duration_text(job.settings.timeout)}",
             )
             job.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -442,38 +408,30 @@ class DeployService:
                 job, outcome.status, exit_code=outcome.exit_code, reason=outcome.reason
             )
 
-    async def _pipeline(self, job: Job) -> pipelines.Outcome:
+    async def _pipeline(self, job: Job) -> Outcome:
         deploy, settings = job.deploy, job.settings
         if pipeline_kind(settings) == "webhook":
-            from .webhook import deliver  # only loaded where webhooks are used
+            from ..webhook import deliver  # only loaded where webhooks are used
 
             return await deliver(self, job)
-        workdir = Path(tempfile.mkdtemp(prefix=f"gateway-deploy-{deploy.id}-"))
         try:
-            await asyncio.to_thread(
-                self.repos.export_tree, deploy.app_name, deploy.new_sha, workdir, job.quarantine
-            )
-            return await pipelines.run_command(
-                settings.command, workdir, self.command_env(deploy, workdir), job.log
-            )
-        finally:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-
-    def command_env(self, deploy: Deploy, workdir: Path) -> dict[str, str]:
-        """The deploy command's whole environment: nothing from the pusher's session."""
-        return {
-            "PATH": os.environ.get("PATH", os.defpath),
-            "HOME": str(workdir),
-            "LANG": "C.UTF-8",
-            "GATEWAY_APP": deploy.app_name,
-            "GATEWAY_REF": deploy.ref,
-            "GATEWAY_OLD_SHA": deploy.old_sha,
-            "GATEWAY_NEW_SHA": deploy.new_sha,
-            "GATEWAY_USER": deploy.pusher,
-            "GATEWAY_KEY_FINGERPRINT": deploy.key_fingerprint,
-            "GATEWAY_DEPLOY_ID": str(deploy.id),
-            "GATEWAY_REPO": str(self.repos.path_for(deploy.app_name)),
-        }
+            sandbox = Sandbox.of(settings)
+        except SandboxError as exc:
+            log.error("event=deploy_sandbox_unavailable deploy=%d reason=%s", deploy.id, q(exc))
+            job.log.write("the deploy sandbox is not available: see the gateway's log\n")
+            return Outcome(DeployStatus.FAILED, None, "deploy sandbox unavailable")
+        return await run_pipeline(
+            settings.command,
+            deploy,
+            git=self.git,
+            repo=self.repos.path_for(deploy.app_name),
+            quarantine=job.quarantine,
+            sandbox=sandbox,
+            build_dir=self.config.deploy.build_dir,
+            max_export_size=settings.max_export_size,
+            max_output=settings.max_output,
+            log=job.log,
+        )
 
     async def _finish(
         self,
@@ -500,7 +458,7 @@ class DeployService:
             if job.started is not None:
                 self.metrics.deploys_running.dec()
             self.metrics.deploy_done(final.status.value, elapsed)
-        job.log.close(f"----> deploy #{deploy.id} {self.describe(final, elapsed)}\n")
+        job.log.close(f"----> deploy #{deploy.id} {messages.describe(final, elapsed)}\n")
         self.jobs.pop(deploy.id, None)
         if not job.done.done():
             job.done.set_result(final)
@@ -521,30 +479,56 @@ class DeployService:
         self, job: Job, say: Say, session: PushSession | None = None, until_done: bool = False
     ) -> Deploy | None:
         """Stream the job's log to `say` until it ends; return the final record, or None if
-        the watcher went away first (unless `until_done`, for callers that need the result)."""
+        the watcher went away first (unless `until_done`, for callers that need the result).
+
+        The watcher's buffer is bounded (see DeployLog.subscribe): one that stops reading
+        skips ahead with a marker rather than holding the deploy's output in memory."""
         watching = True
-        with job.log.subscribe() as (so_far, queue):
-            if so_far:
-                watching = await _say_safely(say, so_far)
+        with job.log.subscribe() as subscription:
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                waits: set[asyncio.Future[Any]] = {getter}
+                reader = asyncio.ensure_future(subscription.next())
+                waits: set[asyncio.Future[Any]] = {reader}
                 if session is not None and not until_done:
                     waits.add(asyncio.ensure_future(session.detached.wait()))
                 done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for other in pending:
                     other.cancel()
-                if getter not in done:
-                    getter.cancel()
+                if reader not in done:
                     return None
-                text = getter.result()
+                text = reader.result()
                 if text is None:
                     break
                 if watching:
-                    watching = await _say_safely(say, text)
+                    watching = await self._deliver(say, text)
                     if not watching and not until_done:
                         return None
         return await job.done
+
+    async def _deliver(self, say: Say, text: str) -> bool:
+        """Give text to a watcher; False if it is gone or does not read (dropped after
+        WATCHER_STALL seconds, or DRAIN_STALL once the gateway drains)."""
+        loop = asyncio.get_running_loop()
+        writing = asyncio.ensure_future(say(text))
+        deadline = loop.time() + WATCHER_STALL
+        draining = asyncio.ensure_future(self.draining.wait())
+        try:
+            while not writing.done():
+                waits: set[asyncio.Future[Any]] = {writing}
+                if draining.done():
+                    deadline = min(deadline, loop.time() + DRAIN_STALL)
+                else:
+                    waits.add(draining)
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    writing.cancel()
+                    with contextlib.suppress(BaseException):
+                        await writing
+                    log.info("event=watcher_dropped reason=not_reading")
+                    return False
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            draining.cancel()
+        return not writing.cancelled() and writing.exception() is None
 
     async def follow(self, deploy_id: int, say: Say) -> Deploy:
         """Print a deploy's log; if it is still queued or running, stream it to the end."""
@@ -557,7 +541,7 @@ class DeployService:
         deploy = await self.store.get_deploy(deploy_id)
         if deploy is None:
             raise NotFound(f"no deploy #{deploy_id}")
-        await say(await asyncio.to_thread(read_log, self.log_dir, deploy_id))
+        await say(await executors.run(read_log, self.log_dir, deploy_id))
         return deploy
 
     # -- webhook receivers' status reports --
@@ -570,7 +554,7 @@ class DeployService:
         host, port = self.http_address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    async def wait_for_report(self, job: Job) -> pipelines.Outcome:
+    async def wait_for_report(self, job: Job) -> Outcome:
         job.report = asyncio.get_running_loop().create_future()
         try:
             return await job.report
@@ -589,7 +573,7 @@ class DeployService:
             job.log.write(text if text.endswith("\n") else text + "\n")
         if status is not None:
             job.report.set_result(
-                pipelines.Outcome(status, exit_code, f"reported {status.value} by the receiver")
+                Outcome(status, exit_code, f"reported {status.value} by the receiver")
             )
         return True
 
@@ -598,7 +582,7 @@ class DeployService:
         job = self.jobs.get(deploy_id)
         if job is not None:
             return job.log.text()
-        return await asyncio.to_thread(read_log, self.log_dir, deploy_id)
+        return await executors.run(read_log, self.log_dir, deploy_id)
 
     async def cancel(self, deploy_id: int, by: str) -> Deploy:
         job = self.jobs.get(deploy_id)
@@ -608,9 +592,7 @@ class DeployService:
                 raise NotFound(f"no deploy #{deploy_id}")
             raise Conflict(f"deploy #{deploy_id} already ended: {deploy.status.value}")
         reason = f"cancelled by {by}"
-        queue = self.queues.get(job.deploy.app_name)
-        if queue is not None and job in queue.pending:
-            queue.pending.remove(job)
+        if self.queues.withdraw(job):
             return await self._finish(job, DeployStatus.CANCELLED, reason=reason)
         job.stop = (DeployStatus.CANCELLED, reason)
         if job.task is not None:
@@ -618,26 +600,13 @@ class DeployService:
         return await job.done
 
     def describe(self, deploy: Deploy, elapsed: float | None = None) -> str:
-        status = deploy.status
-        took = f" in {duration_text(elapsed)}" if elapsed is not None else ""
-        if status is DeployStatus.SUCCEEDED:
-            return f"succeeded{took}"
-        if status is DeployStatus.FAILED:
-            return f"FAILED ({deploy.reason or 'failed'}){took}"
-        if status is DeployStatus.TIMED_OUT:
-            return f"TIMED OUT ({deploy.reason}; killed)"
-        return (
-            f"{status.value.upper()} ({deploy.reason})" if deploy.reason else status.value.upper()
-        )
+        return messages.describe(deploy, elapsed)
 
     def final_line(self, deploy: Deploy, elapsed: float | None = None) -> str:
-        text = f"deploy #{deploy.id} {self.describe(deploy, elapsed)}."
-        if not deploy.status.ok:
-            text += " The push itself is stored."
-        return f"{text} Log: {self.logs_command(deploy.app_name, deploy.id)}\n"
+        return messages.final_line(self.config, deploy, elapsed)
 
     def logs_command(self, app: str, deploy_id: int, follow: bool = False) -> str:
-        return self.config.ssh_command(f"logs {app} {deploy_id}" + (" --follow" if follow else ""))
+        return messages.logs_command(self.config, app, deploy_id, follow)
 
 
 async def _say_safely(say: Say, text: str) -> bool:
@@ -646,12 +615,3 @@ async def _say_safely(say: Say, text: str) -> bool:
         return True
     except Exception:  # the watcher's connection is gone; the deploy goes on
         return False
-
-
-def _parse_update(raw: Any) -> RefUpdate:
-    if not isinstance(raw, list) or len(raw) != 3 or not all(isinstance(p, str) for p in raw):
-        raise ValueError("malformed ref update")
-    old, new, ref = raw
-    if not _SHA.fullmatch(old) or not _SHA.fullmatch(new) or not _REF.fullmatch(ref):
-        raise ValueError("malformed ref update")
-    return RefUpdate(old, new, ref)

@@ -1,0 +1,155 @@
+"""The command pipeline: export the pushed commit, run the deploy command on it, sandboxed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .. import executors
+from ..deploylog import DeployLog
+from ..models import Deploy, DeployStatus
+from .export import ExportError, _size_text, export_commit
+from .outcome import Outcome
+from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, remove_tree
+
+KILL_GRACE = 5.0
+READ_CHUNK = 64 * 1024
+
+
+def command_env(deploy: Deploy, home: str, path: str) -> dict[str, str]:
+    """The deploy command's whole environment: what the deploy is, nothing from the pusher's
+    session, and nothing of the gateway's (no socket, token or repository path)."""
+    return {
+        "PATH": path,
+        "HOME": home,
+        "LANG": "C.UTF-8",
+        "GATEWAY_APP": deploy.app_name,
+        "GATEWAY_REF": deploy.ref,
+        "GATEWAY_OLD_SHA": deploy.old_sha,
+        "GATEWAY_NEW_SHA": deploy.new_sha,
+        "GATEWAY_USER": deploy.pusher,
+        "GATEWAY_KEY_FINGERPRINT": deploy.key_fingerprint,
+        "GATEWAY_DEPLOY_ID": str(deploy.id),
+    }
+
+
+async def run_pipeline(
+    argv: Sequence[str],
+    deploy: Deploy,
+    *,
+    git: str,
+    repo: Path,
+    quarantine: Path | None,
+    sandbox: Sandbox,
+    build_dir: Path,
+    max_export_size: int,
+    max_output: int,
+    log: DeployLog,
+) -> Outcome:
+    """Export the commit into a fresh directory, run argv there, remove the directory."""
+    workdir = await executors.run(_make_workdir, build_dir, deploy.id, sandbox)
+    try:
+        try:
+            await export_commit(
+                git,
+                repo,
+                deploy.new_sha,
+                workdir,
+                sandbox=sandbox,
+                limit=max_export_size,
+                quarantine=quarantine,
+            )
+        except ExportError as exc:
+            log.write(f"{exc}\n")
+            return Outcome(DeployStatus.FAILED, None, str(exc))
+        if sandbox.enabled:
+            env = command_env(deploy, APP_DIR, SANDBOX_PATH)
+            return await run_command(
+                argv, log, max_output, sandbox=sandbox, export_dir=workdir, env=env
+            )
+        env = command_env(deploy, str(workdir), os.environ.get("PATH", os.defpath))
+        return await run_command(argv, log, max_output, cwd=workdir, env=env)
+    finally:
+        await executors.run(remove_tree, workdir)
+
+
+def _make_workdir(build_dir: Path, deploy_id: int, sandbox: Sandbox) -> Path:
+    build_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    path = Path(tempfile.mkdtemp(prefix=f"deploy-{deploy_id}-", dir=build_dir))
+    sandbox.prepare_dir(path)
+    return path
+
+
+async def run_command(
+    argv: Sequence[str],
+    log: DeployLog,
+    max_output: int,
+    *,
+    env: Mapping[str, str],
+    sandbox: Sandbox | None = None,
+    export_dir: Path | None = None,
+    cwd: Path | None = None,
+) -> Outcome:
+    """Run argv (no shell) with stdout and stderr merged into the log.
+
+    Cancellation (timeout, cancel command, shutdown) kills the whole process group: a build
+    tool's children must not outlive the deploy. Output beyond `max_output` stops it too.
+    """
+    streams = {
+        "stdin": asyncio.subprocess.DEVNULL,
+        "stdout": asyncio.subprocess.PIPE,
+        "stderr": asyncio.subprocess.STDOUT,
+    }
+    try:
+        if sandbox is not None and export_dir is not None:
+            proc = await sandbox.spawn(argv, export_dir=export_dir, env=env, **streams)
+        else:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, cwd=cwd, env=dict(env), start_new_session=True, **streams
+            )
+    except OSError as exc:
+        reason = f"cannot start {argv[0]}: {exc.strerror or exc}"
+        log.write(f"{reason}\n")
+        return Outcome(DeployStatus.FAILED, None, reason)
+    printed = 0
+    try:
+        stdout = proc.stdout
+        if stdout is None:  # pragma: no cover - PIPE requested
+            raise RuntimeError("no stdout pipe")
+        while chunk := await stdout.read(READ_CHUNK):
+            printed += len(chunk)
+            if printed > max_output:
+                await kill_group(proc)
+                reason = f"output limit exceeded ({_size_text(max_output)}, [deploy] max_output)"
+                log.write(f"\n{reason}: stopped\n")
+                return Outcome(DeployStatus.FAILED, None, reason)
+            log.write_bytes(chunk)
+        code = await proc.wait()
+    except BaseException:
+        await kill_group(proc)
+        raise
+    if code == 0:
+        return Outcome(DeployStatus.SUCCEEDED, 0)
+    if code < 0:
+        return Outcome(DeployStatus.FAILED, code, f"killed by signal {-code}")
+    return Outcome(DeployStatus.FAILED, code, f"exit code {code}")
+
+
+async def kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), KILL_GRACE)
+            break
+        except TimeoutError:
+            continue
+    # Children that ignored SIGTERM and left the group leader: SIGKILL what is left.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
