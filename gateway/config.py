@@ -128,7 +128,12 @@ def _paths(value: Any) -> tuple[Path, ...]:
             raise ValueError(f"'{text}' is not an absolute path")
         # The sandbox's own layout (system, /tmp, /proc, the export) cannot be replaced.
         normalized = Path(os.path.normpath(path))
-        if normalized in _SANDBOX_RESERVED or normalized == Path("/"):
+        if (
+            normalized in _SANDBOX_RESERVED
+            or normalized == Path("/")
+            or normalized.is_relative_to("/proc")
+            or normalized.is_relative_to("/dev")
+        ):
             raise ValueError(f"'{text}' is part of the sandbox's own layout")
         out.append(normalized)
     return tuple(out)

@@ -289,6 +289,10 @@ class Sandbox:
             if path.exists():
                 args += ["--bind", str(path), str(path)]
         args += ["--bind", str(export_dir), APP_DIR, "--chdir", APP_DIR]
+        # bwrap builds / and /dev on unbounded in-memory filesystems: once everything is
+        # mounted, make them read-only, so that writes can only go to the bounded /tmp,
+        # /dev/shm and /run, the export and the operator's writable paths.
+        args += ["--remount-ro", "/dev", "--remount-ro", "/"]
         return args
 
     def _passwd(self) -> bytes:
