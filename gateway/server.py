@@ -33,6 +33,7 @@ from .models import Identity
 from .repos import Repositories
 from .service import Registry
 from .store import Store, open_store, utcnow
+from .textsafe import terminal_safe
 from .web import WebServer
 
 log = logging.getLogger("gateway.server")
@@ -595,7 +596,7 @@ class Gateway:
                 q(exc),
             )
             with contextlib.suppress(Exception):
-                stderr.write(f"error: {exc}\n".encode())
+                stderr.write(f"error: {terminal_safe(str(exc))}\n".encode())
         except Exception:
             stats.outcome = "internal_error"
             reference = secrets.token_hex(4)

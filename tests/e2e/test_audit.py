@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
+from pathlib import Path
 
-from tests.helpers import Client, keygen
+from tests.helpers import Admin, Client, LiveProcess, ServerThread, keygen, unique, write_config
 
 
 def events(admin, *args: str) -> list[dict[str, object]]:
@@ -54,3 +57,32 @@ def test_audit_trail_of_a_user_and_an_app(owner, app, admin, make_user, server, 
     ]
     logged = [r.getMessage() for r in caplog.records if r.name == "gateway.audit"]
     assert any("kind=push" in line and f"actor={owner.name}" in line for line in logged)
+
+
+def test_regression_cli_cancel_of_a_running_deploy_is_audited(tmp_path):
+    pipeline = Path(__file__).with_name("deploy_pipeline.py")
+    config = write_config(tmp_path / "gw", deploy={"command": [sys.executable, str(pipeline)]})
+    server = ServerThread(config).start()
+    pushing = None
+    try:
+        admin = Admin(config)
+        name, app = unique("canceller"), unique("cancelapp")
+        key = keygen(tmp_path / "id")
+        admin.ok("user", "add", name)
+        admin.ok("key", "add", name, "k", f"{key}.pub")
+        admin.ok("app", "create", app, "--owner", name)
+        client = Client(tmp_path / "home", key, server, name=name)
+        fifo = tmp_path / "gate.fifo"
+        os.mkfifo(fifo)
+        work = client.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
+        pushing = LiveProcess(["git", "push", client.url(app), "main"], env=client.env, cwd=work)
+        pushing.wait_for(r"remote: waiting for the test")
+        deploy_id = json.loads(admin.ok("deploy", "list", app, "--json"))[0]["id"]
+        assert "cancelled" in admin.ok("deploy", "cancel", str(deploy_id))
+        assert pushing.finish() == 1
+        cancels = [e for e in events(admin, "--app", app) if e["event"] == "deploy_cancelled"]
+        assert [(e["actor"], e["detail"]["deploy"]) for e in cancels] == [("operator", deploy_id)]
+    finally:
+        if pushing is not None and pushing.proc.poll() is None:
+            pushing.kill()
+        server.stop()
