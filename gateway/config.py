@@ -319,7 +319,14 @@ class LimitSettings:
     max_unauthenticated: int = _setting(
         100, _count, "connections still logging in (like OpenSSH MaxStartups)"
     )
-    max_sessions_per_connection: int = _setting(10, _count, "concurrent sessions on one connection")
+    max_sessions_per_connection: int = _setting(
+        10, _count, "session channels open at once on one connection, counted from the open"
+    )
+    channel_request_timeout: float = _setting(
+        10,
+        _seconds,
+        "seconds a newly opened session channel has to ask for a command before it is closed",
+    )
     max_auth_attempts: int = _setting(
         12, _count, "public keys a connection may offer, probes included"
     )

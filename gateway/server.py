@@ -107,6 +107,51 @@ def quick_acks(conn: asyncssh.SSHServerConnection) -> None:
         conn.data_received = data_received  # type: ignore[method-assign]
 
 
+class SessionChannel(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
+    """One session channel, counted against its connection's limit from the moment it is
+    opened until it closes.
+
+    A channel costs memory as soon as it is open, before any request arrives: counting only
+    running commands would let a client hold thousands of idle channels. One that asks for
+    nothing (exec, shell or subsystem) within `channel_request_timeout` is closed.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection.gateway.handle_process, None, 0, False)
+        self.owner = connection
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        super().connection_made(chan)
+        timeout = self.owner.gateway.config.limits.channel_request_timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._request_timeout)
+
+    def session_started(self) -> None:
+        self._cancel_timer()
+        super().session_started()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.owner.channels -= 1
+        super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _request_timeout(self) -> None:
+        self._timer = None
+        self.owner.channels_timed_out += 1
+        if self.owner.channels_timed_out == 1:  # once per connection: no log flood
+            log.info(
+                "event=channel_closed conn=%s reason=no_request_in=%ss",
+                self.owner.id,
+                self.owner.gateway.config.limits.channel_request_timeout,
+            )
+        self.channel.close()
+
+
 class Connection(asyncssh.SSHServer):
     """One client connection: authentication state and the identity it ends with."""
 
@@ -131,8 +176,11 @@ class Connection(asyncssh.SSHServer):
         self.last_fingerprint = "-"
         self.address = "-"
         self.admitted = False
-        self.sessions = 0
+        self.sessions = 0  # commands running
         self.sessions_total = 0
+        self.channels = 0  # session channels open, with or without a command yet
+        self.channels_refused = 0
+        self.channels_timed_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.outcome = "ok"
@@ -193,13 +241,15 @@ class Connection(asyncssh.SSHServer):
             self.gateway.audit_auth_failure(self)
         # One line per connection that ties it together: who, how long, how much, how it ended.
         log.info(
-            "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d bytes_in=%d "
-            "bytes_out=%d duration=%.3f outcome=%s reason=%s",
+            "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d channels_refused=%d "
+            "channels_timed_out=%d bytes_in=%d bytes_out=%d duration=%.3f outcome=%s reason=%s",
             self.id,
             self.peer,
             self.identity.user_name if self.identity else "-",
             self.identity.fingerprint if self.identity else self.last_fingerprint,
             self.sessions_total,
+            self.channels_refused,
+            self.channels_timed_out,
             self.bytes_in,
             self.bytes_out,
             time.monotonic() - self.started,
@@ -262,6 +312,31 @@ class Connection(asyncssh.SSHServer):
             return False
         self._candidate = identity
         return True
+
+    # -- sessions: counted when their channel opens --
+
+    def session_requested(self) -> SessionChannel:
+        limit = self.gateway.config.limits.max_sessions_per_connection
+        if self.identity is None:  # asyncssh opens no channel before auth; never trust it
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not authenticated"
+            )
+        if self.channels >= limit:
+            self.channels_refused += 1
+            self.gateway.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
+            if self.channels_refused == 1:  # once per connection: a flood is one line
+                log.info(
+                    "event=refused conn=%s user=%s reason=max_sessions_per_connection limit=%d",
+                    self.id,
+                    self.identity.user_name,
+                    limit,
+                )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many sessions on this connection (limit {limit})",
+            )
+        self.channels += 1
+        return SessionChannel(self)
 
     async def auth_completed(self) -> None:
         # asyncssh completes authentication in the same step as the validate_public_key call
@@ -352,7 +427,8 @@ class Gateway:
             host, port = cfg.ssh.listen
             self._ssh_options = await asyncssh.SSHServerConnectionOptions.construct(
                 server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
-                process_factory=self.handle_process,
+                # Sessions come from Connection.session_requested, which counts each channel
+                # as it opens; binary streams (encoding None) carry git's packs.
                 encoding=None,
                 # Only exec sessions are served: no pty, no forwarding of any kind, no sftp/scp.
                 allow_pty=False,
@@ -566,12 +642,6 @@ class Gateway:
         connection.sessions_total += 1
         stats = commands.SessionStats()
         try:
-            if connection.sessions > self.config.limits.max_sessions_per_connection:
-                self.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
-                raise GatewayError(
-                    "too many sessions on this connection "
-                    f"(limit {self.config.limits.max_sessions_per_connection})"
-                )
             code = await self._serve(process, connection, stats)
         except GatewayError as exc:
             code = exc.exit_code
