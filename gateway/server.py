@@ -18,7 +18,7 @@ import asyncssh
 
 from . import audit, commands, gitbin, hostkeys
 from . import config as config_module
-from .auth import identify
+from .auth import KeyRevoked, identify, recheck
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
@@ -645,18 +645,22 @@ class Gateway:
             code = await self._serve(process, connection, stats)
         except GatewayError as exc:
             code = exc.exit_code
-            stats.outcome = "denied" if isinstance(exc, AccessDenied) else "refused"
-            if isinstance(exc, AccessDenied) and connection.identity is not None:
-                self.spawn(
-                    audit.record(
-                        self.store,
-                        "access_denied",
-                        actor=connection.identity.user_name,
-                        fingerprint=connection.identity.fingerprint,
-                        source=connection.peer,
-                        app=exc.name[:100],
-                        command=(process.command or "")[:200],
-                    )
+            denied = isinstance(exc, AccessDenied | KeyRevoked)
+            stats.outcome = "denied" if denied else "refused"
+            if denied and connection.identity is not None:
+                reason = (
+                    {"reason": "key no longer registered"} if isinstance(exc, KeyRevoked) else {}
+                )
+                # Awaited, so the row exists by the time the client reads the refusal.
+                await audit.record(
+                    self.store,
+                    "access_denied",
+                    actor=connection.identity.user_name,
+                    fingerprint=connection.identity.fingerprint,
+                    source=connection.peer,
+                    app=exc.name[:100] if isinstance(exc, AccessDenied) else "",
+                    command=(process.command or "")[:200],
+                    **reason,
                 )
             log.info(
                 "event=refused conn=%s user=%s command=%s reason=%s",
@@ -701,6 +705,8 @@ class Gateway:
         identity = connection.identity
         if identity is None:
             raise GatewayError("not authenticated")
+        # Roles are read per command by authorize(); the key itself is re-checked here.
+        await recheck(self.store, identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env
