@@ -67,6 +67,21 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _days(value: Any) -> float:
+    """A retention period in days; 0 keeps everything."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of days (0 keeps everything)")
+    if value < 0:
+        raise ValueError("must not be negative")
+    return float(value)
+
+
+def _keep(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
 def _listen(value: Any) -> tuple[str, int]:
     """ "HOST:PORT" or "[IPv6]:PORT"; port 0 asks the OS for any free port."""
     text = _nonempty(value)
@@ -362,6 +377,21 @@ class DeploySettings:
     webhook_backoff: float = _setting(
         1, _seconds, "seconds before the first webhook retry; doubles each time (max 60)"
     )
+    retention: float = _setting(
+        90,
+        _days,
+        "days a finished deploy's record and log are kept (0 = forever); pruned hourly",
+    )
+    keep_last: int = _setting(
+        10, _keep, "the newest finished deploys of each app kept whatever their age"
+    )
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    retention: float = _setting(
+        365, _days, "days audit events are kept (0 = forever); pruned hourly"
+    )
 
 
 @dataclass(frozen=True)
@@ -389,6 +419,7 @@ SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "git": GitSettings,
     "deploy": DeploySettings,
+    "audit": AuditSettings,
     "http": HTTPSettings,
     "log": LogSettings,
 }
@@ -401,6 +432,7 @@ class Config:
     storage: StorageSettings
     git: GitSettings
     deploy: DeploySettings
+    audit: AuditSettings
     http: HTTPSettings
     log: LogSettings
     apps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -572,7 +604,8 @@ EXAMPLE_HEADER = """\
 # edit a copy (e.g. /etc/git-gateway/gateway.toml) and start with
 # `git-gateway --config PATH serve`, or set GATEWAY_CONFIG=PATH.
 # Relative paths are taken from the directory the gateway is started in.
-# `kill -HUP` reloads [limits], [deploy], [log] and [apps.*]; other sections need a restart.
+# `kill -HUP` reloads [limits], [deploy], [audit], [log] and [apps.*]; other sections need a
+# restart.
 """
 
 EXAMPLE_APPS = """\

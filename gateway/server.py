@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncssh
 
-from . import audit, commands, gitbin, hostkeys
+from . import audit, commands, gitbin, hostkeys, retention
 from . import config as config_module
 from .auth import KeyRevoked, identify, recheck
 from .bridge import Channel
@@ -47,6 +47,8 @@ TOUCH_INTERVAL_SECONDS = 60
 NO_AUTH = "client disconnected before authenticating"
 # A push quarantine not touched for this long belongs to no running receive-pack.
 STALE_QUARANTINE_SECONDS = 3600
+# Retention is applied at start and then this often.
+PRUNE_INTERVAL_SECONDS = 3600
 
 
 MAX_GIT_PROTOCOL = 256
@@ -390,6 +392,8 @@ class Gateway:
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
+        self.auth_failures: audit.AuthFailures
+        self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         self._last_touch: dict[int, float] = {}
 
@@ -402,6 +406,7 @@ class Gateway:
         self.git = await asyncio.to_thread(gitbin.locate, cfg.git.binary)
         log.info("event=git_found path=%s version=%s", self.git.path, self.git.version_text)
         self.store = await open_store(cfg.storage.database)
+        self.auth_failures = audit.AuthFailures(self.store)
         self.deploys = DeployService(cfg, self.store, self.repos)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
@@ -462,6 +467,7 @@ class Gateway:
             await self.store.close()
             raise
         self.addresses = self.listener.addresses
+        self._housekeeper = asyncio.ensure_future(self._housekeeping())
         if port == 0:
             # Port 0 asked the OS for a port: clone URLs must show the one it gave.
             ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
@@ -487,6 +493,12 @@ class Gateway:
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._housekeeper
+        # Connections closed above reported their failures: the last counts are written.
+        await self.auth_failures.flush(everything=True)
         await self.store.close()
 
     async def _drain(self, seconds: float) -> None:
@@ -564,16 +576,29 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     def audit_auth_failure(self, connection: Connection) -> None:
-        self.spawn(
-            audit.record(
-                self.store,
-                "auth_failed",
-                fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
-                source=connection.peer,
-                reason=connection.failure,
-                attempts=connection.auth_attempts,
-            )
+        """Counted in memory per source and minute; written by the housekeeping task."""
+        self.auth_failures.add(
+            connection.address,
+            connection.failure_kind,
+            connection.failure,
+            fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
+            attempts=connection.auth_attempts,
         )
+
+    async def _housekeeping(self) -> None:
+        """Just after each minute boundary, write the last minute's failed-login counts;
+        at start and every hour, apply the retention settings."""
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while True:
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
+                try:
+                    await retention.prune(self.store, self.config)
+                except Exception:
+                    log.exception("event=prune_failed")
+            await asyncio.sleep(60.5 - time.time() % 60)
+            await self.auth_failures.flush()
 
     async def _prepare_repositories(self) -> None:
         """Every app repository gets this version's hooks (they are generated files), and

@@ -3,13 +3,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
-from tests.helpers import Admin, Client, LiveProcess, ServerThread, keygen, unique, write_config
+import asyncssh
+
+from tests.helpers import (
+    TIMEOUT,
+    Admin,
+    Client,
+    LiveProcess,
+    ServeProcess,
+    ServerThread,
+    banner,
+    keygen,
+    ssh_connect,
+    unique,
+    write_config,
+)
 
 
 def events(admin, *args: str) -> list[dict[str, object]]:
@@ -42,6 +58,7 @@ def test_audit_trail_of_a_user_and_an_app(owner, app, admin, make_user, server, 
         e for e in events(admin, "--user", stranger.name) if e["event"] == "access_denied"
     )
     assert denied["app"] == app
+    server.call(server.gateway.auth_failures.flush(everything=True))  # minute-end write
     failed = [e for e in events(admin) if e["event"] == "auth_failed"]
     assert any(e["detail"]["reason"] == "unknown key" for e in failed)
 
@@ -86,3 +103,41 @@ def test_regression_cli_cancel_of_a_running_deploy_is_audited(tmp_path):
         if pushing is not None and pushing.proc.poll() is None:
             pushing.kill()
         server.stop()
+
+
+async def unknown_key_logins(port: int, count: int) -> int:
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    refused = 0
+    for _ in range(count):
+        try:
+            async with ssh_connect(port, stranger, preferred_auth="publickey"):
+                pass
+        except asyncssh.PermissionDenied:
+            refused += 1
+    return refused
+
+
+def test_regression_failed_logins_are_aggregated_per_source_and_minute(tmp_path):
+    """200 failed connections from one address make a handful of rows with counts, not 200."""
+    gateway = ServeProcess(write_config(tmp_path / "gw"))
+    try:
+        greeted = 0
+        for _ in range(150):  # connect, read the banner, hang up: "disconnected"
+            with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as sock:
+                greeted += banner(sock).startswith(b"SSH-2.0-")
+        assert greeted == 150
+        assert asyncio.run(unknown_key_logins(gateway.port, 50)) == 50
+    finally:
+        assert gateway.stop() == 0  # shutdown writes the counts still held
+    rows = [e for e in events(Admin(gateway.config_path)) if e["event"] == "auth_failed"]
+    assert 2 <= len(rows) <= 6  # two kinds, over one to three minutes
+    assert {e["source"] for e in rows} == {"127.0.0.1"}
+    by_kind: dict[str, int] = {}
+    for e in rows:
+        by_kind[e["detail"]["kind"]] = by_kind.get(e["detail"]["kind"], 0) + e["detail"]["count"]
+    assert by_kind == {"disconnected": 150, "unknown_key": 50}
+    unknown = next(e for e in rows if e["detail"]["kind"] == "unknown_key")
+    assert unknown["detail"]["reason"] == "unknown key"
+    assert unknown["fingerprint"].startswith("SHA256:")  # one key, named
+    # The log still has one line per connection for the operator.
+    assert gateway.stderr.count("event=auth_failed") == 200

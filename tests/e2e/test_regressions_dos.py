@@ -67,6 +67,7 @@ def test_auth_attempt_flood(tight, tight_user, tmp_path):
         assert b"Too many authentication failures" in err or b"closed" in err or b"reset" in err
     settle(tight)
     assert tight_user.ssh().returncode == 0
+    tight.call(tight.gateway.auth_failures.flush(everything=True))  # minute-end write
     events = json.loads(Admin(tight.config_path).ok("audit", "--json", "--limit", "500"))
     reasons = {e["detail"].get("reason") for e in events if e["event"] == "auth_failed"}
     assert "too many authentication attempts" in reasons
@@ -110,12 +111,14 @@ async def bare_open(conn: asyncssh.SSHClientConnection) -> asyncssh.SSHClientCha
     return chan
 
 
-async def flood_bare_channels(port: int, key: Path, pid: int, name: str) -> int:
-    """Hold 10 bare channels, open 20,000 more; return the server's RSS growth in KiB
-    between the first 2,000 refused opens and the last."""
+async def flood_bare_channels(port: int, key: Path, pid: int, name: str, app: str) -> int:
+    """With the connection's 10 sessions busy, open 20,000 more channels; return the
+    server's RSS growth in KiB between the first 2,000 refused opens and the last."""
     async with ssh_connect(port, key) as conn:
-        held = [await bare_open(conn) for _ in range(10)]
-        assert all(chan is not None for chan in held)
+        command = f"git-upload-pack '{app}.git'"
+        busy = [await conn.create_process(command, encoding=None) for _ in range(10)]
+        for process in busy:
+            assert await asyncio.wait_for(process.stdout.read(4), TIMEOUT)
         refused, baseline = 0, 0
         for batch in range(20):
             results = await asyncio.gather(*(bare_open(conn) for _ in range(1000)))
@@ -124,8 +127,17 @@ async def flood_bare_channels(port: int, key: Path, pid: int, name: str) -> int:
                 baseline = vm_rss_kib(pid)
         assert refused == 20_000  # every open past the limit was refused
         grown = vm_rss_kib(pid) - baseline
-        # The idle channels are closed by the server after channel_request_timeout.
-        await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in held)), TIMEOUT)
+        for process in busy:
+            process.stdin.write(b"0000")
+            process.stdin.write_eof()
+            await asyncio.wait_for(process.wait(), TIMEOUT)
+        # Channels that ask for nothing count too, and are closed after the timeout.
+        idle = [await bare_open(conn) for _ in range(10)]
+        assert all(chan is not None for chan in idle)
+        assert await bare_open(conn) is None
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(c.wait_closed() for c in idle)), TIMEOUT)
+        assert time.monotonic() - started > 1  # closed by the timeout (3 s), not at once
         # Their slots are free again: a command runs on the same connection.
         result = await asyncio.wait_for(conn.run("info"), TIMEOUT)
         assert result.exit_status == 0 and f"Hi {name}!" in result.stdout
@@ -142,7 +154,7 @@ def test_regression_bare_channel_flood_is_bounded(tmp_path):
         admin.ok("user", "add", name)
         admin.ok("key", "add", name, "k", f"{key}.pub")
         admin.ok("app", "create", app, "--owner", name)
-        grown = asyncio.run(flood_bare_channels(gateway.port, key, gateway.proc.pid, name))
+        grown = asyncio.run(flood_bare_channels(gateway.port, key, gateway.proc.pid, name, app))
         assert grown < 4 * 1024, f"server RSS grew by {grown} KiB over 18,000 refused opens"
         # And a normal clone on a fresh connection works.
         client = Client(tmp_path / "home", key, gateway, name=name)
@@ -151,4 +163,4 @@ def test_regression_bare_channel_flood_is_bounded(tmp_path):
         assert gateway.stop() == 0
     log = gateway.stderr
     assert log.count("reason=max_sessions_per_connection") == 1  # one line, not 20,000
-    assert "channels_refused=20000 channels_timed_out=10" in log
+    assert "channels_refused=20001 channels_timed_out=10" in log
