@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__, audit, config, control, gitbin, logs, names, tables
+from . import __version__, audit, config, control, gitbin, logs, names, tables, umask
 from .deploylog import read_log
 from .errors import GatewayError, UsageError
 from .keys import KEYGEN_TYPE
@@ -576,6 +577,10 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
         return int(exc.code or 0)
+    # Whatever umask the gateway is started with, what it creates (the registry and its
+    # -wal/-shm files, repositories, deploy logs, the control socket) is private. Restored
+    # afterwards for callers that run commands in-process.
+    previous = umask.make_private()
     try:
         cfg = config.load(getattr(args, "config", None))
         result = args.func(args, cfg, out)
@@ -590,3 +595,5 @@ def main(
         return exc.code
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(previous)
