@@ -66,7 +66,7 @@ async def test_failures_are_counted_per_source_minute_and_kind(store):
     assert total == 103 and agg.buckets == {}
 
 
-async def test_a_scan_from_many_addresses_is_bounded_in_memory(store):
+async def test_regression_a_scan_from_many_addresses_is_bounded_in_memory(store):
     agg = AuthFailures(store, max_buckets=50)
     for i in range(10_000):
         agg.add(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "disconnected", "closed", now=T0)
@@ -82,7 +82,7 @@ def old(days: float) -> str:
     return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def test_prune_removes_old_records_and_their_logs(store, tmp_path):
+async def test_regression_prune_removes_old_records_and_their_logs(store, tmp_path):
     cfg = gwconfig.from_mapping(
         {
             "deploy": {"retention": 30, "keep_last": 1, "log_dir": str(tmp_path / "logs")},
