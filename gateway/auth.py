@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import AccessDenied, InvalidName
+from .errors import AccessDenied, GatewayError, InvalidName
 from .models import App, Identity, Role
 from .names import app_name
 from .store import Store
@@ -14,6 +14,28 @@ async def identify(store: Store, fingerprint: str) -> Identity | None:
     if key is None:
         return None
     return Identity(key.user_id, key.user_name, key.id, key.name, key.fingerprint)
+
+
+class KeyRevoked(GatewayError):
+    """The key a connection authenticated with was removed (or its user was) since."""
+
+    code = "forbidden"
+
+    def __init__(self) -> None:
+        super().__init__("access denied: this SSH key is no longer registered")
+
+
+async def recheck(store: Store, identity: Identity) -> None:
+    """Raise KeyRevoked unless the connection's key is still registered to the same user.
+
+    A connection can outlive its key: OpenSSH's ControlMaster runs every later command as a
+    new session on one authenticated connection. So each session asks the registry again
+    (one indexed lookup), by key id as well as fingerprint, so that a key removed and added
+    back, or moved to another account, does not revive the old connection.
+    """
+    key = await store.find_key(identity.fingerprint)
+    if key is None or key.id != identity.key_id or key.user_id != identity.user_id:
+        raise KeyRevoked()
 
 
 async def authorize(store: Store, identity: Identity, name: str, needed: Role) -> tuple[App, Role]:

@@ -6,17 +6,28 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict
 from typing import Any, TextIO
 
-from . import __version__, config, control, gitbin, logs, names, tables
+from . import __version__, audit, config, control, gitbin, logs, names, tables, umask
 from .deploylog import read_log
 from .errors import GatewayError, UsageError
 from .keys import KEYGEN_TYPE
-from .service import MAX_KEY_TEXT, Registry, deploy_dict, deploy_record_dict, user_dict
+from .service import MAX_KEY_TEXT, Registry
+from .shapes import (
+    app_dict,
+    audit_dict,
+    deploy_dict,
+    deploy_record_dict,
+    key_dict,
+    member_dict,
+    token_dict,
+    user_dict,
+)
 from .store import Store, open_store
+from .textsafe import TerminalStream, terminal_safe
 
 log = logging.getLogger("gateway.cli")
 
@@ -116,7 +127,7 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
     async def act(reg: Registry) -> int:
         keys = await reg.list_keys(args.user)
         if args.json:
-            _json([asdict(k) for k in keys], out)
+            _json([key_dict(k) for k in keys], out)
         else:
             rows = [
                 [
@@ -163,7 +174,7 @@ async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
     async def act(reg: Registry) -> int:
         apps = await reg.list_apps()
         if args.json:
-            _json([{**asdict(a), "clone_url": cfg.clone_url(a.name)} for a in apps], out)
+            _json([app_dict(a, cfg) for a in apps], out)
         else:
             rows = [
                 [a.name, a.owner_name, a.deploy_branch, a.created_at, cfg.clone_url(a.name)]
@@ -219,13 +230,7 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
     async def act(reg: Registry) -> int:
         members = await reg.members(args.app)
         if args.json:
-            _json(
-                [
-                    {"user": m.user_name, "role": m.role.label, "since": m.created_at}
-                    for m in members
-                ],
-                out,
-            )
+            _json([member_dict(m) for m in members], out)
         else:
             _table(
                 [[m.user_name, m.role.label, m.created_at] for m in members],
@@ -241,7 +246,7 @@ async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO
     async def act(reg: Registry) -> int:
         token, secret = await reg.create_token(args.name, args.user, actor=OPERATOR)
         if args.json:
-            _json({**asdict(token), "token": secret}, out)
+            _json({**token_dict(token), "token": secret}, out)
             return 0
         scope = f"personal token of {token.user_name}" if token.personal else "operator token"
         out.write(f"created {scope} '{token.name}'; it is shown only this once:\n{secret}\n")
@@ -254,7 +259,7 @@ async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
     async def act(reg: Registry) -> int:
         tokens = await reg.list_tokens()
         if args.json:
-            _json([asdict(t) for t in tokens], out)
+            _json([token_dict(t) for t in tokens], out)
         else:
             rows = [
                 [t.name, t.user_name or "(operator)", t.created_at, t.last_used_at or "never"]
@@ -292,12 +297,14 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
         record = await reg.deploy_record(args.id)
         deploy, deliveries = record.deploy, record.deliveries
         if args.json:
-            _json(deploy_record_dict(record), out)
+            _json(deploy_record_dict(deploy, deliveries), out)
             return 0
+        # Subject, author and reason are the tenant's text: shown escaped, one line each.
         for key, value in deploy_dict(deploy).items():
-            out.write(f"{key + ':':<17}{'' if value is None else value}\n")
+            shown = tables.one_line("" if value is None else str(value))
+            out.write(f"{key + ':':<17}{shown}\n")
         for d in deliveries:
-            result = d.status_code if d.status_code is not None else d.error
+            result = d.status_code if d.status_code is not None else tables.one_line(d.error)
             out.write(
                 f"webhook attempt {d.attempt}: {result} in {d.duration_ms} ms at {d.created_at}\n"
             )
@@ -308,21 +315,24 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
 
 def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     deploy = asyncio.run(_with_store_value(cfg, lambda s: Registry(cfg, s).get_deploy(args.id)))
+    # The log is the deploy's own output: its control sequences are shown, never obeyed.
     if args.follow and not deploy.status.finished:
+        stream = TerminalStream()
         try:
             code = 1
             for reply in control.request(
                 cfg.storage.control_socket, {"op": "follow", "deploy": args.id}
             ):
                 if "out" in reply:
-                    out.write(reply["out"])
+                    out.write(stream.feed(reply["out"]))
                     out.flush()
                 if "exit" in reply:
                     code = int(reply["exit"])
+            out.write(stream.flush())
             return code
         except control.NotRunning:
             pass  # nothing runs it now: show what is stored
-    out.write(read_log(cfg.deploy.log_dir, deploy.id))
+    out.write(terminal_safe(read_log(cfg.deploy.log_dir, deploy.id)))
     if not deploy.status.finished:
         out.write(f"deploy #{deploy.id} is {deploy.status.value}\n")
     if args.follow:
@@ -333,15 +343,20 @@ def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
 def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     try:
         code = 1
-        message = {"op": "cancel", "deploy": args.id, "by": "operator"}
+        message = {"op": "cancel", "deploy": args.id, "by": OPERATOR}
         for reply in control.request(cfg.storage.control_socket, message, timeout=120):
             if "out" in reply:
-                out.write(reply["out"])
+                out.write(terminal_safe(reply["out"]))
             if "exit" in reply:
                 code = int(reply["exit"])
-        return code
     except control.NotRunning:
         pass
+    else:
+        if code == 0:
+            # The running gateway cancelled it; the audit trail records who asked, as the
+            # SSH `cancel`, the API and the offline cancel do.
+            asyncio.run(_with_registry(cfg, lambda reg: _audit_cancel(reg, args.id)))
+        return code
 
     async def offline(reg: Registry) -> int:
         deploy = await reg.record_cancel_offline(args.id, actor=OPERATOR)
@@ -349,6 +364,14 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         return 0
 
     return asyncio.run(_with_registry(cfg, offline))
+
+
+async def _audit_cancel(reg: Registry, deploy_id: int) -> int:
+    deploy = await reg.get_deploy(deploy_id)
+    await audit.record(
+        reg.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
+    )
+    return 0
 
 
 async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
@@ -363,7 +386,7 @@ async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
     async def act(store: Store) -> int:
         events = await store.list_audit(app=args.app, actor=args.user, limit=args.limit)
         if args.json:
-            _json([{**asdict(e), "detail": json.loads(e.detail)} for e in events], out)
+            _json([audit_dict(e) for e in events], out)
             return 0
         rows = [
             [
@@ -562,6 +585,10 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
         return int(exc.code or 0)
+    # Whatever umask the gateway is started with, what it creates (the registry and its
+    # -wal/-shm files, repositories, deploy logs, the control socket) is private. Restored
+    # afterwards for callers that run commands in-process.
+    previous = umask.make_private()
     try:
         cfg = config.load(getattr(args, "config", None))
         result = args.func(args, cfg, out)
@@ -569,10 +596,12 @@ def main(
             result = asyncio.run(result)
         return int(result)
     except GatewayError as exc:
-        err.write(f"error: {exc}\n")
+        err.write(f"error: {terminal_safe(str(exc))}\n")
         return exc.exit_code
     except control.ControlError as exc:
-        err.write(f"error: {exc}\n")
+        err.write(f"error: {terminal_safe(str(exc))}\n")
         return exc.code
     except KeyboardInterrupt:
         return 130
+    finally:
+        os.umask(previous)

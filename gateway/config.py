@@ -67,6 +67,21 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _days(value: Any) -> float:
+    """A retention period in days; 0 keeps everything."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number of days (0 keeps everything)")
+    if value < 0:
+        raise ValueError("must not be negative")
+    return float(value)
+
+
+def _keep(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("expected a whole number >= 0")
+    return value
+
+
 def _listen(value: Any) -> tuple[str, int]:
     """ "HOST:PORT" or "[IPv6]:PORT"; port 0 asks the OS for any free port."""
     text = _nonempty(value)
@@ -361,7 +376,14 @@ class LimitSettings:
     max_unauthenticated: int = _setting(
         100, _count, "connections still logging in (like OpenSSH MaxStartups)"
     )
-    max_sessions_per_connection: int = _setting(10, _count, "concurrent sessions on one connection")
+    max_sessions_per_connection: int = _setting(
+        10, _count, "session channels open at once on one connection, counted from the open"
+    )
+    channel_request_timeout: float = _setting(
+        10,
+        _seconds,
+        "seconds a newly opened session channel has to ask for a command before it is closed",
+    )
     max_auth_attempts: int = _setting(
         12, _count, "public keys a connection may offer, probes included"
     )
@@ -444,6 +466,21 @@ class DeploySettings:
     max_file_size: int = _setting("1G", _size, "largest file a deploy may write (RLIMIT_FSIZE)")
     max_open_files: int = _setting(1024, _count, "open files per deploy process (RLIMIT_NOFILE)")
     max_tmp_size: int = _setting("512M", _size, "size of the deploy's private /tmp (in memory)")
+    retention: float = _setting(
+        90,
+        _days,
+        "days a finished deploy's record and log are kept (0 = forever); pruned hourly",
+    )
+    keep_last: int = _setting(
+        10, _keep, "the newest finished deploys of each app kept whatever their age"
+    )
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    retention: float = _setting(
+        365, _days, "days audit events are kept (0 = forever); pruned hourly"
+    )
 
 
 @dataclass(frozen=True)
@@ -490,6 +527,7 @@ SECTIONS: dict[str, type] = {
     "storage": StorageSettings,
     "git": GitSettings,
     "deploy": DeploySettings,
+    "audit": AuditSettings,
     "http": HTTPSettings,
     "log": LogSettings,
 }
@@ -502,6 +540,7 @@ class Config:
     storage: StorageSettings
     git: GitSettings
     deploy: DeploySettings
+    audit: AuditSettings
     http: HTTPSettings
     log: LogSettings
     apps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -707,7 +746,8 @@ EXAMPLE_HEADER = """\
 # edit a copy (e.g. /etc/git-gateway/gateway.toml) and start with
 # `git-gateway --config PATH serve`, or set GATEWAY_CONFIG=PATH.
 # Relative paths are taken from the directory the gateway is started in.
-# `kill -HUP` reloads [limits], [deploy], [log] and [apps.*]; other sections need a restart.
+# `kill -HUP` reloads [limits], [deploy], [audit], [log] and [apps.*]; other sections need a
+# restart.
 """
 
 EXAMPLE_APPS = """\

@@ -16,9 +16,9 @@ from typing import Any
 
 import asyncssh
 
-from . import audit, commands, gitbin, hostkeys
+from . import audit, commands, gitbin, hostkeys, retention
 from . import config as config_module
-from .auth import identify
+from .auth import KeyRevoked, identify, recheck
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
@@ -33,6 +33,7 @@ from .models import Identity
 from .repos import Repositories
 from .service import Registry
 from .store import Store, open_store, utcnow
+from .textsafe import terminal_safe
 from .web import WebServer
 
 log = logging.getLogger("gateway.server")
@@ -46,6 +47,8 @@ TOUCH_INTERVAL_SECONDS = 60
 NO_AUTH = "client disconnected before authenticating"
 # A push quarantine not touched for this long belongs to no running receive-pack.
 STALE_QUARANTINE_SECONDS = 3600
+# Retention is applied at start and then this often.
+PRUNE_INTERVAL_SECONDS = 3600
 
 
 MAX_GIT_PROTOCOL = 256
@@ -106,6 +109,51 @@ def quick_acks(conn: asyncssh.SSHServerConnection) -> None:
         conn.data_received = data_received  # type: ignore[method-assign]
 
 
+class SessionChannel(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
+    """One session channel, counted against its connection's limit from the moment it is
+    opened until it closes.
+
+    A channel costs memory as soon as it is open, before any request arrives: counting only
+    running commands would let a client hold thousands of idle channels. One that asks for
+    nothing (exec, shell or subsystem) within `channel_request_timeout` is closed.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        super().__init__(connection.gateway.handle_process, None, 0, False)
+        self.owner = connection
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        super().connection_made(chan)
+        timeout = self.owner.gateway.config.limits.channel_request_timeout
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._request_timeout)
+
+    def session_started(self) -> None:
+        self._cancel_timer()
+        super().session_started()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.owner.channels -= 1
+        super().connection_lost(exc)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _request_timeout(self) -> None:
+        self._timer = None
+        self.owner.channels_timed_out += 1
+        if self.owner.channels_timed_out == 1:  # once per connection: no log flood
+            log.info(
+                "event=channel_closed conn=%s reason=no_request_in=%ss",
+                self.owner.id,
+                self.owner.gateway.config.limits.channel_request_timeout,
+            )
+        self.channel.close()
+
+
 class Connection(asyncssh.SSHServer):
     """One client connection: authentication state and the identity it ends with."""
 
@@ -130,8 +178,11 @@ class Connection(asyncssh.SSHServer):
         self.last_fingerprint = "-"
         self.address = "-"
         self.admitted = False
-        self.sessions = 0
+        self.sessions = 0  # commands running
         self.sessions_total = 0
+        self.channels = 0  # session channels open, with or without a command yet
+        self.channels_refused = 0
+        self.channels_timed_out = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.outcome = "ok"
@@ -192,13 +243,15 @@ class Connection(asyncssh.SSHServer):
             self.gateway.audit_auth_failure(self)
         # One line per connection that ties it together: who, how long, how much, how it ended.
         log.info(
-            "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d bytes_in=%d "
-            "bytes_out=%d duration=%.3f outcome=%s reason=%s",
+            "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d channels_refused=%d "
+            "channels_timed_out=%d bytes_in=%d bytes_out=%d duration=%.3f outcome=%s reason=%s",
             self.id,
             self.peer,
             self.identity.user_name if self.identity else "-",
             self.identity.fingerprint if self.identity else self.last_fingerprint,
             self.sessions_total,
+            self.channels_refused,
+            self.channels_timed_out,
             self.bytes_in,
             self.bytes_out,
             time.monotonic() - self.started,
@@ -262,6 +315,31 @@ class Connection(asyncssh.SSHServer):
         self._candidate = identity
         return True
 
+    # -- sessions: counted when their channel opens --
+
+    def session_requested(self) -> SessionChannel:
+        limit = self.gateway.config.limits.max_sessions_per_connection
+        if self.identity is None:  # asyncssh opens no channel before auth; never trust it
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not authenticated"
+            )
+        if self.channels >= limit:
+            self.channels_refused += 1
+            self.gateway.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
+            if self.channels_refused == 1:  # once per connection: a flood is one line
+                log.info(
+                    "event=refused conn=%s user=%s reason=max_sessions_per_connection limit=%d",
+                    self.id,
+                    self.identity.user_name,
+                    limit,
+                )
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"too many sessions on this connection (limit {limit})",
+            )
+        self.channels += 1
+        return SessionChannel(self)
+
     async def auth_completed(self) -> None:
         # asyncssh completes authentication in the same step as the validate_public_key call
         # that returned True for a request whose signature it then verified; a newer request
@@ -314,6 +392,8 @@ class Gateway:
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
+        self.auth_failures: audit.AuthFailures
+        self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         self._last_touch: dict[int, float] = {}
 
@@ -329,6 +409,7 @@ class Gateway:
         for warning in await sandbox.check(cfg):
             log.warning("event=sandbox_disabled %s", warning)
         self.store = await open_store(cfg.storage.database)
+        self.auth_failures = audit.AuthFailures(self.store)
         self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
@@ -354,7 +435,8 @@ class Gateway:
             host, port = cfg.ssh.listen
             self._ssh_options = await asyncssh.SSHServerConnectionOptions.construct(
                 server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
-                process_factory=self.handle_process,
+                # Sessions come from Connection.session_requested, which counts each channel
+                # as it opens; binary streams (encoding None) carry git's packs.
                 encoding=None,
                 # Only exec sessions are served: no pty, no forwarding of any kind, no sftp/scp.
                 allow_pty=False,
@@ -388,6 +470,7 @@ class Gateway:
             await self.store.close()
             raise
         self.addresses = self.listener.addresses
+        self._housekeeper = asyncio.ensure_future(self._housekeeping())
         if port == 0:
             # Port 0 asked the OS for a port: clone URLs must show the one it gave.
             ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
@@ -413,6 +496,12 @@ class Gateway:
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._housekeeper
+        # Connections closed above reported their failures: the last counts are written.
+        await self.auth_failures.flush(everything=True)
         await self.store.close()
 
     async def _drain(self, seconds: float) -> None:
@@ -509,16 +598,29 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
     def audit_auth_failure(self, connection: Connection) -> None:
-        self.spawn(
-            audit.record(
-                self.store,
-                "auth_failed",
-                fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
-                source=connection.peer,
-                reason=connection.failure,
-                attempts=connection.auth_attempts,
-            )
+        """Counted in memory per source and minute; written by the housekeeping task."""
+        self.auth_failures.add(
+            connection.address,
+            connection.failure_kind,
+            connection.failure,
+            fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
+            attempts=connection.auth_attempts,
         )
+
+    async def _housekeeping(self) -> None:
+        """Just after each minute boundary, write the last minute's failed-login counts;
+        at start and every hour, apply the retention settings."""
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while True:
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
+                try:
+                    await retention.prune(self.store, self.config)
+                except Exception:
+                    log.exception("event=prune_failed")
+            await asyncio.sleep(60.5 - time.time() % 60)
+            await self.auth_failures.flush()
 
     async def _prepare_repositories(self) -> None:
         """Every app repository gets this version's hooks (they are generated files), and
@@ -587,27 +689,25 @@ class Gateway:
         connection.sessions_total += 1
         stats = commands.SessionStats()
         try:
-            if connection.sessions > self.config.limits.max_sessions_per_connection:
-                self.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
-                raise GatewayError(
-                    "too many sessions on this connection "
-                    f"(limit {self.config.limits.max_sessions_per_connection})"
-                )
             code = await self._serve(process, connection, stats)
         except GatewayError as exc:
             code = exc.exit_code
-            stats.outcome = "denied" if isinstance(exc, AccessDenied) else "refused"
-            if isinstance(exc, AccessDenied) and connection.identity is not None:
-                self.spawn(
-                    audit.record(
-                        self.store,
-                        "access_denied",
-                        actor=connection.identity.user_name,
-                        fingerprint=connection.identity.fingerprint,
-                        source=connection.peer,
-                        app=exc.name[:100],
-                        command=(process.command or "")[:200],
-                    )
+            denied = isinstance(exc, AccessDenied | KeyRevoked)
+            stats.outcome = "denied" if denied else "refused"
+            if denied and connection.identity is not None:
+                reason = (
+                    {"reason": "key no longer registered"} if isinstance(exc, KeyRevoked) else {}
+                )
+                # Awaited, so the row exists by the time the client reads the refusal.
+                await audit.record(
+                    self.store,
+                    "access_denied",
+                    actor=connection.identity.user_name,
+                    fingerprint=connection.identity.fingerprint,
+                    source=connection.peer,
+                    app=exc.name[:100] if isinstance(exc, AccessDenied) else "",
+                    command=(process.command or "")[:200],
+                    **reason,
                 )
             log.info(
                 "event=refused conn=%s user=%s command=%s reason=%s",
@@ -617,7 +717,7 @@ class Gateway:
                 q(exc),
             )
             with contextlib.suppress(Exception):
-                stderr.write(f"error: {exc}\n".encode())
+                stderr.write(f"error: {terminal_safe(str(exc))}\n".encode())
         except Exception:
             stats.outcome = "internal_error"
             reference = secrets.token_hex(4)
@@ -652,6 +752,8 @@ class Gateway:
         identity = connection.identity
         if identity is None:
             raise GatewayError("not authenticated")
+        # Roles are read per command by authorize(); the key itself is re-checked here.
+        await recheck(self.store, identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env

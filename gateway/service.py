@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import audit, names
 from .config import Config
@@ -44,26 +43,6 @@ class Grant:
 class DeployRecord:
     deploy: Deploy
     deliveries: list[WebhookDelivery]
-
-
-# -- JSON shapes shared by `--json` output and the API --
-
-
-def user_dict(summary: UserSummary) -> dict[str, Any]:
-    return {**asdict(summary.user), "keys": summary.keys, "apps": summary.apps}
-
-
-def deploy_dict(deploy: Deploy) -> dict[str, Any]:
-    data = asdict(deploy)
-    data["status"] = deploy.status.value
-    return data
-
-
-def deploy_record_dict(record: DeployRecord) -> dict[str, Any]:
-    return {
-        **deploy_dict(record.deploy),
-        "webhook_deliveries": [asdict(d) for d in record.deliveries],
-    }
 
 
 class Registry:

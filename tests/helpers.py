@@ -371,7 +371,12 @@ class LiveProcess:
     wait for one line (an event, never a sleep) and act while the process still runs."""
 
     def __init__(
-        self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        umask: int = -1,
     ):
         import queue
 
@@ -379,6 +384,7 @@ class LiveProcess:
             argv,
             env=env,
             cwd=cwd,
+            umask=umask,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -458,9 +464,11 @@ class ServeProcess(LiveProcess):
     """The gateway as operators run it (`python -m gateway serve`), in its own process, with
     what Client needs of a server: its port, its config and its host keys."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, umask: int = -1) -> None:
 
-        super().__init__([sys.executable, "-m", "gateway", "--config", str(config_path), "serve"])
+        super().__init__(
+            [sys.executable, "-m", "gateway", "--config", str(config_path), "serve"], umask=umask
+        )
         self.config_path = config_path
         self.config = gwconfig.load(config_path)
         self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))

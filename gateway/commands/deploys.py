@@ -6,6 +6,7 @@ from .. import audit, tables
 from ..auth import authorize
 from ..errors import AccessDenied, GatewayError
 from ..models import Role
+from ..textsafe import TerminalStream, terminal_safe
 from . import Context, Invocation
 
 
@@ -42,13 +43,17 @@ async def logs(ctx: Context, inv: Invocation) -> int:
             raise GatewayError(f"no deploys of {app.name} yet")
         deploy = latest[0]
 
+    # A deploy's output is the tenant's: shown escaped, never obeyed by the terminal.
+    stream = TerminalStream()
+
     async def say(text: str) -> None:
-        await _write(ctx, text)
+        await _write(ctx, stream.feed(text))
 
     if follow:
         final = await ctx.deploys.follow(deploy.id, say)
+        await _write(ctx, stream.flush())
         return 0 if final.status.ok else 1
-    await say(await ctx.deploys.log_text(deploy.id))
+    await _write(ctx, terminal_safe(await ctx.deploys.log_text(deploy.id)))
     current = await ctx.store.get_deploy(deploy.id) or deploy
     if not current.status.finished:
         await say(f"deploy #{current.id} is {current.status.value}; add --follow to watch it\n")
@@ -75,6 +80,9 @@ async def cancel(ctx: Context, inv: Invocation) -> int:
         deploy=final.id,
     )
     await _write(
-        ctx, f"deploy #{final.id} of {final.app_name}: {final.status.value} ({final.reason})\n"
+        ctx,
+        terminal_safe(
+            f"deploy #{final.id} of {final.app_name}: {final.status.value} ({final.reason})\n"
+        ),
     )
     return 0

@@ -9,8 +9,9 @@ import signal
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from .. import executors
+from .. import executors, umask
 from ..deploylog import DeployLog
 from ..models import Deploy, DeployStatus
 from .export import ExportError, _size_text, export_commit
@@ -79,7 +80,7 @@ async def run_pipeline(
 
 
 def _make_workdir(build_dir: Path, deploy_id: int, sandbox: Sandbox) -> Path:
-    build_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    sandbox.prepare_build_dir(build_dir)
     path = Path(tempfile.mkdtemp(prefix=f"deploy-{deploy_id}-", dir=build_dir))
     sandbox.prepare_dir(path)
     return path
@@ -100,11 +101,16 @@ async def run_command(
     Cancellation (timeout, cancel command, shutdown) kills the whole process group: a build
     tool's children must not outlive the deploy. Output beyond `max_output` stops it too.
     """
-    streams = {
+    streams: dict[str, Any] = {
         "stdin": asyncio.subprocess.DEVNULL,
         "stdout": asyncio.subprocess.PIPE,
         "stderr": asyncio.subprocess.STDOUT,
     }
+    operator_umask = umask.inherited()
+    if operator_umask is not None:
+        # The gateway keeps its own files private (umask 077); what a deploy writes for
+        # others (a shared cache, a web root) follows the umask the operator started it with.
+        streams["umask"] = operator_umask
     try:
         if sandbox is not None and export_dir is not None:
             proc = await sandbox.spawn(argv, export_dir=export_dir, env=env, **streams)

@@ -23,15 +23,13 @@ from typing import Any
 from dulwich.reflog import read_reflog
 from dulwich.repo import Repo
 
+from .. import names
 from ..models import App, Identity
 
 HOOKS = ("pre-receive", "post-receive")
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
-# Any ref git itself accepts (check-ref-format forbids controls, space and ~^:?*[\): names
-# with commas or non-ASCII letters are valid branches. What a name may do is proven below
-# against the repository, not by this pattern.
-_REF = re.compile(r"refs/[^\x00-\x20\x7f~^:?*\[\\]{1,1000}")
+MAX_REF = 1024
 
 
 class HookRefused(Exception):
@@ -147,10 +145,16 @@ def parse_updates(raw: Any) -> list[RefUpdate]:
         ):
             raise HookRefused("malformed_updates")
         old, new, ref = item
-        if not _SHA.fullmatch(old) or not _SHA.fullmatch(new) or not _REF.fullmatch(ref):
+        if not _SHA.fullmatch(old) or not _SHA.fullmatch(new) or not _valid_ref(ref):
             raise HookRefused("malformed_updates")
         updates.append(RefUpdate(old, new, ref))
     return updates
+
+
+def _valid_ref(ref: str) -> bool:
+    """Any ref git itself accepts (names with commas or non-ASCII letters are valid
+    branches); what an update did is then proven against the repository."""
+    return ref.startswith("refs/") and len(ref) <= MAX_REF and names.ref_problem(ref) is None
 
 
 # -- the repository's word against the hook's (blocking: run on the executor) --

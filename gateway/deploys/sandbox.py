@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import logging
 import os
 import pwd
 import shutil
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +307,23 @@ class Sandbox:
     def _group(self) -> bytes:
         return f"root:x:0:\ndeploy:x:{self.gid}:\nnogroup:x:65534:\n".encode()
 
+    def prepare_build_dir(self, build_dir: Path) -> None:
+        """Create the build directory (blocking). Under root, the sandbox user must be able
+        to walk to it: the directories on the way that the gateway owns get search
+        permission for others (never read: nobody can list them), and nothing else."""
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_as is None:
+            return
+        for directory in (build_dir, *build_dir.parents):
+            info = directory.stat()
+            if info.st_uid != os.geteuid():
+                break
+            if info.st_mode & 0o011 != 0o011:
+                directory.chmod(stat.S_IMODE(info.st_mode) | 0o011)
+                logging.getLogger("gateway.deploys").info(
+                    "event=build_dir_searchable path=%s", directory
+                )
+
     def prepare_dir(self, path: Path) -> None:
         """Give an export directory to the sandbox user (blocking; run off the loop)."""
         if self.run_as is not None:
@@ -396,7 +415,7 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
     """Start a real sandbox once and run `true` in it; SandboxError with bwrap's reason."""
     if not sandbox.enabled:
         return
-    await asyncio.to_thread(build_dir.mkdir, parents=True, exist_ok=True, mode=0o711)
+    await asyncio.to_thread(sandbox.prepare_build_dir, build_dir)
     export = await asyncio.to_thread(_make_probe_dir, build_dir, sandbox)
     try:
         proc = await sandbox.spawn(

@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..models import App, Deploy, DeployStatus, Identity, NewDeploy
 from ..repos import Repositories
 from ..store import Store, utcnow
+from ..textsafe import TerminalStream
 from . import messages, pushes
 from .command import run_pipeline
 from .outcome import Outcome
@@ -138,6 +139,24 @@ class DeployService:
     # -- hooks --
 
     async def handle_hook(self, request: dict[str, Any], say: Say, peer: Peer | None) -> int:
+        """Answer one hook request; everything said reaches the pusher's terminal escaped
+        (deploy output may keep plain SGR colours)."""
+        stream = TerminalStream(allow_sgr=True)
+
+        async def say_safely(text: str) -> None:
+            safe = stream.feed(text)
+            if safe:
+                await say(safe)
+
+        try:
+            return await self._hook(request, say_safely, peer)
+        finally:
+            rest = stream.flush()
+            if rest:
+                with contextlib.suppress(Exception):
+                    await say(rest)
+
+    async def _hook(self, request: dict[str, Any], say: Say, peer: Peer | None) -> int:
         hook = request.get("hook")
         gate = hook == "pre-receive"
         try:

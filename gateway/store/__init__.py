@@ -138,6 +138,16 @@ class Store(abc.ABC):
         """Set a final status on a queued or running deploy; False if it had already ended."""
 
     @abc.abstractmethod
+    async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
+        """Delete up to `limit` finished deploys that ended before `before`, except each
+        app's `keep_last` newest finished ones; never a queued or running deploy. Return
+        the ids deleted (their webhook deliveries go with them)."""
+
+    @abc.abstractmethod
+    async def existing_deploy_ids(self, ids: list[int]) -> set[int]:
+        """Which of these deploy ids still have a record."""
+
+    @abc.abstractmethod
     async def set_status_token(self, deploy_id: int, token_hash: str) -> None: ...
 
     @abc.abstractmethod
@@ -152,6 +162,10 @@ class Store(abc.ABC):
     # -- audit trail --
     @abc.abstractmethod
     async def add_audit(self, event: AuditEvent) -> None: ...
+
+    @abc.abstractmethod
+    async def prune_audit(self, before: str, limit: int = 5000) -> int:
+        """Delete up to `limit` of the oldest events recorded before `before`; return how many."""
 
     @abc.abstractmethod
     async def list_audit(

@@ -462,6 +462,46 @@ class SQLiteStore(Store):
             )
             return cur.rowcount == 1
 
+    async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
+        async with self._transaction() as db:
+            rows = await self._all(
+                """SELECT d.id FROM deploys d
+                    WHERE d.status NOT IN (?, ?)
+                      AND COALESCE(d.finished_at, d.created_at) < ?
+                      AND d.id NOT IN (
+                          SELECT id FROM (
+                              SELECT id, ROW_NUMBER() OVER (
+                                  PARTITION BY app_id ORDER BY id DESC) AS newest
+                                FROM deploys WHERE status NOT IN (?, ?))
+                           WHERE newest <= ?)
+                    ORDER BY d.id LIMIT ?""",
+                *_OPEN,
+                before,
+                *_OPEN,
+                keep_last,
+                limit,
+            )
+            ids = [r[0] for r in rows]
+            if ids:
+                marks = ", ".join("?" for _ in ids)
+                # A kept deploy may name a pruned one as its superseder: the link goes, the
+                # reason text ("superseded by #N") stays.
+                await db.execute(
+                    f"UPDATE deploys SET superseded_by = NULL WHERE superseded_by IN ({marks})",  # noqa: S608
+                    ids,
+                )
+                await db.execute(f"DELETE FROM deploys WHERE id IN ({marks})", ids)  # noqa: S608
+            return ids
+
+    async def existing_deploy_ids(self, ids: list[int]) -> set[int]:
+        found: set[int] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" for _ in chunk)
+            rows = await self._all(f"SELECT id FROM deploys WHERE id IN ({marks})", *chunk)  # noqa: S608
+            found.update(r[0] for r in rows)
+        return found
+
     async def set_status_token(self, deploy_id: int, token_hash: str) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -514,6 +554,15 @@ class SQLiteStore(Store):
                     event.detail,
                 ),
             )
+
+    async def prune_audit(self, before: str, limit: int = 5000) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM audit_events WHERE id IN "
+                "(SELECT id FROM audit_events WHERE at < ? ORDER BY at LIMIT ?)",
+                (before, limit),
+            )
+            return cur.rowcount
 
     async def list_audit(
         self, app: str | None = None, actor: str | None = None, limit: int = 100

@@ -12,8 +12,9 @@ from aiohttp import web
 from .. import audit
 from ..deploys import DeployService
 from ..errors import Forbidden, GatewayError, UsageError
-from ..models import ApiToken, App, SSHKey
-from ..service import Registry, deploy_dict, deploy_record_dict, user_dict
+from ..models import ApiToken
+from ..service import Registry
+from ..shapes import app_dict, deploy_dict, deploy_record_dict, key_dict, member_dict, user_dict
 from ..store import UserSummary
 
 PREFIX = "/api/v1"
@@ -78,22 +79,6 @@ class Route:
     errors: tuple[int, ...] = ()
 
 
-# -- JSON shapes --
-
-
-def key_json(key: SSHKey) -> dict[str, Any]:
-    data = asdict(key)
-    data.pop("user_id")
-    return data
-
-
-def app_json(app: App, call: Call) -> dict[str, Any]:
-    data = asdict(app)
-    data.pop("owner_id")
-    data["clone_url"] = call.registry.config.clone_url(app.name)
-    return data
-
-
 # -- handlers --
 
 
@@ -122,7 +107,7 @@ async def remove_user(call: Call) -> tuple[int, Any]:
 
 
 async def list_keys(call: Call) -> tuple[int, Any]:
-    return 200, [key_json(k) for k in await call.registry.list_keys(call.param("user"))]
+    return 200, [key_dict(k) for k in await call.registry.list_keys(call.param("user"))]
 
 
 async def add_key(call: Call) -> tuple[int, Any]:
@@ -134,7 +119,7 @@ async def _add_key(call: Call, user: str) -> tuple[int, Any]:
     key = await call.registry.add_key(
         user, string(body, "name") or "", string(body, "key") or "", actor=call.actor
     )
-    return 201, key_json(key)
+    return 201, key_dict(key)
 
 
 async def remove_key(call: Call) -> tuple[int, Any]:
@@ -154,7 +139,7 @@ async def my_account(call: Call) -> tuple[int, Any]:
 
 
 async def my_keys(call: Call) -> tuple[int, Any]:
-    return 200, [key_json(k) for k in await call.registry.list_keys(_me(call))]
+    return 200, [key_dict(k) for k in await call.registry.list_keys(_me(call))]
 
 
 async def add_my_key(call: Call) -> tuple[int, Any]:
@@ -167,7 +152,7 @@ async def remove_my_key(call: Call) -> tuple[int, Any]:
 
 
 async def list_apps(call: Call) -> tuple[int, Any]:
-    return 200, [app_json(a, call) for a in await call.registry.list_apps()]
+    return 200, [app_dict(a, call.registry.config) for a in await call.registry.list_apps()]
 
 
 async def create_app(call: Call) -> tuple[int, Any]:
@@ -178,23 +163,24 @@ async def create_app(call: Call) -> tuple[int, Any]:
         string(body, "branch", required=False),
         actor=call.actor,
     )
-    return 201, app_json(app, call)
+    return 201, app_dict(app, call.registry.config)
 
 
 async def get_app(call: Call) -> tuple[int, Any]:
-    return 200, app_json(await call.registry.get_app(call.param("app")), call)
+    return 200, app_dict(await call.registry.get_app(call.param("app")), call.registry.config)
 
 
 async def remove_app(call: Call) -> tuple[int, Any]:
     removed = await call.registry.remove_app(call.param("app"), actor=call.actor)
-    return 200, {**app_json(removed.app, call), "trashed_to": str(removed.trashed or "")}
+    return 200, {
+        **app_dict(removed.app, call.registry.config),
+        "trashed_to": str(removed.trashed or ""),
+    }
 
 
 async def list_members(call: Call) -> tuple[int, Any]:
     members = await call.registry.members(call.param("app"))
-    return 200, [
-        {"user": m.user_name, "role": m.role.label, "since": m.created_at} for m in members
-    ]
+    return 200, [member_dict(m) for m in members]
 
 
 async def grant(call: Call) -> tuple[int, Any]:
@@ -224,7 +210,7 @@ async def list_deploys(call: Call) -> tuple[int, Any]:
 
 async def get_deploy(call: Call) -> tuple[int, Any]:
     record = await call.registry.deploy_record(call.deploy_id())
-    return 200, deploy_record_dict(record)
+    return 200, deploy_record_dict(record.deploy, record.deliveries)
 
 
 async def deploy_log(call: Call) -> tuple[int, Any]:

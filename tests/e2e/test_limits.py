@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+import asyncssh
 import pytest
 
 from tests.helpers import (
@@ -74,13 +75,18 @@ async def test_sessions_per_connection(tight, tight_user):
         held = [await conn.create_process(command, encoding=None) for _ in range(2)]
         for process in held:  # both are being served: they sent their ref advertisement
             assert await asyncio.wait_for(process.stdout.read(4), 30)
-        third = await asyncio.wait_for(conn.run(command, encoding=None), 30)
-        assert third.exit_status == 1
-        assert third.stderr == b"error: too many sessions on this connection (limit 2)\n"
+        # The third channel is refused when it opens, before any command is sent.
+        with pytest.raises(asyncssh.ChannelOpenError) as refused:
+            await asyncio.wait_for(conn.run(command, encoding=None), 30)
+        assert refused.value.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+        assert refused.value.reason == "too many sessions on this connection (limit 2)"
         for process in held:
             process.stdin.write(b"0000")
             process.stdin.write_eof()
             await asyncio.wait_for(process.wait(), 30)
+        # Closed channels free their slots.
+        again = await asyncio.wait_for(conn.run(command, input=b"0000", encoding=None), 30)
+        assert again.exit_status == 0
     await asyncio.get_running_loop().run_in_executor(None, settle, tight)
 
 

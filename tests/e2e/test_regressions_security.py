@@ -14,7 +14,18 @@ import asyncssh
 import pytest
 from asyncssh.packet import String
 
-from tests.helpers import run, server_refs, ssh_connect
+from tests.helpers import (
+    DEPLOY_PYTHON,
+    Admin,
+    Client,
+    ServeProcess,
+    keygen,
+    run,
+    server_refs,
+    ssh_connect,
+    unique,
+    write_config,
+)
 
 
 def denied(name: str) -> str:
@@ -206,3 +217,42 @@ async def held_channel(conn: asyncssh.SSHClientConnection, app: str) -> asyncssh
         asyncssh.SSHClientSession, f"git-upload-pack '{app}.git'", encoding=None
     )
     return chan
+
+
+def test_regression_gateway_files_are_private_under_a_loose_umask(tmp_path):
+    """Started with umask 000 (no systemd UMask=), the gateway still creates its registry,
+    WAL files, repositories, deploy logs and control socket for its own user only."""
+    config = write_config(
+        tmp_path / "gw", deploy={"command": [DEPLOY_PYTHON, "-c", "print('deployed')"]}
+    )
+    gateway = ServeProcess(config, umask=0)
+    try:
+        admin = Admin(config)
+        name, app = unique("private"), unique("privateapp")
+        key = keygen(tmp_path / "id")
+        admin.ok("user", "add", name)
+        admin.ok("key", "add", name, "k", f"{key}.pub")
+        admin.ok("app", "create", app, "--owner", name)
+        client = Client(tmp_path / "home", key, gateway, name=name)
+        work = client.new_repo(tmp_path / "work")
+        pushed = client.git("push", client.url(app), "main", cwd=work)
+        assert "deployed" in pushed.stderr
+        storage, deploy = gateway.config.storage, gateway.config.deploy
+        database = storage.database
+        paths = [
+            database,
+            database.with_name(database.name + "-wal"),
+            database.with_name(database.name + "-shm"),
+            storage.control_socket,
+            deploy.log_dir,
+            *deploy.log_dir.iterdir(),
+            storage.repos,
+            storage.repos / f"{app}.git",
+            *(storage.repos / f"{app}.git" / "objects").rglob("*"),
+            *(storage.repos / f"{app}.git" / "refs").rglob("*"),
+        ]
+        assert len(list(deploy.log_dir.iterdir())) == 1
+        loose = {str(p): oct(p.stat().st_mode & 0o777) for p in paths if p.stat().st_mode & 0o077}
+        assert loose == {}
+    finally:
+        assert gateway.stop() == 0

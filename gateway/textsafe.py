@@ -1,0 +1,97 @@
+"""Make tenant-supplied text safe to print on a terminal: controls are shown, never obeyed."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# A plain SGR sequence (colours, bold...): CSI, numeric parameters, 'm'. Nothing else in the
+# ESC family is let through in allow_sgr mode: cursor moves, erases, OSC (titles, OSC 8
+# hyperlinks, OSC 52 clipboard writes), DCS, private modes... all get escaped.
+_SGR = re.compile(r"\x1b\[[0-9;:]{0,64}m")
+
+# Joiners shape emoji and scripts such as Persian; they cannot reorder or hide text.
+_KEPT_FORMAT = frozenset("\u200c\u200d")
+# Unicode categories that never reach the terminal raw: controls (C0, DEL, C1), format
+# characters (bidi embeddings/overrides/isolates, zero-width space, BOM...), line and
+# paragraph separators, and lone surrogates (undecodable bytes).
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _unsafe(char: str) -> bool:
+    if char in "\n\t":
+        return False
+    if char < " " or "\x7f" <= char <= "\x9f":
+        return True
+    if char.isascii():
+        return False
+    return char not in _KEPT_FORMAT and unicodedata.category(char) in _UNSAFE_CATEGORIES
+
+
+def _escape_plain(text: str) -> str:
+    return "".join(_escape(c) if _unsafe(c) else c for c in text)
+
+
+def terminal_safe(text: str, *, allow_sgr: bool = False) -> str:
+    """Return `text` with every control, escape sequence and invisible format character
+    shown as a visible escape (`\\x1b`, `\\u202e`), keeping newlines and tabs.
+
+    CRLF line ends become plain newlines; a lone carriage return (which could overwrite what
+    was printed before it) is escaped. With `allow_sgr`, pure SGR colour sequences pass.
+    """
+    text = text.replace("\r\n", "\n")
+    if not allow_sgr:
+        return _escape_plain(text)
+    out: list[str] = []
+    position = 0
+    for match in _SGR.finditer(text):
+        out.append(_escape_plain(text[position : match.start()]))
+        out.append(match.group())
+        position = match.end()
+    out.append(_escape_plain(text[position:]))
+    return "".join(out)
+
+
+# The longest tail held back by a stream filter: an SGR sequence that may still complete.
+_MAX_PENDING = 68
+
+
+class TerminalStream:
+    """`terminal_safe` for text that arrives in chunks (a live deploy log): a CRLF or an SGR
+    sequence cut between two chunks is held back until the next one completes it, instead
+    of being escaped half by half."""
+
+    def __init__(self, *, allow_sgr: bool = False) -> None:
+        self.allow_sgr = allow_sgr
+        self._pending = ""
+
+    def feed(self, chunk: str) -> str:
+        text = self._pending + chunk
+        cut = len(text)
+        if text.endswith("\r"):
+            cut -= 1
+        elif self.allow_sgr:
+            escape = text.rfind("\x1b", max(0, len(text) - _MAX_PENDING))
+            if escape != -1 and _could_become_sgr(text[escape:]):
+                cut = escape
+        self._pending = text[cut:]
+        return terminal_safe(text[:cut], allow_sgr=self.allow_sgr)
+
+    def flush(self) -> str:
+        """Whatever is still held back, escaped (the stream has ended)."""
+        text, self._pending = self._pending, ""
+        return terminal_safe(text, allow_sgr=self.allow_sgr)
+
+
+def _could_become_sgr(tail: str) -> bool:
+    """True if `tail` (starting with ESC) is an unfinished SGR sequence."""
+    return re.fullmatch(r"\x1b(\[[0-9;:]{0,64})?", tail) is not None
