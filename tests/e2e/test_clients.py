@@ -8,6 +8,7 @@ which cipher and MAC each connection negotiated, and the tests check them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ REQUIRED = os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1"
 # the system libgit2 and libssh2 that every libgit2-based tool on the machine uses.
 DEBIAN_PYTHON = "/usr/bin/python3"
 
-_DEFAULTS = {f.name: f.metadata["default"] for f in SSHSettings.__dataclass_fields__.values()}
+_DEFAULTS = {f.name: f.metadata["default"] for f in dataclasses.fields(SSHSettings)}
 CIPHERS = set(_DEFAULTS["ciphers"])
 MACS = set(_DEFAULTS["macs"]) | {"implicit"}  # implicit: an AEAD cipher's own tag
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
