@@ -1,10 +1,12 @@
 """Benchmark: the gateway against OpenSSH + git and the file:// floor, in the same run.
 
     python -m bench [--quick | --profile tiny|small|large] [--repo PATH] [--json FILE]
+                    [--cipher NAME]
 
 Every workload runs against the three targets, alternating their order at each repetition,
 and reports min / median / max and the ratios gateway/OpenSSH and gateway/file:// (lower is
 better). The three targets serve the very same bare repository, with the same git settings.
+The cipher, MAC and key exchange each SSH target negotiated are reported with the figures.
 """
 
 from __future__ import annotations
@@ -106,10 +108,14 @@ def pkt(text: str) -> bytes:
 
 
 class Bench:
-    def __init__(self, settings: Settings, root: Path, repo: Path | None) -> None:
+    def __init__(
+        self, settings: Settings, root: Path, repo: Path | None, cipher: str | None = None
+    ) -> None:
         self.s = settings
         self.root = root
         self.source_repo = repo
+        self.cipher = cipher  # pin the SSH clients to this cipher (ssh -c), else their default
+        self.negotiated: dict[str, dict[str, str] | None] = {t: None for t in TARGETS}
         self.results: dict[str, dict[str, object]] = {}
         self.user = getpass.getuser()
 
@@ -164,6 +170,7 @@ class Bench:
             "StrictHostKeyChecking=yes",
             "-o",
             f"UserKnownHostsFile={known}",
+            *(["-c", self.cipher] if self.cipher else []),
         ]
         # Repositories that OpenSSH and file:// push into live beside, with the gateway's
         # git settings, so that the comparison is about transport, not configuration.
@@ -198,6 +205,22 @@ class Bench:
         }
         self.work = root / "work"
         self.work.mkdir()
+
+    def probe_crypto(self, argv: list[str]) -> dict[str, str]:
+        """One `ssh -v` login: the key exchange, cipher and MAC it negotiated."""
+        result = subprocess.run(
+            argv, env=self.git_env(), capture_output=True, text=True, timeout=TIMEOUT, check=False
+        )
+        found: dict[str, str] = {}
+        for line in result.stderr.splitlines():
+            if line.startswith("debug1: kex: algorithm: "):
+                found["kex"] = line.removeprefix("debug1: kex: algorithm: ")
+            elif line.startswith("debug1: kex: server->client cipher: "):
+                words = line.split()
+                found["cipher"], found["mac"] = words[4], words[6]
+        if result.returncode != 0 or "cipher" not in found:
+            raise SystemExit(f"could not log in with {argv}: {result.stderr[-500:]}")
+        return found
 
     def git_env(self, port: int | None = None) -> dict[str, str]:
         env = {
@@ -523,6 +546,14 @@ class Bench:
         return steps
 
     def run_all(self, only: set[str] | None = None) -> None:
+        # What each SSH target negotiated with the client git uses: the cipher is the
+        # main cost of the transport, and the client's preference picks it.
+        self.negotiated["openssh"] = self.probe_crypto(
+            [*self.ssh_base, "-v", "-p", str(self.sshd.port), f"{self.user}@127.0.0.1", "true"]
+        )
+        self.negotiated["gateway"] = self.probe_crypto(
+            [*self.ssh_base, "-v", "-p", str(self.gateway.port), "git@127.0.0.1"]
+        )
         if only and "push_one_commit" in only:
             only.add("push_initial")  # it pushes into the repositories push_initial creates
         for name, step in self.workloads().items():
@@ -597,6 +628,15 @@ def table(results: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def negotiated_line(negotiated: dict[str, dict[str, str] | None]) -> str:
+    parts = [
+        f"{target} {crypto['cipher']} (MAC {crypto['mac']}, kex {crypto['kex']})"
+        for target, crypto in negotiated.items()
+        if crypto
+    ]
+    return "negotiated: " + "; ".join(parts)
+
+
 def markdown(report: dict[str, object]) -> str:
     """The run as a README table: medians (p50 for ls-remote) and ratios."""
     results: dict[str, dict[str, object]] = report["results"]  # type: ignore[assignment]
@@ -631,6 +671,9 @@ def markdown(report: dict[str, object]) -> str:
         f"{memory['kib_per_connection']} KiB per idle authenticated connection "  # type: ignore[index]
         f"({memory['idle_connections']} connections)."  # type: ignore[index]
     )
+    rows.append("")
+    line = negotiated_line(report["negotiated"])  # type: ignore[arg-type]
+    rows.append(f"N{line[1:]}.")
     return "\n".join(rows) + "\n"
 
 
@@ -649,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the README table")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated workloads to run")
+    parser.add_argument(
+        "--cipher",
+        metavar="NAME",
+        help="pin both SSH targets' client to this cipher (ssh -c), e.g. aes128-gcm@openssh.com",
+    )
     args = parser.parse_args(argv)
     if args.profile == "tiny":
         settings = MODES["tiny"]
@@ -659,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.reps = args.reps
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        bench = Bench(settings, Path(tmp), args.repo.resolve() if args.repo else None)
+        bench = Bench(settings, Path(tmp), args.repo.resolve() if args.repo else None, args.cipher)
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
         bench.setup()
         try:
@@ -671,9 +719,11 @@ def main(argv: list[str] | None = None) -> int:
             "pack_bytes": bench.pack_bytes,
             "machine": machine(),
             "elapsed_s": round(time.monotonic() - started, 1),
+            "negotiated": bench.negotiated,
             "results": bench.results,
         }
     print(table(bench.results))
+    print(negotiated_line(bench.negotiated))
     print(
         f"pack {report['pack_bytes'] / 1e6:.1f} MB, {report['elapsed_s']} s, "
         f"{json.dumps(report['machine'])}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncssh
 
-from . import audit, commands, gitbin, hostkeys, retention
+from . import audit, commands, gitbin, hostkeys, kexguess, retention
 from . import config as config_module
 from .auth import KeyRevoked, identify, recheck
 from .bridge import Channel
@@ -83,6 +83,16 @@ def decline_env_requests(conn: asyncssh.SSHServerConnection) -> None:
         return channel
 
     conn.create_server_channel = create_filtered  # type: ignore[method-assign]
+
+
+def negotiated(conn: asyncssh.SSHServerConnection) -> tuple[str, str]:
+    """The cipher and MAC this connection's client chose, for the operator's log: the crypto
+    policy offers several, and which clients still need which is what decides removing one."""
+    cipher = str(conn.get_extra_info("recv_cipher") or "-")
+    mac = str(conn.get_extra_info("recv_mac") or "-")
+    # AEAD ciphers (AES-GCM, chacha20-poly1305) authenticate themselves; asyncssh then
+    # reports the cipher's name as the MAC.
+    return cipher, "implicit" if mac == cipher else mac
 
 
 def quick_acks(conn: asyncssh.SSHServerConnection) -> None:
@@ -216,6 +226,7 @@ class Connection(asyncssh.SSHServer):
         metrics.connections_open.inc()
         quick_acks(conn)
         decline_env_requests(conn)
+        kexguess.judge_guesses_by_rfc(conn, *self.gateway.first_algorithms)
         conn.set_extra_info(gateway_connection=self)
         self.gateway.connections.add(self)
         log.info("event=connect conn=%s peer=%s via=%s", self.id, self.peer, self.via)
@@ -353,14 +364,18 @@ class Connection(asyncssh.SSHServer):
         self.gateway.admission.authenticated()
         self.gateway.metrics.auth.labels("ok").inc()
         self.conn.set_extra_info(gateway_identity=identity)
+        cipher, mac = negotiated(self.conn)
         log.info(
-            "event=auth_ok conn=%s peer=%s via=%s user=%s key=%s fp=%s",
+            "event=auth_ok conn=%s peer=%s via=%s user=%s key=%s fp=%s cipher=%s mac=%s client=%s",
             self.id,
             self.peer,
             self.via,
             identity.user_name,
             q(identity.key_name),
             identity.fingerprint,
+            cipher,
+            mac,
+            q(self.conn.get_extra_info("client_version")),
         )
         await self.gateway.record_key_use(identity)
         await audit.record(
@@ -395,6 +410,8 @@ class Gateway:
         self.auth_failures: audit.AuthFailures
         self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
+        # The first key exchange and host key algorithms we offer (see kexguess).
+        self.first_algorithms = ("", "")
         self._last_touch: dict[int, float] = {}
 
     @property
@@ -459,6 +476,10 @@ class Gateway:
                 window=WINDOW,
                 max_pktsize=MAX_PACKET,
                 server_version="git-gateway",
+            )
+            self.first_algorithms = (
+                cfg.ssh.kex_algorithms[0],
+                next(iter(self._ssh_options.server_host_keys)).decode(),
             )
             self.listener = Listener(cfg.ssh, self._handoff, self.metrics)
             self.listener.start()

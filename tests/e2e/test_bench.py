@@ -43,3 +43,11 @@ def test_quick_benchmark_on_tiny_data(tmp_path):
     assert results["memory"]["kib_per_connection"] is not None
     assert results["gateway_exit_code"] == {"code": 0}
     assert "clone_bare" in result.stdout  # the human table
+    # The cipher each SSH target negotiated is reported: it is the transport's main cost.
+    negotiated = report["negotiated"]
+    assert negotiated["file"] is None
+    for target in ("openssh", "gateway"):
+        assert set(negotiated[target]) == {"kex", "cipher", "mac"}, negotiated
+        assert " " not in negotiated[target]["kex"], negotiated
+        assert negotiated[target]["cipher"] in result.stdout
+    assert negotiated["gateway"]["cipher"] == "chacha20-poly1305@openssh.com"  # OpenSSH's pick
