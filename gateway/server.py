@@ -499,11 +499,17 @@ class Gateway:
         )
 
     async def _prepare_repositories(self) -> None:
-        """Every app repository gets this version's hooks (they are generated files), and
-        push quarantines abandoned by a killed gateway are removed."""
+        """Every app repository holds exactly this version's hooks and config, and nothing
+        planted while the gateway was stopped (see repoguard); push quarantines abandoned
+        by a killed gateway are removed."""
+        await asyncio.to_thread(self.repos.enforce_hooks_dir)
         for app in await self.store.list_apps():
+            try:
+                await asyncio.to_thread(self.repos.enforce, app.name)
+            except OSError as exc:
+                # Its git operations are refused until this is fixed (they enforce too).
+                log.error("event=repo_enforce_failed app=%s error=%s", app.name, q(exc))
             if self.repos.exists(app.name):
-                await asyncio.to_thread(self.repos.install_hooks, app.name)
                 removed = await asyncio.to_thread(
                     self.repos.remove_stale_quarantines, app.name, STALE_QUARANTINE_SECONDS
                 )
