@@ -102,7 +102,7 @@ def enforce(repo: Path, layout: Layout) -> list[Change]:
         with _closing(_ensure_dir(root, "hooks", changes, "hooks")) as hooks:
             changes += enforce_hooks_fd(hooks, layout, "hooks/")
         if not _matches(root, "config", layout.config, None):
-            action = _replacement(root, "config", layout)
+            action = _replacement(root, "config", layout, None)
             _write(root, "config", layout.config, None)
             changes.append(Change("config", action))
         with _closing(_ensure_dir(root, "info", changes, "info")) as info:
@@ -146,17 +146,17 @@ def enforce_hooks_fd(fd: int, layout: Layout, prefix: str) -> list[Change]:
             changes.append(Change(prefix + entry.name, "removed"))
     for name, script in layout.hooks.items():
         if not _matches(fd, name, script, HOOK_MODE):
-            action = _replacement(fd, name, layout)
+            action = _replacement(fd, name, layout, HOOK_MODE)
             _write(fd, name, script, HOOK_MODE)
             changes.append(Change(prefix + name, action))
     return changes
 
 
-def _replacement(fd: int, name: str, layout: Layout) -> str:
+def _replacement(fd: int, name: str, layout: Layout, mode: int | None) -> str:
     """How to call the replacement of `name`, judged from what is there now."""
     if not _exists(fd, name):
         return "restored"
-    previous = _read_regular(fd, name, 256 * 1024)
+    previous = _read_regular(fd, name, 256 * 1024, mode)
     if previous is not None and layout.generated(name, previous):
         return "updated"
     return "rewritten"

@@ -208,8 +208,9 @@ class Repositories:
         """The directory git takes hooks from (`core.hooksPath`) holds exactly ours."""
         fresh = not os.path.lexists(self.hooks_dir)
         changes = repoguard.enforce_hooks(self.hooks_dir, self.layout)
-        if not fresh:
-            _log_changes(changes, None)
+        if fresh:
+            return []  # created, not repaired
+        _log_changes(changes, None)
         return changes
 
     def remove_stale_quarantines(self, app: str, older_than: float) -> int:
