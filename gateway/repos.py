@@ -170,16 +170,23 @@ class Repositories:
         path = self.path_for(app)
         if not path.exists():
             raise NotFound(f"no repository at {path}")
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
-        target_dir = self.root / TRASH_DIR / stamp
-        target_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        target = target_dir / path.name
-        suffix = 1
-        while target.exists():
-            suffix += 1
-            target = target_dir / f"{app}.{suffix}.git"
+        target = _free_name(self.trash_folder(), app, ".git")
         os.rename(path, target)
         return target
+
+    def trash_folder(self) -> Path:
+        """`<root>/.trash/<UTC time>`, created if needed."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+        folder = self.root / TRASH_DIR / stamp
+        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return folder
+
+    def trash_companion(self, app: str, trashed: Path | None, suffix: str) -> Path:
+        """A free path for something trashed with the app's repository: next to it, named
+        like it (`<app>[.N]<suffix>`), or in a new trash folder if it had no repository."""
+        if trashed is None:
+            return _free_name(self.trash_folder(), app, suffix)
+        return _free_name(trashed.parent, trashed.name.removesuffix(".git"), suffix)
 
     def head_branch(self, app: str) -> str | None:
         """The branch HEAD points to, or None if HEAD is detached."""
@@ -332,6 +339,15 @@ class Repositories:
         finally:
             repo.close()
         return count
+
+
+def _free_name(folder: Path, base: str, suffix: str) -> Path:
+    target = folder / f"{base}{suffix}"
+    number = 1
+    while os.path.lexists(target):
+        number += 1
+        target = folder / f"{base}.{number}{suffix}"
+    return target
 
 
 def _log_changes(changes: list[repoguard.Change], app: str | None) -> None:
