@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -54,6 +55,10 @@ def read_log(log_dir: Path, deploy_id: int) -> str:
         )
     except FileNotFoundError:
         return ""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink
+            return ""
+        raise
     with open(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return ""

@@ -377,10 +377,10 @@ class DeployService:
             quarantine,
             expected_old,
         )
+        queue = self.queues.setdefault(app.name, AppQueue())
         if refused is not None:
             await self._finish(job, DeployStatus.FAILED, reason=str(refused))
             return job
-        queue = self.queues.setdefault(app.name, AppQueue())
         # A newer push supersedes what is still waiting: only the latest code is worth deploying.
         while queue.pending:
             older = queue.pending.popleft()
