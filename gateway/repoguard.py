@@ -1,15 +1,16 @@
-"""What an app repository may hold: the gateway's hooks and config, git's own data, nothing else.
+"""What an app repository may hold: the gateway's config, git's own data, nothing else.
 
 A bare repository is a directory of files that git obeys: an executable in `hooks/` runs on
 the next push, a config key can name a program (`core.fsmonitor`, `tar.<format>.command`,
 `filter.<driver>.smudge`, `core.alternateRefsCommand`...) or another file to read
 (`include.path`), `objects/info/alternates` and `commondir` make git read and write another
 repository, a symlinked `refs/heads` writes another app's branches. Whatever wrote into a
-repository (a compromised deploy, a stray operator), `enforce` puts it back: the hooks are
-exactly the gateway's, the config is exactly the gateway's (an allow-list of bytes, not a
-deny-list of keys), and every other entry at the levels git reads is in an allow-list or
-removed. It works on directory descriptors opened with O_NOFOLLOW, so it never writes through
-a symlink or a hard link and never follows one out of the repository.
+repository (a compromised deploy, a stray operator), `enforce` puts it back: `hooks/` holds
+exactly the gateway's hooks (none, when git takes them from the gateway's own directory), the
+config is exactly the gateway's (an allow-list of bytes, not a deny-list of keys), and every
+other entry at the levels git reads is in an allow-list or removed. It works on directory
+descriptors opened with O_NOFOLLOW, so it never writes through a symlink or a hard link and
+never follows one out of the repository.
 """
 
 from __future__ import annotations
@@ -67,15 +68,19 @@ def _never(name: str, content: bytes) -> bool:
     return False
 
 
+# Is this content what an earlier version or configuration of the gateway wrote under this
+# name ("config", or a hook name)? Replacing or removing it is then an update, not a removal
+# of something planted.
+Generated = Callable[[str, bytes], bool]
+
+
 @dataclass(frozen=True)
 class Layout:
     """The files the gateway owns in every repository."""
 
-    hooks: Mapping[str, bytes]  # hook name -> script
+    hooks: Mapping[str, bytes]  # hook name -> script; none when git takes hooks elsewhere
     config: bytes
-    # Is this content what an earlier version or configuration of the gateway wrote under
-    # this name ("config", or a hook name)? Replacing it is then an update, not a removal.
-    generated: Callable[[str, bytes], bool] = _never
+    generated: Generated = _never
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,9 @@ def enforce(repo: Path, layout: Layout) -> list[Change]:
     try:
         _allow_only(root, "", TOP_LEVEL, changes)
         with _closing(_ensure_dir(root, "hooks", changes, "hooks")) as hooks:
-            changes += enforce_hooks_fd(hooks, layout, "hooks/")
+            changes += enforce_hooks_fd(hooks, layout.hooks, layout.generated, "hooks/")
         if not _matches(root, "config", layout.config, None):
-            action = _replacement(root, "config", layout, None)
+            action = _replacement(root, "config", layout.generated, None)
             _write(root, "config", layout.config, None)
             changes.append(Change("config", action))
         with _closing(_ensure_dir(root, "info", changes, "info")) as info:
@@ -125,41 +130,48 @@ def enforce(repo: Path, layout: Layout) -> list[Change]:
     return changes
 
 
-def enforce_hooks(directory: Path, layout: Layout) -> list[Change]:
-    """Make `directory` (created if missing, never through a symlink) hold exactly the
-    layout's hooks."""
+def enforce_hooks(
+    directory: Path, hooks: Mapping[str, bytes], generated: Generated = _never
+) -> list[Change]:
+    """Make `directory` (created if missing, never through a symlink) hold exactly `hooks`."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     changes: list[Change] = []
     with (
         _closing(os.open(directory.parent, _DIR_FLAGS)) as parent,
         _closing(_ensure_dir(parent, directory.name, changes, directory.name)) as fd,
     ):
-        changes += enforce_hooks_fd(fd, layout, f"{directory.name}/")
+        changes += enforce_hooks_fd(fd, hooks, generated, f"{directory.name}/")
     return changes
 
 
-def enforce_hooks_fd(fd: int, layout: Layout, prefix: str) -> list[Change]:
+def enforce_hooks_fd(
+    fd: int, hooks: Mapping[str, bytes], generated: Generated, prefix: str
+) -> list[Change]:
     changes: list[Change] = []
     for entry in _entries(fd):
-        if not (entry.name in layout.hooks and _kind(entry) == FILE) and not _own_temp(entry, fd):
-            _remove(fd, entry)
-            changes.append(Change(prefix + entry.name, "removed"))
-    for name, script in layout.hooks.items():
+        if (entry.name in hooks and _kind(entry) == FILE) or _own_temp(entry, fd):
+            continue
+        ours = _kind(entry) == FILE and _is_generated(fd, entry.name, generated, HOOK_MODE)
+        _remove(fd, entry)
+        changes.append(Change(prefix + entry.name, "updated" if ours else "removed"))
+    for name, script in hooks.items():
         if not _matches(fd, name, script, HOOK_MODE):
-            action = _replacement(fd, name, layout, HOOK_MODE)
+            action = _replacement(fd, name, generated, HOOK_MODE)
             _write(fd, name, script, HOOK_MODE)
             changes.append(Change(prefix + name, action))
     return changes
 
 
-def _replacement(fd: int, name: str, layout: Layout, mode: int | None) -> str:
+def _replacement(fd: int, name: str, generated: Generated, mode: int | None) -> str:
     """How to call the replacement of `name`, judged from what is there now."""
     if not _exists(fd, name):
         return "restored"
+    return "updated" if _is_generated(fd, name, generated, mode) else "rewritten"
+
+
+def _is_generated(fd: int, name: str, generated: Generated, mode: int | None) -> bool:
     previous = _read_regular(fd, name, 256 * 1024, mode)
-    if previous is not None and layout.generated(name, previous):
-        return "updated"
-    return "rewritten"
+    return previous is not None and generated(name, previous)
 
 
 # -- helpers on directory descriptors --

@@ -112,10 +112,11 @@ class Repositories:
     def __init__(self, root: Path, max_input_size: int) -> None:
         self.root = root.resolve()
         self.max_input_size = max_input_size
+        # git takes the gateway's hooks from hooks_dir only (-c core.hooksPath), so an app
+        # repository's own hooks/ holds none: nothing there ever runs through the gateway.
+        self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
         self.layout = repoguard.Layout(
-            hooks={name: hooks.script(name).encode() for name in hooks.HOOK_NAMES},
-            config=config_text(max_input_size),
-            generated=generated_earlier,
+            hooks={}, config=config_text(max_input_size), generated=generated_earlier
         )
 
     @property
@@ -158,7 +159,7 @@ class Repositories:
                 str(staging / "repo.git"), mkdir=True, default_branch=default_branch.encode()
             )
             repo.close()
-            # The gateway's hooks and exact config, as every later enforce() checks them.
+            # The gateway's exact config and no hooks, as every later enforce() checks them.
             repoguard.enforce(staging / "repo.git", self.layout)
             os.rename(staging / "repo.git", path)
         finally:
@@ -202,10 +203,11 @@ class Repositories:
     # -- what a repository may hold --
 
     def enforce(self, app: str) -> list[repoguard.Change]:
-        """Put the app's repository back to exactly the gateway's hooks and config, removing
-        anything planted (see repoguard), and check the gateway's own hooks directory the
-        same way. Called at start and before every git operation; every change is logged.
-        Raises OSError if something cannot be put back: git must not run on it then."""
+        """Put the app's repository back to exactly the gateway's config and no hooks,
+        removing anything planted (see repoguard), and check the gateway's own hooks
+        directory the same way. Called at start and before every git operation; every
+        change is logged. Raises OSError if something cannot be put back: git must not run
+        on it then."""
         changes = self.enforce_hooks_dir()
         found = repoguard.enforce(self.path_for(app), self.layout)
         _log_changes(found, app)
@@ -214,7 +216,7 @@ class Repositories:
     def enforce_hooks_dir(self) -> list[repoguard.Change]:
         """The directory git takes hooks from (`core.hooksPath`) holds exactly ours."""
         fresh = not os.path.lexists(self.hooks_dir)
-        changes = repoguard.enforce_hooks(self.hooks_dir, self.layout)
+        changes = repoguard.enforce_hooks(self.hooks_dir, self.hooks, generated_earlier)
         if fresh:
             return []  # created, not repaired
         _log_changes(changes, None)

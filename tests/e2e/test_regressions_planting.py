@@ -101,7 +101,9 @@ def pushed(owner: Client, app: str, tmp_path: Path) -> Path:
 # -- hooks --
 
 
-@pytest.mark.parametrize("hook", ["post-update", "update", "reference-transaction"])
+@pytest.mark.parametrize(
+    "hook", ["pre-receive", "update", "reference-transaction", "post-receive", "post-update"]
+)
 def test_regression_planted_hook_never_runs(hook, owner, app, server, pushed, tmp_path, caplog):
     marker = tmp_path / "ran"
     plant_hook(server.repo(app) / "hooks" / hook, marker)
@@ -116,18 +118,27 @@ def test_regression_planted_hook_never_runs(hook, owner, app, server, pushed, tm
 
 
 def test_regression_replaced_gateway_hook_never_runs(owner, app, server, pushed, tmp_path, caplog):
+    """The gateway's own hooks directory, replaced by attacker content: put back before the
+    push, so the planted version never runs."""
     marker = tmp_path / "ran"
-    hook = server.repo(app) / "hooks" / "pre-receive"
+    hooks_dir = server.repos / ".hooks"
+    hook = hooks_dir / "pre-receive"
     original = hook.read_bytes()
     plant_hook(hook, marker)
     owner.commit(pushed, {"a": "1"}, "control")
-    direct_push(pushed, server.repo(app), "main:refs/heads/control", tmp_path)
+    receive_pack = f"git -c core.hooksPath={hooks_dir} receive-pack"
+    run(
+        ["git", "push", "-q", f"--receive-pack={receive_pack}", str(server.repo(app)),
+         "main:refs/heads/control"],
+        env=local_env(tmp_path), cwd=pushed, check=True,
+    )  # fmt: skip
     consume(marker)
     owner.commit(pushed, {"b": "2"}, "second")
     owner.git("push", "-q", owner.url(app), "main", cwd=pushed)
     assert not marker.exists()
     assert hook.read_bytes() == original and os.access(hook, os.X_OK)
-    assert removals(caplog, app) == [("hooks/pre-receive", "rewritten")]
+    assert removals(caplog, None) == [(".hooks/pre-receive", "rewritten")]
+    assert removals(caplog, app) == []
 
 
 def test_regression_symlinked_hook_is_replaced_not_followed(
@@ -136,22 +147,26 @@ def test_regression_symlinked_hook_is_replaced_not_followed(
     marker = tmp_path / "ran"
     outside = tmp_path / "attacker-hook"
     plant_hook(outside, marker)
-    hook = server.repo(app) / "hooks" / "post-receive"
-    hook.unlink()
-    hook.symlink_to(outside)
+    in_repo = server.repo(app) / "hooks" / "post-receive"
+    in_repo.symlink_to(outside)
+    ours = server.repos / ".hooks" / "post-receive"
+    ours.unlink()
+    ours.symlink_to(outside)
     owner.commit(pushed, {"a": "1"}, "control")
     direct_push(pushed, server.repo(app), "main:refs/heads/control", tmp_path)
     consume(marker)
     owner.commit(pushed, {"b": "2"}, "second")
     owner.git("push", "-q", owner.url(app), "main", cwd=pushed)
     assert not marker.exists()
-    assert not hook.is_symlink() and hook.is_file()
+    assert not in_repo.exists() and not in_repo.is_symlink()
+    assert not ours.is_symlink() and ours.is_file()
     # The gateway replaced the link; it never wrote through it.
     assert outside.read_text() == shell_hook(marker)
-    assert removals(caplog, app) == [
-        ("hooks/post-receive", "removed"),
-        ("hooks/post-receive", "restored"),
+    assert removals(caplog, None) == [
+        (".hooks/post-receive", "removed"),
+        (".hooks/post-receive", "restored"),
     ]
+    assert removals(caplog, app) == [("hooks/post-receive", "removed")]
 
 
 def test_regression_hooks_directory_symlink(owner, app, server, pushed, tmp_path, caplog):
@@ -160,8 +175,6 @@ def test_regression_hooks_directory_symlink(owner, app, server, pushed, tmp_path
     attacker.mkdir()
     plant_hook(attacker / "post-update", marker)
     hooks = server.repo(app) / "hooks"
-    for entry in hooks.iterdir():
-        entry.unlink()
     hooks.rmdir()
     hooks.symlink_to(attacker)
     owner.commit(pushed, {"a": "1"}, "control")
@@ -170,16 +183,9 @@ def test_regression_hooks_directory_symlink(owner, app, server, pushed, tmp_path
     owner.commit(pushed, {"b": "2"}, "second")
     owner.git("push", "-q", owner.url(app), "main", cwd=pushed)
     assert not marker.exists()
-    assert not hooks.is_symlink() and sorted(p.name for p in hooks.iterdir()) == [
-        "post-receive",
-        "pre-receive",
-    ]
+    assert not hooks.is_symlink() and list(hooks.iterdir()) == []
     assert sorted(p.name for p in attacker.iterdir()) == ["post-update"]  # left alone
-    assert removals(caplog, app) == [
-        ("hooks", "removed"),
-        ("hooks/pre-receive", "restored"),
-        ("hooks/post-receive", "restored"),
-    ]
+    assert removals(caplog, app) == [("hooks", "removed")]
 
 
 def test_regression_hook_planted_during_the_push_never_runs(tmp_path, caplog):
@@ -482,12 +488,12 @@ def test_regression_planted_while_stopped_is_removed_at_start(tmp_path, caplog):
             ("commondir", "removed"),
             ("config", "rewritten"),
             ("hooks/post-update", "removed"),
-            ("hooks/pre-receive", "rewritten"),
+            ("hooks/pre-receive", "removed"),
             ("objects/info/alternates", "removed"),
         ]
         assert removals(caplog, None) == [(".hooks/post-update", "removed")]
         assert removals(caplog, "other") == []
-        assert sorted(p.name for p in (repo / "hooks").iterdir()) == ["post-receive", "pre-receive"]
+        assert list((repo / "hooks").iterdir()) == []
         assert sorted(p.name for p in hooks_dir.iterdir()) == ["post-receive", "pre-receive"]
         assert not marker.exists()
     finally:

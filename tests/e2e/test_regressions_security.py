@@ -89,7 +89,7 @@ def test_env_requests_never_reach_git_or_hooks(owner, app, server, tmp_path, mon
             json.dump(dict(os.environ), out)
         """
     )
-    monkeypatch.setitem(server.gateway.repos.layout.hooks, "post-receive", script.encode())
+    monkeypatch.setitem(server.gateway.repos.hooks, "post-receive", script.encode())
     env_options = [
         "-o",
         "SetEnv=LANG=fr_FR.UTF-8 LC_ALL=fr_FR.UTF-8 LD_PRELOAD=/tmp/evil.so "

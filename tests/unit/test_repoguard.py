@@ -72,7 +72,7 @@ def test_everything_not_allowed_is_removed(tmp_path):
         ("config", "rewritten"),
     }
     assert repos.enforce("web") == []
-    assert sorted(p.name for p in (path / "hooks").iterdir()) == ["post-receive", "pre-receive"]
+    assert list((path / "hooks").iterdir()) == []  # git takes hooks from <root>/.hooks only
 
 
 def test_git_data_and_locks_are_left_alone(tmp_path):
@@ -93,36 +93,42 @@ def test_git_data_and_locks_are_left_alone(tmp_path):
 
 def test_a_planted_symlink_is_replaced_never_written_through(tmp_path):
     repos, path = make(tmp_path)
+    repos.enforce_hooks_dir()
     victim = tmp_path / "victim-file"
     victim.write_text("precious\n")
-    for name in ("hooks/pre-receive", "config"):
-        (path / name).unlink()
-        (path / name).symlink_to(victim)
+    for link in (path / "config", repos.hooks_dir / "pre-receive", path / "hooks" / "update"):
+        link.unlink(missing_ok=True)
+        link.symlink_to(victim)
     repos.enforce("web")
     assert victim.read_text() == "precious\n"
     assert not (path / "config").is_symlink()
     assert (path / "config").read_bytes() == config_text(1000)
-    assert (path / "hooks" / "pre-receive").read_text() == hooks.script("pre-receive")
+    assert (repos.hooks_dir / "pre-receive").read_text() == hooks.script("pre-receive")
+    assert not (path / "hooks" / "update").is_symlink()
 
 
 def test_a_hard_linked_hook_is_replaced(tmp_path):
     """A second link would let its other path change the hook in place after the check."""
-    repos, path = make(tmp_path)
-    os.link(path / "hooks" / "pre-receive", tmp_path / "other-link")
+    repos, _ = make(tmp_path)
+    repos.enforce_hooks_dir()
+    hook = repos.hooks_dir / "pre-receive"
+    os.link(hook, tmp_path / "other-link")
     assert [(c.path, c.action) for c in repos.enforce("web")] == [
-        ("hooks/pre-receive", "rewritten")
+        (".hooks/pre-receive", "rewritten")
     ]
-    assert os.stat(path / "hooks" / "pre-receive").st_nlink == 1
+    assert os.stat(hook).st_nlink == 1
     assert (tmp_path / "other-link").read_text() == hooks.script("pre-receive")  # untouched
 
 
 def test_wrong_mode_is_rewritten(tmp_path):
-    repos, path = make(tmp_path)
-    (path / "hooks" / "post-receive").chmod(0o777)
+    repos, _ = make(tmp_path)
+    repos.enforce_hooks_dir()
+    hook = repos.hooks_dir / "post-receive"
+    hook.chmod(0o777)
     assert [(c.path, c.action) for c in repos.enforce("web")] == [
-        ("hooks/post-receive", "rewritten")
+        (".hooks/post-receive", "rewritten")
     ]
-    assert (path / "hooks" / "post-receive").stat().st_mode & 0o777 == 0o755
+    assert hook.stat().st_mode & 0o777 == 0o755
 
 
 def test_a_fifo_in_place_of_the_config_does_not_hang(tmp_path):
@@ -155,12 +161,26 @@ def test_structural_symlinks_are_removed(tmp_path):
 
 
 def test_earlier_gateway_files_are_updates_not_removals(tmp_path):
-    _, path = make(tmp_path)
-    (path / "hooks" / "pre-receive").write_text(hooks.script("pre-receive", "/old/venv/python"))
+    """What an earlier version or configuration of the gateway wrote (hooks for another
+    interpreter, hooks inside repositories, another max_input_size) is replaced or retired
+    quietly (logged at info), not reported as planted."""
+    repos, path = make(tmp_path)
+    repos.enforce_hooks_dir()
+    old_python = "/old/venv/bin/python"
+    (repos.hooks_dir / "pre-receive").write_text(hooks.script("pre-receive", old_python))
+    for name in hooks.HOOK_NAMES:  # versions before <root>/.hooks kept them in each repository
+        (path / "hooks" / name).write_text(hooks.script(name, old_python))
+        (path / "hooks" / name).chmod(0o755)
     newer = Repositories(tmp_path / "repos", 2000)  # [git] max_input_size changed
     changes = [(c.path, c.action) for c in newer.enforce("web")]
-    assert sorted(changes) == [("config", "updated"), ("hooks/pre-receive", "updated")]
+    assert sorted(changes) == [
+        (".hooks/pre-receive", "updated"),
+        ("config", "updated"),
+        ("hooks/post-receive", "updated"),
+        ("hooks/pre-receive", "updated"),
+    ]
     assert (path / "config").read_bytes() == config_text(2000)
+    assert list((path / "hooks").iterdir()) == []
 
 
 def test_a_missing_repository_is_left_to_the_caller(tmp_path):
