@@ -59,9 +59,10 @@ def read_log(log_dir: Path, deploy_id: int) -> str:
         if exc.errno == errno.ELOOP:  # a symlink
             return ""
         raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return ""
     with open(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
         return file.read().decode("utf-8", "replace")
 
 

@@ -81,6 +81,8 @@ def test_regression_a_planted_symlink_is_not_written_through_nor_read(tmp_path):
     logs.mkdir()
     (logs / "8.log").symlink_to(victim)
     assert read_log(logs, 8) == ""
+    (logs / "9.log").mkdir()
+    assert read_log(logs, 9) == ""
     with pytest.raises(LogExists):
         DeployLog(logs, 8, limit=1000)
     assert victim.read_text() == "someone else's file\n"
