@@ -5,14 +5,40 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import errno
 import os
+import secrets
+import shutil
+import stat
 from collections import deque
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+
+from .errors import GatewayError
 
 # What one watcher (an attached push, `logs --follow`) may have waiting for it: a watcher
 # that stops reading skips ahead with a marker instead of holding the deploy's output.
 WATCHER_BUFFER = 1024 * 1024
+
+# Every open of a log file: never through a symlink, readable by the service user only.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_MODE = 0o600
+
+
+class LogExists(GatewayError):
+    """A file already sits where a new deploy's log goes. It is never appended to, nor shown
+    as this deploy's log: it was moved aside (to `moved_to`, for the operator) and the deploy
+    must fail with this message."""
+
+    def __init__(self, deploy_id: int, path: Path, moved_to: Path | None) -> None:
+        super().__init__(
+            f"a log file for deploy #{deploy_id} already existed on the server: it was set "
+            "aside, never reused; the operator can see why"
+        )
+        self.deploy_id = deploy_id
+        self.path = path
+        self.moved_to = moved_to
 
 
 def log_path(log_dir: Path, deploy_id: int) -> Path:
@@ -77,18 +103,86 @@ class Subscription:
 
 
 def read_log(log_dir: Path, deploy_id: int) -> str:
-    """The stored log of a deploy (empty if none was written)."""
+    """The stored log of a deploy (empty if none was written). Only a regular file is read:
+    a symlink in its place would show someone else's file."""
     try:
-        return log_path(log_dir, deploy_id).read_text(encoding="utf-8", errors="replace")
+        fd = os.open(
+            log_path(log_dir, deploy_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        )
     except FileNotFoundError:
         return ""
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink
+            return ""
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return ""
+    with open(fd, "rb") as file:
+        return file.read().decode("utf-8", "replace")
+
+
+def highest_log_id(log_dir: Path) -> int:
+    """The highest deploy id with a log file in `log_dir` (0 if none)."""
+    try:
+        names = os.listdir(log_dir)
+    except FileNotFoundError:
+        return 0
+    ids = [int(n[:-4]) for n in names if n.endswith(".log") and n[:-4].isdigit()]
+    return max(ids, default=0)
+
+
+def move_logs(log_dir: Path, deploy_ids: list[int], target: Path) -> int:
+    """Move these deploys' log files into the new directory `target` (created only if there
+    is one to move); return how many moved. A deploy still writing keeps writing to its
+    moved file when `target` is on the same filesystem."""
+    moved = 0
+    for deploy_id in deploy_ids:
+        source = log_path(log_dir, deploy_id)
+        if not os.path.lexists(source):
+            continue
+        if not moved:
+            target.mkdir(mode=0o700)
+        shutil.move(source, target / source.name)  # a symlink is moved, never followed
+        moved += 1
+    return moved
+
+
+def _create(path: Path) -> int:
+    return os.open(path, _CREATE, _MODE)
+
+
+def _remove_if_empty(path: Path) -> None:
+    """Remove the empty file the previous run created for a deploy that never started;
+    anything else at that path is left for LogExists."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Move whatever is at `path` (file, symlink, directory) to a name no deploy id reads."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.name}.refused-{stamp}-{secrets.token_hex(3)}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
 
 
 class DeployLog:
     """Appends text, keeps at most `limit` bytes of tail in memory and on disk, and fans the
     text out to subscribers (attached pushes, `logs --follow`)."""
 
-    def __init__(self, log_dir: Path, deploy_id: int, limit: int) -> None:
+    def __init__(self, log_dir: Path, deploy_id: int, limit: int, *, resume: bool = False) -> None:
+        """Create the deploy's log file, exclusively: a file already there is never appended
+        to (LogExists). `resume`: a queued deploy taken up again after a restart: the empty
+        file the previous run created for it is replaced by a new one."""
         self.path = log_path(log_dir, deploy_id)
         self.limit = limit
         self._tail: deque[str] = deque()
@@ -98,7 +192,13 @@ class DeployLog:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.closed = False
         log_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives with the log
+        if resume:
+            _remove_if_empty(self.path)
+        try:
+            fd = _create(self.path)
+        except FileExistsError:
+            raise LogExists(deploy_id, self.path, _set_aside(self.path)) from None
+        self._file = open(fd, "w", encoding="utf-8")  # noqa: SIM115 - lives with the log
         self._file_bytes = 0
 
     # -- writing --
@@ -148,12 +248,22 @@ class DeployLog:
         return head + "".join(self._tail)
 
     def _rewrite(self) -> None:
-        self._file.close()
-        staging = self.path.with_suffix(".log.new")
+        """Replace the file with the kept tail: a new file, created exclusively, renamed over
+        the old one and written on from there (never reopened by name)."""
+        staging = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.new")
         content = self.text()
-        staging.write_text(content, encoding="utf-8")
-        os.replace(staging, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        new = open(_create(staging), "w", encoding="utf-8")  # noqa: SIM115 - lives with the log
+        try:
+            new.write(content)
+            new.flush()
+            os.replace(staging, self.path)
+        except BaseException:
+            new.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staging)
+            raise
+        self._file.close()
+        self._file = new
         self._file_bytes = len(content.encode("utf-8", "replace"))
 
     def close(self, final_line: str = "") -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -21,8 +23,11 @@ from dulwich.objects import Commit
 from dulwich.repo import Repo
 from dulwich.walk import Walker
 
-from . import hooks, names
+from . import hooks, names, repoguard
 from .errors import AccessDenied, Conflict, GatewayError, NotFound
+from .logs import q
+
+log = logging.getLogger("gateway.repos")
 
 # Quirks found in real-world history that hosted services accept (pallets/flask carries
 # zero-padded modes, old converted repos carry odd dates and timezones). Only message ids
@@ -37,6 +42,9 @@ LEGACY_FSCK_WARNINGS = (
 )
 
 TRASH_DIR = ".trash"
+# The hooks git runs for the gateway (`core.hooksPath`): one directory outside every
+# repository, so nothing written into a repository can add a hook, even during a push.
+HOOKS_DIR = ".hooks"
 QUARANTINE_PREFIX = "tmp_objdir-incoming-"
 
 
@@ -71,12 +79,49 @@ def git_settings(max_input_size: int) -> list[tuple[str, str]]:
     return settings
 
 
+# What dulwich's Repo.init_bare writes in [core] for a bare repository on Linux.
+_BASE_CORE = (
+    ("core.repositoryformatversion", "0"),
+    ("core.filemode", "true"),
+    ("core.bare", "true"),
+)
+
+
+def config_text(max_input_size: int) -> bytes:
+    """The exact `config` file of every app repository: [core] as created, then
+    git_settings(). Laid out as dulwich writes it, so repositories created by earlier
+    versions already match byte for byte."""
+    sections: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for key, value in (*_BASE_CORE, *git_settings(max_input_size)):
+        section, _, name = key.rpartition(".")
+        head, _, sub = section.partition(".")
+        items = sections.setdefault((head, sub), [])
+        # A repeated key replaces the earlier one, in place (core.logAllRefUpdates).
+        items[:] = [(n, v) for n, v in items if n.lower() != name.lower()]
+        items.append((name, value))
+    lines = []
+    for (head, sub), items in sections.items():
+        lines.append(f'[{head} "{sub}"]' if sub else f"[{head}]")
+        lines += [f"\t{name} = {value}" for name, value in items]
+    return ("\n".join(lines) + "\n").encode()
+
+
 class Repositories:
     """Maps validated app names to `<root>/<app>.git` and manages those directories."""
 
     def __init__(self, root: Path, max_input_size: int) -> None:
         self.root = root.resolve()
         self.max_input_size = max_input_size
+        # git takes the gateway's hooks from hooks_dir only (-c core.hooksPath), so an app
+        # repository's own hooks/ holds none: nothing there ever runs through the gateway.
+        self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
+        self.layout = repoguard.Layout(
+            hooks={}, config=config_text(max_input_size), generated=generated_earlier
+        )
+
+    @property
+    def hooks_dir(self) -> Path:
+        return self.root / HOOKS_DIR
 
     def ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -113,19 +158,9 @@ class Repositories:
             repo = Repo.init_bare(
                 str(staging / "repo.git"), mkdir=True, default_branch=default_branch.encode()
             )
-            try:
-                _write_hooks(Path(repo.controldir()))
-                config = repo.get_config()
-                for key, value in git_settings(self.max_input_size):
-                    section, _, name = key.rpartition(".")
-                    config.set(
-                        tuple(s.encode() for s in section.split(".", 1)),
-                        name.encode(),
-                        value.encode(),
-                    )
-                config.write_to_path()
-            finally:
-                repo.close()
+            repo.close()
+            # The gateway's exact config and no hooks, as every later enforce() checks them.
+            repoguard.enforce(staging / "repo.git", self.layout)
             os.rename(staging / "repo.git", path)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -136,16 +171,23 @@ class Repositories:
         path = self.path_for(app)
         if not path.exists():
             raise NotFound(f"no repository at {path}")
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
-        target_dir = self.root / TRASH_DIR / stamp
-        target_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        target = target_dir / path.name
-        suffix = 1
-        while target.exists():
-            suffix += 1
-            target = target_dir / f"{app}.{suffix}.git"
+        target = _free_name(self.trash_folder(), app, ".git")
         os.rename(path, target)
         return target
+
+    def trash_folder(self) -> Path:
+        """`<root>/.trash/<UTC time>`, created if needed."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+        folder = self.root / TRASH_DIR / stamp
+        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return folder
+
+    def trash_companion(self, app: str, trashed: Path | None, suffix: str) -> Path:
+        """A free path for something trashed with the app's repository: next to it, named
+        like it (`<app>[.N]<suffix>`), or in a new trash folder if it had no repository."""
+        if trashed is None:
+            return _free_name(self.trash_folder(), app, suffix)
+        return _free_name(trashed.parent, trashed.name.removesuffix(".git"), suffix)
 
     def head_branch(self, app: str) -> str | None:
         """The branch HEAD points to, or None if HEAD is detached."""
@@ -158,11 +200,27 @@ class Repositories:
             return None
         return target[len(b"refs/heads/") :].decode()
 
-    # -- hooks --
+    # -- what a repository may hold --
 
-    def install_hooks(self, app: str) -> None:
-        """(Re)write the gateway's hooks; called at creation and at every start."""
-        _write_hooks(self.path_for(app))
+    def enforce(self, app: str) -> list[repoguard.Change]:
+        """Put the app's repository back to exactly the gateway's config and no hooks,
+        removing anything planted (see repoguard), and check the gateway's own hooks
+        directory the same way. Called at start and before every git operation; every
+        change is logged. Raises OSError if something cannot be put back: git must not run
+        on it then."""
+        changes = self.enforce_hooks_dir()
+        found = repoguard.enforce(self.path_for(app), self.layout)
+        _log_changes(found, app)
+        return changes + found
+
+    def enforce_hooks_dir(self) -> list[repoguard.Change]:
+        """The directory git takes hooks from (`core.hooksPath`) holds exactly ours."""
+        fresh = not os.path.lexists(self.hooks_dir)
+        changes = repoguard.enforce_hooks(self.hooks_dir, self.hooks, generated_earlier)
+        if fresh:
+            return []  # created, not repaired
+        _log_changes(changes, None)
+        return changes
 
     def remove_stale_quarantines(self, app: str, older_than: float) -> int:
         """Delete push quarantines untouched for `older_than` seconds; return how many.
@@ -285,15 +343,42 @@ class Repositories:
         return count
 
 
-def _write_hooks(repo_path: Path) -> None:
-    directory = repo_path / "hooks"
-    directory.mkdir(exist_ok=True)
-    for name in hooks.HOOK_NAMES:
-        target = directory / name
-        text = hooks.script(name)
-        if target.exists() and target.read_text() == text and os.access(target, os.X_OK):
-            continue
-        staging = directory / f".{name}.new"
-        staging.write_text(text)
-        staging.chmod(0o755)
-        os.replace(staging, target)  # atomic: a push never runs a half-written hook
+def _free_name(folder: Path, base: str, suffix: str) -> Path:
+    target = folder / f"{base}{suffix}"
+    number = 1
+    while os.path.lexists(target):
+        number += 1
+        target = folder / f"{base}.{number}{suffix}"
+    return target
+
+
+def _log_changes(changes: list[repoguard.Change], app: str | None) -> None:
+    where = f"app={app} " if app else ""
+    for change in changes:
+        if change.action == "updated":  # the gateway's own file, from an earlier version
+            log.info("event=repo_file_updated %spath=%s", where, q(change.path))
+        else:
+            log.warning(
+                "event=repo_planted_removed %spath=%s action=%s",
+                where,
+                q(change.path),
+                change.action,
+            )
+
+
+_SHEBANG = re.compile(rb"#!(\S+) -I\n")
+_MAX_INPUT = re.compile(rb"\n\tmaxInputSize = (\d{1,20})\n")
+
+
+def generated_earlier(name: str, content: bytes) -> bool:
+    """Is this a file the gateway itself wrote, for another interpreter path (a new
+    virtualenv, a Python upgrade) or another [git] max_input_size?"""
+    if name == "config":
+        found = _MAX_INPUT.search(content)
+        return found is not None and content == config_text(int(found.group(1)))
+    if name in hooks.HOOK_NAMES:
+        found = _SHEBANG.match(content)
+        if found is None:
+            return False
+        return content == hooks.script(name, os.fsdecode(found.group(1))).encode()
+    return False

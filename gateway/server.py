@@ -23,6 +23,7 @@ from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
+from .deploylog import highest_log_id
 from .deploys import DeployService, sandbox
 from .errors import AccessDenied, ConfigError, GatewayError
 from .limits import Admission, RateLimiter
@@ -644,11 +645,21 @@ class Gateway:
             await self.auth_failures.flush()
 
     async def _prepare_repositories(self) -> None:
-        """Every app repository gets this version's hooks (they are generated files), and
-        push quarantines abandoned by a killed gateway are removed."""
+        """Every app repository holds exactly this version's hooks and config, and nothing
+        planted while the gateway was stopped (see repoguard); push quarantines abandoned
+        by a killed gateway are removed. And no new deploy gets the id of a log file already
+        on disk (one left by a deploy deleted before ids were never reused)."""
+        highest = await asyncio.to_thread(highest_log_id, self.config.deploy.log_dir)
+        if highest:
+            await self.store.reserve_deploy_ids(highest)
+        await asyncio.to_thread(self.repos.enforce_hooks_dir)
         for app in await self.store.list_apps():
+            try:
+                await asyncio.to_thread(self.repos.enforce, app.name)
+            except OSError as exc:
+                # Its git operations are refused until this is fixed (they enforce too).
+                log.error("event=repo_enforce_failed app=%s error=%s", app.name, q(exc))
             if self.repos.exists(app.name):
-                await asyncio.to_thread(self.repos.install_hooks, app.name)
                 removed = await asyncio.to_thread(
                     self.repos.remove_stale_quarantines, app.name, STALE_QUARANTINE_SECONDS
                 )

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import audit, names
 from .config import Config
-from .deploylog import read_log
+from .deploylog import log_path, move_logs, read_log
 from .errors import Conflict, GatewayError, NotFound, UsageError
 from .keys import parse_public_key
+from .logs import q
 from .models import ApiToken, App, Deploy, DeployStatus, Member, Role, SSHKey, User, WebhookDelivery
 from .repos import Repositories
 from .store import Store, UserSummary, utcnow
+
+log = logging.getLogger("gateway.service")
 
 # Tokens are random secrets with a recognisable prefix (so secret scanners can spot a
 # leaked one); only their SHA-256 is stored.
@@ -31,6 +36,7 @@ def hash_token(secret: str) -> str:
 class RemovedApp:
     app: App
     trashed: Path | None
+    deploy_logs: Path | None = None  # where its deploy logs went (next to the repository)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,8 +150,11 @@ class Registry:
         return app
 
     async def remove_app(self, name: str, *, actor: str) -> RemovedApp:
-        """Unregister an app; its repository goes to the trash, from where it can be restored."""
+        """Unregister an app; its repository goes to the trash, from where it can be
+        restored, and its deploy logs with it (`<app>.deploys/` next to `<app>.git`): the
+        deploy rows go with the app, and nothing a later app could read stays behind."""
         app = await self.get_app(name)
+        deploy_ids = await self.store.app_deploy_ids(app.name)
         trashed = None
         if self.repos.path_for(app.name).exists():
             trashed = await asyncio.to_thread(self.repos.trash, app.name)
@@ -155,10 +164,30 @@ class Registry:
             if trashed is not None:  # put the repository back where it was
                 trashed.rename(self.repos.path_for(app.name))
             raise
+        logs = await asyncio.to_thread(self._archive_logs, app.name, deploy_ids, trashed)
         await audit.record(
-            self.store, "app_removed", actor=actor, app=app.name, trash=str(trashed or "")
+            self.store,
+            "app_removed",
+            actor=actor,
+            app=app.name,
+            trash=str(trashed or ""),
+            deploy_logs=str(logs or ""),
         )
-        return RemovedApp(app, trashed)
+        return RemovedApp(app, trashed, logs)
+
+    def _archive_logs(self, app: str, deploy_ids: list[int], trashed: Path | None) -> Path | None:
+        log_dir = self.config.deploy.log_dir
+        if not any(os.path.lexists(log_path(log_dir, i)) for i in deploy_ids):
+            return None
+        target = self.repos.trash_companion(app, trashed, ".deploys")
+        try:
+            moved = move_logs(log_dir, deploy_ids, target)
+        except OSError as exc:
+            # The app is gone already. What stays behind is harmless (ids are never reused,
+            # and a log is only read for an existing deploy), but the operator should know.
+            log.error("event=deploy_logs_not_archived app=%s error=%s", app, q(exc))
+            return target if target.exists() else None
+        return target if moved else None
 
     async def grant(self, app: str, user: str, role: str, *, actor: str) -> Grant:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -10,6 +11,7 @@ from .. import bridge, gitbin, hooks
 from ..auth import authorize
 from ..deploys import PushSession
 from ..errors import GatewayError
+from ..logs import q
 from ..models import Role
 from ..repos import git_settings
 from . import Context, Invocation
@@ -31,8 +33,10 @@ class RepositoryUnavailable(GatewayError):
 
 def git_argv(ctx: Context, subcommand: str, extra: tuple[str, ...], path: str) -> list[str]:
     """argv for a git service: the repository settings passed with -c so that they always
-    follow the current configuration, whatever is written in the repository itself."""
-    argv = [ctx.git.path]
+    follow the current configuration, whatever is written in the repository itself; and
+    hooks taken from the gateway's own directory, outside every repository, so that a hook
+    written into a repository never runs, not even one planted during this very push."""
+    argv = [ctx.git.path, "-c", f"core.hooksPath={ctx.repos.hooks_dir}"]
     for key, value in git_settings(ctx.repos.max_input_size):
         argv += ["-c", f"{key}={value}"]
     return [*argv, subcommand, *extra, path]
@@ -42,6 +46,19 @@ async def run(ctx: Context, inv: Invocation) -> int:
     needed, subcommand, extra = SERVICES[inv.command]
     app, role = await authorize(ctx.store, ctx.identity, inv.app, needed)
     path = ctx.repos.path_for(app.name)
+    try:
+        # Whatever was written into the repository since the last operation (a hook, a
+        # config key naming a program, alternates...) is removed before git reads it.
+        await asyncio.to_thread(ctx.repos.enforce, app.name)
+    except OSError as exc:
+        log.error(
+            "event=repo_enforce_failed app=%s path=%s error=%s conn=%s",
+            app.name,
+            path,
+            q(exc),
+            ctx.conn_id,
+        )
+        raise RepositoryUnavailable(app.name) from None
     if not ctx.repos.exists(app.name):
         log.error("event=repo_missing app=%s path=%s conn=%s", app.name, path, ctx.conn_id)
         raise RepositoryUnavailable(app.name)

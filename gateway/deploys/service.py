@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import audit, executors
 from ..config import Config, DeploySettings
-from ..deploylog import DeployLog, read_log
+from ..deploylog import DeployLog, LogExists, read_log
 from ..errors import Conflict, GatewayError, NotFound
 from ..logs import q
 from ..metrics import Metrics
@@ -104,7 +104,7 @@ class DeployService:
                 )
                 continue
             log.info("event=deploy_resumed deploy=%d app=%s", deploy.id, app.name)
-            await self._enqueue(deploy, settings)
+            await self._enqueue(deploy, settings, resume=True)
 
     async def close(self) -> None:
         """Stop running pipelines (recorded as interrupted); queued deploys wait for the next
@@ -349,15 +349,34 @@ class DeployService:
         settings: DeploySettings,
         quarantine: Path | None = None,
         expected_old: str | None = None,
+        resume: bool = False,
     ) -> Job:
+        limit = self.config.deploy.log_limit
+        refused = None
+        try:
+            deploy_log = DeployLog(self.log_dir, deploy.id, limit, resume=resume)
+        except LogExists as exc:
+            # A file this deploy did not create is never appended to nor shown as its log.
+            log.error(
+                "event=deploy_log_exists deploy=%d app=%s path=%s moved_to=%s",
+                deploy.id,
+                deploy.app_name,
+                exc.path,
+                exc.moved_to,
+            )
+            refused = exc
+            deploy_log = DeployLog(self.log_dir, deploy.id, limit)
         job = Job(
             deploy,
             settings,
-            DeployLog(self.log_dir, deploy.id, self.config.deploy.log_limit),
+            deploy_log,
             asyncio.get_running_loop().create_future(),
             quarantine,
             expected_old,
         )
+        if refused is not None:
+            await self._finish(job, DeployStatus.FAILED, reason=str(refused))
+            return job
         self.jobs[deploy.id] = job
         await self.queues.add(job)
         return job

@@ -36,7 +36,11 @@ class UserSummary:
 
 
 class Store(abc.ABC):
-    """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL."""
+    """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL.
+
+    Ids (users, keys, apps, deploys, audit events, tokens) are never handed out twice, not
+    even after the row holding the highest one is deleted.
+    """
 
     # -- users --
     @abc.abstractmethod
@@ -115,6 +119,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_deploys(self, app_name: str, limit: int = 20) -> list[Deploy]:
         """The app's most recent deploys, newest first."""
+
+    @abc.abstractmethod
+    async def app_deploy_ids(self, app_name: str) -> list[int]:
+        """Every deploy id of the app, oldest first (its logs go with it when it is removed)."""
+
+    @abc.abstractmethod
+    async def reserve_deploy_ids(self, through: int) -> None:
+        """Never hand out a deploy id up to `through` (ids of log files found on disk)."""
 
     @abc.abstractmethod
     async def deploys_in(self, statuses: tuple[DeployStatus, ...]) -> list[Deploy]:

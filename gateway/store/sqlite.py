@@ -126,26 +126,43 @@ class SQLiteStore(Store):
             return list(await cur.fetchall())
 
     async def migrate(self) -> int:
-        """Apply pending migrations, each in its own transaction; return the schema version."""
+        """Apply pending migrations, each in its own transaction; return the schema version.
+
+        Foreign key enforcement is off while they run, as SQLite's procedure for rebuilding a
+        table requires (with it on, dropping a parent table cascade-deletes its children's
+        rows; the setting cannot change inside a transaction). Every foreign key is checked
+        before each migration commits instead: a violation rolls it back.
+        """
         await self._db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
         )
         version = 0
-        for number, name, sql in migrations():
-            async with self._transaction() as db:
-                done = await self._one("SELECT 1 FROM schema_migrations WHERE version = ?", number)
-                if not done:
-                    # sqlite3's executescript() would COMMIT our transaction first, so run
-                    # the statements one by one inside it.
-                    for statement in _statements(sql):
-                        await db.execute(statement)
-                    await db.execute(
-                        "INSERT INTO schema_migrations (version, name, applied_at) "
-                        "VALUES (?, ?, ?)",
-                        (number, name, utcnow()),
+        await self._db.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for number, name, sql in migrations():
+                async with self._transaction() as db:
+                    done = await self._one(
+                        "SELECT 1 FROM schema_migrations WHERE version = ?", number
                     )
-            version = number
+                    if not done:
+                        # sqlite3's executescript() would COMMIT our transaction first, so run
+                        # the statements one by one inside it.
+                        for statement in _statements(sql):
+                            await db.execute(statement)
+                        broken = await self._all("PRAGMA foreign_key_check")
+                        if broken:
+                            raise RuntimeError(
+                                f"migration {number:04d}_{name} breaks foreign keys: {broken[:5]}"
+                            )
+                        await db.execute(
+                            "INSERT INTO schema_migrations (version, name, applied_at) "
+                            "VALUES (?, ?, ?)",
+                            (number, name, utcnow()),
+                        )
+                version = number
+        finally:
+            await self._db.execute("PRAGMA foreign_keys = ON")
         return version
 
     async def schema_version(self) -> int:
@@ -423,6 +440,25 @@ class SQLiteStore(Store):
             limit,
         )
         return [_deploy(r) for r in rows]
+
+    async def app_deploy_ids(self, app_name: str) -> list[int]:
+        app = await self._app_row(app_name)
+        rows = await self._all("SELECT id FROM deploys WHERE app_id = ? ORDER BY id", app.id)
+        return [int(r[0]) for r in rows]
+
+    async def reserve_deploy_ids(self, through: int) -> None:
+        # AUTOINCREMENT's high-water mark lives in sqlite_sequence (one row per table, made
+        # at the first insert); raising it is how ids up to `through` are never given.
+        async with self._transaction() as db:
+            row = await self._one("SELECT seq FROM sqlite_sequence WHERE name = 'deploys'")
+            if row is None:
+                await db.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('deploys', ?)", (through,)
+                )
+            elif int(row[0]) < through:
+                await db.execute(
+                    "UPDATE sqlite_sequence SET seq = ? WHERE name = 'deploys'", (through,)
+                )
 
     async def deploys_in(self, statuses: tuple[DeployStatus, ...]) -> list[Deploy]:
         marks = ", ".join("?" for _ in statuses)

@@ -89,20 +89,18 @@ def test_identity_comes_from_the_key_that_signed(owner, make_user, tmp_path):
     assert result.stdout.startswith(f"Hi {owner.name}!")
 
 
-def test_env_requests_never_reach_git_or_hooks(owner, app, server, tmp_path):
+def test_env_requests_never_reach_git_or_hooks(owner, app, server, tmp_path, monkeypatch):
     dump = tmp_path / "hook-env.json"
-    hook = server.repo(app) / "hooks" / "post-receive"
-    hook.write_text(
-        f"#!{sys.executable}\n"
-        + textwrap.dedent(
-            f"""
-            import json, os
-            with open({str(dump)!r}, "w") as out:
-                json.dump(dict(os.environ), out)
-            """
-        )
+    # A hook written into the repository never runs (test_regressions_planting), so the
+    # gateway itself is told to install this post-receive, which dumps its environment.
+    script = f"#!{sys.executable}\n" + textwrap.dedent(
+        f"""
+        import json, os
+        with open({str(dump)!r}, "w") as out:
+            json.dump(dict(os.environ), out)
+        """
     )
-    hook.chmod(0o755)
+    monkeypatch.setitem(server.gateway.repos.hooks, "post-receive", script.encode())
     env_options = [
         "-o",
         "SetEnv=LANG=fr_FR.UTF-8 LC_ALL=fr_FR.UTF-8 LD_PRELOAD=/tmp/evil.so "

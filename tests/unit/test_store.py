@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import Conflict, KeyInUse, NotFound
 from gateway.keys import parse_public_key
-from gateway.models import Role
+from gateway.models import AuditEvent, NewDeploy, Role
 from gateway.store import open_store
 from gateway.store.sqlite import SQLiteStore, migrations
 from tests.helpers import keygen
@@ -130,3 +130,174 @@ async def test_postgres_url_is_a_clear_config_error():
 
     with pytest.raises(ConfigError, match="PostgreSQL"):
         await open_store("postgresql://db/gateway")
+
+
+# -- ids are never reused (migration 0005) --
+
+TABLES = (
+    "users",
+    "ssh_keys",
+    "apps",
+    "app_members",
+    "deploys",
+    "webhook_deliveries",
+    "audit_events",
+    "api_tokens",
+)
+SHA = "a" * 40
+
+
+def new_deploy(app_id: int) -> NewDeploy:
+    return NewDeploy(app_id, "refs/heads/main", "0" * 40, SHA, "alice", "SHA256:x", "s", "a",
+                     "attached", "command")  # fmt: skip
+
+
+def old_database(path: Path, pubkeys: list[str]) -> None:
+    """A registry as migrations 0001-0004 left it, with rows in every table."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at TEXT NOT NULL)"
+        )
+        for number, name, sql in migrations()[:4]:
+            db.executescript(sql)
+            db.execute("INSERT INTO schema_migrations VALUES (?, ?, 'then')", (number, name))
+        db.executescript(
+            """
+            INSERT INTO users VALUES (1, 'alice', 't'), (2, 'bob', 't'), (5, 'carol', 't');
+            INSERT INTO apps VALUES (1, 'web', 1, 'main', 't'), (3, 'api', 2, 'prod', 't');
+            INSERT INTO app_members VALUES (1, 2, 'write', 't'), (3, 5, 'read', 't');
+            INSERT INTO audit_events VALUES (1, 't', 'login', 'alice', 'fp', '1.2.3.4', '', '{}'),
+                (7, 't', 'push', 'bob', 'fp', '', 'api', '{"updates": []}');
+            INSERT INTO api_tokens VALUES (2, 'ops', NULL, 'h1', 't', NULL),
+                (4, 'alice-web', 1, 'h2', 't', 'u');
+            """
+        )
+        for i, text in enumerate(pubkeys[:2]):
+            key = parse_public_key(text)
+            db.execute(
+                "INSERT INTO ssh_keys VALUES (?, ?, ?, ?, ?, ?, '', ?, ?, 't', NULL)",
+                (10 + i, 1 + i, f"k{i}", key.algorithm, key.bits, key.openssh, key.fingerprint,
+                 key.fingerprint_md5),
+            )  # fmt: skip
+        for deploy_id, app_id, status, superseded in (
+            (1, 1, "cancelled", 2),
+            (2, 1, "succeeded", None),
+            (6, 3, "failed", None),
+        ):
+            db.execute(
+                "INSERT INTO deploys (id, app_id, ref, old_sha, new_sha, pusher, "
+                "key_fingerprint, mode, pipeline, status, superseded_by, status_token_hash, "
+                "created_at) VALUES (?, ?, 'refs/heads/main', ?, ?, 'alice', 'fp', 'attached', "
+                "'webhook', ?, ?, 'tok', 't')",
+                (deploy_id, app_id, "0" * 40, SHA, status, superseded),
+            )
+        db.execute(
+            "INSERT INTO webhook_deliveries VALUES (3, 6, 1, 'http://x', 500, 'boom', 12, 't'), "
+            "(4, 6, 2, 'http://x', 202, '', 8, 't')"
+        )
+
+
+def dump(path: Path) -> dict[str, list[tuple]]:
+    with sqlite3.connect(path) as db:
+        return {t: db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in TABLES}  # noqa: S608
+
+
+def indexes(path: Path) -> set[tuple[str, str]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute(
+            "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+        return set(rows.fetchall())
+
+
+async def test_regression_migration_keeps_every_row_and_stops_id_reuse(tmp_path, pubkeys):
+    path = tmp_path / "gw.db"
+    old_database(path, pubkeys)
+    before, before_indexes = dump(path), indexes(path)
+    store = await open_store(path)
+    try:
+        assert await store.schema_version() == len(migrations())
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+            sequence = dict(db.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+            for table in set(TABLES) - {"app_members"}:
+                sql = db.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,))
+                assert "AUTOINCREMENT" in sql.fetchone()[0], table
+        assert dump(path) == before
+        # Every index kept; later migrations only add theirs.
+        assert indexes(path) == before_indexes | {("audit_by_at", "audit_events")}
+        assert sequence == {
+            "users": 5,
+            "ssh_keys": 11,
+            "apps": 3,
+            "deploys": 6,
+            "webhook_deliveries": 4,
+            "audit_events": 7,
+            "api_tokens": 4,
+        }
+        # The store's own connection enforces foreign keys again: cascades still work.
+        await store.remove_app("api")
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchone() == (0,)
+        # The newest deploy (6) went with its app: the next one does not get 6 again.
+        assert (await store.create_deploy(new_deploy(1))).id == 7
+        found = await store.get_deploy(2)
+        assert found is not None and found.app_name == "web" and found.superseded_by is None
+        assert (await store.get_deploy(1)).superseded_by == 2
+    finally:
+        await store.close()
+
+
+async def test_regression_ids_are_never_reused_after_deleting_the_newest(store, pubkeys):
+    await store.create_user("alice")
+    await store.create_user("bob")
+    bob = await store.get_user("bob")
+    await store.remove_user("bob")
+    assert (await store.create_user("bob")).id > bob.id
+    key = await store.add_key("alice", "k", parse_public_key(pubkeys[0]))
+    await store.remove_key("alice", "k")
+    assert (await store.add_key("alice", "k", parse_public_key(pubkeys[0]))).id > key.id
+    web = await store.create_app("web", "alice", "main")
+    deploy = await store.create_deploy(new_deploy(web.id))
+    assert await store.app_deploy_ids("web") == [deploy.id]
+    await store.remove_app("web")
+    again = await store.create_app("web", "alice", "main")
+    assert again.id > web.id
+    assert (await store.create_deploy(new_deploy(again.id))).id > deploy.id
+    token = await store.create_token("t", None, "hash1")
+    await store.remove_token("t")
+    assert (await store.create_token("t", None, "hash2")).id > token.id
+    # Audit events are never deleted by the gateway; an operator pruning the newest by hand
+    # does not bring its id back either.
+    await store.add_audit(AuditEvent("one"))
+    newest = (await store.list_audit(limit=1))[0]
+    with sqlite3.connect(store.path) as db:
+        db.execute("DELETE FROM audit_events WHERE id = ?", (newest.id,))
+    await store.add_audit(AuditEvent("two"))
+    assert (await store.list_audit(limit=1))[0].id > newest.id
+
+
+async def test_reserve_deploy_ids(store):
+    await store.create_user("alice")
+    app = await store.create_app("web", "alice", "main")
+    await store.reserve_deploy_ids(41)  # no deploy yet: no sqlite_sequence row either
+    assert (await store.create_deploy(new_deploy(app.id))).id == 42
+    await store.reserve_deploy_ids(10)  # never lowers it
+    assert (await store.create_deploy(new_deploy(app.id))).id == 43
+    await store.reserve_deploy_ids(99)
+    assert (await store.create_deploy(new_deploy(app.id))).id == 100
+
+
+async def test_a_migration_breaking_a_foreign_key_is_rolled_back(tmp_path, monkeypatch):
+    from gateway.store import sqlite as backend
+
+    bad = "INSERT INTO app_members VALUES (99, 99, 'read', 't');"
+    found = backend.migrations()
+    monkeypatch.setattr(backend, "migrations", lambda: [*found, (len(found) + 1, "bad", bad)])
+    with pytest.raises(RuntimeError, match="breaks foreign keys"):
+        await open_store(tmp_path / "gw.db")
+    with sqlite3.connect(tmp_path / "gw.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM app_members").fetchone() == (0,)
+        assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (len(found),)
