@@ -14,8 +14,9 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
-from .. import gitbin
+from .. import gitbin, umask
 from ..errors import GatewayError
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox
 
@@ -84,11 +85,14 @@ async def _start_extractor(sandbox: Sandbox, dest: Path) -> asyncio.subprocess.P
     # Ownership and modes from the archive are not applied; the tar comes from git objects
     # that passed fsck, and is unpacked with no more rights than the deploy itself.
     argv = ["tar", "-x", "--no-same-owner", "-f", "-", "-C"]
-    streams = {
+    streams: dict[str, Any] = {
         "stdin": asyncio.subprocess.PIPE,
         "stdout": asyncio.subprocess.DEVNULL,
         "stderr": asyncio.subprocess.PIPE,
     }
+    operator_umask = umask.inherited()
+    if operator_umask is not None:  # modes as `git archive | tar -x` gives the operator
+        streams["umask"] = operator_umask
     if sandbox.enabled:
         return await sandbox.spawn(
             [*argv, APP_DIR],
