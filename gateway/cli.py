@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -188,6 +189,15 @@ async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
 
 async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
+        await reg.get_app(args.app)  # unknown apps are refused before anything is stopped
+        # The running gateway first stops the app's deploys, so none writes on after its
+        # logs are archived with the repository.
+        with contextlib.suppress(control.NotRunning):
+            message = {"op": "cancel_app", "app": args.app, "by": "operator (app removed)"}
+            for reply in await asyncio.to_thread(
+                list, control.request(cfg.storage.control_socket, message, timeout=120)
+            ):
+                out.write(reply.get("out", ""))
         removed = await reg.remove_app(args.app, actor=OPERATOR)
         out.write(f"removed app {removed.app.name}\n")
         if removed.trashed is not None:

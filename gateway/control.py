@@ -115,6 +115,13 @@ class ControlServer:
         if "hook" in request:
             return await self.deploys.handle_hook(request, say, peer)
         op = request.get("op")
+        if op == "cancel_app":
+            app = request.get("app")
+            if not isinstance(app, str):
+                raise ValueError("cancel_app needs an app name")
+            count = await self.deploys.cancel_app(app, str(request.get("by") or "operator"))
+            await say(f"{count} deploy(s) of {app} cancelled\n" if count else "")
+            return 0
         deploy_id = request.get("deploy")
         if op not in ("follow", "cancel") or not isinstance(deploy_id, int):
             raise ValueError(f"unknown operation {op!r}")

@@ -46,6 +46,8 @@ MAX_PACKET = 256 * 1024
 # Recording "last used" is a write; once a minute per key is enough.
 TOUCH_INTERVAL_SECONDS = 60
 NO_AUTH = "client disconnected before authenticating"
+# On SIGTERM, seconds a client whose session has ended gets to read its last bytes and close.
+CLOSE_GRACE_SECONDS = 5.0
 # A push quarantine not touched for this long belongs to no running receive-pack.
 STALE_QUARANTINE_SECONDS = 3600
 # Retention is applied at start and then this often.
@@ -546,10 +548,12 @@ class Gateway:
             log.warning("event=drain_timeout left=%d", len(pending))
             return
         # A finished session's last bytes may still be on their way: let those clients close
-        # their connections themselves rather than cut them.
+        # their connections themselves rather than cut them; one that reads nothing any more
+        # (a stalled watcher) is not waited for beyond CLOSE_GRACE.
         closing = {asyncio.ensure_future(c.closed.wait()) for c in busy if not c.closed.is_set()}
         if closing:
-            _, left = await asyncio.wait(closing, timeout=max(deadline - loop.time(), 0.1))
+            grace = min(deadline - loop.time(), CLOSE_GRACE_SECONDS)
+            _, left = await asyncio.wait(closing, timeout=max(grace, 0.1))
             for waiter in left:
                 waiter.cancel()
 

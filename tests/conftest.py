@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,6 +13,16 @@ from tests import helpers
 from tests.helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
 
 require_tools()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow proofs run in CI (GATEWAY_SLOW_TESTS=1); a developer's default run stays quick."""
+    if os.environ.get("GATEWAY_SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set GATEWAY_SLOW_TESTS=1 to run it (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from .. import audit, tables
 from ..auth import authorize
+from ..bridge import CLIENT_GONE
 from ..errors import AccessDenied, GatewayError
 from ..models import Role
 from ..textsafe import TerminalStream, terminal_safe
 from . import Context, Invocation
+
+# Seconds the last bytes of a followed log may take to reach a watcher.
+FLUSH_TIMEOUT = 5.0
 
 
 class DeployNotFound(GatewayError):
@@ -51,7 +58,11 @@ async def logs(ctx: Context, inv: Invocation) -> int:
 
     if follow:
         final = await ctx.deploys.follow(deploy.id, say)
-        await _write(ctx, stream.flush())
+        rest = stream.flush()
+        if rest:
+            # A watcher that stopped reading was dropped by follow(): do not wait on it here.
+            with contextlib.suppress(TimeoutError, *CLIENT_GONE):
+                await asyncio.wait_for(_write(ctx, rest), FLUSH_TIMEOUT)
         return 0 if final.status.ok else 1
     await _write(ctx, terminal_safe(await ctx.deploys.log_text(deploy.id)))
     current = await ctx.store.get_deploy(deploy.id) or deploy

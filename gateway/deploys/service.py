@@ -574,7 +574,7 @@ class DeployService:
         if job is not None:
             final = await self.watch(job, say, until_done=True)
             if final is not None:
-                await _say_safely(say, self.final_line(final, job.elapsed))
+                await self._deliver(say, self.final_line(final, job.elapsed))
                 return final
         deploy = await self.store.get_deploy(deploy_id)
         if deploy is None:
@@ -636,6 +636,15 @@ class DeployService:
         if job.task is not None:
             job.task.cancel()
         return await job.done
+
+    async def cancel_app(self, app: str, by: str) -> int:
+        """Cancel every queued and running deploy of an app (it is being removed)."""
+        jobs = [job for job in list(self.jobs.values()) if job.deploy.app_name == app]
+        jobs.sort(key=lambda job: job.started is not None)  # waiting ones first: none starts
+        for job in jobs:
+            with contextlib.suppress(GatewayError):
+                await self.cancel(job.deploy.id, by)
+        return len(jobs)
 
     def describe(self, deploy: Deploy, elapsed: float | None = None) -> str:
         return messages.describe(deploy, elapsed)

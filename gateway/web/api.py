@@ -171,7 +171,10 @@ async def get_app(call: Call) -> tuple[int, Any]:
 
 
 async def remove_app(call: Call) -> tuple[int, Any]:
-    removed = await call.registry.remove_app(call.param("app"), actor=call.actor)
+    app = await call.registry.get_app(call.param("app"))
+    # Its deploys stop first, so none writes on after its logs are archived.
+    await call.deploys.cancel_app(app.name, f"{call.actor} (app removed)")
+    removed = await call.registry.remove_app(app.name, actor=call.actor)
     return 200, {
         **app_dict(removed.app, call.registry.config),
         "trashed_to": str(removed.trashed or ""),

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from tests.helpers import (
     Admin,
     Client,
     LiveProcess,
+    ServeProcess,
     ServerThread,
     exchange_subdir,
     keygen,
@@ -45,6 +47,7 @@ def gw(tmp_path_factory):
         + "[apps.airgapped]\nnetwork = false\n"
         + '[apps.inflate]\nmax_export_size = "8M"\n'
         + f'[apps.chatty]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmax_output = "256K"\n'
+        + f'[apps.doomed]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "detached"\n'
     )
     thread = ServerThread(config).start()
     yield thread
@@ -73,6 +76,7 @@ def people(gw, admin, tmp_path_factory):
         ("attacker", "mallory"),
         ("airgapped", "mallory"),
         ("inflate", "mallory"),
+        ("doomed", "mallory"),
     ):
         admin.ok("app", "create", app, "--owner", owner)
     return clients
@@ -312,3 +316,91 @@ def _control(gw: ServerThread, message: dict) -> list[dict]:
             return [json.loads(line) for line in replies]
     finally:
         conn.close()
+
+
+def test_regression_removing_an_app_stops_its_deploys_first(gw, admin, people, tmp_path):
+    """A removed app's running and queued deploys are cancelled before its logs go to the
+    trash, so no deploy of a removed app runs on or writes on."""
+    mallory = people["mallory"]
+    fifo = exchange_subdir("doomed") / "gate.fifo"
+    os.mkfifo(fifo)
+    work = mallory.new_repo(tmp_path / "doomed", {"wait-fifo": str(fifo)})
+    mallory.git("push", "-q", mallory.url("doomed"), "main", cwd=work)
+    gw.wait_until(lambda: running_job(gw, "doomed") is not None)
+    running = running_job(gw, "doomed")
+    gw.wait_until(lambda: "waiting for the test" in running.log.text())
+    mallory.commit(work, {"v": "2"}, "queued behind")
+    mallory.git("push", "-q", mallory.url("doomed"), "main", cwd=work)
+    out = admin.ok("app", "remove", "doomed")
+    assert "2 deploy(s) of doomed cancelled" in out and "removed app doomed" in out
+    assert not [j for j in gw.gateway.deploys.jobs.values() if j.deploy.app_name == "doomed"]
+    assert running.done.result().status.value == "cancelled"
+    assert "app removed" in running.done.result().reason
+
+
+def _process_memory(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+@pytest.mark.slow
+def test_regression_stalled_watcher_keeps_memory_flat_and_never_holds_up_a_drain(
+    tmp_path, exchange
+):
+    """A deploy prints 300 MiB while a `logs --follow` watcher reads nothing: the gateway's
+    memory stays flat (the watcher's buffer is bounded, the log keeps its tail), and once
+    the deploy is over, SIGTERM stops the gateway at once although that watcher still does
+    not read."""
+    config = write_config(
+        tmp_path / "state",
+        deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "mode": "detached", "timeout": 120},
+        limits={"drain_timeout": 60},
+    )
+    admin = Admin(config)
+    key = keygen(tmp_path / "id")
+    admin.ok("user", "add", "loud")
+    admin.ok("key", "add", "loud", "k", f"{key}.pub")
+    admin.ok("app", "create", "loud", "--owner", "loud")
+    server = ServeProcess(config)
+    watcher = None
+    try:
+        client = Client(tmp_path / "home", key, server, name="loud")
+        fifo = exchange / "gate.fifo"
+        os.mkfifo(fifo)
+        # 3.5 million lines of 88 bytes: 300 MiB, printed once the watcher is attached.
+        files = {"wait-fifo": str(fifo), "spam": "3500000"}
+        work = client.new_repo(tmp_path / "work", files)
+        client.git("push", "-q", client.url("loud"), "main", cwd=work)
+        server.wait_for(r"event=deploy_started deploy=1 ")
+        baseline = _process_memory(server.proc.pid, "VmRSS")
+        Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")  # reset its peak
+        # The watcher: its stdout is a pipe nobody reads, so it stops taking data.
+        watcher = subprocess.Popen(
+            [*client.ssh_base, "-T", "git@127.0.0.1", "logs", "loud", "1", "--follow"],
+            env=client.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        server.wait_for(r"event=process_started|event=auth_ok .*user=loud")
+        with open(fifo, "w") as release:
+            release.write("go\n")
+        server.wait_for(r"event=deploy_finished deploy=1 app=loud status=succeeded")
+        peak = _process_memory(server.proc.pid, "VmHWM")
+        assert peak - baseline < 100 * 1024 * 1024, f"grew {(peak - baseline) >> 20} MiB"
+        assert watcher.poll() is None  # still connected, still not reading
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 20  # not drain_timeout (60 s)
+        assert "event=watcher_dropped reason=not_reading" in server.stderr
+    except BaseException:
+        print("".join(server.lines)[-6000:])
+        raise
+    finally:
+        if watcher is not None:
+            watcher.kill()
+            watcher.wait(30)
+        if server.proc.poll() is None:
+            server.kill()
