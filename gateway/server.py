@@ -396,6 +396,7 @@ class Gateway:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._loaded = config  # as read from the file: what a reload compares against
         self.store: Store
         self.repos = Repositories(config.storage.repos, config.git.max_input_size)
         self.git: gitbin.Git
@@ -592,7 +593,8 @@ class Gateway:
             return
         fixed = {"ssh", "storage", "git", "http"}
         for section in sorted(fixed):
-            if getattr(new, section) != getattr(self.config, section):
+            # Compared with the file as it was at start (port 0 there is not a change).
+            if getattr(new, section) != getattr(self._loaded, section):
                 log.warning("event=reload_needs_restart section=%s", section)
         deploy = new.deploy
         if deploy.log_dir != self.config.deploy.log_dir:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,9 @@ from tests.helpers import (
     Client,
     LiveProcess,
     ServeProcess,
+    ServerThread,
+    http,
+    http_base,
     keygen,
     write_config,
 )
@@ -77,3 +81,43 @@ def test_sighup_reloads_limits(running, tmp_path):
     gateway.proc.send_signal(signal.SIGHUP)
     gateway.wait_for(r"event=reload_failed")
     assert gateway.stop() == 0
+
+
+def test_regression_sighup_applies_deploy_settings(tmp_path, caplog):
+    """A reload applies [deploy] max_parallel at once and the default branch of apps
+    created through the API; log_dir is kept (earlier logs live there) and said to need a
+    restart; a reload asking for a sandbox that cannot be built changes nothing."""
+    config = write_config(tmp_path / "state", deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)]})
+    server = ServerThread(config).start()
+    try:
+        admin = Admin(config)
+        admin.ok("user", "add", "ana")
+        secret = admin.ok("token", "create", "ops").split()[-1]
+        original = config.read_text()
+        log_dir = str(tmp_path / "state" / "deploys")
+        changed = original.replace(log_dir, str(tmp_path / "elsewhere"))
+        config.write_text(
+            changed.replace("[deploy]\n", '[deploy]\nmax_parallel = 1\nbranch = "production"\n')
+        )
+        with caplog.at_level(logging.INFO, logger="gateway.server"):
+            server.call(server.gateway._reload())
+        deploys = server.gateway.deploys
+        assert deploys.queues.slots.limit == 1
+        assert "event=reload_needs_restart setting=deploy.log_dir" in caplog.text
+        assert deploys.log_dir == tmp_path / "state" / "deploys"
+        created = http(
+            "POST", f"{http_base(server)}/api/v1/apps", secret, {"name": "web", "owner": "ana"}
+        )
+        assert created.status == 201 and created.json()["deploy_branch"] == "production"
+        config.write_text(original.replace("[deploy]\n", "[deploy]\nnetwork = false\n", 1))
+        broken = config.read_text().replace('sandbox_user = "nobody"', 'sandbox_user = "nope-x"')
+        if "nope-x" not in broken:  # not root: the file had no sandbox_user
+            broken = broken.replace("[deploy]\n", '[deploy]\nsandbox_user = "nope-x"\n', 1)
+        config.write_text(broken)
+        with caplog.at_level(logging.INFO, logger="gateway.server"):
+            server.call(server.gateway._reload())
+        assert "event=reload_failed" in caplog.text and "no such user 'nope-x'" in caplog.text
+        assert "section=ssh" not in caplog.text  # port 0 became a real port: not a change
+        assert deploys.queues.slots.limit == 1  # the running configuration stays
+    finally:
+        server.stop()
