@@ -6,7 +6,6 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from dulwich.object_store import (
     BaseObjectStore,
     DiskObjectStore,
     OverlayObjectStore,
-    iter_tree_contents,
 )
 from dulwich.objects import Commit
 from dulwich.repo import Repo
@@ -303,44 +301,6 @@ class Repositories:
             return None if value is None else value.decode()
         finally:
             repo.close()
-
-    def export_tree(self, app: str, sha: str, dest: Path, quarantine: Path | None = None) -> int:
-        """Write the tree of commit `sha` into the empty directory `dest`; return the file count.
-
-        Paths come from git trees that passed fsck, and are checked again here: no absolute
-        paths, no `..`, no writing through a symlink.
-        """
-        repo, store = self._open(app, quarantine)
-        root = dest.resolve()
-        count = 0
-        try:
-            commit = store[sha.encode()]
-            if not isinstance(commit, Commit):
-                raise GatewayError(f"{sha} is not a commit")
-            for entry in iter_tree_contents(store, commit.tree):
-                rel = os.fsdecode(entry.path)
-                parts = rel.split("/")
-                if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-                    raise GatewayError(f"unsafe path in tree: {rel!r}")
-                target = root.joinpath(*parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if target.parent.resolve() != target.parent or not target.parent.is_relative_to(
-                    root
-                ):
-                    raise GatewayError(f"path escapes the export directory: {rel!r}")
-                if stat.S_ISLNK(entry.mode):
-                    os.symlink(store[entry.sha].as_raw_string(), target)
-                elif entry.mode == 0o160000:  # submodule: an empty directory, as git archive does
-                    target.mkdir(exist_ok=True)
-                else:
-                    mode = 0o755 if entry.mode & 0o100 else 0o644
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-                    with os.fdopen(fd, "wb") as out:
-                        out.write(store[entry.sha].as_raw_string())
-                count += 1
-        finally:
-            repo.close()
-        return count
 
 
 def _free_name(folder: Path, base: str, suffix: str) -> Path:
