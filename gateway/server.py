@@ -147,8 +147,16 @@ class SessionChannel(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self.owner.channels -= 1
+        self.owner.session_channels.discard(self)
         super().connection_lost(exc)
+
+    @property
+    def open(self) -> bool:
+        """Still holding a slot: not yet closing. asyncssh reports the final close a loop turn
+        after the CLOSE messages; a client that opens its next channel in that same turn
+        (multiplexed clients do) must find the slot free."""
+        channel = self.channel
+        return channel is None or not channel.is_closing()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -193,7 +201,8 @@ class Connection(asyncssh.SSHServer):
         self.admitted = False
         self.sessions = 0  # commands running
         self.sessions_total = 0
-        self.channels = 0  # session channels open, with or without a command yet
+        # Session channels open, with or without a command yet.
+        self.session_channels: set[SessionChannel] = set()
         self.channels_refused = 0
         self.channels_timed_out = 0
         self.bytes_in = 0
@@ -337,7 +346,7 @@ class Connection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "not authenticated"
             )
-        if self.channels >= limit:
+        if sum(1 for channel in self.session_channels if channel.open) >= limit:
             self.channels_refused += 1
             self.gateway.metrics.limit_rejections.labels("max_sessions_per_connection").inc()
             if self.channels_refused == 1:  # once per connection: a flood is one line
@@ -351,8 +360,9 @@ class Connection(asyncssh.SSHServer):
                 asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                 f"too many sessions on this connection (limit {limit})",
             )
-        self.channels += 1
-        return SessionChannel(self)
+        channel = SessionChannel(self)
+        self.session_channels.add(channel)
+        return channel
 
     async def auth_completed(self) -> None:
         # asyncssh completes authentication in the same step as the validate_public_key call
