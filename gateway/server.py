@@ -135,9 +135,11 @@ class SessionChannel(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
         super().__init__(connection.gateway.handle_process, None, 0, False)
         self.owner = connection
         self._timer: asyncio.TimerHandle | None = None
+        self._opened: Any = None  # the channel, once asyncssh has made it
 
     def connection_made(self, chan: Any) -> None:
         super().connection_made(chan)
+        self._opened = chan
         timeout = self.owner.gateway.config.limits.channel_request_timeout
         self._timer = asyncio.get_running_loop().call_later(timeout, self._request_timeout)
 
@@ -155,8 +157,7 @@ class SessionChannel(asyncssh.SSHServerProcess):  # type: ignore[type-arg]
         """Still holding a slot: not yet closing. asyncssh reports the final close a loop turn
         after the CLOSE messages; a client that opens its next channel in that same turn
         (multiplexed clients do) must find the slot free."""
-        channel = self.channel
-        return channel is None or not channel.is_closing()
+        return self._opened is None or not self._opened.is_closing()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
