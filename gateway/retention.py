@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -10,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from . import executors
 from .config import Config
 from .deploylog import log_path
 from .store import Store
@@ -49,7 +49,7 @@ async def prune(store: Store, config: Config, now: datetime | None = None) -> Pr
         while ids := await store.prune_deploys(before, settings.keep_last, DEPLOY_BATCH):
             deploys += len(ids)
             # File removal is blocking I/O: kept off the event loop.
-            logs += await asyncio.to_thread(_remove_logs, settings.log_dir, ids)
+            logs += await executors.run(_remove_logs, settings.log_dir, ids)
             if len(ids) < DEPLOY_BATCH:
                 break
         logs += await _remove_orphan_logs(
@@ -71,11 +71,11 @@ def _remove_logs(log_dir: Path, ids: list[int]) -> int:
 
 async def _remove_orphan_logs(store: Store, log_dir: Path, older_than: datetime) -> int:
     """Logs of deploys whose record is gone (their app was removed), once past retention."""
-    candidates = await asyncio.to_thread(_old_log_ids, log_dir, older_than.timestamp())
+    candidates = await executors.run(_old_log_ids, log_dir, older_than.timestamp())
     if not candidates:
         return 0
     kept = await store.existing_deploy_ids(candidates)
-    return await asyncio.to_thread(_remove_logs, log_dir, [i for i in candidates if i not in kept])
+    return await executors.run(_remove_logs, log_dir, [i for i in candidates if i not in kept])
 
 
 def _old_log_ids(log_dir: Path, before: float) -> list[int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import os
@@ -10,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import audit, names
+from . import audit, executors, names
 from .config import Config
 from .deploylog import log_path, move_logs, read_log
 from .errors import Conflict, GatewayError, NotFound, UsageError
@@ -131,7 +130,7 @@ class Registry:
             raise GatewayError(f"a repository already exists at {path}: move it away first")
         app = await self.store.create_app(name, owner, branch)
         try:
-            await asyncio.to_thread(self.repos.create, name, branch)
+            await executors.run(self.repos.create, name, branch)
         except BaseException:
             await self.store.remove_app(name)
             raise
@@ -157,14 +156,14 @@ class Registry:
         deploy_ids = await self.store.app_deploy_ids(app.name)
         trashed = None
         if self.repos.path_for(app.name).exists():
-            trashed = await asyncio.to_thread(self.repos.trash, app.name)
+            trashed = await executors.run(self.repos.trash, app.name)
         try:
             await self.store.remove_app(app.name)
         except BaseException:
             if trashed is not None:  # put the repository back where it was
                 trashed.rename(self.repos.path_for(app.name))
             raise
-        logs = await asyncio.to_thread(self._archive_logs, app.name, deploy_ids, trashed)
+        logs = await executors.run(self._archive_logs, app.name, deploy_ids, trashed)
         await audit.record(
             self.store,
             "app_removed",
@@ -236,7 +235,7 @@ class Registry:
 
     async def deploy_log(self, deploy_id: int) -> str:
         deploy = await self.get_deploy(deploy_id)
-        return await asyncio.to_thread(read_log, self.config.deploy.log_dir, deploy.id)
+        return await executors.run(read_log, self.config.deploy.log_dir, deploy.id)
 
     async def record_cancel_offline(self, deploy_id: int, *, actor: str) -> Deploy:
         """Cancel a deploy while no gateway runs: nothing executes it, so recording the

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
 
-from .. import bridge, gitbin, hooks
+from .. import bridge, executors, gitbin, hooks
 from ..auth import authorize
 from ..deploys import PushSession
 from ..errors import GatewayError
@@ -49,7 +48,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
     try:
         # Whatever was written into the repository since the last operation (a hook, a
         # config key naming a program, alternates...) is removed before git reads it.
-        await asyncio.to_thread(ctx.repos.enforce, app.name)
+        await executors.run(ctx.repos.enforce, app.name)
     except OSError as exc:
         log.error(
             "event=repo_enforce_failed app=%s path=%s error=%s conn=%s",
