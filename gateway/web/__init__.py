@@ -25,6 +25,7 @@ from ..store import utcnow
 from . import api, openapi, reports
 from .listener import HTTPListener
 from .page import KeysPage
+from .sessions import Sessions
 
 log = logging.getLogger("gateway.http")
 
@@ -79,7 +80,9 @@ class WebServer:
         for route in api.ROUTES:
             app.router.add_route(route.method, api.PREFIX + route.path, self._api(route))
         app.router.add_get("/", self.root)
-        app.router.add_routes(KeysPage(self.registry, self.config.http.secure_cookies).routes())
+        sessions = Sessions(self.registry.store, self.config.http.public_url)
+        page = KeysPage(self.registry, sessions, self.config.http.secure_cookies)
+        app.router.add_routes(page.routes())
         return app
 
     async def start(self) -> tuple[str, int] | None:
