@@ -117,6 +117,7 @@ class Guard(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.listener.track(self)
         self._arm()
         self.inner.connection_made(transport)
 
@@ -217,6 +218,9 @@ class HTTPListener:
                 held,
             )
 
+    def track(self, guard: Guard) -> None:
+        self._guards[guard.inner] = guard
+
     def forget(self, guard: Guard) -> None:
         self._guards.pop(guard.inner, None)
 
@@ -271,13 +275,10 @@ class HTTPListener:
             sock.close()
             return
 
-        def guarded() -> Guard:
-            inner = server()
-            guard = Guard(self, inner)
-            self._guards[inner] = guard
-            return guard
-
-        await asyncio.get_running_loop().connect_accepted_socket(guarded, sock)
+        # The guard counts once connected (connection_made), until connection_lost.
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: Guard(self, server()), sock
+        )
 
     # -- the middleware every application served here goes through --
 
