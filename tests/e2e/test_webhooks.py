@@ -239,7 +239,7 @@ def test_regression_webhook_huge_answer_is_not_read(
     [record] = deploys(admin, "huge")
     assert record["status"] == "succeeded"
     [attempt] = attempts(admin, record["id"])
-    assert attempt["status_code"] == 200 and int(attempt["duration_ms"]) < 1000  # type: ignore[call-overload]
+    assert attempt["status_code"] == 200 and int(attempt["duration_ms"]) < 2000  # type: ignore[call-overload]
     # The gateway hung up after the status line: the receiver could only push what fits
     # in the sockets' buffers, nowhere near the 100 MiB it announced.
     with receiver.changed:
