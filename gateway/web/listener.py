@@ -264,10 +264,10 @@ class HTTPListener:
                 sock.close()
 
     def _refuse(self, sock: socket.socket) -> None:
+        self.note("http_max_connections", f"more than {self.settings.max_connections} open")
         with contextlib.suppress(OSError):
             sock.send(_BUSY)  # non-blocking; a fresh socket's buffer has room for it
         sock.close()
-        self.note("http_max_connections", f"more than {self.settings.max_connections} open")
 
     async def _serve(self, sock: socket.socket) -> None:
         server = self._runner.server if self._runner is not None else None
