@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import __version__ as aiohttp_version
 from aiohttp import web
 
 from ..config import HTTPSettings
@@ -184,6 +185,11 @@ class HTTPListener:
         self._runner = self.runner(app)
         await self._runner.setup()
         try:
+            # aiohttp drops every option it does not know, silently but for a warning: an
+            # unexpected version must not run without them.
+            probe = self._runner.server() if self._runner.server is not None else None
+            if probe is None or probe.keepalive_timeout != self.settings.header_timeout:
+                raise RuntimeError(f"aiohttp {aiohttp_version} ignored the HTTP listener options")
             self.sockets = bind(*address)
         except BaseException:
             await self._runner.cleanup()
