@@ -513,11 +513,38 @@ class HTTPSettings:
         "HTTP listener: API, keys page, /metrics, /healthz, /readyz, deploy status "
         "reports; empty = off",
     )
+    # Monitoring reads probes and metrics without reaching the API (and tenants who reach
+    # the API do not read the metrics).
+    monitoring_listen: tuple[str, int] | None = _setting(
+        "",
+        _optional_listen,
+        "a second HTTP listener serving only /healthz, /readyz and /metrics, for the "
+        "monitoring network; when set, /metrics leaves the main listener (the probes stay); "
+        "needs listen set",
+    )
     secure_cookies: bool = _setting(
-        False, _bool, "mark the keys page's sign-in cookie Secure (when served over HTTPS)"
+        False, _bool, "mark the keys page's cookies Secure (when served over HTTPS)"
     )
     public_url: str = _setting(
-        "", _http_url, "base URL webhook receivers use to call back; defaults to listen"
+        "",
+        _http_url,
+        "base URL webhook receivers call back on and the keys page's own origin; "
+        "defaults to listen",
+    )
+    header_timeout: float = _setting(
+        30,
+        _seconds,
+        "seconds a client has to send a request's headers, from connecting or from the "
+        "previous answer (idle keep-alive connections close then too)",
+    )
+    body_timeout: float = _setting(
+        60, _seconds, "seconds a request's body may take to arrive once its headers have"
+    )
+    max_body_size: int = _setting(
+        "1M", _size, "largest request body; a larger one gets 413 without being read"
+    )
+    max_connections: int = _setting(
+        500, _count, "open connections per HTTP listener; more get 503 and are closed"
     )
 
 
@@ -733,7 +760,7 @@ def _render(name: str, value: Any) -> str:
         return '"********"'
     if value is None:
         return '""'
-    if name == "listen":
+    if name.endswith("listen"):  # listen, monitoring_listen
         host, port = value
         return json.dumps(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     if isinstance(value, tuple):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
 
 from . import proxy
+from .accepting import Acceptor
 from .config import SSHSettings
 from .logs import q
 from .metrics import Metrics
@@ -85,15 +85,9 @@ class Listener:
         self._accepting = []
 
     async def _accept(self, listening: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        acceptor = Acceptor(log, "accept", "ssh")
         while True:
-            try:
-                sock, peer = await loop.sock_accept(listening)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("event=accept_failed reason=%s", exc.strerror)
-                    await asyncio.sleep(ACCEPT_ERROR_PAUSE)
-                continue
+            sock, peer = await acceptor.accept(listening)
             task = asyncio.ensure_future(self._handshake(sock, (str(peer[0]), int(peer[1]))))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)

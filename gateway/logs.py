@@ -62,3 +62,28 @@ def q(value: object) -> str:
     """Render a log value so that key=value lines stay parseable whatever the client sent."""
     text = "-" if value is None else str(value)
     return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+# Repetitive warnings (accept errors, refused connections, timeouts): at most one line per
+# key and interval.
+LOG_INTERVAL = 60.0
+
+
+class Throttle:
+    """Lets one log line per key through per `interval` seconds; the next one that passes
+    learns how many were held back meanwhile."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None if this line must be held back, else how many were held back before it."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)

@@ -24,7 +24,7 @@ from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
 from .deploylog import highest_log_id
-from .deploys import DeployService, sandbox
+from .deploys import DeployService, sandbox, webhook
 from .errors import AccessDenied, ConfigError, GatewayError
 from .limits import Admission, RateLimiter
 from .listener import Listener
@@ -449,13 +449,14 @@ class Gateway:
             self.repos.ensure_root()
             await self._prepare_repositories()
             await self.control.start()
-            if cfg.http.listen is not None:
+            if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
                 registry = Registry(cfg, self.store, self.repos)
                 self.web = WebServer(
                     cfg, registry, self.deploys, self.metrics, lambda: self.accepting
                 )
                 self.deploys.http_address = await self.web.start()
-                log.info("event=http_listening address=%s:%d", *self.deploys.http_address)
+                if self.deploys.http_address is not None:
+                    log.info("event=http_listening address=%s:%d", *self.deploys.http_address)
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             for key in keys:
@@ -526,6 +527,7 @@ class Gateway:
             if connection.conn is not None:
                 connection.conn.close()
         await self.deploys.close()
+        await webhook.close()
         if self.web is not None:
             await self.web.close()
         await self.control.close()
@@ -656,6 +658,8 @@ class Gateway:
                 next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
                 try:
                     await retention.prune(self.store, self.config)
+                except OSError as exc:  # out of descriptors, a full disk: one line, retried
+                    log.error("event=prune_failed reason=%s", q(exc))
                 except Exception:
                     log.exception("event=prune_failed")
             await asyncio.sleep(60.5 - time.time() % 60)

@@ -5,7 +5,7 @@ A push reaches this service through the repository hooks (see gateway/hooks.py),
 its log back; in gate mode `pre-receive` runs the deploy on the quarantined objects and its
 result decides whether the refs move. Deploys run here, in the gateway, never in the hook
 process: a pusher's Ctrl-C only stops the watching. Command pipelines run sandboxed
-(`sandbox`, `command`); webhooks are delivered by `gateway.webhook`.
+(`sandbox`, `command`); webhooks are delivered by `webhook`.
 """
 
 from __future__ import annotations
@@ -449,7 +449,7 @@ class DeployService:
     async def _pipeline(self, job: Job) -> Outcome:
         deploy, settings = job.deploy, job.settings
         if pipeline_kind(settings) == "webhook":
-            from ..webhook import deliver  # only loaded where webhooks are used
+            from .webhook import deliver  # only loaded where webhooks are used
 
             return await deliver(self, job)
         try:

@@ -35,6 +35,17 @@ class UserSummary:
     apps: int
 
 
+@dataclass(frozen=True, slots=True)
+class WebSession:
+    """A keys page sign-in: the personal token it acts with, and its times (UTC strings)."""
+
+    id: int
+    token: ApiToken
+    created_at: str
+    expires_at: str
+    last_seen_at: str
+
+
 class Store(abc.ABC):
     """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL.
 
@@ -202,6 +213,27 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def touch_token(self, token_id: int, when: str) -> None: ...
+
+    # -- keys page sessions (only a hash of each session id is stored) --
+    @abc.abstractmethod
+    async def create_web_session(
+        self, id_hash: str, token_id: int, created_at: str, expires_at: str, keep: int
+    ) -> None:
+        """Record a session; the token's oldest sessions beyond the newest `keep` end."""
+
+    @abc.abstractmethod
+    async def web_session(self, id_hash: str) -> WebSession | None: ...
+
+    @abc.abstractmethod
+    async def touch_web_session(self, id_hash: str, when: str) -> None: ...
+
+    @abc.abstractmethod
+    async def remove_web_session(self, id_hash: str) -> bool:
+        """End a session; False if there was none."""
+
+    @abc.abstractmethod
+    async def prune_web_sessions(self, now: str, idle_since: str) -> int:
+        """Delete sessions past their end or not seen since `idle_since`; how many."""
 
     # -- lifecycle --
     @abc.abstractmethod

@@ -28,7 +28,7 @@ from ..models import (
     User,
     WebhookDelivery,
 )
-from . import Store, UserSummary, utcnow
+from . import Store, UserSummary, WebSession, utcnow
 
 _MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -666,6 +666,54 @@ class SQLiteStore(Store):
             await db.execute(
                 "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (when, token_id)
             )
+
+    # -- keys page sessions --
+
+    async def create_web_session(
+        self, id_hash: str, token_id: int, created_at: str, expires_at: str, keep: int
+    ) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO web_sessions (id_hash, token_id, created_at, expires_at, "
+                "last_seen_at) VALUES (?, ?, ?, ?, ?)",
+                (id_hash, token_id, created_at, expires_at, created_at),
+            )
+            await db.execute(
+                "DELETE FROM web_sessions WHERE token_id = ? AND id NOT IN "
+                "(SELECT id FROM web_sessions WHERE token_id = ? ORDER BY id DESC LIMIT ?)",
+                (token_id, token_id, keep),
+            )
+
+    async def web_session(self, id_hash: str) -> WebSession | None:
+        row = await self._one(
+            "SELECT s.id, s.created_at, s.expires_at, s.last_seen_at, "
+            "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "
+            "FROM web_sessions s JOIN api_tokens t ON t.id = s.token_id "
+            "LEFT JOIN users u ON u.id = t.user_id WHERE s.id_hash = ?",
+            id_hash,
+        )
+        if row is None:
+            return None
+        return WebSession(row[0], ApiToken(*row[4:]), row[1], row[2], row[3])
+
+    async def touch_web_session(self, id_hash: str, when: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "UPDATE web_sessions SET last_seen_at = ? WHERE id_hash = ?", (when, id_hash)
+            )
+
+    async def remove_web_session(self, id_hash: str) -> bool:
+        async with self._transaction() as db:
+            cur = await db.execute("DELETE FROM web_sessions WHERE id_hash = ?", (id_hash,))
+            return cur.rowcount > 0
+
+    async def prune_web_sessions(self, now: str, idle_since: str) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM web_sessions WHERE expires_at <= ? OR last_seen_at <= ?",
+                (now, idle_since),
+            )
+            return cur.rowcount
 
     async def ping(self) -> None:
         await self._one("SELECT 1 FROM schema_migrations LIMIT 1")

@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -22,13 +23,17 @@ from ..models import ApiToken
 from ..service import Registry
 from ..store import utcnow
 from . import api, openapi, reports
+from .listener import HTTPListener
 from .page import KeysPage
+from .sessions import Sessions
 
 log = logging.getLogger("gateway.http")
 
-MAX_BODY = 1024 * 1024
 # A token's "last used" is a write: once a minute is enough.
 TOUCH_INTERVAL = 60.0
+# A readiness check that takes longer than this fails.
+CHECK_TIMEOUT = 5.0
+PROBES = ("/healthz", "/readyz", "/metrics")
 
 
 class WebServer:
@@ -45,38 +50,65 @@ class WebServer:
         self.deploys = deploys
         self.metrics = metrics
         self.accepting = accepting
-        self._runner: web.AppRunner | None = None
         self._touched: dict[int, float] = {}
-        self.app = self._build()
+        http = config.http
+        self.main = HTTPListener("main", http, metrics)
+        self.monitoring = HTTPListener("monitoring", http, metrics)
+        self.monitoring_address: tuple[str, int] | None = None
+        # The disk check has a thread of its own: a pool busy with repository work must not
+        # make the node look down, and a hung disk fails the check instead of hanging it.
+        self._checks = ThreadPoolExecutor(1, thread_name_prefix="readyz")
+        self.app = self._build(self.main, metrics=http.monitoring_listen is None)
 
-    def _build(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._observe])
+    def _application(self, listener: HTTPListener, *, metrics: bool) -> web.Application:
+        """An application with the probes, served through `listener`'s limits."""
+        # The body limit is enforced (and the body read) by the listener's middleware.
+        app = web.Application(
+            client_max_size=self.config.http.max_body_size,
+            middlewares=[self._observe, listener.middleware],
+        )
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_page)
+        if metrics:
+            app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    def _build(self, listener: HTTPListener, *, metrics: bool) -> web.Application:
+        app = self._application(listener, metrics=metrics)
         app.router.add_get("/openapi.json", self.openapi_document)
         app.router.add_post("/deploys/{id}/status", reports.handler(self.deploys))
         for route in api.ROUTES:
             app.router.add_route(route.method, api.PREFIX + route.path, self._api(route))
         app.router.add_get("/", self.root)
-        app.router.add_routes(KeysPage(self.registry, self.config.http.secure_cookies).routes())
+        sessions = Sessions(self.registry.store, self.config.http.public_url)
+        page = KeysPage(self.registry, sessions, self.config.http.secure_cookies)
+        app.router.add_routes(page.routes())
         return app
 
-    async def start(self) -> tuple[str, int]:
-        if self.config.http.listen is None:
-            raise RuntimeError("[http] listen is off")
-        host, port = self.config.http.listen
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        sockname = self._runner.addresses[0]
-        return str(sockname[0]), int(sockname[1])
+    async def start(self) -> tuple[str, int] | None:
+        """Start the listeners; the main one's address (None if only monitoring is on)."""
+        http = self.config.http
+        address = None
+        try:
+            if http.listen is not None:
+                address = await self.main.start(self.app, http.listen)
+            if http.monitoring_listen is not None:
+                self.monitoring_address = await self.monitoring.start(
+                    self._application(self.monitoring, metrics=True), http.monitoring_listen
+                )
+                log.info(
+                    "event=http_listening listener=monitoring address=%s:%d",
+                    *self.monitoring_address,
+                )
+        except BaseException:
+            await self.close()
+            raise
+        return address
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.main.close()
+        await self.monitoring.close()
+        self._checks.shutdown(wait=False)
 
     # -- middleware: metrics and one log line per request --
 
@@ -97,7 +129,7 @@ class WebServer:
             raise
         finally:
             self.metrics.http_requests.labels(label, str(status)).inc()
-            if label not in ("/metrics", "/healthz", "/readyz"):
+            if label not in PROBES:
                 log.info(
                     "event=http method=%s path=%s route=%s status=%d duration=%.3f peer=%s",
                     request.method,
@@ -121,11 +153,18 @@ class WebServer:
         checks: dict[str, str] = {}
         checks["ssh"] = "ok" if self.accepting() else "not accepting connections"
         try:
-            await asyncio.wait_for(self.registry.store.ping(), 5)
+            await asyncio.wait_for(self.registry.store.ping(), CHECK_TIMEOUT)
             checks["database"] = "ok"
         except Exception as exc:
-            checks["database"] = f"unreachable: {exc}"[:200]
-        checks["repos"] = await asyncio.to_thread(_writable, self.registry.repos.root)
+            checks["database"] = f"unreachable: {exc or type(exc).__name__}"[:200]
+        loop = asyncio.get_running_loop()
+        try:
+            checks["repos"] = await asyncio.wait_for(
+                loop.run_in_executor(self._checks, _writable, self.registry.repos.root),
+                CHECK_TIMEOUT,
+            )
+        except TimeoutError:
+            checks["repos"] = f"no answer within {CHECK_TIMEOUT:g}s"
         ready = all(v == "ok" for v in checks.values())
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks},

@@ -1,27 +1,31 @@
 """The SSH keys page: server-rendered HTML where a user lists, adds and deletes their keys.
 
-Sign-in is with a personal API token; the cookie that holds it is HttpOnly and
-SameSite=Strict, and every form carries a CSRF token derived from it.
+Sign-in is with a personal API token, which opens a server-side session (see sessions.py):
+the cookie holds the session id, never the token. Cookies are HttpOnly, SameSite=Strict and
+scoped to the page; every form carries a CSRF token and every POST is checked for origin.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
+import logging
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
 from ..errors import GatewayError
+from ..logs import q
 from ..models import ApiToken, SSHKey
 from ..service import Registry
 from .api import STATUS_OF  # the page answers with the API's status codes
+from .sessions import LIFETIME, PRESIGNIN_SECONDS, Sessions
+
+log = logging.getLogger("gateway.http")
 
 COOKIE = "gw_session"
+PRESIGNIN_COOKIE = "gw_signin"
 PATH = "/keys"
-MAX_FORM = 64 * 1024
 SECURITY_HEADERS = {
     # No script at all; inline styles only; forms post back here; never framed.
     "Content-Security-Policy": (
@@ -29,7 +33,9 @@ SECURITY_HEADERS = {
         "frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it, browsers send "Origin: null" on the page's own form posts,
+    # which the origin check must refuse. The page's URLs say nothing worth hiding anyway.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "X-Frame-Options": "DENY",
 }
@@ -65,10 +71,6 @@ border-radius:4px;margin-bottom:14px}
 """
 
 
-def csrf_token(secret: str) -> str:
-    return hmac.new(secret.encode(), b"git-gateway keys page csrf", hashlib.sha256).hexdigest()
-
-
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -99,11 +101,12 @@ def _notice(error: str | None, ok: str | None) -> str:
     return ""
 
 
-def signin_page(error: str | None = None) -> str:
+def signin_page(csrf: str, error: str | None = None) -> str:
     body = (
         "<section><h2>Sign in</h2>"
         + _notice(error, None)
         + f'<form method="post" action="{PATH}/signin">'
+        f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
         '<label for="token">Personal access token</label>'
         '<input type="password" id="token" name="token" autocomplete="off" required>'
         '<p class="muted">Your operator creates it with '
@@ -162,8 +165,9 @@ def keys_page(
 
 
 class KeysPage:
-    def __init__(self, registry: Registry, secure_cookies: bool) -> None:
+    def __init__(self, registry: Registry, sessions: Sessions, secure_cookies: bool) -> None:
         self.registry = registry
+        self.sessions = sessions
         self.secure = secure_cookies
 
     def routes(self) -> list[web.RouteDef]:
@@ -185,12 +189,41 @@ class KeysPage:
     def _redirect(query: str = "") -> web.Response:
         return web.Response(status=303, headers={**SECURITY_HEADERS, "Location": PATH + query})
 
-    async def _session(self, request: web.Request) -> tuple[ApiToken, str] | None:
-        secret = request.cookies.get(COOKIE, "")
-        token = await self.registry.authenticate(secret) if secret else None
-        if token is None or not token.personal:
+    def _cookie(self, response: web.StreamResponse, name: str, value: str, seconds: int) -> None:
+        response.set_cookie(
+            name,
+            value,
+            path=PATH,
+            httponly=True,
+            samesite="Strict",
+            secure=self.secure,
+            max_age=seconds,
+        )
+
+    def _signin(self, error: str | None = None, status: int = 200) -> web.Response:
+        """The sign-in form, with a fresh pre-session cookie and its token."""
+        cookie, field = self.sessions.new_presignin()
+        response = self._html(signin_page(field, error), status)
+        self._cookie(response, PRESIGNIN_COOKIE, cookie, PRESIGNIN_SECONDS)
+        return response
+
+    def _cross_site(self, request: web.Request) -> web.Response | None:
+        if self.sessions.same_origin(request):
             return None
-        return token, secret
+        log.warning(
+            "event=keys_page_refused reason=cross_origin path=%s origin=%s peer=%s",
+            q(request.path),
+            q(request.headers.get("Origin", "")[:200]),
+            q(request.remote),
+        )
+        return self._html(signin_page("", "Cross-site request refused."), 403)
+
+    async def _session(self, request: web.Request) -> tuple[ApiToken, str] | None:
+        session_id = request.cookies.get(COOKIE, "")
+        session = await self.sessions.find(session_id) if session_id else None
+        if session is None or not session.token.personal:
+            return None
+        return session.token, session_id
 
     async def _form(self, request: web.Request) -> dict[str, str]:
         data = await request.post()
@@ -199,46 +232,50 @@ class KeysPage:
     async def show(self, request: web.Request) -> web.Response:
         session = await self._session(request)
         if session is None:
-            return self._html(signin_page())
-        token, secret = session
+            return self._signin()
+        token, session_id = session
         ok = None
         if "added" in request.query:
             ok = f"Key '{request.query['added'][:64]}' added."
         elif "deleted" in request.query:
             ok = f"Key '{request.query['deleted'][:64]}' deleted."
-        return await self._render(token, secret, ok=ok)
+        return await self._render(token, session_id, ok=ok)
 
     async def _render(
-        self, token: ApiToken, secret: str, status: int = 200, **kw: Any
+        self, token: ApiToken, session_id: str, status: int = 200, **kw: Any
     ) -> web.Response:
         user = token.user_name or ""  # sessions only hold personal tokens
         keys = await self.registry.list_keys(user)
-        return self._html(keys_page(user, keys, csrf_token(secret), **kw), status)
+        return self._html(keys_page(user, keys, self.sessions.csrf(session_id), **kw), status)
 
     async def _authorized_form(
         self, request: web.Request
     ) -> tuple[ApiToken, str, dict[str, str]] | web.Response:
+        refused = self._cross_site(request)
+        if refused is not None:
+            return refused
         session = await self._session(request)
         if session is None:
-            return self._html(signin_page("Your session has ended: sign in again."), 401)
+            return self._signin("Your session has ended: sign in again.", 401)
         form = await self._form(request)
-        token, secret = session
-        if not hmac.compare_digest(form.get("csrf", ""), csrf_token(secret)):
-            return self._html(signin_page("The form expired: sign in again."), 403)
-        return token, secret, form
+        token, session_id = session
+        if not self.sessions.check_csrf(session_id, form.get("csrf", "")):
+            log.info("event=keys_page_refused reason=csrf_token peer=%s", q(request.remote))
+            return self._signin("The form expired: sign in again.", 403)
+        return token, session_id, form
 
     async def add(self, request: web.Request) -> web.Response:
         checked = await self._authorized_form(request)
         if isinstance(checked, web.Response):
             return checked
-        token, secret, form = checked
+        token, session_id, form = checked
         user = token.user_name or ""
         name, text = form.get("name", "").strip(), form.get("key", "")
         try:
             key = await self.registry.add_key(user, name, text, actor=user)
         except GatewayError as exc:
             return await self._render(
-                token, secret, STATUS_OF.get(exc.code, 400), error=str(exc), form=form
+                token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc), form=form
             )
         return self._redirect(f"?added={quote(key.name)}")
 
@@ -246,36 +283,41 @@ class KeysPage:
         checked = await self._authorized_form(request)
         if isinstance(checked, web.Response):
             return checked
-        token, secret, form = checked
+        token, session_id, form = checked
         user = token.user_name or ""
         try:
             key = await self.registry.remove_key(user, form.get("name", ""), actor=user)
         except GatewayError as exc:
-            return await self._render(token, secret, STATUS_OF.get(exc.code, 400), error=str(exc))
+            return await self._render(
+                token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc)
+            )
         return self._redirect(f"?deleted={quote(key.name)}")
 
     async def signin(self, request: web.Request) -> web.Response:
-        secret = (await self._form(request)).get("token", "").strip()
-        token = await self.registry.authenticate(secret)
+        refused = self._cross_site(request)
+        if refused is not None:
+            return refused
+        form = await self._form(request)
+        presignin = request.cookies.get(PRESIGNIN_COOKIE, "")
+        if not self.sessions.check_presignin(presignin, form.get("csrf", "")):
+            log.info("event=keys_page_refused reason=presignin_token peer=%s", q(request.remote))
+            return self._signin("The sign-in form expired: try again.", 403)
+        token = await self.registry.authenticate(form.get("token", "").strip())
         if token is None:
-            return self._html(signin_page("Unknown token."), 401)
+            return self._signin("Unknown token.", 401)
         if not token.personal:
-            return self._html(
-                signin_page("This is an operator token: sign in with a personal token."), 403
-            )
+            return self._signin("This is an operator token: sign in with a personal token.", 403)
+        session_id = await self.sessions.open(token)
         response = self._redirect()
-        response.set_cookie(
-            COOKIE,
-            secret,
-            path=PATH,
-            httponly=True,
-            samesite="Strict",
-            secure=self.secure,
-            max_age=8 * 3600,
-        )
+        self._cookie(response, COOKIE, session_id, int(LIFETIME.total_seconds()))
+        response.del_cookie(PRESIGNIN_COOKIE, path=PATH)
         return response
 
     async def signout(self, request: web.Request) -> web.Response:
+        checked = await self._authorized_form(request)
+        if isinstance(checked, web.Response) and checked.status != 401:
+            return checked  # cross-site, or without the form's token: the session stays
+        await self.sessions.close(request.cookies.get(COOKIE, ""))
         response = self._redirect()
         response.del_cookie(COOKIE, path=PATH)
         return response

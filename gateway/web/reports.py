@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp import web
 
 from ..deploys import DeployService
+from ..deploys.webhook import token_hash
 from ..logs import q
 from ..models import DeployStatus
-from ..webhook import token_hash
 
 log = logging.getLogger("gateway.http")
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +141,14 @@ def test_add_a_key_in_the_page_then_push_with_it(
     assert page.is_visible("#no-keys")
     assert client.git("ls-remote", client.url(app), check=False).returncode != 0
 
-    # Signing out ends the session.
+    # The cookie holds a session id, not the token; signing out ends that session, so a
+    # copy of the cookie taken before is worth nothing afterwards.
+    session = next(c for c in page.context.cookies() if c["name"] == "gw_session")
+    assert session["value"] != token and token not in session["value"]
     page.click('button:has-text("Sign out")')
+    assert page.is_visible("#token")
+    page.context.add_cookies([session])
+    page.goto(f"{base}/keys")
     assert page.is_visible("#token")
     events = json.loads(cli(admin, "audit", "--user", user, "--json"))
     assert {"key_added", "key_removed"} <= {e["event"] for e in events if e["actor"] == user}
@@ -170,3 +180,48 @@ def test_forms_need_the_session_and_its_csrf_token(
     page.fill("#token", ops)
     page.click('button:has-text("Sign in")')
     assert "operator token" in page.text_content("#error")
+
+
+def test_regression_cross_site_signin_in_chromium(
+    server: ServerThread, admin: Admin, page: Any
+) -> None:
+    """Login CSRF from another port of the same host: the same site, so SameSite cookies
+    flow, and cookies ignore ports, so that page can plant a sign-in cookie of its own
+    (fetched from the gateway) next to a matching form. Only the origin check stops it."""
+    attacker = unique("atk")
+    cli(admin, "user", "add", attacker)
+    token = personal_token(admin, attacker)
+    base = http_base(server)
+    with urllib.request.urlopen(f"{base}/keys", timeout=30) as reply:
+        planted = reply.headers["Set-Cookie"].split(";")[0]
+        csrf = re.search(r'name="csrf" value="([^"]*)"', reply.read().decode()).group(1)  # type: ignore[union-attr]
+    form = (
+        f'<form method="post" action="{base}/keys/signin">'
+        f'<input type="hidden" name="token" value="{token}">'
+        f'<input type="hidden" name="csrf" value="{csrf}">'
+        "<button>Continue</button></form>"
+    ).encode()
+
+    class Evil(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Set-Cookie", f"{planted}; Path=/keys")
+            self.send_header("Content-Length", str(len(form)))
+            self.end_headers()
+            self.wfile.write(form)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    try:
+        page.goto(f"http://127.0.0.1:{evil.server_address[1]}/")
+        assert any(c["name"] == "gw_signin" for c in page.context.cookies())  # planted
+        page.click("button")
+        assert page.text_content("#error") == "Cross-site request refused."
+        assert not [c for c in page.context.cookies() if c["name"] == "gw_session"]
+    finally:
+        evil.shutdown()
+        evil.server_close()

@@ -4,6 +4,13 @@ A 2xx answer means "accepted". With 202 and an HTTP endpoint configured, the rec
 the outcome: it reports it (and optionally log lines) to `status_url` with the bearer
 `status_token` from the payload, and the deploy stays running until then (or its timeout).
 Any other 2xx ends the deploy as succeeded.
+
+Receivers are the tenants' own servers, so each attempt is bounded whatever they do: one
+total deadline (connect, send, answer), no redirects followed (a 3xx is a refusal), the
+answer's body never read (at most one socket buffer of it is received before the
+connection is closed), no cookies kept and no proxy taken from the environment. Attempts
+run on the event loop (aiohttp), not in threads, so slow receivers hold no thread that
+probes or pushes need.
 """
 
 from __future__ import annotations
@@ -14,21 +21,32 @@ import hmac
 import json
 import secrets
 import time
-import urllib.error
-import urllib.request
+import weakref
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
-from .deploys.outcome import Outcome
-from .models import DeployStatus, WebhookDelivery
-from .store import utcnow
+import aiohttp
+
+from .. import __version__, executors
+from ..models import DeployStatus, WebhookDelivery
+from ..store import utcnow
+from .outcome import Outcome
 
 if TYPE_CHECKING:
-    from .deploys import DeployService, Job
+    from .queue import Job
+    from .service import DeployService
 
 SIGNATURE_HEADER = "X-Gateway-Signature-256"
 MAX_COMMITS = 20
 MAX_BACKOFF = 60.0
+# How much of an answer the client buffers from the socket; the body itself is never read.
+READ_BUFFER = 64 * 1024
+# A backstop: concurrent deliveries are bounded by [deploy] max_parallel already.
+MAX_CONNECTIONS = 100
+
+# One client session per event loop (one per gateway), created on first use.
+_sessions: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -62,15 +80,49 @@ def payload(service: DeployService, job: Job, status_token: str | None) -> dict[
     return data
 
 
-def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
-    """One HTTP attempt; the status code, or an exception for transport errors."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            response.read(65536)
-            return int(response.status)
-    except urllib.error.HTTPError as err:
-        return int(err.code)
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        session = aiohttp.ClientSession(
+            # A fresh connection per attempt: nothing of one receiver's connection is reused
+            # for another delivery.
+            connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, force_close=True),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=False,
+            read_bufsize=READ_BUFFER,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        _sessions[loop] = session
+    return session
+
+
+async def close() -> None:
+    """Close this gateway's client session (call once at shutdown, after the deploys)."""
+    session = _sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None:
+        await session.close()
+
+
+async def _post(url: str, body: bytes, headers: dict[str, str], deadline: float) -> int:
+    """One HTTP attempt within `deadline` seconds in all; the status code, or an exception
+    (aiohttp.ClientError, TimeoutError) for transport errors."""
+    async with _session().post(
+        url,
+        data=body,
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=deadline),
+        allow_redirects=False,
+    ) as response:
+        # Leaving the block without reading the body closes the connection.
+        return response.status
+
+
+def _error_text(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    return (str(exc) or type(exc).__name__)[:300]
 
 
 async def deliver(service: DeployService, job: Job) -> Outcome:
@@ -79,9 +131,7 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
     token = secrets.token_urlsafe(32) if service.status_base_url() else None
     if token:
         await service.store.set_status_token(deploy.id, token_hash(token))
-    body = json.dumps(
-        await asyncio.to_thread(payload, service, job, token), sort_keys=True
-    ).encode()
+    body = json.dumps(await executors.run(payload, service, job, token), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"git-gateway/{__version__}",
@@ -98,11 +148,10 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
         code: int | None = None
         error = ""
         try:
-            code = await asyncio.to_thread(
-                _post, settings.webhook_url, body, headers, settings.webhook_timeout
-            )
-        except (OSError, ValueError) as exc:  # refused, reset, DNS, TLS, timeout
-            error = str(getattr(exc, "reason", exc)) or type(exc).__name__
+            code = await _post(settings.webhook_url, body, headers, settings.webhook_timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            # refused, reset, DNS, TLS, deadline, malformed answer
+            error = _error_text(exc, settings.webhook_timeout)
         elapsed_ms = int((time.monotonic() - started) * 1000)
         await service.store.add_webhook_delivery(
             WebhookDelivery(
@@ -116,6 +165,13 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
                 job.log.write("webhook accepted: waiting for the receiver's status report\n")
                 return await service.wait_for_report(job)
             return Outcome(DeployStatus.SUCCEEDED, None, f"webhook accepted (HTTP {code})")
+        if code is not None and 300 <= code < 400:
+            # Following would let a receiver point the gateway anywhere: configure the final URL.
+            return Outcome(
+                DeployStatus.FAILED,
+                None,
+                f"webhook refused (HTTP {code}: redirects are not followed)",
+            )
         if code is not None and code < 500:
             return Outcome(DeployStatus.FAILED, None, f"webhook refused (HTTP {code})")
         last = result

@@ -1,0 +1,214 @@
+"""The keys page against forged and replayed requests, at the HTTP level: cross-site
+sign-ins and posts, missing form tokens, stolen cookies after sign-out or revocation."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from pathlib import Path
+from urllib.parse import urlencode
+
+from tests.helpers import TIMEOUT, Admin, ServerThread, keygen, unique
+
+
+@dataclass
+class Reply:
+    status: int
+    set_cookies: list[str]
+    body: str
+    location: str = ""
+
+    def field(self, name: str) -> str:
+        """A hidden input's value in the page."""
+        match = re.search(rf'name="{name}" value="([^"]*)"', self.body)
+        assert match, f"no {name} field in:\n{self.body[:2000]}"
+        return match.group(1)
+
+    @property
+    def signed_in(self) -> bool:
+        return 'id="keys"' in self.body or 'id="no-keys"' in self.body
+
+
+@dataclass
+class Visitor:
+    """What the page sees of a browser: a cookie jar and the Origin header it sends."""
+
+    server: ServerThread
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def origin(self) -> str:
+        host, port = self.server.gateway.deploys.http_address  # type: ignore[misc]
+        return f"http://{host}:{port}"
+
+    def request(
+        self, method: str, path: str, form: dict[str, str] | None = None, origin: str | None = ""
+    ) -> Reply:
+        """origin "" sends the page's own origin, None sends none."""
+        host, port = self.server.gateway.deploys.http_address  # type: ignore[misc]
+        conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+        headers = {}
+        if self.cookies:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        if origin is not None:
+            headers["Origin"] = origin or self.origin
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            set_cookies = response.headers.get_all("Set-Cookie") or []
+            reply = Reply(
+                response.status,
+                set_cookies,
+                response.read().decode(),
+                response.getheader("Location", ""),
+            )
+        finally:
+            conn.close()
+        for header in set_cookies:
+            for name, morsel in SimpleCookie(header).items():
+                if morsel["max-age"] == "0" or not morsel.value:
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        return reply
+
+    def sign_in(self, token: str) -> Reply:
+        form = self.request("GET", "/keys")
+        reply = self.request("POST", "/keys/signin", {"token": token, "csrf": form.field("csrf")})
+        assert reply.status == 303, reply.body
+        return reply
+
+
+def personal_token(admin: Admin, user: str) -> str:
+    out = admin.ok("token", "create", unique("pt"), "--user", user, "--json")
+    return json.loads(out)["token"]
+
+
+def new_user(admin: Admin) -> tuple[str, str]:
+    user = unique("kp")
+    admin.ok("user", "add", user)
+    return user, personal_token(admin, user)
+
+
+def session_rows(server: ServerThread) -> list[tuple[object, ...]]:
+    db = sqlite3.connect(f"file:{server.config.storage.database}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT * FROM web_sessions").fetchall()
+    finally:
+        db.close()
+
+
+def test_regression_cross_site_signin_is_refused(server: ServerThread, admin: Admin) -> None:
+    _, token = new_user(admin)
+    # Another port of the same host is the same site (SameSite cookies go there) but not
+    # the same origin; "null" is what browsers send when they hide the origin.
+    for origin in ("https://evil.example", "http://127.0.0.1:1", "null"):
+        visitor = Visitor(server)
+        csrf = visitor.request("GET", "/keys").field("csrf")
+        reply = visitor.request(
+            "POST", "/keys/signin", {"token": token, "csrf": csrf}, origin=origin
+        )
+        assert reply.status == 403, origin
+        assert "Cross-site request refused." in reply.body
+        assert not [c for c in reply.set_cookies if c.startswith("gw_session=")]
+        assert "gw_session" not in visitor.cookies
+
+
+def test_regression_signin_needs_the_presignin_token(server: ServerThread, admin: Admin) -> None:
+    _, token = new_user(admin)
+    bare = Visitor(server)
+    assert bare.request("POST", "/keys/signin", {"token": token}).status == 403
+    # A field without its cookie, and a cookie with another form's field.
+    first, second = Visitor(server), Visitor(server)
+    csrf = first.request("GET", "/keys").field("csrf")
+    second.request("GET", "/keys")
+    assert bare.request("POST", "/keys/signin", {"token": token, "csrf": csrf}).status == 403
+    assert second.request("POST", "/keys/signin", {"token": token, "csrf": csrf}).status == 403
+    for visitor in (bare, first, second):
+        assert "gw_session" not in visitor.cookies
+    # Without any Origin (not a browser's cross-site post), the tokens alone decide.
+    reply = first.request("POST", "/keys/signin", {"token": token, "csrf": csrf}, origin=None)
+    assert reply.status == 303 and "gw_session" in first.cookies
+
+
+def test_regression_session_cookie_holds_no_token(server: ServerThread, admin: Admin) -> None:
+    _, token = new_user(admin)
+    visitor = Visitor(server)
+    reply = visitor.sign_in(token)
+    session = visitor.cookies["gw_session"]
+    assert session != token and token not in session
+    assert not [c for c in reply.set_cookies if token in c]
+    cookie = next(c for c in reply.set_cookies if c.startswith("gw_session="))
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/keys" in cookie
+    assert visitor.request("GET", "/keys").signed_in
+    # The registry holds a hash of the session id, nothing that signs anyone in.
+    rows = session_rows(server)
+    digest = hashlib.sha256(session.encode()).hexdigest()
+    assert [r for r in rows if digest in r]
+    for row in rows:
+        assert session not in row and token not in row
+        assert not [v for v in row if isinstance(v, str) and token[:16] in v]
+
+
+def test_regression_signout_ends_the_session_for_a_copied_cookie(
+    server: ServerThread, admin: Admin
+) -> None:
+    user, token = new_user(admin)
+    visitor = Visitor(server)
+    visitor.sign_in(token)
+    stolen = dict(visitor.cookies)
+    page = visitor.request("GET", "/keys")
+    csrf = page.field("csrf")
+    reply = visitor.request("POST", "/keys/signout", {"csrf": csrf})
+    assert reply.status == 303 and "gw_session" not in visitor.cookies
+    thief = Visitor(server, stolen)
+    assert not thief.request("GET", "/keys").signed_in
+    pub = Path(f"{keygen(Path(server.config.storage.repos).parent / unique('k'))}.pub")
+    added = thief.request("POST", "/keys", {"name": "x", "key": pub.read_text(), "csrf": csrf})
+    assert added.status == 401
+    assert json.loads(admin.ok("key", "list", user, "--json")) == []
+
+
+def test_regression_token_or_user_removal_ends_sessions(server: ServerThread, admin: Admin) -> None:
+    user, token = new_user(admin)
+    visitor = Visitor(server)
+    visitor.sign_in(token)
+    before = len(session_rows(server))
+    tokens = json.loads(admin.ok("token", "list", "--json"))
+    name = next(t["name"] for t in tokens if t["user_name"] == user)
+    admin.ok("token", "remove", name)
+    assert not visitor.request("GET", "/keys").signed_in
+    assert len(session_rows(server)) == before - 1
+
+    other, other_token = new_user(admin)
+    second = Visitor(server)
+    second.sign_in(other_token)
+    admin.ok("user", "remove", other)
+    assert not second.request("GET", "/keys").signed_in
+    assert len(session_rows(server)) == before - 1
+
+
+def test_regression_signed_in_posts_check_origin(server: ServerThread, admin: Admin) -> None:
+    user, token = new_user(admin)
+    visitor = Visitor(server)
+    visitor.sign_in(token)
+    csrf = visitor.request("GET", "/keys").field("csrf")
+    pub = Path(f"{keygen(Path(server.config.storage.repos).parent / unique('k'))}.pub")
+    evil = "http://127.0.0.1:1"
+    form = {"name": "planted", "key": pub.read_text(), "csrf": csrf}
+    assert visitor.request("POST", "/keys", form, origin=evil).status == 403
+    assert json.loads(admin.ok("key", "list", user, "--json")) == []
+    assert visitor.request("POST", "/keys/signout", {"csrf": csrf}, origin=evil).status == 403
+    assert visitor.request("GET", "/keys").signed_in  # a forged sign-out changed nothing
+    # The same post from the page itself works.
+    assert visitor.request("POST", "/keys", form).status == 303
+    assert [k["name"] for k in json.loads(admin.ok("key", "list", user, "--json"))] == ["planted"]
