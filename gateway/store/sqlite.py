@@ -79,6 +79,7 @@ class SQLiteStore(Store):
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
+        self._writer: asyncio.Task[Any] | None = None  # the task inside a transaction
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -107,23 +108,37 @@ class SQLiteStore(Store):
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._write_lock:
-            # IMMEDIATE takes the write lock up front, so concurrent processes (the server and
-            # the admin CLI) queue on busy_timeout instead of failing on lock upgrade.
-            await self._db.execute("BEGIN IMMEDIATE")
+            self._writer = asyncio.current_task()
             try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+                # IMMEDIATE takes the write lock up front, so concurrent processes (the server
+                # and the admin CLI) queue on busy_timeout instead of failing on lock upgrade.
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+            finally:
+                self._writer = None
+
+    async def _read(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Run a query to its end in one step on the connection's thread. Outside this
+        task's own transaction it waits for any other task's: on one connection a read would
+        otherwise see another task's uncommitted writes, and a statement left open across
+        an await holds an old snapshot that makes the next BEGIN IMMEDIATE fail at once
+        ("database is locked") when another process has written meanwhile."""
+        if self._writer is not None and self._writer is asyncio.current_task():
+            return list(await self._db.execute_fetchall(sql, args))
+        async with self._write_lock:
+            return list(await self._db.execute_fetchall(sql, args))
 
     async def _one(self, sql: str, *args: Any) -> Any:
-        async with self._db.execute(sql, args) as cur:
-            return await cur.fetchone()
+        rows = await self._read(sql, args)
+        return rows[0] if rows else None
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
-        async with self._db.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        return await self._read(sql, args)
 
     async def migrate(self) -> int:
         """Apply pending migrations, each in its own transaction; return the schema version.

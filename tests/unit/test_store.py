@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -301,3 +302,49 @@ async def test_a_migration_breaking_a_foreign_key_is_rolled_back(tmp_path, monke
     with sqlite3.connect(tmp_path / "gw.db") as db:
         assert db.execute("SELECT COUNT(*) FROM app_members").fetchone() == (0,)
         assert db.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (len(found),)
+
+
+async def test_regression_reads_never_leave_a_stale_snapshot_behind(tmp_path):
+    """Concurrent reads and writes on the server's connection while another process (the
+    admin CLI) writes: no "database is locked" from a read statement left open across an
+    await (its old snapshot made the next BEGIN IMMEDIATE fail without waiting)."""
+    import threading
+
+    path = tmp_path / "gw.db"
+    store = await open_store(path)
+    stop = threading.Event()
+
+    def other_process() -> None:
+        with sqlite3.connect(path, timeout=10, isolation_level=None) as db:
+            number = 0
+            while not stop.is_set():
+                number += 1
+                db.execute("BEGIN IMMEDIATE")
+                db.execute(
+                    "INSERT INTO users (name, created_at) VALUES (?, '2026-01-01T00:00:00Z')",
+                    (f"cli{number}",),
+                )
+                db.execute("COMMIT")
+                stop.wait(0.002)  # a busy CLI, not a tight loop that starves everyone
+
+    writer = threading.Thread(target=other_process)
+    writer.start()
+    try:
+
+        async def server_work(index: int) -> None:
+            for round_ in range(20):
+                await store.list_users()
+                await store.create_user(f"srv{index}x{round_}")
+                await store.get_user(f"srv{index}x{round_}")
+
+        await asyncio.wait_for(asyncio.gather(*(server_work(i) for i in range(10))), 60)
+    finally:
+        stop.set()
+        writer.join(30)
+        await store.close()
+    assert sum(1 for u in await _users(path) if u.startswith("srv")) == 200
+
+
+async def _users(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT name FROM users")]
