@@ -142,7 +142,7 @@ def test_regression_hostile_deploy_reaches_nothing_of_the_gateway_or_other_tenan
     assert allowed == {}, f"escapes that worked: {allowed}"
     facts = findings["facts"]
     # Its own PID namespace: a handful of its own processes, not the gateway's.
-    assert (len(facts["pids"]) < 10 and os.getpid() not in facts["pids"]) or max(facts["pids"]) < 10
+    assert len(facts["pids"]) < 10 and max(facts["pids"]) < 100
     assert set(facts["fds"]) <= {0, 1, 2, 3}  # nothing inherited (3: the listing itself)
     assert facts["no_new_privs"] == ["1"]
     assert facts["uid"] == (65534 if os.geteuid() == 0 else os.geteuid())
