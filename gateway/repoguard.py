@@ -46,9 +46,9 @@ TOP_LEVEL: Mapping[str, str] = {
     "objects": DIR,
     "refs": DIR,
 }
-# `info/attributes` (filters and export-subst for archives) and `info/grafts` (history
-# rewrite) are not in it.
-INFO: Mapping[str, str] = {"exclude": FILE, "refs": FILE}
+# `info/attributes` is the gateway's own (see Layout.attributes); `info/grafts` (history
+# rewrite) is not in it.
+INFO: Mapping[str, str] = {"exclude": FILE, "refs": FILE, "attributes": FILE}
 # `alternates` and `http-alternates` (read objects of another repository) are not in it.
 OBJECTS_INFO: Mapping[str, str] = {"packs": FILE, "commit-graph": FILE, "commit-graphs": DIR}
 # Trees of git's own data (loose refs, reflogs): any name, but never a symlink.
@@ -80,6 +80,8 @@ class Layout:
 
     hooks: Mapping[str, bytes]  # hook name -> script; none when git takes hooks elsewhere
     config: bytes
+    # `info/attributes`: it takes precedence over the `.gitattributes` of the pushed tree.
+    attributes: bytes = b""
     generated: Generated = _never
 
 
@@ -112,6 +114,15 @@ def enforce(repo: Path, layout: Layout) -> list[Change]:
             changes.append(Change("config", action))
         with _closing(_ensure_dir(root, "info", changes, "info")) as info:
             _allow_only(info, "info/", INFO, changes)
+            if info is not None and not _matches(info, "attributes", layout.attributes, None):
+                # Missing: a repository from before the file existed; the gateway's own.
+                action = (
+                    "updated"
+                    if not _exists(info, "attributes")
+                    else _replacement(info, "attributes", layout.generated, None)
+                )
+                _write(info, "attributes", layout.attributes, None)
+                changes.append(Change("info/attributes", action))
         with _closing(_open_dir(root, "objects", changes, "objects")) as objects:
             if objects is not None:
                 _no_symlinks(objects, "objects/", changes, recurse=False)

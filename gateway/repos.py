@@ -85,6 +85,14 @@ _BASE_CORE = (
 )
 
 
+# `info/attributes` of every app repository. It overrides the `.gitattributes` of the pushed
+# tree when the gateway exports it (`git archive`, `archive --remote`): no `export-subst`
+# (tenant-chosen placeholders would make git build huge files in memory and verify forged
+# signatures with gpg), no filters, no `ident`, no end-of-line or encoding conversion (each
+# makes git hold a whole file in memory): files are exported exactly as they were pushed.
+ATTRIBUTES = b"* -export-subst -filter -ident -text -working-tree-encoding\n"
+
+
 def config_text(max_input_size: int) -> bytes:
     """The exact `config` file of every app repository: [core] as created, then
     git_settings(). Laid out as dulwich writes it, so repositories created by earlier
@@ -114,7 +122,10 @@ class Repositories:
         # repository's own hooks/ holds none: nothing there ever runs through the gateway.
         self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
         self.layout = repoguard.Layout(
-            hooks={}, config=config_text(max_input_size), generated=generated_earlier
+            hooks={},
+            config=config_text(max_input_size),
+            attributes=ATTRIBUTES,
+            generated=generated_earlier,
         )
 
     @property

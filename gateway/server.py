@@ -439,7 +439,7 @@ class Gateway:
         log.info("event=git_found path=%s version=%s", self.git.path, self.git.version_text)
         # Before anything listens: a deploy must never run outside the sandbox it was promised.
         for warning in await sandbox.check(cfg):
-            log.warning("event=sandbox_disabled %s", warning)
+            log.warning("event=sandbox_warning %s", warning)
         self.store = await open_store(cfg.storage.database)
         self.auth_failures = audit.AuthFailures(self.store)
         self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
@@ -597,7 +597,7 @@ class Gateway:
             new = config_module.load(self.config.source) if self.config.source else None
             if new is not None:
                 for warning in await sandbox.check(new):
-                    log.warning("event=sandbox_disabled %s", warning)
+                    log.warning("event=sandbox_warning %s", warning)
         except ConfigError as exc:
             log.error("event=reload_failed reason=%s", q(exc))
             return

@@ -9,6 +9,20 @@ import unicodedata
 # ESC family is let through in allow_sgr mode: cursor moves, erases, OSC (titles, OSC 8
 # hyperlinks, OSC 52 clipboard writes), DCS, private modes... all get escaped.
 _SGR = re.compile(r"\x1b\[[0-9;:]{0,64}m")
+# The SGR parameters let through: reset, bold, dim, italic, underline, and the 16 foreground
+# colours. Not conceal (8), reverse (7), backgrounds or 256/RGB colours: with them text
+# (the gateway's own status line included) can be made invisible.
+_SGR_ALLOWED = frozenset(
+    {"", "0", "1", "2", "3", "4", "22", "23", "24", "39"}
+    | {str(n) for n in range(30, 38)}
+    | {str(n) for n in range(90, 98)}
+)
+RESET = "\x1b[0m"
+
+
+def _plain_sgr(sequence: str) -> bool:
+    return all(p in _SGR_ALLOWED for p in re.split(r"[;:]", sequence[2:-1]))
+
 
 # Joiners shape emoji and scripts such as Persian; they cannot reorder or hide text.
 _KEPT_FORMAT = frozenset("\u200c\u200d")
@@ -55,7 +69,8 @@ def terminal_safe(text: str, *, allow_sgr: bool = False) -> str:
     position = 0
     for match in _SGR.finditer(text):
         out.append(_escape_plain(text[position : match.start()]))
-        out.append(match.group())
+        sequence = match.group()
+        out.append(sequence if _plain_sgr(sequence) else _escape_plain(sequence))
         position = match.end()
     out.append(_escape_plain(text[position:]))
     return "".join(out)
@@ -84,7 +99,12 @@ class TerminalStream:
             if escape != -1 and _could_become_sgr(text[escape:]):
                 cut = escape
         self._pending = text[cut:]
-        return terminal_safe(text[:cut], allow_sgr=self.allow_sgr)
+        safe = terminal_safe(text[:cut], allow_sgr=self.allow_sgr)
+        if self.allow_sgr and "\x1b[" in safe and not safe.endswith(RESET):
+            # Colours never outlive the chunk that set them: whatever comes next (the
+            # gateway's own lines) is shown as it is.
+            safe += RESET
+        return safe
 
     def flush(self) -> str:
         """Whatever is still held back, escaped (the stream has ended)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,29 @@ def archive_env(repo: Path, quarantine: Path | None) -> dict[str, str]:
     return gitbin.environment(repo, None, **extra)
 
 
+# Blobs bigger than this are streamed by git archive rather than read whole.
+STREAM_THRESHOLD = "32m"
+
+
+def archive_argv(git: str, sha: str, limit: int) -> list[str]:
+    """`git archive` of one commit, run by the gateway outside any sandbox, so bounded: the
+    repository's `info/attributes` (see repos.ATTRIBUTES) turns off every conversion of the
+    pushed tree's `.gitattributes`, large blobs are streamed, and its memory is capped at
+    what a tree within `limit` can need (a deltified blob is rebuilt in memory)."""
+    argv = [
+        git,
+        "-c",
+        f"core.bigFileThreshold={STREAM_THRESHOLD}",
+        "archive",
+        "--format=tar",
+        sha,
+    ]
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:  # pragma: no cover - util-linux is on every supported host
+        return argv
+    return [prlimit, f"--data={2 * limit + 256 * 1024 * 1024}", "--core=0", "--", *argv]
+
+
 async def export_commit(
     git: str,
     repo: Path,
@@ -58,10 +82,7 @@ async def export_commit(
     """Write the tree of commit `sha` into the empty directory `dest`; return the number of
     bytes of tar stream exported. Raises ExportError with a reason on any failure."""
     archive = await asyncio.create_subprocess_exec(
-        git,
-        "archive",
-        "--format=tar",
-        sha,
+        *archive_argv(git, sha, limit),
         cwd=repo,
         env=archive_env(repo, quarantine),
         stdin=asyncio.subprocess.DEVNULL,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
-import logging
 import os
 import pwd
 import shutil
@@ -309,20 +308,19 @@ class Sandbox:
 
     def prepare_build_dir(self, build_dir: Path) -> None:
         """Create the build directory (blocking). Under root, the sandbox user must be able
-        to walk to it: the directories on the way that the gateway owns get search
-        permission for others (never read: nobody can list them), and nothing else."""
+        to walk to it: the directories the gateway creates for it get search permission for
+        others (never read: nobody can list them). Directories that were already there are
+        left as the operator made them; `probe` says if one of them is in the way."""
+        created = [d for d in (build_dir, *build_dir.parents) if not d.exists()]
         build_dir.mkdir(parents=True, exist_ok=True)
         if self.run_as is None:
             return
-        for directory in (build_dir, *build_dir.parents):
-            info = directory.stat()
-            if info.st_uid != os.geteuid():
-                break
-            if info.st_mode & 0o011 != 0o011:
-                directory.chmod(stat.S_IMODE(info.st_mode) | 0o011)
-                logging.getLogger("gateway.deploys").info(
-                    "event=build_dir_searchable path=%s", directory
-                )
+        if build_dir not in created and build_dir.stat().st_uid == os.geteuid():
+            created.append(build_dir)  # the gateway's own: an earlier start made it
+        for directory in created:
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            if mode & 0o011 != 0o011:
+                directory.chmod(mode | 0o011)
 
     def prepare_dir(self, path: Path) -> None:
         """Give an export directory to the sandbox user (blocking; run off the loop)."""
@@ -480,8 +478,17 @@ def remove_tree(path: Path) -> None:
 
 async def check(cfg: Config) -> list[str]:
     """Prove that every configured command pipeline can get its sandbox, by building each
-    once; SandboxError on the first that cannot. Returns warnings for unsandboxed ones."""
+    once; SandboxError on the first that cannot. Returns warnings: unsandboxed pipelines,
+    and writable paths every app's deploys share (one tenant's build could poison
+    another's)."""
     warnings = []
+    shared = [str(p) for p in cfg.deploy.sandbox_write_paths]
+    if shared and any(box.enabled for box in sandboxes(cfg).values()):
+        warnings.append(
+            f"[deploy] sandbox_write_paths ({', '.join(shared)}) is writable by every app's "
+            "deploys: what one tenant writes there, another's build reads; give each app its "
+            "own in [apps.NAME] where tenants do not trust each other"
+        )
     for label, sandbox in sandboxes(cfg).items():
         if not sandbox.enabled:
             warnings.append(

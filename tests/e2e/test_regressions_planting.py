@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.repos import ATTRIBUTES
 from tests.helpers import (
     Admin,
     Client,
@@ -311,18 +312,42 @@ def test_regression_user_defined_archive_format(owner, app, server, pushed, tmp_
 
 
 def test_regression_smudge_filter_in_archive(owner, app, server, tmp_path, caplog):
-    """A filter driver in config, selected by a pushed .gitattributes, runs in git archive."""
+    """A filter driver in config, selected by a pushed .gitattributes, runs in git archive.
+    Two layers stop it: the config is put back, and the gateway's own info/attributes
+    (planted over here too) turns every filter off whatever the pushed tree says."""
     marker = tmp_path / "ran"
     work = owner.new_repo(tmp_path / "work", {"README": "x\n", ".gitattributes": "* filter=ev\n"})
     owner.git("push", "-q", owner.url(app), "main", cwd=work)
     repo = server.repo(app)
     add_config(repo, '[filter "ev"]', f"\tsmudge = touch {marker}; cat")
+    (repo / "info" / "attributes").write_text("* filter=ev\n")
     assert archive(owner, f"file://{repo}", "tar", tmp_path / "c", tmp_path).returncode == 0
     consume(marker)
     result = archive(owner, owner.url(app), "tar", tmp_path / "out.tar")
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
-    assert removals(caplog, app) == [("config", "rewritten")]
+    assert sorted(removals(caplog, app)) == [
+        ("config", "rewritten"),
+        ("info/attributes", "rewritten"),
+    ]
+
+
+def test_regression_pushed_attributes_cannot_inflate_or_run_anything_in_archive(
+    owner, app, server, tmp_path
+):
+    """The pushed tree's own .gitattributes (no planting needed) asks for export-subst: a
+    few KiB of placeholders would make git build hundreds of MB in memory, and %G? makes it
+    run gpg on a forged signature. The gateway's info/attributes turns it off: files are
+    exported exactly as pushed."""
+    text = "$Format:%H %G?$\n"
+    work = owner.new_repo(tmp_path / "work", {"f": text, ".gitattributes": "* export-subst\n"})
+    owner.git("push", "-q", owner.url(app), "main", cwd=work)
+    result = archive(owner, owner.url(app), "tar", tmp_path / "out.tar")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "x"
+    out.mkdir()
+    run(["tar", "-xf", str(tmp_path / "out.tar"), "-C", str(out)], check=True)
+    assert (out / "f").read_text() == text  # not expanded
 
 
 def test_regression_config_include(owner, app, server, pushed, tmp_path, caplog):
@@ -450,7 +475,6 @@ def test_regression_symlinked_refs_to_another_app(owner, app, server, victim, tm
     [
         ("shallow", "shallow"),  # hides history from clones
         ("info/grafts", "info/grafts"),  # rewrites history
-        ("info/attributes", "info/attributes"),  # filters and export-subst in archives
         ("config.worktree", "config.worktree"),  # more config
         ("worktrees/x/gitdir", "worktrees"),
     ],
@@ -464,6 +488,15 @@ def test_regression_unknown_entries_are_removed(
     owner.git("clone", "-q", owner.url(app), str(tmp_path / "clone"))
     assert not planted.exists()
     assert removals(caplog, app) == [(logged, "removed")]
+
+
+def test_regression_planted_attributes_are_put_back(owner, app, server, pushed, tmp_path, caplog):
+    """info/attributes is the gateway's own (it turns off filters and export-subst)."""
+    planted = server.repo(app) / "info" / "attributes"
+    planted.write_text("* export-subst filter=ev\n")
+    owner.git("clone", "-q", owner.url(app), str(tmp_path / "clone"))
+    assert planted.read_bytes() == ATTRIBUTES
+    assert removals(caplog, app) == [("info/attributes", "rewritten")]
 
 
 # -- at start --

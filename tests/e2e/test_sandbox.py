@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEPLOY_PYTHON, PIPELINE, ServeProcess, run, write_config
+from tests.helpers import DEPLOY_PYTHON, PIPELINE, ServeProcess, exchange_subdir, run, write_config
 
 
 def gateway(config: Path, *args: str, path: str | None = None):  # type: ignore[no-untyped-def]
@@ -116,7 +116,15 @@ def test_sandbox_none_warns_at_every_start(tmp_path):
     assert 'warning: [deploy] sandbox = "none": deploy commands run as the gateway' in result.stdout
     server = ServeProcess(config)
     try:
-        line = next(line for line in server.lines if "event=sandbox_disabled" in line)
+        line = next(line for line in server.lines if "event=sandbox_warning" in line)
         assert "single-tenant installations only" in line
     finally:
         assert server.stop() == 0
+
+
+def test_shared_writable_paths_are_warned_about(tmp_path):
+    cache = exchange_subdir("cache")  # somewhere the sandbox user can reach
+    result = gateway(commanded(tmp_path, sandbox_write_paths=[str(cache)]), "check")
+    assert result.returncode == 0, result.stderr
+    assert "warning: [deploy] sandbox_write_paths" in result.stdout
+    assert "another's build reads" in result.stdout

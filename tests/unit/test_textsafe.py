@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.tables import one_line, render
-from gateway.textsafe import TerminalStream, terminal_safe
+from gateway.textsafe import RESET, TerminalStream, terminal_safe
 
 SGR = re.compile(r"\x1b\[[0-9;:]*m")
 
@@ -100,3 +100,21 @@ def test_table_cells_stay_on_one_line():
     table = render([["#1", "fix\x1b]0;pwned\x07\nrm -rf"]], ["ID", "SUBJECT"])
     assert "\x1b" not in table and "\x07" not in table
     assert len(table.splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "sequence",
+    ["\x1b[8m", "\x1b[30;40m", "\x1b[7m", "\x1b[38;5;16m", "\x1b[48;2;0;0;0m", "\x1b[1;8m"],
+)
+def test_regression_sgr_that_can_hide_text_is_escaped(sequence):
+    """Conceal, reverse, backgrounds and 256/RGB colours could make the gateway's own status
+    line invisible after a deploy's output: shown, not obeyed."""
+    shown = terminal_safe(f"{sequence}fake: deploy succeeded\n", allow_sgr=True)
+    assert "\x1b" not in shown and "\\x1b[" in shown
+
+
+def test_colours_never_outlive_their_chunk():
+    stream = TerminalStream(allow_sgr=True)
+    out = stream.feed("\x1b[31mred and unterminated ")
+    assert out.startswith("\x1b[31m") and out.endswith(RESET)
+    assert stream.feed("plain\n") == "plain\n"
