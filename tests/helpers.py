@@ -100,6 +100,16 @@ class Admin:
         assert code == 0, f"{args} -> {code}: {err}"
         return out
 
+    def enroll(self, user: str, keys: Path, *apps: str) -> Path:
+        """Register a user with a fresh key (made in `keys`) owning these new apps; return
+        the private key's path."""
+        key = keygen(keys / f"{user}_id")
+        self.ok("user", "add", user)
+        self.ok("key", "add", user, "k", f"{key}.pub")
+        for app in apps:
+            self.ok("app", "create", app, "--owner", user)
+        return key
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

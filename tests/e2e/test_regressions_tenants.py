@@ -358,11 +358,7 @@ def test_regression_stalled_watcher_keeps_memory_flat_and_never_holds_up_a_drain
         deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "mode": "detached", "timeout": 120},
         limits={"drain_timeout": 60},
     )
-    admin = Admin(config)
-    key = keygen(tmp_path / "id")
-    admin.ok("user", "add", "loud")
-    admin.ok("key", "add", "loud", "k", f"{key}.pub")
-    admin.ok("app", "create", "loud", "--owner", "loud")
+    key = Admin(config).enroll("loud", tmp_path, "loud")
     server = ServeProcess(config)
     watcher = None
     try:

@@ -19,7 +19,6 @@ from tests.helpers import (
     ServerThread,
     http,
     http_base,
-    keygen,
     write_config,
 )
 
@@ -32,11 +31,7 @@ def running(tmp_path):
         deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "timeout": 60},
         limits={"drain_timeout": 30},
     )
-    admin = Admin(config)
-    key = keygen(tmp_path / "id")
-    admin.ok("user", "add", "ana")
-    admin.ok("key", "add", "ana", "k", f"{key}.pub")
-    admin.ok("app", "create", "web", "--owner", "ana")
+    key = Admin(config).enroll("ana", tmp_path, "web")
     gateway = ServeProcess(config)
     client = Client(tmp_path / "home", key, gateway, name="ana")
     yield gateway, client, config
