@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -21,12 +23,27 @@ HOST_KEYS = {
 
 
 def _write_private(path: Path, key: asyncssh.SSHKey) -> None:
-    # O_EXCL + mode 0600 from the first byte: the key is never readable by others, and two
-    # processes starting at once cannot both write it.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(key.export_private_key("openssh"))
-    path.with_name(path.name + ".pub").write_bytes(key.export_public_key("openssh"))
+    """Publish a new key pair at `path` (and `path`.pub), or raise FileExistsError if another
+    process (another node on a shared directory) got there first.
+
+    The key is written whole to a private temporary file, then hard-linked into place:
+    link() is atomic and fails if the name exists (on NFS too), so a node starting at the
+    same moment never reads a half-written key, and two nodes never end up with two keys."""
+    stem = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    private, public = path.with_name(stem), path.with_name(stem + ".pub")
+    try:
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(key.export_private_key("openssh"))
+            out.flush()
+            os.fsync(out.fileno())
+        public.write_bytes(key.export_public_key("openssh"))
+        os.link(private, path)  # the decision: ours, or FileExistsError
+        os.replace(public, path.with_name(path.name + ".pub"))
+    finally:
+        for leftover in (private, public):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def load_or_create(directory: Path) -> list[asyncssh.SSHKey]:

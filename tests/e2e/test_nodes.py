@@ -1,0 +1,146 @@
+"""Two gateway nodes on one registry, one repositories root and one host key directory, as
+behind a TCP balancer: what one node writes the other serves at once, clients see one host
+key whichever node answers, and git's lock files decide racing pushes across nodes."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    TIMEOUT,
+    Admin,
+    Client,
+    ServeProcess,
+    fsck,
+    http,
+    keygen,
+    server_refs,
+    write_config,
+)
+
+
+def node_config(shared: Path, name: str) -> Path:
+    """One node's config: its own ports and control socket, everything else shared."""
+    return write_config(
+        shared / name,
+        storage={
+            "database": str(shared / "gw.db"),
+            "repos": str(shared / "repos"),
+            "control_socket": str(shared / name / "gw.sock"),
+        },
+        ssh={"host_key_dir": str(shared / "hostkeys")},
+    )
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    shared = tmp_path_factory.mktemp("cluster")
+    started = []
+    try:
+        for name in ("a", "b"):
+            started.append(ServeProcess(node_config(shared, name)))
+        yield started
+    finally:
+        for node in started:
+            if node.proc.poll() is None:
+                assert node.stop() == 0
+
+
+def http_port(node: ServeProcess) -> int:
+    return int(re.search(r"event=http_listening address=127\.0\.0\.1:(\d+)", node.stderr).group(1))
+
+
+def fingerprints(node: ServeProcess) -> list[str]:
+    return [
+        line.split("fingerprint=")[1].strip() for line in node.lines if "event=host_key " in line
+    ]
+
+
+def test_one_host_key_whichever_node_answers(nodes):
+    a, b = nodes
+    assert fingerprints(a) == fingerprints(b) and len(fingerprints(a)) == 2
+
+
+def test_push_on_one_node_clone_on_the_other(nodes, tmp_path):
+    a, b = nodes
+    admin = Admin(a.config_path)
+    key = admin.enroll("nina", tmp_path, "shared")
+    on_a = Client(tmp_path / "home-a", key, a, name="nina")
+    on_b = Client(tmp_path / "home-b", key, b, name="nina")  # known_hosts from the shared keys
+    work = on_a.new_repo(tmp_path / "work", {"README": "pushed through A\n"})
+    on_a.git("push", "-q", on_a.url("shared"), "main", cwd=work)
+    on_b.git("clone", "-q", on_b.url("shared"), str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "README").read_text() == "pushed through A\n"
+
+
+def test_key_added_through_one_node_works_on_the_other_and_removal_too(nodes, tmp_path):
+    a, b = nodes
+    admin = Admin(a.config_path)
+    admin.enroll("omar", tmp_path, "omarapp")
+    token = admin.ok("token", "create", "ops-omar").split()[-1]
+    key = keygen(tmp_path / "second")
+    added = http(
+        "POST",
+        f"http://127.0.0.1:{http_port(a)}/api/v1/users/omar/keys",
+        token,
+        {"name": "second", "key": (tmp_path / "second.pub").read_text()},
+    )
+    assert added.status == 201, added.body
+    on_b = Client(tmp_path / "home-b", key, b, name="omar")
+    assert on_b.git("ls-remote", on_b.url("omarapp")).returncode == 0
+    removed = http(
+        "DELETE", f"http://127.0.0.1:{http_port(b)}/api/v1/users/omar/keys/second", token
+    )
+    assert removed.status == 204, removed.body
+    on_a = Client(tmp_path / "home-a", key, a, name="omar")
+    refused = on_a.git("ls-remote", on_a.url("omarapp"), check=False)
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+
+
+def test_racing_pushes_through_both_nodes_one_winner_per_round(nodes, tmp_path):
+    """Two pushers, one through each node, race on one branch: git's ref locks on the
+    shared repositories root make exactly one win each round, with no lost update."""
+    a, b = nodes
+    admin = Admin(a.config_path)
+    key = admin.enroll("race", tmp_path, "raced")
+    pushers = []
+    for name, node in (("a", a), ("b", b)):
+        client = Client(tmp_path / f"home-{name}", key, node, name="race")
+        pushers.append((client, tmp_path / f"copy-{name}"))
+    first, first_copy = pushers[0]
+    first.new_repo(first_copy)
+    first.git("push", "-q", first.url("raced"), "main", cwd=first_copy)
+    second, second_copy = pushers[1]
+    second.git("clone", "-q", second.url("raced"), str(second_copy))
+    repo = Path(a.config.storage.repos) / "raced.git"
+    for round_number in range(4):
+        commits = []
+        for index, (client, copy) in enumerate(pushers):
+            client.git("fetch", "-q", client.url("raced"), "main", cwd=copy)
+            client.git("reset", "-q", "--hard", "FETCH_HEAD", cwd=copy)
+            commits.append(client.commit(copy, {f"r{round_number}-{index}": "x\n"}, f"{index}"))
+        racing = [
+            subprocess.Popen(
+                ["git", "push", client.url("raced"), "main"],
+                cwd=copy,
+                env=client.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for client, copy in pushers
+        ]
+        outcomes = []
+        for proc in racing:
+            _, err = proc.communicate(timeout=TIMEOUT)
+            outcomes.append((proc.returncode, err.decode()))
+        winners = [i for i, (code, _) in enumerate(outcomes) if code == 0]
+        assert len(winners) == 1, outcomes
+        assert server_refs(repo)["refs/heads/main"] == commits[winners[0]]
+        fsck(repo)
+    events = json.loads(admin.ok("audit", "--app", "raced", "--json"))
+    assert sum(1 for e in events if e["event"] == "push") == 5  # the first push + 4 winners
