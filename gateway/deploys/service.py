@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,9 @@ from .outcome import Outcome
 from .pushes import HookRefused, Peer, PushSession, RefUpdate, is_zero
 from .queue import Job, Queues, Slots
 from .sandbox import Sandbox, SandboxError
+from .watch import Say, deliver, watch
 
 log = logging.getLogger("gateway.deploys")
-
-Say = Callable[[str], Awaitable[None]]
-
-# A watcher that cannot take the next piece of a deploy's output within this many seconds
-# is dropped (the deploy goes on); once the gateway drains, within DRAIN_STALL.
-WATCHER_STALL = 60.0
-DRAIN_STALL = 2.0
 
 
 def pipeline_kind(settings: DeploySettings) -> str | None:
@@ -233,7 +226,7 @@ class DeployService:
             f"{messages.short(update.new)}): gate mode, the branch moves only if this deploy "
             "succeeds\n"
         )
-        final = await self.watch(job, say, session, until_done=True)
+        final = await watch(job, say, self.draining, session, until_done=True)
         if final is None:  # pragma: no cover - until_done waits for the end
             return 1
         if final.status.ok:
@@ -300,7 +293,7 @@ class DeployService:
             f"Watch it again with: {self.logs_command(app.name, deploy.id, True)}",
         ]
         await say("".join(f"{line}\n" for line in lines))
-        final = await self.watch(job, say, session)
+        final = await watch(job, say, self.draining, session)
         if final is None:
             return  # the pusher left; the deploy goes on
         if not final.status.ok:
@@ -513,68 +506,13 @@ class DeployService:
 
     # -- watching, cancelling, describing --
 
-    async def watch(
-        self, job: Job, say: Say, session: PushSession | None = None, until_done: bool = False
-    ) -> Deploy | None:
-        """Stream the job's log to `say` until it ends; return the final record, or None if
-        the watcher went away first (unless `until_done`, for callers that need the result).
-
-        The watcher's buffer is bounded (see DeployLog.subscribe): one that stops reading
-        skips ahead with a marker rather than holding the deploy's output in memory."""
-        watching = True
-        with job.log.subscribe() as subscription:
-            while True:
-                reader = asyncio.ensure_future(subscription.next())
-                waits: set[asyncio.Future[Any]] = {reader}
-                if session is not None and not until_done:
-                    waits.add(asyncio.ensure_future(session.detached.wait()))
-                done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                for other in pending:
-                    other.cancel()
-                if reader not in done:
-                    return None
-                text = reader.result()
-                if text is None:
-                    break
-                if watching:
-                    watching = await self._deliver(say, text)
-                    if not watching and not until_done:
-                        return None
-        return await job.done
-
-    async def _deliver(self, say: Say, text: str) -> bool:
-        """Give text to a watcher; False if it is gone or does not read (dropped after
-        WATCHER_STALL seconds, or DRAIN_STALL once the gateway drains)."""
-        loop = asyncio.get_running_loop()
-        writing = asyncio.ensure_future(say(text))
-        deadline = loop.time() + WATCHER_STALL
-        draining = asyncio.ensure_future(self.draining.wait())
-        try:
-            while not writing.done():
-                waits: set[asyncio.Future[Any]] = {writing}
-                if draining.done():
-                    deadline = min(deadline, loop.time() + DRAIN_STALL)
-                else:
-                    waits.add(draining)
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    writing.cancel()
-                    with contextlib.suppress(BaseException):
-                        await writing
-                    log.info("event=watcher_dropped reason=not_reading")
-                    return False
-                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            draining.cancel()
-        return not writing.cancelled() and writing.exception() is None
-
     async def follow(self, deploy_id: int, say: Say) -> Deploy:
         """Print a deploy's log; if it is still queued or running, stream it to the end."""
         job = self.jobs.get(deploy_id)
         if job is not None:
-            final = await self.watch(job, say, until_done=True)
+            final = await watch(job, say, self.draining, until_done=True)
             if final is not None:
-                await self._deliver(say, self.final_line(final, job.elapsed))
+                await deliver(say, self.final_line(final, job.elapsed), self.draining)
                 return final
         deploy = await self.store.get_deploy(deploy_id)
         if deploy is None:
@@ -654,11 +592,3 @@ class DeployService:
 
     def logs_command(self, app: str, deploy_id: int, follow: bool = False) -> str:
         return messages.logs_command(self.config, app, deploy_id, follow)
-
-
-async def _say_safely(say: Say, text: str) -> bool:
-    try:
-        await say(text)
-        return True
-    except Exception:  # the watcher's connection is gone; the deploy goes on
-        return False
