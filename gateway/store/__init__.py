@@ -237,6 +237,10 @@ class Store(abc.ABC):
 
     # -- lifecycle --
     @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of the newest migration applied."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise if the registry cannot be read (readiness probe)."""
 
