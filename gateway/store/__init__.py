@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import abc
+import importlib.resources
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..dburl import is_postgres
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -21,6 +24,22 @@ from ..models import (
     User,
     WebhookDelivery,
 )
+
+_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+
+def packaged_migrations(package: str) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration a backend package ships, in order."""
+    found = []
+    for entry in importlib.resources.files(package).joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return found
 
 
 def utcnow() -> str:
@@ -249,12 +268,13 @@ class Store(abc.ABC):
 
 
 async def open_store(database: Path | str) -> Store:
-    """Open the registry named by the config; SQLite path today, URLs for future backends."""
+    """Open the registry named by the config (a SQLite file, or a postgresql:// URL),
+    applying its pending migrations."""
     text = str(database)
-    if text.startswith(("postgres://", "postgresql://")):
-        from ..errors import ConfigError
+    if is_postgres(text):
+        from .postgres import PostgresStore
 
-        raise ConfigError("config: [storage] database: the PostgreSQL backend is not available yet")
+        return await PostgresStore.open(text)
     from .sqlite import SQLiteStore
 
     return await SQLiteStore.open(Path(text))

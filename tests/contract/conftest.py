@@ -39,7 +39,7 @@ class Backend:
                 await conn.close()
 
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "postgres"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -41,13 +41,6 @@ async def test_wal_mode_migrations_and_permissions(tmp_path):
     assert path.stat().st_mode & 0o077 == 0
 
 
-async def test_postgres_url_is_a_clear_config_error():
-    from gateway.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        await open_store("postgresql://db/gateway")
-
-
 # -- ids are never reused (migration 0005) --
 
 TABLES = (
