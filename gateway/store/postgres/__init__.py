@@ -38,7 +38,7 @@ MIGRATION_LOCK = 0x67_6974_6761_7465  # "gitgate"
 CONNECT_TIMEOUT = 5.0  # seconds to open one connection
 ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a free pooled connection
 COMMAND_TIMEOUT = 30.0  # seconds one statement may run
-POOL_MIN, POOL_MAX = 1, 10
+POOL_MIN, POOL_MAX = 0, 10  # none kept open by force: no reconnect loop of its own in an outage
 UNAVAILABLE_LOG_INTERVAL = 10.0  # seconds between two "unavailable" log lines
 
 # What a lost, refused or restarting server looks like through asyncpg. Anything else (a
@@ -149,21 +149,26 @@ class PostgresStore(Store):
                 max_inactive_connection_lifetime=60.0,
                 server_settings={"application_name": "git-gateway", "TimeZone": "UTC"},
             )
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(
-                f"cannot reach the registry at {redact(url)}: {_reason(exc)}"
-            ) from None
-        except asyncpg.PostgresError as exc:  # authentication, unknown database...
-            raise StoreUnavailable(
-                f"the registry at {redact(url)} refused the connection: {_reason(exc)}"
-            ) from None
         except ValueError as exc:  # asyncpg's URL parser
             raise StoreUnavailable(f"invalid registry URL {redact(url)}: {exc}") from None
         store = cls(pool, url)
         try:
+            try:
+                # The first connection, here, so that a wrong host, password or database
+                # name is reported as such at start.
+                async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
+                    await conn.execute("SELECT 1")
+            except _UNAVAILABLE as exc:
+                raise StoreUnavailable(
+                    f"cannot reach the registry at {redact(url)}: {_reason(exc)}"
+                ) from None
+            except asyncpg.PostgresError as exc:  # authentication, unknown database...
+                raise StoreUnavailable(
+                    f"the registry at {redact(url)} refused the connection: {_reason(exc)}"
+                ) from None
             await store.migrate()
         except BaseException:
-            await pool.close()
+            await store.close()
             raise
         return store
 
