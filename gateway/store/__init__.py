@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import importlib.resources
 import re
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,6 +254,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune_web_sessions(self, now: str, idle_since: str) -> int:
         """Delete sessions past their end or not seen since `idle_since`; how many."""
+
+    # -- transactions --
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """`async with store.transaction():` makes the calls this task makes on the store
+        inside the block one transaction: all take effect, or none if the block raises.
+        Blocks nest; each call is itself a nested step, so a domain error caught inside the
+        block undoes only that call. Other tasks do not see the changes before the block
+        ends (on SQLite they wait for it). Start no task that uses the store inside it."""
 
     # -- lifecycle --
     @abc.abstractmethod

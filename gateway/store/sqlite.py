@@ -68,6 +68,7 @@ class SQLiteStore(Store):
         self._write_lock = asyncio.Lock()
         self._writer: asyncio.Task[Any] | None = None  # the task inside a transaction
         self.applied = 0  # migrations this store applied when it opened
+        self._depth = 0  # savepoints open inside the current transaction
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -93,8 +94,28 @@ class SQLiteStore(Store):
 
     # -- plumbing --
 
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._transaction()  # type: ignore[return-value]
+
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._writer is not None and self._writer is asyncio.current_task():
+            # Inside this task's own transaction: a savepoint, so that a failing inner step
+            # undoes only its own changes.
+            self._depth += 1
+            savepoint = f"step_{self._depth}"
+            try:
+                await self._db.execute(f"SAVEPOINT {savepoint}")
+                try:
+                    yield self._db
+                except BaseException:
+                    await self._db.execute(f"ROLLBACK TO {savepoint}")
+                    await self._db.execute(f"RELEASE {savepoint}")
+                    raise
+                await self._db.execute(f"RELEASE {savepoint}")
+            finally:
+                self._depth -= 1
+            return
         async with self._write_lock:
             self._writer = asyncio.current_task()
             try:

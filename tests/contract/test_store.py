@@ -591,3 +591,89 @@ async def test_regression_ids_are_never_reused_after_deleting_the_newest(backend
 async def test_ping_and_schema_version(store: Store) -> None:
     await store.ping()
     assert await store.schema_version() >= 1
+
+
+# -- transactions --
+
+
+async def test_a_transaction_commits_all_of_its_changes(store: Store, pubkeys) -> None:
+    async with store.transaction():
+        await store.create_user("alice")
+        await store.add_key("alice", "k", parse_public_key(pubkeys[0]))
+        app = await store.create_app("web", "alice", "main")
+        # Inside, the task reads its own changes.
+        assert (await store.get_app("web")) == app
+        assert [s.keys for s in await store.list_users()] == [1]
+    assert (await store.get_user("alice")).name == "alice"
+    assert [a.name for a in await store.list_apps()] == ["web"]
+
+
+async def test_a_transaction_that_raises_changes_nothing(store: Store, pubkeys) -> None:
+    await store.create_user("bob")
+    with pytest.raises(RuntimeError, match="repository creation failed"):
+        async with store.transaction():
+            await store.create_user("alice")
+            await store.create_app("web", "alice", "main")
+            await store.add_key("bob", "k", parse_public_key(pubkeys[0]))
+            await store.add_audit(AuditEvent("app_created", app="web"))
+            raise RuntimeError("repository creation failed")
+    with pytest.raises(NotFound):
+        await store.get_user("alice")
+    assert await store.get_app("web") is None
+    assert await store.list_keys("bob") == [] and await store.list_audit() == []
+    assert (await store.create_user("carol")).id > (await store.get_user("bob")).id
+
+
+async def test_a_caught_error_inside_a_transaction_undoes_only_its_step(store: Store) -> None:
+    async with store.transaction():
+        await store.create_user("alice")
+        with pytest.raises(Conflict):
+            await store.create_user("alice")  # one failed step, caught
+        await store.create_app("web", "alice", "main")  # the transaction goes on
+        with pytest.raises(ValueError, match="inner"):
+            async with store.transaction():
+                await store.create_user("bob")
+                raise ValueError("inner")
+        await store.create_user("carol")
+    assert [s.user.name for s in await store.list_users()] == ["alice", "carol"]
+    assert (await store.get_app("web")).owner_name == "alice"
+
+
+async def test_transactions_of_concurrent_tasks_do_not_mix(store: Store) -> None:
+    async def one(index: int, fail: bool) -> None:
+        async with store.transaction():
+            await store.create_user(f"user{index}")
+            await store.create_app(f"app{index}", f"user{index}", "main")
+            if fail:
+                raise RuntimeError("no")
+
+    results = await asyncio.gather(*(one(i, i % 3 == 0) for i in range(12)), return_exceptions=True)
+    assert sum(isinstance(r, RuntimeError) for r in results) == 4
+    users = {s.user.name for s in await store.list_users()}
+    assert users == {f"user{i}" for i in range(12) if i % 3}
+    assert {a.name for a in await store.list_apps()} == {f"app{i}" for i in range(12) if i % 3}
+
+
+async def test_creating_an_app_with_its_repository_is_one_transaction(
+    store: Store, tmp_path: Path
+) -> None:
+    from gateway import config
+    from gateway.service import Registry
+
+    cfg = config.from_mapping({"storage": {"repos": str(tmp_path / "repos")}})
+    registry = Registry(cfg, store)
+    await store.create_user("alice")
+
+    def broken(app: str, branch: str) -> Path:
+        raise OSError("disk full")
+
+    real = registry.repos.create
+    registry.repos.create = broken  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk full"):
+        await registry.create_app("web", "alice", actor="operator")
+    assert await store.get_app("web") is None and await store.list_audit() == []
+    assert not registry.repos.path_for("web").exists()
+    registry.repos.create = real  # type: ignore[method-assign]
+    app = await registry.create_app("web", "alice", actor="operator")
+    assert app.owner_name == "alice" and registry.repos.exists("web")
+    assert [e.event for e in await store.list_audit()] == ["app_created"]

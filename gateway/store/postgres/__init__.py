@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -133,6 +134,10 @@ class PostgresStore(Store):
         self.url = url
         self.applied = 0  # migrations this store applied when it opened
         self._last_unavailable_log = 0.0
+        # The connection of the transaction the current task has open on this store.
+        self._current: contextvars.ContextVar[asyncpg.Connection | None] = contextvars.ContextVar(
+            f"registry_transaction_{id(self)}", default=None
+        )
         self._unavailable_count = 0
 
     @classmethod
@@ -198,21 +203,49 @@ class PostgresStore(Store):
             raise StoreUnavailable() from exc
 
     @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        # What the caller's block raises passes through untouched (an OSError of its own is
+        # no outage), though it still rolls the transaction back.
+        try:
+            async with self._transaction():
+                try:
+                    yield
+                except BaseException as exc:
+                    raise _Passthrough(exc) from exc
+        except _Passthrough as wrapped:
+            raise wrapped.error from None
+
+    def _db(self) -> Any:
+        """Where this task's statements go: its open transaction's connection, or the pool."""
+        return self._current.get() or self._pool
+
+    @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        conn = self._current.get()
+        if conn is not None:
+            # Inside this task's own transaction: asyncpg nests it as a savepoint, so that
+            # a failing inner step undoes only its own changes.
+            async with self._reachable(), conn.transaction():
+                yield conn
+            return
         async with (
             self._reachable(),
             self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn,
             conn.transaction(),
         ):
-            yield conn
+            token = self._current.set(conn)
+            try:
+                yield conn
+            finally:
+                self._current.reset(token)
 
     async def _all(self, sql: str, *args: Any) -> list[Any]:
         async with self._reachable():
-            return list(await self._pool.fetch(sql, *args, timeout=COMMAND_TIMEOUT))
+            return list(await self._db().fetch(sql, *args, timeout=COMMAND_TIMEOUT))
 
     async def _one(self, sql: str, *args: Any) -> Any:
         async with self._reachable():
-            return await self._pool.fetchrow(sql, *args, timeout=COMMAND_TIMEOUT)
+            return await self._db().fetchrow(sql, *args, timeout=COMMAND_TIMEOUT)
 
     async def migrate(self) -> int:
         """Apply pending migrations, each in its own transaction, holding the database's
@@ -355,7 +388,7 @@ class PostgresStore(Store):
 
     async def get_user(self, name: str) -> User:
         async with self._reachable():
-            return await self._user_row(self._pool, name)
+            return await self._user_row(self._db(), name)
 
     async def list_users(self) -> list[UserSummary]:
         rows = await self._all(
@@ -541,7 +574,7 @@ class PostgresStore(Store):
 
     async def list_members(self, app_name: str) -> list[Member]:
         async with self._reachable():
-            app = await self._app_row(self._pool, app_name)
+            app = await self._app_row(self._db(), app_name)
         rows = await self._all(
             f"""SELECT u.name, m.role, m.created_at FROM app_members m
                  JOIN users u ON u.id = m.user_id WHERE m.app_id = $1
@@ -607,7 +640,7 @@ class PostgresStore(Store):
 
     async def list_deploys(self, app_name: str, limit: int = 20) -> list[Deploy]:
         async with self._reachable():
-            app = await self._app_row(self._pool, app_name)
+            app = await self._app_row(self._db(), app_name)
         rows = await self._all(
             f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.app_id = $1 "
             "ORDER BY d.id DESC LIMIT $2",
@@ -618,7 +651,7 @@ class PostgresStore(Store):
 
     async def app_deploy_ids(self, app_name: str) -> list[int]:
         async with self._reachable():
-            app = await self._app_row(self._pool, app_name)
+            app = await self._app_row(self._db(), app_name)
         rows = await self._all("SELECT id FROM deploys WHERE app_id = $1 ORDER BY id", app.id)
         return [int(r[0]) for r in rows]
 
@@ -834,7 +867,7 @@ class PostgresStore(Store):
 
     async def token_by_hash(self, token_hash: str) -> ApiToken | None:
         async with self._reachable():
-            return await self._token_where(self._pool, "t.token_hash = $1", token_hash)
+            return await self._token_where(self._db(), "t.token_hash = $1", token_hash)
 
     async def touch_token(self, token_id: int, when: str) -> None:
         async with self._transaction() as conn:
@@ -896,6 +929,14 @@ class PostgresStore(Store):
                 to_time(idle_since),
             )
         return _count(tag)
+
+
+class _Passthrough(Exception):
+    """Carries an exception of a caller's transaction block past the outage mapping."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _reason(exc: BaseException) -> str:
