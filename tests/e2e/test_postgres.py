@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import sqlite3
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -170,6 +172,15 @@ def test_db_migrate(tmp_path, pg_url, monkeypatch):
     assert admin.ok("db", "migrate").endswith("(0 migrations applied now)\n")
 
 
+def keys_page(base: str, cookie: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"{base}/keys", headers={"Cookie": cookie})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 @pytest.fixture
 def own_server():
     """A PostgreSQL server of this test's own, to stop and start."""
@@ -199,6 +210,12 @@ async def test_regression_database_outage(tmp_path, own_server):
             ready = await asyncio.to_thread(http, "GET", f"{base}/readyz")
             assert ready.status == 503
             assert ready.json()["checks"]["database"].startswith("unreachable: temporarily")
+            # The API and the keys page too, with no traceback.
+            api = await asyncio.to_thread(http, "GET", f"{base}/api/v1/apps", "ggw_" + "x" * 43)
+            assert api.status == 503
+            assert api.json()["error"] == {"code": "unavailable", "message": UNAVAILABLE}
+            page = await asyncio.to_thread(keys_page, base, "gw_session=abc")
+            assert page == (503, f"{UNAVAILABLE}\n")
             # The CLI says the same in one line.
             code, _, err = await asyncio.to_thread(admin, "user", "list")
             assert code == 1 and err.startswith("error: cannot reach the registry at ")
