@@ -113,3 +113,29 @@ async def test_regression_a_database_restart_is_unavailable_then_recovers(own_se
         assert (await store.create_user("bob")).name == "bob"
     finally:
         await store.close()
+
+
+async def test_both_backends_have_the_same_tables_and_columns(postgres, pg_url, tmp_path) -> None:
+    """A migration added to one backend only (or a table db copy does not know) fails here."""
+    import sqlite3
+
+    store = await open_store(tmp_path / "gw.db")
+    await store.close()
+    with sqlite3.connect(tmp_path / "gw.db") as db:
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        lite = {
+            (table, row[1])
+            for table in names
+            if table not in ("sqlite_sequence", "schema_migrations")
+            for row in db.execute(f"PRAGMA table_info({table})")
+        }
+    store = await open_store(pg_url)
+    await store.close()
+    rows = postgres.psql(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name <> 'schema_migrations'",
+        pg_url.rsplit("/", 1)[1],
+    )
+    assert {tuple(r.split("|")) for r in rows.splitlines()} == lite
+    copied = {(table, column) for table, columns, _ in transfer.TABLES for column in columns}
+    assert copied == lite
