@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
 from . import __version__, audit, config, control, gitbin, logs, names, tables, umask
+from .dburl import is_postgres, redact
 from .deploylog import read_log
 from .errors import GatewayError, UsageError
 from .keys import KEYGEN_TYPE
@@ -433,6 +434,53 @@ def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     return 0
 
 
+async def db_migrate(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    store = await open_store(cfg.storage.database)  # opening applies what is pending
+    try:
+        version = await store.schema_version()
+        applied = getattr(store, "applied", 0)
+    finally:
+        await store.close()
+    out.write(
+        f"registry {redact(cfg.storage.database)}: schema version {version} "
+        f"({applied} migration{'s' if applied != 1 else ''} applied now)\n"
+    )
+    return 0
+
+
+async def db_copy(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    from .store import transfer
+
+    source_path = args.source or cfg.storage.database
+    if is_postgres(source_path):
+        raise UsageError(
+            "db copy reads a SQLite registry: [storage] database (or $GATEWAY_DATABASE_URL) "
+            "names a PostgreSQL one; give the SQLite file with --from PATH"
+        )
+    if not is_postgres(args.to):
+        raise UsageError("db copy --to needs a postgresql:// URL")
+    if not await asyncio.to_thread(os.path.isfile, source_path):
+        raise UsageError(f"no SQLite registry at {source_path}")
+    source = await open_store(source_path)
+    try:
+        target = await open_store(args.to)
+        try:
+            report = await transfer.copy_registry(source, target)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    out.write(f"copied {source_path} -> {redact(args.to)}\n")
+    _table(
+        [list(row) for row in transfer.report_rows(report)],
+        ["TABLE", "SQLITE ROWS", "POSTGRESQL ROWS", "NEXT ID AFTER"],
+        out,
+    )
+    out.write(f"checksum sqlite:     {report.source.checksum}\n")
+    out.write(f"checksum postgresql: {report.target.checksum}\n")
+    return 0
+
+
 def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     out.write(config.render(cfg) + "\n")
     return 0
@@ -569,6 +617,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(deploys, "cancel", deploy_cancel, "cancel a queued or running deploy")
     p.add_argument("id", type=_deploy_id)
+
+    db = groups.add_parser("db", help="the registry database").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    add(db, "migrate", db_migrate, "apply pending schema migrations; print the version")
+    p = add(
+        db,
+        "copy",
+        db_copy,
+        "copy a SQLite registry into an empty PostgreSQL database (ids kept, checksummed)",
+    )
+    p.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB")
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="PATH",
+        help="the SQLite file (default: [storage] database)",
+    )
 
     p = add(groups, "audit", audit_list, "the audit trail: logins, refusals, changes, pushes")
     p.add_argument("--app", metavar="APP")

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .dburl import is_postgres, redact
 from .errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
 CONFIG_ENV = "GATEWAY_CONFIG"
+# Overrides [storage] database, so that a PostgreSQL password need not sit in a file.
+DATABASE_ENV = "GATEWAY_DATABASE_URL"
 
 # -- value parsers: raw TOML value -> typed value, ValueError with a short reason on bad input --
 
@@ -41,6 +44,18 @@ def _path(value: Any) -> Path:
     # Relative paths are taken from the working directory the gateway is started in, made
     # absolute once so that nothing later depends on the current directory.
     return Path(_nonempty(value)).expanduser().absolute()
+
+
+def _database(value: Any) -> Path | str:
+    """A SQLite file path, or a PostgreSQL URL (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB)."""
+    text = _nonempty(value)
+    if is_postgres(text):
+        if any(c.isspace() for c in text):
+            raise ValueError("a PostgreSQL URL must not contain spaces")
+        return text
+    if "://" in text:
+        raise ValueError(f"unsupported database URL '{redact(text)}': expected postgresql://")
+    return _path(text)
 
 
 def _size(value: Any) -> int:
@@ -367,7 +382,12 @@ class SSHSettings:
 @dataclass(frozen=True)
 class StorageSettings:
     repos: Path = _setting("repos", _path, "root directory of the apps' bare repositories")
-    database: Path = _setting("var/gateway.db", _path, "SQLite registry file")
+    database: Path | str = _setting(
+        "var/gateway.db",
+        _database,
+        f"the registry: a SQLite file, or a URL postgresql://USER@HOST:PORT/DB; ${DATABASE_ENV}"
+        " overrides it",
+    )
     control_socket: Path = _setting(
         "var/gateway.sock",
         _path,
@@ -690,14 +710,15 @@ def _check_sandbox_paths(cfg: Config) -> None:
     """Extra sandbox binds must not expose the gateway's own state: a bind shows everything
     below it, so none may contain (or lie inside) the registry, repositories, host keys,
     control socket, deploy logs, build directories or this file."""
-    private = {
+    private: dict[str, Path] = {
         "[storage] repos": cfg.storage.repos,
-        "[storage] database": cfg.storage.database,
         "[storage] control_socket": cfg.storage.control_socket,
         "[ssh] host_key_dir": cfg.ssh.host_key_dir,
         "[deploy] log_dir": cfg.deploy.log_dir,
         "[deploy] build_dir": cfg.deploy.build_dir,
     }
+    if isinstance(cfg.storage.database, Path):
+        private["[storage] database"] = cfg.storage.database
     if cfg.source is not None:
         private["the configuration file"] = cfg.source
     labelled = [("[deploy]", cfg.deploy)]
@@ -738,26 +759,41 @@ def load(
     """Load the configuration: --config PATH, else $GATEWAY_CONFIG, else config/gateway.toml.
 
     An explicitly named file must exist; the default file is optional (embedded defaults).
+    $GATEWAY_DATABASE_URL, when set, replaces [storage] database.
     """
     env = os.environ if env is None else env
     explicit = path if path is not None else env.get(CONFIG_ENV) or None
     file = Path(explicit) if explicit is not None else DEFAULT_CONFIG_FILE
-    if not file.exists():
-        if explicit is not None:
-            raise ConfigError(f"config: file not found: {file}")
-        return from_mapping({})
-    try:
-        data = tomllib.loads(file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config: {file}: {exc}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config: cannot read {file}: {exc}") from None
-    return from_mapping(data, source=file.absolute())
+    data: dict[str, Any] = {}
+    source = None
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {file}: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config: cannot read {file}: {exc}") from None
+        source = file.absolute()
+    elif explicit is not None:
+        raise ConfigError(f"config: file not found: {file}")
+    database = env.get(DATABASE_ENV, "").strip()
+    if database:
+        storage = data.get("storage", {})
+        if not isinstance(storage, dict):
+            raise ConfigError("config: [storage] must be a table")
+        try:
+            _database(database)
+        except ValueError as exc:
+            raise ConfigError(f"config: ${DATABASE_ENV}: {exc}") from None
+        data = {**data, "storage": {**storage, "database": database}}
+    return from_mapping(data, source=source)
 
 
 def _render(name: str, value: Any) -> str:
     if "secret" in name and value:
         return '"********"'
+    if name == "database":
+        return json.dumps(redact(value))
     if value is None:
         return '""'
     if name.endswith("listen"):  # listen, monitoring_listen

@@ -89,6 +89,18 @@ class Forbidden(GatewayError):
     code = "forbidden"
 
 
+class StoreUnavailable(GatewayError):
+    """The registry's database cannot be reached now (a PostgreSQL restart, a network cut):
+    the same line for every user, the driver's details in the operator's log."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(
+            message or "temporarily unavailable: the registry cannot be reached; try again shortly"
+        )
+
+
 class GitUnavailable(GatewayError):
     """git is missing or older than the supported minimum."""
 

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,15 +129,21 @@ class Registry:
         path = self.repos.path_for(name)
         if path.exists():
             raise GatewayError(f"a repository already exists at {path}: move it away first")
-        app = await self.store.create_app(name, owner, branch)
+        created = False
         try:
-            await executors.run(self.repos.create, name, branch)
+            # One transaction: the app row, its owner's rights and the audit event are all
+            # there once its repository exists, or none is.
+            async with self.store.transaction():
+                app = await self.store.create_app(name, owner, branch)
+                await executors.run(self.repos.create, name, branch)
+                created = True
+                await audit.record(
+                    self.store, "app_created", actor=actor, app=name, owner=owner, branch=branch
+                )
         except BaseException:
-            await self.store.remove_app(name)
+            if created:  # the registry could not commit: the repository goes too
+                await executors.run(shutil.rmtree, self.repos.path_for(name), True)
             raise
-        await audit.record(
-            self.store, "app_created", actor=actor, app=name, owner=owner, branch=branch
-        )
         return app
 
     async def list_apps(self) -> list[App]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.deploys.sandbox import remove_tree
-from tests import helpers
+from tests import helpers, pg
 from tests.helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
 
 require_tools()
@@ -32,6 +32,22 @@ def sandbox_scratch() -> Iterator[None]:
     root = helpers._SANDBOX_ROOT
     if root is not None:
         remove_tree(root)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.PostgresServer]:
+    """One PostgreSQL server for the session (skipped without Debian's postgresql)."""
+    server = pg.PostgresServer(pg.require_postgres())
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def pg_url(postgres: pg.PostgresServer) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL server."""
+    return postgres.create_database()
 
 
 @pytest.fixture

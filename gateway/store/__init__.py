@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import abc
+import importlib.resources
+import re
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..dburl import is_postgres
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -21,6 +25,22 @@ from ..models import (
     User,
     WebhookDelivery,
 )
+
+_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+
+def packaged_migrations(package: str) -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every migration a backend package ships, in order."""
+    found = []
+    for entry in importlib.resources.files(package).joinpath("migrations").iterdir():
+        match = _MIGRATION_NAME.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _, _ in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")
+    return found
 
 
 def utcnow() -> str:
@@ -235,7 +255,20 @@ class Store(abc.ABC):
     async def prune_web_sessions(self, now: str, idle_since: str) -> int:
         """Delete sessions past their end or not seen since `idle_since`; how many."""
 
+    # -- transactions --
+    @abc.abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[None]:
+        """`async with store.transaction():` makes the calls this task makes on the store
+        inside the block one transaction: all take effect, or none if the block raises.
+        Blocks nest; each call is itself a nested step, so a domain error caught inside the
+        block undoes only that call. Other tasks do not see the changes before the block
+        ends (on SQLite they wait for it). Start no task that uses the store inside it."""
+
     # -- lifecycle --
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The number of the newest migration applied."""
+
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raise if the registry cannot be read (readiness probe)."""
@@ -245,12 +278,13 @@ class Store(abc.ABC):
 
 
 async def open_store(database: Path | str) -> Store:
-    """Open the registry named by the config; SQLite path today, URLs for future backends."""
+    """Open the registry named by the config (a SQLite file, or a postgresql:// URL),
+    applying its pending migrations."""
     text = str(database)
-    if text.startswith(("postgres://", "postgresql://")):
-        from ..errors import ConfigError
+    if is_postgres(text):
+        from .postgres import PostgresStore
 
-        raise ConfigError("config: [storage] database: the PostgreSQL backend is not available yet")
+        return await PostgresStore.open(text)
     from .sqlite import SQLiteStore
 
     return await SQLiteStore.open(Path(text))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
-import re
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,7 @@ from ..models import (
     User,
     WebhookDelivery,
 )
-from . import Store, UserSummary, WebSession, utcnow
-
-_MIGRATION_NAME = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+from . import Store, UserSummary, WebSession, packaged_migrations, utcnow
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
     k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
@@ -44,17 +40,8 @@ _OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 
 
 def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every packaged migration, in order."""
-    found = []
-    for entry in importlib.resources.files(__package__).joinpath("migrations").iterdir():
-        match = _MIGRATION_NAME.fullmatch(entry.name)
-        if match:
-            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"migrations must be numbered 1..n without gaps, found {versions}")
-    return found
+    """(version, name, sql) for every SQLite migration, in order."""
+    return packaged_migrations("gateway.store")
 
 
 def _key(row: Any) -> SSHKey:
@@ -80,6 +67,8 @@ class SQLiteStore(Store):
         self.path = path
         self._write_lock = asyncio.Lock()
         self._writer: asyncio.Task[Any] | None = None  # the task inside a transaction
+        self.applied = 0  # migrations this store applied when it opened
+        self._depth = 0  # savepoints open inside the current transaction
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
@@ -105,8 +94,28 @@ class SQLiteStore(Store):
 
     # -- plumbing --
 
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._transaction()  # type: ignore[return-value]
+
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._writer is not None and self._writer is asyncio.current_task():
+            # Inside this task's own transaction: a savepoint, so that a failing inner step
+            # undoes only its own changes.
+            self._depth += 1
+            savepoint = f"step_{self._depth}"
+            try:
+                await self._db.execute(f"SAVEPOINT {savepoint}")
+                try:
+                    yield self._db
+                except BaseException:
+                    await self._db.execute(f"ROLLBACK TO {savepoint}")
+                    await self._db.execute(f"RELEASE {savepoint}")
+                    raise
+                await self._db.execute(f"RELEASE {savepoint}")
+            finally:
+                self._depth -= 1
+            return
         async with self._write_lock:
             self._writer = asyncio.current_task()
             try:
@@ -175,10 +184,32 @@ class SQLiteStore(Store):
                             "VALUES (?, ?, ?)",
                             (number, name, utcnow()),
                         )
+                        self.applied += 1
                 version = number
         finally:
             await self._db.execute("PRAGMA foreign_keys = ON")
         return version
+
+    async def snapshot(
+        self, tables: Sequence[tuple[str, Sequence[str]]]
+    ) -> tuple[dict[str, list[tuple[Any, ...]]], dict[str, int]]:
+        """Every row of these tables (the named columns, in key order) and each table's id
+        high-water mark (the highest id ever handed out), read in one transaction: a
+        consistent copy even while the gateway writes."""
+        rows: dict[str, list[tuple[Any, ...]]] = {}
+        marks: dict[str, int] = {}
+        async with self._transaction() as db:
+            sequences = dict(await db.execute_fetchall("SELECT name, seq FROM sqlite_sequence"))
+            for table, columns in tables:
+                # Table and column names come from the code's own list, never from input.
+                found = await db.execute_fetchall(
+                    f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2"  # noqa: S608
+                )
+                rows[table] = [tuple(r) for r in found]
+                if columns[0] == "id":
+                    highest = max((r[0] for r in rows[table]), default=0)
+                    marks[table] = max(int(sequences.get(table) or 0), highest)
+        return rows, marks
 
     async def schema_version(self) -> int:
         row = await self._one("SELECT MAX(version) FROM schema_migrations")

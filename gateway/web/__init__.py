@@ -16,7 +16,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..deploys import DeployService
-from ..errors import GatewayError, Unauthorized
+from ..errors import GatewayError, StoreUnavailable, Unauthorized
 from ..logs import q
 from ..metrics import CONTENT_TYPE, Metrics
 from ..models import ApiToken
@@ -127,6 +127,11 @@ class WebServer:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except StoreUnavailable as exc:
+            # The registry is down (the API answers this itself; the keys page and the
+            # status reports meet it here): one line, no traceback, retry later.
+            status = 503
+            return web.Response(status=503, text=f"{exc}\n", headers={"Retry-After": "5"})
         finally:
             self.metrics.http_requests.labels(label, str(status)).inc()
             if label not in PROBES:

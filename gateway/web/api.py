@@ -487,6 +487,7 @@ STATUS_OF: dict[str, int] = {
     "not_found": 404,
     "conflict": 409,
     "key_in_use": 409,
+    "unavailable": 503,
 }
 
 

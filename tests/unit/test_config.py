@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -154,6 +155,55 @@ def test_secrets_are_masked_in_config_show():
     cfg = config.from_mapping({"deploy": {"webhook_secret": "hunter2"}})
     text = config.render(cfg)
     assert "hunter2" not in text and 'webhook_secret = "********"' in text
+
+
+def test_database_is_a_sqlite_path_or_a_postgresql_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config.from_mapping({"storage": {"database": "var/x.db"}})
+    assert cfg.storage.database == tmp_path / "var" / "x.db"
+    url = "postgresql://gw@db.internal:5432/gateway"
+    assert config.from_mapping({"storage": {"database": url}}).storage.database == url
+    for bad in ("mysql://u:pw@db/gw", "postgresql://db/ gw"):
+        with pytest.raises(ConfigError, match=r"\[storage\] database: ") as err:
+            config.from_mapping({"storage": {"database": bad}})
+        assert "pw" not in str(err.value)
+    # The sandbox path checks skip a registry that is not a file.
+    config.from_mapping(
+        {"storage": {"database": url}, "deploy": {"sandbox_read_paths": ["/srv/tools"]}}
+    )
+
+
+def test_database_url_from_the_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://gw:pw@db/gateway"
+    file = tmp_path / "gw.toml"
+    file.write_text('[storage]\ndatabase = "var/file.db"\nrepos = "r"\n')
+    cfg = config.load(file, env={"GATEWAY_DATABASE_URL": url})
+    assert cfg.storage.database == url and cfg.storage.repos == tmp_path / "r"
+    assert config.load(file, env={}).storage.database == tmp_path / "var" / "file.db"
+    assert config.load(env={"GATEWAY_DATABASE_URL": url}).storage.database == url  # no file
+    assert config.load(file, env={"GATEWAY_DATABASE_URL": ""}).storage.database != url
+    with pytest.raises(ConfigError, match=r"^config: \$GATEWAY_DATABASE_URL: unsupported") as err:
+        config.load(file, env={"GATEWAY_DATABASE_URL": "mysql://u:topsecret@db/x"})
+    assert "topsecret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://gw:hunter2@db:5432/gateway", "postgresql://gw:********@db:5432/gateway"),
+        ("postgres://gw@db/gateway", "postgres://gw@db/gateway"),
+        (
+            "postgresql://db/gateway?sslmode=require&password=hunter2",
+            "postgresql://db/gateway?sslmode=require&password=%2A%2A%2A%2A%2A%2A%2A%2A",
+        ),
+        ("postgresql://gw:hun@ter2@db/gateway", "postgresql://gw:********@db/gateway"),
+    ],
+)
+def test_database_password_is_masked_in_config_show(url, shown):
+    text = config.render(config.from_mapping({"storage": {"database": url}}))
+    assert "hunter2" not in text and "ter2" not in text
+    assert f"database = {json.dumps(shown)}" in text
 
 
 @pytest.mark.parametrize(

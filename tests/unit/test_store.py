@@ -1,4 +1,6 @@
-"""The SQLite registry behind the Store interface: migrations, constraints, roles."""
+"""What only the SQLite backend has: its file, WAL, migrations from old schemas, locking.
+
+The behaviour every backend shares is in tests/contract/test_store.py."""
 
 from __future__ import annotations
 
@@ -8,19 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import Conflict, KeyInUse, NotFound
 from gateway.keys import parse_public_key
-from gateway.models import AuditEvent, NewDeploy, Role
+from gateway.models import NewDeploy
 from gateway.store import open_store
 from gateway.store.sqlite import SQLiteStore, migrations
 from tests.helpers import keygen
-
-
-@pytest.fixture
-async def store(tmp_path: Path):
-    s = await open_store(tmp_path / "db" / "gw.db")
-    yield s
-    await s.close()
 
 
 @pytest.fixture(scope="module")
@@ -45,92 +39,6 @@ async def test_wal_mode_migrations_and_permissions(tmp_path):
             migrations()
         )
     assert path.stat().st_mode & 0o077 == 0
-
-
-async def test_users(store):
-    await store.create_user("alice")
-    with pytest.raises(Conflict):
-        await store.create_user("alice")
-    assert [u.user.name for u in await store.list_users()] == ["alice"]
-    await store.remove_user("alice")
-    with pytest.raises(NotFound):
-        await store.get_user("alice")
-
-
-async def test_one_key_one_account(store, pubkeys):
-    await store.create_user("alice")
-    await store.create_user("bob")
-    key = parse_public_key(pubkeys[0])
-    record = await store.add_key("alice", "laptop", key)
-    assert record.fingerprint == key.fingerprint and record.last_used_at is None
-    with pytest.raises(KeyInUse) as err:
-        await store.add_key("bob", "laptop", key)
-    assert str(err.value) == "this SSH key is already used by another account"
-    with pytest.raises(Conflict, match="under the name 'laptop'"):
-        await store.add_key("alice", "desktop", key)
-    with pytest.raises(Conflict, match="already has a key named"):
-        await store.add_key("alice", "laptop", parse_public_key(pubkeys[1]))
-    await store.add_key("alice", "desktop", parse_public_key(pubkeys[1]))
-    assert [k.name for k in await store.list_keys("alice")] == ["desktop", "laptop"]
-    assert await store.list_keys("bob") == []
-    found = await store.find_key(key.fingerprint)
-    assert found is not None and found.user_name == "alice"
-    await store.touch_key(found.id, "2026-01-01T00:00:00Z")
-    assert (await store.find_key(key.fingerprint)).last_used_at == "2026-01-01T00:00:00Z"
-    await store.remove_key("alice", "laptop")
-    assert await store.find_key(key.fingerprint) is None
-    with pytest.raises(NotFound):
-        await store.remove_key("alice", "laptop")
-
-
-async def test_apps_roles_and_owner_rules(store, pubkeys):
-    for name in ("alice", "bob", "carol"):
-        await store.create_user(name)
-    app = await store.create_app("web", "alice", "main")
-    with pytest.raises(Conflict):
-        await store.create_app("web", "bob", "main")
-    with pytest.raises(NotFound):
-        await store.create_app("api", "nobody", "main")
-    alice, bob, carol = [await store.get_user(n) for n in ("alice", "bob", "carol")]
-    assert await store.role_on(app.id, alice.id) is Role.OWNER
-    assert await store.role_on(app.id, bob.id) is None
-    assert await store.grant("web", "bob", Role.READ) is None
-    assert await store.grant("web", "bob", Role.WRITE) is Role.READ
-    assert await store.role_on(app.id, bob.id) is Role.WRITE
-    with pytest.raises(Conflict):
-        await store.grant("web", "alice", Role.READ)
-    assert [(m.user_name, m.role) for m in await store.list_members("web")] == [
-        ("alice", Role.OWNER),
-        ("bob", Role.WRITE),
-    ]
-    assert [(a.name, r) for a, r in await store.apps_for(bob.id)] == [("web", Role.WRITE)]
-    assert await store.apps_for(carol.id) == []
-    with pytest.raises(Conflict, match="owns apps"):
-        await store.remove_user("alice")
-    assert await store.revoke("web", "bob") is Role.WRITE
-    with pytest.raises(NotFound):
-        await store.revoke("web", "bob")
-    await store.grant("web", "carol", Role.ADMIN)
-    await store.remove_user("carol")  # memberships go with the user
-    assert [m.user_name for m in await store.list_members("web")] == ["alice"]
-    await store.remove_app("web")
-    assert await store.get_app("web") is None
-    await store.remove_user("alice")
-
-
-async def test_concurrent_writers_on_one_connection(store):
-    # Transactions from concurrent coroutines must not interleave on the shared connection.
-    import asyncio
-
-    await asyncio.gather(*(store.create_user(f"user{i}") for i in range(30)))
-    assert len(await store.list_users()) == 30
-
-
-async def test_postgres_url_is_a_clear_config_error():
-    from gateway.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="PostgreSQL"):
-        await open_store("postgresql://db/gateway")
 
 
 # -- ids are never reused (migration 0005) --
@@ -249,46 +157,6 @@ async def test_regression_migration_keeps_every_row_and_stops_id_reuse(tmp_path,
         assert (await store.get_deploy(1)).superseded_by == 2
     finally:
         await store.close()
-
-
-async def test_regression_ids_are_never_reused_after_deleting_the_newest(store, pubkeys):
-    await store.create_user("alice")
-    await store.create_user("bob")
-    bob = await store.get_user("bob")
-    await store.remove_user("bob")
-    assert (await store.create_user("bob")).id > bob.id
-    key = await store.add_key("alice", "k", parse_public_key(pubkeys[0]))
-    await store.remove_key("alice", "k")
-    assert (await store.add_key("alice", "k", parse_public_key(pubkeys[0]))).id > key.id
-    web = await store.create_app("web", "alice", "main")
-    deploy = await store.create_deploy(new_deploy(web.id))
-    assert await store.app_deploy_ids("web") == [deploy.id]
-    await store.remove_app("web")
-    again = await store.create_app("web", "alice", "main")
-    assert again.id > web.id
-    assert (await store.create_deploy(new_deploy(again.id))).id > deploy.id
-    token = await store.create_token("t", None, "hash1")
-    await store.remove_token("t")
-    assert (await store.create_token("t", None, "hash2")).id > token.id
-    # Audit events are never deleted by the gateway; an operator pruning the newest by hand
-    # does not bring its id back either.
-    await store.add_audit(AuditEvent("one"))
-    newest = (await store.list_audit(limit=1))[0]
-    with sqlite3.connect(store.path) as db:
-        db.execute("DELETE FROM audit_events WHERE id = ?", (newest.id,))
-    await store.add_audit(AuditEvent("two"))
-    assert (await store.list_audit(limit=1))[0].id > newest.id
-
-
-async def test_reserve_deploy_ids(store):
-    await store.create_user("alice")
-    app = await store.create_app("web", "alice", "main")
-    await store.reserve_deploy_ids(41)  # no deploy yet: no sqlite_sequence row either
-    assert (await store.create_deploy(new_deploy(app.id))).id == 42
-    await store.reserve_deploy_ids(10)  # never lowers it
-    assert (await store.create_deploy(new_deploy(app.id))).id == 43
-    await store.reserve_deploy_ids(99)
-    assert (await store.create_deploy(new_deploy(app.id))).id == 100
 
 
 async def test_a_migration_breaking_a_foreign_key_is_rolled_back(tmp_path, monkeypatch):

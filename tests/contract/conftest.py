@@ -1,0 +1,60 @@
+"""One registry contract, every backend: each test here runs against SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from gateway.store import Store, open_store
+
+
+@dataclass
+class Backend:
+    """A store under test, and a way around it (what an operator could do by hand)."""
+
+    kind: str
+    target: str
+    store: Store
+
+    async def execute(self, sql: str) -> None:
+        if self.kind == "sqlite":
+
+            def run() -> None:
+                with sqlite3.connect(self.target) as db:
+                    db.execute(sql)
+
+            await asyncio.to_thread(run)
+        else:
+            import asyncpg
+
+            conn = await asyncpg.connect(self.target)
+            try:
+                await conn.execute(sql)
+            finally:
+                await conn.close()
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "sqlite":
+        target = str(tmp_path / "db" / "gw.db")
+    else:
+        target = request.getfixturevalue("pg_url")
+    store = await open_store(target)
+    try:
+        yield Backend(request.param, target, store)
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def store(backend: Backend) -> Store:
+    return backend.store
