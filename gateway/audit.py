@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from .errors import StoreUnavailable
 from .logs import q
 from .models import AuditEvent
 from .store import Store, utcnow
@@ -48,6 +49,8 @@ async def record(
     )
     try:
         await store.add_audit(entry)
+    except StoreUnavailable as exc:  # a database outage: the log line above keeps the event
+        log.error("event=audit_write_failed kind=%s reason=%s", event, q(exc))
     except Exception:
         log.exception("event=audit_write_failed kind=%s", event)
 

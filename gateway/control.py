@@ -92,6 +92,10 @@ class ControlServer:
                 await send({"err": str(exc), "exit": exc.code})
                 return
             await send({"exit": code})
+        except GatewayError as exc:  # e.g. the registry is unavailable: one line for the pusher
+            log.warning("event=control_refused reason=%s", q(exc))
+            with contextlib.suppress(Exception):
+                await send({"out": f"gateway: {exc}\n", "exit": 1})
         except (ValueError, asyncio.LimitOverrunError) as exc:
             log.warning("event=control_bad_request reason=%s", q(exc))
             with contextlib.suppress(Exception):

@@ -25,7 +25,7 @@ from .config import Config
 from .control import ControlServer
 from .deploylog import highest_log_id
 from .deploys import DeployService, sandbox, webhook
-from .errors import AccessDenied, ConfigError, GatewayError
+from .errors import AccessDenied, ConfigError, GatewayError, StoreUnavailable
 from .limits import Admission, RateLimiter
 from .listener import Listener
 from .logs import q
@@ -325,7 +325,14 @@ class Connection(asyncssh.SSHServer):
             self.failure = f"SSH user '{username}' is not accepted"
             self.failure_kind = "bad_user"
             return False
-        identity = await identify(self.gateway.store, fingerprint)
+        try:
+            identity = await identify(self.gateway.store, fingerprint)
+        except StoreUnavailable as exc:
+            # The registry is down (a database restart): say so, rather than let the
+            # client see "Connection closed"; its next attempt may work.
+            self.failure = str(exc)
+            self.failure_kind = "unavailable"
+            raise asyncssh.ServiceNotAvailable(str(exc)) from None
         if identity is None:
             log.info(
                 "event=auth_rejected conn=%s peer=%s reason=unknown_key fp=%s",
@@ -658,7 +665,7 @@ class Gateway:
                 next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
                 try:
                     await retention.prune(self.store, self.config)
-                except OSError as exc:  # out of descriptors, a full disk: one line, retried
+                except (OSError, StoreUnavailable) as exc:  # no descriptors, disk or database
                     log.error("event=prune_failed reason=%s", q(exc))
                 except Exception:
                     log.exception("event=prune_failed")

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import asyncssh
 import pytest
 
 from gateway.models import DeployStatus, NewDeploy, WebhookDelivery
@@ -219,6 +220,10 @@ async def test_regression_database_outage(tmp_path, own_server):
             # The CLI says the same in one line.
             code, _, err = await asyncio.to_thread(admin, "user", "list")
             assert code == 1 and err.startswith("error: cannot reach the registry at ")
+            # A new SSH login is told why, instead of "Connection closed".
+            with pytest.raises(asyncssh.DisconnectError, match="temporarily unavailable"):
+                async with ssh_connect(server.port, key):
+                    pass
             await asyncio.to_thread(own_server.start)
             # Back without a restart of the gateway, on the same connection.
             result = await asyncio.wait_for(conn.run("info"), 30)
