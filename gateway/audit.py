@@ -10,13 +10,13 @@ from datetime import UTC, datetime
 from .errors import StoreUnavailable
 from .logs import q
 from .models import AuditEvent
-from .store import Store, utcnow
+from .store import AuditTrail, utcnow
 
 log = logging.getLogger("gateway.audit")
 
 
 async def record(
-    store: Store,
+    store: AuditTrail,
     event: str,
     *,
     actor: str = "",
@@ -84,7 +84,7 @@ class AuthFailures:
     rest of a scan is counted in one bucket whose source is "(other sources)".
     """
 
-    def __init__(self, store: Store, max_buckets: int = MAX_FAILURE_BUCKETS) -> None:
+    def __init__(self, store: AuditTrail, max_buckets: int = MAX_FAILURE_BUCKETS) -> None:
         self.store = store
         self.max_buckets = max_buckets
         self.buckets: dict[tuple[str, str, str], FailureBucket] = {}

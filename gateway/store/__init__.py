@@ -1,4 +1,5 @@
-"""The registry interface every caller uses; backends (SQLite today) live in submodules."""
+"""The registry interface every caller uses, one part per aggregate; backends (SQLite,
+PostgreSQL) live in submodules and implement all of them."""
 
 from __future__ import annotations
 
@@ -66,12 +67,8 @@ class WebSession:
     last_seen_at: str
 
 
-class Store(abc.ABC):
-    """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL.
-
-    Ids (users, keys, apps, deploys, audit events, tokens) are never handed out twice, not
-    even after the row holding the highest one is deleted.
-    """
+class UsersAndKeys(abc.ABC):
+    """Accounts and their SSH keys (one key, one account)."""
 
     # -- users --
     @abc.abstractmethod
@@ -107,6 +104,10 @@ class Store(abc.ABC):
     async def touch_key(self, key_id: int, when: str) -> None:
         """Record a successful use of the key."""
 
+
+class AppsAndMembers(abc.ABC):
+    """Apps, their owners and members' roles."""
+
     # -- apps --
     @abc.abstractmethod
     async def create_app(self, name: str, owner_name: str, deploy_branch: str) -> App: ...
@@ -138,6 +139,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def apps_for(self, user_id: int) -> list[tuple[App, Role]]:
         """Every app the user can reach, with their role."""
+
+
+class DeployRecords(abc.ABC):
+    """Deploy records, their webhook deliveries and their retention."""
 
     # -- deploys --
     @abc.abstractmethod
@@ -202,6 +207,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]: ...
 
+
+class AuditTrail(abc.ABC):
+    """Security-relevant events, newest first, with retention."""
+
     # -- audit trail --
     @abc.abstractmethod
     async def add_audit(self, event: AuditEvent) -> None: ...
@@ -216,6 +225,10 @@ class Store(abc.ABC):
     ) -> list[AuditEvent]:
         """Most recent events first, optionally for one app and/or one user (events by
         them, and changes made to their account)."""
+
+
+class AccessTokens(abc.ABC):
+    """API tokens (only hashes stored) and the keys page's sessions."""
 
     # -- API tokens --
     @abc.abstractmethod
@@ -255,6 +268,10 @@ class Store(abc.ABC):
     async def prune_web_sessions(self, now: str, idle_since: str) -> int:
         """Delete sessions past their end or not seen since `idle_since`; how many."""
 
+
+class Lifecycle(abc.ABC):
+    """Transactions, schema version, probes and closing."""
+
     # -- transactions --
     @abc.abstractmethod
     def transaction(self) -> AbstractAsyncContextManager[None]:
@@ -275,6 +292,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+class Store(UsersAndKeys, AppsAndMembers, DeployRecords, AuditTrail, AccessTokens, Lifecycle):
+    """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL.
+
+    Ids (users, keys, apps, deploys, audit events, tokens) are never handed out twice, not
+    even after the row holding the highest one is deleted.
+    """
 
 
 async def open_store(database: Path | str) -> Store:
