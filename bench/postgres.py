@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from urllib.parse import quote
 
 from .servers import free_port
 
@@ -38,12 +39,16 @@ class PostgresServer:
     initdb and postgres refuse to run as root: under root every command runs as `nobody`,
     and the directory (in the system temp dir, which `nobody` can reach, unlike pytest's or
     the benchmark's private directories) belongs to it. `durable=True` keeps PostgreSQL's
-    own defaults (fsync, synchronous commit), as an operator's server would run.
+    own defaults (fsync, synchronous commit), as an operator's server would run. With a
+    `password`, TCP logins need it (SCRAM): without one, any local user could log in over
+    127.0.0.1 as the superuser, and run programs as the server's user (COPY ... TO PROGRAM).
+    The unix socket stays password-less; it is in the server's private directory.
     """
 
-    def __init__(self, bin_dir: Path, durable: bool = False) -> None:
+    def __init__(self, bin_dir: Path, durable: bool = False, password: str | None = None) -> None:
         self.bin = bin_dir
         self.durable = durable
+        self.password = password
         self.root = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
         self.data = self.root / "data"
         self.sockets = self.root / "sockets"
@@ -55,8 +60,19 @@ class PostgresServer:
             self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
             os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
         self.root.chmod(0o700)
-        self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-                  "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")  # fmt: skip
+        auth = ["--auth=trust"]
+        if password is not None:
+            pwfile = self.root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if self._as:
+                os.chown(pwfile, self._as["user"], self._as["group"])  # type: ignore[arg-type]
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, *auth,
+                      "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")  # fmt: skip
+        finally:
+            if password is not None:
+                pwfile.unlink()
         self._run("mkdir", str(self.sockets), program="/bin/mkdir")
 
     def _run(self, *argv: str, program: str | None = None) -> str:
@@ -107,7 +123,8 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        login = SUPERUSER if self.password is None else f"{SUPERUSER}:{quote(self.password)}"
+        return f"postgresql://{login}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, prefix: str = "test") -> str:
         """A new empty database; its URL."""

@@ -20,6 +20,7 @@ import getpass
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -153,7 +154,9 @@ class Bench:
             if bin_dir is None:
                 raise SystemExit(f"--database postgresql: {INSTALL_HINT}")
             # PostgreSQL's own defaults (fsync, synchronous commit): an operator's server.
-            self.postgres = PostgresServer(bin_dir, durable=True).start()
+            self.postgres = PostgresServer(
+                bin_dir, durable=True, password=secrets.token_urlsafe(24)
+            ).start()
             self.postgres_info = {
                 "version": self.postgres.version(),
                 "port": self.postgres.port,
