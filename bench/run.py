@@ -1,12 +1,14 @@
 """Benchmark: the gateway against OpenSSH + git and the file:// floor, in the same run.
 
     python -m bench [--quick | --profile tiny|small|large] [--repo PATH] [--json FILE]
-                    [--cipher NAME]
+                    [--cipher NAME] [--database sqlite|postgresql|both] [--keys N]
 
 Every workload runs against the three targets, alternating their order at each repetition,
 and reports min / median / max and the ratios gateway/OpenSSH and gateway/file:// (lower is
 better). The three targets serve the very same bare repository, with the same git settings.
 The cipher, MAC and key exchange each SSH target negotiated are reported with the figures.
+The gateway's registry is SQLite, or a PostgreSQL server the benchmark starts; with both,
+the auth-cost workload runs on each, side by side (the others on SQLite).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import getpass
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -27,13 +30,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.repos import git_settings
 
-from . import repogen
+from . import registry, repogen
+from .postgres import INSTALL_HINT, PostgresServer, binaries
 from .servers import TIMEOUT, Gateway, PrivateSSHD, cpu_seconds, rss_kib, run
 
 TARGETS = ("file", "openssh", "gateway")
+DATABASES = ("sqlite", "postgresql")
+FEW_KEYS = 10  # keys registered on the "few keys" side of the auth-cost workload
+LIMITS = (
+    "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
+    "max_unauthenticated = 500\nuser_ops_per_minute = 100000\n"
+)
 
 
 @dataclass
@@ -109,12 +120,23 @@ def pkt(text: str) -> bytes:
 
 class Bench:
     def __init__(
-        self, settings: Settings, root: Path, repo: Path | None, cipher: str | None = None
+        self,
+        settings: Settings,
+        root: Path,
+        repo: Path | None,
+        cipher: str | None = None,
+        databases: tuple[str, ...] = ("sqlite",),
     ) -> None:
         self.s = settings
         self.root = root
         self.source_repo = repo
         self.cipher = cipher  # pin the SSH clients to this cipher (ssh -c), else their default
+        # The registries the gateway runs on; every workload uses the first, auth_cost all.
+        self.databases = databases
+        self.gateways: dict[str, Gateway] = {}
+        self.postgres: PostgresServer | None = None
+        self.postgres_info: dict[str, object] | None = None
+        self.sshd: PrivateSSHD | None = None
         self.negotiated: dict[str, dict[str, str] | None] = {t: None for t in TARGETS}
         self.results: dict[str, dict[str, object]] = {}
         self.user = getpass.getuser()
@@ -127,15 +149,32 @@ class Bench:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)])
         pubkey = Path(f"{self.key}.pub").read_text()
 
-        self.gateway = Gateway(
-            root / "gateway",
-            "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
-            "max_unauthenticated = 500\nuser_ops_per_minute = 100000\n",
-        )
-        self.gateway.cli("user", "add", "bench")
-        self.gateway.cli("key", "add", "bench", "k", "-", stdin=pubkey)
-        self.gateway.cli("app", "create", "bench", "--owner", "bench")
-        self.repo = root / "gateway" / "repos" / "bench.git"
+        if "postgresql" in self.databases:
+            bin_dir = binaries()
+            if bin_dir is None:
+                raise SystemExit(f"--database postgresql: {INSTALL_HINT}")
+            # PostgreSQL's own defaults (fsync, synchronous commit): an operator's server.
+            self.postgres = PostgresServer(
+                bin_dir, durable=True, password=secrets.token_urlsafe(24)
+            ).start()
+            self.postgres_info = {
+                "version": self.postgres.version(),
+                "port": self.postgres.port,
+                "settings": "defaults (fsync on, synchronous_commit on)",
+            }
+        for backend in self.databases:
+            main = backend == self.databases[0]
+            gateway = Gateway(
+                root / ("gateway" if main else f"gateway-{backend}"),
+                LIMITS,
+                self.postgres.create_database("bench") if backend == "postgresql" else None,
+            )
+            self.gateways[backend] = gateway
+            gateway.cli("user", "add", "bench")
+            gateway.cli("key", "add", "bench", "k", "-", stdin=pubkey)
+            gateway.cli("app", "create", "bench", "--owner", "bench")
+        self.gateway = self.gateways[self.databases[0]]
+        self.repo = self.gateway.repos / "bench.git"
         generated = self.source_repo or root / "generated.git"
         if self.source_repo is None:
             repogen.generate(generated, repogen.PROFILES[self.s.profile])
@@ -145,13 +184,26 @@ class Bench:
         self.head = run(["git", "rev-parse", "main"], git, self.repo).strip()
         run(["git", "update-ref", "refs/heads/bench-base", "main~10"], git, self.repo)
         self.pack_bytes = repogen.pack_size(self.repo)
+        for gateway in self.gateways.values():
+            if gateway is not self.gateway:
+                # The same refs: ls-remote advertises them all, so it costs the same.
+                run(
+                    ["git", "fetch", "-q", str(self.repo), "+refs/*:refs/*"],
+                    git,
+                    gateway.repos / "bench.git",
+                )
 
         self.sshd = PrivateSSHD(root / "sshd", pubkey)
-        self.gateway.start()
+        for gateway in self.gateways.values():
+            gateway.start()
         self.sshd.start()
         known = root / "known_hosts"
         known.write_text(
-            "".join(f"[127.0.0.1]:{self.gateway.port} {k}\n" for k in self.gateway.host_keys())
+            "".join(
+                f"[127.0.0.1]:{gateway.port} {k}\n"
+                for gateway in self.gateways.values()
+                for k in gateway.host_keys()
+            )
             + "".join(f"[127.0.0.1]:{self.sshd.port} {k}\n" for k in self.sshd.host_keys())
         )
         self.ssh_base = [
@@ -176,13 +228,13 @@ class Bench:
         # git settings, so that the comparison is about transport, not configuration.
         self.plain_root = root / "plain"
         self.plain_root.mkdir()
-        gw_repos = root / "gateway" / "repos"
+        gw_repos = self.gateway.repos
 
         def plain(name: str) -> Path:
             return gw_repos / f"{name}.git" if name == "bench" else self.plain_root / f"{name}.git"
 
         ssh_upload = [*self.ssh_base, "-p", str(self.sshd.port), f"{self.user}@127.0.0.1"]
-        gw_upload = [*self.ssh_base, "-p", str(self.gateway.port), "git@127.0.0.1"]
+        self.gateway_targets = {b: self.gateway_target(g) for b, g in self.gateways.items()}
         self.targets = {
             "file": Target(
                 "file",
@@ -196,15 +248,19 @@ class Bench:
                 plain,
                 lambda n: [*ssh_upload, f"git-upload-pack '{plain(n)}'"],
             ),
-            "gateway": Target(
-                "gateway",
-                lambda n: f"ssh://git@127.0.0.1:{self.gateway.port}/{n}.git",
-                lambda n: gw_repos / f"{n}.git",
-                lambda n: [*gw_upload, f"git-upload-pack '{n}.git'"],
-            ),
+            "gateway": self.gateway_targets[self.databases[0]],
         }
         self.work = root / "work"
         self.work.mkdir()
+
+    def gateway_target(self, gateway: Gateway) -> Target:
+        upload = [*self.ssh_base, "-p", str(gateway.port), "git@127.0.0.1"]
+        return Target(
+            "gateway",
+            lambda n: f"ssh://git@127.0.0.1:{gateway.port}/{n}.git",
+            lambda n: gateway.repos / f"{n}.git",
+            lambda n: [*upload, f"git-upload-pack '{n}.git'"],
+        )
 
     def probe_crypto(self, argv: list[str]) -> dict[str, str]:
         """One `ssh -v` login: the key exchange, cipher and MAC it negotiated."""
@@ -435,57 +491,77 @@ class Bench:
         print("  ls_remote: done", file=sys.stderr, flush=True)
 
     def auth_cost(self) -> None:
-        gateway = self.targets["gateway"]
-        few = self.ls_remote_latencies(gateway)
-        asyncio.run(self._register_keys(self.s.keys))
-        many = self.ls_remote_latencies(gateway)
-        p_few, p_many = self.percentile(few, 0.5), self.percentile(many, 0.5)
-        self.results["auth_cost"] = {
-            "keys_few": 10,
+        """ls-remote latency through the gateway with FEW_KEYS keys registered and with
+        self.s.keys, on each registry. The few-keys samples are taken before and after the
+        crowd, and the registries take turns going first, so that the machine drifting
+        during the run does not pass for lookup cost."""
+        backends = list(self.gateways)
+        started = time.perf_counter()
+        neighbours = registry.generate_keys(FEW_KEYS - 1)  # beside the benchmark's own key
+        crowd = registry.generate_keys(self.s.keys - FEW_KEYS)
+        keygen = time.perf_counter() - started
+        few: dict[str, list[float]] = {b: [] for b in backends}
+        many: dict[str, list[float]] = {b: [] for b in backends}
+        seeded: dict[str, float] = {}
+        registered: dict[str, int] = {}
+        removed: dict[str, float] = {}
+        for backend in backends:
+            asyncio.run(registry.seed(self.gateways[backend].database, "few", neighbours))
+        self._auth_samples(few, 0)
+        for backend in backends:
+            print(f"  auth_cost: seeding {backend}...", file=sys.stderr, flush=True)
+            seeded[backend] = asyncio.run(
+                registry.seed(self.gateways[backend].database, "crowd", crowd)
+            )
+            registered[backend] = asyncio.run(registry.count_keys(self.gateways[backend].database))
+        self._auth_samples(many, 1)
+        self._auth_samples(many, 0)
+        for backend in backends:
+            removed[backend] = asyncio.run(
+                registry.remove_users(self.gateways[backend].database, "crowd")
+            )
+        self._auth_samples(few, 1)
+
+        def latency(values: list[float]) -> dict[str, float]:
+            return {
+                "p50": round(self.percentile(values, 0.5), 4),
+                "p99": round(self.percentile(values, 0.99), 4),
+                "n": len(values),
+            }
+
+        result: dict[str, object] = {
+            "keys_few": FEW_KEYS,
             "keys_many": self.s.keys,
-            "ls_remote_p50_few": round(p_few, 4),
-            "ls_remote_p50_many": round(p_many, 4),
-            "many/few": round(p_many / p_few, 3),
+            "keygen_s": round(keygen, 2),
         }
+        for backend in backends:
+            result[backend] = {
+                "few": latency(few[backend]),
+                "many": latency(many[backend]),
+                "keys_registered": registered[backend],  # counted after seeding
+                "many/few": round(
+                    self.percentile(many[backend], 0.5) / self.percentile(few[backend], 0.5), 3
+                ),
+                "seed_s": round(seeded[backend], 2),
+                "seed_keys_per_s": round(len(crowd) / seeded[backend]) if seeded[backend] else 0,
+                "remove_s": round(removed[backend], 2),
+            }
+        if len(backends) == 2:
+            result["postgresql/sqlite"] = {
+                side: round(
+                    self.percentile(values["postgresql"], 0.5)
+                    / self.percentile(values["sqlite"], 0.5),
+                    3,
+                )
+                for side, values in (("few", few), ("many", many))
+            }
+        self.results["auth_cost"] = result
         print("  auth_cost: done", file=sys.stderr, flush=True)
 
-    async def _register_keys(self, total: int) -> None:
-        """Register `total` keys (real ed25519 public keys) for other users, through the
-        registry interface the CLI uses."""
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-
-        from gateway.keys import parse_public_key
-        from gateway.store import open_store
-
-        store = await open_store(self.root / "gateway" / "gw.db")
-        try:
-            for index in range(total - 10 if total > 10 else 0):
-                if index % 1000 == 0:
-                    await store.create_user(f"crowd{index // 1000}")
-                raw = (
-                    ed25519.Ed25519PrivateKey.generate()
-                    .public_key()
-                    .public_bytes(
-                        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                    )
-                )
-                await store.add_key(
-                    f"crowd{index // 1000}", f"k{index}", parse_public_key(raw.decode())
-                )
-        finally:
-            await store.close()
-
-    async def _remove_crowd(self) -> None:
-        from gateway.store import open_store
-
-        store = await open_store(self.root / "gateway" / "gw.db")
-        try:
-            for summary in await store.list_users():
-                if summary.user.name.startswith("crowd"):
-                    await store.remove_user(summary.user.name)
-        finally:
-            await store.close()
+    def _auth_samples(self, into: dict[str, list[float]], turn: int) -> None:
+        backends = list(into)
+        for backend in backends[turn % len(backends) :] + backends[: turn % len(backends)]:
+            into[backend].extend(self.ls_remote_latencies(self.gateway_targets[backend]))
 
     def memory(self) -> None:
         before = rss_kib(self.gateway.pid)
@@ -570,9 +646,18 @@ class Bench:
         self.results["raw_pack_mb_per_s"] = throughput
 
     def close(self) -> None:
-        self.sshd.stop()
-        code = self.gateway.stop()
-        self.results["gateway_exit_code"] = {"code": code}
+        """Stop whatever setup started, even if it stopped halfway."""
+        codes: dict[str, int] = {}
+        try:
+            if self.sshd is not None:
+                self.sshd.stop()
+            for backend, gateway in self.gateways.items():
+                codes[backend] = gateway.stop()
+        finally:
+            if self.postgres is not None:
+                self.postgres.remove()
+        if codes:
+            self.results["gateway_exit_code"] = {"code": codes[self.databases[0]], **codes}
 
 
 def machine() -> dict[str, object]:
@@ -616,16 +701,65 @@ def table(results: dict[str, dict[str, object]]) -> str:
             f"{figures.get('gateway/openssh', '-')!s:>7} {figures.get('gateway/file', '-')!s:>7} "
             f"{figures.get('gateway_cpu_s', '-')!s:>7}"
         )
+    if len(lines) == 1:
+        lines = []  # no per-target workload ran (--only auth_cost, say): no empty header
     for name in (
         "raw_pack_mb_per_s",
         "concurrent_8_failures",
         "concurrent_32_failures",
-        "auth_cost",
         "memory",
     ):
         if name in results:
             lines.append(f"{name}: {json.dumps(results[name])}")
+    if "auth_cost" in results:
+        lines.extend(auth_table(results["auth_cost"]))
     return "\n".join(lines)
+
+
+def auth_table(auth: dict[str, Any]) -> list[str]:
+    """The auth-cost figures, one column per registry."""
+    backends = [b for b in DATABASES if b in auth]
+    few, many = auth["keys_few"], auth["keys_many"]
+    figures: list[dict[str, Any]] = [auth[b] for b in backends]
+
+    def spread(side: str) -> list[str]:
+        return [f"{f[side]['p50']:.4f} / {f[side]['p99']:.4f} s" for f in figures]
+
+    rows = [
+        (f"p50 / p99, {few} keys", spread("few")),
+        (f"p50 / p99, {many:,} keys", spread("many")),
+        (f"p50 {many:,} / {few}", [f"{f['many/few']}x" for f in figures]),
+        (
+            f"seeding {many - few:,} keys",
+            [f"{f['seed_s']} s ({f['seed_keys_per_s']:,}/s)" for f in figures],
+        ),
+        ("removing them", [f"{f['remove_s']} s" for f in figures]),
+    ]
+    lines = [
+        f"auth_cost (git ls-remote through the gateway; {figures[0]['few']['n']} samples each)",
+        f"  {'':<26}" + "".join(f"{b:>28}" for b in backends),
+    ]
+    lines += [f"  {label:<26}" + "".join(f"{c:>28}" for c in cells) for label, cells in rows]
+    ratio = auth.get("postgresql/sqlite")
+    if isinstance(ratio, dict):
+        lines.append(
+            f"  postgresql / sqlite p50: {ratio['few']}x with {few} keys, "
+            f"{ratio['many']}x with {many:,}"
+        )
+    lines.append(f"  generating the keys: {auth['keygen_s']} s")
+    return lines
+
+
+def auth_sentence(auth: dict[str, Any]) -> str:
+    """The auth-cost figures as one README sentence."""
+    parts = [
+        f"{backend} {auth[backend]['few']['p50']} s with {auth['keys_few']} keys, "
+        f"{auth[backend]['many']['p50']} s with {auth['keys_many']:,} "
+        f"({auth[backend]['many/few']}x; seeding {auth[backend]['seed_s']} s)"
+        for backend in DATABASES
+        if backend in auth
+    ]
+    return "Auth cost: ls-remote p50 on " + "; on ".join(parts) + "."
 
 
 def negotiated_line(negotiated: dict[str, dict[str, str] | None]) -> str:
@@ -665,9 +799,7 @@ def markdown(report: dict[str, object]) -> str:
         f"Raw pack transfer: {mbps['file']} MB/s file://, {mbps['openssh']} MB/s OpenSSH, "  # type: ignore[index]
         f"{mbps['gateway']} MB/s gateway (connection setup included). "  # type: ignore[index]
         f"Concurrent clones failed: {results.get('concurrent_8_failures')}, "
-        f"{results.get('concurrent_32_failures')}. Auth cost: ls-remote p50 "
-        f"{auth['ls_remote_p50_few']} s with 10 keys, {auth['ls_remote_p50_many']} s with "  # type: ignore[index]
-        f"{auth['keys_many']:,} ({auth['many/few']}x). Memory: "  # type: ignore[index]
+        f"{results.get('concurrent_32_failures')}. {auth_sentence(auth)} Memory: "
         f"{memory['kib_per_connection']} KiB per idle authenticated connection "  # type: ignore[index]
         f"({memory['idle_connections']} connections)."  # type: ignore[index]
     )
@@ -693,6 +825,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="write the README table")
     parser.add_argument("--only", metavar="NAMES", help="comma-separated workloads to run")
     parser.add_argument(
+        "--database",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="the gateway's registry: SQLite, a PostgreSQL server the benchmark starts, or "
+        "both (auth_cost on each, side by side; the other workloads on SQLite)",
+    )
+    parser.add_argument(
+        "--keys",
+        type=int,
+        help=f"keys registered for auth_cost (default: 100,000, 10,000 with --quick; "
+        f"more than {FEW_KEYS})",
+    )
+    parser.add_argument(
         "--cipher",
         metavar="NAME",
         help="pin both SSH targets' client to this cipher (ssh -c), e.g. aes128-gcm@openssh.com",
@@ -705,18 +850,31 @@ def main(argv: list[str] | None = None) -> int:
         settings.profile = args.profile or settings.profile
     if args.reps:
         settings.reps = args.reps
+    if args.keys is not None:
+        if args.keys <= FEW_KEYS:
+            parser.error(f"--keys must be more than {FEW_KEYS}")
+        settings.keys = args.keys
+    databases = DATABASES if args.database == "both" else (args.database,)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
-        bench = Bench(settings, Path(tmp), args.repo.resolve() if args.repo else None, args.cipher)
+        bench = Bench(
+            settings,
+            Path(tmp),
+            args.repo.resolve() if args.repo else None,
+            args.cipher,
+            databases,
+        )
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
-        bench.setup()
         try:
+            bench.setup()
             bench.run_all(set(args.only.split(",")) if args.only else None)
         finally:
             bench.close()
         report = {
             "profile": settings.profile,
             "pack_bytes": bench.pack_bytes,
+            "databases": list(databases),
+            "postgresql": bench.postgres_info,
             "machine": machine(),
             "elapsed_s": round(time.monotonic() - started, 1),
             "negotiated": bench.negotiated,
@@ -728,6 +886,10 @@ def main(argv: list[str] | None = None) -> int:
         f"pack {report['pack_bytes'] / 1e6:.1f} MB, {report['elapsed_s']} s, "
         f"{json.dumps(report['machine'])}"
     )
+    registries = " and ".join(databases)
+    if bench.postgres_info:
+        registries += f" (PostgreSQL {bench.postgres_info['version']}, its default settings)"
+    print(f"gateway registry: {registries}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown and not args.only:

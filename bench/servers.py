@@ -64,17 +64,20 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 class Gateway:
     """The gateway started as operators start it, in a private state directory."""
 
-    def __init__(self, state: Path, extra: str = "") -> None:
+    def __init__(self, state: Path, extra: str = "", database: str | None = None) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
+        # The registry: a SQLite file in the state directory, or a postgresql:// URL.
+        self.database = database or str(state / "gw.db")
+        self.repos = state / "repos"
         self.config = state / "gateway.toml"
         self.config.write_text(
             "[ssh]\n"
             'listen = "127.0.0.1:0"\n'
             f'host_key_dir = "{state / "hostkeys"}"\n'
             "[storage]\n"
-            f'repos = "{state / "repos"}"\n'
-            f'database = "{state / "gw.db"}"\n'
+            f'repos = "{self.repos}"\n'
+            f'database = "{self.database}"\n'
             f'control_socket = "{state / "gw.sock"}"\n'
             "[deploy]\n"
             f'log_dir = "{state / "deploys"}"\n'

@@ -1,33 +1,15 @@
-"""A throwaway PostgreSQL server for the tests: Debian's binaries, a temporary cluster."""
+"""A throwaway PostgreSQL server for the tests (bench/postgres.py), skipped where absent."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-TIMEOUT = 60
-SUPERUSER = "gateway_test"
-_databases = itertools.count(1)
+from bench.postgres import INSTALL_HINT, SUPERUSER, PostgresServer, binaries
 
-
-def binaries() -> Path | None:
-    """The newest installed PostgreSQL's bin directory (Debian keeps one per major version)."""
-    root = Path("/usr/lib/postgresql")
-    found = []
-    for entry in root.glob("*/bin"):
-        if (entry / "initdb").is_file() and (entry / "pg_ctl").is_file():
-            major = entry.parent.name
-            found.append((int(major) if major.isdigit() else 0, entry))
-    return max(found)[1] if found else None
+__all__ = ["SUPERUSER", "PostgresServer", "binaries", "require_postgres"]
 
 
 def require_postgres() -> Path:
@@ -35,99 +17,6 @@ def require_postgres() -> Path:
     bin_dir = binaries()
     if bin_dir is None:
         if os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1":
-            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+            raise RuntimeError(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
     return bin_dir
-
-
-def _free_port() -> int:
-    # PostgreSQL cannot listen on port 0 and report the port it got, so one is picked here;
-    # start() tries again on another port if something took it meanwhile.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PostgresServer:
-    """One cluster in a temporary directory, listening on 127.0.0.1 and a socket in it.
-
-    initdb and postgres refuse to run as root: under root every command runs as `nobody`,
-    and the directory (in the system temp dir, which `nobody` can reach, unlike pytest's)
-    belongs to it.
-    """
-
-    def __init__(self, bin_dir: Path) -> None:
-        self.bin = bin_dir
-        self.root = Path(tempfile.mkdtemp(prefix="gateway-pg-"))
-        self.data = self.root / "data"
-        self.sockets = self.root / "sockets"
-        self.log = self.root / "postgres.log"
-        self.port = 0
-        self._as: dict[str, object] = {}
-        if os.geteuid() == 0:
-            nobody = pwd.getpwnam("nobody")
-            self._as = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-            os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
-        self.root.chmod(0o700)
-        self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust",
-                  "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync")  # fmt: skip
-        self._run("mkdir", str(self.sockets), program="/bin/mkdir")
-
-    def _run(self, *argv: str, program: str | None = None) -> str:
-        command = [program or str(self.bin / argv[0]), *argv[1:]]
-        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "HOME": str(self.root)}
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=env,
-            cwd=self.root,
-            check=False,
-            **self._as,  # type: ignore[arg-type]
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{argv[0]} failed ({result.returncode}):\n{result.stderr}")
-        return result.stdout
-
-    def start(self) -> PostgresServer:
-        for _ in range(5):
-            self.port = self.port or _free_port()
-            options = (
-                f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=200"
-            )
-            try:
-                self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data),
-                          "-l", str(self.log), "-o", options)  # fmt: skip
-                return self
-            except RuntimeError:
-                if "could not bind" not in self.log.read_text(errors="replace"):
-                    raise
-                self.port = 0
-        raise RuntimeError(f"PostgreSQL found no free port:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", "fast", "-D", str(self.data))
-
-    def remove(self) -> None:
-        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-            self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        """A new empty database; its URL."""
-        name = f"test_{os.getpid()}_{next(_databases)}"
-        self.psql(f'CREATE DATABASE "{name}" TEMPLATE template0')
-        return self.url(name)
-
-    def psql(self, sql: str, database: str = "postgres") -> str:
-        """Run SQL as the superuser over the unix socket; the rows as psql prints them
-        unaligned (one line each, fields separated by |)."""
-        return self._run("psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h",
-                         str(self.sockets), "-p", str(self.port), "-U", SUPERUSER, "-d",
-                         database, "-c", sql)  # fmt: skip
