@@ -160,6 +160,18 @@ async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
     return await _with_registry(cfg, act)
 
 
+async def key_move(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        key = await reg.move_key(args.user, args.name, args.to, args.new_name, actor=OPERATOR)
+        out.write(
+            f"moved key '{args.name}' ({key.fingerprint}) from {args.user} to "
+            f"{key.user_name} as '{key.name}'\n"
+        )
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
 async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
         app = await reg.create_app(args.app, args.owner, args.branch, actor=OPERATOR)
@@ -557,6 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(keys, "remove", key_remove, "remove one of a user's keys")
     p.add_argument("user")
     p.add_argument("name")
+    p = add(keys, "move", key_move, "give one of a user's keys to another user (one transaction)")
+    p.add_argument("user")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="USER", help="the account that gets the key")
+    p.add_argument("--name", dest="new_name", metavar="NAME", help="its name there (default: same)")
 
     apps = groups.add_parser("app", help="manage apps and their members").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -117,6 +117,33 @@ class Registry:
         )
         return key
 
+    async def move_key(
+        self, user: str, key_name: str, to_user: str, new_name: str | None = None, *, actor: str
+    ) -> SSHKey:
+        """Give a registered key to another account (a key registered on the wrong one: a
+        key belongs to one account only, so it cannot simply be added to the other). One
+        transaction: if the other account refuses it (no such user, the name is taken),
+        the key stays where it was."""
+        user, to_user = names.user_name(user), names.user_name(to_user)
+        key_name = names.key_name(key_name)
+        new_name = names.key_name(new_name) if new_name else key_name
+        if user == to_user:
+            raise UsageError(f"the key is already on account '{user}'")
+        async with self.store.transaction():
+            old = await self.store.remove_key(user, key_name)
+            moved = await self.store.add_key(to_user, new_name, parse_public_key(old.public_key))
+            await audit.record(
+                self.store,
+                "key_moved",
+                actor=actor,
+                fingerprint=moved.fingerprint,
+                user=user,
+                key=key_name,
+                to_user=to_user,
+                to_key=new_name,
+            )
+        return moved
+
     # -- apps --
 
     async def create_app(

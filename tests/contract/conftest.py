@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import Store, open_store
+from tests.helpers import keygen
 
 
 @dataclass
@@ -58,3 +59,9 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 def store(backend: Backend) -> Store:
     return backend.store
+
+
+@pytest.fixture(scope="module")
+def pubkeys(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    d = tmp_path_factory.mktemp("contractkeys")
+    return [Path(f"{keygen(d / f'k{i}', 'ed25519')}.pub").read_text() for i in range(3)]

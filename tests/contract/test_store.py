@@ -23,17 +23,10 @@ from gateway.models import (
     WebhookDelivery,
 )
 from gateway.store import Store, UserSummary, WebSession
-from tests.helpers import keygen
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 SHA = "a" * 40
 T = "2026-01-01T00:00:00Z"
-
-
-@pytest.fixture(scope="module")
-def pubkeys(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    d = tmp_path_factory.mktemp("contractkeys")
-    return [Path(f"{keygen(d / f'k{i}', 'ed25519')}.pub").read_text() for i in range(3)]
 
 
 def new_deploy(app_id: int, sha: str = SHA, pusher: str = "alice") -> NewDeploy:

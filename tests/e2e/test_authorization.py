@@ -64,3 +64,18 @@ def test_push_size_limit(tmp_path_factory, make_user, tmp_path):
         fsck(small.repo(app))
     finally:
         small.stop()
+
+
+def test_a_moved_key_logs_in_as_its_new_owner(admin, make_user, server, tmp_path):
+    """`key move` gives a key registered on the wrong account to the right one: from then
+    on it authenticates as the new owner, and the old account has no key left."""
+    wrong = make_user("wrong")
+    right_name = unique("right")
+    admin.ok("user", "add", right_name)
+    out = admin.ok("key", "move", wrong.name, "laptop", "--to", right_name, "--name", "desk")
+    assert f"from {wrong.name} to {right_name} as 'desk'" in out
+    assert wrong.ssh().stdout.startswith(f"Hi {right_name}!")
+    assert admin.ok("key", "list", wrong.name, "--json").strip() == "[]"
+    code, _, err = admin("key", "move", right_name, "desk", "--to", "no-such-user")
+    assert code == 1 and "no such user 'no-such-user'" in err
+    assert '"desk"' in admin.ok("key", "list", right_name, "--json")  # still there
