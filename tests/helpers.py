@@ -557,3 +557,34 @@ def http(
             return HTTPReply(reply.status, dict(reply.headers), reply.read())
     except urllib.error.HTTPError as err:
         return HTTPReply(err.code, dict(err.headers), err.read())
+
+
+def race_one_round(pushers: list[tuple[Client, Path]], app: str, round_number: int) -> str:
+    """Each pusher commits on top of the branch as it is now, then all push `main` at once:
+    exactly one must win, and every other one be cleanly rejected. Returns the winner's
+    commit (what the branch must now hold)."""
+    commits = []
+    for index, (client, copy) in enumerate(pushers):
+        client.git("fetch", "-q", client.url(app), "main", cwd=copy)
+        client.git("reset", "-q", "--hard", "FETCH_HEAD", cwd=copy)
+        commits.append(client.commit(copy, {f"r{round_number}-{index}": "x\n"}, f"{index}"))
+    racing = [
+        subprocess.Popen(
+            ["git", "push", client.url(app), "main"],
+            cwd=copy,
+            env=client.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for client, copy in pushers
+    ]
+    outcomes = []
+    for proc in racing:
+        _, err = proc.communicate(timeout=TIMEOUT)
+        outcomes.append((proc.returncode, err.decode()))
+    winners = [i for i, (code, _) in enumerate(outcomes) if code == 0]
+    assert len(winners) == 1, outcomes  # exactly one per round...
+    for code, err in outcomes:
+        if code != 0:  # ...and every other one is cleanly rejected
+            assert "rejected" in err or "failed to update ref" in err or "cannot lock" in err
+    return commits[winners[0]]

@@ -21,6 +21,7 @@ from tests.helpers import (
     ServeProcess,
     ServerThread,
     keygen,
+    race_one_round,
     run,
     server_refs,
     unique,
@@ -181,31 +182,8 @@ def test_concurrent_pushes_to_one_branch(
         member.git("clone", "-q", member.url(app), str(copy))
         pushers.append((member, copy))
     for round_number in range(rounds):
-        commits = []
-        for index, (member, copy) in enumerate(pushers):
-            member.git("fetch", "-q", "origin", cwd=copy)
-            member.git("reset", "-q", "--hard", "origin/main", cwd=copy)
-            commits.append(member.commit(copy, {f"r{round_number}-{index}": "x\n"}, f"{index}"))
-        racing = [
-            subprocess.Popen(
-                ["git", "push", member.url(app), "main"],
-                cwd=copy,
-                env=member.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for member, copy in pushers
-        ]
-        outcomes = []
-        for proc in racing:
-            _, err = proc.communicate(timeout=TIMEOUT)
-            outcomes.append((proc.returncode, err.decode()))
-        winners = [i for i, (code, _) in enumerate(outcomes) if code == 0]
-        assert len(winners) == 1, outcomes  # exactly one per round...
-        for code, err in outcomes:
-            if code != 0:  # ...and every other one is cleanly rejected
-                assert "rejected" in err or "failed to update ref" in err or "cannot lock" in err
-        assert server_refs(repo)["refs/heads/main"] == commits[winners[0]]  # no lost update
+        winner = race_one_round(pushers, app, round_number)
+        assert server_refs(repo)["refs/heads/main"] == winner  # no lost update
         strict_fsck(repo)
     registry_consistent(server.config.storage.database)
 

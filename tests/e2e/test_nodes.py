@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
-    TIMEOUT,
     Admin,
     Client,
     ServeProcess,
     fsck,
     http,
     keygen,
+    race_one_round,
     server_refs,
     write_config,
 )
@@ -119,28 +118,8 @@ def test_racing_pushes_through_both_nodes_one_winner_per_round(nodes, tmp_path):
     second.git("clone", "-q", second.url("raced"), str(second_copy))
     repo = Path(a.config.storage.repos) / "raced.git"
     for round_number in range(4):
-        commits = []
-        for index, (client, copy) in enumerate(pushers):
-            client.git("fetch", "-q", client.url("raced"), "main", cwd=copy)
-            client.git("reset", "-q", "--hard", "FETCH_HEAD", cwd=copy)
-            commits.append(client.commit(copy, {f"r{round_number}-{index}": "x\n"}, f"{index}"))
-        racing = [
-            subprocess.Popen(
-                ["git", "push", client.url("raced"), "main"],
-                cwd=copy,
-                env=client.env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            for client, copy in pushers
-        ]
-        outcomes = []
-        for proc in racing:
-            _, err = proc.communicate(timeout=TIMEOUT)
-            outcomes.append((proc.returncode, err.decode()))
-        winners = [i for i, (code, _) in enumerate(outcomes) if code == 0]
-        assert len(winners) == 1, outcomes
-        assert server_refs(repo)["refs/heads/main"] == commits[winners[0]]
+        winner = race_one_round(pushers, "raced", round_number)
+        assert server_refs(repo)["refs/heads/main"] == winner  # no lost update
         fsck(repo)
     events = json.loads(admin.ok("audit", "--app", "raced", "--json"))
     assert sum(1 for e in events if e["event"] == "push") == 5  # the first push + 4 winners
