@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,10 +22,11 @@ from .store import Store
 
 log = logging.getLogger("gateway.deploys")
 
-# A batch of output goes to the registry at most this often (watchers see it this late),
-# and one chunk holds at most CHUNK_BYTES.
+# One chunk of output, of at most CHUNK_BYTES, goes to the registry per FLUSH_INTERVAL
+# (watchers see it that late): a deploy that prints faster has the excess beyond its log
+# limit cut (with a marker) rather than make the shared registry write more.
 FLUSH_INTERVAL = 0.1
-CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES = 64 * 1024
 RETRY_DELAY = 1.0  # seconds before writing again after the registry failed
 
 
@@ -84,6 +86,7 @@ class DeployLog:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._ready = asyncio.Event()
         self._closing = False
+        self._last = -FLUSH_INTERVAL  # when a batch was last stored: one per interval
         self.closed = False
         self._writer = asyncio.create_task(self._write_batches())
 
@@ -95,6 +98,12 @@ class DeployLog:
     def write(self, text: str) -> None:
         if not text or self._closing:
             return
+        encoded = text.encode("utf-8", "replace")
+        if len(encoded) > self.limit:  # only its tail can be kept
+            cut = len(encoded) - self.limit
+            self._skipped += cut
+            encoded = encoded[cut:]
+            text = encoded.decode("utf-8", "ignore")
         self._pending.append(text)
         self._pending_bytes += len(text.encode("utf-8", "replace"))
         while self._pending_bytes > self.limit and len(self._pending) > 1:
@@ -104,14 +113,17 @@ class DeployLog:
         self._ready.set()
 
     def _batch(self) -> tuple[str, int]:
-        """Take what waits, up to CHUNK_BYTES (a longer piece is split on characters)."""
+        """Take what waits, up to a chunk (a longer piece is split on characters)."""
         parts: list[str] = []
         size = 0
-        while self._pending and size < CHUNK_BYTES:
+        # Small chunks against the limit: the registry trims whole chunks, so the kept log
+        # stays within a few percent of the limit.
+        most = min(CHUNK_BYTES, max(1024, self.limit // 16))
+        while self._pending and size < most:
             piece = self._pending.popleft()
             encoded = piece.encode("utf-8", "replace")
-            if size + len(encoded) > CHUNK_BYTES:
-                room = CHUNK_BYTES - size
+            if size + len(encoded) > most:
+                room = most - size
                 head = encoded[:room].decode("utf-8", "ignore")
                 rest = piece[len(head) :]
                 if head:
@@ -130,6 +142,9 @@ class DeployLog:
             await self._ready.wait()
             self._ready.clear()
             while self._pending:
+                pause = self._last + FLUSH_INTERVAL - time.monotonic()
+                if pause > 0 and not self._closing:
+                    await asyncio.sleep(pause)  # what comes meanwhile joins the batch
                 text, skipped = self._batch()
                 try:
                     await self.store.append_deploy_log(
@@ -147,9 +162,9 @@ class DeployLog:
                         return
                     await asyncio.sleep(RETRY_DELAY)
                     continue
+                self._last = time.monotonic()
             if self._closing:
                 return
-            await asyncio.sleep(FLUSH_INTERVAL)  # what comes meanwhile goes as one chunk
 
     async def close(self, final_line: str = "") -> None:
         """Store what waits, then the final line (kept in the log; each watcher prints its
