@@ -23,7 +23,7 @@ async def record(
     fingerprint: str = "",
     source: str = "",
     app: str = "",
-    at: str | None = None,
+    at: datetime | None = None,
     **detail: object,
 ) -> None:
     """Record an event; a failing write is logged, never raised (auditing must not turn a
@@ -72,7 +72,7 @@ class FailureBucket:
     count: int = 0
     attempts: int = 0  # keys offered, over all these connections
     fingerprints: list[str] = field(default_factory=list)
-    last: str = ""
+    last: datetime | None = None
 
 
 class AuthFailures:
@@ -108,7 +108,7 @@ class AuthFailures:
             bucket = self.buckets[key] = FailureBucket(reason)
         bucket.count += 1
         bucket.attempts += attempts
-        bucket.last = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        bucket.last = now.replace(microsecond=0)
         known = bucket.fingerprints
         if fingerprint and fingerprint not in known and len(known) < MAX_FINGERPRINTS:
             known.append(fingerprint)

@@ -29,6 +29,7 @@ from .shapes import (
     user_dict,
 )
 from .store import Store, open_store
+from .tables import shown
 from .textsafe import TerminalStream, terminal_safe
 
 log = logging.getLogger("gateway.cli")
@@ -82,7 +83,9 @@ async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
         if args.json:
             _json([user_dict(u) for u in users], out)
         else:
-            rows = [[u.user.name, str(u.keys), str(u.apps), u.user.created_at] for u in users]
+            rows = [
+                [u.user.name, str(u.keys), str(u.apps), shown(u.user.created_at)] for u in users
+            ]
             _table(rows, ["USER", "KEYS", "APPS OWNED", "CREATED"], out)
         return 0
 
@@ -138,8 +141,8 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
                     str(k.bits),
                     k.fingerprint,
                     k.fingerprint_md5,
-                    k.created_at,
-                    k.last_used_at or "never",
+                    shown(k.created_at),
+                    shown(k.last_used_at, "never"),
                 ]
                 for k in keys
             ]
@@ -191,7 +194,7 @@ async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
             _json([app_dict(a, cfg) for a in apps], out)
         else:
             rows = [
-                [a.name, a.owner_name, a.deploy_branch, a.created_at, cfg.clone_url(a.name)]
+                [a.name, a.owner_name, a.deploy_branch, shown(a.created_at), cfg.clone_url(a.name)]
                 for a in apps
             ]
             _table(rows, ["APP", "OWNER", "BRANCH", "CREATED", "CLONE URL"], out)
@@ -256,7 +259,7 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             _json([member_dict(m) for m in members], out)
         else:
             _table(
-                [[m.user_name, m.role.label, m.created_at] for m in members],
+                [[m.user_name, m.role.label, shown(m.created_at)] for m in members],
                 ["USER", "ROLE", "SINCE"],
                 out,
             )
@@ -285,7 +288,12 @@ async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
             _json([token_dict(t) for t in tokens], out)
         else:
             rows = [
-                [t.name, t.user_name or "(operator)", t.created_at, t.last_used_at or "never"]
+                [
+                    t.name,
+                    t.user_name or "(operator)",
+                    shown(t.created_at),
+                    shown(t.last_used_at, "never"),
+                ]
                 for t in tokens
             ]
             _table(rows, ["NAME", "USER", "CREATED", "LAST USED"], out)
@@ -329,7 +337,8 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
         for d in deliveries:
             result = d.status_code if d.status_code is not None else tables.one_line(d.error)
             out.write(
-                f"webhook attempt {d.attempt}: {result} in {d.duration_ms} ms at {d.created_at}\n"
+                f"webhook attempt {d.attempt}: {result} in {d.duration_ms} ms "
+                f"at {shown(d.created_at)}\n"
             )
         return 0
 
@@ -443,7 +452,7 @@ async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
             return 0
         rows = [
             [
-                e.at,
+                shown(e.at),
                 e.event,
                 e.actor or "-",
                 e.app or "-",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class Role(enum.IntEnum):
@@ -34,7 +35,7 @@ class Role(enum.IntEnum):
 class User:
     id: int
     name: str
-    created_at: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +50,8 @@ class SSHKey:
     comment: str
     fingerprint: str
     fingerprint_md5: str
-    created_at: str
-    last_used_at: str | None
+    created_at: datetime
+    last_used_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +61,14 @@ class App:
     owner_id: int
     owner_name: str
     deploy_branch: str
-    created_at: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
     user_name: str
     role: Role
-    created_at: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +118,9 @@ class Deploy:
     superseded_by: int | None
     exit_code: int | None
     reason: str
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
     runner: str | None = None  # the gateway process (node) running it
     duration_ms: int | None = None  # measured by the runner, set when it ends
 
@@ -172,7 +173,7 @@ class Node:
     id: str
     name: str
     pid: int
-    started_at: str
+    started_at: datetime
     seen_at: float
 
 
@@ -184,7 +185,7 @@ class WebhookDelivery:
     status_code: int | None
     error: str
     duration_ms: int
-    created_at: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +196,7 @@ class AuditEvent:
     source: str = ""
     app: str = ""
     detail: str = "{}"  # JSON object
-    at: str = ""
+    at: datetime | None = None  # set when recorded
     id: int = 0
 
 
@@ -207,8 +208,8 @@ class ApiToken:
     name: str
     user_id: int | None
     user_name: str | None
-    created_at: str
-    last_used_at: str | None
+    created_at: datetime
+    last_used_at: datetime | None
 
     @property
     def personal(self) -> bool:

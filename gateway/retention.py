@@ -23,8 +23,8 @@ class Pruned:
     deploys: int = 0
 
 
-def _cutoff(days: float, now: datetime) -> str:
-    return (now - timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _cutoff(days: float, now: datetime) -> datetime:
+    return now - timedelta(days=days)
 
 
 async def prune(store: Store, config: Config, now: datetime | None = None) -> Pruned:

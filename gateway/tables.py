@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from . import times
 from .models import Deploy
 from .textsafe import terminal_safe
 
@@ -23,6 +26,11 @@ def render(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown(moment: datetime | None, otherwise: str = "") -> str:
+    """A time as tables show it (its one text form)."""
+    return otherwise if moment is None else times.text(moment)
+
+
 def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:
     return [
         [
@@ -31,7 +39,7 @@ def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:
             d.branch,
             d.new_sha[:8],
             d.pusher,
-            d.created_at,
+            shown(d.created_at),
             d.subject[:50],
         ]
         for d in deploys

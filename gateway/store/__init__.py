@@ -9,9 +9,10 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from .. import times
 from ..dburl import is_postgres
 from ..keys import PublicKey
 from ..models import (
@@ -47,9 +48,9 @@ def packaged_migrations(package: str) -> list[tuple[int, str, str]]:
     return found
 
 
-def utcnow() -> str:
-    """Timestamps are stored as ISO 8601 UTC strings, second precision."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def utcnow() -> datetime:
+    """This moment, aware and in UTC, to the second (what the registry keeps)."""
+    return times.now()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +62,13 @@ class UserSummary:
 
 @dataclass(frozen=True, slots=True)
 class WebSession:
-    """A keys page sign-in: the personal token it acts with, and its times (UTC strings)."""
+    """A keys page sign-in: the personal token it acts with, and its times."""
 
     id: int
     token: ApiToken
-    created_at: str
-    expires_at: str
-    last_seen_at: str
+    created_at: datetime
+    expires_at: datetime
+    last_seen_at: datetime
 
 
 class UsersAndKeys(abc.ABC):
@@ -104,7 +105,7 @@ class UsersAndKeys(abc.ABC):
         """The key with this SHA256 fingerprint (the authentication lookup)."""
 
     @abc.abstractmethod
-    async def touch_key(self, key_id: int, when: str) -> None:
+    async def touch_key(self, key_id: int, when: datetime) -> None:
         """Record a successful use of the key."""
 
 
@@ -172,7 +173,7 @@ class DeployRecords(abc.ABC):
         """Every deploy in one of these states, oldest first (restart recovery)."""
 
     @abc.abstractmethod
-    async def start_deploy(self, deploy_id: int, when: str) -> bool:
+    async def start_deploy(self, deploy_id: int, when: datetime) -> bool:
         """queued -> running with no runner (tools and tests; gateways claim_deploy)."""
 
     @abc.abstractmethod
@@ -180,7 +181,7 @@ class DeployRecords(abc.ABC):
         self,
         deploy_id: int,
         status: DeployStatus,
-        when: str,
+        when: datetime,
         *,
         exit_code: int | None = None,
         reason: str = "",
@@ -190,7 +191,7 @@ class DeployRecords(abc.ABC):
         """Set a final status on a queued or running deploy; False if it had already ended."""
 
     @abc.abstractmethod
-    async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
+    async def prune_deploys(self, before: datetime, keep_last: int, limit: int = 500) -> list[int]:
         """Delete up to `limit` finished deploys that ended before `before`, except each
         app's `keep_last` newest finished ones; never a queued or running deploy. Return
         the ids deleted (their webhook deliveries go with them)."""
@@ -316,7 +317,7 @@ class AuditTrail(abc.ABC):
     async def add_audit(self, event: AuditEvent) -> None: ...
 
     @abc.abstractmethod
-    async def prune_audit(self, before: str, limit: int = 5000) -> int:
+    async def prune_audit(self, before: datetime, limit: int = 5000) -> int:
         """Delete up to `limit` of the oldest events recorded before `before`; return how many."""
 
     @abc.abstractmethod
@@ -345,12 +346,12 @@ class AccessTokens(abc.ABC):
     async def token_by_hash(self, token_hash: str) -> ApiToken | None: ...
 
     @abc.abstractmethod
-    async def touch_token(self, token_id: int, when: str) -> None: ...
+    async def touch_token(self, token_id: int, when: datetime) -> None: ...
 
     # -- keys page sessions (only a hash of each session id is stored) --
     @abc.abstractmethod
     async def create_web_session(
-        self, id_hash: str, token_id: int, created_at: str, expires_at: str, keep: int
+        self, id_hash: str, token_id: int, created_at: datetime, expires_at: datetime, keep: int
     ) -> None:
         """Record a session; the token's oldest sessions beyond the newest `keep` end."""
 
@@ -358,14 +359,14 @@ class AccessTokens(abc.ABC):
     async def web_session(self, id_hash: str) -> WebSession | None: ...
 
     @abc.abstractmethod
-    async def touch_web_session(self, id_hash: str, when: str) -> None: ...
+    async def touch_web_session(self, id_hash: str, when: datetime) -> None: ...
 
     @abc.abstractmethod
     async def remove_web_session(self, id_hash: str) -> bool:
         """End a session; False if there was none."""
 
     @abc.abstractmethod
-    async def prune_web_sessions(self, now: str, idle_since: str) -> int:
+    async def prune_web_sessions(self, now: datetime, idle_since: datetime) -> int:
         """Delete sessions past their end or not seen since `idle_since`; how many."""
 
 

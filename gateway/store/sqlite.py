@@ -7,11 +7,13 @@ import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from .. import times
 from ..errors import Conflict, KeyInUse, NotFound
 from ..keys import PublicKey
 from ..models import (
@@ -42,23 +44,39 @@ _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
 _OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 
 
+# Times are stored as text in the one form (times.text), which sorts as the times do.
+sqlite3.register_adapter(datetime, times.text)
+_t = times.maybe
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for every SQLite migration, in order."""
     return packaged_migrations("gateway.store")
 
 
 def _key(row: Any) -> SSHKey:
-    return SSHKey(*row)
+    values = list(row)
+    values[10], values[11] = _t(values[10]), _t(values[11])
+    return SSHKey(*values)
 
 
 def _app(row: Any) -> App:
-    return App(*row)
+    return App(*row[:5], _t(row[5]))  # type: ignore[arg-type]
 
 
 def _deploy(row: Any) -> Deploy:
     values = list(row)
     values[12] = DeployStatus(values[12])
+    values[16:19] = [_t(v) for v in values[16:19]]
     return Deploy(*values)
+
+
+def _user(row: Any) -> User:
+    return User(row[0], row[1], _t(row[2]))  # type: ignore[arg-type]
+
+
+def _token(row: Any) -> ApiToken:
+    return ApiToken(*row[:4], _t(row[4]), _t(row[5]))  # type: ignore[arg-type]
 
 
 class SQLiteStore(Store):
@@ -238,7 +256,7 @@ class SQLiteStore(Store):
         row = await self._one("SELECT id, name, created_at FROM users WHERE name = ?", name)
         if row is None:
             raise NotFound(f"no such user '{name}'")
-        return User(*row)
+        return _user(row)
 
     async def create_user(self, name: str) -> User:
         async with self._transaction() as db:
@@ -260,7 +278,7 @@ class SQLiteStore(Store):
                       (SELECT COUNT(*) FROM apps a WHERE a.owner_id = u.id)
                  FROM users u ORDER BY u.name"""
         )
-        return [UserSummary(User(r[0], r[1], r[2]), r[3], r[4]) for r in rows]
+        return [UserSummary(_user(r[:3]), r[3], r[4]) for r in rows]
 
     async def remove_user(self, name: str) -> User:
         async with self._transaction() as db:
@@ -344,7 +362,7 @@ class SQLiteStore(Store):
         )
         return None if row is None else _key(row)
 
-    async def touch_key(self, key_id: int, when: str) -> None:
+    async def touch_key(self, key_id: int, when: datetime) -> None:
         async with self._transaction() as db:
             await db.execute("UPDATE ssh_keys SET last_used_at = ? WHERE id = ?", (when, key_id))
 
@@ -434,7 +452,7 @@ class SQLiteStore(Store):
             app.id,
         )
         owner = Member(app.owner_name, Role.OWNER, app.created_at)
-        return [owner, *(Member(r[0], Role.parse(r[1]), r[2]) for r in rows)]
+        return [owner, *(Member(r[0], Role.parse(r[1]), _t(r[2])) for r in rows)]  # type: ignore[arg-type]
 
     async def role_on(self, app_id: int, user_id: int) -> Role | None:
         row = await self._one(
@@ -531,7 +549,7 @@ class SQLiteStore(Store):
         )
         return [_deploy(r) for r in rows]
 
-    async def start_deploy(self, deploy_id: int, when: str) -> bool:
+    async def start_deploy(self, deploy_id: int, when: datetime) -> bool:
         async with self._transaction() as db:
             cur = await db.execute(
                 "UPDATE deploys SET status = 'running', started_at = ? "
@@ -544,7 +562,7 @@ class SQLiteStore(Store):
         self,
         deploy_id: int,
         status: DeployStatus,
-        when: str,
+        when: datetime,
         *,
         exit_code: int | None = None,
         reason: str = "",
@@ -786,9 +804,9 @@ class SQLiteStore(Store):
 
     async def list_nodes(self) -> list[Node]:
         rows = await self._all("SELECT id, name, pid, started_at, seen_at FROM nodes ORDER BY id")
-        return [Node(r[0], r[1], int(r[2]), r[3], float(r[4])) for r in rows]
+        return [Node(r[0], r[1], int(r[2]), _t(r[3]), float(r[4])) for r in rows]  # type: ignore[arg-type]
 
-    async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
+    async def prune_deploys(self, before: datetime, keep_last: int, limit: int = 500) -> list[int]:
         async with self._transaction() as db:
             rows = await self._all(
                 """SELECT d.id FROM deploys d
@@ -861,7 +879,7 @@ class SQLiteStore(Store):
             "FROM webhook_deliveries WHERE deploy_id = ? ORDER BY attempt",
             deploy_id,
         )
-        return [WebhookDelivery(*r) for r in rows]
+        return [WebhookDelivery(*r[:6], _t(r[6])) for r in rows]  # type: ignore[arg-type]
 
     # -- audit trail --
 
@@ -881,7 +899,7 @@ class SQLiteStore(Store):
                 ),
             )
 
-    async def prune_audit(self, before: str, limit: int = 5000) -> int:
+    async def prune_audit(self, before: datetime, limit: int = 5000) -> int:
         async with self._transaction() as db:
             cur = await db.execute(
                 "DELETE FROM audit_events WHERE id IN "
@@ -908,7 +926,7 @@ class SQLiteStore(Store):
             *args,
             limit,
         )
-        return [AuditEvent(*r) for r in rows]
+        return [AuditEvent(*r[:6], _t(r[6]), r[7]) for r in rows]
 
     # -- API tokens --
 
@@ -931,14 +949,14 @@ class SQLiteStore(Store):
             f"FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE {clause}",
             *args,
         )
-        return None if row is None else ApiToken(*row)
+        return None if row is None else _token(row)
 
     async def list_tokens(self) -> list[ApiToken]:
         rows = await self._all(
             "SELECT t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "
             "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id ORDER BY t.name"
         )
-        return [ApiToken(*r) for r in rows]
+        return [_token(r) for r in rows]
 
     async def remove_token(self, name: str) -> ApiToken:
         async with self._transaction() as db:
@@ -951,7 +969,7 @@ class SQLiteStore(Store):
     async def token_by_hash(self, token_hash: str) -> ApiToken | None:
         return await self._token_where("t.token_hash = ?", token_hash)
 
-    async def touch_token(self, token_id: int, when: str) -> None:
+    async def touch_token(self, token_id: int, when: datetime) -> None:
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (when, token_id)
@@ -960,7 +978,7 @@ class SQLiteStore(Store):
     # -- keys page sessions --
 
     async def create_web_session(
-        self, id_hash: str, token_id: int, created_at: str, expires_at: str, keep: int
+        self, id_hash: str, token_id: int, created_at: datetime, expires_at: datetime, keep: int
     ) -> None:
         async with self._transaction() as db:
             await db.execute(
@@ -984,9 +1002,9 @@ class SQLiteStore(Store):
         )
         if row is None:
             return None
-        return WebSession(row[0], ApiToken(*row[4:]), row[1], row[2], row[3])
+        return WebSession(row[0], _token(row[4:]), _t(row[1]), _t(row[2]), _t(row[3]))  # type: ignore[arg-type]
 
-    async def touch_web_session(self, id_hash: str, when: str) -> None:
+    async def touch_web_session(self, id_hash: str, when: datetime) -> None:
         async with self._transaction() as db:
             await db.execute(
                 "UPDATE web_sessions SET last_seen_at = ? WHERE id_hash = ?", (when, id_hash)
@@ -997,7 +1015,7 @@ class SQLiteStore(Store):
             cur = await db.execute("DELETE FROM web_sessions WHERE id_hash = ?", (id_hash,))
             return cur.rowcount > 0
 
-    async def prune_web_sessions(self, now: str, idle_since: str) -> int:
+    async def prune_web_sessions(self, now: datetime, idle_since: datetime) -> int:
         async with self._transaction() as db:
             cur = await db.execute(
                 "DELETE FROM web_sessions WHERE expires_at <= ? OR last_seen_at <= ?",

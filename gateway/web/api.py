@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +14,15 @@ from ..deploys import DeployService
 from ..errors import Forbidden, GatewayError, UsageError
 from ..models import ApiToken
 from ..service import Registry
-from ..shapes import app_dict, deploy_dict, deploy_record_dict, key_dict, member_dict, user_dict
+from ..shapes import (
+    account_dict,
+    app_dict,
+    deploy_dict,
+    deploy_record_dict,
+    key_dict,
+    member_dict,
+    user_dict,
+)
 from ..store import UserSummary
 
 PREFIX = "/api/v1"
@@ -135,7 +143,7 @@ def _me(call: Call) -> str:
 async def my_account(call: Call) -> tuple[int, Any]:
     user = await call.registry.get_user(_me(call))
     keys = await call.registry.list_keys(user.name)
-    return 200, {**asdict(user), "keys": len(keys)}
+    return 200, account_dict(user, len(keys))
 
 
 async def my_keys(call: Call) -> tuple[int, Any]:

@@ -18,6 +18,7 @@ from ..errors import GatewayError
 from ..logs import q
 from ..models import ApiToken, SSHKey
 from ..service import Registry
+from ..tables import shown
 from .api import STATUS_OF  # the page answers with the API's status codes
 from .sessions import LIFETIME, PRESIGNIN_SECONDS, Sessions
 
@@ -129,8 +130,8 @@ def keys_page(
     if keys:
         rows = "".join(
             f'<tr data-key="{_e(k.name)}"><td>{_e(k.name)}</td><td>{_e(k.algorithm)}</td>'
-            f"<td><code>{_e(k.fingerprint)}</code></td><td>{_e(k.created_at)}</td>"
-            f"<td>{_e(k.last_used_at or 'never')}</td><td>"
+            f"<td><code>{_e(k.fingerprint)}</code></td><td>{_e(shown(k.created_at))}</td>"
+            f"<td>{_e(shown(k.last_used_at, 'never'))}</td><td>"
             f'<form method="post" action="{PATH}/delete">'
             f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
             f'<input type="hidden" name="name" value="{_e(k.name)}">'

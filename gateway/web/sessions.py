@@ -18,11 +18,12 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from .. import times
 from ..models import ApiToken
 from ..store import Store, WebSession
 
@@ -34,11 +35,6 @@ MAX_PER_TOKEN = 20
 PRESIGNIN_SECONDS = 3600
 # Recording "last seen" is a write: once a minute is enough for the idle expiry.
 TOUCH_SECONDS = 60
-
-
-def _stamp(moment: datetime) -> str:
-    """The registry's timestamp format (see store.utcnow)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _hash(session_id: str) -> str:
@@ -102,11 +98,11 @@ class Sessions:
 
     async def open(self, token: ApiToken) -> str:
         """A new session for a personal token; the id to put in the cookie."""
-        now = datetime.now(UTC)
-        await self.store.prune_web_sessions(_stamp(now), _stamp(now - IDLE))
+        now = times.now()
+        await self.store.prune_web_sessions(now, now - IDLE)
         session_id = secrets.token_urlsafe(32)
         await self.store.create_web_session(
-            _hash(session_id), token.id, _stamp(now), _stamp(now + LIFETIME), MAX_PER_TOKEN
+            _hash(session_id), token.id, now, now + LIFETIME, MAX_PER_TOKEN
         )
         return session_id
 
@@ -118,12 +114,12 @@ class Sessions:
         session = await self.store.web_session(id_hash)
         if session is None:
             return None
-        now = datetime.now(UTC)
-        if session.expires_at <= _stamp(now) or session.last_seen_at <= _stamp(now - IDLE):
+        now = times.now()
+        if session.expires_at <= now or session.last_seen_at <= now - IDLE:
             await self.store.remove_web_session(id_hash)
             return None
-        if session.last_seen_at <= _stamp(now - timedelta(seconds=TOUCH_SECONDS)):
-            await self.store.touch_web_session(id_hash, _stamp(now))
+        if session.last_seen_at <= now - timedelta(seconds=TOUCH_SECONDS):
+            await self.store.touch_web_session(id_hash, now)
         return session
 
     async def close(self, session_id: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.models import DeployStatus
 from gateway.store import Store, open_store
+from gateway.times import parse as at
 from tests.contract.conftest import Backend
 from tests.contract.test_store import app_with_owner, new_deploy
 
@@ -49,7 +50,7 @@ async def test_claims_one_per_app_oldest_first_within_the_node_limit(store: Stor
     assert await store.claim_deploy("a1", "host-a", 2) is None
     assert (await store.claim_deploy("b1", "host-b", 2)).id == d1.id
     assert await store.claim_deploy("b1", "host-b", 2) is None  # w2's app still runs w1
-    await store.finish_deploy(w1.id, DeployStatus.SUCCEEDED, "2026-01-01T00:00:00Z")
+    await store.finish_deploy(w1.id, DeployStatus.SUCCEEDED, at("2026-01-01T00:00:00Z"))
     assert (await store.claim_deploy("b1", "host-b", 2)).id == w2.id
 
 
@@ -87,11 +88,11 @@ async def test_concurrent_claims_never_run_two_deploys_of_one_app(backend: Backe
                 assert sum(1 for d in running if int(d.runner[1:]) % 2 == int(name[-1])) <= 2
             for deploy in running:
                 await backend.store.finish_deploy(
-                    deploy.id, DeployStatus.SUCCEEDED, "2026-01-01T00:00:00Z"
+                    deploy.id, DeployStatus.SUCCEEDED, at("2026-01-01T00:00:00Z")
                 )
             for deploy in await backend.store.deploys_in((DeployStatus.QUEUED,)):
                 await backend.store.finish_deploy(
-                    deploy.id, DeployStatus.CANCELLED, "2026-01-01T00:00:00Z"
+                    deploy.id, DeployStatus.CANCELLED, at("2026-01-01T00:00:00Z")
                 )
     finally:
         for other in stores[1:]:
@@ -112,7 +113,7 @@ async def test_cancel_a_queued_deploy_at_once_a_running_one_through_its_runner(
     assert after.status is DeployStatus.RUNNING  # its runner stops it
     assert await store.cancel_requests("n1") == [(running.id, "cancelled by bob")]
     assert await store.cancel_requests("n2") == []
-    await store.finish_deploy(running.id, DeployStatus.CANCELLED, "2026-01-01T00:00:00Z")
+    await store.finish_deploy(running.id, DeployStatus.CANCELLED, at("2026-01-01T00:00:00Z"))
     assert await store.cancel_requests("n1") == []
     assert await store.request_cancel(999_999, "x") is None
 
@@ -204,7 +205,7 @@ async def test_changes_are_announced_to_subscribers(store: Store) -> None:
     await store.append_deploy_log(second.id, "out\n", keep=100)
     await store.request_cancel(second.id, "stop")
     await store.report_deploy(second.id, DeployStatus.SUCCEEDED, 0)
-    await store.finish_deploy(second.id, DeployStatus.CANCELLED, "2026-01-01T00:00:00Z")
+    await store.finish_deploy(second.id, DeployStatus.CANCELLED, at("2026-01-01T00:00:00Z"))
     assert heard == [
         ("queue", first.id),
         ("done", first.id),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,10 +23,20 @@ from gateway.models import (
     WebhookDelivery,
 )
 from gateway.store import Store, UserSummary, WebSession
+from gateway.times import parse as at
 
-STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+def is_stamp(moment: object) -> bool:
+    """An aware UTC time to the second, as the registry keeps them."""
+    return (
+        isinstance(moment, datetime)
+        and moment.utcoffset() == timedelta(0)
+        and not moment.microsecond
+    )
+
+
 SHA = "a" * 40
-T = "2026-01-01T00:00:00Z"
+T = at("2026-01-01T00:00:00Z")
 
 
 def new_deploy(app_id: int, sha: str = SHA, pusher: str = "alice") -> NewDeploy:
@@ -45,7 +55,7 @@ async def app_with_owner(store: Store, app: str = "web", owner: str = "alice") -
 
 async def test_users(store: Store) -> None:
     alice = await store.create_user("alice")
-    assert alice.id > 0 and alice.name == "alice" and STAMP.fullmatch(alice.created_at)
+    assert alice.id > 0 and alice.name == "alice" and is_stamp(alice.created_at)
     assert await store.get_user("alice") == alice
     with pytest.raises(Conflict, match=r"^user 'alice' already exists$"):
         await store.create_user("alice")
@@ -85,7 +95,7 @@ async def test_removing_a_user_takes_keys_memberships_tokens_and_sessions(
     key = await store.add_key("bob", "laptop", parse_public_key(pubkeys[0]))
     await store.grant("web", "bob", Role.WRITE)
     token = await store.create_token("bob-web", "bob", "hash-bob")
-    await store.create_web_session("s1", token.id, T, "2026-01-02T00:00:00Z", 5)
+    await store.create_web_session("s1", token.id, T, at("2026-01-02T00:00:00Z"), 5)
     with pytest.raises(Conflict, match=r"^user 'alice' owns apps \(api, web\): remove them"):
         await store.remove_user("alice")
     removed = await store.remove_user("bob")
@@ -115,7 +125,7 @@ async def test_one_key_one_account(store: Store, pubkeys) -> None:
         key.comment,
     )
     assert (record.fingerprint, record.fingerprint_md5) == (key.fingerprint, key.fingerprint_md5)
-    assert STAMP.fullmatch(record.created_at) and record.last_used_at is None
+    assert is_stamp(record.created_at) and record.last_used_at is None
     with pytest.raises(KeyInUse) as err:
         await store.add_key("bob", "laptop", key)
     assert str(err.value) == "this SSH key is already used by another account"
@@ -133,8 +143,8 @@ async def test_one_key_one_account(store: Store, pubkeys) -> None:
         await store.list_keys("nobody")
     found = await store.find_key(key.fingerprint)
     assert found == record
-    await store.touch_key(found.id, "2026-01-01T00:00:07Z")
-    assert (await store.find_key(key.fingerprint)).last_used_at == "2026-01-01T00:00:07Z"
+    await store.touch_key(found.id, at("2026-01-01T00:00:07Z"))
+    assert (await store.find_key(key.fingerprint)).last_used_at == at("2026-01-01T00:00:07Z")
     assert await store.find_key("SHA256:nothing") is None
     assert (await store.remove_key("alice", "laptop")).fingerprint == key.fingerprint
     assert await store.find_key(key.fingerprint) is None
@@ -159,7 +169,7 @@ async def test_apps(store: Store) -> None:
         "alice",
         "prod",
     )
-    assert STAMP.fullmatch(app.created_at)
+    assert is_stamp(app.created_at)
     assert await store.get_app("web") == app
     assert await store.get_app("nope") is None
     with pytest.raises(Conflict, match=r"^app 'web' already exists$"):
@@ -202,7 +212,7 @@ async def test_roles_and_owner_rules(store: Store) -> None:
         ("bob", Role.WRITE),
         ("carol", Role.ADMIN),
     ]
-    assert members[0].created_at == app.created_at and STAMP.fullmatch(members[1].created_at)
+    assert members[0].created_at == app.created_at and is_stamp(members[1].created_at)
     with pytest.raises(NotFound):
         await store.list_members("nope")
     await store.create_app("api", "bob", "main")
@@ -279,7 +289,7 @@ async def test_deploy_records(store: Store) -> None:
         "command",
     )
     assert (first.superseded_by, first.exit_code, first.reason) == (None, None, "")
-    assert STAMP.fullmatch(first.created_at) and first.started_at is first.finished_at is None
+    assert is_stamp(first.created_at) and first.started_at is first.finished_at is None
     assert await store.get_deploy(first.id) == first
     assert await store.get_deploy(first.id + 1000) is None
     others = [await store.create_deploy(new_deploy(app_id, str(i) * 40)) for i in range(2, 6)]
@@ -306,24 +316,26 @@ async def test_deploy_state_transitions(store: Store) -> None:
     app_id = await app_with_owner(store)
     a, b, c = [await store.create_deploy(new_deploy(app_id)) for _ in range(3)]
     assert [d.id for d in await store.deploys_in((DeployStatus.QUEUED,))] == [a.id, b.id, c.id]
-    assert await store.start_deploy(a.id, "2026-01-01T00:00:01Z") is True
-    assert await store.start_deploy(a.id, "2026-01-01T00:00:02Z") is False  # only from queued
+    assert await store.start_deploy(a.id, at("2026-01-01T00:00:01Z")) is True
+    assert await store.start_deploy(a.id, at("2026-01-01T00:00:02Z")) is False  # only from queued
     running = await store.get_deploy(a.id)
-    assert running.status is DeployStatus.RUNNING and running.started_at == "2026-01-01T00:00:01Z"
+    assert running.status is DeployStatus.RUNNING and running.started_at == at(
+        "2026-01-01T00:00:01Z"
+    )
     assert await store.start_deploy(999_999, T) is False
     with pytest.raises(ValueError, match="not a final status"):
         await store.finish_deploy(a.id, DeployStatus.RUNNING, T)
     assert await store.finish_deploy(
-        a.id, DeployStatus.FAILED, "2026-01-01T00:00:09Z", exit_code=3, reason="boom"
+        a.id, DeployStatus.FAILED, at("2026-01-01T00:00:09Z"), exit_code=3, reason="boom"
     )
     done = await store.get_deploy(a.id)
     assert (done.status, done.exit_code, done.reason, done.finished_at) == (
         DeployStatus.FAILED,
         3,
         "boom",
-        "2026-01-01T00:00:09Z",
+        at("2026-01-01T00:00:09Z"),
     )
-    assert done.started_at == "2026-01-01T00:00:01Z"
+    assert done.started_at == at("2026-01-01T00:00:01Z")
     # Final is final: neither a second finish nor a start changes it.
     assert not await store.finish_deploy(a.id, DeployStatus.SUCCEEDED, T)
     assert not await store.start_deploy(a.id, T)
@@ -355,7 +367,7 @@ async def test_status_tokens_and_webhook_deliveries(store: Store) -> None:
     await store.set_status_token(deploy.id, "h" * 64)
     assert await store.status_token_hash(deploy.id) == "h" * 64
     deliveries = [
-        WebhookDelivery(deploy.id, 2, "http://x/", 202, "", 8, "2026-01-01T00:00:02Z"),
+        WebhookDelivery(deploy.id, 2, "http://x/", 202, "", 8, at("2026-01-01T00:00:02Z")),
         WebhookDelivery(deploy.id, 1, "http://x/", None, "refused", 12, T),
     ]
     for delivery in deliveries:
@@ -370,7 +382,7 @@ async def test_status_tokens_and_webhook_deliveries(store: Store) -> None:
 async def test_prune_deploys(store: Store) -> None:
     web = await app_with_owner(store, "web")
     api = await app_with_owner(store, "api")
-    old, new = "2026-01-01T00:00:00Z", "2026-03-01T00:00:00Z"
+    old, new = at("2026-01-01T00:00:00Z"), at("2026-03-01T00:00:00Z")
     made = {}
     for app_id, name in ((web, "w"), (api, "a")):
         for i in range(4):
@@ -387,7 +399,7 @@ async def test_prune_deploys(store: Store) -> None:
     await store.finish_deploy(kept.id, DeployStatus.CANCELLED, new, superseded_by=made["w2"],
                               reason="superseded")  # fmt: skip
     await store.add_webhook_delivery(WebhookDelivery(made["w0"], 1, "http://x/", 200, "", 1, old))
-    cutoff = "2026-02-01T00:00:00Z"
+    cutoff = at("2026-02-01T00:00:00Z")
     # keep_last 2 per app: web keeps kept and recent (newest finished), api keeps a3, a2.
     first = await store.prune_deploys(cutoff, 2, limit=3)
     assert first == [made["w0"], made["w1"], made["w2"]]
@@ -426,7 +438,7 @@ async def test_audit_trail(store: Store) -> None:
             actor="alice",
             fingerprint="SHA256:a",
             source="10.0.0.1",
-            at="2026-01-01T00:00:01Z",
+            at=at("2026-01-01T00:00:01Z"),
         ),
         AuditEvent("push", actor="alice", app="web", detail='{"updates": 1}', at=T),
         AuditEvent("key_added", actor="operator", detail=json.dumps({"user": "alice"})),
@@ -452,9 +464,9 @@ async def test_audit_trail(store: Store) -> None:
         "10.0.0.1",
         "",
         "{}",
-        "2026-01-01T00:00:01Z",
+        at("2026-01-01T00:00:01Z"),
     )
-    assert STAMP.fullmatch(listed[0].at)  # no time given: now
+    assert is_stamp(listed[0].at)  # no time given: now
     assert listed[3].detail == '{"updates": 1}'
     assert [e.event for e in await store.list_audit(app="web")] == ["member_granted", "push"]
     # A user's events: theirs, and those about their account.
@@ -493,7 +505,7 @@ async def test_tokens(store: Store) -> None:
         None,
         None,
     )
-    assert not operator.personal and STAMP.fullmatch(operator.created_at)
+    assert not operator.personal and is_stamp(operator.created_at)
     personal = await store.create_token("alice-web", "alice", "hash-alice")
     assert personal.personal and personal.user_name == "alice"
     assert personal.user_id == (await store.get_user("alice")).id
@@ -504,8 +516,8 @@ async def test_tokens(store: Store) -> None:
     assert [t.name for t in await store.list_tokens()] == ["alice-web", "ops"]
     assert await store.token_by_hash("hash-alice") == personal
     assert await store.token_by_hash("hash-none") is None
-    await store.touch_token(operator.id, "2026-01-01T00:00:05Z")
-    assert (await store.token_by_hash("hash-ops")).last_used_at == "2026-01-01T00:00:05Z"
+    await store.touch_token(operator.id, at("2026-01-01T00:00:05Z"))
+    assert (await store.token_by_hash("hash-ops")).last_used_at == at("2026-01-01T00:00:05Z")
     assert (await store.remove_token("ops")).name == "ops"
     with pytest.raises(NotFound, match=r"^no token named 'ops'$"):
         await store.remove_token("ops")
@@ -516,29 +528,29 @@ async def test_web_sessions(store: Store) -> None:
     await store.create_user("alice")
     token = await store.create_token("alice-web", "alice", "hash-alice")
     other = await store.create_token("ops", None, "hash-ops")
-    end = "2026-01-02T00:00:00Z"
+    end = at("2026-01-02T00:00:00Z")
     for i in range(4):
-        await store.create_web_session(f"s{i}", token.id, f"2026-01-01T00:00:0{i}Z", end, 3)
+        await store.create_web_session(f"s{i}", token.id, at(f"2026-01-01T00:00:0{i}Z"), end, 3)
     await store.create_web_session("o", other.id, T, end, 3)
     # The token's oldest session beyond the newest three ended; another token's stayed.
     assert await store.web_session("s0") is None
     session = await store.web_session("s1")
     assert isinstance(session, WebSession) and session.token == token
     assert (session.created_at, session.expires_at, session.last_seen_at) == (
-        "2026-01-01T00:00:01Z",
+        at("2026-01-01T00:00:01Z"),
         end,
-        "2026-01-01T00:00:01Z",
+        at("2026-01-01T00:00:01Z"),
     )
     assert (await store.web_session("o")).token == other
-    await store.touch_web_session("s1", "2026-01-01T06:00:00Z")
-    assert (await store.web_session("s1")).last_seen_at == "2026-01-01T06:00:00Z"
+    await store.touch_web_session("s1", at("2026-01-01T06:00:00Z"))
+    assert (await store.web_session("s1")).last_seen_at == at("2026-01-01T06:00:00Z")
     assert await store.remove_web_session("s2") is True
     assert await store.remove_web_session("s2") is False
     # Pruned: past their end (<= now) or idle since (<= idle_since).
-    assert await store.prune_web_sessions("2026-01-01T12:00:00Z", "2026-01-01T00:00:03Z") == 2
+    assert await store.prune_web_sessions("2026-01-01T12:00:00Z", at("2026-01-01T00:00:03Z")) == 2
     assert await store.web_session("s3") is None and await store.web_session("o") is None
     assert await store.web_session("s1") is not None
-    assert await store.prune_web_sessions(end, "2000-01-01T00:00:00Z") == 1
+    assert await store.prune_web_sessions(end, at("2000-01-01T00:00:00Z")) == 1
     await store.create_web_session("s5", token.id, T, end, 3)
     await store.remove_token("alice-web")  # a revoked token ends its sessions
     assert await store.web_session("s5") is None

@@ -14,6 +14,7 @@ from gateway.keys import parse_public_key
 from gateway.models import AuditEvent, DeployStatus, NewDeploy
 from gateway.retention import prune
 from gateway.store import open_store
+from gateway.times import parse as at
 from tests.helpers import keygen
 
 T0 = datetime(2026, 3, 1, 12, 0, 5, tzinfo=UTC)
@@ -146,6 +147,6 @@ async def test_retention_zero_keeps_everything(store, tmp_path):
     cfg = gwconfig.from_mapping(
         {"deploy": {"retention": 0, "log_dir": str(tmp_path)}, "audit": {"retention": 0}}
     )
-    await store.add_audit(AuditEvent("auth_ok", at="2000-01-01T00:00:00Z"))
+    await store.add_audit(AuditEvent("auth_ok", at=at("2000-01-01T00:00:00Z")))
     assert (await prune(store, cfg)).audit == 0
     assert len(await store.list_audit()) == 1

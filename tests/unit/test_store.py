@@ -73,19 +73,23 @@ def old_database(path: Path, pubkeys: list[str]) -> None:
             db.execute("INSERT INTO schema_migrations VALUES (?, ?, 'then')", (number, name))
         db.executescript(
             """
-            INSERT INTO users VALUES (1, 'alice', 't'), (2, 'bob', 't'), (5, 'carol', 't');
-            INSERT INTO apps VALUES (1, 'web', 1, 'main', 't'), (3, 'api', 2, 'prod', 't');
-            INSERT INTO app_members VALUES (1, 2, 'write', 't'), (3, 5, 'read', 't');
-            INSERT INTO audit_events VALUES (1, 't', 'login', 'alice', 'fp', '1.2.3.4', '', '{}'),
-                (7, 't', 'push', 'bob', 'fp', '', 'api', '{"updates": []}');
-            INSERT INTO api_tokens VALUES (2, 'ops', NULL, 'h1', 't', NULL),
-                (4, 'alice-web', 1, 'h2', 't', 'u');
+            INSERT INTO users VALUES (1, 'alice', '2026-01-01'), (2, 'bob', '2026-01-01'),
+                (5, 'carol', '2026-01-01');
+            INSERT INTO apps VALUES (1, 'web', 1, 'main', '2026-01-01'),
+                (3, 'api', 2, 'prod', '2026-01-01');
+            INSERT INTO app_members VALUES (1, 2, 'write', '2026-01-01'),
+                (3, 5, 'read', '2026-01-01');
+            INSERT INTO audit_events VALUES
+                (1, '2026-01-01', 'login', 'alice', 'fp', '1.2.3.4', '', '{}'),
+                (7, '2026-01-01', 'push', 'bob', 'fp', '', 'api', '{"updates": []}');
+            INSERT INTO api_tokens VALUES (2, 'ops', NULL, 'h1', '2026-01-01', NULL),
+                (4, 'alice-web', 1, 'h2', '2026-01-01', '2026-01-02');
             """
         )
         for i, text in enumerate(pubkeys[:2]):
             key = parse_public_key(text)
             db.execute(
-                "INSERT INTO ssh_keys VALUES (?, ?, ?, ?, ?, ?, '', ?, ?, 't', NULL)",
+                "INSERT INTO ssh_keys VALUES (?, ?, ?, ?, ?, ?, '', ?, ?, '2026-01-01', NULL)",
                 (10 + i, 1 + i, f"k{i}", key.algorithm, key.bits, key.openssh, key.fingerprint,
                  key.fingerprint_md5),
             )  # fmt: skip
@@ -98,12 +102,13 @@ def old_database(path: Path, pubkeys: list[str]) -> None:
                 "INSERT INTO deploys (id, app_id, ref, old_sha, new_sha, pusher, "
                 "key_fingerprint, mode, pipeline, status, superseded_by, status_token_hash, "
                 "created_at) VALUES (?, ?, 'refs/heads/main', ?, ?, 'alice', 'fp', 'attached', "
-                "'webhook', ?, ?, 'tok', 't')",
+                "'webhook', ?, ?, 'tok', '2026-01-01')",
                 (deploy_id, app_id, "0" * 40, SHA, status, superseded),
             )
         db.execute(
-            "INSERT INTO webhook_deliveries VALUES (3, 6, 1, 'http://x', 500, 'boom', 12, 't'), "
-            "(4, 6, 2, 'http://x', 202, '', 8, 't')"
+            "INSERT INTO webhook_deliveries VALUES "
+            "(3, 6, 1, 'http://x', 500, 'boom', 12, '2026-01-01'), "
+            "(4, 6, 2, 'http://x', 202, '', 8, '2026-01-01')"
         )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import times
 from gateway.store import open_store
 from gateway.web import sessions as sessions_module
 from gateway.web.sessions import IDLE, LIFETIME, MAX_PER_TOKEN, Sessions, origin_of
@@ -26,10 +27,6 @@ async def personal(store, name: str = "alice"):  # type: ignore[no-untyped-def]
     return await store.create_token(f"{name}-web", name, f"hash-of-{name}")
 
 
-def stamp(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 async def test_a_session_lives_until_signout(store) -> None:  # type: ignore[no-untyped-def]
     sessions = Sessions(store, "")
     token = await personal(store)
@@ -45,16 +42,16 @@ async def test_expired_and_idle_sessions_end(store, monkeypatch) -> None:  # typ
     sessions = Sessions(store, "")
     token = await personal(store)
     session_id = await sessions.open(token)
-    real = datetime.now(UTC)
+    real = times.now()
 
-    class Later(datetime):
+    class Later:
         offset = timedelta(0)
 
         @classmethod
-        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+        def now(cls) -> datetime:
             return real + cls.offset
 
-    monkeypatch.setattr(sessions_module, "datetime", Later)
+    monkeypatch.setattr(sessions_module.times, "now", Later.now)
     Later.offset = IDLE - timedelta(minutes=5)
     assert await sessions.find(session_id) is not None  # active: last seen moves on
     Later.offset += IDLE - timedelta(minutes=5)
@@ -73,7 +70,7 @@ async def test_signins_are_capped_and_pruned(store) -> None:  # type: ignore[no-
     assert [await sessions.find(i) is not None for i in ids[:5]] == [False] * 5
     assert all([await sessions.find(i) is not None for i in ids[5:]])
     future = datetime.now(UTC) + LIFETIME + timedelta(seconds=1)
-    assert await store.prune_web_sessions(stamp(future), stamp(future - IDLE)) == MAX_PER_TOKEN
+    assert await store.prune_web_sessions(future, future - IDLE) == MAX_PER_TOKEN
 
 
 async def test_revoking_the_token_or_removing_the_user_ends_sessions(store) -> None:  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from ... import times
 from ...dburl import redact
 from ...errors import Conflict, GatewayError, KeyInUse, NotFound, StoreUnavailable
 from ...keys import PublicKey
@@ -84,51 +85,50 @@ def migrations() -> list[tuple[int, str, str]]:
     return packaged_migrations(__name__)
 
 
-# -- the interface's UTC strings <-> timestamptz --
+# -- times: aware datetimes in the interface, timestamptz here, text in a registry copy --
 
 
-def to_time(text: str | None) -> datetime | None:
-    """Parse an interface timestamp ("2026-01-01T00:00:00Z"; any ISO 8601 form is read,
-    a time without a zone is taken as UTC)."""
-    if text is None:
-        return None
-    moment = datetime.fromisoformat(text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment
+def to_time(value: datetime | str | None) -> datetime | None:
+    """A time to store: an aware datetime, or its text (as a SQLite registry holds it)."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return times.parse(value)
 
 
 def from_time(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A stored time as text (what `db copy` compares with a SQLite registry)."""
+    return None if moment is None else times.text(moment)
+
+
+def _t(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC)
 
 
 def _user(row: Any) -> User:
-    return User(row[0], row[1], from_time(row[2]))  # type: ignore[arg-type]
+    return User(row[0], row[1], _t(row[2]))  # type: ignore[arg-type]
 
 
 def _key(row: Any) -> SSHKey:
     values = list(row)
-    values[10], values[11] = from_time(values[10]), from_time(values[11])
+    values[10], values[11] = _t(values[10]), _t(values[11])
     return SSHKey(*values)
 
 
 def _app(row: Any) -> App:
-    return App(row[0], row[1], row[2], row[3], row[4], from_time(row[5]))  # type: ignore[arg-type]
+    return App(row[0], row[1], row[2], row[3], row[4], _t(row[5]))  # type: ignore[arg-type]
 
 
 def _deploy(row: Any) -> Deploy:
     values = list(row)
     values[12] = DeployStatus(values[12])
-    values[16:19] = [from_time(v) for v in values[16:19]]
+    values[16:19] = [_t(v) for v in values[16:19]]
     if values[20] is not None:
         values[20] = int(values[20])
     return Deploy(*values)
 
 
 def _token(row: Any) -> ApiToken:
-    return ApiToken(row[0], row[1], row[2], row[3], from_time(row[4]), from_time(row[5]))  # type: ignore[arg-type]
+    return ApiToken(row[0], row[1], row[2], row[3], _t(row[4]), _t(row[5]))  # type: ignore[arg-type]
 
 
 def _count(status: str) -> int:
@@ -558,7 +558,7 @@ class PostgresStore(Store):
         )
         return None if row is None else _key(row)
 
-    async def touch_key(self, key_id: int, when: str) -> None:
+    async def touch_key(self, key_id: int, when: datetime) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE ssh_keys SET last_used_at = $1 WHERE id = $2", to_time(when), key_id
@@ -655,7 +655,7 @@ class PostgresStore(Store):
             app.id,
         )
         owner = Member(app.owner_name, Role.OWNER, app.created_at)
-        return [owner, *(Member(r[0], Role.parse(r[1]), from_time(r[2])) for r in rows)]  # type: ignore[arg-type]
+        return [owner, *(Member(r[0], Role.parse(r[1]), _t(r[2])) for r in rows)]  # type: ignore[arg-type]
 
     async def role_on(self, app_id: int, user_id: int) -> Role | None:
         row = await self._one(
@@ -746,7 +746,7 @@ class PostgresStore(Store):
         )
         return [_deploy(r) for r in rows]
 
-    async def start_deploy(self, deploy_id: int, when: str) -> bool:
+    async def start_deploy(self, deploy_id: int, when: datetime) -> bool:
         async with self._transaction() as conn:
             status = await conn.execute(
                 "UPDATE deploys SET status = 'running', started_at = $1 "
@@ -760,7 +760,7 @@ class PostgresStore(Store):
         self,
         deploy_id: int,
         status: DeployStatus,
-        when: str,
+        when: datetime,
         *,
         exit_code: int | None = None,
         reason: str = "",
@@ -1048,9 +1048,9 @@ class PostgresStore(Store):
 
     async def list_nodes(self) -> list[Node]:
         rows = await self._all("SELECT id, name, pid, started_at, seen_at FROM nodes ORDER BY id")
-        return [Node(r[0], r[1], int(r[2]), from_time(r[3]) or "", float(r[4])) for r in rows]
+        return [Node(r[0], r[1], int(r[2]), _t(r[3]), float(r[4])) for r in rows]
 
-    async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
+    async def prune_deploys(self, before: datetime, keep_last: int, limit: int = 500) -> list[int]:
         async with self._transaction() as conn:
             rows = await conn.fetch(
                 """SELECT d.id FROM deploys d
@@ -1119,7 +1119,7 @@ class PostgresStore(Store):
             "FROM webhook_deliveries WHERE deploy_id = $1 ORDER BY attempt, id",
             deploy_id,
         )
-        return [WebhookDelivery(*r[:6], from_time(r[6])) for r in rows]  # type: ignore[arg-type]
+        return [WebhookDelivery(*r[:6], _t(r[6])) for r in rows]  # type: ignore[arg-type]
 
     # -- audit trail --
 
@@ -1137,7 +1137,7 @@ class PostgresStore(Store):
                 event.detail,
             )
 
-    async def prune_audit(self, before: str, limit: int = 5000) -> int:
+    async def prune_audit(self, before: datetime, limit: int = 5000) -> int:
         async with self._transaction() as conn:
             tag = await conn.execute(
                 "DELETE FROM audit_events WHERE id IN "
@@ -1166,7 +1166,7 @@ class PostgresStore(Store):
             f"FROM audit_events {where} ORDER BY id DESC LIMIT ${len(args)}",
             *args,
         )
-        return [AuditEvent(*r[:6], from_time(r[6]), r[7]) for r in rows]  # type: ignore[arg-type]
+        return [AuditEvent(*r[:6], _t(r[6]), r[7]) for r in rows]  # type: ignore[arg-type]
 
     # -- API tokens --
 
@@ -1209,7 +1209,7 @@ class PostgresStore(Store):
         async with self._reachable():
             return await self._token_where(self._db(), "t.token_hash = $1", token_hash)
 
-    async def touch_token(self, token_id: int, when: str) -> None:
+    async def touch_token(self, token_id: int, when: datetime) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE api_tokens SET last_used_at = $1 WHERE id = $2", to_time(when), token_id
@@ -1218,7 +1218,7 @@ class PostgresStore(Store):
     # -- keys page sessions --
 
     async def create_web_session(
-        self, id_hash: str, token_id: int, created_at: str, expires_at: str, keep: int
+        self, id_hash: str, token_id: int, created_at: datetime, expires_at: datetime, keep: int
     ) -> None:
         async with self._transaction() as conn:
             await conn.execute(
@@ -1245,10 +1245,10 @@ class PostgresStore(Store):
         )
         if row is None:
             return None
-        created, expires, seen = (from_time(v) for v in row[1:4])
+        created, expires, seen = (_t(v) for v in row[1:4])
         return WebSession(row[0], _token(row[4:]), created, expires, seen)  # type: ignore[arg-type]
 
-    async def touch_web_session(self, id_hash: str, when: str) -> None:
+    async def touch_web_session(self, id_hash: str, when: datetime) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 "UPDATE web_sessions SET last_seen_at = $1 WHERE id_hash = $2",
@@ -1261,7 +1261,7 @@ class PostgresStore(Store):
             tag = await conn.execute("DELETE FROM web_sessions WHERE id_hash = $1", id_hash)
         return _count(tag) > 0
 
-    async def prune_web_sessions(self, now: str, idle_since: str) -> int:
+    async def prune_web_sessions(self, now: datetime, idle_since: datetime) -> int:
         async with self._transaction() as conn:
             tag = await conn.execute(
                 "DELETE FROM web_sessions WHERE expires_at <= $1 OR last_seen_at <= $2",
