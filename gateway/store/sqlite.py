@@ -640,6 +640,9 @@ class SQLiteStore(Store):
         return Queued(deploy, superseded)
 
     async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+        # Idle gateways look often: a read first, the write lock only when there is work.
+        if await self._one("SELECT 1 FROM deploys WHERE status = 'queued' LIMIT 1") is None:
+            return None
         async with self._transaction() as db:
             # One transaction holds SQLite's write lock: no other process claims meanwhile.
             busy = await self._one(

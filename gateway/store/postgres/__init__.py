@@ -837,6 +837,9 @@ class PostgresStore(Store):
         return Queued(_deploy(row), superseded)
 
     async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+        # Idle gateways look often: a plain read first, the node's lock only when there is work.
+        if await self._one("SELECT 1 FROM deploys WHERE status = 'queued' LIMIT 1") is None:
+            return None
         try:
             async with self._transaction() as conn:
                 # The node's claims queue on its lock: its count cannot change under it.
