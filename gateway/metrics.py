@@ -1,6 +1,15 @@
-"""Prometheus metrics of one gateway: connections, auth, git operations, limits, deploys."""
+"""Prometheus metrics of one gateway: connections, auth, git operations, limits, deploys.
+
+With several worker processes (`serve --workers N`), every worker writes its values to
+files in one private directory (prometheus_client's multiprocess mode, chosen by
+$PROMETHEUS_MULTIPROC_DIR when the library is imported) and `/metrics` adds them up: the
+node, not the one worker that answers.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 
@@ -25,13 +36,22 @@ class Metrics:
     """One registry per gateway (not the global default), so that several gateways in one
     process, as in the tests, keep separate counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        Info("gateway_build", "git-gateway version", registry=r).info({"version": __version__})
+        self.multiprocess_dir = multiprocess_dir
+        # What is not kept in the multiprocess files: this process's own figures.
+        self.local = CollectorRegistry(auto_describe=True) if multiprocess_dir else r
+        ProcessCollector(registry=self.local)
+        Info("gateway_build", "git-gateway version", registry=self.local).info(
+            {"version": __version__}
+        )
+        # Gauges of several workers add up ("livesum": only live workers count).
         self.connections_open = Gauge(
-            "gateway_connections_open", "SSH connections currently open", registry=r
+            "gateway_connections_open",
+            "SSH connections currently open",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Counter(
             "gateway_connections", "SSH connections accepted (admitted)", registry=r
@@ -89,7 +109,19 @@ class Metrics:
             buckets=DEPLOY_BUCKETS,
             registry=r,
         )
-        self.deploys_running = Gauge("gateway_deploys_running", "Deploys running now", registry=r)
+        self.deploys_running = Gauge(
+            "gateway_deploys_running",
+            "Deploys running now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers = Gauge(
+            "gateway_workers",
+            "Worker processes serving (1 without --workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers.set(1)
         self.http_requests = Counter(
             "gateway_http_requests",
             "HTTP requests by route and status code",
@@ -111,4 +143,19 @@ class Metrics:
             self.deploy_duration.labels(status).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Node(self.multiprocess_dir, self.local))
+
+
+class _Node:
+    """Every worker's values from the multiprocess files, and this process's own figures
+    (build info; process_* of the worker serving /metrics, see README)."""
+
+    def __init__(self, directory: Path, local: CollectorRegistry) -> None:
+        self.files = MultiProcessCollector(None, path=str(directory))
+        self.local = local
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.files.collect()
+        yield from self.local.collect()
