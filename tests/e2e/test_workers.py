@@ -206,3 +206,22 @@ def test_worker_count_must_be_sane(tmp_path) -> None:
     admin = Admin(write_config(tmp_path))
     for bad in ("-1", "x", "257"):
         assert admin("serve", "--workers", bad)[0] == 2
+
+
+def test_workers_on_postgresql(tmp_path, pg_url) -> None:
+    """The same node on a PostgreSQL registry: each worker has its own pool, both serve."""
+    node = start(tmp_path, storage={"database": pg_url})
+    try:
+        home = tmp_path / "bob"
+        key = Admin(node.config_path).enroll("bob", home, "api")
+        bob = Client(home, key, node, "bob")  # type: ignore[arg-type]
+        work = bob.new_repo(tmp_path / "work")
+        for index in (0, 1):
+            with only(node, index):
+                bob.commit(work, {f"w{index}": "x\n"}, f"worker {index}")
+                bob.git("push", "-q", bob.url("api"), "main", cwd=work)
+                bob.git("clone", "-q", bob.url("api"), str(tmp_path / f"clone-{index}"))
+            node.wait_for(rf"worker={index} event=auth_ok .*user=bob")
+        assert (tmp_path / "clone-1" / "w1").exists()
+    finally:
+        assert node.stop() == 0

@@ -1,0 +1,127 @@
+"""`python -m bench --workers N`: concurrent clone throughput with 1 and with N workers.
+
+The same gateway (same repository, registry and settings) is started with `[server]
+workers = 1`, then N, taking turns at each repetition; each round runs as many concurrent
+bare clones as asked (`--clones`, default 4 per worker of the larger side) and reports the
+clones per second (median of the repetitions) and the ratio N / 1.
+"""
+
+from __future__ import annotations
+
+import getpass
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from . import repogen
+from .servers import TIMEOUT, Gateway, run
+
+LIMITS = (
+    "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
+    "max_unauthenticated = 500\nuser_ops_per_minute = 100000\n"
+)
+
+
+def clone_round(port: int, count: int, work: Path, env: dict[str, str]) -> tuple[float, int]:
+    """`count` bare clones at once: (seconds for all of them, failures)."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [
+                "git",
+                "clone",
+                "-q",
+                "--bare",
+                f"ssh://git@127.0.0.1:{port}/bench.git",
+                str(work / f"c{i}"),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(count)
+    ]
+    failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
+    seconds = time.perf_counter() - started
+    run(["rm", "-rf", *(str(work / f"c{i}") for i in range(count))])
+    return seconds, failures
+
+
+def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> dict[str, object]:
+    key = root / "id_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    pubkey = Path(f"{key}.pub").read_text()
+    generated = root / "generated.git"
+    repogen.generate(generated, repogen.PROFILES[profile])
+    sides = {1: Gateway(root / "one", LIMITS, workers=1)}
+    sides[workers] = Gateway(root / "many", LIMITS, workers=workers)
+    for gateway in sides.values():
+        gateway.cli("user", "add", "bench")
+        gateway.cli("key", "add", "bench", "k", "-", stdin=pubkey)
+        gateway.cli("app", "create", "bench", "--owner", "bench")
+        repo = gateway.repos / "bench.git"
+        run(["git", "fetch", "-q", str(generated), "+refs/heads/*:refs/heads/*"], cwd=repo)
+        run(["git", "repack", "-adq"], cwd=repo)
+    known = root / "known_hosts"
+    try:
+        for gateway in sides.values():
+            gateway.start()
+        known.write_text(
+            "".join(f"[127.0.0.1]:{g.port} {k}\n" for g in sides.values() for k in g.host_keys())
+        )
+        ssh = (
+            f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o IdentityAgent=none "
+            f"-o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={known}"
+        )
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(root),
+            "GIT_SSH_COMMAND": ssh,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": "/dev/null",
+            "LC_ALL": "C",
+        }
+        work = root / "work"
+        work.mkdir()
+        clone_round(sides[1].port, 2, work, env)  # warm the page cache
+        seconds: dict[int, list[float]] = {n: [] for n in sides}
+        failures = {n: 0 for n in sides}
+        for rep in range(reps):
+            order = sorted(sides) if rep % 2 == 0 else sorted(sides, reverse=True)
+            for n in order:
+                took, failed = clone_round(sides[n].port, clones, work, env)
+                seconds[n].append(took)
+                failures[n] += failed
+    finally:
+        codes = {n: g.stop() for n, g in sides.items()}
+    rate = {n: clones / statistics.median(s) for n, s in seconds.items()}
+    return {
+        "workers": workers,
+        "clones": clones,
+        "reps": reps,
+        "profile": profile,
+        "pack_bytes": repogen.pack_size(generated),
+        "seconds": {str(n): [round(s, 3) for s in v] for n, v in seconds.items()},
+        "clones_per_s": {str(n): round(r, 2) for n, r in rate.items()},
+        "ratio": round(rate[workers] / rate[1], 2),
+        "failures": {str(n): f for n, f in failures.items()},
+        "exit_codes": {str(n): c for n, c in codes.items()},
+        "user": getpass.getuser(),
+    }
+
+
+def report(figures: dict[str, object]) -> str:
+    rate: dict[str, float] = figures["clones_per_s"]  # type: ignore[assignment]
+    seconds: dict[str, list[float]] = figures["seconds"]  # type: ignore[assignment]
+    lines = [
+        f"{figures['clones']} concurrent bare clones ({figures['profile']} profile, "
+        f"{figures['reps']} repetitions, medians)"
+    ]
+    for n in rate:
+        lines.append(
+            f"  {n:>3} worker(s): {statistics.median(seconds[n]):.3f} s per round, "
+            f"{rate[n]:.2f} clones/s, failures {figures['failures'][n]}"  # type: ignore[index]
+        )
+    lines.append(f"  {figures['workers']} workers / 1: {figures['ratio']}x the throughput")
+    return "\n".join(lines)
