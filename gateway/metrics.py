@@ -8,6 +8,7 @@ node, not the one worker that answers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,13 +37,16 @@ class Metrics:
     """One registry per gateway (not the global default), so that several gateways in one
     process, as in the tests, keep separate counts."""
 
-    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None, supervisor: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.multiprocess_dir = multiprocess_dir
-        # What is not kept in the multiprocess files: this process's own figures.
+        self.supervisor = supervisor
+        # What is not kept in the multiprocess files: build info, and process_* (read from
+        # /proc at each scrape, for every process of the node).
         self.local = CollectorRegistry(auto_describe=True) if multiprocess_dir else r
-        ProcessCollector(registry=self.local)
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)
         Info("gateway_build", "git-gateway version", registry=self.local).info(
             {"version": __version__}
         )
@@ -145,17 +149,58 @@ class Metrics:
     def render(self) -> bytes:
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
-        return generate_latest(_Node(self.multiprocess_dir, self.local))
+        return generate_latest(_Node(self.multiprocess_dir, self.local, self.supervisor))
+
+
+# Live workers have a file of live gauges (removed when the supervisor sees them die).
+_LIVE_FILE = re.compile(r"gauge_livesum_(\d+)\.db")
+# process_* figures that add up over processes; the others are taken as below.
+_SUMMED = {
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+}
 
 
 class _Node:
-    """Every worker's values from the multiprocess files, and this process's own figures
-    (build info; process_* of the worker serving /metrics, see README)."""
+    """Every worker's values from the multiprocess files; build info; process_* added up
+    over the supervisor and the live workers (start time: the earliest; max_fds: the
+    lowest, the first to run out)."""
 
-    def __init__(self, directory: Path, local: CollectorRegistry) -> None:
+    def __init__(self, directory: Path, local: CollectorRegistry, supervisor: int | None) -> None:
+        self.directory = directory
         self.files = MultiProcessCollector(None, path=str(directory))
         self.local = local
+        self.supervisor = supervisor
+
+    def pids(self) -> list[int]:
+        found = {
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _LIVE_FILE.fullmatch(p.name))
+        }
+        if self.supervisor is not None:
+            found.add(self.supervisor)
+        return sorted(found)
+
+    def processes(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in self.pids():
+            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in collector.collect():
+                if not family.samples:
+                    continue  # the process is gone
+                value = family.samples[0].value
+                kept = families.get(family.name)
+                if kept is None:
+                    families[family.name] = family
+                    continue
+                old = kept.samples[0]
+                summed = family.name in _SUMMED
+                merged = old.value + value if summed else min(old.value, value)
+                kept.samples[0] = old._replace(value=merged)
+        yield from families.values()
 
     def collect(self) -> Iterable[Metric]:
         yield from self.files.collect()
         yield from self.local.collect()
+        yield from self.processes()

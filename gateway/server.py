@@ -434,7 +434,11 @@ class Gateway:
             config.limits, shared=worker.shared_counts() if worker is not None else None
         )
         self.rate = RateLimiter(config.limits.user_ops_per_minute)
-        self.metrics = Metrics(Path(worker.metrics_dir) if worker is not None else None)
+        self.metrics = (
+            Metrics(Path(worker.metrics_dir), supervisor=worker.parent)
+            if worker is not None
+            else Metrics()
+        )
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None

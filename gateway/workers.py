@@ -291,7 +291,14 @@ class Supervisor:
         log.info("event=worker_started worker=%d pid=%d", worker.index, worker.proc.pid)
         try:
             # EOF (b"") if the worker exits without being ready: the pipe's only writer.
-            answer = await asyncio.to_thread(os.read, read_end, len(READY))
+            reading = asyncio.ensure_future(asyncio.to_thread(os.read, read_end, len(READY)))
+            stopping = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({reading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not reading.done():  # stopped while it starts (a hung registry, say)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
+            answer = await reading
         finally:
             os.close(read_end)
         worker.ready = answer == READY

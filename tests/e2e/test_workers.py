@@ -127,6 +127,12 @@ def test_metrics_add_up_every_worker(node, alice) -> None:
     # Worker 0 answers /metrics, and counts both logins: its own and worker 1's.
     assert metric(node, 'gateway_auth_results_total{result="ok"}') == before + 2
     assert metric(node, "gateway_workers") == 2
+    # process_* too: the supervisor's and both workers' memory, not worker 0's alone.
+    rss = {
+        pid: int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        for pid in node.pids  # type: ignore[attr-defined]
+    }
+    assert metric(node, "process_resident_memory_bytes") > 1.5 * rss[node.pids[0]]  # type: ignore[attr-defined]
 
 
 def test_regression_metrics_directory_is_private_and_fresh(node) -> None:
@@ -213,6 +219,7 @@ def test_workers_on_postgresql(tmp_path, pg_url) -> None:
     node = start(tmp_path, storage={"database": pg_url})
     try:
         home = tmp_path / "bob"
+        home.mkdir()
         key = Admin(node.config_path).enroll("bob", home, "api")
         bob = Client(home, key, node, "bob")  # type: ignore[arg-type]
         work = bob.new_repo(tmp_path / "work")
