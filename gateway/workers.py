@@ -366,6 +366,11 @@ class Supervisor:
         for worker in running:
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        # No worker will be started again: once the draining workers have closed their
+        # copies too, new connections are refused rather than left queued on a socket
+        # nobody accepts from.
+        for sock in (*self.ssh, *self.http, *self.monitoring):
+            sock.close()
         codes = [await w.proc.wait() for w in running]  # type: ignore[union-attr]
         for task in watchers or ():
             with contextlib.suppress(BaseException):

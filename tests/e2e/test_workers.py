@@ -14,6 +14,7 @@ import select
 import signal
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -164,9 +165,24 @@ def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(node, alice, tmp
     assert metric(node, "gateway_workers") == 2
 
 
-def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(node) -> None:
+def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(node, alice) -> None:
     pids = list(node.pids)  # type: ignore[attr-defined]
-    assert node.stop() == 0
+    # A fetch in progress: upload-pack has advertised its refs and waits for the client.
+    fetch = subprocess.Popen(
+        [*alice.ssh_base, "-T", "git@127.0.0.1", "git-upload-pack 'shop.git'"],
+        env=alice.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert select.select([fetch.stdout], [], [], TIMEOUT)[0]
+    assert fetch.stdout.read(4)  # type: ignore[union-attr]
+    node.proc.send_signal(signal.SIGTERM)
+    node.wait_for(r"worker=\d event=draining sessions=1")
+    # The worker waits for it: the client ends its fetch at its own pace.
+    _, err = fetch.communicate(b"0000", timeout=TIMEOUT)
+    assert fetch.returncode == 0, err
+    assert node.finish() == 0
     assert {m for m in re.findall(r"worker=(\d) event=stopped", node.stderr)} == {"0", "1"}
     assert all(process_gone(pid, 5) for pid in pids)
     assert not (node.directory / "gw.sock.metrics").exists()  # type: ignore[attr-defined]
