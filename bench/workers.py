@@ -95,6 +95,11 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
                 failures[n] += failed
     finally:
         codes = {n: g.stop() for n, g in sides.items()}
+    # SQLite shared by several processes: no write may have failed on its lock.
+    locked = {
+        str(n): (g.state / "gateway.log").read_text(errors="replace").count("database is locked")
+        for n, g in sides.items()
+    }
     rate = {n: clones / statistics.median(s) for n, s in seconds.items()}
     return {
         "workers": workers,
@@ -106,6 +111,7 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         "clones_per_s": {str(n): round(r, 2) for n, r in rate.items()},
         "ratio": round(rate[workers] / rate[1], 2),
         "failures": {str(n): f for n, f in failures.items()},
+        "database_locked": locked,
         "exit_codes": {str(n): c for n, c in codes.items()},
         "user": getpass.getuser(),
     }
@@ -124,4 +130,5 @@ def report(figures: dict[str, object]) -> str:
             f"{rate[n]:.2f} clones/s, failures {figures['failures'][n]}"  # type: ignore[index]
         )
     lines.append(f"  {figures['workers']} workers / 1: {figures['ratio']}x the throughput")
+    lines.append(f"  'database is locked' in the gateways' logs: {figures['database_locked']}")
     return "\n".join(lines)

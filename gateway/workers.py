@@ -165,7 +165,7 @@ class Supervisor:
         self.monitoring: list[socket.socket] = []
         self.counts: SharedCounts | None = None
         self._stop = asyncio.Event()
-        self._failed = False
+        self._own_metrics_dir = False
 
     # -- setup and teardown --
 
@@ -198,6 +198,7 @@ class Supervisor:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.mkdir(mode=0o700)
         path.chmod(0o700)
+        self._own_metrics_dir = True
 
     def _close(self) -> None:
         for sock in (*self.ssh, *self.http, *self.monitoring):
@@ -205,7 +206,8 @@ class Supervisor:
         if self.counts is not None:
             self.counts.close()
             os.close(self.counts.fd)
-        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        if self._own_metrics_dir:  # not another run's, when this one could not even bind
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     # -- running --
 
@@ -220,13 +222,14 @@ class Supervisor:
             self.counts = SharedCounts.create(self.count, self.config.limits.max_connections)
             # Worker 0 first: it migrates the registry and checks the repositories, which
             # the others then need not do, all at once, at every start.
-            if not await self._start(self.workers[0], prepare=True):
-                raise GatewayError("worker 0 did not start (see its error above)")
-            rest = await asyncio.gather(*(self._start(w) for w in self.workers[1:]))
-            if not all(rest):
-                raise GatewayError("a worker did not start (see its error above)")
-            if self._stop.is_set():
+            started = await self._start(self.workers[0], prepare=True)
+            if started:
+                rest = await asyncio.gather(*(self._start(w) for w in self.workers[1:]))
+                started = all(rest)
+            if self._stop.is_set():  # asked to stop while starting
                 return await self._shutdown()
+            if not started:
+                raise GatewayError("a worker did not start (see its error above)")
             self._announce()
             watchers = [asyncio.ensure_future(self._watch(w)) for w in self.workers]
             await self._stop.wait()

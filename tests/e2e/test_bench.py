@@ -114,4 +114,5 @@ def test_workers_benchmark_on_tiny_data(tmp_path):
     assert figures["ratio"] > 0
     assert figures["failures"] == {"1": 0, "2": 0}
     assert figures["exit_codes"] == {"1": 0, "2": 0}
+    assert figures["database_locked"] == {"1": 0, "2": 0}
     assert "2 workers / 1" in result.stdout

@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.helpers import (
     banner,
     fsck,
     http,
+    run,
     write_config,
 )
 
@@ -248,3 +250,15 @@ def test_workers_on_postgresql(tmp_path, pg_url) -> None:
         assert (tmp_path / "clone-1" / "w1").exists()
     finally:
         assert node.stop() == 0
+
+
+def test_a_worker_that_cannot_start_stops_the_node_with_one_line(tmp_path) -> None:
+    config = write_config(tmp_path, git={"binary": str(tmp_path / "no-such-git")})
+    result = run(
+        [sys.executable, "-m", "gateway", "--config", str(config), "serve", "--workers", "2"]
+    )
+    assert result.returncode == 1
+    assert "error: a worker did not start (see its error above)" in result.stderr
+    assert "no-such-git" in result.stderr  # the worker's own reason, above it
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "gw.sock.metrics").exists()
