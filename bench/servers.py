@@ -120,6 +120,7 @@ class Gateway:
                 break
         else:
             raise SystemExit(f"gateway did not start; see {self.state / 'gateway.log'}")
+        log.flush()  # the start's lines are on disk for whoever reads them now
         drain(self.proc.stderr, log)
 
     def host_keys(self) -> list[str]:

@@ -9,13 +9,14 @@ clones per second (median of the repetitions) and the ratio N / 1.
 from __future__ import annotations
 
 import getpass
+import re
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 from . import repogen
-from .servers import TIMEOUT, Gateway, run
+from .servers import TIMEOUT, Gateway, cpu_seconds, run
 
 LIMITS = (
     "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
@@ -23,8 +24,19 @@ LIMITS = (
 )
 
 
-def clone_round(port: int, count: int, work: Path, env: dict[str, str]) -> tuple[float, int]:
-    """`count` bare clones at once: (seconds for all of them, failures)."""
+def gateway_pids(gateway: Gateway) -> list[int]:
+    """The gateway's Python processes: the supervisor and its workers, or the one process."""
+    log = (gateway.state / "gateway.log").read_text(errors="replace")
+    match = re.search(r"event=workers_ready .*pids=([\d,]+)", log)
+    return [int(p) for p in match.group(1).split(",")] if match else [gateway.pid]
+
+
+def clone_round(
+    port: int, count: int, work: Path, env: dict[str, str], pids: list[int]
+) -> tuple[float, int, float]:
+    """`count` bare clones at once: (seconds for all of them, failures, the busiest
+    gateway process's CPU use in cores: near 1.0 means it was the bottleneck)."""
+    before = [cpu_seconds(pid)[0] for pid in pids]
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -44,8 +56,9 @@ def clone_round(port: int, count: int, work: Path, env: dict[str, str]) -> tuple
     ]
     failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
     seconds = time.perf_counter() - started
+    busiest = max(cpu_seconds(pid)[0] - b for pid, b in zip(pids, before, strict=True))
     run(["rm", "-rf", *(str(work / f"c{i}") for i in range(count))])
-    return seconds, failures
+    return seconds, failures, busiest / seconds
 
 
 def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> dict[str, object]:
@@ -84,14 +97,17 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         }
         work = root / "work"
         work.mkdir()
-        clone_round(sides[1].port, 2, work, env)  # warm the page cache
+        pids = {n: gateway_pids(g) for n, g in sides.items()}
+        clone_round(sides[1].port, 2, work, env, pids[1])  # warm the page cache
         seconds: dict[int, list[float]] = {n: [] for n in sides}
+        busiest: dict[int, list[float]] = {n: [] for n in sides}
         failures = {n: 0 for n in sides}
         for rep in range(reps):
             order = sorted(sides) if rep % 2 == 0 else sorted(sides, reverse=True)
             for n in order:
-                took, failed = clone_round(sides[n].port, clones, work, env)
+                took, failed, busy = clone_round(sides[n].port, clones, work, env, pids[n])
                 seconds[n].append(took)
+                busiest[n].append(busy)
                 failures[n] += failed
     finally:
         codes = {n: g.stop() for n, g in sides.items()}
@@ -111,6 +127,9 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         "clones_per_s": {str(n): round(r, 2) for n, r in rate.items()},
         "ratio": round(rate[workers] / rate[1], 2),
         "failures": {str(n): f for n, f in failures.items()},
+        "busiest_process_cores": {
+            str(n): round(statistics.median(v), 2) for n, v in busiest.items()
+        },
         "database_locked": locked,
         "exit_codes": {str(n): c for n, c in codes.items()},
         "user": getpass.getuser(),
@@ -127,7 +146,8 @@ def report(figures: dict[str, object]) -> str:
     for n in rate:
         lines.append(
             f"  {n:>3} worker(s): {statistics.median(seconds[n]):.3f} s per round, "
-            f"{rate[n]:.2f} clones/s, failures {figures['failures'][n]}"  # type: ignore[index]
+            f"{rate[n]:.2f} clones/s, failures {figures['failures'][n]}, busiest gateway "  # type: ignore[index]
+            f"process {figures['busiest_process_cores'][n]} cores"  # type: ignore[index]
         )
     lines.append(f"  {figures['workers']} workers / 1: {figures['ratio']}x the throughput")
     lines.append(f"  'database is locked' in the gateways' logs: {figures['database_locked']}")
