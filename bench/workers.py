@@ -61,6 +61,42 @@ def clone_round(
     return seconds, failures, busiest / seconds
 
 
+def raw_round(
+    port: int, count: int, request: bytes, env: dict[str, str], pids: list[int]
+) -> tuple[float, int, float]:
+    """`count` raw pack streams at once (a scripted upload-pack request, the pack thrown
+    away: no index-pack on the client, so the transport is what is measured)."""
+    before = [cpu_seconds(pid)[0] for pid in pids]
+    started = time.perf_counter()
+    ssh = [*env["GIT_SSH_COMMAND"].split(), "-p", str(port), "git@127.0.0.1"]
+    procs = [
+        subprocess.Popen(
+            [*ssh, "git-upload-pack 'bench.git'"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+    for proc in procs:
+        proc.stdin.write(request)  # type: ignore[union-attr]
+        proc.stdin.close()  # type: ignore[union-attr]
+    failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
+    seconds = time.perf_counter() - started
+    busiest = max(cpu_seconds(pid)[0] - b for pid, b in zip(pids, before, strict=True))
+    return seconds, failures, busiest / seconds
+
+
+def pack_request(repo: Path) -> bytes:
+    def pkt(text: str) -> bytes:
+        return f"{len(text) + 4:04x}".encode() + text.encode()
+
+    wants = sorted(set(run(["git", "for-each-ref", "--format=%(objectname)"], cwd=repo).split()))
+    request = pkt(f"want {wants[0]} side-band-64k ofs-delta no-progress\n")
+    return request + b"".join(pkt(f"want {w}\n") for w in wants[1:]) + b"0000" + pkt("done\n")
+
+
 def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> dict[str, object]:
     key = root / "id_ed25519"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
@@ -101,6 +137,9 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         clone_round(sides[1].port, 2, work, env, pids[1])  # warm the page cache
         seconds: dict[int, list[float]] = {n: [] for n in sides}
         busiest: dict[int, list[float]] = {n: [] for n in sides}
+        raw: dict[int, list[float]] = {n: [] for n in sides}
+        raw_busiest: dict[int, list[float]] = {n: [] for n in sides}
+        request = pack_request(sides[1].repos / "bench.git")
         failures = {n: 0 for n in sides}
         for rep in range(reps):
             order = sorted(sides) if rep % 2 == 0 else sorted(sides, reverse=True)
@@ -108,6 +147,10 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
                 took, failed, busy = clone_round(sides[n].port, clones, work, env, pids[n])
                 seconds[n].append(took)
                 busiest[n].append(busy)
+                took, failed, busy = raw_round(sides[n].port, clones, request, env, pids[n])
+                raw[n].append(took)
+                raw_busiest[n].append(busy)
+                failures[n] += failed
                 failures[n] += failed
     finally:
         codes = {n: g.stop() for n, g in sides.items()}
@@ -117,6 +160,8 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         for n, g in sides.items()
     }
     rate = {n: clones / statistics.median(s) for n, s in seconds.items()}
+    pack = repogen.pack_size(sides[1].repos / "bench.git")
+    raw_rate = {n: clones * pack / statistics.median(s) / 1e6 for n, s in raw.items()}
     return {
         "workers": workers,
         "clones": clones,
@@ -126,6 +171,11 @@ def measure(root: Path, profile: str, workers: int, clones: int, reps: int) -> d
         "seconds": {str(n): [round(s, 3) for s in v] for n, v in seconds.items()},
         "clones_per_s": {str(n): round(r, 2) for n, r in rate.items()},
         "ratio": round(rate[workers] / rate[1], 2),
+        "raw_pack_mb_per_s": {str(n): round(r, 1) for n, r in raw_rate.items()},
+        "raw_pack_ratio": round(raw_rate[workers] / raw_rate[1], 2),
+        "raw_pack_busiest_process_cores": {
+            str(n): round(statistics.median(v), 2) for n, v in raw_busiest.items()
+        },
         "failures": {str(n): f for n, f in failures.items()},
         "busiest_process_cores": {
             str(n): round(statistics.median(v), 2) for n, v in busiest.items()
@@ -150,5 +200,13 @@ def report(figures: dict[str, object]) -> str:
             f"process {figures['busiest_process_cores'][n]} cores"  # type: ignore[index]
         )
     lines.append(f"  {figures['workers']} workers / 1: {figures['ratio']}x the throughput")
+    mbps: dict[str, float] = figures["raw_pack_mb_per_s"]  # type: ignore[assignment]
+    cores: dict[str, float] = figures["raw_pack_busiest_process_cores"]  # type: ignore[assignment]
+    lines.append(f"{figures['clones']} concurrent raw pack streams (no index-pack), medians")
+    for n in mbps:
+        lines.append(
+            f"  {n:>3} worker(s): {mbps[n]} MB/s, busiest gateway process {cores[n]} cores"
+        )
+    lines.append(f"  {figures['workers']} workers / 1: {figures['raw_pack_ratio']}x")
     lines.append(f"  'database is locked' in the gateways' logs: {figures['database_locked']}")
     return "\n".join(lines)

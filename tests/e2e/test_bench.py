@@ -116,3 +116,4 @@ def test_workers_benchmark_on_tiny_data(tmp_path):
     assert figures["exit_codes"] == {"1": 0, "2": 0}
     assert figures["database_locked"] == {"1": 0, "2": 0}
     assert "2 workers / 1" in result.stdout
+    assert all(rate > 0 for rate in figures["raw_pack_mb_per_s"].values())
