@@ -354,8 +354,11 @@ def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
             out.write(stream.flush())
             return code
         except control.NotRunning:
-            pass  # nothing runs it now: show what is stored
-    out.write(terminal_safe(read_log(cfg.deploy.log_dir, deploy.id)))
+            # No gateway here: another node may run it; follow it in the registry.
+            return asyncio.run(
+                _with_store_value(cfg, lambda s: _follow_stored(cfg, s, args.id, out))
+            )
+    out.write(terminal_safe(asyncio.run(_with_store_value(cfg, lambda s: read_log(s, deploy.id)))))
     if not deploy.status.finished:
         out.write(f"deploy #{deploy.id} is {deploy.status.value}\n")
     if args.follow:
@@ -383,7 +386,10 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
 
     async def offline(reg: Registry) -> int:
         deploy = await reg.record_cancel_offline(args.id, actor=OPERATOR)
-        out.write(f"deploy #{deploy.id}: cancelled (the gateway is not running)\n")
+        if deploy.status.finished:
+            out.write(f"deploy #{deploy.id}: cancelled (no gateway runs here)\n")
+        else:
+            out.write(f"deploy #{deploy.id}: cancel asked of {deploy.runner}, which runs it\n")
         return 0
 
     return asyncio.run(_with_registry(cfg, offline))
@@ -395,6 +401,30 @@ async def _audit_cancel(reg: Registry, deploy_id: int) -> int:
         reg.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
     )
     return 0
+
+
+async def _follow_stored(cfg: config.Config, store: Store, deploy_id: int, out: TextIO) -> int:
+    """Stream a deploy's log from the registry to its end, polling (no gateway runs here to
+    announce new output)."""
+    from .deploys.queue import Wakeups
+    from .deploys.watch import watch
+
+    stream = TerminalStream()
+
+    async def say(text: str) -> None:
+        out.write(stream.feed(text))
+        out.flush()
+
+    final = await watch(
+        store, Wakeups(), deploy_id, say, asyncio.Event(), until_done=True, poll=lambda: 0.5
+    )
+    out.write(stream.flush())
+    if final is None:  # pragma: no cover - until_done waits for the end
+        return 1
+    from .deploys.messages import final_line
+
+    out.write(final_line(cfg, final, final.elapsed))
+    return 0 if final.status.ok else 1
 
 
 async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaitable[Any]]) -> Any:

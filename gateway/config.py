@@ -471,9 +471,15 @@ class DeploySettings:
     webhook_secret: str = _setting("", _string, "HMAC-SHA256 key signing webhook bodies")
     mode: str = _setting("attached", _choice(*DEPLOY_MODES), "attached, detached or gate")
     timeout: float = _setting(600, _seconds, "seconds before a deploy is killed (timed_out)")
-    max_parallel: int = _setting(4, _count, "deploys running at once across all apps")
+    max_parallel: int = _setting(
+        4, _count, "deploys running at once on this machine (its node_name), across all apps"
+    )
     log_limit: int = _setting("1M", _size, "deploy log kept per deploy (the tail is kept)")
-    log_dir: Path = _setting("var/deploys", _path, "where deploy logs are written")
+    log_dir: Path = _setting(
+        "var/deploys",
+        _path,
+        "where earlier versions wrote deploy log files; imported into the registry at start",
+    )
     webhook_timeout: float = _setting(10, _seconds, "seconds per webhook delivery attempt")
     webhook_attempts: int = _setting(4, _count, "webhook delivery attempts (retries back off)")
     webhook_backoff: float = _setting(
@@ -540,6 +546,29 @@ class DeploySettings:
 class AuditSettings:
     retention: float = _setting(
         365, _days, "days audit events are kept (0 = forever); pruned hourly"
+    )
+
+
+def _node_name(value: Any) -> str:
+    text = _string(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", text):
+        raise ValueError(f"invalid node name '{text}': letters, digits, '.', '_', '-'")
+    return text
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    node_name: str = _setting(
+        "",
+        _node_name,
+        "this machine's name among the gateways sharing the registry ('' = host name); "
+        "max_parallel counts per name",
+    )
+    node_timeout: float = _setting(
+        15,
+        _seconds,
+        "seconds without a sign of life after which the other gateways declare one gone "
+        "and mark its running deploys interrupted",
     )
 
 
@@ -618,6 +647,7 @@ SECTIONS: dict[str, type] = {
     "audit": AuditSettings,
     "http": HTTPSettings,
     "log": LogSettings,
+    "cluster": ClusterSettings,
 }
 
 
@@ -632,6 +662,7 @@ class Config:
     audit: AuditSettings
     http: HTTPSettings
     log: LogSettings
+    cluster: ClusterSettings
     apps: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: Path | None = None
 

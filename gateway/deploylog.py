@@ -1,4 +1,5 @@
-"""One deploy's output: live to every watcher, kept on disk, bounded to its tail."""
+"""One deploy's output: written by its runner to the registry in batches, bounded to its tail,
+and read back by any gateway process (watchers follow it there)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,27 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import logging
 import os
-import secrets
-import shutil
 import stat
+import time
 from collections import deque
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import GatewayError
+from .errors import StoreUnavailable
+from .logs import q
+from .models import LogChunk
+from .store import Store
 
-# What one watcher (an attached push, `logs --follow`) may have waiting for it: a watcher
-# that stops reading skips ahead with a marker instead of holding the deploy's output.
-WATCHER_BUFFER = 1024 * 1024
+log = logging.getLogger("gateway.deploys")
 
-# Every open of a log file: never through a symlink, readable by the service user only.
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_MODE = 0o600
-
-
-class LogExists(GatewayError):
-    """A file already sits where a new deploy's log goes. It is never appended to, nor shown
-    as this deploy's log: it was moved aside (to `moved_to`, for the operator) and the deploy
-    must fail with this message."""
-
-    def __init__(self, deploy_id: int, path: Path, moved_to: Path | None) -> None:
-        super().__init__(
-            f"a log file for deploy #{deploy_id} already existed on the server: it was set "
-            "aside, never reused; the operator can see why"
-        )
-        self.deploy_id = deploy_id
-        self.path = path
-        self.moved_to = moved_to
-
-
-def log_path(log_dir: Path, deploy_id: int) -> Path:
-    return log_dir / f"{deploy_id}.log"
+# One chunk of output, of at most CHUNK_BYTES, goes to the registry per FLUSH_INTERVAL
+# (watchers see it that late): a deploy that prints faster has the excess beyond its log
+# limit cut (with a marker) rather than make the shared registry write more.
+FLUSH_INTERVAL = 0.1
+CHUNK_BYTES = 64 * 1024
+RETRY_DELAY = 1.0  # seconds before writing again after the registry failed
 
 
 def cut_marker(dropped: int) -> str:
@@ -53,153 +38,57 @@ def skip_marker(skipped: int) -> str:
     return f"\n[... {skipped} bytes skipped: this watcher fell behind the deploy ...]\n"
 
 
-class _Skipped(int):
-    """Bytes dropped for a watcher at this point of its stream."""
+def gap_marker(skipped: int) -> str:
+    return f"\n[... {skipped} bytes of output cut: it came faster than it could be stored ...]\n"
 
 
-class Subscription:
-    """One watcher's view of a log: the text so far, then what follows, bounded."""
-
-    def __init__(self, so_far: str, limit: int = WATCHER_BUFFER) -> None:
-        initial = len(so_far.encode("utf-8", "replace"))
-        # The text so far is the log's kept tail (bounded by log_limit): on top of the buffer.
-        self.limit = limit + initial
-        self._items: deque[str | _Skipped] = deque([so_far] if so_far else [])
-        self._bytes = initial
-        self._ended = False
-        self._ready = asyncio.Event()
-        self._ready.set()
-
-    def push(self, text: str) -> None:
-        size = len(text.encode("utf-8", "replace"))
-        if self._bytes + size > self.limit:
-            last = self._items[-1] if self._items else None
-            if isinstance(last, _Skipped):
-                self._items[-1] = _Skipped(last + size)
-            else:
-                self._items.append(_Skipped(size))
-        else:
-            self._items.append(text)
-            self._bytes += size
-        self._ready.set()
-
-    def end(self) -> None:
-        self._ended = True
-        self._ready.set()
-
-    async def next(self) -> str | None:
-        """The next text for this watcher; None once the log has ended."""
-        while True:
-            if self._items:
-                item = self._items.popleft()
-                if isinstance(item, _Skipped):
-                    return skip_marker(int(item))
-                self._bytes = max(0, self._bytes - len(item.encode("utf-8", "replace")))
-                return item
-            if self._ended:
-                return None
-            self._ready.clear()
-            await self._ready.wait()
-
-
-def read_log(log_dir: Path, deploy_id: int) -> str:
-    """The stored log of a deploy (empty if none was written). Only a regular file is read:
-    a symlink in its place would show someone else's file."""
-    try:
-        fd = os.open(
-            log_path(log_dir, deploy_id), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        )
-    except FileNotFoundError:
-        return ""
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink
-            return ""
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return ""
-    with open(fd, "rb") as file:
-        return file.read().decode("utf-8", "replace")
-
-
-def highest_log_id(log_dir: Path) -> int:
-    """The highest deploy id with a log file in `log_dir` (0 if none)."""
-    try:
-        names = os.listdir(log_dir)
-    except FileNotFoundError:
-        return 0
-    ids = [int(n[:-4]) for n in names if n.endswith(".log") and n[:-4].isdigit()]
-    return max(ids, default=0)
-
-
-def move_logs(log_dir: Path, deploy_ids: list[int], target: Path) -> int:
-    """Move these deploys' log files into the new directory `target` (created only if there
-    is one to move); return how many moved. A deploy still writing keeps writing to its
-    moved file when `target` is on the same filesystem."""
-    moved = 0
-    for deploy_id in deploy_ids:
-        source = log_path(log_dir, deploy_id)
-        if not os.path.lexists(source):
+def render(chunks: Iterable[LogChunk], start: int = 0, *, closing: bool = True) -> str:
+    """The text of these chunks (in order) for a reader who had everything before `start`:
+    a marker where output is missing, at the start (trimmed) or between chunks."""
+    parts: list[str] = []
+    at = start
+    for chunk in chunks:
+        if chunk.position > at:
+            missing = chunk.position - at
+            parts.append(cut_marker(missing) if at == 0 and not parts else gap_marker(missing))
+        if chunk.closing and not closing:
+            at = chunk.end
             continue
-        if not moved:
-            target.mkdir(mode=0o700)
-        shutil.move(source, target / source.name)  # a symlink is moved, never followed
-        moved += 1
-    return moved
+        parts.append(chunk.text)
+        at = chunk.end
+    return "".join(parts)
 
 
-def _create(path: Path) -> int:
-    return os.open(path, _CREATE, _MODE)
-
-
-def _remove_if_empty(path: Path) -> None:
-    """Remove the empty file the previous run created for a deploy that never started;
-    anything else at that path is left for LogExists."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(info.st_mode) and info.st_size == 0:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _set_aside(path: Path) -> Path | None:
-    """Move whatever is at `path` (file, symlink, directory) to a name no deploy id reads."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    target = path.with_name(f"{path.name}.refused-{stamp}-{secrets.token_hex(3)}")
-    try:
-        os.rename(path, target)
-    except FileNotFoundError:
-        return None
-    return target
+async def read_log(store: Store, deploy_id: int) -> str:
+    """Everything kept of a deploy's log, final line included."""
+    chunks: list[LogChunk] = []
+    after = 0
+    while True:
+        page = await store.deploy_log(deploy_id, after)
+        if not page:
+            break
+        chunks.extend(page)
+        after = page[-1].seq
+    return render(chunks)
 
 
 class DeployLog:
-    """Appends text, keeps at most `limit` bytes of tail in memory and on disk, and fans the
-    text out to subscribers (attached pushes, `logs --follow`)."""
+    """The runner's side: `write` never blocks nor fails (deploy output keeps flowing while
+    the registry is slow or away); at most `limit` bytes wait, the oldest give way."""
 
-    def __init__(self, log_dir: Path, deploy_id: int, limit: int, *, resume: bool = False) -> None:
-        """Create the deploy's log file, exclusively: a file already there is never appended
-        to (LogExists). `resume`: a queued deploy taken up again after a restart: the empty
-        file the previous run created for it is replaced by a new one."""
-        self.path = log_path(log_dir, deploy_id)
+    def __init__(self, store: Store, deploy_id: int, limit: int) -> None:
+        self.store = store
+        self.deploy_id = deploy_id
         self.limit = limit
-        self._tail: deque[str] = deque()
-        self._tail_bytes = 0
-        self.dropped = 0
-        self._subscribers: set[Subscription] = set()
+        self._pending: deque[str] = deque()
+        self._pending_bytes = 0
+        self._skipped = 0  # bytes dropped from the pending output, never stored
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._last = -FLUSH_INTERVAL  # when a batch was last stored: one per interval
         self.closed = False
-        log_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _remove_if_empty(self.path)
-        try:
-            fd = _create(self.path)
-        except FileExistsError:
-            raise LogExists(deploy_id, self.path, _set_aside(self.path)) from None
-        self._file = open(fd, "w", encoding="utf-8")  # noqa: SIM115 - lives with the log
-        self._file_bytes = 0
+        self._writer = asyncio.create_task(self._write_batches())
 
     # -- writing --
 
@@ -207,92 +96,129 @@ class DeployLog:
         self.write(self._decoder.decode(data))
 
     def write(self, text: str) -> None:
-        if not text or self.closed:
+        if not text or self._closing:
             return
-        size = len(text.encode("utf-8", "replace"))
-        self._tail.append(text)
-        self._tail_bytes += size
-        self._trim()
-        self._file.write(text)
-        self._file.flush()
-        self._file_bytes += size
-        if self._file_bytes > 2 * self.limit:
-            self._rewrite()  # keeps the file bounded while a chatty deploy runs
-        for subscriber in self._subscribers:
-            subscriber.push(text)
+        encoded = text.encode("utf-8", "replace")
+        if len(encoded) > self.limit:  # only its tail can be kept
+            cut = len(encoded) - self.limit
+            self._skipped += cut
+            encoded = encoded[cut:]
+            text = encoded.decode("utf-8", "ignore")
+        self._pending.append(text)
+        self._pending_bytes += len(text.encode("utf-8", "replace"))
+        while self._pending_bytes > self.limit and len(self._pending) > 1:
+            dropped = len(self._pending.popleft().encode("utf-8", "replace"))
+            self._pending_bytes -= dropped
+            self._skipped += dropped
+        self._ready.set()
 
-    def _trim(self) -> None:
-        """Drop the oldest text beyond the limit; a partly dropped chunk is cut at its next
-        line break so the kept tail starts with a whole line."""
-        excess = self._tail_bytes - self.limit
-        while excess > 0 and self._tail:
-            oldest = self._tail[0].encode("utf-8", "replace")
-            if len(oldest) <= excess:
-                self._tail.popleft()
-                cut = len(oldest)
-            else:
-                newline = oldest.find(b"\n", excess - 1)
-                cut = len(oldest) if newline == -1 else newline + 1
-                kept = oldest[cut:].decode("utf-8", "ignore")
-                if kept:
-                    self._tail[0] = kept
-                else:
-                    self._tail.popleft()
-            self._tail_bytes -= cut
-            self.dropped += cut
-            excess -= cut
+    def _batch(self) -> tuple[str, int]:
+        """Take what waits, up to a chunk (a longer piece is split on characters)."""
+        parts: list[str] = []
+        size = 0
+        # Small chunks against the limit: the registry trims whole chunks, so the kept log
+        # stays within a few percent of the limit.
+        most = min(CHUNK_BYTES, max(1024, self.limit // 16))
+        while self._pending and size < most:
+            piece = self._pending.popleft()
+            encoded = piece.encode("utf-8", "replace")
+            if size + len(encoded) > most:
+                room = most - size
+                head = encoded[:room].decode("utf-8", "ignore")
+                rest = piece[len(head) :]
+                if head:
+                    parts.append(head)
+                    size += len(head.encode("utf-8", "replace"))
+                self._pending.appendleft(rest)
+                break
+            parts.append(piece)
+            size += len(encoded)
+        self._pending_bytes -= size
+        skipped, self._skipped = self._skipped, 0
+        return "".join(parts), skipped
 
-    def text(self) -> str:
-        """Everything still kept: the cut marker, then the tail."""
-        head = cut_marker(self.dropped) if self.dropped else ""
-        return head + "".join(self._tail)
+    async def _write_batches(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            while self._pending:
+                pause = self._last + FLUSH_INTERVAL - time.monotonic()
+                if pause > 0 and not self._closing:
+                    await asyncio.sleep(pause)  # what comes meanwhile joins the batch
+                text, skipped = self._batch()
+                try:
+                    await self.store.append_deploy_log(
+                        self.deploy_id, text, skipped=skipped, keep=self.limit
+                    )
+                except StoreUnavailable as exc:
+                    # Put it back (the bound still holds) and try again soon.
+                    self._pending.appendleft(text)
+                    self._pending_bytes += len(text.encode("utf-8", "replace"))
+                    self._skipped += skipped
+                    log.warning(
+                        "event=deploy_log_delayed deploy=%d reason=%s", self.deploy_id, q(exc)
+                    )
+                    if self._closing:
+                        return
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                self._last = time.monotonic()
+            if self._closing:
+                return
 
-    def _rewrite(self) -> None:
-        """Replace the file with the kept tail: a new file, created exclusively, renamed over
-        the old one and written on from there (never reopened by name)."""
-        staging = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.new")
-        content = self.text()
-        new = open(_create(staging), "w", encoding="utf-8")  # noqa: SIM115 - lives with the log
-        try:
-            new.write(content)
-            new.flush()
-            os.replace(staging, self.path)
-        except BaseException:
-            new.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(staging)
-            raise
-        self._file.close()
-        self._file = new
-        self._file_bytes = len(content.encode("utf-8", "replace"))
-
-    def close(self, final_line: str = "") -> None:
-        """End the log. The final line is kept in the log but not sent to subscribers:
-        each of them prints its own closing line from the final record."""
+    async def close(self, final_line: str = "") -> None:
+        """Store what waits, then the final line (kept in the log; each watcher prints its
+        own closing line from the final record). Watchers see the end from the record."""
         if self.closed:
             return
         self.write(self._decoder.decode(b"", final=True))
-        subscribers, self._subscribers = self._subscribers, set()
-        if final_line:
-            self.write(final_line)
-        self._subscribers = subscribers
+        self._closing = True
+        self._ready.set()
+        with contextlib.suppress(Exception):
+            await self._writer
         self.closed = True
-        if self.dropped:
-            self._rewrite()
-        self._file.close()
-        for subscriber in self._subscribers:
-            subscriber.end()
+        if final_line:
+            with contextlib.suppress(StoreUnavailable):
+                await self.store.append_deploy_log(
+                    self.deploy_id, final_line, closing=True, keep=self.limit
+                )
 
-    # -- reading --
+    def abandon(self) -> None:
+        """Stop writing (the gateway is stopping and will not wait)."""
+        self._closing = self.closed = True
+        self._writer.cancel()
 
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[Subscription]:
-        """A bounded subscription: the text kept so far, then what follows, then None."""
-        subscription = Subscription(self.text())
-        if self.closed:
-            subscription.end()
-        self._subscribers.add(subscription)
-        try:
-            yield subscription
-        finally:
-            self._subscribers.discard(subscription)
+
+# -- logs written to files by earlier versions --
+
+
+def legacy_log_ids(log_dir: Path) -> list[int]:
+    """Deploy ids with a log file in `log_dir`, as earlier versions wrote them."""
+    try:
+        names = os.listdir(log_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n[:-4]) for n in names if n.endswith(".log") and n[:-4].isdigit())
+
+
+def read_legacy_log(log_dir: Path, deploy_id: int, limit: int) -> str | None:
+    """The tail of an earlier version's log file; None unless it is a regular file (a
+    symlink in its place would show someone else's file)."""
+    try:
+        fd = os.open(
+            log_dir / f"{deploy_id}.log",
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        )
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
+    with open(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        if info.st_size > limit:
+            file.seek(info.st_size - limit)
+        return file.read(limit).decode("utf-8", "replace")

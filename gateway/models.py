@@ -120,10 +120,17 @@ class Deploy:
     created_at: str
     started_at: str | None
     finished_at: str | None
+    runner: str | None = None  # the gateway process (node) running it
+    duration_ms: int | None = None  # measured by the runner, set when it ends
 
     @property
     def branch(self) -> str:
         return self.ref.removeprefix("refs/heads/")
+
+    @property
+    def elapsed(self) -> float | None:
+        """Seconds it ran, as the runner measured them (None if it never started)."""
+        return None if self.duration_ms is None else self.duration_ms / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +147,33 @@ class NewDeploy:
     author: str
     mode: str
     pipeline: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """A piece of a deploy's output: `position` is where it starts in the whole output
+    (bytes, UTF-8), so a gap before it is output that was cut."""
+
+    seq: int
+    position: int
+    size: int
+    closing: bool  # the final line the runner adds; watchers print their own
+    text: str
+
+    @property
+    def end(self) -> int:
+        return self.position + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One gateway process sharing the registry, as the others see it."""
+
+    id: str
+    name: str
+    pid: int
+    started_at: str
+    seen_at: float
 
 
 @dataclass(frozen=True, slots=True)

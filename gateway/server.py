@@ -24,7 +24,6 @@ from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
-from .deploylog import highest_log_id
 from .deploys import DeployService, sandbox, webhook
 from .errors import AccessDenied, ConfigError, GatewayError, StoreUnavailable
 from .limits import Admission, RateLimiter
@@ -706,11 +705,7 @@ class Gateway:
     async def _prepare_repositories(self) -> None:
         """Every app repository holds exactly this version's hooks and config, and nothing
         planted while the gateway was stopped (see repoguard); push quarantines abandoned
-        by a killed gateway are removed. And no new deploy gets the id of a log file already
-        on disk (one left by a deploy deleted before ids were never reused)."""
-        highest = await asyncio.to_thread(highest_log_id, self.config.deploy.log_dir)
-        if highest:
-            await self.store.reserve_deploy_ids(highest)
+        by a killed gateway are removed."""
         await asyncio.to_thread(self.repos.enforce_hooks_dir)
         for app in await self.store.list_apps():
             try:

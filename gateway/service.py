@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import audit, executors, names
 from .config import Config
-from .deploylog import log_path, move_logs, read_log
+from .deploylog import read_log
 from .errors import Conflict, GatewayError, NotFound, UsageError
 from .keys import parse_public_key
 from .logs import q
@@ -191,13 +191,16 @@ class Registry:
         trashed = None
         if self.repos.path_for(app.name).exists():
             trashed = await executors.run(self.repos.trash, app.name)
+        # The logs are written out before the records go (they go with them).
+        logs = await self._archive_logs(app.name, deploy_ids, trashed)
         try:
             await self.store.remove_app(app.name)
         except BaseException:
             if trashed is not None:  # put the repository back where it was
                 trashed.rename(self.repos.path_for(app.name))
+            if logs is not None:
+                await executors.run(shutil.rmtree, logs, True)
             raise
-        logs = await executors.run(self._archive_logs, app.name, deploy_ids, trashed)
         await audit.record(
             self.store,
             "app_removed",
@@ -208,19 +211,25 @@ class Registry:
         )
         return RemovedApp(app, trashed, logs)
 
-    def _archive_logs(self, app: str, deploy_ids: list[int], trashed: Path | None) -> Path | None:
-        log_dir = self.config.deploy.log_dir
-        if not any(os.path.lexists(log_path(log_dir, i)) for i in deploy_ids):
-            return None
-        target = self.repos.trash_companion(app, trashed, ".deploys")
+    async def _archive_logs(
+        self, app: str, deploy_ids: list[int], trashed: Path | None
+    ) -> Path | None:
+        """Each deploy's log as `<id>.log` in `<app>.deploys/` next to the trashed repository."""
+        target: Path | None = None
         try:
-            moved = move_logs(log_dir, deploy_ids, target)
+            for deploy_id in deploy_ids:
+                text = await read_log(self.store, deploy_id)
+                if not text:
+                    continue
+                if target is None:
+                    target = self.repos.trash_companion(app, trashed, ".deploys")
+                    await executors.run(target.mkdir, 0o700)
+                await executors.run(_write_private, target / f"{deploy_id}.log", text)
         except OSError as exc:
-            # The app is gone already. What stays behind is harmless (ids are never reused,
-            # and a log is only read for an existing deploy), but the operator should know.
+            # The operator should know; the removal goes on (nothing a later app could read
+            # stays behind: the records go with the app).
             log.error("event=deploy_logs_not_archived app=%s error=%s", app, q(exc))
-            return target if target.exists() else None
-        return target if moved else None
+        return target
 
     async def grant(self, app: str, user: str, role: str, *, actor: str) -> Grant:
         try:
@@ -269,17 +278,22 @@ class Registry:
 
     async def deploy_log(self, deploy_id: int) -> str:
         deploy = await self.get_deploy(deploy_id)
-        return await executors.run(read_log, self.config.deploy.log_dir, deploy.id)
+        return await read_log(self.store, deploy.id)
 
     async def record_cancel_offline(self, deploy_id: int, *, actor: str) -> Deploy:
-        """Cancel a deploy while no gateway runs: nothing executes it, so recording the
-        cancel is the cancel."""
+        """Cancel a deploy with no gateway on this machine to ask: a queued one is cancelled
+        in the registry; a running one is marked for the gateway running it (another node),
+        or, if none runs it any more, recorded as cancelled."""
         deploy = await self.get_deploy(deploy_id)
-        done = await self.store.finish_deploy(
-            deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
-        )
-        if not done:
+        if deploy.status.finished:
             raise Conflict(f"deploy #{deploy.id} already ended: {deploy.status.value}")
+        after = await self.store.request_cancel(deploy.id, f"cancelled by {actor}")
+        if after is not None and after.status is DeployStatus.RUNNING:
+            alive = {node.id for node in await self.store.list_nodes()}
+            if after.runner not in alive:
+                await self.store.finish_deploy(
+                    deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
+                )
         await audit.record(
             self.store, "deploy_cancelled", actor=actor, app=deploy.app_name, deploy=deploy.id
         )
@@ -321,3 +335,9 @@ class Registry:
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
             return None
         return await self.store.token_by_hash(hash_token(secret))
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "w", encoding="utf-8") as file:
+        file.write(text)

@@ -184,6 +184,8 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
         },
         "deploy": {"log_dir": str(directory / "deploys"), "build_dir": str(directory / "builds")},
         "http": {"listen": "127.0.0.1:0"},
+        # A killed gateway's deploys are declared interrupted this soon (15 s by default).
+        "cluster": {"node_timeout": 4},
     }
     for name, values in overrides.items():
         sections.setdefault(name, {}).update(values)
@@ -414,6 +416,7 @@ class LiveProcess:
         )
         self.lines: list[str] = []  # stderr lines consumed so far
         self.stdout: list[str] = []
+        self._stdout_changed = threading.Condition()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._readers = [
             threading.Thread(target=self._read_stderr, daemon=True),
@@ -431,7 +434,30 @@ class LiveProcess:
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.stdout.append(line)
+            with self._stdout_changed:
+                self.stdout.append(line)
+                self._stdout_changed.notify_all()
+        with self._stdout_changed:
+            self.stdout_closed = True
+            self._stdout_changed.notify_all()
+
+    stdout_closed = False
+
+    def wait_for_stdout(self, pattern: str):  # type: ignore[no-untyped-def]
+        """Block until a stdout line matches; fail if the output ends first."""
+        import re
+
+        def found():  # type: ignore[no-untyped-def]
+            return next((m for line in self.stdout if (m := re.search(pattern, line))), None)
+
+        with self._stdout_changed:
+            ok = self._stdout_changed.wait_for(
+                lambda: found() is not None or self.stdout_closed, TIMEOUT
+            )
+            match = found()
+        if not ok or match is None:
+            raise AssertionError(f"no stdout line matches {pattern!r}:\n{''.join(self.stdout)}")
+        return match
 
     def wait_for(self, pattern: str):  # type: ignore[no-untyped-def]
         """Block until a stderr line matches; fail if the process ends first."""

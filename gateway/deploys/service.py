@@ -2,25 +2,33 @@
 
 A push reaches this service through the repository hooks (see gateway/hooks.py), verified by
 `pushes`: `post-receive` queues a deploy of the deploy branch and, in attached mode, streams
-its log back; in gate mode `pre-receive` runs the deploy on the quarantined objects and its
-result decides whether the refs move. Deploys run here, in the gateway, never in the hook
-process: a pusher's Ctrl-C only stops the watching. Command pipelines run sandboxed
-(`sandbox`, `command`); webhooks are delivered by `webhook`.
+its log back; in gate mode `pre-receive` queues a deploy of the quarantined objects and its
+result decides whether the refs move. The queue lives in the registry, shared by every gateway
+process on every node: each claims what it may run (one deploy per app across all of them,
+`max_parallel` per node name), renews a lease while it lives, and declares gone the processes
+whose lease lapsed (their running deploys become interrupted). A deploy's log is stored in the
+registry too, so a watcher follows it through any gateway. Deploys run in the gateway, never
+in the hook process: a pusher's Ctrl-C only stops the watching. Command pipelines run
+sandboxed (`sandbox`, `command`); webhooks are delivered by `webhook`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
+import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from .. import audit, executors
 from ..config import Config, DeploySettings
-from ..deploylog import DeployLog, LogExists, read_log
-from ..errors import Conflict, GatewayError, NotFound
+from ..deploylog import DeployLog, legacy_log_ids, read_legacy_log, read_log
+from ..errors import Conflict, GatewayError, NotFound, StoreUnavailable
 from ..logs import q
 from ..metrics import Metrics
 from ..models import App, Deploy, DeployStatus, Identity, NewDeploy
@@ -31,11 +39,18 @@ from . import messages, pushes
 from .command import run_pipeline
 from .outcome import Outcome
 from .pushes import HookRefused, Peer, PushSession, RefUpdate, is_zero
-from .queue import Job, Queues, Slots
+from .queue import QUEUE, Job, Wakeups
 from .sandbox import Sandbox, SandboxError
 from .watch import Say, deliver, watch
 
 log = logging.getLogger("gateway.deploys")
+
+# How often a process looks at the registry for news nobody announced to it: other processes'
+# changes on SQLite (several workers or nodes on one file), or while PostgreSQL's notifications
+# are not heard; when they are, only as a safety net.
+POLL_INTERVAL = 0.5
+POLL_INTERVAL_HEARING = 5.0
+FINISH_RETRY = 1.0  # seconds between attempts to record a deploy's end while the registry is away
 
 
 def pipeline_kind(settings: DeploySettings) -> str | None:
@@ -46,6 +61,12 @@ def pipeline_kind(settings: DeploySettings) -> str | None:
     return None
 
 
+def node_id() -> str:
+    """This process's name in the registry's nodes table: unique per start."""
+    host = socket.gethostname().split(".")[0][:32] or "gateway"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 class DeployService:
     def __init__(self, config: Config, store: Store, repos: Repositories, git: str = "git") -> None:
         self.config = config
@@ -53,70 +74,343 @@ class DeployService:
         self.repos = repos
         self.git = git
         self.metrics: Metrics | None = None  # set by the server
-        # Fixed for the process's life: the logs of earlier deploys are read from here.
-        self.log_dir = config.deploy.log_dir
+        self.node = node_id()
+        self.node_name = config.cluster.node_name or socket.gethostname()
         self.pushes = pushes.PushSessions()
-        self.jobs: dict[int, Job] = {}
-        self.queues = Queues(Slots(config.deploy.max_parallel), self._run, self._superseded)
+        self.jobs: dict[int, Job] = {}  # the deploys this process runs
+        # Gated pushes waiting in this process: their quarantine lives with the push.
+        self.gated: dict[int, tuple[Path, str]] = {}
+        self.wakeups = Wakeups()
         self.closing = False
         # Set when the gateway drains: watchers that do not read are dropped quickly then.
         self.draining = asyncio.Event()
         self.http_address: tuple[str, int] | None = None  # set when the HTTP endpoint listens
+        self._loops: list[asyncio.Task[None]] = []
+        self._healthy_since = time.monotonic()
 
     # -- lifecycle --
 
     async def start(self) -> None:
-        """Recover from the previous run: running deploys were interrupted; queued ones run."""
-        await executors.run(self.log_dir.mkdir, parents=True, exist_ok=True)
-        for deploy in await self.store.deploys_in((DeployStatus.RUNNING,)):
-            await self.store.finish_deploy(
-                deploy.id,
-                DeployStatus.INTERRUPTED,
-                utcnow(),
-                reason="the gateway stopped while this deploy was running",
-            )
-            log.warning("event=deploy_interrupted deploy=%d app=%s", deploy.id, deploy.app_name)
-        for deploy in await self.store.deploys_in((DeployStatus.QUEUED,)):
-            app = await self.store.get_app(deploy.app_name)
-            if deploy.mode == "gate" or app is None:
-                # A gated deploy's objects lived in the quarantine of a push that is gone.
-                await self.store.finish_deploy(
-                    deploy.id,
-                    DeployStatus.INTERRUPTED,
-                    utcnow(),
-                    reason="the gated push was lost when the gateway stopped",
-                )
-                continue
-            settings = self.config.deploy_for(app.name)
-            if pipeline_kind(settings) is None:
-                await self.store.finish_deploy(
-                    deploy.id,
-                    DeployStatus.CANCELLED,
-                    utcnow(),
-                    reason="no deploy pipeline any more",
-                )
-                continue
-            log.info("event=deploy_resumed deploy=%d app=%s", deploy.id, app.name)
-            await self._enqueue(deploy, settings, resume=True)
+        """Join the processes sharing the queue: register, take in the log files of earlier
+        versions, interrupt the deploys nobody runs any more, then claim and renew."""
+        self.store.subscribe(self._heard)
+        await self.store.register_node(self.node, self.node_name, os.getpid())
+        self._healthy_since = time.monotonic()
+        await self._import_legacy_logs()
+        # Running deploys with no registered runner at all (a version before the shared
+        # queue, or a process that left without ending them) can be ended at once.
+        for deploy in await self.store.expire_nodes(10.0**9):
+            self._interrupted(deploy)
+        await self.store.start_listening()
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="deploy-claims"),
+            asyncio.create_task(self._lease_loop(), name="deploy-lease"),
+        ]
+        log.info(
+            "event=deploy_node_started node=%s name=%s node_timeout=%s",
+            self.node,
+            q(self.node_name),
+            self.config.cluster.node_timeout,
+        )
 
     async def close(self) -> None:
-        """Stop running pipelines (recorded as interrupted); queued deploys wait for the next
-        start, as recovery promises."""
-        self.closing = self.queues.closing = True
+        """Stop running pipelines (recorded as interrupted) and leave; queued deploys wait
+        in the registry for whichever process claims them next."""
+        self.closing = True
+        for loop_task in self._loops:
+            loop_task.cancel()
         for job in list(self.jobs.values()):
-            if job.task is not None and not job.task.done():
-                job.stop = (DeployStatus.INTERRUPTED, "the gateway stopped")
-                job.task.cancel()
-        for worker in self.queues.workers():
-            with contextlib.suppress(Exception):
-                await worker
+            self._stop(job, DeployStatus.INTERRUPTED, "the gateway stopped")
         for job in list(self.jobs.values()):
-            job.log.close()
+            if job.task is not None:
+                with contextlib.suppress(BaseException):
+                    await job.task
+        for loop_task in self._loops:
+            with contextlib.suppress(BaseException):
+                await loop_task
+        with contextlib.suppress(GatewayError):
+            await self.store.leave_node(self.node)
 
     async def reconfigure(self, config: Config) -> None:
         """A reload: new deploys follow the new settings; max_parallel applies at once."""
         self.config = config
-        await self.queues.slots.resize(config.deploy.max_parallel)
+        self.wakeups.fire(QUEUE)
+
+    def poll_interval(self) -> float:
+        return POLL_INTERVAL_HEARING if self.store.hears_others else POLL_INTERVAL
+
+    def _heard(self, kind: str, deploy_id: int) -> None:
+        """A deploy changed (here, or in another process that the registry told us of)."""
+        if kind in ("queue", "done"):
+            self.wakeups.fire(QUEUE)
+        if kind == "cancel" and deploy_id in self.jobs:
+            asyncio.get_running_loop().create_task(self._check_cancels())
+        if deploy_id:
+            self.wakeups.fire(deploy_id)
+
+    def _interrupted(self, deploy: Deploy) -> None:
+        log.warning(
+            "event=deploy_interrupted deploy=%d app=%s reason=%s",
+            deploy.id,
+            deploy.app_name,
+            q(deploy.reason),
+        )
+
+    async def _import_legacy_logs(self) -> None:
+        """Earlier versions wrote each log to `<log_dir>/<id>.log`: the log of a deploy still
+        recorded goes into the registry (once); every such file is then set aside, so that
+        none is ever read again, whatever its id."""
+        log_dir = self.config.deploy.log_dir
+        ids = await executors.run(legacy_log_ids, log_dir)
+        if not ids:
+            return
+        await self.store.reserve_deploy_ids(ids[-1])
+        target = log_dir / f"imported-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+        await executors.run(target.mkdir, 0o700)
+        imported = 0
+        for deploy_id in ids:
+            if await self.store.get_deploy(deploy_id) and not await self.store.deploy_log(
+                deploy_id, 0, 1
+            ):
+                text = await executors.run(
+                    read_legacy_log, log_dir, deploy_id, self.config.deploy.log_limit
+                )
+                if text:
+                    await self.store.append_deploy_log(
+                        deploy_id, text, keep=self.config.deploy.log_limit
+                    )
+                    imported += 1
+            name = f"{deploy_id}.log"
+            await executors.run(os.rename, log_dir / name, target / name)
+        log.info(
+            "event=deploy_logs_imported imported=%d files=%d moved_to=%s",
+            imported,
+            len(ids),
+            target,
+        )
+
+    # -- the lease --
+
+    async def _lease_loop(self) -> None:
+        """Renew this process's lease; declare gone the processes whose lease lapsed, but only
+        after this one has itself renewed without fail for a whole timeout (after an outage
+        of the registry, every process gets its chance to renew first)."""
+        while True:
+            timeout = self.config.cluster.node_timeout
+            await asyncio.sleep(timeout / 5)
+            try:
+                if not await self.store.renew_node(self.node):
+                    await self._lease_lost()
+                if time.monotonic() - self._healthy_since >= timeout:
+                    for deploy in await self.store.expire_nodes(timeout):
+                        self._interrupted(deploy)
+                await self._check_cancels()
+            except StoreUnavailable:
+                self._healthy_since = time.monotonic()
+            except Exception:
+                log.exception("event=deploy_lease_error")
+
+    async def _lease_lost(self) -> None:
+        """The others declared this process gone (it was cut off longer than the timeout):
+        what it ran is recorded as interrupted already, so it stops it and joins again."""
+        log.error("event=deploy_lease_lost node=%s running=%d", self.node, len(self.jobs))
+        for job in list(self.jobs.values()):
+            self._stop(job, DeployStatus.INTERRUPTED, "this gateway lost touch with the others")
+        await self.store.register_node(self.node, self.node_name, os.getpid())
+        self._healthy_since = time.monotonic()
+
+    async def _check_cancels(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            for deploy_id, reason in await self.store.cancel_requests(self.node):
+                job = self.jobs.get(deploy_id)
+                if job is not None:
+                    self._stop(job, DeployStatus.CANCELLED, reason)
+
+    # -- claiming and running --
+
+    async def _claim_loop(self) -> None:
+        while not self.closing:
+            try:
+                # A draining gateway takes nothing new: the others, or its successor, will.
+                while not self.closing and not self.draining.is_set():
+                    deploy = await self.store.claim_deploy(
+                        self.node, self.node_name, self.config.deploy.max_parallel
+                    )
+                    if deploy is None:
+                        break
+                    self._start(deploy)
+            except StoreUnavailable:
+                pass
+            except Exception:
+                log.exception("event=deploy_claim_error")
+            await self.wakeups.wait(QUEUE, self.poll_interval())
+
+    def _start(self, deploy: Deploy) -> None:
+        settings = self.config.deploy_for(deploy.app_name)
+        gated = self.gated.pop(deploy.id, None)
+        job = Job(
+            deploy,
+            settings,
+            DeployLog(self.store, deploy.id, self.config.deploy.log_limit),
+            asyncio.get_running_loop().create_future(),
+            gated[0] if gated else None,
+            gated[1] if gated else None,
+        )
+        job.started = time.monotonic()
+        self.jobs[deploy.id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"deploy-{deploy.id}")
+
+    def _stop(self, job: Job, status: DeployStatus, reason: str) -> None:
+        if job.stop is None:
+            job.stop = (status, reason)
+        if job.pipeline is not None:
+            job.pipeline.cancel()
+
+    async def _run(self, job: Job) -> None:
+        if self.metrics is not None:
+            self.metrics.deploys_running.inc()
+        try:
+            await self._run_job(job)
+        except Exception:
+            log.exception("event=deploy_crashed deploy=%d", job.deploy.id)
+            await self._finish(job, DeployStatus.FAILED, reason="internal error")
+        finally:
+            if self.metrics is not None:
+                self.metrics.deploys_running.dec()
+            self.jobs.pop(job.deploy.id, None)
+            if not job.done.done():
+                job.done.set_result(job.deploy)
+            self.wakeups.fire(QUEUE)
+
+    async def _run_job(self, job: Job) -> None:
+        deploy = job.deploy
+        log.info(
+            "event=deploy_started deploy=%d app=%s node=%s", deploy.id, deploy.app_name, self.node
+        )
+        if pipeline_kind(job.settings) is None:
+            await self._finish(job, DeployStatus.CANCELLED, reason="no deploy pipeline any more")
+            return
+        if deploy.mode == "gate" and job.quarantine is None:
+            await self._finish(
+                job, DeployStatus.INTERRUPTED, reason="the gated push was lost with its gateway"
+            )
+            return
+        job.log.write(
+            f"----> deploy #{deploy.id} of {deploy.app_name}: {deploy.branch} "
+            f"{messages.short(deploy.new_sha)} ({deploy.subject}) pushed by {deploy.pusher}\n"
+        )
+        if job.expected_old is not None:
+            current = await executors.run(self.repos.read_ref, deploy.app_name, deploy.ref)
+            if (current or "0" * len(deploy.new_sha)) != job.expected_old:
+                await self._finish(
+                    job,
+                    DeployStatus.FAILED,
+                    reason=f"{deploy.branch} moved while this push waited: fetch and push again",
+                )
+                return
+        if self.closing or job.stop is not None:
+            status, reason = job.stop or (DeployStatus.INTERRUPTED, "the gateway stopped")
+            await self._finish(job, status, reason=reason)
+            return
+        job.pipeline = asyncio.create_task(self._pipeline(job))
+        done, _ = await asyncio.wait({job.pipeline}, timeout=job.settings.timeout)
+        if job.pipeline not in done:
+            if job.stop is None:
+                job.stop = (
+                    DeployStatus.TIMED_OUT,
+                    f"timed out after {messages.duration_text(job.settings.timeout)}",
+                )
+            job.pipeline.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({job.pipeline})
+        if job.stop is not None:
+            status, reason = job.stop
+            await self._finish(job, status, reason=reason)
+        elif job.pipeline.exception() is not None:
+            exc = job.pipeline.exception()
+            log.error("event=deploy_error deploy=%d error=%s", deploy.id, q(repr(exc)))
+            job.log.write(f"deploy error: {exc}\n")
+            await self._finish(job, DeployStatus.FAILED, reason=f"deploy error: {exc}")
+        else:
+            outcome = job.pipeline.result()
+            await self._finish(
+                job, outcome.status, exit_code=outcome.exit_code, reason=outcome.reason
+            )
+
+    async def _pipeline(self, job: Job) -> Outcome:
+        deploy, settings = job.deploy, job.settings
+        if pipeline_kind(settings) == "webhook":
+            from .webhook import deliver as deliver_webhook  # only loaded where webhooks are used
+
+            return await deliver_webhook(self, job)
+        try:
+            sandbox = Sandbox.of(settings)
+        except SandboxError as exc:
+            log.error("event=deploy_sandbox_unavailable deploy=%d reason=%s", deploy.id, q(exc))
+            job.log.write("the deploy sandbox is not available: see the gateway's log\n")
+            return Outcome(DeployStatus.FAILED, None, "deploy sandbox unavailable")
+        return await run_pipeline(
+            settings.command,
+            deploy,
+            git=self.git,
+            repo=self.repos.path_for(deploy.app_name),
+            quarantine=job.quarantine,
+            sandbox=sandbox,
+            build_dir=self.config.deploy.build_dir,
+            max_export_size=settings.max_export_size,
+            max_output=settings.max_output,
+            log=job.log,
+        )
+
+    async def _finish(
+        self,
+        job: Job,
+        status: DeployStatus,
+        *,
+        exit_code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        """Store the rest of the log with the final line, then the final status (a watcher
+        that sees the status has the whole log), retrying while the registry is away."""
+        deploy = job.deploy
+        elapsed = time.monotonic() - job.started if job.started is not None else None
+        duration_ms = None if elapsed is None else int(elapsed * 1000)
+        final = dataclasses.replace(
+            deploy, status=status, exit_code=exit_code, reason=reason, duration_ms=duration_ms
+        )
+        await job.log.close(f"----> deploy #{deploy.id} {messages.describe(final, elapsed)}\n")
+        while True:
+            try:
+                ended = await self.store.finish_deploy(
+                    deploy.id,
+                    status,
+                    utcnow(),
+                    exit_code=exit_code,
+                    reason=reason,
+                    duration_ms=duration_ms,
+                )
+                break
+            except StoreUnavailable:
+                if self.closing:
+                    log.error("event=deploy_end_not_recorded deploy=%d", deploy.id)
+                    return
+                await asyncio.sleep(FINISH_RETRY)
+        recorded = await self.store.get_deploy(deploy.id)
+        if recorded is not None:
+            final = recorded
+        if self.metrics is not None and ended:
+            self.metrics.deploy_done(final.status.value, elapsed)
+        if not job.done.done():
+            job.done.set_result(final)
+        log.info(
+            "event=deploy_finished deploy=%d app=%s status=%s exit_code=%s reason=%s duration=%s",
+            deploy.id,
+            deploy.app_name,
+            final.status.value,
+            exit_code,
+            q(final.reason),
+            f"{elapsed:.3f}" if elapsed is not None else "-",
+        )
 
     # -- push sessions, opened for receive-pack and presented by its hooks --
 
@@ -220,18 +514,23 @@ class DeployService:
             log.warning("event=hook_refused app=%s reason=%s", app.name, q(exc))
             await say("gateway: cannot read the pushed objects; push refused\n")
             return 1
-        job = await self.submit(session, update, settings, quarantine=path, expected_old=update.old)
+        deploy = await self.submit(
+            session, update, settings, quarantine=path, expected_old=update.old
+        )
         await say(
-            f"deploy #{job.deploy.id} of {app.name} ({app.deploy_branch} "
+            f"deploy #{deploy.id} of {app.name} ({app.deploy_branch} "
             f"{messages.short(update.new)}): gate mode, the branch moves only if this deploy "
             "succeeds\n"
         )
-        final = await watch(job, say, self.draining, session, until_done=True)
+        try:
+            final = await self._watch(deploy.id, say, session, until_done=True)
+        finally:
+            self.gated.pop(deploy.id, None)
         if final is None:  # pragma: no cover - until_done waits for the end
             return 1
         if final.status.ok:
             await say(
-                f"deploy #{final.id} {messages.describe(final, job.elapsed)}: "
+                f"deploy #{final.id} {messages.describe(final, final.elapsed)}: "
                 f"updating {app.deploy_branch}\n"
             )
             return 0
@@ -259,10 +558,10 @@ class DeployService:
             elif settings.mode == "gate":
                 continue  # deployed before the refs moved, in pre-receive
             elif settings.mode == "detached":
-                job = await self.submit(session, update, settings)
-                follow = self.logs_command(app.name, job.deploy.id, True)
+                deploy = await self.submit(session, update, settings)
+                follow = self.logs_command(app.name, deploy.id, True)
                 await say(
-                    f"deploy #{job.deploy.id} of {app.name} queued "
+                    f"deploy #{deploy.id} of {app.name} queued "
                     f"({messages.short(update.new)}); the push is done. Follow it: {follow}\n"
                 )
             else:
@@ -279,28 +578,34 @@ class DeployService:
         self, session: PushSession, update: RefUpdate, settings: DeploySettings, say: Say
     ) -> None:
         app = session.app
-        job = await self.submit(session, update, settings)
-        deploy = job.deploy
-        running = self.queues.running(app.name)
-        if running is not None and running is not job:
-            state = f"queued behind #{running.deploy.id}"
-        elif self.queues.slots.full:
-            state = f"queued: all {self.queues.slots.limit} deploy slots are busy"
-        else:
-            state = "started"
+        deploy = await self.submit(session, update, settings)
         lines = [
-            f"deploy #{deploy.id} of {app.name} {state}. Ctrl-C stops watching, not the deploy.",
+            f"deploy #{deploy.id} of {app.name} {await self._state(deploy)}. "
+            "Ctrl-C stops watching, not the deploy.",
             f"Watch it again with: {self.logs_command(app.name, deploy.id, True)}",
         ]
         await say("".join(f"{line}\n" for line in lines))
-        final = await watch(job, say, self.draining, session)
+        final = await self._watch(deploy.id, say, session)
         if final is None:
             return  # the pusher left; the deploy goes on
         if not final.status.ok:
             session.failed = True
-        await say(self.final_line(final, job.elapsed))
+        await say(self.final_line(final, final.elapsed))
 
-    # -- queueing and running --
+    async def _state(self, deploy: Deploy) -> str:
+        """Where a new deploy stands, for the pusher's first line."""
+        for other in await self.store.list_deploys(deploy.app_name, limit=5):
+            if other.id != deploy.id and other.status is DeployStatus.RUNNING:
+                return f"queued behind #{other.id}"
+        # The claim is a moment away: give it that moment before saying where it is.
+        for _ in range(2):
+            current = await self.store.get_deploy(deploy.id)
+            if current is None or current.status is not DeployStatus.QUEUED:
+                return "started"
+            await self.wakeups.wait(deploy.id, 0.2)
+        return "queued: every deploy slot is busy"
+
+    # -- queueing --
 
     async def submit(
         self,
@@ -309,10 +614,11 @@ class DeployService:
         settings: DeploySettings,
         quarantine: Path | None = None,
         expected_old: str | None = None,
-    ) -> Job:
+    ) -> Deploy:
+        """Queue a deploy of this push; a gated one waits for this process to claim it."""
         app = session.app
         info = await executors.run(self.repos.commit_info, app.name, update.new, quarantine)
-        deploy = await self.store.create_deploy(
+        queued = await self.store.queue_deploy(
             NewDeploy(
                 app_id=app.id,
                 ref=update.ref,
@@ -324,8 +630,16 @@ class DeployService:
                 author=info.author,
                 mode=settings.mode,
                 pipeline=pipeline_kind(settings) or "command",
-            )
+            ),
+            origin=self.node if quarantine is not None else None,
         )
+        deploy = queued.deploy
+        if quarantine is not None and expected_old is not None:
+            self.gated[deploy.id] = (quarantine, expected_old)
+            self.wakeups.fire(QUEUE)
+        for older in queued.superseded:
+            self.gated.pop(older, None)
+            log.info("event=deploy_superseded deploy=%d by=%d app=%s", older, deploy.id, app.name)
         log.info(
             "event=deploy_queued deploy=%d app=%s sha=%s pusher=%s mode=%s",
             deploy.id,
@@ -334,191 +648,46 @@ class DeployService:
             deploy.pusher,
             deploy.mode,
         )
-        return await self._enqueue(deploy, settings, quarantine, expected_old)
-
-    async def _enqueue(
-        self,
-        deploy: Deploy,
-        settings: DeploySettings,
-        quarantine: Path | None = None,
-        expected_old: str | None = None,
-        resume: bool = False,
-    ) -> Job:
-        limit = self.config.deploy.log_limit
-        refused = None
-        try:
-            deploy_log = DeployLog(self.log_dir, deploy.id, limit, resume=resume)
-        except LogExists as exc:
-            # A file this deploy did not create is never appended to nor shown as its log.
-            log.error(
-                "event=deploy_log_exists deploy=%d app=%s path=%s moved_to=%s",
-                deploy.id,
-                deploy.app_name,
-                exc.path,
-                exc.moved_to,
-            )
-            refused = exc
-            deploy_log = DeployLog(self.log_dir, deploy.id, limit)
-        job = Job(
-            deploy,
-            settings,
-            deploy_log,
-            asyncio.get_running_loop().create_future(),
-            quarantine,
-            expected_old,
-        )
-        if refused is not None:
-            await self._finish(job, DeployStatus.FAILED, reason=str(refused))
-            return job
-        self.jobs[deploy.id] = job
-        await self.queues.add(job)
-        return job
-
-    async def _superseded(self, older: Job, newer: Job) -> None:
-        await self._finish(
-            older,
-            DeployStatus.CANCELLED,
-            reason=f"superseded by #{newer.deploy.id}",
-            superseded_by=newer.deploy.id,
-        )
-
-    async def _run(self, job: Job) -> None:
-        try:
-            await self._run_job(job)
-        except Exception:
-            log.exception("event=deploy_crashed deploy=%d", job.deploy.id)
-            await self._finish(job, DeployStatus.FAILED, reason="internal error")
-
-    async def _run_job(self, job: Job) -> None:
-        deploy = job.deploy
-        if not await self.store.start_deploy(deploy.id, utcnow()):
-            return
-        job.started = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.deploys_running.inc()
-        log.info("event=deploy_started deploy=%d app=%s", deploy.id, deploy.app_name)
-        job.log.write(
-            f"----> deploy #{deploy.id} of {deploy.app_name}: {deploy.branch} "
-            f"{messages.short(deploy.new_sha)} ({deploy.subject}) pushed by {deploy.pusher}\n"
-        )
-        if job.expected_old is not None:
-            current = await executors.run(self.repos.read_ref, deploy.app_name, deploy.ref)
-            if (current or "0" * len(deploy.new_sha)) != job.expected_old:
-                await self._finish(
-                    job,
-                    DeployStatus.FAILED,
-                    reason=f"{deploy.branch} moved while this push waited: fetch and push again",
-                )
-                return
-        if self.closing:
-            await self._finish(job, DeployStatus.INTERRUPTED, reason="the gateway stopped")
-            return
-        job.task = asyncio.create_task(self._pipeline(job))
-        if job.stop is not None:  # cancelled while it was starting
-            job.task.cancel()
-        done, _ = await asyncio.wait({job.task}, timeout=job.settings.timeout)
-        if job.task not in done:
-            job.stop = (
-                DeployStatus.TIMED_OUT,
-                f"timed out after {messages.duration_text(job.settings.timeout)}",
-            )
-            job.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({job.task})
-        if job.stop is not None:
-            status, reason = job.stop
-            await self._finish(job, status, reason=reason)
-        elif job.task.exception() is not None:
-            exc = job.task.exception()
-            log.error("event=deploy_error deploy=%d error=%s", deploy.id, q(repr(exc)))
-            job.log.write(f"deploy error: {exc}\n")
-            await self._finish(job, DeployStatus.FAILED, reason=f"deploy error: {exc}")
-        else:
-            outcome = job.task.result()
-            await self._finish(
-                job, outcome.status, exit_code=outcome.exit_code, reason=outcome.reason
-            )
-
-    async def _pipeline(self, job: Job) -> Outcome:
-        deploy, settings = job.deploy, job.settings
-        if pipeline_kind(settings) == "webhook":
-            from .webhook import deliver  # only loaded where webhooks are used
-
-            return await deliver(self, job)
-        try:
-            sandbox = Sandbox.of(settings)
-        except SandboxError as exc:
-            log.error("event=deploy_sandbox_unavailable deploy=%d reason=%s", deploy.id, q(exc))
-            job.log.write("the deploy sandbox is not available: see the gateway's log\n")
-            return Outcome(DeployStatus.FAILED, None, "deploy sandbox unavailable")
-        return await run_pipeline(
-            settings.command,
-            deploy,
-            git=self.git,
-            repo=self.repos.path_for(deploy.app_name),
-            quarantine=job.quarantine,
-            sandbox=sandbox,
-            build_dir=self.config.deploy.build_dir,
-            max_export_size=settings.max_export_size,
-            max_output=settings.max_output,
-            log=job.log,
-        )
-
-    async def _finish(
-        self,
-        job: Job,
-        status: DeployStatus,
-        *,
-        exit_code: int | None = None,
-        reason: str = "",
-        superseded_by: int | None = None,
-    ) -> Deploy:
-        deploy = job.deploy
-        await self.store.finish_deploy(
-            deploy.id,
-            status,
-            utcnow(),
-            exit_code=exit_code,
-            reason=reason,
-            superseded_by=superseded_by,
-        )
-        final = await self.store.get_deploy(deploy.id) or deploy
-        elapsed = time.monotonic() - job.started if job.started is not None else None
-        job.elapsed = elapsed
-        if self.metrics is not None:
-            if job.started is not None:
-                self.metrics.deploys_running.dec()
-            self.metrics.deploy_done(final.status.value, elapsed)
-        job.log.close(f"----> deploy #{deploy.id} {messages.describe(final, elapsed)}\n")
-        self.jobs.pop(deploy.id, None)
-        if not job.done.done():
-            job.done.set_result(final)
-        log.info(
-            "event=deploy_finished deploy=%d app=%s status=%s exit_code=%s reason=%s duration=%s",
-            deploy.id,
-            deploy.app_name,
-            final.status.value,
-            exit_code,
-            q(reason),
-            f"{elapsed:.3f}" if elapsed is not None else "-",
-        )
-        return final
+        return deploy
 
     # -- watching, cancelling, describing --
 
+    async def _watch(
+        self,
+        deploy_id: int,
+        say: Say,
+        session: PushSession | None = None,
+        until_done: bool = False,
+    ) -> Deploy | None:
+        return await watch(
+            self.store,
+            self.wakeups,
+            deploy_id,
+            say,
+            self.draining,
+            session=session,
+            until_done=until_done,
+            poll=self.poll_interval,
+        )
+
     async def follow(self, deploy_id: int, say: Say) -> Deploy:
-        """Print a deploy's log; if it is still queued or running, stream it to the end."""
-        job = self.jobs.get(deploy_id)
-        if job is not None:
-            final = await watch(job, say, self.draining, until_done=True)
-            if final is not None:
-                await deliver(say, self.final_line(final, job.elapsed), self.draining)
-                return final
-        deploy = await self.store.get_deploy(deploy_id)
-        if deploy is None:
+        """Print a deploy's log; if it is still queued or running, stream it to the end,
+        wherever it runs."""
+        final = await self._watch(deploy_id, say, until_done=True)
+        if final is None:  # pragma: no cover - until_done waits for the end
             raise NotFound(f"no deploy #{deploy_id}")
-        await say(await executors.run(read_log, self.log_dir, deploy_id))
-        return deploy
+        await deliver(say, self.final_line(final, final.elapsed), self.draining)
+        return final
+
+    async def wait_done(self, deploy_id: int) -> Deploy:
+        """The deploy's final record, once it has one."""
+        while True:
+            deploy = await self.store.get_deploy(deploy_id)
+            if deploy is None:
+                raise NotFound(f"no deploy #{deploy_id}")
+            if deploy.status.finished:
+                return deploy
+            await self.wakeups.wait(deploy_id, self.poll_interval())
 
     # -- webhook receivers' status reports --
 
@@ -531,58 +700,67 @@ class DeployService:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     async def wait_for_report(self, job: Job) -> Outcome:
-        job.report = asyncio.get_running_loop().create_future()
-        try:
-            return await job.report
-        finally:
-            job.report = None
+        """A receiver's report reaches whichever gateway it calls: it is read back from the
+        registry."""
+        deploy_id = job.deploy.id
+        while True:
+            found = await self.store.deploy_report(deploy_id)
+            if found is not None:
+                status, exit_code = found
+                return Outcome(status, exit_code, f"reported {status.value} by the receiver")
+            await self.wakeups.wait(deploy_id, self.poll_interval())
 
-    def report(
+    async def report(
         self, deploy_id: int, text: str | None, status: DeployStatus | None, exit_code: int | None
     ) -> bool:
         """A receiver's report: log lines, and possibly the final status. False if the
         deploy is not waiting for one."""
-        job = self.jobs.get(deploy_id)
-        if job is None or job.report is None or job.report.done():
+        deploy = await self.store.get_deploy(deploy_id)
+        if deploy is None or deploy.status is not DeployStatus.RUNNING:
+            return False
+        if await self.store.deploy_report(deploy_id) is not None:
             return False
         if text:
-            job.log.write(text if text.endswith("\n") else text + "\n")
-        if status is not None:
-            job.report.set_result(
-                Outcome(status, exit_code, f"reported {status.value} by the receiver")
+            await self.store.append_deploy_log(
+                deploy_id,
+                text if text.endswith("\n") else text + "\n",
+                keep=self.config.deploy.log_limit,
             )
+        if status is not None:
+            return await self.store.report_deploy(deploy_id, status, exit_code)
         return True
 
     async def log_text(self, deploy_id: int) -> str:
         """What is kept of a deploy's log so far (live if it is running)."""
-        job = self.jobs.get(deploy_id)
-        if job is not None:
-            return job.log.text()
-        return await executors.run(read_log, self.log_dir, deploy_id)
+        return await read_log(self.store, deploy_id)
 
     async def cancel(self, deploy_id: int, by: str) -> Deploy:
+        """Stop a deploy wherever it runs; its final record once it has ended."""
+        before = await self.store.get_deploy(deploy_id)
+        if before is None:
+            raise NotFound(f"no deploy #{deploy_id}")
+        if before.status.finished:
+            raise Conflict(f"deploy #{deploy_id} already ended: {before.status.value}")
+        await self.store.request_cancel(deploy_id, f"cancelled by {by}")
         job = self.jobs.get(deploy_id)
-        if job is None:
-            deploy = await self.store.get_deploy(deploy_id)
-            if deploy is None:
-                raise NotFound(f"no deploy #{deploy_id}")
-            raise Conflict(f"deploy #{deploy_id} already ended: {deploy.status.value}")
-        reason = f"cancelled by {by}"
-        if self.queues.withdraw(job):
-            return await self._finish(job, DeployStatus.CANCELLED, reason=reason)
-        job.stop = (DeployStatus.CANCELLED, reason)
-        if job.task is not None:
-            job.task.cancel()
-        return await job.done
+        if job is not None:
+            self._stop(job, DeployStatus.CANCELLED, f"cancelled by {by}")
+        self.gated.pop(deploy_id, None)
+        return await self.wait_done(deploy_id)
 
     async def cancel_app(self, app: str, by: str) -> int:
-        """Cancel every queued and running deploy of an app (it is being removed)."""
-        jobs = [job for job in list(self.jobs.values()) if job.deploy.app_name == app]
-        jobs.sort(key=lambda job: job.started is not None)  # waiting ones first: none starts
-        for job in jobs:
+        """Cancel every queued and running deploy of an app (it is being removed): the
+        waiting ones first, so that none of them starts."""
+        try:
+            records = await self.store.list_deploys(app, limit=1000)
+        except NotFound:
+            return 0
+        open_ones = [d for d in records if not d.status.finished]
+        open_ones.sort(key=lambda d: d.status is DeployStatus.RUNNING)
+        for deploy in open_ones:
             with contextlib.suppress(GatewayError):
-                await self.cancel(job.deploy.id, by)
-        return len(jobs)
+                await self.cancel(deploy.id, by)
+        return len(open_ones)
 
     def describe(self, deploy: Deploy, elapsed: float | None = None) -> str:
         return messages.describe(deploy, elapsed)

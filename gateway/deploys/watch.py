@@ -1,5 +1,5 @@
-"""Watching a deploy: its log streamed to a pusher or a `logs --follow`, never at the cost of
-the gateway's memory or of a drain."""
+"""Watching a deploy: its log, read from the registry wherever it runs, streamed to a pusher
+or a `logs --follow`, never at the cost of the gateway's memory or of a drain."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..models import Deploy
+from ..deploylog import cut_marker, skip_marker
+from ..errors import NotFound, StoreUnavailable
+from ..models import Deploy, LogChunk
+from ..store import Store
 from .pushes import PushSession
-from .queue import Job
+from .queue import Wakeups
 
 log = logging.getLogger("gateway.deploys")
 
@@ -21,40 +24,74 @@ Say = Callable[[str], Awaitable[None]]
 # is dropped (the deploy goes on); once the gateway drains, within DRAIN_STALL.
 WATCHER_STALL = 60.0
 DRAIN_STALL = 2.0
+# Chunks read at once: what one watcher holds in memory is bounded by this many chunks.
+PAGE = 8
+RETRY = 1.0  # seconds before reading again while the registry is unavailable
+
+
+def _text(chunks: list[LogChunk], at: int) -> str:
+    """What a watcher who has read up to byte `at` is shown of these chunks: output cut
+    from the log's start, or passed while it lagged, becomes a marker; the runner's final
+    line is not shown (each watcher prints its own)."""
+    parts = []
+    for chunk in chunks:
+        if chunk.position > at:
+            missing = chunk.position - at
+            parts.append(cut_marker(missing) if at == 0 else skip_marker(missing))
+        if not chunk.closing:
+            parts.append(chunk.text)
+        at = chunk.end
+    return "".join(parts)
 
 
 async def watch(
-    job: Job,
+    store: Store,
+    wakeups: Wakeups,
+    deploy_id: int,
     say: Say,
     draining: asyncio.Event,
+    *,
     session: PushSession | None = None,
     until_done: bool = False,
+    poll: Callable[[], float],
 ) -> Deploy | None:
-    """Stream the job's log to `say` until it ends; return the final record, or None if
+    """Stream a deploy's log to `say` until it ends; return the final record, or None if
     the watcher went away first (unless `until_done`, for callers that need the result).
 
-    The watcher's buffer is bounded (see DeployLog.subscribe): one that stops reading
-    skips ahead with a marker rather than holding the deploy's output in memory."""
+    New output is looked for when the deploy's runner announces some (in this process, or
+    through the registry's notifications) and at least every `poll()` seconds."""
+    after, at = 0, 0
     watching = True
-    with job.log.subscribe() as subscription:
-        while True:
-            reader = asyncio.ensure_future(subscription.next())
-            waits: set[asyncio.Future[Any]] = {reader}
-            if session is not None and not until_done:
-                waits.add(asyncio.ensure_future(session.detached.wait()))
-            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for other in pending:
-                other.cancel()
-            if reader not in done:
-                return None
-            text = reader.result()
-            if text is None:
-                break
-            if watching:
+    while True:
+        try:
+            # The record first: once it is final, its whole log is stored already.
+            deploy = await store.get_deploy(deploy_id)
+            if deploy is None:
+                raise NotFound(f"no deploy #{deploy_id}")
+            chunks = await store.deploy_log(deploy_id, after, PAGE)
+        except StoreUnavailable:
+            chunks, deploy = [], None
+        if chunks:
+            text = _text(chunks, at)
+            after, at = chunks[-1].seq, chunks[-1].end
+            if watching and text:
                 watching = await deliver(say, text, draining)
                 if not watching and not until_done:
                     return None
-    return await job.done
+            if len(chunks) == PAGE:
+                continue  # more to read now
+        if deploy is not None and deploy.status.finished:
+            return deploy
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(wakeups.wait(deploy_id, poll() if deploy else RETRY))
+        }
+        if session is not None and not until_done:
+            waits.add(asyncio.ensure_future(session.detached.wait()))
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for other in pending:
+            other.cancel()
+        if session is not None and not until_done and session.detached.is_set():
+            return None
 
 
 async def deliver(say: Say, text: str, draining: asyncio.Event) -> bool:
@@ -63,14 +100,14 @@ async def deliver(say: Say, text: str, draining: asyncio.Event) -> bool:
     loop = asyncio.get_running_loop()
     writing = asyncio.ensure_future(say(text))
     deadline = loop.time() + WATCHER_STALL
-    draining = asyncio.ensure_future(draining.wait())
+    draining_wait = asyncio.ensure_future(draining.wait())
     try:
         while not writing.done():
             waits: set[asyncio.Future[Any]] = {writing}
-            if draining.done():
+            if draining_wait.done():
                 deadline = min(deadline, loop.time() + DRAIN_STALL)
             else:
-                waits.add(draining)
+                waits.add(draining_wait)
             timeout = deadline - loop.time()
             if timeout <= 0:
                 writing.cancel()
@@ -80,5 +117,5 @@ async def deliver(say: Say, text: str, draining: asyncio.Event) -> bool:
                 return False
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        draining.cancel()
+        draining_wait.cancel()
     return not writing.cancelled() and writing.exception() is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import importlib.resources
 import re
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,8 +20,10 @@ from ..models import (
     AuditEvent,
     Deploy,
     DeployStatus,
+    LogChunk,
     Member,
     NewDeploy,
+    Node,
     Role,
     SSHKey,
     User,
@@ -170,7 +173,7 @@ class DeployRecords(abc.ABC):
 
     @abc.abstractmethod
     async def start_deploy(self, deploy_id: int, when: str) -> bool:
-        """queued -> running; False if it was not queued any more."""
+        """queued -> running with no runner (tools and tests; gateways claim_deploy)."""
 
     @abc.abstractmethod
     async def finish_deploy(
@@ -182,6 +185,7 @@ class DeployRecords(abc.ABC):
         exit_code: int | None = None,
         reason: str = "",
         superseded_by: int | None = None,
+        duration_ms: int | None = None,
     ) -> bool:
         """Set a final status on a queued or running deploy; False if it had already ended."""
 
@@ -206,6 +210,102 @@ class DeployRecords(abc.ABC):
 
     @abc.abstractmethod
     async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    deploy: Deploy
+    superseded: list[int]  # the app's deploys that were waiting, now cancelled for it
+
+
+class DeployQueue(abc.ABC):
+    """The deploy queue every gateway process shares: one running deploy per app across
+    all of them, at most `max_parallel` per node name, a newer push supersedes what waits."""
+
+    @abc.abstractmethod
+    async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
+        """Record a queued deploy and, in the same transaction, cancel the app's deploys
+        still waiting (superseded by it). `origin`: the process that must run it (a gated
+        push's quarantine lives with it)."""
+
+    @abc.abstractmethod
+    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+        """Take the oldest queued deploy this process may run (its app runs none, it is
+        not gated elsewhere) if fewer than `max_parallel` run under `node_name`: queued ->
+        running, with `node` as its runner. None if there is nothing to take."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, deploy_id: int, reason: str) -> Deploy | None:
+        """Stop a deploy: a queued one is cancelled at once; a running one is marked for
+        its runner, which stops it (`cancel_requests`). The record after; None if unknown."""
+
+    @abc.abstractmethod
+    async def cancel_requests(self, node: str) -> list[tuple[int, str]]:
+        """(deploy id, reason) of this runner's deploys someone asked to stop."""
+
+    @abc.abstractmethod
+    async def report_deploy(
+        self, deploy_id: int, status: DeployStatus, exit_code: int | None
+    ) -> bool:
+        """A webhook receiver's final status for a running deploy (the first one counts);
+        False if it does not run or has a report already."""
+
+    @abc.abstractmethod
+    async def deploy_report(self, deploy_id: int) -> tuple[DeployStatus, int | None] | None:
+        """The receiver's report, once there is one."""
+
+    # -- logs --
+    @abc.abstractmethod
+    async def append_deploy_log(
+        self, deploy_id: int, text: str, *, skipped: int = 0, closing: bool = False, keep: int
+    ) -> int | None:
+        """Append output after `skipped` bytes that were never stored, then delete the oldest
+        chunks beyond the last `keep` bytes (never the newest). The chunk's seq; None if the
+        deploy has no record."""
+
+    @abc.abstractmethod
+    async def deploy_log(self, deploy_id: int, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        """Chunks with seq > `after`, in order, at most `limit` of them."""
+
+    # -- the processes sharing the queue --
+    @abc.abstractmethod
+    async def register_node(self, node: str, name: str, pid: int) -> None: ...
+
+    @abc.abstractmethod
+    async def renew_node(self, node: str) -> bool:
+        """Renew the process's lease; False if the others declared it gone already."""
+
+    @abc.abstractmethod
+    async def expire_nodes(self, lapse: float) -> list[Deploy]:
+        """Declare gone the processes that did not renew within `lapse` seconds: their
+        running deploys and the gated ones they hold become interrupted, as do running
+        deploys with no live runner at all. The deploys interrupted."""
+
+    @abc.abstractmethod
+    async def leave_node(self, node: str) -> None:
+        """A process that stops: its row goes (what it ran was ended by it)."""
+
+    @abc.abstractmethod
+    async def list_nodes(self) -> list[Node]: ...
+
+    # -- changes other processes make --
+    def subscribe(self, callback: Callable[[str, int], None]) -> None:
+        """Call `callback(kind, deploy_id)` when a deploy changes ("queue", "log", "done",
+        "cancel", "report"): for this process's own changes, and for others' where the
+        backend can tell (PostgreSQL's LISTEN/NOTIFY). Where it cannot, callers poll."""
+        self._subscribers.append(callback)
+
+    @property
+    def hears_others(self) -> bool:
+        """True while changes made by other processes are heard (see subscribe)."""
+        return False
+
+    async def start_listening(self) -> None:  # noqa: B027 - a backend may hear nothing
+        """Begin hearing other processes' changes, where the backend can."""
+
+    def _announce(self, kind: str, deploy_id: int = 0) -> None:
+        for callback in list(self._subscribers):
+            callback(kind, deploy_id)
 
 
 class AuditTrail(abc.ABC):
@@ -294,12 +394,23 @@ class Lifecycle(abc.ABC):
     async def close(self) -> None: ...
 
 
-class Store(UsersAndKeys, AppsAndMembers, DeployRecords, AuditTrail, AccessTokens, Lifecycle):
+class Store(
+    UsersAndKeys,
+    AppsAndMembers,
+    DeployRecords,
+    DeployQueue,
+    AuditTrail,
+    AccessTokens,
+    Lifecycle,
+):
     """All registry reads and writes. Domain errors (NotFound, Conflict...) come out, never SQL.
 
     Ids (users, keys, apps, deploys, audit events, tokens) are never handed out twice, not
     even after the row holding the highest one is deleted.
     """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[[str, int], None]] = []
 
 
 async def open_store(database: Path | str) -> Store:

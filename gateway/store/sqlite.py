@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,16 @@ from ..models import (
     AuditEvent,
     Deploy,
     DeployStatus,
+    LogChunk,
     Member,
     NewDeploy,
+    Node,
     Role,
     SSHKey,
     User,
     WebhookDelivery,
 )
-from . import Store, UserSummary, WebSession, packaged_migrations, utcnow
+from . import Queued, Store, UserSummary, WebSession, packaged_migrations, utcnow
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
     k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
@@ -34,7 +37,7 @@ _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
     d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
     d.exit_code, d.reason,
-    d.created_at, d.started_at, d.finished_at"""
+    d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms"""
 _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
 _OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 
@@ -63,6 +66,7 @@ class SQLiteStore(Store):
     statements from concurrent coroutines on one connection would otherwise join them."""
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        super().__init__()
         self._db = db
         self.path = path
         self._write_lock = asyncio.Lock()
@@ -121,7 +125,7 @@ class SQLiteStore(Store):
             try:
                 # IMMEDIATE takes the write lock up front, so concurrent processes (the server
                 # and the admin CLI) queue on busy_timeout instead of failing on lock upgrade.
-                await self._db.execute("BEGIN IMMEDIATE")
+                await self._begin()
                 try:
                     yield self._db
                 except BaseException:
@@ -130,6 +134,19 @@ class SQLiteStore(Store):
                 await self._db.execute("COMMIT")
             finally:
                 self._writer = None
+
+    async def _begin(self) -> None:
+        """BEGIN IMMEDIATE, cancellation-safe: the statement runs on the connection's thread
+        to its end even if the task waiting for it is cancelled, and a transaction left open
+        would make every later BEGIN on this connection fail."""
+        begin = asyncio.ensure_future(self._db.execute("BEGIN IMMEDIATE"))
+        try:
+            await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await begin
+                await self._db.execute("ROLLBACK")
+            raise
 
     async def _read(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Run a query to its end in one step on the connection's thread. Outside this
@@ -532,17 +549,244 @@ class SQLiteStore(Store):
         exit_code: int | None = None,
         reason: str = "",
         superseded_by: int | None = None,
+        duration_ms: int | None = None,
     ) -> bool:
         if not status.finished:
             raise ValueError(f"{status} is not a final status")
         async with self._transaction() as db:
             cur = await db.execute(
                 """UPDATE deploys SET status = ?, finished_at = ?, exit_code = ?, reason = ?,
-                       superseded_by = ?
+                       superseded_by = ?, duration_ms = ?, cancel_request = NULL
                    WHERE id = ? AND status IN (?, ?)""",
-                (status.value, when, exit_code, reason, superseded_by, deploy_id, *_OPEN),
+                (
+                    status.value,
+                    when,
+                    exit_code,
+                    reason,
+                    superseded_by,
+                    duration_ms,
+                    deploy_id,
+                    *_OPEN,
+                ),
             )
+            done = cur.rowcount == 1
+        if done:
+            self._announce("done", deploy_id)
+        return done
+
+    # -- the shared queue --
+
+    async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
+        async with self._transaction() as db:
+            now = utcnow()
+            cur = await db.execute(
+                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
+                       subject, author, mode, pipeline, status, created_at, origin)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)""",
+                (
+                    new.app_id,
+                    new.ref,
+                    new.old_sha,
+                    new.new_sha,
+                    new.pusher,
+                    new.key_fingerprint,
+                    new.subject,
+                    new.author,
+                    new.mode,
+                    new.pipeline,
+                    now,
+                    origin,
+                ),
+            )
+            deploy_id = int(cur.lastrowid or 0)
+            waiting = await self._all(
+                "SELECT id FROM deploys WHERE app_id = ? AND status = 'queued' AND id < ? "
+                "ORDER BY id",
+                new.app_id,
+                deploy_id,
+            )
+            superseded = [int(r[0]) for r in waiting]
+            for older in superseded:
+                await db.execute(
+                    """UPDATE deploys SET status = 'cancelled', finished_at = ?,
+                           reason = ?, superseded_by = ?
+                       WHERE id = ? AND status = 'queued'""",
+                    (now, f"superseded by #{deploy_id}", deploy_id, older),
+                )
+        deploy = await self.get_deploy(deploy_id)
+        if deploy is None:  # pragma: no cover - just inserted
+            raise RuntimeError("deploy vanished")
+        for older in superseded:
+            self._announce("done", older)
+        self._announce("queue", deploy_id)
+        return Queued(deploy, superseded)
+
+    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+        async with self._transaction() as db:
+            # One transaction holds SQLite's write lock: no other process claims meanwhile.
+            busy = await self._one(
+                "SELECT COUNT(*) FROM deploys d JOIN nodes n ON n.id = d.runner "
+                "WHERE d.status = 'running' AND n.name = ?",
+                node_name,
+            )
+            if int(busy[0]) >= max_parallel:
+                return None
+            row = await self._one(
+                """SELECT d.id FROM deploys d
+                    WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = ?)
+                      AND NOT EXISTS (SELECT 1 FROM deploys r
+                                       WHERE r.app_id = d.app_id AND r.status = 'running')
+                    ORDER BY d.id LIMIT 1""",
+                node,
+            )
+            if row is None:
+                return None
+            await db.execute(
+                "UPDATE deploys SET status = 'running', started_at = ?, runner = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (utcnow(), node, row[0]),
+            )
+        return await self.get_deploy(int(row[0]))
+
+    async def request_cancel(self, deploy_id: int, reason: str) -> Deploy | None:
+        kind = ""
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE deploys SET status = 'cancelled', finished_at = ?, reason = ? "
+                "WHERE id = ? AND status = 'queued'",
+                (utcnow(), reason, deploy_id),
+            )
+            if cur.rowcount:
+                kind = "done"
+            else:
+                cur = await db.execute(
+                    "UPDATE deploys SET cancel_request = ? "
+                    "WHERE id = ? AND status = 'running' AND cancel_request IS NULL",
+                    (reason, deploy_id),
+                )
+                kind = "cancel" if cur.rowcount else ""
+        if kind:
+            self._announce(kind, deploy_id)
+        return await self.get_deploy(deploy_id)
+
+    async def cancel_requests(self, node: str) -> list[tuple[int, str]]:
+        rows = await self._all(
+            "SELECT id, cancel_request FROM deploys "
+            "WHERE status = 'running' AND runner = ? AND cancel_request IS NOT NULL",
+            node,
+        )
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def report_deploy(
+        self, deploy_id: int, status: DeployStatus, exit_code: int | None
+    ) -> bool:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "UPDATE deploys SET report_status = ?, report_exit_code = ? "
+                "WHERE id = ? AND status = 'running' AND report_status IS NULL",
+                (status.value, exit_code, deploy_id),
+            )
+            done = cur.rowcount == 1
+        if done:
+            self._announce("report", deploy_id)
+        return done
+
+    async def deploy_report(self, deploy_id: int) -> tuple[DeployStatus, int | None] | None:
+        row = await self._one(
+            "SELECT report_status, report_exit_code FROM deploys WHERE id = ?", deploy_id
+        )
+        if row is None or row[0] is None:
+            return None
+        return DeployStatus(row[0]), row[1]
+
+    async def append_deploy_log(
+        self, deploy_id: int, text: str, *, skipped: int = 0, closing: bool = False, keep: int
+    ) -> int | None:
+        size = len(text.encode("utf-8", "replace"))
+        async with self._transaction() as db:
+            row = await self._one("SELECT log_seq, log_bytes FROM deploys WHERE id = ?", deploy_id)
+            if row is None:
+                return None
+            seq, position = int(row[0]) + 1, int(row[1]) + skipped
+            await db.execute(
+                "UPDATE deploys SET log_seq = ?, log_bytes = ? WHERE id = ?",
+                (seq, position + size, deploy_id),
+            )
+            await db.execute(
+                "INSERT INTO deploy_log_chunks (deploy_id, seq, position, size, closing, text) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (deploy_id, seq, position, size, int(closing), text),
+            )
+            # Whole chunks that end before the kept tail go; the newest always stays.
+            await db.execute(
+                "DELETE FROM deploy_log_chunks "
+                "WHERE deploy_id = ? AND seq < ? AND position + size <= ?",
+                (deploy_id, seq, position + size - keep),
+            )
+        self._announce("log", deploy_id)
+        return seq
+
+    async def deploy_log(self, deploy_id: int, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        rows = await self._all(
+            "SELECT seq, position, size, closing, text FROM deploy_log_chunks "
+            "WHERE deploy_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            deploy_id,
+            after,
+            limit,
+        )
+        return [LogChunk(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    # -- the processes sharing the queue --
+
+    async def register_node(self, node: str, name: str, pid: int) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO nodes (id, name, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                (node, name, pid, utcnow(), time.time()),
+            )
+
+    async def renew_node(self, node: str) -> bool:
+        async with self._transaction() as db:
+            cur = await db.execute("UPDATE nodes SET seen_at = ? WHERE id = ?", (time.time(), node))
             return cur.rowcount == 1
+
+    async def expire_nodes(self, lapse: float) -> list[Deploy]:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM nodes WHERE seen_at < ?", (time.time() - lapse,))
+            rows = await self._all(
+                """SELECT id FROM deploys
+                    WHERE (status = 'running'
+                           AND (runner IS NULL OR runner NOT IN (SELECT id FROM nodes)))
+                       OR (status = 'queued' AND mode = 'gate'
+                           AND (origin IS NULL OR origin NOT IN (SELECT id FROM nodes)))
+                    ORDER BY id"""
+            )
+            ids = [int(r[0]) for r in rows]
+            now = utcnow()
+            for deploy_id in ids:
+                await db.execute(
+                    """UPDATE deploys SET status = 'interrupted', finished_at = ?,
+                           reason = CASE status WHEN 'running'
+                               THEN 'the gateway running it stopped answering'
+                               ELSE 'the gated push was lost with the gateway holding it' END
+                       WHERE id = ? AND status IN ('queued', 'running')""",
+                    (now, deploy_id),
+                )
+        found = [d for d in [await self.get_deploy(i) for i in ids] if d is not None]
+        for deploy in found:
+            self._announce("done", deploy.id)
+        if found:
+            self._announce("queue")
+        return found
+
+    async def leave_node(self, node: str) -> None:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM nodes WHERE id = ?", (node,))
+
+    async def list_nodes(self) -> list[Node]:
+        rows = await self._all("SELECT id, name, pid, started_at, seen_at FROM nodes ORDER BY id")
+        return [Node(r[0], r[1], int(r[2]), r[3], float(r[4])) for r in rows]
 
     async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
         async with self._transaction() as db:

@@ -15,6 +15,7 @@ from ..errors import GatewayError
 # which of them are times (text on SQLite, timestamptz on PostgreSQL).
 TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ("users", ("id", "name", "created_at"), frozenset({"created_at"})),
+    ("nodes", ("id", "name", "pid", "started_at", "seen_at"), frozenset({"started_at"})),
     (
         "ssh_keys",
         (
@@ -60,8 +61,21 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
             "created_at",
             "started_at",
             "finished_at",
+            "runner",
+            "origin",
+            "cancel_request",
+            "report_status",
+            "report_exit_code",
+            "duration_ms",
+            "log_seq",
+            "log_bytes",
         ),
         frozenset({"created_at", "started_at", "finished_at"}),
+    ),
+    (
+        "deploy_log_chunks",
+        ("deploy_id", "seq", "position", "size", "closing", "text"),
+        frozenset(),
     ),
     (
         "webhook_deliveries",

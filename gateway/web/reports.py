@@ -55,7 +55,7 @@ def handler(deploys: DeployService) -> Callable[[web.Request], Awaitable[web.Res
             isinstance(exit_code, bool) or not isinstance(exit_code, int)
         ):
             return _error(400, "exit_code must be an integer")
-        if not deploys.report(deploy_id, log_text, final, exit_code):
+        if not await deploys.report(deploy_id, log_text, final, exit_code):
             return _error(409, "this deploy is not waiting for a report")
         log.info("event=status_reported deploy=%d status=%s", deploy_id, q(status))
         return web.json_response({"ok": True})

@@ -1,6 +1,7 @@
 """Two gateway nodes behind the committed HAProxy config, on one PostgreSQL registry, one
 repositories root and one host key directory: clients see one gateway; a node killed in the
-middle of a push leaves the repository consistent; a database restart is survived."""
+middle of a push leaves the repository consistent; a database restart is survived; deploys
+queue, run and stream across the nodes, and a node that dies mid-deploy is noticed."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ import pytest
 
 from tests import pg
 from tests.helpers import (
+    DEPLOY_PYTHON,
+    PIPELINE,
     TIMEOUT,
     Admin,
     Client,
     LiveProcess,
     ServeProcess,
+    exchange_subdir,
     fsck,
     http,
     server_refs,
@@ -97,6 +101,9 @@ class Cluster:
     def _config(self, name: str) -> Path:
         return write_config(
             self.root / name,
+            # One deploy at a time per node, so that a test can tell which node runs one.
+            deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "max_parallel": 1},
+            cluster={"node_name": f"node-{name}", "node_timeout": 3},
             storage={
                 "database": self.database,
                 "repos": str(self.root / "repos"),
@@ -126,6 +133,11 @@ class Cluster:
             assert old in text, f"config/haproxy.cfg no longer has {old!r}"
             text = text.replace(old, new)
         return text
+
+    def restart(self, name: str) -> ServeProcess:
+        """Start a node again (on a new port: tests reach it directly, not through HAProxy)."""
+        self.nodes[name] = ServeProcess(self.configs[name])
+        return self.nodes[name]
 
     def client(self, name: str, key: Path, home: Path) -> Client:
         return Client(home, key, Balanced(self.nodes["a"], self.port), name=name)  # type: ignore[arg-type]
@@ -237,3 +249,96 @@ async def test_database_restart_under_load(cluster: Cluster, tmp_path: Path) -> 
     client = cluster.client("lou", key, tmp_path / "home")
     result = await asyncio.to_thread(client.git, "ls-remote", client.url("busy"))
     assert result.returncode == 0
+
+
+def release(fifo: Path) -> None:
+    with open(fifo, "w") as gate:
+        gate.write("go\n")
+
+
+def blocking_repo(client: Client, work: Path, name: str) -> Path:
+    """A repository whose deploy waits on a FIFO; the FIFO's path."""
+    fifo = exchange_subdir(name) / "gate.fifo"
+    os.mkfifo(fifo)
+    client.new_repo(work, {"wait-fifo": str(fifo)})
+    return fifo
+
+
+def test_a_deploy_runs_on_another_node_and_streams_to_the_pusher(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Node A is busy (max_parallel 1), so a push through A is deployed by node B: the
+    pusher sees B's output live, `logs --follow` through either node streams it too."""
+    admin = Admin(cluster.configs["a"])
+    key = admin.enroll("ada", tmp_path, "hold", "web")
+    cluster.nodes["b"].stop()  # only A can take the first deploy
+    a = cluster.nodes["a"]
+    via_a = Client(tmp_path / "home-a", key, a, name="ada")
+    hold_fifo = blocking_repo(via_a, tmp_path / "hold", "hold")
+    hold = LiveProcess(
+        ["git", "push", via_a.url("hold"), "main"], env=via_a.env, cwd=tmp_path / "hold"
+    )
+    hold.wait_for(r"waiting for the test")
+    b = cluster.restart("b")
+    fifo = blocking_repo(via_a, tmp_path / "web", "web")
+    push = LiveProcess(
+        ["git", "push", via_a.url("web"), "main"], env=via_a.env, cwd=tmp_path / "web"
+    )
+    started = b.wait_for(r"event=deploy_started deploy=(\d+) app=web ")
+    deploy_id = started.group(1)
+    push.wait_for(r"remote: waiting for the test")  # B's output, through A, live
+    via_b = Client(tmp_path / "home-b", key, b, name="ada")
+    followers = [
+        LiveProcess(
+            [*client.ssh_base, "-T", "git@127.0.0.1", "logs", "web", deploy_id, "--follow"],
+            env=client.env,
+        )
+        for client in (via_a, via_b)
+    ]
+    for follower in followers:
+        follower.wait_for_stdout(r"waiting for the test")
+    release(fifo)
+    assert push.finish() == 0
+    assert "released by the test" in push.stderr and f"deploy #{deploy_id} succeeded" in push.stderr
+    for follower in followers:
+        assert follower.finish() == 0
+        assert "released by the test\n" in follower.stdout
+        assert any(f"deploy #{deploy_id} succeeded" in line for line in follower.stdout)
+    assert f"event=deploy_started deploy={deploy_id} " not in a.stderr
+    release(hold_fifo)
+    assert hold.finish() == 0
+
+
+def test_a_node_killed_mid_deploy_is_noticed_and_the_queue_goes_on(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Node A is SIGKILLed while it runs a deploy: node B marks that deploy interrupted
+    within node_timeout (3 s here) and runs the app's next deploy, pushed through B while
+    A's was running; its pusher, waiting on B, sees it succeed."""
+    admin = Admin(cluster.configs["a"])
+    key = admin.enroll("kit", tmp_path, "web")
+    cluster.nodes["b"].stop()
+    a = cluster.nodes["a"]
+    via_a = Client(tmp_path / "home-a", key, a, name="kit")
+    blocking_repo(via_a, tmp_path / "work", "killed")
+    first = LiveProcess(
+        ["git", "push", via_a.url("web"), "main"], env=via_a.env, cwd=tmp_path / "work"
+    )
+    first.wait_for(r"waiting for the test")
+    b = cluster.restart("b")
+    via_b = Client(tmp_path / "home-b", key, b, name="kit")
+    via_b.commit(tmp_path / "work", {"wait-fifo": ""}, "next")
+    (tmp_path / "work" / "wait-fifo").unlink()
+    via_b.commit(tmp_path / "work", {}, "no fifo")
+    second = LiveProcess(
+        ["git", "push", via_b.url("web"), "main"], env=via_b.env, cwd=tmp_path / "work"
+    )
+    second.wait_for(r"queued behind #1")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(TIMEOUT)
+    first.finish()
+    b.wait_for(r"event=deploy_interrupted deploy=1 app=web")
+    assert second.finish() == 0
+    assert "deploy #2 succeeded" in second.stderr
+    listed = Admin(cluster.configs["b"]).ok("deploy", "list", "web")
+    assert "interrupted" in listed and "succeeded" in listed

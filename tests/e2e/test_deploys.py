@@ -564,6 +564,6 @@ def test_restart_marks_running_interrupted_and_runs_queued(tmp_path, exchange):
     assert code == 0 and "done" in out
     by_id = {d["id"]: d for d in deploys(admin, "web")}
     assert by_id[1]["status"] == "interrupted"
-    assert "gateway stopped" in by_id[1]["reason"]
+    assert "the gateway running it stopped answering" in by_id[1]["reason"]
     assert by_id[2]["status"] == "succeeded"
     assert second.stop() == 0

@@ -1,11 +1,10 @@
 """Nothing a user can read is ever reused: after an app is removed, a new app (same name or
-not) gets new deploy ids and never sees the removed app's deploy logs; a log file already on
-disk is never appended to nor shown as a new deploy's log."""
+not) gets new deploy ids and never sees the removed app's deploy logs; a log file on disk is
+never shown as a new deploy's log."""
 
 from __future__ import annotations
 
 import json
-import logging
 import sqlite3
 from pathlib import Path
 
@@ -54,12 +53,10 @@ def test_regression_a_removed_apps_ids_and_logs_never_reach_a_new_app(gw, tmp_pa
     first = push_env(alice, shop, SECRET + "\n", tmp_path / "alice-work")
     assert first.returncode == 0 and SECRET in first.stderr  # her own log: fine
     (old_id,) = deploy_ids(admin, shop)
-    log_dir = gw.config.deploy.log_dir
-    assert (log_dir / f"{old_id}.log").exists()
+    assert SECRET in admin.ok("deploy", "logs", str(old_id))
 
     out = admin.ok("app", "remove", shop)
     assert "moved to" in out
-    assert not (log_dir / f"{old_id}.log").exists()
     (archived,) = gw.repos.glob(f".trash/*/{shop}.deploys/{old_id}.log")
     assert SECRET in archived.read_text()
     assert (archived.parent.parent / f"{shop}.git").is_dir()  # next to its repository
@@ -91,39 +88,30 @@ def next_deploy_id(gw: ServerThread) -> int:
     return (row[0] if row else 0) + 1
 
 
-def test_regression_a_planted_log_file_is_never_appended_to(gw, tmp_path, caplog):
-    caplog.set_level(logging.ERROR, logger="gateway")
+def test_regression_a_planted_log_file_is_never_shown(gw, tmp_path):
+    """Logs live in the registry: a file planted where earlier versions wrote logs, named
+    after the next deploy, is neither read nor changed."""
     admin = Admin(gw.config_path)
     bob = person(gw, tmp_path, "bob")
     app = unique("planted")
     admin.ok("app", "create", app, "--owner", bob.name)
     deploy_id = next_deploy_id(gw)
     log_dir = gw.config.deploy.log_dir
+    log_dir.mkdir(exist_ok=True)
     planted = log_dir / f"{deploy_id}.log"
     planted.write_text(f"{SECRET}\n")
     result = push_env(bob, app, "bob's env\n", tmp_path / "work")
-    assert result.returncode == 1  # the deploy failed, so the push says so
-    assert (
-        f"deploy #{deploy_id} FAILED (a log file for deploy #{deploy_id} already existed on the "
-        "server: it was set aside, never reused; the operator can see why)"
-    ) in result.stderr
+    assert result.returncode == 0 and f"deploy #{deploy_id} succeeded" in result.stderr
     assert "s3cr3t" not in result.stderr
-    (aside,) = log_dir.glob(f"{deploy_id}.log.refused-*")
-    assert aside.read_text() == f"{SECRET}\n"  # unchanged, kept for the operator
     logs = bob.ssh("logs", app, str(deploy_id))
-    assert "s3cr3t" not in logs.stdout and "already existed" in logs.stdout
-    assert any(
-        f"event=deploy_log_exists deploy={deploy_id} app={app}" in r.getMessage()
-        for r in caplog.records
-    )
-    # The next push deploys normally, with the next id.
-    again = push_env(bob, app, "bob's env, again\n", tmp_path / "work")
-    assert again.returncode == 0 and f"deploy #{deploy_id + 1} succeeded" in again.stderr
+    assert "s3cr3t" not in logs.stdout and "bob's env" in logs.stdout
+    assert planted.read_text() == f"{SECRET}\n"
 
 
-def test_regression_log_files_on_disk_reserve_their_ids_at_start(tmp_path):
-    """A log left on disk by an earlier version (an app removed before logs were archived,
-    above the highest id the registry still holds) is never a new deploy's log."""
+def test_regression_log_files_of_an_earlier_version_are_imported_once(tmp_path):
+    """At start, the log file an earlier version wrote for a deploy still recorded goes into
+    the registry; every such file is then set aside, and its id is never handed out again:
+    a file left for a deploy whose record is gone never becomes a new deploy's log."""
     config = write_config(tmp_path / "gw", deploy={"command": ["cat", "env"]})
     server = ServerThread(config).start()
     try:
@@ -133,13 +121,22 @@ def test_regression_log_files_on_disk_reserve_their_ids_at_start(tmp_path):
         assert push_env(carol, "web", "one\n", tmp_path / "work").returncode == 0
     finally:
         server.stop()
+    # What an upgraded installation holds: deploy 1's log only as a file, and a stray file.
+    with sqlite3.connect(server.config.storage.database) as db:
+        db.execute("DELETE FROM deploy_log_chunks")
     log_dir = server.config.deploy.log_dir
+    log_dir.mkdir()
+    (log_dir / "1.log").write_text("output of deploy 1, by the earlier version\n")
     (log_dir / "40.log").write_text(f"{SECRET}\n")
     server = ServerThread(config).start()
     try:
+        assert "by the earlier version" in admin.ok("deploy", "logs", "1")
         carol = Client(tmp_path / "home-again", carol.key, server, name=carol.name)  # new port
         result = push_env(carol, "web", "two\n", tmp_path / "work")
         assert result.returncode == 0 and "deploy #41 succeeded" in result.stderr
-        assert (log_dir / "40.log").read_text() == f"{SECRET}\n"
+        assert "s3cr3t" not in admin.ok("deploy", "logs", "41")
+        assert not list(log_dir.glob("*.log"))  # set aside: never read again
+        (aside,) = log_dir.glob("imported-*")
+        assert (aside / "40.log").read_text() == f"{SECRET}\n"
     finally:
         server.stop()

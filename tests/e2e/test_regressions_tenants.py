@@ -5,6 +5,7 @@ was a real hole before deploys ran sandboxed and hooks were verified; each must 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.deploylog import read_log
 from tests.helpers import (
     DEPLOY_PYTHON,
     PIPELINE,
@@ -91,6 +93,16 @@ def running_job(gw: ServerThread, app: str):  # type: ignore[no-untyped-def]
     return jobs[0] if jobs and jobs[0].started is not None else None
 
 
+def wait_for_output(gw: ServerThread, deploy_id: int, text: str) -> None:
+    """Until the deploy's stored log shows `text` (its runner stores output within ~0.1 s)."""
+
+    async def shown() -> None:
+        while text not in await read_log(gw.gateway.store, deploy_id):
+            await gw.gateway.deploys.wakeups.wait(deploy_id, 0.5)
+
+    gw.call(asyncio.wait_for(shown(), 60), 65)
+
+
 def start_victim_deploy(gw, admin, alice, tmp_path) -> tuple[Path, int]:
     """alice's deploy of `victim` runs (blocked on a FIFO) and prints a secret."""
     shared = exchange_subdir("victim")
@@ -100,7 +112,7 @@ def start_victim_deploy(gw, admin, alice, tmp_path) -> tuple[Path, int]:
     alice.git("push", "-q", alice.url("victim"), "main", cwd=work)
     gw.wait_until(lambda: running_job(gw, "victim") is not None)
     job = running_job(gw, "victim")
-    gw.wait_until(lambda: "waiting for the test" in job.log.text())
+    wait_for_output(gw, job.deploy.id, "waiting for the test")
     return fifo, job.deploy.id
 
 
@@ -328,7 +340,7 @@ def test_regression_removing_an_app_stops_its_deploys_first(gw, admin, people, t
     mallory.git("push", "-q", mallory.url("doomed"), "main", cwd=work)
     gw.wait_until(lambda: running_job(gw, "doomed") is not None)
     running = running_job(gw, "doomed")
-    gw.wait_until(lambda: "waiting for the test" in running.log.text())
+    wait_for_output(gw, running.deploy.id, "waiting for the test")
     mallory.commit(work, {"v": "2"}, "queued behind")
     mallory.git("push", "-q", mallory.url("doomed"), "main", cwd=work)
     out = admin.ok("app", "remove", "doomed")

@@ -97,9 +97,9 @@ def test_regression_sighup_applies_deploy_settings(tmp_path, caplog):
         with caplog.at_level(logging.INFO, logger="gateway.server"):
             server.call(server.gateway._reload())
         deploys = server.gateway.deploys
-        assert deploys.queues.slots.limit == 1
+        assert deploys.config.deploy.max_parallel == 1
         assert "event=reload_needs_restart setting=deploy.log_dir" in caplog.text
-        assert deploys.log_dir == tmp_path / "state" / "deploys"
+        assert deploys.config.deploy.log_dir == tmp_path / "state" / "deploys"
         created = http(
             "POST", f"{http_base(server)}/api/v1/apps", secret, {"name": "web", "owner": "ana"}
         )
@@ -113,6 +113,6 @@ def test_regression_sighup_applies_deploy_settings(tmp_path, caplog):
             server.call(server.gateway._reload())
         assert "event=reload_failed" in caplog.text and "no such user 'nope-x'" in caplog.text
         assert "section=ssh" not in caplog.text  # port 0 became a real port: not a change
-        assert deploys.queues.slots.limit == 1  # the running configuration stays
+        assert deploys.config.deploy.max_parallel == 1  # the running configuration stays
     finally:
         server.stop()

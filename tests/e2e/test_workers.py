@@ -8,6 +8,7 @@ one worker (SIGSTOP) so that the other must accept, and resume it afterwards."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -22,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    DEPLOY_PYTHON,
+    PIPELINE,
     TIMEOUT,
     Admin,
     Client,
@@ -262,3 +265,24 @@ def test_a_worker_that_cannot_start_stops_the_node_with_one_line(tmp_path) -> No
     assert "no-such-git" in result.stderr  # the worker's own reason, above it
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "gw.sock.metrics").exists()
+
+
+def test_deploys_run_through_any_worker(tmp_path) -> None:
+    """Each worker is a process of the cluster: a push through either worker deploys and
+    streams the deploy's output to the pusher, and the deploy is recorded once."""
+    node = start(tmp_path, deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)]})
+    try:
+        home = tmp_path / "carol"
+        home.mkdir()
+        key = Admin(node.config_path).enroll("carol", home, "web")
+        carol = Client(home, key, node, "carol")  # type: ignore[arg-type]
+        work = carol.new_repo(tmp_path / "work")
+        for index in (0, 1):
+            with only(node, index):
+                sha = carol.commit(work, {f"w{index}": "x\n"}, f"worker {index}")
+                pushed = carol.git("push", carol.url("web"), "main", cwd=work)
+            assert f"deploying web {sha[:8]}" in pushed.stderr, pushed.stderr
+        listed = Admin(node.config_path).ok("deploy", "list", "web", "--json")
+        assert [d["status"] for d in json.loads(listed)] == ["succeeded", "succeeded"]
+    finally:
+        assert node.stop() == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import pytest
 
 from gateway import config as gwconfig
 from gateway.audit import OTHER_SOURCES, AuthFailures
-from gateway.deploylog import log_path
 from gateway.keys import parse_public_key
 from gateway.models import AuditEvent, DeployStatus, NewDeploy
 from gateway.retention import prune
@@ -85,12 +83,10 @@ def old(days: float) -> str:
 async def test_regression_prune_removes_old_records_and_their_logs(store, tmp_path):
     cfg = gwconfig.from_mapping(
         {
-            "deploy": {"retention": 30, "keep_last": 1, "log_dir": str(tmp_path / "logs")},
+            "deploy": {"retention": 30, "keep_last": 1},
             "audit": {"retention": 30},
         }
     )
-    log_dir = cfg.deploy.log_dir
-    log_dir.mkdir()
     await store.create_user("alice")
     key = parse_public_key(Path(f"{keygen(tmp_path / 'k')}.pub").read_text())
     await store.add_key("alice", "k", key)
@@ -115,7 +111,7 @@ async def test_regression_prune_removes_old_records_and_their_logs(store, tmp_pa
             await store.start_deploy(record.id, old(100))
         if finished_days_ago is not None:
             await store.finish_deploy(record.id, status, old(finished_days_ago))
-        log_path(log_dir, record.id).write_text(f"log of #{record.id}\n")
+        await store.append_deploy_log(record.id, f"log of #{record.id}\n", keep=1000)
         return record.id
 
     web_old = [await deploy(apps[0], 100), await deploy(apps[0], 60, DeployStatus.FAILED)]
@@ -126,27 +122,21 @@ async def test_regression_prune_removes_old_records_and_their_logs(store, tmp_pa
     api_recent = await deploy(apps[1])
     # A kept record naming a pruned one (as superseded_by) does not block the pruning.
     await store.finish_deploy(api_recent, DeployStatus.CANCELLED, old(1), superseded_by=api_old)
-    orphan_old, orphan_new = log_path(log_dir, 999_001), log_path(log_dir, 999_002)
-    orphan_old.write_text("app removed long ago\n")
-    orphan_new.write_text("app removed today\n")
-    ancient = (datetime.now(UTC) - timedelta(days=60)).timestamp()
-    os.utime(orphan_old, (ancient, ancient))
     for days in (400, 31, 29, 0):
         await store.add_audit(AuditEvent("auth_ok", actor="alice", at=old(days)))
 
     result = await prune(store, cfg)
 
-    assert (result.audit, result.deploys, result.logs) == (2, 3, 4)
+    assert (result.audit, result.deploys) == (2, 3)
     gone = [*web_old, api_old]
     kept = [web_newest_old, web_running, web_queued, api_recent]
     for deploy_id in gone:
         assert await store.get_deploy(deploy_id) is None
-        assert not log_path(log_dir, deploy_id).exists()
+        assert await store.deploy_log(deploy_id) == []  # the log went with the record
     for deploy_id in kept:
         assert await store.get_deploy(deploy_id) is not None
-        assert log_path(log_dir, deploy_id).exists()
+        assert [c.text for c in await store.deploy_log(deploy_id)] == [f"log of #{deploy_id}\n"]
     assert (await store.get_deploy(api_recent)).superseded_by is None
-    assert not orphan_old.exists() and orphan_new.exists()
     assert len(await store.list_audit()) == 2
     # Nothing left to do: a second run prunes nothing.
     assert await prune(store, cfg) == type(result)()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -22,14 +25,16 @@ from ...models import (
     AuditEvent,
     Deploy,
     DeployStatus,
+    LogChunk,
     Member,
     NewDeploy,
+    Node,
     Role,
     SSHKey,
     User,
     WebhookDelivery,
 )
-from .. import Store, UserSummary, WebSession, packaged_migrations, utcnow
+from .. import Queued, Store, UserSummary, WebSession, packaged_migrations, utcnow
 
 log = logging.getLogger("gateway.store")
 
@@ -41,6 +46,11 @@ ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a free pooled connection
 COMMAND_TIMEOUT = 30.0  # seconds one statement may run
 POOL_MIN, POOL_MAX = 0, 10  # none kept open by force: no reconnect loop of its own in an outage
 UNAVAILABLE_LOG_INTERVAL = 10.0  # seconds between two "unavailable" log lines
+# Deploy changes are announced on this channel to every gateway listening (LISTEN/NOTIFY).
+CHANNEL = "gateway_deploys"
+LISTEN_RETRY = (0.5, 5.0)  # seconds before reconnecting the listener: first, at most
+# One lock per node name around claims: its max_parallel is counted and taken atomically.
+CLAIM_LOCK_SPACE = 0x6761_7465  # "gate"
 
 # What a lost, refused or restarting server looks like through asyncpg. Anything else (a
 # constraint, a bug) is not an outage and is not dressed up as one.
@@ -60,7 +70,7 @@ _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _APP_FROM = "FROM apps a JOIN users u ON u.id = a.owner_id"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
     d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
-    d.exit_code, d.reason, d.created_at, d.started_at, d.finished_at"""
+    d.exit_code, d.reason, d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms"""
 _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
 _TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at"  # noqa: S105
 _TOKEN_FROM = "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id"  # noqa: S105
@@ -112,6 +122,8 @@ def _deploy(row: Any) -> Deploy:
     values = list(row)
     values[12] = DeployStatus(values[12])
     values[16:19] = [from_time(v) for v in values[16:19]]
+    if values[20] is not None:
+        values[20] = int(values[20])
     return Deploy(*values)
 
 
@@ -130,7 +142,12 @@ class PostgresStore(Store):
     closed connections by itself when the server is back."""
 
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
+        super().__init__()
         self._pool = pool
+        # Marks this store's own notifications, which it announced already.
+        self._me = secrets.token_hex(8)
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False
         self.url = url
         self.applied = 0  # migrations this store applied when it opened
         self._last_unavailable_log = 0.0
@@ -178,8 +195,64 @@ class PostgresStore(Store):
         return store
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(BaseException):
+                await self._listener
         with contextlib.suppress(*_UNAVAILABLE):
             await self._pool.close()
+
+    # -- hearing other gateways (LISTEN/NOTIFY) --
+
+    @property
+    def hears_others(self) -> bool:
+        return self._listening
+
+    async def start_listening(self) -> None:
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen())
+
+    async def _listen(self) -> None:
+        """Hold one connection of its own LISTENing; reconnect after an outage (callers
+        poll meanwhile: hears_others is False)."""
+        delay = LISTEN_RETRY[0]
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    self.url,
+                    timeout=CONNECT_TIMEOUT,
+                    server_settings={"application_name": "git-gateway listener"},
+                )
+                lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                conn.add_termination_listener(functools.partial(_settle, lost))
+                await conn.add_listener(CHANNEL, self._heard)
+                self._listening = True
+                delay = LISTEN_RETRY[0]
+                self._announce("queue")  # what happened while deaf: look again
+                await lost
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: retry later
+                log.debug("event=listener_down error=%s", q(_reason(exc)))
+            finally:
+                self._listening = False
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY[1])
+
+    def _heard(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        kind, _, rest = payload.partition(":")
+        text, _, sender = rest.partition(":")
+        if sender == self._me or not text.isdigit():
+            return
+        self._announce(kind, int(text))
+
+    async def _notify(self, conn: Any, kind: str, deploy_id: int = 0) -> None:
+        """Tell the other gateways, when this transaction commits."""
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{kind}:{deploy_id}:{self._me}")
 
     # -- plumbing --
 
@@ -692,23 +765,290 @@ class PostgresStore(Store):
         exit_code: int | None = None,
         reason: str = "",
         superseded_by: int | None = None,
+        duration_ms: int | None = None,
     ) -> bool:
         if not status.finished:
             raise ValueError(f"{status} is not a final status")
         async with self._transaction() as conn:
             tag = await conn.execute(
                 """UPDATE deploys SET status = $1, finished_at = $2, exit_code = $3, reason = $4,
-                       superseded_by = $5
-                   WHERE id = $6 AND status = ANY($7::text[])""",
+                       superseded_by = $5, duration_ms = $6, cancel_request = NULL
+                   WHERE id = $7 AND status = ANY($8::text[])""",
                 status.value,
                 to_time(when),
                 exit_code,
                 reason,
                 superseded_by,
+                duration_ms,
                 deploy_id,
                 _OPEN,
             )
+            done = _count(tag) == 1
+            if done:
+                await self._notify(conn, "done", deploy_id)
+        if done:
+            self._announce("done", deploy_id)
+        return done
+
+    # -- the shared queue --
+
+    async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
+        async with self._transaction() as conn:
+            now = to_time(utcnow())
+            deploy_id = await conn.fetchval(
+                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
+                       subject, author, mode, pipeline, status, created_at, origin)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $12)
+                   RETURNING id""",
+                new.app_id,
+                new.ref,
+                new.old_sha,
+                new.new_sha,
+                new.pusher,
+                new.key_fingerprint,
+                new.subject,
+                new.author,
+                new.mode,
+                new.pipeline,
+                now,
+                origin,
+            )
+            # Rows locked: a claim cannot take one of these while it is being superseded.
+            rows = await conn.fetch(
+                """UPDATE deploys SET status = 'cancelled', finished_at = $1, reason = $2,
+                       superseded_by = $3
+                   WHERE app_id = $4 AND status = 'queued' AND id < $3
+                   RETURNING id""",
+                now,
+                f"superseded by #{deploy_id}",
+                deploy_id,
+                new.app_id,
+            )
+            superseded = sorted(int(r[0]) for r in rows)
+            for older in superseded:
+                await self._notify(conn, "done", older)
+            await self._notify(conn, "queue", deploy_id)
+            row = await conn.fetchrow(
+                f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = $1", deploy_id
+            )
+        for older in superseded:
+            self._announce("done", older)
+        self._announce("queue", deploy_id)
+        return Queued(_deploy(row), superseded)
+
+    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+        try:
+            async with self._transaction() as conn:
+                # The node's claims queue on its lock: its count cannot change under it.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))", CLAIM_LOCK_SPACE, node_name
+                )
+                busy = await conn.fetchval(
+                    "SELECT COUNT(*) FROM deploys d JOIN nodes n ON n.id = d.runner "
+                    "WHERE d.status = 'running' AND n.name = $1",
+                    node_name,
+                )
+                if busy >= max_parallel:
+                    return None
+                # Other nodes skip what one of them is taking; the unique index on running
+                # deploys per app settles two claims of one app's deploys.
+                deploy_id = await conn.fetchval(
+                    """SELECT d.id FROM deploys d
+                        WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = $1)
+                          AND NOT EXISTS (SELECT 1 FROM deploys r
+                                           WHERE r.app_id = d.app_id AND r.status = 'running')
+                        ORDER BY d.id LIMIT 1
+                        FOR UPDATE OF d SKIP LOCKED""",
+                    node,
+                )
+                if deploy_id is None:
+                    return None
+                await conn.execute(
+                    "UPDATE deploys SET status = 'running', started_at = $1, runner = $2 "
+                    "WHERE id = $3",
+                    to_time(utcnow()),
+                    node,
+                    deploy_id,
+                )
+                row = await conn.fetchrow(
+                    f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = $1", deploy_id
+                )
+        except asyncpg.UniqueViolationError:
+            return None  # another node started one of this app's deploys first
+        return _deploy(row)
+
+    async def request_cancel(self, deploy_id: int, reason: str) -> Deploy | None:
+        kind = ""
+        async with self._transaction() as conn:
+            tag = await conn.execute(
+                "UPDATE deploys SET status = 'cancelled', finished_at = $1, reason = $2 "
+                "WHERE id = $3 AND status = 'queued'",
+                to_time(utcnow()),
+                reason,
+                deploy_id,
+            )
+            if _count(tag):
+                kind = "done"
+            else:
+                tag = await conn.execute(
+                    "UPDATE deploys SET cancel_request = $1 "
+                    "WHERE id = $2 AND status = 'running' AND cancel_request IS NULL",
+                    reason,
+                    deploy_id,
+                )
+                kind = "cancel" if _count(tag) else ""
+            if kind:
+                await self._notify(conn, kind, deploy_id)
+            row = await conn.fetchrow(
+                f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = $1", deploy_id
+            )
+        if kind:
+            self._announce(kind, deploy_id)
+        return None if row is None else _deploy(row)
+
+    async def cancel_requests(self, node: str) -> list[tuple[int, str]]:
+        rows = await self._all(
+            "SELECT id, cancel_request FROM deploys "
+            "WHERE status = 'running' AND runner = $1 AND cancel_request IS NOT NULL",
+            node,
+        )
+        return [(int(r[0]), str(r[1])) for r in rows]
+
+    async def report_deploy(
+        self, deploy_id: int, status: DeployStatus, exit_code: int | None
+    ) -> bool:
+        async with self._transaction() as conn:
+            tag = await conn.execute(
+                "UPDATE deploys SET report_status = $1, report_exit_code = $2 "
+                "WHERE id = $3 AND status = 'running' AND report_status IS NULL",
+                status.value,
+                exit_code,
+                deploy_id,
+            )
+            done = _count(tag) == 1
+            if done:
+                await self._notify(conn, "report", deploy_id)
+        if done:
+            self._announce("report", deploy_id)
+        return done
+
+    async def deploy_report(self, deploy_id: int) -> tuple[DeployStatus, int | None] | None:
+        row = await self._one(
+            "SELECT report_status, report_exit_code FROM deploys WHERE id = $1", deploy_id
+        )
+        if row is None or row[0] is None:
+            return None
+        return DeployStatus(row[0]), row[1]
+
+    async def append_deploy_log(
+        self, deploy_id: int, text: str, *, skipped: int = 0, closing: bool = False, keep: int
+    ) -> int | None:
+        size = len(text.encode("utf-8", "replace"))
+        async with self._transaction() as conn:
+            # The row lock orders concurrent appends to one deploy (runner, status reports).
+            row = await conn.fetchrow(
+                "UPDATE deploys SET log_seq = log_seq + 1, log_bytes = log_bytes + $1 "
+                "WHERE id = $2 RETURNING log_seq, log_bytes",
+                skipped + size,
+                deploy_id,
+            )
+            if row is None:
+                return None
+            seq, end = int(row[0]), int(row[1])
+            await conn.execute(
+                "INSERT INTO deploy_log_chunks (deploy_id, seq, position, size, closing, text) "
+                "VALUES ($1, $2, $3, $4, $5, $6)",
+                deploy_id,
+                seq,
+                end - size,
+                size,
+                int(closing),
+                text.replace("\x00", "\ufffd"),  # text columns refuse NUL
+            )
+            await conn.execute(
+                "DELETE FROM deploy_log_chunks "
+                "WHERE deploy_id = $1 AND seq < $2 AND position + size <= $3",
+                deploy_id,
+                seq,
+                end - keep,
+            )
+            await self._notify(conn, "log", deploy_id)
+        self._announce("log", deploy_id)
+        return seq
+
+    async def deploy_log(self, deploy_id: int, after: int = 0, limit: int = 1000) -> list[LogChunk]:
+        rows = await self._all(
+            "SELECT seq, position, size, closing, text FROM deploy_log_chunks "
+            "WHERE deploy_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            deploy_id,
+            after,
+            limit,
+        )
+        return [LogChunk(int(r[0]), int(r[1]), int(r[2]), bool(r[3]), r[4]) for r in rows]
+
+    # -- the processes sharing the queue --
+
+    async def register_node(self, node: str, name: str, pid: int) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO nodes (id, name, pid, started_at, seen_at) "
+                "VALUES ($1, $2, $3, now(), extract(epoch FROM clock_timestamp())) "
+                "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                node,
+                name,
+                pid,
+            )
+
+    async def renew_node(self, node: str) -> bool:
+        async with self._transaction() as conn:
+            tag = await conn.execute(
+                "UPDATE nodes SET seen_at = extract(epoch FROM clock_timestamp()) WHERE id = $1",
+                node,
+            )
         return _count(tag) == 1
+
+    async def expire_nodes(self, lapse: float) -> list[Deploy]:
+        async with self._transaction() as conn:
+            # The database's clock judges every node: theirs need not agree.
+            await conn.execute(
+                "DELETE FROM nodes WHERE seen_at < extract(epoch FROM clock_timestamp()) - $1",
+                float(lapse),
+            )
+            rows = await conn.fetch(
+                """UPDATE deploys SET status = 'interrupted', finished_at = $1,
+                       reason = CASE status WHEN 'running'
+                           THEN 'the gateway running it stopped answering'
+                           ELSE 'the gated push was lost with the gateway holding it' END
+                    WHERE (status = 'running'
+                           AND (runner IS NULL OR runner NOT IN (SELECT id FROM nodes)))
+                       OR (status = 'queued' AND mode = 'gate'
+                           AND (origin IS NULL OR origin NOT IN (SELECT id FROM nodes)))
+                    RETURNING id""",
+                to_time(utcnow()),
+            )
+            ids = sorted(int(r[0]) for r in rows)
+            for deploy_id in ids:
+                await self._notify(conn, "done", deploy_id)
+            if ids:
+                await self._notify(conn, "queue")
+            found = await conn.fetch(
+                f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = ANY($1::bigint[]) "
+                "ORDER BY d.id",
+                ids,
+            )
+        for deploy_id in ids:
+            self._announce("done", deploy_id)
+        if ids:
+            self._announce("queue")
+        return [_deploy(r) for r in found]
+
+    async def leave_node(self, node: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute("DELETE FROM nodes WHERE id = $1", node)
+
+    async def list_nodes(self) -> list[Node]:
+        rows = await self._all("SELECT id, name, pid, started_at, seen_at FROM nodes ORDER BY id")
+        return [Node(r[0], r[1], int(r[2]), from_time(r[3]) or "", float(r[4])) for r in rows]
 
     async def prune_deploys(self, before: str, keep_last: int, limit: int = 500) -> list[int]:
         async with self._transaction() as conn:
@@ -937,6 +1277,11 @@ class _Passthrough(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _settle(future: asyncio.Future[None], *_: Any) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _reason(exc: BaseException) -> str:
