@@ -2,6 +2,7 @@
 
     python -m bench [--quick | --profile tiny|small|large] [--repo PATH] [--json FILE]
                     [--cipher NAME] [--database sqlite|postgresql|both] [--keys N]
+    python -m bench --workers N [--quick | --profile ...] [--reps N] [--json FILE]
 
 Every workload runs against the three targets, alternating their order at each repetition,
 and reports min / median / max and the ratios gateway/OpenSSH and gateway/file:// (lower is
@@ -842,6 +843,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="pin both SSH targets' client to this cipher (ssh -c), e.g. aes128-gcm@openssh.com",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="instead of the comparison: concurrent clone throughput of the gateway with 1 "
+        "and with N workers (0 = one per CPU core); 4 clones per worker at once",
+    )
     args = parser.parse_args(argv)
     if args.profile == "tiny":
         settings = MODES["tiny"]
@@ -855,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--keys must be more than {FEW_KEYS}")
         settings.keys = args.keys
     databases = DATABASES if args.database == "both" else (args.database,)
+    if args.workers is not None:
+        return workers_main(args, settings)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         bench = Bench(
@@ -894,4 +904,30 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown and not args.only:
         Path(args.markdown).write_text(markdown(report))
+    return 0
+
+
+def workers_main(args: argparse.Namespace, settings: Settings) -> int:
+    """`--workers N`: the gateway's concurrent clone throughput with 1 and N workers."""
+    from gateway.workers import cores
+
+    from . import workers
+
+    count = args.workers or cores()
+    if count < 2:
+        raise SystemExit("--workers: compare 1 worker with at least 2")
+    reps = args.reps or (1 if settings.profile == "tiny" else 5)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
+        figures = workers.measure(Path(tmp), settings.profile, count, 4 * count, reps)
+    report = {
+        **figures,
+        "machine": machine(),
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    print(workers.report(figures))
+    print(f"{report['elapsed_s']} s, {json.dumps(report['machine'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

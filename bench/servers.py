@@ -64,7 +64,9 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 class Gateway:
     """The gateway started as operators start it, in a private state directory."""
 
-    def __init__(self, state: Path, extra: str = "", database: str | None = None) -> None:
+    def __init__(
+        self, state: Path, extra: str = "", database: str | None = None, workers: int = 1
+    ) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
         # The registry: a SQLite file in the state directory, or a postgresql:// URL.
@@ -72,6 +74,8 @@ class Gateway:
         self.repos = state / "repos"
         self.config = state / "gateway.toml"
         self.config.write_text(
+            # One process unless asked: the comparisons with OpenSSH are per process.
+            f"[server]\nworkers = {workers}\n"
             "[ssh]\n"
             'listen = "127.0.0.1:0"\n'
             f'host_key_dir = "{state / "hostkeys"}"\n'
@@ -116,6 +120,7 @@ class Gateway:
                 break
         else:
             raise SystemExit(f"gateway did not start; see {self.state / 'gateway.log'}")
+        log.flush()  # the start's lines are on disk for whoever reads them now
         drain(self.proc.stderr, log)
 
     def host_keys(self) -> list[str]:

@@ -469,20 +469,47 @@ async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
 
 
 def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    from .server import Gateway  # the SSH stack is only loaded for the server
+    from . import workers
 
+    if args.worker_of is not None:
+        return _serve_worker(workers.WorkerRole.from_json(args.worker_of), cfg)
+    count = args.workers if args.workers is not None else cfg.server.workers
+    count = count or workers.cores()
     logs.setup(cfg.log.level, cfg.log.format)
     log.info(
-        "event=starting version=%s config=%s",
+        "event=starting version=%s config=%s workers=%d",
         __version__,
         cfg.source if cfg.source else "embedded-defaults",
+        count,
     )
+    if count > 1:
+        return asyncio.run(workers.Supervisor(cfg, count, cfg.source).run())
+    from .server import Gateway  # the SSH stack is only loaded for the server
+
     try:
         asyncio.run(Gateway(cfg).serve_forever())
     except OSError as exc:
         host, port = cfg.ssh.listen
         raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return 0
+
+
+def _serve_worker(role: Any, cfg: config.Config) -> int:
+    """One of `serve --workers N`'s processes, started by the supervisor (gateway.workers)."""
+    role.die_with_parent()
+    logs.setup(cfg.log.level, cfg.log.format, worker=role.index)
+    from .server import Gateway
+
+    asyncio.run(Gateway(cfg, worker=role).serve_forever())
+    return 0
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= config.MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 0 (one per CPU core) to {config.MAX_WORKERS}"
+        )
+    return int(text)
 
 
 async def db_migrate(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -579,7 +606,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add(groups, "serve", serve, "run the SSH server")
+    p = add(groups, "serve", serve, "run the SSH server")
+    p.add_argument(
+        "--workers",
+        type=_worker_count,
+        metavar="N",
+        help="processes accepting on the SSH port (default: [server] workers; 0 = one per "
+        "CPU core)",
+    )
+    p.add_argument("--worker-of", help=argparse.SUPPRESS)  # set by the supervisor only
     add(groups, "check", check, "validate the configuration and the git runtime")
     cfg_group = groups.add_parser("config", help="show the configuration").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -136,6 +136,12 @@ def _count(value: Any) -> int:
     return value
 
 
+def _workers(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected a whole number from 0 (one per CPU core) to {MAX_WORKERS}")
+    return value
+
+
 def _argv(value: Any) -> tuple[str, ...]:
     """A command as an argument list, run without a shell; [] means no command."""
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
@@ -271,6 +277,18 @@ def _setting(raw_default: Any, parse: Callable[[Any], Any], doc: str) -> Any:
 
 
 # -- sections --
+
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    workers: int = _setting(
+        0,
+        _workers,
+        "gateway processes accepting on the SSH port (0 = one per CPU core); `serve --workers N`"
+        " overrides it; worker 0 also serves HTTP",
+    )
 
 
 @dataclass(frozen=True)
@@ -620,6 +638,7 @@ APP_OVERRIDABLE = (
 )
 
 SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
     "ssh": SSHSettings,
     "limits": LimitSettings,
     "storage": StorageSettings,
@@ -634,6 +653,7 @@ SECTIONS: dict[str, type] = {
 
 @dataclass(frozen=True)
 class Config:
+    server: ServerSettings
     ssh: SSHSettings
     limits: LimitSettings
     storage: StorageSettings

@@ -7,6 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .config import LimitSettings
+from .shared_limits import SharedCounts, TableFull
 
 
 @dataclass
@@ -22,23 +23,62 @@ class Admission:
     total: int = 0
     unauthenticated: int = 0
     per_address: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    # With several worker processes: the node's counts, which the caps apply to (this
+    # process's own counts above stay its share of them).
+    shared: SharedCounts | None = None
+    _digests: dict[bytes, int] = field(default_factory=dict)
 
     def admit(self, address: str) -> str | None:
         """Count a new connection in, or return why it is refused."""
+        if self.shared is not None:
+            return self._admit_shared(address, self.shared)
+        refused = self._refusal(self.total, self.unauthenticated, self.per_address.get(address, 0))
+        if refused is None:
+            self._count_in(address)
+        return refused
+
+    def _refusal(self, total: int, unauthenticated: int, here: int) -> str | None:
         limits = self.settings
-        if self.total >= limits.max_connections:
+        if total >= limits.max_connections:
             return "max_connections"
-        if self.unauthenticated >= limits.max_unauthenticated:
+        if unauthenticated >= limits.max_unauthenticated:
             return "max_unauthenticated"
-        if self.per_address[address] >= limits.max_connections_per_address:
+        if here >= limits.max_connections_per_address:
             return "max_connections_per_address"
+        return None
+
+    def _count_in(self, address: str) -> None:
         self.total += 1
         self.unauthenticated += 1
         self.per_address[address] += 1
+
+    def _admit_shared(self, address: str, shared: SharedCounts) -> str | None:
+        digest = shared.digest(address)
+        with shared.locked():
+            total, unauthenticated = shared.totals()
+            refused = self._refusal(total, unauthenticated, shared.from_address(digest))
+            if refused is not None:
+                return refused
+            self._digests[digest] = self._digests.get(digest, 0) + 1
+            try:
+                shared.set_address(digest, self._digests[digest], self._digests)
+            except TableFull:  # only after a reload raised max_connections past the table
+                self._forget(digest)
+                return "max_connections"
+            shared.adjust(1, 1)
+        self._count_in(address)
         return None
+
+    def _forget(self, digest: bytes) -> None:
+        self._digests[digest] -= 1
+        if self._digests[digest] <= 0:
+            del self._digests[digest]
 
     def authenticated(self) -> None:
         self.unauthenticated -= 1
+        if self.shared is not None:
+            with self.shared.locked():
+                self.shared.adjust(0, -1)
 
     def release(self, address: str, authenticated: bool) -> None:
         self.total -= 1
@@ -47,6 +87,13 @@ class Admission:
         self.per_address[address] -= 1
         if self.per_address[address] <= 0:
             del self.per_address[address]
+        if self.shared is not None:
+            shared = self.shared
+            digest = shared.digest(address)
+            with shared.locked():
+                self._forget(digest)
+                shared.set_address(digest, self._digests.get(digest, 0), self._digests)
+                shared.adjust(-1, 0 if authenticated else -1)
 
 
 class RateLimiter:

@@ -68,8 +68,9 @@ class Listener:
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self.sockets]
 
-    def start(self) -> None:
-        self.sockets = bind(*self.settings.listen)
+    def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Accept on `listen`, or on these sockets bound to it already (a worker's)."""
+        self.sockets = sockets if sockets else bind(*self.settings.listen)
         self._accepting = [asyncio.ensure_future(self._accept(s)) for s in self.sockets]
 
     async def close(self) -> None:

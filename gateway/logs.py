@@ -23,6 +23,10 @@ def _unquote(value: str) -> str:
 class JSONFormatter(logging.Formatter):
     """One JSON object per line; key=value pairs in the message become fields."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         entry: dict[str, object] = {
@@ -31,6 +35,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         entry["msg"] = message
         entry.update({k: _unquote(v) for k, v in _PAIR.findall(message) if k not in entry})
         if record.exc_info:
@@ -38,13 +44,16 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup(level: str = "info", fmt: str = "text") -> None:
+def setup(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
+    """Log to stderr; a worker of `serve --workers N` tags each line with its number."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JSONFormatter())
+        handler.setFormatter(JSONFormatter(worker))
     else:
+        tag = f"worker={worker} " if worker is not None else ""
         formatter = logging.Formatter(
-            "%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+            f"%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s {tag}%(message)s",
+            "%Y-%m-%dT%H:%M:%S",
         )
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)

@@ -1,6 +1,16 @@
-"""Prometheus metrics of one gateway: connections, auth, git operations, limits, deploys."""
+"""Prometheus metrics of one gateway: connections, auth, git operations, limits, deploys.
+
+With several worker processes (`serve --workers N`), every worker writes its values to
+files in one private directory (prometheus_client's multiprocess mode, chosen by
+$PROMETHEUS_MULTIPROC_DIR when the library is imported) and `/metrics` adds them up: the
+node, not the one worker that answers.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 
@@ -25,13 +37,25 @@ class Metrics:
     """One registry per gateway (not the global default), so that several gateways in one
     process, as in the tests, keep separate counts."""
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None, supervisor: int | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        Info("gateway_build", "git-gateway version", registry=r).info({"version": __version__})
+        self.multiprocess_dir = multiprocess_dir
+        self.supervisor = supervisor
+        # What is not kept in the multiprocess files: build info, and process_* (read from
+        # /proc at each scrape, for every process of the node).
+        self.local = CollectorRegistry(auto_describe=True) if multiprocess_dir else r
+        if multiprocess_dir is None:
+            ProcessCollector(registry=r)
+        Info("gateway_build", "git-gateway version", registry=self.local).info(
+            {"version": __version__}
+        )
+        # Gauges of several workers add up ("livesum": only live workers count).
         self.connections_open = Gauge(
-            "gateway_connections_open", "SSH connections currently open", registry=r
+            "gateway_connections_open",
+            "SSH connections currently open",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.connections = Counter(
             "gateway_connections", "SSH connections accepted (admitted)", registry=r
@@ -89,7 +113,19 @@ class Metrics:
             buckets=DEPLOY_BUCKETS,
             registry=r,
         )
-        self.deploys_running = Gauge("gateway_deploys_running", "Deploys running now", registry=r)
+        self.deploys_running = Gauge(
+            "gateway_deploys_running",
+            "Deploys running now",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers = Gauge(
+            "gateway_workers",
+            "Worker processes serving (1 without --workers)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.workers.set(1)
         self.http_requests = Counter(
             "gateway_http_requests",
             "HTTP requests by route and status code",
@@ -111,4 +147,60 @@ class Metrics:
             self.deploy_duration.labels(status).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Node(self.multiprocess_dir, self.local, self.supervisor))
+
+
+# Live workers have a file of live gauges (removed when the supervisor sees them die).
+_LIVE_FILE = re.compile(r"gauge_livesum_(\d+)\.db")
+# process_* figures that add up over processes; the others are taken as below.
+_SUMMED = {
+    "process_cpu_seconds",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_open_fds",
+}
+
+
+class _Node:
+    """Every worker's values from the multiprocess files; build info; process_* added up
+    over the supervisor and the live workers (start time: the earliest; max_fds: the
+    lowest, the first to run out)."""
+
+    def __init__(self, directory: Path, local: CollectorRegistry, supervisor: int | None) -> None:
+        self.directory = directory
+        self.files = MultiProcessCollector(None, path=str(directory))
+        self.local = local
+        self.supervisor = supervisor
+
+    def pids(self) -> list[int]:
+        found = {
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _LIVE_FILE.fullmatch(p.name))
+        }
+        if self.supervisor is not None:
+            found.add(self.supervisor)
+        return sorted(found)
+
+    def processes(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in self.pids():
+            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            for family in collector.collect():
+                if not family.samples:
+                    continue  # the process is gone
+                value = family.samples[0].value
+                kept = families.get(family.name)
+                if kept is None:
+                    families[family.name] = family
+                    continue
+                old = kept.samples[0]
+                summed = family.name in _SUMMED
+                merged = old.value + value if summed else min(old.value, value)
+                kept.samples[0] = old._replace(value=merged)
+        yield from families.values()
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self.files.collect()
+        yield from self.local.collect()
+        yield from self.processes()

@@ -12,6 +12,7 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine, Iterable
+from pathlib import Path
 from typing import Any
 
 import asyncssh
@@ -35,6 +36,7 @@ from .service import Registry
 from .store import Store, open_store, utcnow
 from .textsafe import terminal_safe
 from .web import WebServer
+from .workers import WorkerRole
 
 log = logging.getLogger("gateway.server")
 
@@ -411,9 +413,13 @@ class Connection(asyncssh.SSHServer):
 class Gateway:
     """The running service: registry, repositories, git runtime and the SSH listener."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
+        # One of `serve --workers N`'s processes (see gateway.workers), or None: the whole
+        # node in this process.
+        self.worker = worker
         self._loaded = config  # as read from the file: what a reload compares against
+        config = worker.adapt(config) if worker is not None else config
+        self.config = config
         self.store: Store
         self.repos = Repositories(config.storage.repos, config.git.max_input_size)
         self.git: gitbin.Git
@@ -422,9 +428,16 @@ class Gateway:
         self.web: WebServer | None = None
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
-        self.admission = Admission(config.limits)
+        # Connection caps hold for the node: with workers, their counts are shared.
+        self.admission = Admission(
+            config.limits, shared=worker.shared_counts() if worker is not None else None
+        )
         self.rate = RateLimiter(config.limits.user_ops_per_minute)
-        self.metrics = Metrics()
+        self.metrics = (
+            Metrics(Path(worker.metrics_dir), supervisor=worker.parent)
+            if worker is not None
+            else Metrics()
+        )
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
@@ -453,16 +466,25 @@ class Gateway:
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
             self.repos.ensure_root()
-            await self._prepare_repositories()
+            if self.worker is None or self.worker.prepare:
+                await self._prepare_repositories()
             await self.control.start()
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
                 registry = Registry(cfg, self.store, self.repos)
                 self.web = WebServer(
                     cfg, registry, self.deploys, self.metrics, lambda: self.accepting
                 )
-                self.deploys.http_address = await self.web.start()
+                worker = self.worker
+                self.deploys.http_address = await self.web.start(
+                    worker.sockets(worker.http_fds) if worker else None,
+                    worker.sockets(worker.monitoring_fds) if worker else None,
+                )
                 if self.deploys.http_address is not None:
                     log.info("event=http_listening address=%s:%d", *self.deploys.http_address)
+            elif self.worker is not None:
+                # Worker 0 serves HTTP for the node: callbacks (webhook status reports)
+                # of this worker's deploys go there.
+                self.deploys.http_address = self.worker.http_address
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             for key in keys:
@@ -504,7 +526,9 @@ class Gateway:
                 next(iter(self._ssh_options.server_host_keys)).decode(),
             )
             self.listener = Listener(cfg.ssh, self._handoff, self.metrics)
-            self.listener.start()
+            self.listener.start(
+                self.worker.sockets(self.worker.ssh_fds) if self.worker is not None else None
+            )
         except BaseException:
             await self.deploys.close()
             if self.web is not None:
@@ -518,6 +542,11 @@ class Gateway:
             # Port 0 asked the OS for a port: clone URLs must show the one it gave.
             ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
             self.config = self.deploys.config = dataclasses.replace(cfg, ssh=ssh)
+        if self.worker is not None:
+            # The supervisor says "listening on" once every worker serves.
+            log.info("event=worker_ready worker=%d port=%d", self.worker.index, self.port)
+            self.worker.notify_ready()
+            return
         for addr_host, addr_port in self.addresses:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening listening on %s:%d", shown, addr_port)
@@ -610,7 +639,7 @@ class Gateway:
         if new is None:
             log.info("event=reload_skipped reason=no_config_file")
             return
-        fixed = {"ssh", "storage", "git", "http"}
+        fixed = {"server", "ssh", "storage", "git", "http"}
         for section in sorted(fixed):
             # Compared with the file as it was at start (port 0 there is not a change).
             if getattr(new, section) != getattr(self._loaded, section):
@@ -659,8 +688,10 @@ class Gateway:
         at start and every hour, apply the retention settings."""
         loop = asyncio.get_running_loop()
         next_prune = loop.time()
+        # With workers, worker 0 applies retention for the node.
+        prunes = self.worker is None or self.worker.index == 0
         while True:
-            if loop.time() >= next_prune:
+            if prunes and loop.time() >= next_prune:
                 next_prune = loop.time() + PRUNE_INTERVAL_SECONDS
                 try:
                     await retention.prune(self.store, self.config)

@@ -174,6 +174,8 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
     A deploy command runs in the real sandbox (see sandbox_settings) unless the test says
     otherwise."""
     sections: dict[str, dict[str, object]] = {
+        # One process, as the in-process ServerThread; tests of `--workers` ask for more.
+        "server": {"workers": 1},
         "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(directory / "hostkeys")},
         "storage": {
             "repos": str(directory / "repos"),
@@ -509,13 +511,15 @@ class ServeProcess(LiveProcess):
     """The gateway as operators run it (`python -m gateway serve`), in its own process, with
     what Client needs of a server: its port, its config and its host keys."""
 
-    def __init__(self, config_path: Path, umask: int = -1) -> None:
+    def __init__(self, config_path: Path, umask: int = -1, args: tuple[str, ...] = ()) -> None:
 
         super().__init__(
-            [sys.executable, "-m", "gateway", "--config", str(config_path), "serve"], umask=umask
+            [sys.executable, "-m", "gateway", "--config", str(config_path), "serve", *args],
+            umask=umask,
         )
         self.config_path = config_path
         self.config = gwconfig.load(config_path)
+        # With workers, the supervisor says it once all of them serve.
         self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
 
     known_hosts = ServerThread.known_hosts

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -85,16 +86,23 @@ class WebServer:
         app.router.add_routes(page.routes())
         return app
 
-    async def start(self) -> tuple[str, int] | None:
-        """Start the listeners; the main one's address (None if only monitoring is on)."""
+    async def start(
+        self,
+        main: list[socket.socket] | None = None,
+        monitoring: list[socket.socket] | None = None,
+    ) -> tuple[str, int] | None:
+        """Start the listeners, on these sockets when they are bound already (a worker's);
+        the main one's address (None if only monitoring is on)."""
         http = self.config.http
         address = None
         try:
             if http.listen is not None:
-                address = await self.main.start(self.app, http.listen)
+                address = await self.main.start(self.app, http.listen, main)
             if http.monitoring_listen is not None:
                 self.monitoring_address = await self.monitoring.start(
-                    self._application(self.monitoring, metrics=True), http.monitoring_listen
+                    self._application(self.monitoring, metrics=True),
+                    http.monitoring_listen,
+                    monitoring,
                 )
                 log.info(
                     "event=http_listening listener=monitoring address=%s:%d",

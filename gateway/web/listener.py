@@ -153,7 +153,14 @@ class HTTPListener:
             auto_decompress=False,
         )
 
-    async def start(self, app: web.Application, address: tuple[str, int]) -> tuple[str, int]:
+    async def start(
+        self,
+        app: web.Application,
+        address: tuple[str, int],
+        sockets: list[socket.socket] | None = None,
+    ) -> tuple[str, int]:
+        """Serve `app` on `address`, or on `sockets` already bound to it (a worker's,
+        inherited from the supervisor)."""
         self._runner = self.runner(app)
         await self._runner.setup()
         try:
@@ -162,7 +169,7 @@ class HTTPListener:
             probe = self._runner.server() if self._runner.server is not None else None
             if probe is None or probe.keepalive_timeout != self.settings.header_timeout:
                 raise RuntimeError(f"aiohttp {aiohttp_version} ignored the HTTP listener options")
-            self.sockets = bind(*address)
+            self.sockets = sockets if sockets else bind(*address)
         except BaseException:
             await self._runner.cleanup()
             raise

@@ -96,3 +96,24 @@ def test_auth_cost_on_sqlite_and_postgresql(tmp_path):
     # The benchmark stopped the PostgreSQL server it started.
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", report["postgresql"]["port"])) != 0
+
+
+def test_workers_benchmark_on_tiny_data(tmp_path):
+    """`python -m bench --workers 2`: clone throughput with 1 and 2 workers, no failures."""
+    out = tmp_path / "workers.json"
+    result = run(
+        [sys.executable, "-m", "bench", "--workers", "2", "--profile", "tiny", "--json", str(out)],
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(out.read_text())
+    assert figures["clones"] == 8
+    assert set(figures["clones_per_s"]) == {"1", "2"}
+    assert all(rate > 0 for rate in figures["clones_per_s"].values())
+    assert figures["ratio"] > 0
+    assert figures["failures"] == {"1": 0, "2": 0}
+    assert figures["exit_codes"] == {"1": 0, "2": 0}
+    assert figures["database_locked"] == {"1": 0, "2": 0}
+    assert "2 workers / 1" in result.stdout
+    assert all(rate > 0 for rate in figures["raw_pack_mb_per_s"].values())
