@@ -1,11 +1,13 @@
-"""Two gateway nodes behind the committed HAProxy config, on one PostgreSQL registry, one
-repositories root and one host key directory: clients see one gateway; a node killed in the
-middle of a push leaves the repository consistent; a database restart is survived; deploys
-queue, run and stream across the nodes, and a node that dies mid-deploy is noticed."""
+"""Two gateway nodes (each a supervisor with two workers) behind the committed HAProxy
+config, on one PostgreSQL registry, one repositories root and one host key directory:
+clients see one gateway; a node killed in the middle of a push leaves the repository
+consistent; a database restart is survived; deploys queue, run and stream across the nodes,
+and a node that dies mid-deploy is noticed."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -87,7 +89,7 @@ class Cluster:
         self.database = database
         self.database_server = database_server
         self.configs = {name: self._config(name) for name in ("a", "b")}
-        self.nodes = {name: ServeProcess(config) for name, config in self.configs.items()}
+        self.nodes = {name: self._serve(name) for name in self.configs}
         self.port = free_port()
         haproxy_cfg = root / "haproxy.cfg"
         haproxy_cfg.write_text(self._haproxy_config())
@@ -136,8 +138,12 @@ class Cluster:
 
     def restart(self, name: str) -> ServeProcess:
         """Start a node again (on a new port: tests reach it directly, not through HAProxy)."""
-        self.nodes[name] = ServeProcess(self.configs[name])
+        self.nodes[name] = self._serve(name)
         return self.nodes[name]
+
+    def _serve(self, name: str) -> ServeProcess:
+        """A node as in production: a supervisor and its workers (two here)."""
+        return ServeProcess(self.configs[name], args=("--workers", "2"))
 
     def client(self, name: str, key: Path, home: Path) -> Client:
         return Client(home, key, Balanced(self.nodes["a"], self.port), name=name)  # type: ignore[arg-type]
@@ -205,8 +211,7 @@ def test_node_killed_mid_push_leaves_old_or_new(cluster: Cluster, tmp_path: Path
         ["git", "push", "--progress", direct.url("big"), "main"], env=direct.env, cwd=work
     )
     push.wait_for(r"Writing objects:\s+\d+%")
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(TIMEOUT)
+    kill_node(a)
     push.finish()
     repo = cluster.root / "repos" / "big.git"
     assert server_refs(repo)["refs/heads/main"] in (old, new)
@@ -249,6 +254,24 @@ async def test_database_restart_under_load(cluster: Cluster, tmp_path: Path) -> 
     client = cluster.client("lou", key, tmp_path / "home")
     result = await asyncio.to_thread(client.git, "ls-remote", client.url("busy"))
     assert result.returncode == 0
+
+
+def kill_node(node: ServeProcess) -> None:
+    """SIGKILL a whole node at once, its supervisor and every worker (a machine that dies:
+    nobody gets to record anything)."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == node.proc.pid:
+                workers.append(int(entry.name))
+    for pid in [node.proc.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    node.proc.wait(TIMEOUT)
 
 
 def release(fifo: Path) -> None:
@@ -334,8 +357,7 @@ def test_a_node_killed_mid_deploy_is_noticed_and_the_queue_goes_on(
         ["git", "push", via_b.url("web"), "main"], env=via_b.env, cwd=tmp_path / "work"
     )
     second.wait_for(r"queued behind #1")
-    a.proc.send_signal(signal.SIGKILL)
-    a.proc.wait(TIMEOUT)
+    kill_node(a)
     first.finish()
     b.wait_for(r"event=deploy_interrupted deploy=1 app=web")
     assert second.finish() == 0
