@@ -15,10 +15,9 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import StoreUnavailable
 from .logs import q
 from .models import LogChunk
-from .store import Store
+from .store import Store, storable
 
 log = logging.getLogger("gateway.deploys")
 
@@ -98,7 +97,8 @@ class DeployLog:
     def write(self, text: str) -> None:
         if not text or self._closing:
             return
-        encoded = text.encode("utf-8", "replace")
+        text = storable(text)  # counted as it will be stored
+        encoded = text.encode()
         if len(encoded) > self.limit:  # only its tail can be kept
             cut = len(encoded) - self.limit
             self._skipped += cut
@@ -150,8 +150,9 @@ class DeployLog:
                     await self.store.append_deploy_log(
                         self.deploy_id, text, skipped=skipped, keep=self.limit
                     )
-                except StoreUnavailable as exc:
-                    # Put it back (the bound still holds) and try again soon.
+                except Exception as exc:
+                    # Whatever failed (an outage, a lock, a bug), the output is put back (the
+                    # bound still holds) and written again soon: the writer never dies.
                     self._pending.appendleft(text)
                     self._pending_bytes += len(text.encode("utf-8", "replace"))
                     self._skipped += skipped
@@ -178,7 +179,7 @@ class DeployLog:
             await self._writer
         self.closed = True
         if final_line:
-            with contextlib.suppress(StoreUnavailable):
+            with contextlib.suppress(Exception):
                 await self.store.append_deploy_log(
                     self.deploy_id, final_line, closing=True, keep=self.limit
                 )

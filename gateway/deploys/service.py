@@ -51,6 +51,30 @@ log = logging.getLogger("gateway.deploys")
 POLL_INTERVAL = 0.5
 POLL_INTERVAL_HEARING = 5.0
 FINISH_RETRY = 1.0  # seconds between attempts to record a deploy's end while the registry is away
+# A receiver's report text for a deploy that runs in another process: at most this many
+# characters (the tail) per report, this many reports per second and deploy.
+REPORT_TEXT = 16 * 1024
+REPORTS_PER_SECOND = 5.0
+
+
+class Pace:
+    """At most `rate` events per second per key, bursts of that size (a token bucket)."""
+
+    def __init__(self, rate: float, keys: int = 1000) -> None:
+        self.rate = rate
+        self.keys = keys
+        self._buckets: dict[int, tuple[float, float]] = {}
+
+    def allow(self, key: int) -> bool:
+        now = time.monotonic()
+        tokens, then = self._buckets.get(key, (self.rate, now))
+        tokens = min(self.rate, tokens + (now - then) * self.rate)
+        if tokens < 1:
+            return False
+        if len(self._buckets) >= self.keys and key not in self._buckets:
+            self._buckets.clear()  # bounded: forgetting old deploys' buckets is harmless
+        self._buckets[key] = (tokens - 1, now)
+        return True
 
 
 def pipeline_kind(settings: DeploySettings) -> str | None:
@@ -87,6 +111,13 @@ class DeployService:
         self.http_address: tuple[str, int] | None = None  # set when the HTTP endpoint listens
         self._loops: list[asyncio.Task[None]] = []
         self._healthy_since = time.monotonic()
+        self._renewed = time.monotonic()  # the last successful lease renewal
+        self.fenced = False  # no renewal for half the timeout: running and claiming nothing
+        # Deploys whose pusher waits on this process (attached, gated): a draining gateway
+        # still runs those, so that it does not hold its drain for nothing.
+        self.watched_here: set[int] = set()
+        # Report text for a deploy running elsewhere is written here: paced per deploy.
+        self._report_pace = Pace(REPORTS_PER_SECOND)
 
     # -- lifecycle --
 
@@ -95,7 +126,7 @@ class DeployService:
         versions, interrupt the deploys nobody runs any more, then claim and renew."""
         self.store.subscribe(self._heard)
         await self.store.register_node(self.node, self.node_name, os.getpid())
-        self._healthy_since = time.monotonic()
+        self._healthy_since = self._renewed = time.monotonic()
         await self._import_legacy_logs()
         # Running deploys with no registered runner at all (a version before the shared
         # queue, or a process that left without ending them) can be ended at once.
@@ -167,25 +198,30 @@ class DeployService:
         await self.store.reserve_deploy_ids(ids[-1])
         target = log_dir / f"imported-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
         await executors.run(target.mkdir, 0o700)
-        imported = 0
+        imported = moved = 0
         for deploy_id in ids:
+            name = f"{deploy_id}.log"
+            try:
+                # Taken first, by rename: of processes starting together, one imports it.
+                await executors.run(os.rename, log_dir / name, target / name)
+            except FileNotFoundError:
+                continue
+            moved += 1
             if await self.store.get_deploy(deploy_id) and not await self.store.deploy_log(
                 deploy_id, 0, 1
             ):
                 text = await executors.run(
-                    read_legacy_log, log_dir, deploy_id, self.config.deploy.log_limit
+                    read_legacy_log, target, deploy_id, self.config.deploy.log_limit
                 )
                 if text:
                     await self.store.append_deploy_log(
                         deploy_id, text, keep=self.config.deploy.log_limit
                     )
                     imported += 1
-            name = f"{deploy_id}.log"
-            await executors.run(os.rename, log_dir / name, target / name)
         log.info(
             "event=deploy_logs_imported imported=%d files=%d moved_to=%s",
             imported,
-            len(ids),
+            moved,
             target,
         )
 
@@ -194,12 +230,23 @@ class DeployService:
     async def _lease_loop(self) -> None:
         """Renew this process's lease; declare gone the processes whose lease lapsed, but only
         after this one has itself renewed without fail for a whole timeout (after an outage
-        of the registry, every process gets its chance to renew first)."""
+        of the registry, every process gets its chance to renew first).
+
+        A process that cannot renew for half the timeout fences itself: it stops what it
+        runs (recorded as interrupted once the registry answers) and claims nothing, so that
+        no deploy runs here while the others, who can no longer see this process, start the
+        app's next one."""
         while True:
             timeout = self.config.cluster.node_timeout
             await asyncio.sleep(timeout / 5)
             try:
-                if not await self.store.renew_node(self.node):
+                renewed = await self._renew(timeout)
+                self._renewed = time.monotonic()
+                if self.fenced:
+                    self.fenced = False
+                    log.warning("event=deploy_node_unfenced node=%s", self.node)
+                    self.wakeups.fire(QUEUE)
+                if not renewed:
                     await self._lease_lost()
                 if time.monotonic() - self._healthy_since >= timeout:
                     for deploy in await self.store.expire_nodes(timeout):
@@ -208,7 +255,32 @@ class DeployService:
             except StoreUnavailable:
                 self._healthy_since = time.monotonic()
             except Exception:
+                self._healthy_since = time.monotonic()
                 log.exception("event=deploy_lease_error")
+            if not self.fenced and time.monotonic() - self._renewed > timeout / 2:
+                self._fence()
+
+    async def _renew(self, lapse: float) -> bool:
+        """Renew the lease; while a renewal hangs (a registry locked or unreachable), see
+        every fifth of the timeout whether this process must fence itself meanwhile."""
+        renewal = asyncio.ensure_future(self.store.renew_node(self.node))
+        while True:
+            done, _ = await asyncio.wait({renewal}, timeout=lapse / 5)
+            if done:
+                return renewal.result()
+            self._healthy_since = time.monotonic()
+            if not self.fenced and time.monotonic() - self._renewed > lapse / 2:
+                self._fence()
+
+    def _fence(self) -> None:
+        self.fenced = True
+        log.error(
+            "event=deploy_node_fenced node=%s running=%d reason=no_lease_renewal",
+            self.node,
+            len(self.jobs),
+        )
+        for job in list(self.jobs.values()):
+            self._stop(job, DeployStatus.INTERRUPTED, "this gateway lost touch with the registry")
 
     async def _lease_lost(self) -> None:
         """The others declared this process gone (it was cut off longer than the timeout):
@@ -231,10 +303,14 @@ class DeployService:
     async def _claim_loop(self) -> None:
         while not self.closing:
             try:
-                # A draining gateway takes nothing new: the others, or its successor, will.
-                while not self.closing and not self.draining.is_set():
+                while not self.closing and not self.fenced:
+                    # A draining gateway takes only the deploys its own pushers wait for:
+                    # the others, or its successor, take the rest.
+                    only = sorted(self.watched_here) if self.draining.is_set() else None
+                    if only == []:
+                        break
                     deploy = await self.store.claim_deploy(
-                        self.node, self.node_name, self.config.deploy.max_parallel
+                        self.node, self.node_name, self.config.deploy.max_parallel, only=only
                     )
                     if deploy is None:
                         break
@@ -379,6 +455,10 @@ class DeployService:
             deploy, status=status, exit_code=exit_code, reason=reason, duration_ms=duration_ms
         )
         await job.log.close(f"----> deploy #{deploy.id} {messages.describe(final, elapsed)}\n")
+        # The end must be recorded, or the app's queue would wait behind it for ever: retry
+        # whatever fails, as long as this process lives (if it stops first, it leaves the
+        # nodes table and the others interrupt the deploy).
+        delay = FINISH_RETRY
         while True:
             try:
                 ended = await self.store.finish_deploy(
@@ -390,11 +470,12 @@ class DeployService:
                     duration_ms=duration_ms,
                 )
                 break
-            except StoreUnavailable:
+            except Exception as exc:
+                log.error("event=deploy_end_not_recorded deploy=%d error=%s", deploy.id, q(exc))
                 if self.closing:
-                    log.error("event=deploy_end_not_recorded deploy=%d", deploy.id)
                     return
-                await asyncio.sleep(FINISH_RETRY)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         recorded = await self.store.get_deploy(deploy.id)
         if recorded is not None:
             final = recorded
@@ -522,10 +603,12 @@ class DeployService:
             f"{messages.short(update.new)}): gate mode, the branch moves only if this deploy "
             "succeeds\n"
         )
+        self.watched_here.add(deploy.id)
         try:
             final = await self._watch(deploy.id, say, session, until_done=True)
         finally:
             self.gated.pop(deploy.id, None)
+            self.watched_here.discard(deploy.id)
         if final is None:  # pragma: no cover - until_done waits for the end
             return 1
         if final.status.ok:
@@ -585,7 +668,11 @@ class DeployService:
             f"Watch it again with: {self.logs_command(app.name, deploy.id, True)}",
         ]
         await say("".join(f"{line}\n" for line in lines))
-        final = await self._watch(deploy.id, say, session)
+        self.watched_here.add(deploy.id)
+        try:
+            final = await self._watch(deploy.id, say, session)
+        finally:
+            self.watched_here.discard(deploy.id)
         if final is None:
             return  # the pusher left; the deploy goes on
         if not final.status.ok:
@@ -712,23 +799,28 @@ class DeployService:
 
     async def report(
         self, deploy_id: int, text: str | None, status: DeployStatus | None, exit_code: int | None
-    ) -> bool:
-        """A receiver's report: log lines, and possibly the final status. False if the
-        deploy is not waiting for one."""
+    ) -> str:
+        """A receiver's report: log lines, and possibly the final status. "ok", "not
+        waiting" (the deploy waits for no report) or "slow down" (paced)."""
         deploy = await self.store.get_deploy(deploy_id)
         if deploy is None or deploy.status is not DeployStatus.RUNNING:
-            return False
+            return "not waiting"
         if await self.store.deploy_report(deploy_id) is not None:
-            return False
+            return "not waiting"
         if text:
-            await self.store.append_deploy_log(
-                deploy_id,
-                text if text.endswith("\n") else text + "\n",
-                keep=self.config.deploy.log_limit,
-            )
-        if status is not None:
-            return await self.store.report_deploy(deploy_id, status, exit_code)
-        return True
+            text = text if text.endswith("\n") else text + "\n"
+            job = self.jobs.get(deploy_id)
+            if job is not None:
+                job.log.write(text)  # bounded and paced like the deploy's own output
+            elif not self._report_pace.allow(deploy_id):
+                return "slow down"
+            else:
+                await self.store.append_deploy_log(
+                    deploy_id, text[-REPORT_TEXT:], keep=self.config.deploy.log_limit
+                )
+        if status is not None and not await self.store.report_deploy(deploy_id, status, exit_code):
+            return "not waiting"
+        return "ok"
 
     async def log_text(self, deploy_id: int) -> str:
         """What is kept of a deploy's log so far (live if it is running)."""

@@ -60,17 +60,26 @@ async def watch(
 
     New output is looked for when the deploy's runner announces some (in this process, or
     through the registry's notifications) and at least every `poll()` seconds."""
+    if await store.get_deploy(deploy_id) is None:
+        raise NotFound(f"no deploy #{deploy_id}")
     after, at = 0, 0
     watching = True
+    final: Deploy | None = None
     while True:
         try:
-            # The record first: once it is final, its whole log is stored already.
-            deploy = await store.get_deploy(deploy_id)
-            if deploy is None:
-                raise NotFound(f"no deploy #{deploy_id}")
             chunks = await store.deploy_log(deploy_id, after, PAGE)
+            if len(chunks) < PAGE and final is None:
+                # Read when caught up only. Once final, the log is whole: what was not read
+                # yet is read (the loop goes on until a page comes back empty).
+                deploy = await store.get_deploy(deploy_id)
+                if deploy is None or deploy.status.finished:
+                    final = deploy
+                    if deploy is None:
+                        raise NotFound(f"no deploy #{deploy_id}")
+                    continue
+            reachable = True
         except StoreUnavailable:
-            chunks, deploy = [], None
+            chunks, reachable = [], False
         if chunks:
             text = _text(chunks, at)
             after, at = chunks[-1].seq, chunks[-1].end
@@ -78,12 +87,12 @@ async def watch(
                 watching = await deliver(say, text, draining)
                 if not watching and not until_done:
                     return None
-            if len(chunks) == PAGE:
+            if len(chunks) == PAGE or final is not None:
                 continue  # more to read now
-        if deploy is not None and deploy.status.finished:
-            return deploy
+        if final is not None:
+            return final
         waits: set[asyncio.Future[Any]] = {
-            asyncio.ensure_future(wakeups.wait(deploy_id, poll() if deploy else RETRY))
+            asyncio.ensure_future(wakeups.wait(deploy_id, poll() if reachable else RETRY))
         }
         if session is not None and not until_done:
             waits.add(asyncio.ensure_future(session.detached.wait()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import abc
 import importlib.resources
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -213,6 +213,12 @@ class DeployRecords(abc.ABC):
     async def webhook_deliveries(self, deploy_id: int) -> list[WebhookDelivery]: ...
 
 
+def storable(text: str) -> str:
+    """Text every backend stores as is and counts alike: valid UTF-8 (a lone surrogate
+    becomes "?") and no NUL (PostgreSQL's text refuses it; U+FFFD instead)."""
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
 @dataclass(frozen=True, slots=True)
 class Queued:
     deploy: Deploy
@@ -230,10 +236,17 @@ class DeployQueue(abc.ABC):
         push's quarantine lives with it)."""
 
     @abc.abstractmethod
-    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+    async def claim_deploy(
+        self,
+        node: str,
+        node_name: str,
+        max_parallel: int,
+        only: Sequence[int] | None = None,
+    ) -> Deploy | None:
         """Take the oldest queued deploy this process may run (its app runs none, it is
-        not gated elsewhere) if fewer than `max_parallel` run under `node_name`: queued ->
-        running, with `node` as its runner. None if there is nothing to take."""
+        not gated elsewhere; one of `only` if given) if fewer than `max_parallel` run under
+        `node_name` and `node` is still registered: queued -> running, with `node` as its
+        runner. None if there is nothing to take."""
 
     @abc.abstractmethod
     async def request_cancel(self, deploy_id: int, reason: str) -> Deploy | None:

@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 
 from .. import times
-from ..errors import Conflict, KeyInUse, NotFound
+from ..errors import Conflict, KeyInUse, NotFound, StoreUnavailable
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -31,7 +31,7 @@ from ..models import (
     User,
     WebhookDelivery,
 )
-from . import Queued, Store, UserSummary, WebSession, packaged_migrations, utcnow
+from . import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
     k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
@@ -47,6 +47,13 @@ _OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 # Times are stored as text in the one form (times.text), which sorts as the times do.
 sqlite3.register_adapter(datetime, times.text)
 _t = times.maybe
+
+
+def _clock() -> float:
+    """The leases' clock: seconds since the machine booted, the same for every process of
+    the machine (a SQLite registry is never shared across machines) and never stepped by
+    a wall-clock change."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -138,7 +145,7 @@ class SQLiteStore(Store):
             finally:
                 self._depth -= 1
             return
-        async with self._write_lock:
+        async with self._write_lock, self._reachable():
             self._writer = asyncio.current_task()
             try:
                 # IMMEDIATE takes the write lock up front, so concurrent processes (the server
@@ -152,6 +159,18 @@ class SQLiteStore(Store):
                 await self._db.execute("COMMIT")
             finally:
                 self._writer = None
+
+    @contextlib.asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """A registry locked by another process beyond busy_timeout (a peer stuck in a
+        transaction, a long copy) is unavailable for now, as an outage is on PostgreSQL:
+        callers retry, never treat it as a bug."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreUnavailable("the registry is locked by another process") from exc
+            raise
 
     async def _begin(self) -> None:
         """BEGIN IMMEDIATE, cancellation-safe: the statement runs on the connection's thread
@@ -174,7 +193,7 @@ class SQLiteStore(Store):
         ("database is locked") when another process has written meanwhile."""
         if self._writer is not None and self._writer is asyncio.current_task():
             return list(await self._db.execute_fetchall(sql, args))
-        async with self._write_lock:
+        async with self._write_lock, self._reachable():
             return list(await self._db.execute_fetchall(sql, args))
 
     async def _one(self, sql: str, *args: Any) -> Any:
@@ -639,12 +658,23 @@ class SQLiteStore(Store):
         self._announce("queue", deploy_id)
         return Queued(deploy, superseded)
 
-    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+    async def claim_deploy(
+        self,
+        node: str,
+        node_name: str,
+        max_parallel: int,
+        only: Sequence[int] | None = None,
+    ) -> Deploy | None:
         # Idle gateways look often: a read first, the write lock only when there is work.
         if await self._one("SELECT 1 FROM deploys WHERE status = 'queued' LIMIT 1") is None:
             return None
+        wanted = ""
+        if only is not None:
+            wanted = f"AND d.id IN ({', '.join(str(int(i)) for i in only) or 'NULL'})"
         async with self._transaction() as db:
             # One transaction holds SQLite's write lock: no other process claims meanwhile.
+            if await self._one("SELECT 1 FROM nodes WHERE id = ?", node) is None:
+                return None  # declared gone: it runs nothing until it has joined again
             busy = await self._one(
                 "SELECT COUNT(*) FROM deploys d JOIN nodes n ON n.id = d.runner "
                 "WHERE d.status = 'running' AND n.name = ?",
@@ -653,11 +683,11 @@ class SQLiteStore(Store):
             if int(busy[0]) >= max_parallel:
                 return None
             row = await self._one(
-                """SELECT d.id FROM deploys d
-                    WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = ?)
+                f"""SELECT d.id FROM deploys d
+                    WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = ?) {wanted}
                       AND NOT EXISTS (SELECT 1 FROM deploys r
                                        WHERE r.app_id = d.app_id AND r.status = 'running')
-                    ORDER BY d.id LIMIT 1""",
+                    ORDER BY d.id LIMIT 1""",  # noqa: S608 - ids are ints formatted here
                 node,
             )
             if row is None:
@@ -723,7 +753,8 @@ class SQLiteStore(Store):
     async def append_deploy_log(
         self, deploy_id: int, text: str, *, skipped: int = 0, closing: bool = False, keep: int
     ) -> int | None:
-        size = len(text.encode("utf-8", "replace"))
+        text = storable(text)
+        size = len(text.encode())
         async with self._transaction() as db:
             row = await self._one("SELECT log_seq, log_bytes FROM deploys WHERE id = ?", deploy_id)
             if row is None:
@@ -764,17 +795,21 @@ class SQLiteStore(Store):
             await db.execute(
                 "INSERT INTO nodes (id, name, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-                (node, name, pid, utcnow(), time.time()),
+                (node, name, pid, utcnow(), _clock()),
             )
 
     async def renew_node(self, node: str) -> bool:
         async with self._transaction() as db:
-            cur = await db.execute("UPDATE nodes SET seen_at = ? WHERE id = ?", (time.time(), node))
+            cur = await db.execute("UPDATE nodes SET seen_at = ? WHERE id = ?", (_clock(), node))
             return cur.rowcount == 1
 
     async def expire_nodes(self, lapse: float) -> list[Deploy]:
         async with self._transaction() as db:
-            await db.execute("DELETE FROM nodes WHERE seen_at < ?", (time.time() - lapse,))
+            now = _clock()
+            # A time ahead of this clock was renewed before the machine restarted.
+            await db.execute(
+                "DELETE FROM nodes WHERE seen_at < ? OR seen_at > ?", (now - lapse, now + 1)
+            )
             rows = await self._all(
                 """SELECT id FROM deploys
                     WHERE (status = 'running'

@@ -193,6 +193,11 @@ async def copy_registry(source: Any, target: Any) -> CopyReport:
         await target.load(TABLES, rows, marks, verify)
     except ValueError as exc:
         raise CopyFailed(f"cannot copy: {exc}; nothing was written") from None
+    except asyncpg.DataError as exc:  # e.g. a NUL byte an earlier version stored
+        raise CopyFailed(
+            f"the source registry holds a value PostgreSQL refuses ({exc}): "
+            f"nothing was written to {redact(target.url)}"
+        ) from None
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise CopyFailed(
             f"the source registry breaks a constraint ({exc.constraint_name or exc}): "

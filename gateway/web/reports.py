@@ -55,7 +55,12 @@ def handler(deploys: DeployService) -> Callable[[web.Request], Awaitable[web.Res
             isinstance(exit_code, bool) or not isinstance(exit_code, int)
         ):
             return _error(400, "exit_code must be an integer")
-        if not await deploys.report(deploy_id, log_text, final, exit_code):
+        answer = await deploys.report(deploy_id, log_text, final, exit_code)
+        if answer == "slow down":
+            response = _error(429, "too many reports: slow down")
+            response.headers["Retry-After"] = "1"
+            return response
+        if answer != "ok":
             return _error(409, "this deploy is not waiting for a report")
         log.info("event=status_reported deploy=%d status=%s", deploy_id, q(status))
         return web.json_response({"ok": True})

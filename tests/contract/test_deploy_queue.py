@@ -233,3 +233,36 @@ async def test_other_processes_hear_changes_through_postgresql(backend: Backend)
         assert await asyncio.wait_for(heard.get(), 10) == ("log", deploy.id)
     finally:
         await listener.close()
+
+
+async def test_regression_output_any_backend_stores_and_counts_alike(store: Store) -> None:
+    """NUL bytes and lone surrogates (a deploy's output, a receiver's JSON) are stored as
+    U+FFFD and "?", counted as stored: PostgreSQL's text refuses NUL, and a count taken
+    before a replacement would let a log outgrow its limit."""
+    app = await app_with_owner(store)
+    deploy = (await store.queue_deploy(new_deploy(app))).deploy
+    await store.append_deploy_log(deploy.id, "a\x00b\ud800c", keep=100)
+    (chunk,) = await store.deploy_log(deploy.id)
+    assert chunk.text == "a\ufffdb?c" and chunk.size == len(chunk.text.encode())
+
+
+async def test_regression_a_lease_from_before_a_reboot_is_expired(tmp_path) -> None:
+    """SQLite leases count on the machine's boot clock (the same for all its processes, never
+    stepped by a wall-clock change): a renewal that lies ahead of it was made before the
+    machine restarted, so that process is gone."""
+    import sqlite3
+
+    store = await open_store(tmp_path / "gw.db")
+    try:
+        app = await app_with_owner(store)
+        await store.register_node("before-reboot", "host", 1)
+        deploy = (await store.queue_deploy(new_deploy(app))).deploy
+        await store.claim_deploy("before-reboot", "host", 4)
+        await store.register_node("now", "host", 2)
+        with sqlite3.connect(tmp_path / "gw.db") as db:
+            db.execute("UPDATE nodes SET seen_at = seen_at + 100000 WHERE id = 'before-reboot'")
+        gone = await store.expire_nodes(60)
+        assert [d.id for d in gone] == [deploy.id]
+        assert [n.id for n in await store.list_nodes()] == ["now"]
+    finally:
+        await store.close()

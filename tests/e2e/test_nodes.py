@@ -1,6 +1,8 @@
 """Two gateway nodes on one registry, one repositories root and one host key directory, as
 behind a TCP balancer: what one node writes the other serves at once, clients see one host
-key whichever node answers, and git's lock files decide racing pushes across nodes."""
+key whichever node answers, and git's lock files decide racing pushes across nodes. Twice:
+two single-process nodes on one SQLite file, and two nodes of two workers each on one
+PostgreSQL registry (the cluster's setup, see test_cluster.py for the balancer)."""
 
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from tests.helpers import (
 )
 
 
-def node_config(shared: Path, name: str) -> Path:
+def node_config(shared: Path, name: str, database: str) -> Path:
     """One node's config: its own ports and control socket, everything else shared."""
     return write_config(
         shared / name,
         storage={
-            "database": str(shared / "gw.db"),
+            "database": database,
             "repos": str(shared / "repos"),
             "control_socket": str(shared / name / "gw.sock"),
         },
@@ -36,13 +38,18 @@ def node_config(shared: Path, name: str) -> Path:
     )
 
 
-@pytest.fixture(scope="module")
-def nodes(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def nodes(request, tmp_path_factory):
     shared = tmp_path_factory.mktemp("cluster")
+    if request.param == "sqlite":
+        database, args = str(shared / "gw.db"), ()
+    else:
+        database = request.getfixturevalue("postgres").create_database()
+        args = ("--workers", "2")
     started = []
     try:
         for name in ("a", "b"):
-            started.append(ServeProcess(node_config(shared, name)))
+            started.append(ServeProcess(node_config(shared, name, database), args=args))
         yield started
     finally:
         for node in started:
@@ -54,10 +61,11 @@ def http_port(node: ServeProcess) -> int:
     return int(re.search(r"event=http_listening address=127\.0\.0\.1:(\d+)", node.stderr).group(1))
 
 
-def fingerprints(node: ServeProcess) -> list[str]:
-    return [
-        line.split("fingerprint=")[1].strip() for line in node.lines if "event=host_key " in line
-    ]
+def fingerprints(node: ServeProcess) -> set[str]:
+    """The host keys the node (each of its workers) announced."""
+    return {
+        line.split("fingerprint=")[1].split()[0] for line in node.lines if "event=host_key " in line
+    }
 
 
 def test_one_host_key_whichever_node_answers(nodes):

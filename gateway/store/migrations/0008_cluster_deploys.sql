@@ -1,5 +1,6 @@
 -- The deploy queue lives here, shared by every gateway process of every node.
--- A node is one gateway process; it renews `seen_at` (seconds since the epoch) while it lives,
+-- A node is one gateway process; it renews `seen_at` (seconds since the machine booted: the
+-- clock every process of the machine shares, never stepped) while it lives,
 -- and one that stops renewing is declared gone by the others: its running deploys become
 -- interrupted. `name` groups the processes of one machine: max_parallel counts per name.
 CREATE TABLE nodes (

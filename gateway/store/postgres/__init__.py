@@ -35,7 +35,7 @@ from ...models import (
     User,
     WebhookDelivery,
 )
-from .. import Queued, Store, UserSummary, WebSession, packaged_migrations, utcnow
+from .. import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
 
 log = logging.getLogger("gateway.store")
 
@@ -836,7 +836,13 @@ class PostgresStore(Store):
         self._announce("queue", deploy_id)
         return Queued(_deploy(row), superseded)
 
-    async def claim_deploy(self, node: str, node_name: str, max_parallel: int) -> Deploy | None:
+    async def claim_deploy(
+        self,
+        node: str,
+        node_name: str,
+        max_parallel: int,
+        only: Sequence[int] | None = None,
+    ) -> Deploy | None:
         # Idle gateways look often: a plain read first, the node's lock only when there is work.
         if await self._one("SELECT 1 FROM deploys WHERE status = 'queued' LIMIT 1") is None:
             return None
@@ -846,6 +852,10 @@ class PostgresStore(Store):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", CLAIM_LOCK_SPACE, node_name
                 )
+                if not await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM nodes WHERE id = $1)", node
+                ):
+                    return None  # declared gone: it runs nothing until it has joined again
                 busy = await conn.fetchval(
                     "SELECT COUNT(*) FROM deploys d JOIN nodes n ON n.id = d.runner "
                     "WHERE d.status = 'running' AND n.name = $1",
@@ -858,11 +868,13 @@ class PostgresStore(Store):
                 deploy_id = await conn.fetchval(
                     """SELECT d.id FROM deploys d
                         WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = $1)
+                          AND ($2::bigint[] IS NULL OR d.id = ANY($2::bigint[]))
                           AND NOT EXISTS (SELECT 1 FROM deploys r
                                            WHERE r.app_id = d.app_id AND r.status = 'running')
                         ORDER BY d.id LIMIT 1
                         FOR UPDATE OF d SKIP LOCKED""",
                     node,
+                    None if only is None else list(only),
                 )
                 if deploy_id is None:
                     return None
@@ -946,7 +958,8 @@ class PostgresStore(Store):
     async def append_deploy_log(
         self, deploy_id: int, text: str, *, skipped: int = 0, closing: bool = False, keep: int
     ) -> int | None:
-        size = len(text.encode("utf-8", "replace"))
+        text = storable(text)
+        size = len(text.encode())
         async with self._transaction() as conn:
             # The row lock orders concurrent appends to one deploy (runner, status reports).
             row = await conn.fetchrow(
@@ -966,7 +979,7 @@ class PostgresStore(Store):
                 end - size,
                 size,
                 int(closing),
-                text.replace("\x00", "\ufffd"),  # text columns refuse NUL
+                text,
             )
             await conn.execute(
                 "DELETE FROM deploy_log_chunks "
