@@ -18,6 +18,8 @@ from tests.helpers import (
     Client,
     LiveProcess,
     ServerThread,
+    http,
+    http_base,
     keygen,
     unique,
     write_config,
@@ -227,6 +229,14 @@ def test_answer_is_cached_on_its_second_request(cached, tmp_path):
     assert metric.pack_cache_written._value.get() > 0
     for name in "abc":
         same_as_git_alone(cached.server, app, tmp_path / name, tmp_path)
+    scraped = http("GET", http_base(cached.server) + "/metrics").body.decode()
+    for name in (
+        'gateway_pack_cache_requests_total{result="hit"}',
+        'gateway_pack_cache_requests_total{result="miss"}',
+        "gateway_pack_cache_served_bytes_total",
+        "gateway_pack_cache_written_bytes_total",
+    ):
+        assert name in scraped
 
 
 def cached_entry(cached: Cached, owner: Client, app: str, tmp: Path) -> Path:
