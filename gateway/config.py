@@ -46,6 +46,10 @@ def _path(value: Any) -> Path:
     return Path(_nonempty(value)).expanduser().absolute()
 
 
+def _optional_path(value: Any) -> Path | None:
+    return _path(value) if _string(value).strip() else None
+
+
 def _database(value: Any) -> Path | str:
     """A SQLite file path, or a PostgreSQL URL (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB)."""
     text = _nonempty(value)
@@ -419,6 +423,24 @@ class GitSettings:
     max_input_size: int = _setting(
         "2G", _size, "largest pack a push may send (receive.maxInputSize)"
     )
+    pack_cache: bool = _setting(
+        True,
+        _bool,
+        "pack-objects cache: identical concurrent fetches share one pack-objects run, and an"
+        " answer requested twice is kept on disk for the next ones (false = off)",
+    )
+    pack_cache_dir: Path | None = _setting(
+        "",
+        _optional_path,
+        "the node's pack cache directory, private (0700); empty = beside the control socket"
+        " (`<control_socket>.pack-cache`)",
+    )
+    pack_cache_max_size: int = _setting(
+        "1G", _size, "disk the cached packs may take; the oldest go first"
+    )
+    pack_cache_max_age: float = _setting(
+        300, _seconds, "seconds a cached pack is served after it was written"
+    )
 
 
 @dataclass(frozen=True)
@@ -768,6 +790,8 @@ def _check_sandbox_paths(cfg: Config) -> None:
         "[deploy] log_dir": cfg.deploy.log_dir,
         "[deploy] build_dir": cfg.deploy.build_dir,
     }
+    if cfg.git.pack_cache_dir is not None:
+        private["[git] pack_cache_dir"] = cfg.git.pack_cache_dir
     if isinstance(cfg.storage.database, Path):
         private["[storage] database"] = cfg.storage.database
     if cfg.source is not None:
@@ -799,6 +823,10 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
         name: _build_section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()
     }
     cfg = Config(**sections, apps=_build_app_overrides(data.get("apps", {})), source=source)
+    if cfg.git.pack_cache_dir is None:
+        # Resolved once from the node's control socket (workers each listen on their own).
+        directory = Path(f"{cfg.storage.control_socket}.pack-cache")
+        cfg = dataclasses.replace(cfg, git=dataclasses.replace(cfg.git, pack_cache_dir=directory))
     _check_pipelines(cfg)
     _check_sandbox_paths(cfg)
     return cfg

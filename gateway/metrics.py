@@ -133,6 +133,27 @@ class Metrics:
             registry=r,
         )
 
+        self.pack_cache = Counter(
+            "gateway_pack_cache_requests",
+            "pack-objects requests by answer: hit (a cached pack), shared (another identical"
+            " request's run, streamed live), miss (ran pack-objects), bypass (cache unusable)",
+            ["result"],
+            registry=r,
+        )
+        self.pack_cache_served = Counter(
+            "gateway_pack_cache_served_bytes",
+            "Pack bytes served from the cache or from an identical request's run",
+            registry=r,
+        )
+        self.pack_cache_written = Counter(
+            "gateway_pack_cache_written_bytes", "Bytes written into the pack cache", registry=r
+        )
+
+    def pack_cache_done(self, result: str, served: int, written: int) -> None:
+        self.pack_cache.labels(result).inc()
+        self.pack_cache_served.inc(served)
+        self.pack_cache_written.inc(written)
+
     def git_done(
         self, verb: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:

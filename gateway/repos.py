@@ -21,7 +21,7 @@ from dulwich.objects import Commit
 from dulwich.repo import Repo
 from dulwich.walk import Walker
 
-from . import hooks, names, repoguard
+from . import hooks, names, packhook, repoguard
 from .errors import AccessDenied, Conflict, GatewayError, NotFound
 from .logs import q
 
@@ -121,6 +121,9 @@ class Repositories:
         # git takes the gateway's hooks from hooks_dir only (-c core.hooksPath), so an app
         # repository's own hooks/ holds none: nothing there ever runs through the gateway.
         self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
+        # Not a hook git knows by name: upload-pack runs it only when told to, by path
+        # (`-c uploadpack.packObjectsHook`, see packcache), instead of pack-objects.
+        self.hooks[packhook.HOOK_NAME] = packhook.script().encode()
         self.layout = repoguard.Layout(
             hooks={},
             config=config_text(max_input_size),
@@ -131,6 +134,10 @@ class Repositories:
     @property
     def hooks_dir(self) -> Path:
         return self.root / HOOKS_DIR
+
+    @property
+    def pack_hook(self) -> Path:
+        return self.hooks_dir / packhook.HOOK_NAME
 
     def ensure_root(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -338,6 +345,7 @@ def _log_changes(changes: list[repoguard.Change], app: str | None) -> None:
 
 
 _SHEBANG = re.compile(rb"#!(\S+) -I\n")
+_PACK_HOOK = re.compile(rb"#!(\S+) -IS\n(?:.*\n)*?sys\.path\.insert\(0, '([^'\n]*)'\)\n")
 _MAX_INPUT = re.compile(rb"\n\tmaxInputSize = (\d{1,20})\n")
 
 
@@ -347,6 +355,12 @@ def generated_earlier(name: str, content: bytes) -> bool:
     if name == "config":
         found = _MAX_INPUT.search(content)
         return found is not None and content == config_text(int(found.group(1)))
+    if name == packhook.HOOK_NAME:
+        found = _PACK_HOOK.match(content)
+        if found is None:
+            return False
+        python, root = (os.fsdecode(g) for g in found.groups())
+        return content == packhook.script(python, root).encode()
     if name in hooks.HOOK_NAMES:
         found = _SHEBANG.match(content)
         if found is None:

@@ -31,6 +31,7 @@ from .listener import Listener
 from .logs import q
 from .metrics import Metrics
 from .models import Identity
+from .packcache import PackCache
 from .repos import Repositories
 from .service import Registry
 from .store import Store, open_store, utcnow
@@ -425,6 +426,7 @@ class Gateway:
         self.git: gitbin.Git
         self.deploys: DeployService
         self.control: ControlServer
+        self.pack_cache: PackCache | None = None
         self.web: WebServer | None = None
         self.connections: set[Connection] = set()
         self.addresses: list[tuple[str, int]] = []
@@ -469,6 +471,14 @@ class Gateway:
             if self.worker is None or self.worker.prepare:
                 await self._prepare_repositories()
             await self.control.start()
+            if cfg.git.pack_cache:
+                self.pack_cache = PackCache(
+                    cfg.git,
+                    self.git.path,
+                    self.repos.pack_hook,
+                    Path(f"{cfg.storage.control_socket}.packstats"),
+                )
+                await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
                 registry = Registry(cfg, self.store, self.repos)
                 self.web = WebServer(
@@ -534,6 +544,8 @@ class Gateway:
             if self.web is not None:
                 await self.web.close()
             await self.control.close()
+            if self.pack_cache is not None:
+                self.pack_cache.close()
             await self.store.close()
             raise
         self.addresses = self.listener.addresses
@@ -566,6 +578,8 @@ class Gateway:
         if self.web is not None:
             await self.web.close()
         await self.control.close()
+        if self.pack_cache is not None:
+            self.pack_cache.close()
         for task in list(self._background):
             with contextlib.suppress(Exception):
                 await task
@@ -871,5 +885,6 @@ class Gateway:
             peer=connection.peer,
             metrics=self.metrics,
             stats=stats,
+            pack_cache=self.pack_cache,
         )
         return await execute(ctx, invocation)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..gitbin import Git
     from ..metrics import Metrics
     from ..models import Identity
+    from ..packcache import PackCache
     from ..repos import Repositories
     from ..store import Store
 
@@ -63,6 +64,7 @@ class Context:
     client_protocol: str | None = None
     conn_id: str = "-"
     peer: str = "-"
+    pack_cache: PackCache | None = None
 
 
 Handler = Callable[[Context, "Invocation"], Awaitable[int]]

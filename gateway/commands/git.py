@@ -36,7 +36,10 @@ def git_argv(ctx: Context, subcommand: str, extra: tuple[str, ...], path: str) -
     hooks taken from the gateway's own directory, outside every repository, so that a hook
     written into a repository never runs, not even one planted during this very push."""
     argv = [ctx.git.path, "-c", f"core.hooksPath={ctx.repos.hooks_dir}"]
-    for key, value in git_settings(ctx.repos.max_input_size):
+    settings = git_settings(ctx.repos.max_input_size)
+    if subcommand == "upload-pack" and ctx.pack_cache is not None:
+        settings += ctx.pack_cache.upload_pack_config()
+    for key, value in settings:
         argv += ["-c", f"{key}={value}"]
     return [*argv, subcommand, *extra, path]
 
@@ -68,6 +71,8 @@ async def run(ctx: Context, inv: Invocation) -> int:
         GATEWAY_USER=ctx.identity.user_name,
         GATEWAY_KEY_FINGERPRINT=ctx.identity.fingerprint,
     )
+    if subcommand == "upload-pack" and ctx.pack_cache is not None:
+        env.update(ctx.pack_cache.environment())
     started = time.monotonic()
     session: PushSession | None = None
     on_spawn = None

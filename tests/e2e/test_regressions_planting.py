@@ -532,7 +532,11 @@ def test_regression_planted_while_stopped_is_removed_at_start(tmp_path, caplog):
         assert removals(caplog, None) == [(".hooks/post-update", "removed")]
         assert removals(caplog, "other") == []
         assert list((repo / "hooks").iterdir()) == []
-        assert sorted(p.name for p in hooks_dir.iterdir()) == ["post-receive", "pre-receive"]
+        assert sorted(p.name for p in hooks_dir.iterdir()) == [
+            "pack-objects",
+            "post-receive",
+            "pre-receive",
+        ]
         assert not marker.exists()
     finally:
         restarted.stop()

@@ -1,0 +1,638 @@
+"""The pack-objects hook: one pack-objects run per identical request, and a small disk cache.
+
+upload-pack runs this program (`uploadpack.packObjectsHook`, set by the gateway on its
+command line) instead of `git pack-objects`, with pack-objects' argv and stdin. The request
+is keyed by the repository, that argv, the gateway's git settings and that stdin (wants,
+haves, shallow lines): everything that shapes the pack. Then, in order:
+- a cache entry for the key (written at a key's second request, checksummed, renamed into
+  place whole) is verified and served;
+- else one process per key, elected with a record lock, runs the real pack-objects and
+  copies its output both to upload-pack and to a spool file; identical requests arriving
+  meanwhile tail that spool as it grows, so they stream the one run's output live;
+- anything unusable (a missing or foreign directory, a full disk, a bad entry) falls back
+  to plain pack-objects: the cache may make a fetch faster, never wrong.
+Each run sends one datagram to its gateway worker (metrics, and log lines for problems).
+Standard library only, and little of it: every fetch with wants pays this start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+
+# Environment given to upload-pack by the gateway (never taken from the client).
+DIR_ENV = "GATEWAY_PACK_CACHE_DIR"
+MAX_SIZE_ENV = "GATEWAY_PACK_CACHE_MAX_SIZE"
+MAX_AGE_ENV = "GATEWAY_PACK_CACHE_MAX_AGE"
+STATS_ENV = "GATEWAY_PACK_CACHE_STATS"
+GIT_ENV = "GATEWAY_GIT"
+
+ENTRIES, SPOOL, SEEN, LOCK = "entries", "spool", "seen", "lock"
+SUBDIRS = (ENTRIES, SPOOL, SEEN)
+KEY_VERSION = b"git-gateway pack cache 1\0"
+# Entry = pack bytes, then: magic, pack length, key, sha256(key + pack). The key inside the
+# checksum means an entry renamed to another key (another tenant's) never verifies.
+TRAILER = struct.Struct(">8sQ32s32s")
+MAGIC = b"GGPACK01"
+CHUNK = 256 * 1024
+# A request larger than this (a fetch with a huge have list) is not cached.
+MAX_REQUEST = 16 * 1024 * 1024
+# Entries up to this size are verified in memory and written from there (one read).
+IN_MEMORY = 32 * 1024 * 1024
+# A follower polls a spool that has no new bytes yet at this pace.
+POLL = 0.005
+# How long a request waits for a leader's spool to appear before running git itself.
+JOIN_WAIT = 2.0
+# Spool files older than this with no live writer were left by a killed leader.
+STALE_SPOOL = 60.0
+
+
+class Unusable(Exception):
+    """The cache cannot be used for this request: fall back to plain pack-objects."""
+
+
+class Reporter:
+    """Collects what this run did and sends it as one datagram to the gateway worker."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.message: dict[str, object] = {"result": "bypass", "served": 0, "written": 0}
+        self.problems: list[dict[str, str]] = []
+
+    def problem(self, event: str, reason: str, key: str = "") -> None:
+        self.problems.append({"event": event, "reason": reason[:300], "key": key[:64]})
+
+    def send(self) -> None:
+        if not self.path:
+            return
+        self.message["problems"] = self.problems[:8]
+        data = json.dumps(self.message).encode()[:8192]
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            s.sendto(data, self.path)
+
+
+def pack_objects_argv(argv: list[str], git: str) -> list[str]:
+    """The real pack-objects command for the argv upload-pack gave: exactly `git
+    [--shallow-file ""] pack-objects ...`, with `git` being the gateway's own binary."""
+    rest = argv[1:]
+    if rest[:2] == ["--shallow-file", ""]:
+        rest = rest[2:]
+        prefix = ["--shallow-file", ""]
+    else:
+        prefix = []
+    if not argv or argv[0] != "git" or not rest or rest[0] != "pack-objects":
+        raise ValueError("not a pack-objects command")
+    return [git, *prefix, *rest]
+
+
+# Arguments that change what pack-objects prints on stderr, never the pack: not in the key,
+# so a terminal's clone and a CI job's share answers.
+NOT_SHAPING = frozenset({"--progress"})
+
+
+def request_key(repository: str, argv: list[str], request: bytes) -> str:
+    digest = hashlib.sha256(KEY_VERSION)
+    shaping = [arg for arg in argv if arg not in NOT_SHAPING]
+    for part in (repository, os.environ.get("GIT_CONFIG_PARAMETERS", ""), *shaping):
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    digest.update(b"\0")
+    digest.update(request)
+    return digest.hexdigest()
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class Cache:
+    """The node's cache directory, reached only through descriptors opened without
+    following symlinks, and only if it is a directory private to this user."""
+
+    def __init__(self, path: str, max_size: int, max_age: float) -> None:
+        self.max_size = max_size
+        self.max_age = max_age
+        try:
+            self.root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise Unusable(f"cannot open {path}: {exc.strerror}") from None
+        self.dirs: dict[str, int] = {}
+        try:
+            _check_private(os.fstat(self.root), path)
+            for name in SUBDIRS:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=self.root)
+                self.dirs[name] = fd
+                _check_private(os.fstat(fd), f"{path}/{name}")
+            self.lock = os.open(LOCK, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.root)
+        except OSError as exc:
+            self.close()
+            raise Unusable(f"cannot open {path}: {exc.strerror}") from None
+        except Unusable:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (*self.dirs.values(), getattr(self, "lock", None), self.root):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- entries --
+
+    def read_entry(self, key: str) -> tuple[int, bytes | None, int] | None:
+        """A verified entry for key: (fd, its bytes if small, pack length); None if there is
+        none or it has expired. Raises ValueError (with why) for an entry that must not be
+        served; the caller removes it."""
+        try:
+            fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.dirs[ENTRIES])
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError("a symlink") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                raise ValueError("not a regular file of the gateway's user")
+            if info.st_nlink != 1:
+                raise ValueError("a file with other names (hard link)")
+            if time.time() - info.st_mtime > self.max_age:
+                os.close(fd)
+                self.remove(ENTRIES, key)
+                return None
+            if info.st_size <= IN_MEMORY + TRAILER.size:
+                # Small: one read, checked and served from memory.
+                whole = os.pread(fd, info.st_size, 0)
+                length = verify_bytes(whole, key)
+                data: bytes | None = whole[:length]
+            else:
+                length, data = verify(fd, info.st_size, key), None
+            return fd, data, length
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+
+    def remove(self, where: str, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=self.dirs[where])
+
+    # -- second requests --
+
+    def mark_seen(self, key: str) -> tuple[bool, int]:
+        """Record a request for key: (was it requested recently, the marker's mtime now)."""
+        seen = self.dirs[SEEN]
+        try:
+            before = os.stat(key, dir_fd=seen, follow_symlinks=False)
+            recent = time.time() - before.st_mtime <= self.max_age
+        except FileNotFoundError:
+            recent = False
+        try:
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=seen)
+            os.close(fd)
+            os.utime(key, dir_fd=seen, follow_symlinks=False)
+            return recent, os.stat(key, dir_fd=seen, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            return recent, 0
+
+    def seen_since(self, key: str, mtime_ns: int) -> bool:
+        try:
+            return (
+                os.stat(key, dir_fd=self.dirs[SEEN], follow_symlinks=False).st_mtime_ns > mtime_ns
+            )
+        except OSError:
+            return False
+
+    # -- leadership --
+
+    def try_lead(self, key: str) -> bool:
+        """One leader per key on this node: a record lock on one byte of the lock file, at
+        an offset taken from the key (released by the kernel if the process dies)."""
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _offset(key))
+        except OSError:
+            return False
+        return True
+
+    def unlock(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, _offset(key))
+
+    def new_spool(self, key: str) -> int:
+        """A fresh spool for key, locked (flock) while written, then published as
+        spool/<key> for followers."""
+        spool = self.dirs[SPOOL]
+        temp = f".tmp-{key}-{os.getpid()}"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=spool)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(temp, key, src_dir_fd=spool, dst_dir_fd=spool)
+        except OSError:
+            os.close(fd)
+            self.remove(SPOOL, temp)
+            raise
+        return fd
+
+    def open_spool(self, key: str) -> int | None:
+        try:
+            fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.dirs[SPOOL])
+        except OSError:
+            return None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            return None
+        return fd
+
+    def publish(self, key: str) -> None:
+        """The finished spool becomes the entry, atomically (it was complete before)."""
+        os.rename(key, key, src_dir_fd=self.dirs[SPOOL], dst_dir_fd=self.dirs[ENTRIES])
+
+    # -- bounds --
+
+    def sweep(self) -> None:
+        """Drop expired entries, then the oldest until the entries fit in max_size; drop old
+        markers and spools of killed leaders. One sweeper at a time; others skip."""
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+        except OSError:
+            return
+        try:
+            now = time.time()
+            entries = []
+            for item in _scan(self.dirs[ENTRIES]):
+                if now - item.st_mtime > self.max_age:
+                    self.remove(ENTRIES, item.name)
+                else:
+                    entries.append(item)
+            total = sum(item.st_size for item in entries)
+            for item in sorted(entries, key=lambda i: i.st_mtime):
+                if total <= self.max_size:
+                    break
+                self.remove(ENTRIES, item.name)
+                total -= item.st_size
+            for item in _scan(self.dirs[SEEN]):
+                if now - item.st_mtime > self.max_age:
+                    self.remove(SEEN, item.name)
+            for item in _scan(self.dirs[SPOOL]):
+                if now - item.st_mtime > STALE_SPOOL:
+                    self._remove_dead_spool(item.name)
+        finally:
+            fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, 0)
+
+    def _remove_dead_spool(self, name: str) -> None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self.dirs[SPOOL])
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no live leader writes it
+            self.remove(SPOOL, name)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+class _Item:
+    def __init__(self, name: str, info: os.stat_result) -> None:
+        self.name, self.st_size, self.st_mtime = name, info.st_size, info.st_mtime
+
+
+def _scan(fd: int) -> list[_Item]:
+    items = []
+    for name in os.listdir(fd):
+        with contextlib.suppress(OSError):
+            info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            items.append(_Item(name, info))
+    return items
+
+
+def _offset(key: str) -> int:
+    # Offset 0 is the sweep lock; keys take 60 bits of their hash, plus one.
+    return int(key[:15], 16) + 1
+
+
+def _check_private(info: os.stat_result, path: str) -> None:
+    if not stat.S_ISDIR(info.st_mode):
+        raise Unusable(f"{path} is not a directory")
+    if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+        raise Unusable(f"{path} is not private to the gateway's user (0700)")
+
+
+def trailer(key: str, length: int, digest: bytes) -> bytes:
+    return TRAILER.pack(MAGIC, length, bytes.fromhex(key), digest)
+
+
+def _check_trailer(raw: bytes, size: int, key: str) -> tuple[int, bytes]:
+    if size < TRAILER.size or len(raw) != TRAILER.size:
+        raise ValueError("truncated (no trailer)")
+    magic, length, stored_key, digest = TRAILER.unpack(raw)
+    if magic != MAGIC or length != size - TRAILER.size:
+        raise ValueError("truncated or not an entry")
+    if stored_key != bytes.fromhex(key):
+        raise ValueError("written for another key")
+    return length, digest
+
+
+def verify_bytes(whole: bytes, key: str) -> int:
+    """Check a complete entry read whole; return its pack length or raise ValueError."""
+    length, digest = _check_trailer(whole[-TRAILER.size :], len(whole), key)
+    check = hashlib.sha256(bytes.fromhex(key))
+    check.update(memoryview(whole)[:length])
+    if check.digest() != digest:
+        raise ValueError("checksum mismatch")
+    return length
+
+
+def verify(fd: int, size: int, key: str) -> int:
+    """Check a complete spool or entry for key; return its pack length or raise ValueError."""
+    raw = os.pread(fd, TRAILER.size, max(size - TRAILER.size, 0))
+    length, digest = _check_trailer(raw, size, key)
+    check = hashlib.sha256(bytes.fromhex(key))
+    offset = 0
+    while offset < length:
+        data = os.pread(fd, min(CHUNK * 4, length - offset), offset)
+        if not data:
+            raise ValueError("truncated while read")
+        check.update(data)
+        offset += len(data)
+    if check.digest() != digest:
+        raise ValueError("checksum mismatch")
+    return length
+
+
+def copy_range(fd: int, start: int, end: int, out: int) -> None:
+    offset = start
+    while offset < end:
+        data = os.pread(fd, min(CHUNK, end - offset), offset)
+        if not data:
+            raise ValueError("truncated while read")
+        write_all(out, data)
+        offset += len(data)
+
+
+# -- the three ways a request is answered --
+
+
+def serve_entry(cache: Cache, key: str, out: int, report: Reporter) -> bool:
+    try:
+        found = cache.read_entry(key)
+    except ValueError as exc:
+        report.problem("pack_cache_bad_entry", str(exc), key)
+        cache.remove(ENTRIES, key)
+        return False
+    if found is None:
+        return False
+    fd, data, length = found
+    try:
+        if data is not None:
+            write_all(out, data)
+        else:
+            copy_range(fd, 0, length, out)
+    finally:
+        os.close(fd)
+    report.message.update(result="hit", served=length)
+    return True
+
+
+RETRY = -1
+
+
+def follow(cache: Cache, key: str, out: int, report: Reporter) -> int:
+    """Stream the leader's spool as it grows; RETRY if there is no live spool to follow
+    yet and nothing was sent."""
+    cache.mark_seen(key)  # a second request: the leader keeps its answer
+    fd = cache.open_spool(key)
+    if fd is None:
+        return RETRY
+    sent = 0
+    try:
+        while True:
+            size = os.fstat(fd).st_size
+            ready = size - TRAILER.size
+            if ready > sent:
+                copy_range(fd, sent, ready, out)
+                sent = ready
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                time.sleep(POLL)  # the leader is still writing
+                continue
+            # No writer: a finished answer, or what a failed or killed leader left.
+            size = os.fstat(fd).st_size
+            try:
+                length = verify(fd, size, key)
+            except ValueError as exc:
+                if sent == 0:
+                    return RETRY
+                report.problem("pack_cache_leader_failed", str(exc), key)
+                return 1
+            copy_range(fd, sent, length, out)
+            report.message.update(result="shared", served=length)
+            return 0
+    finally:
+        os.close(fd)
+
+
+def lead(
+    cache: Cache, key: str, command: list[str], request: bytes, out: int, report: Reporter
+) -> int:
+    """Run pack-objects; copy its output to upload-pack and to the spool followers read;
+    keep it as an entry if the key was requested before or meanwhile."""
+    if serve_entry(cache, key, out, report):  # written by a leader that just finished
+        return 0
+    report.message["result"] = "miss"
+    recent, marked = cache.mark_seen(key)
+    try:
+        spool: int | None = cache.new_spool(key)
+    except OSError as exc:
+        report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+        spool = None
+    digest = hashlib.sha256(bytes.fromhex(key))
+    length = 0
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE requested
+        raise RuntimeError("pack-objects pipes missing")
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(request)
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    client = True
+    source = proc.stdout.fileno()
+    try:
+        while True:
+            data = os.read(source, CHUNK)
+            if not data:
+                break
+            if spool is not None:
+                try:
+                    write_all(spool, data)
+                    digest.update(data)
+                except OSError as exc:
+                    report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+                    spool = _abandon(cache, key, spool)
+            length += len(data)
+            if client:
+                try:
+                    write_all(out, data)
+                except OSError:
+                    client = False  # upload-pack is gone; finish for the followers
+                    if spool is None:
+                        proc.kill()
+                        break
+        code = proc.wait()
+        if spool is not None:
+            if code != 0:
+                spool = _abandon(cache, key, spool)
+            else:
+                try:
+                    write_all(spool, trailer(key, length, digest.digest()))
+                except OSError as exc:
+                    report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+                    spool = _abandon(cache, key, spool)
+        if spool is not None:
+            keep = (
+                recent or cache.seen_since(key, marked)
+            ) and length + TRAILER.size <= cache.max_size
+            if keep:
+                try:
+                    cache.publish(key)
+                    report.message["written"] = length + TRAILER.size
+                except OSError as exc:
+                    report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+                    cache.remove(SPOOL, key)
+                cache.sweep()
+            else:
+                cache.remove(SPOOL, key)
+        return code if client else 1
+    finally:
+        if spool is not None:
+            os.close(spool)  # releases the flock: followers see the end
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _abandon(cache: Cache, key: str, spool: int) -> None:
+    """Stop spooling: the file is removed and closed without a trailer, so followers that
+    had not started yet run git themselves, and none ever treats it as complete."""
+    cache.remove(SPOOL, key)
+    with contextlib.suppress(OSError):
+        os.ftruncate(spool, 0)
+    os.close(spool)
+    return None
+
+
+def run_plain(command: list[str], request: bytes, stdin: int) -> int:
+    """pack-objects without the cache: the request read so far, then the rest of stdin."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE)
+    if proc.stdin is None:  # pragma: no cover - PIPE requested
+        raise RuntimeError("pack-objects pipe missing")
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write(request)
+        while data := os.read(stdin, CHUNK):
+            proc.stdin.write(data)
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+    return proc.wait()
+
+
+def read_request(fd: int) -> tuple[bytes, bool]:
+    """stdin up to MAX_REQUEST bytes; (data, complete)."""
+    parts, size = [], 0
+    while size <= MAX_REQUEST:
+        data = os.read(fd, CHUNK)
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
+def main(argv: list[str]) -> int:
+    report = Reporter(os.environ.get(STATS_ENV))
+    git = os.environ.get(GIT_ENV, "")
+    try:
+        command = pack_objects_argv(argv, git)
+    except ValueError:
+        sys.stderr.write("gateway: unexpected pack-objects hook call\n")
+        return 128
+    if not git:
+        sys.stderr.write("gateway: pack-objects hook run outside the gateway\n")
+        return 128
+    stdin, out = 0, 1
+    request, complete = read_request(stdin)
+    cache = None
+    try:
+        if not complete:
+            return run_plain(command, request, stdin)
+        try:
+            cache = Cache(
+                os.environ[DIR_ENV],
+                int(os.environ.get(MAX_SIZE_ENV, "0")),
+                float(os.environ.get(MAX_AGE_ENV, "0")),
+            )
+        except (Unusable, KeyError, ValueError) as exc:
+            report.problem("pack_cache_unusable", str(exc))
+            return run_plain(command, request, stdin)
+        repository = os.path.realpath(os.environ.get("GIT_DIR", "."))
+        key = request_key(repository, argv, request)
+        report.message["key"] = key
+        if serve_entry(cache, key, out, report):
+            return 0
+        deadline = time.monotonic() + JOIN_WAIT
+        while True:
+            if cache.try_lead(key):
+                try:
+                    return lead(cache, key, command, request, out, report)
+                finally:
+                    cache.unlock(key)
+            code = follow(cache, key, out, report)
+            if code != RETRY:
+                return code
+            if time.monotonic() > deadline:
+                report.problem("pack_cache_join_timeout", "no spool to follow", key)
+                report.message["result"] = "bypass"
+                return run_plain(command, request, stdin)
+            time.sleep(POLL)
+    finally:
+        if cache is not None:
+            cache.close()
+        report.send()
+
+
+HOOK_NAME = "pack-objects"
+
+_TEMPLATE = """#!{python} -IS
+# git-gateway pack-objects hook (generated; rewritten at every gateway start).
+import sys
+sys.path.insert(0, {package_root!r})
+from gateway.packhook import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def script(python: str | None = None, package_root: str | None = None) -> str:
+    """The hook's source: this gateway's interpreter, isolated and without site-packages
+    (start-up time), importing only this module."""
+    root = package_root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return _TEMPLATE.format(python=python or sys.executable, package_root=root)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
