@@ -62,7 +62,7 @@ class Cached:
         directory.mkdir(parents=True, exist_ok=True)
         wrapper.write_text(WRAPPER.format(real=REAL_GIT, log=str(self.log), gate=str(self.gate)))
         wrapper.chmod(0o755)
-        git = {"binary": str(wrapper), **overrides.pop("git", {})}
+        git = {"binary": str(wrapper), "pack_cache": True, **overrides.pop("git", {})}
         self.server = ServerThread(write_config(directory, git=git, **overrides)).start()
         self.admin = Admin(self.server.config_path)
         self.cache = self.server.config.git.pack_cache_dir
