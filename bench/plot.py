@@ -29,7 +29,7 @@ def write(
     workloads = list(ratios)
     refs = [r for r in labels if any(r in row for row in ratios.values())]
     height = 0.8 / max(len(refs), 1)
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.5 * len(workloads) * max(len(refs), 1) / 2))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.18 * len(workloads) * max(len(refs), 1)))
     for i, ref in enumerate(refs):
         positions = [w + i * height for w in range(len(workloads))]
         values = [ratios[w].get(ref, 0.0) for w in workloads]
@@ -41,7 +41,7 @@ def write(
     ax.set_xscale("log")  # ratios: 0.5x and 2x sit at the same distance from 1
     ax.set_xlabel("gateway / target (median; lower is better; log scale)")
     ax.set_title(title)
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=100)
+    # Below the axes, so that it never hides a bar.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.09), ncols=2, fontsize="small")
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -1028,7 +1028,7 @@ def markdown(report: dict[str, object], plot: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small profile and fewer keys: under two minutes"
+        "--quick", action="store_true", help="small profile and fewer keys: about three minutes"
     )
     parser.add_argument(
         "--profile",
