@@ -557,10 +557,10 @@ class Bench:
         for rep in range(self.s.concurrent_reps):
             for name in self.order(rep):
                 target = self.targets[name]
-                self.push_storm_commit(target, rep)
+                commit = self.push_storm_commit(target, rep)
                 for label, figures in (("fetch_storm", first), ("fetch_storm_repeat", again)):
                     before = sum(cpu_seconds(self.gateway.pid)) if name == "gateway" else 0.0
-                    figures.values[name].append(self.storm(target, f"{label}-{name}-{rep}"))
+                    figures.values[name].append(self.storm(target, f"{label}-{name}-{rep}", commit))
                     if name == "gateway":
                         cpu[label].append(
                             (sum(cpu_seconds(self.gateway.pid)) - before) / self.s.storm
@@ -575,7 +575,7 @@ class Bench:
         elapsed = time.monotonic() - began
         print(f"  fetch_storm: done ({elapsed:.0f}s)", file=sys.stderr, flush=True)
 
-    def push_storm_commit(self, target: Target, rep: int) -> None:
+    def push_storm_commit(self, target: Target, rep: int) -> str:
         """A new commit on top of main, pushed through the target to branch `storm`."""
         source = self.work / "storm-source"
         if not source.exists():
@@ -587,6 +587,7 @@ class Bench:
         self.timed(
             ["git", "push", "-q", "-f", target.repo_url("bench"), "HEAD:storm"], target, source
         )
+        return run(["git", "rev-parse", "HEAD"], self.git_env(), source).strip()
 
     def storm_template(self) -> Path:
         """A clone at main, before any storm commit, that costs nothing to copy: an empty
@@ -610,7 +611,7 @@ class Bench:
         run(["git", "update-ref", "refs/heads/main", self.head], self.git_env(), template)
         return template
 
-    def storm(self, target: Target, label: str) -> float:
+    def storm(self, target: Target, label: str, commit: str) -> float:
         template = self.storm_template()
         clones = [self.work / f"{label}-{i}.git" for i in range(self.s.storm)]
         for clone in clones:
@@ -630,6 +631,20 @@ class Bench:
         seconds = time.perf_counter() - started
         failed = self.results.setdefault("fetch_storm_failures", {t: 0 for t in self.names})
         failed[target.name] += failures  # type: ignore[index]
+        # A storm that transferred nothing would time nothing: the clones must have fetched
+        # the new commit, which their borrowed objects do not hold.
+        for clone in clones[:1] if failures == 0 else []:
+            fetched = run(["git", "rev-parse", "storm"], self.git_env(), clone).strip()
+            borrowed = subprocess.run(
+                ["git", "cat-file", "-e", f"{commit}^{{commit}}"],
+                cwd=self.work / "storm-baseline.git",
+                env=self.git_env(),
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            if fetched != commit or borrowed.returncode == 0:
+                raise SystemExit(f"fetch storm of {target.name}: got {fetched}, not {commit}")
         for clone in clones:
             shutil.rmtree(clone)
         return seconds
