@@ -112,7 +112,7 @@ class Figures:
     """Measurements of one workload: per target, a list of values (seconds unless said)."""
 
     targets: list[str]
-    values: dict[str, list[float]] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(init=False)
     extra: dict[str, object] = field(default_factory=dict)
     gateway_cpu_s: float = 0.0
 
