@@ -1,13 +1,16 @@
-"""Benchmark: the gateway against OpenSSH + git and the file:// floor, in the same run.
+"""Benchmark: the gateway against its peers and the file:// floor, in the same run.
 
     python -m bench [--quick | --profile tiny|small|large] [--repo PATH] [--json FILE]
-                    [--cipher NAME] [--database sqlite|postgresql|both] [--keys N]
+                    [--markdown FILE] [--cipher NAME] [--database sqlite|postgresql|both]
+                    [--keys N] [--pack-cache]
     python -m bench --workers N [--quick | --profile ...] [--reps N] [--json FILE]
 
-Every workload runs against the three targets, alternating their order at each repetition,
-and reports min / median / max and the ratios gateway/OpenSSH and gateway/file:// (lower is
-better). The three targets serve the very same bare repository, with the same git settings.
-The cipher, MAC and key exchange each SSH target negotiated are reported with the figures.
+Every workload runs against every target (file://, OpenSSH + git, OpenSSH + git pinned to
+AES-GCM, gitolite3 when it can run here, the gateway), alternating their order at each
+repetition, and reports min / median / max and the ratio of the gateway to each (lower is
+better). The targets serve the same bare repository (gitolite3 a copy of it, under its own
+user), with the same git settings. The cipher, MAC and key exchange each SSH target
+negotiated are reported with the figures; --markdown also writes a PNG plot of the ratios.
 The gateway's registry is SQLite, or a PostgreSQL server the benchmark starts; with both,
 the auth-cost workload runs on each, side by side (the others on SQLite).
 """
@@ -35,11 +38,21 @@ from typing import Any
 
 from gateway.repos import git_settings
 
-from . import registry, repogen
+from . import gitolite, plot, registry, repogen
+from .gitolite import Gitolite
 from .postgres import INSTALL_HINT, PostgresServer, binaries
 from .servers import TIMEOUT, Gateway, PrivateSSHD, cpu_seconds, rss_kib, run
 
-TARGETS = ("file", "openssh", "gateway")
+# Every target the benchmark knows, in table order; a run uses those that can run here.
+TARGETS = ("file", "openssh", "openssh_gcm", "gitolite", "gateway")
+LABELS = {
+    "file": "file://",
+    "openssh": "OpenSSH + git",
+    "openssh_gcm": "OpenSSH AES-GCM",
+    "gitolite": "gitolite3",
+    "gateway": "gateway",
+}
+GCM = "aes128-gcm@openssh.com"  # the OpenSSH reference pinned cipher for cipher
 DATABASES = ("sqlite", "postgresql")
 FEW_KEYS = 10  # keys registered on the "few keys" side of the auth-cost workload
 LIMITS = (
@@ -57,11 +70,18 @@ class Settings:
     sequential: int  # ls-remote connections in a row
     concurrency: tuple[int, ...]
     concurrent_reps: int = 1
+    storm: int = 32  # concurrent fetches in a fetch storm
 
 
 MODES = {
     "tiny": Settings(
-        "tiny", reps=1, keys=1_000, idle_connections=20, sequential=5, concurrency=(2, 4)
+        "tiny",
+        reps=1,
+        keys=1_000,
+        idle_connections=20,
+        sequential=5,
+        concurrency=(2, 4),
+        storm=4,
     ),
     "quick": Settings(
         "small", reps=3, keys=10_000, idle_connections=200, sequential=50, concurrency=(8, 32)
@@ -84,15 +104,20 @@ class Target:
     repo_url: Callable[[str], str]  # repository name -> URL
     repo_path: Callable[[str], Path]  # repository name -> path on the server
     upload_pack: Callable[[str], list[str]]  # repository name -> argv serving upload-pack
+    ssh: list[str] | None = None  # the ssh command git runs for this target
 
 
 @dataclass
 class Figures:
     """Measurements of one workload: per target, a list of values (seconds unless said)."""
 
-    values: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    targets: list[str]
+    values: dict[str, list[float]] = field(init=False)
     extra: dict[str, object] = field(default_factory=dict)
     gateway_cpu_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.values = {t: [] for t in self.targets}
 
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -104,14 +129,21 @@ class Figures:
                     "max": round(max(values), 4),
                     "n": len(values),
                 }
-        medians = {t: statistics.median(v) for t, v in self.values.items() if v}
-        if "gateway" in medians and medians.get("openssh"):
-            out["gateway/openssh"] = round(medians["gateway"] / medians["openssh"], 3)
-        if "gateway" in medians and medians.get("file"):
-            out["gateway/file"] = round(medians["gateway"] / medians["file"], 3)
+        out.update(ratios({t: statistics.median(v) for t, v in self.values.items() if v}))
         out.update(self.extra)
         out["gateway_cpu_s"] = round(self.gateway_cpu_s, 3)
         return out
+
+
+def ratios(central: dict[str, float]) -> dict[str, float]:
+    """gateway / each other target, from one central value (median, p50) per target."""
+    if "gateway" not in central:
+        return {}
+    return {
+        f"gateway/{target}": round(central["gateway"] / value, 3)
+        for target, value in central.items()
+        if target != "gateway" and value
+    }
 
 
 def pkt(text: str) -> bytes:
@@ -127,6 +159,7 @@ class Bench:
         repo: Path | None,
         cipher: str | None = None,
         databases: tuple[str, ...] = ("sqlite",),
+        pack_cache: bool = False,
     ) -> None:
         self.s = settings
         self.root = root
@@ -137,7 +170,11 @@ class Bench:
         self.gateways: dict[str, Gateway] = {}
         self.postgres: PostgresServer | None = None
         self.postgres_info: dict[str, object] | None = None
+        self.pack_cache = pack_cache
         self.sshd: PrivateSSHD | None = None
+        self.gitolite: Gitolite | None = None
+        self.names: list[str] = [t for t in TARGETS if t != "gitolite"]  # those that run
+        self.skipped: dict[str, str] = {}  # target -> why it did not run
         self.negotiated: dict[str, dict[str, str] | None] = {t: None for t in TARGETS}
         self.results: dict[str, dict[str, object]] = {}
         self.user = getpass.getuser()
@@ -167,7 +204,7 @@ class Bench:
             main = backend == self.databases[0]
             gateway = Gateway(
                 root / ("gateway" if main else f"gateway-{backend}"),
-                LIMITS,
+                LIMITS + ("[git]\npack_cache = true\n" if self.pack_cache else ""),
                 self.postgres.create_database("bench") if backend == "postgresql" else None,
             )
             self.gateways[backend] = gateway
@@ -195,6 +232,7 @@ class Bench:
                 )
 
         self.sshd = PrivateSSHD(root / "sshd", pubkey)
+        self.setup_gitolite(pubkey)
         for gateway in self.gateways.values():
             gateway.start()
         self.sshd.start()
@@ -223,8 +261,10 @@ class Bench:
             "StrictHostKeyChecking=yes",
             "-o",
             f"UserKnownHostsFile={known}",
-            *(["-c", self.cipher] if self.cipher else []),
         ]
+        ssh_gcm = [*self.ssh_base, "-c", GCM]
+        if self.cipher:
+            self.ssh_base += ["-c", self.cipher]
         # Repositories that OpenSSH and file:// push into live beside, with the gateway's
         # git settings, so that the comparison is about transport, not configuration.
         self.plain_root = root / "plain"
@@ -234,8 +274,9 @@ class Bench:
         def plain(name: str) -> Path:
             return gw_repos / f"{name}.git" if name == "bench" else self.plain_root / f"{name}.git"
 
-        ssh_upload = [*self.ssh_base, "-p", str(self.sshd.port), f"{self.user}@127.0.0.1"]
+        ssh_upload = ["-p", str(self.sshd.port), f"{self.user}@127.0.0.1"]
         self.gateway_targets = {b: self.gateway_target(g) for b, g in self.gateways.items()}
+        sshd_url = f"ssh://{self.user}@127.0.0.1:{self.sshd.port}"
         self.targets = {
             "file": Target(
                 "file",
@@ -245,14 +286,48 @@ class Bench:
             ),
             "openssh": Target(
                 "openssh",
-                lambda n: f"ssh://{self.user}@127.0.0.1:{self.sshd.port}{plain(n)}",
+                lambda n: f"{sshd_url}{plain(n)}",
                 plain,
-                lambda n: [*ssh_upload, f"git-upload-pack '{plain(n)}'"],
+                lambda n: [*self.ssh_base, *ssh_upload, f"git-upload-pack '{plain(n)}'"],
+            ),
+            # The same sshd and repositories, the client pinned to AES-GCM: what OpenSSH
+            # costs cipher for cipher when the gateway negotiates AES-GCM.
+            "openssh_gcm": Target(
+                "openssh_gcm",
+                lambda n: f"{sshd_url}{plain(n)}",
+                plain,
+                lambda n: [*ssh_gcm, *ssh_upload, f"git-upload-pack '{plain(n)}'"],
+                ssh_gcm,
             ),
             "gateway": self.gateway_targets[self.databases[0]],
         }
+        if self.gitolite is not None:
+            gitolite_login = ["-p", str(self.sshd.port), f"{gitolite.USER}@127.0.0.1"]
+            self.targets["gitolite"] = Target(
+                "gitolite",
+                lambda n: f"ssh://{gitolite.USER}@127.0.0.1:{self.sshd.port}/{n}.git",
+                lambda n: gitolite.HOME / "repositories" / f"{n}.git",
+                lambda n: [*self.ssh_base, *gitolite_login, f"git-upload-pack '{n}.git'"],
+            )
+        self.names = [t for t in TARGETS if t in self.targets]
         self.work = root / "work"
         self.work.mkdir()
+
+    def setup_gitolite(self, pubkey: str) -> None:
+        """gitolite3 behind the private sshd, or one line saying why it is skipped."""
+        reason = gitolite.unavailable()
+        peer = gitolite.Gitolite()
+        if reason is None:
+            reason = peer.acquire()
+        if reason is not None:
+            self.skipped["gitolite"] = reason
+            print(f"gitolite3: skipped, {reason}", file=sys.stderr, flush=True)
+            return
+        self.gitolite = peer
+        reps = max(self.s.reps, 1)
+        peer.setup(pubkey, self.repo, [f"push-gitolite-{rep}" for rep in range(reps)])
+        assert self.sshd is not None  # noqa: S101 - created just before
+        self.sshd.user_keys[gitolite.USER] = peer.authorized_keys()
 
     def gateway_target(self, gateway: Gateway) -> Target:
         upload = [*self.ssh_base, "-p", str(gateway.port), "git@127.0.0.1"]
@@ -279,7 +354,7 @@ class Bench:
             raise SystemExit(f"could not log in with {argv}: {result.stderr[-500:]}")
         return found
 
-    def git_env(self, port: int | None = None) -> dict[str, str]:
+    def git_env(self, target: Target | None = None) -> dict[str, str]:
         env = {
             "PATH": os.environ["PATH"],
             "HOME": str(self.root),
@@ -291,7 +366,9 @@ class Bench:
             "GIT_COMMITTER_EMAIL": "bench@example.com",
             "GIT_TERMINAL_PROMPT": "0",
         }
-        if hasattr(self, "ssh_base"):
+        if target is not None and target.ssh is not None:
+            env["GIT_SSH_COMMAND"] = " ".join(target.ssh)
+        elif hasattr(self, "ssh_base"):
             env["GIT_SSH_COMMAND"] = " ".join(self.ssh_base)
         return env
 
@@ -308,15 +385,15 @@ class Bench:
     # -- measuring --
 
     def order(self, rep: int) -> list[str]:
-        return list(TARGETS[rep % 3 :] + TARGETS[: rep % 3])  # alternate who goes first
+        turn = rep % len(self.names)
+        return self.names[turn:] + self.names[:turn]  # alternate who goes first
 
-    def timed(self, argv: list[str], cwd: Path | None = None, stdin: bytes | None = None) -> float:
+    def timed(self, argv: list[str], target: Target, cwd: Path | None = None) -> float:
         started = time.perf_counter()
         subprocess.run(
             argv,
             cwd=cwd,
-            env=self.git_env(),
-            input=stdin,
+            env=self.git_env(target),
             capture_output=True,
             timeout=TIMEOUT,
             check=True,
@@ -326,7 +403,7 @@ class Bench:
     def measure(
         self, name: str, each: Callable[[Target, int], float | None], reps: int | None = None
     ) -> Figures:
-        figures = Figures()
+        figures = Figures(self.names)
         began = time.monotonic()
         for rep in range(reps or self.s.reps):
             for target_name in self.order(rep):
@@ -354,7 +431,7 @@ class Bench:
                 target.repo_url("bench"),
                 str(dest),
             ]
-            seconds = self.timed(argv)
+            seconds = self.timed(argv, target)
             shutil.rmtree(dest)
             return seconds
 
@@ -370,7 +447,7 @@ class Bench:
         started = time.perf_counter()
         proc = subprocess.Popen(
             target.upload_pack("bench"),
-            env=self.git_env(),
+            env=self.git_env(target),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -406,7 +483,7 @@ class Bench:
         copy = self.work / f"fetch-{target.name}-{rep}.git"
         shutil.copytree(baseline, copy, symlinks=True)
         seconds = self.timed(
-            ["git", "fetch", "-q", target.repo_url("bench"), "main:refs/heads/new"], cwd=copy
+            ["git", "fetch", "-q", target.repo_url("bench"), "main:refs/heads/new"], target, copy
         )
         shutil.rmtree(copy)
         return seconds
@@ -415,9 +492,9 @@ class Bench:
         name = f"push-{target.name}-{rep}"
         if target.name == "gateway":
             self.new_app(name)
-        else:
+        elif target.name != "gitolite":  # gitolite's were declared in its conf at setup
             self.plain_repo(name)
-        return self.timed(["git", "push", "-q", target.repo_url(name), "main"], cwd=self.repo)
+        return self.timed(["git", "push", "-q", target.repo_url(name), "main"], target, self.repo)
 
     def push_one(self, target: Target, rep: int) -> float:
         local = self.work / f"one-{target.name}"
@@ -427,12 +504,14 @@ class Bench:
         run(["git", "add", "-A"], self.git_env(), local)
         run(["git", "commit", "-qm", f"one {rep}"], self.git_env(), local)
         return self.timed(
-            ["git", "push", "-q", target.repo_url(f"push-{target.name}-0"), "HEAD:main"], cwd=local
+            ["git", "push", "-q", target.repo_url(f"push-{target.name}-0"), "HEAD:main"],
+            target,
+            local,
         )
 
     def ls_remote_latencies(self, target: Target) -> list[float]:
         return [
-            self.timed(["git", "ls-remote", target.repo_url("bench")])
+            self.timed(["git", "ls-remote", target.repo_url("bench")], target)
             for _ in range(self.s.sequential)
         ]
 
@@ -449,7 +528,7 @@ class Bench:
                         target.repo_url("bench"),
                         str(self.work / f"cc-{target.name}-{rep}-{i}"),
                     ],
-                    env=self.git_env(),
+                    env=self.git_env(target),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -458,7 +537,7 @@ class Bench:
             failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
             seconds = time.perf_counter() - started
             key = f"concurrent_{count}_failures"
-            failed = self.results.setdefault(key, {t: 0 for t in TARGETS})
+            failed = self.results.setdefault(key, {t: 0 for t in self.names})
             failed[target.name] += failures  # type: ignore[index]
             for i in range(count):
                 shutil.rmtree(self.work / f"cc-{target.name}-{rep}-{i}", ignore_errors=True)
@@ -466,12 +545,116 @@ class Bench:
 
         return each
 
+    def fetch_storm(self) -> None:
+        """A push, then the fetch storm that follows it on a platform: `storm` clones at the
+        previous commit fetch the pushed one at once; then the same storm again (fresh clones,
+        same commit), which a cache of packs can answer. Total wall time per storm, and the
+        gateway's CPU per fetch (its own and its git children's)."""
+        first, again = Figures(self.names), Figures(self.names)
+        cpu: dict[str, list[float]] = {"fetch_storm": [], "fetch_storm_repeat": []}
+        began = time.monotonic()
+        self.storm_template()  # before the first storm commit exists anywhere
+        for rep in range(self.s.concurrent_reps):
+            for name in self.order(rep):
+                target = self.targets[name]
+                commit = self.push_storm_commit(target, rep)
+                for label, figures in (("fetch_storm", first), ("fetch_storm_repeat", again)):
+                    before = sum(cpu_seconds(self.gateway.pid)) if name == "gateway" else 0.0
+                    figures.values[name].append(self.storm(target, f"{label}-{name}-{rep}", commit))
+                    if name == "gateway":
+                        cpu[label].append(
+                            (sum(cpu_seconds(self.gateway.pid)) - before) / self.s.storm
+                        )
+        for label, figures in (("fetch_storm", first), ("fetch_storm_repeat", again)):
+            figures.gateway_cpu_s = sum(cpu[label])
+            figures.extra = {
+                "fetches": self.s.storm,
+                "gateway_cpu_per_fetch_s": round(statistics.median(cpu[label]), 4),
+            }
+            self.results[label] = figures.summary()
+        elapsed = time.monotonic() - began
+        print(f"  fetch_storm: done ({elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+    def push_storm_commit(self, target: Target, rep: int) -> str:
+        """A new commit on top of main, pushed through the target to branch `storm`."""
+        source = self.work / "storm-source"
+        if not source.exists():
+            run(["git", "clone", "-q", f"file://{self.repo}", str(source)], self.git_env())
+        run(["git", "reset", "-q", "--hard", self.head], self.git_env(), source)
+        (source / "bench-storm.txt").write_text(f"{target.name} {rep} {secrets.token_hex(8)}\n")
+        run(["git", "add", "-A"], self.git_env(), source)
+        run(["git", "commit", "-qm", f"storm {target.name} {rep}"], self.git_env(), source)
+        self.timed(
+            ["git", "push", "-q", "-f", target.repo_url("bench"), "HEAD:storm"], target, source
+        )
+        return run(["git", "rev-parse", "HEAD"], self.git_env(), source).strip()
+
+    def storm_template(self) -> Path:
+        """A clone at main, before any storm commit, that costs nothing to copy: an empty
+        repository borrowing (alternates) the objects of a clone made before the first
+        storm push, with main as its ref. It asks for the new commit only, as a real clone
+        at the previous commit does."""
+        template = self.work / "storm-template.git"
+        if template.exists():
+            return template
+        baseline = self.work / "storm-baseline.git"
+        run(
+            [
+                *("git", "clone", "-q", "--bare", "--single-branch", "--branch", "main"),
+                *(f"file://{self.repo}", str(baseline)),
+            ],
+            self.git_env(),
+        )
+        run(["git", "init", "-q", "--bare", str(template)], self.git_env())
+        alternates = template / "objects" / "info" / "alternates"
+        alternates.write_text(f"{baseline / 'objects'}\n")
+        run(["git", "update-ref", "refs/heads/main", self.head], self.git_env(), template)
+        return template
+
+    def storm(self, target: Target, label: str, commit: str) -> float:
+        template = self.storm_template()
+        clones = [self.work / f"{label}-{i}.git" for i in range(self.s.storm)]
+        for clone in clones:
+            shutil.copytree(template, clone, symlinks=True)
+        started = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                ["git", "fetch", "-q", target.repo_url("bench"), "+storm:refs/heads/storm"],
+                cwd=clone,
+                env=self.git_env(target),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for clone in clones
+        ]
+        failures = sum(1 for p in procs if p.wait(TIMEOUT) != 0)
+        seconds = time.perf_counter() - started
+        failed = self.results.setdefault("fetch_storm_failures", {t: 0 for t in self.names})
+        failed[target.name] += failures  # type: ignore[index]
+        # A storm that transferred nothing would time nothing: the clones must have fetched
+        # the new commit, which their borrowed objects do not hold.
+        for clone in clones[:1] if failures == 0 else []:
+            fetched = run(["git", "rev-parse", "storm"], self.git_env(), clone).strip()
+            borrowed = subprocess.run(
+                ["git", "cat-file", "-e", f"{commit}^{{commit}}"],
+                cwd=self.work / "storm-baseline.git",
+                env=self.git_env(),
+                capture_output=True,
+                timeout=TIMEOUT,
+                check=False,
+            )
+            if fetched != commit or borrowed.returncode == 0:
+                raise SystemExit(f"fetch storm of {target.name}: got {fetched}, not {commit}")
+        for clone in clones:
+            shutil.rmtree(clone)
+        return seconds
+
     def percentile(self, values: list[float], p: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
     def ls_remote(self) -> None:
-        latencies: dict[str, list[float]] = {t: [] for t in TARGETS}
+        latencies: dict[str, list[float]] = {t: [] for t in self.names}
         for target_name in self.order(0):
             before = cpu_seconds(self.gateway.pid)[0]
             latencies[target_name] = self.ls_remote_latencies(self.targets[target_name])
@@ -484,9 +667,7 @@ class Bench:
                 "p99": round(self.percentile(values, 0.99), 4),
                 "n": len(values),
             }
-        p50 = {n: self.percentile(v, 0.5) for n, v in latencies.items()}
-        result["gateway/openssh"] = round(p50["gateway"] / p50["openssh"], 3)
-        result["gateway/file"] = round(p50["gateway"] / p50["file"], 3)
+        result.update(ratios({n: self.percentile(v, 0.5) for n, v in latencies.items()}))
         result["gateway_cpu_s"] = round(cpu, 3)
         self.results["ls_remote"] = result
         print("  ls_remote: done", file=sys.stderr, flush=True)
@@ -618,6 +799,7 @@ class Bench:
                 )
 
             steps[f"concurrent_{count}"] = concurrent
+        steps["fetch_storm"] = self.fetch_storm
         steps["auth_cost"] = self.auth_cost
         steps["memory"] = self.memory
         return steps
@@ -628,6 +810,17 @@ class Bench:
         self.negotiated["openssh"] = self.probe_crypto(
             [*self.ssh_base, "-v", "-p", str(self.sshd.port), f"{self.user}@127.0.0.1", "true"]
         )
+        self.negotiated["openssh_gcm"] = self.probe_crypto(
+            [
+                *(self.targets["openssh_gcm"].ssh or []),
+                *("-v", "-p", str(self.sshd.port), f"{self.user}@127.0.0.1", "true"),
+            ]
+        )
+        if "gitolite" in self.targets:
+            # No command: gitolite-shell answers `info` and exits 0.
+            self.negotiated["gitolite"] = self.probe_crypto(
+                [*self.ssh_base, "-v", "-p", str(self.sshd.port), f"{gitolite.USER}@127.0.0.1"]
+            )
         self.negotiated["gateway"] = self.probe_crypto(
             [*self.ssh_base, "-v", "-p", str(self.gateway.port), "git@127.0.0.1"]
         )
@@ -640,7 +833,7 @@ class Bench:
             return
         medians = self.results["raw_pack"]
         throughput = {}
-        for target in TARGETS:
+        for target in self.names:
             seconds = medians[target]["median"]  # type: ignore[index]
             size = self.results["raw_pack_bytes"][target]  # type: ignore[index]
             throughput[target] = round(size / seconds / 1e6, 1)
@@ -657,6 +850,8 @@ class Bench:
         finally:
             if self.postgres is not None:
                 self.postgres.remove()
+            if self.gitolite is not None:
+                self.gitolite.remove()
         if codes:
             self.results["gateway_exit_code"] = {"code": codes[self.databases[0]], **codes}
 
@@ -680,16 +875,29 @@ def machine() -> dict[str, object]:
     }
 
 
+def present(results: dict[str, dict[str, object]]) -> list[str]:
+    """The targets that produced figures, in table order."""
+    return [t for t in TARGETS if any(isinstance(f.get(t), dict) for f in results.values())]
+
+
+def rows(results: dict[str, dict[str, object]]) -> dict[str, dict[str, object]]:
+    """The per-target workload rows (the others are single figures)."""
+    return {n: f for n, f in results.items() if isinstance(f.get("gateway"), dict)}
+
+
 def table(results: dict[str, dict[str, object]]) -> str:
+    targets = present(results)
+    refs = [t for t in targets if t != "gateway"]
     lines = [
-        f"{'workload':<20} {'file':>24} {'openssh':>24} {'gateway':>24} "
-        f"{'gw/ssh':>7} {'gw/file':>7} {'gw cpu':>7}"
+        f"{'workload':<20} "
+        + " ".join(f"{t:>20}" for t in targets)
+        + " "
+        + " ".join(f"{'gw/' + t:>14}" for t in refs)
+        + f" {'gw cpu':>7}"
     ]
-    for name, figures in results.items():
-        if not isinstance(figures.get("gateway"), dict):
-            continue  # not a per-target workload row
+    for name, figures in rows(results).items():
         cells = []
-        for target in TARGETS:
+        for target in targets:
             f = figures.get(target)
             if isinstance(f, dict) and "median" in f:
                 cells.append(f"{f['min']:.3f}/{f['median']:.3f}/{f['max']:.3f}")
@@ -698,16 +906,25 @@ def table(results: dict[str, dict[str, object]]) -> str:
             else:
                 cells.append("-")
         lines.append(
-            f"{name:<20} {cells[0]:>24} {cells[1]:>24} {cells[2]:>24} "
-            f"{figures.get('gateway/openssh', '-')!s:>7} {figures.get('gateway/file', '-')!s:>7} "
-            f"{figures.get('gateway_cpu_s', '-')!s:>7}"
+            f"{name:<20} "
+            + " ".join(f"{c:>20}" for c in cells)
+            + " "
+            + " ".join(f"{figures.get('gateway/' + t, '-')!s:>14}" for t in refs)
+            + f" {figures.get('gateway_cpu_s', '-')!s:>7}"
         )
     if len(lines) == 1:
         lines = []  # no per-target workload ran (--only auth_cost, say): no empty header
+    for name in ("fetch_storm", "fetch_storm_repeat"):
+        if name in results:
+            lines.append(
+                f"{name}: gateway CPU per fetch "
+                f"{results[name]['gateway_cpu_per_fetch_s']} s ({results[name]['fetches']} fetches)"
+            )
     for name in (
         "raw_pack_mb_per_s",
         "concurrent_8_failures",
         "concurrent_32_failures",
+        "fetch_storm_failures",
         "memory",
     ):
         if name in results:
@@ -772,48 +989,61 @@ def negotiated_line(negotiated: dict[str, dict[str, str] | None]) -> str:
     return "negotiated: " + "; ".join(parts)
 
 
-def markdown(report: dict[str, object]) -> str:
-    """The run as a README table: medians (p50 for ls-remote) and ratios."""
+def markdown(report: dict[str, object], plot: str | None = None) -> str:
+    """The run as a README table: medians (p50 for ls-remote) and ratios, and the plot's
+    image if one was written."""
     results: dict[str, dict[str, object]] = report["results"]  # type: ignore[assignment]
-    rows = [
-        "| workload | file:// | OpenSSH + git | gateway | gateway / OpenSSH | gateway / file:// |",
-        "|---|---|---|---|---|---|",
+    targets = present(results)
+    refs = [t for t in targets if t != "gateway"]
+    header = [LABELS[t] for t in targets] + [f"gateway / {LABELS[t]}" for t in refs]
+    lines = [
+        f"| workload | {' | '.join(header)} |",
+        "|---" * (len(header) + 1) + "|",
     ]
-    for name, figures in results.items():
-        if not isinstance(figures.get("gateway"), dict):
-            continue
+    for name, figures in rows(results).items():
         cells = []
-        for target in TARGETS:
+        for target in targets:
             f = figures[target]
             value = f.get("median", f.get("p50"))  # type: ignore[union-attr]
             cells.append(f"{value:.3f} s")
+        cells += [f"{figures[f'gateway/{t}']}x" for t in refs]
         label = name.replace("_", " ") + (" (p50)" if name == "ls_remote" else "")
-        rows.append(
-            f"| {label} | {' | '.join(cells)} | {figures['gateway/openssh']}x | "
-            f"{figures['gateway/file']}x |"
-        )
-    mbps = results["raw_pack_mb_per_s"]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    mbps: dict[str, float] = results["raw_pack_mb_per_s"]  # type: ignore[assignment]
     auth = results["auth_cost"]
     memory = results["memory"]
-    rows.append("")
-    rows.append(
-        f"Raw pack transfer: {mbps['file']} MB/s file://, {mbps['openssh']} MB/s OpenSSH, "  # type: ignore[index]
-        f"{mbps['gateway']} MB/s gateway (connection setup included). "  # type: ignore[index]
-        f"Concurrent clones failed: {results.get('concurrent_8_failures')}, "
-        f"{results.get('concurrent_32_failures')}. {auth_sentence(auth)} Memory: "
+    storm, repeat = results["fetch_storm"], results["fetch_storm_repeat"]
+    failures = "; ".join(
+        f"{name.removesuffix('_failures').replace('_', ' ')} {json.dumps(counts)}"
+        for name, counts in results.items()
+        if name.endswith("_failures")
+    )
+    lines.append("")
+    lines.append(
+        "Raw pack transfer: "
+        + ", ".join(f"{mbps[t]} MB/s {LABELS[t]}" for t in targets)
+        + " (connection setup included). "
+        f"Fetch storm of {storm['fetches']}: gateway CPU per fetch (its own and git's) "
+        f"{storm['gateway_cpu_per_fetch_s']} s, {repeat['gateway_cpu_per_fetch_s']} s when "
+        f"repeated. Failures: {failures}. {auth_sentence(auth)} Memory: "  # type: ignore[arg-type]
         f"{memory['kib_per_connection']} KiB per idle authenticated connection "  # type: ignore[index]
         f"({memory['idle_connections']} connections)."  # type: ignore[index]
     )
-    rows.append("")
+    lines.append("")
     line = negotiated_line(report["negotiated"])  # type: ignore[arg-type]
-    rows.append(f"N{line[1:]}.")
-    return "\n".join(rows) + "\n"
+    lines.append(f"N{line[1:]}.")
+    skipped: dict[str, str] = report.get("skipped") or {}  # type: ignore[assignment]
+    for target, reason in skipped.items():
+        lines.append(f"{LABELS[target]} skipped: {reason}.")
+    if plot:
+        lines += ["", f"![gateway / each target, per workload]({plot})"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="small profile and fewer keys: under two minutes"
+        "--quick", action="store_true", help="small profile and fewer keys: about three minutes"
     )
     parser.add_argument(
         "--profile",
@@ -841,7 +1071,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cipher",
         metavar="NAME",
-        help="pin both SSH targets' client to this cipher (ssh -c), e.g. aes128-gcm@openssh.com",
+        help="pin the SSH clients to this cipher (ssh -c), e.g. chacha20-poly1305@openssh.com "
+        "(the AES-GCM OpenSSH target stays on AES-GCM)",
+    )
+    parser.add_argument(
+        "--pack-cache",
+        action="store_true",
+        help="run the gateway with its pack-objects cache on ([git] pack_cache = true)",
     )
     parser.add_argument(
         "--workers",
@@ -873,6 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
             args.repo.resolve() if args.repo else None,
             args.cipher,
             databases,
+            args.pack_cache,
         )
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
         try:
@@ -887,11 +1124,16 @@ def main(argv: list[str] | None = None) -> int:
             "postgresql": bench.postgres_info,
             "machine": machine(),
             "elapsed_s": round(time.monotonic() - started, 1),
+            "pack_cache": args.pack_cache,
+            "targets": bench.names,
+            "skipped": bench.skipped,
             "negotiated": bench.negotiated,
             "results": bench.results,
         }
     print(table(bench.results))
     print(negotiated_line(bench.negotiated))
+    for target, reason in bench.skipped.items():
+        print(f"{LABELS[target]} skipped: {reason}")
     print(
         f"pack {report['pack_bytes'] / 1e6:.1f} MB, {report['elapsed_s']} s, "
         f"{json.dumps(report['machine'])}"
@@ -903,8 +1145,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.markdown and not args.only:
-        Path(args.markdown).write_text(markdown(report))
+        written = write_plot(report, Path(args.markdown).with_suffix(".png"))
+        Path(args.markdown).write_text(markdown(report, written))
     return 0
+
+
+def write_plot(report: dict[str, Any], path: Path) -> str | None:
+    """The ratios as a PNG beside the markdown table: its file name, or None (one line
+    says why) if matplotlib is missing."""
+    reason = plot.unavailable()
+    if reason is not None:
+        print(f"plot: skipped, {reason}")
+        return None
+    results = report["results"]
+    refs = [t for t in present(results) if t != "gateway"]
+    ratios = {
+        name: {t: figures[f"gateway/{t}"] for t in refs if f"gateway/{t}" in figures}
+        for name, figures in rows(results).items()
+    }
+    title = f"git-gateway benchmark, {report['profile']} profile"
+    plot.write(ratios, {t: LABELS[t] for t in refs}, path, title)
+    print(f"plot: {path}")
+    return path.name
 
 
 def workers_main(args: argparse.Namespace, settings: Settings) -> int:

@@ -175,11 +175,19 @@ class PrivateSSHD:
         self.authorized_keys = state / "authorized_keys"
         self.authorized_keys.write_text(client_pubkey.strip() + "\n")
         self.authorized_keys.chmod(0o600)
+        # Other local users this sshd logs in, each with its own authorized_keys (a peer such
+        # as gitolite3, whose keys carry its forced command).
+        self.user_keys: dict[str, Path] = {}
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
     def write_config(self, authorized_keys: Path | None = None) -> Path:
         config = self.state / "sshd_config"
+        # Match blocks come last: every line after one belongs to it.
+        matches = "".join(
+            f"Match User {user}\n    AuthorizedKeysFile {keys}\n"
+            for user, keys in self.user_keys.items()
+        )
         config.write_text(
             f"Port {self.port}\n"
             "ListenAddress 127.0.0.1\n"
@@ -195,7 +203,7 @@ class PrivateSSHD:
             "MaxSessions 100\n"
             "PrintMotd no\n"
             "AcceptEnv GIT_PROTOCOL\n"
-            "LogLevel ERROR\n"
+            "LogLevel ERROR\n" + matches
         )
         return config
 

@@ -1,13 +1,20 @@
-"""The benchmark keeps working: a --quick run on tiny data produces every figure, and the
-auth-cost workload runs on SQLite and PostgreSQL side by side."""
+"""The benchmark keeps working: a --quick run on tiny data produces every figure against
+every peer (gitolite3 where it can run), the fetch storms and the plot, and the auth-cost
+workload runs on SQLite and PostgreSQL side by side."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import socket
 import sys
 from pathlib import Path
 
+import pytest
+
+from bench import gitolite
 from tests import pg
 from tests.helpers import run
 
@@ -20,7 +27,19 @@ WORKLOADS = (
     "push_initial",
     "push_one_commit",
     "ls_remote",
+    "concurrent_2",
+    "concurrent_4",
+    "fetch_storm",
+    "fetch_storm_repeat",
 )
+REQUIRED = os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1"
+
+
+def gitolite_reason() -> str | None:
+    """Why gitolite3 is skipped here (None: it runs); CI installs it and fails without it."""
+    if REQUIRED and shutil.which("gitolite") is None:
+        pytest.fail(f"gitolite3 is required in CI: {gitolite.INSTALL_HINT}")
+    return gitolite.unavailable()
 
 
 def test_quick_benchmark_on_tiny_data(tmp_path):
@@ -36,14 +55,28 @@ def test_quick_benchmark_on_tiny_data(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     results = report["results"]
+    skipped = gitolite_reason()
+    targets = ["file", "openssh", "openssh_gcm", "gateway"]
+    if skipped is None:
+        targets.insert(3, "gitolite")
+        assert report["skipped"] == {}
+    else:  # one clear line, and no figure for it
+        assert report["skipped"] == {"gitolite": skipped}
+        assert f"gitolite3: skipped, {skipped}" in result.stderr
+    assert report["targets"] == targets
     for name in WORKLOADS:
         figures = results[name]
-        for target in ("file", "openssh", "gateway"):
+        for target in targets:
             assert figures[target], (name, target)
-        assert figures["gateway/openssh"] > 0 and figures["gateway/file"] > 0
-    for name in ("concurrent_2", "concurrent_4"):
-        assert results[name]["gateway/openssh"] > 0
-        assert results[f"{name}_failures"] == {"file": 0, "openssh": 0, "gateway": 0}
+            if target != "gateway":
+                assert figures[f"gateway/{target}"] > 0, (name, target)
+        assert "gitolite" in figures or skipped
+    for name in ("concurrent_2", "concurrent_4", "fetch_storm"):
+        assert results[f"{name}_failures"] == dict.fromkeys(targets, 0), name
+    # Each storm is 4 concurrent fetches (tiny profile), the gateway's CPU counted per fetch.
+    for name in ("fetch_storm", "fetch_storm_repeat"):
+        assert results[name]["fetches"] == 4
+        assert results[name]["gateway_cpu_per_fetch_s"] > 0, results[name]
     assert all(v > 0 for v in results["raw_pack_mb_per_s"].values())
     auth = results["auth_cost"]
     assert auth["sqlite"]["many/few"] > 0
@@ -54,16 +87,49 @@ def test_quick_benchmark_on_tiny_data(tmp_path):
     assert results["gateway_exit_code"] == {"code": 0, "sqlite": 0}
     assert "clone_bare" in result.stdout  # the human table
     readme = (tmp_path / "bench.md").read_text()  # and the README's
-    assert "| clone bare |" in readme
+    assert "| clone bare |" in readme and "| fetch storm repeat |" in readme
+    assert "gateway / OpenSSH AES-GCM" in readme
+    # The plot of the ratios, beside the table, which shows it.
+    assert (tmp_path / "bench.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert "](bench.png)" in readme
     assert "Auth cost: ls-remote p50 on sqlite" in readme and "postgresql" not in readme
     # The cipher each SSH target negotiated is reported: it is the transport's main cost.
     negotiated = report["negotiated"]
     assert negotiated["file"] is None
-    for target in ("openssh", "gateway"):
+    for target in targets[1:]:
         assert set(negotiated[target]) == {"kex", "cipher", "mac"}, negotiated
         assert " " not in negotiated[target]["kex"], negotiated
         assert negotiated[target]["cipher"] in result.stdout
     assert negotiated["gateway"]["cipher"] == "chacha20-poly1305@openssh.com"  # OpenSSH's pick
+    assert negotiated["openssh_gcm"]["cipher"] == "aes128-gcm@openssh.com"  # cipher for cipher
+    if skipped is None:
+        # The peer's state (a copy of the repository) went with the run.
+        assert not gitolite.HOME.exists()
+
+
+def test_gitolite_in_use_is_skipped_with_one_line(tmp_path):
+    """Two runs at once cannot share gitolite3's user and home: the second one skips it,
+    says why in one line, and still measures the others."""
+    if gitolite_reason() is not None:
+        pytest.skip(f"gitolite3 cannot run here: {gitolite_reason()}")
+    out = tmp_path / "bench.json"
+    gitolite.LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(gitolite.LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run(
+            [
+                *(sys.executable, "-m", "bench", "--profile", "tiny"),
+                *("--only", "ls_remote", "--json", str(out)),
+            ],
+            cwd=ROOT,
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    assert report["skipped"] == {"gitolite": "another benchmark run is using it"}
+    assert result.stderr.count("gitolite3: skipped") == 1
+    assert "gitolite" not in report["results"]["ls_remote"]
+    assert report["results"]["ls_remote"]["gateway/openssh"] > 0
 
 
 def test_auth_cost_on_sqlite_and_postgresql(tmp_path):
