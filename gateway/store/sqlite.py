@@ -501,28 +501,34 @@ class SQLiteStore(Store):
 
     # -- deploys --
 
+    async def _insert_deploy(
+        self, db: aiosqlite.Connection, new: NewDeploy, now: datetime, origin: str | None
+    ) -> int:
+        cur = await db.execute(
+            """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
+                   subject, author, mode, pipeline, status, created_at, origin)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)""",
+            (
+                new.app_id,
+                new.ref,
+                new.old_sha,
+                new.new_sha,
+                new.pusher,
+                new.key_fingerprint,
+                new.subject,
+                new.author,
+                new.mode,
+                new.pipeline,
+                now,
+                origin,
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
     async def create_deploy(self, new: NewDeploy) -> Deploy:
         async with self._transaction() as db:
-            cur = await db.execute(
-                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                       subject, author, mode, pipeline, status, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)""",
-                (
-                    new.app_id,
-                    new.ref,
-                    new.old_sha,
-                    new.new_sha,
-                    new.pusher,
-                    new.key_fingerprint,
-                    new.subject,
-                    new.author,
-                    new.mode,
-                    new.pipeline,
-                    utcnow(),
-                ),
-            )
-            deploy_id = cur.lastrowid
-        found = await self.get_deploy(int(deploy_id or 0))
+            deploy_id = await self._insert_deploy(db, new, utcnow(), None)
+        found = await self.get_deploy(deploy_id)
         if found is None:  # pragma: no cover - just inserted
             raise RuntimeError("deploy vanished")
         return found
@@ -616,26 +622,7 @@ class SQLiteStore(Store):
     async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
         async with self._transaction() as db:
             now = utcnow()
-            cur = await db.execute(
-                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                       subject, author, mode, pipeline, status, created_at, origin)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)""",
-                (
-                    new.app_id,
-                    new.ref,
-                    new.old_sha,
-                    new.new_sha,
-                    new.pusher,
-                    new.key_fingerprint,
-                    new.subject,
-                    new.author,
-                    new.mode,
-                    new.pipeline,
-                    now,
-                    origin,
-                ),
-            )
-            deploy_id = int(cur.lastrowid or 0)
+            deploy_id = await self._insert_deploy(db, new, now, origin)
             waiting = await self._all(
                 "SELECT id FROM deploys WHERE app_id = ? AND status = 'queued' AND id < ? "
                 "ORDER BY id",

@@ -682,12 +682,14 @@ class PostgresStore(Store):
 
     # -- deploys --
 
-    async def create_deploy(self, new: NewDeploy) -> Deploy:
-        async with self._transaction() as conn:
-            deploy_id = await conn.fetchval(
+    async def _insert_deploy(
+        self, conn: Any, new: NewDeploy, now: datetime, origin: str | None
+    ) -> int:
+        return int(
+            await conn.fetchval(
                 """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                       subject, author, mode, pipeline, status, created_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11)
+                       subject, author, mode, pipeline, status, created_at, origin)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $12)
                    RETURNING id""",
                 new.app_id,
                 new.ref,
@@ -699,8 +701,14 @@ class PostgresStore(Store):
                 new.author,
                 new.mode,
                 new.pipeline,
-                to_time(utcnow()),
+                now,
+                origin,
             )
+        )
+
+    async def create_deploy(self, new: NewDeploy) -> Deploy:
+        async with self._transaction() as conn:
+            deploy_id = await self._insert_deploy(conn, new, utcnow(), None)
             row = await conn.fetchrow(
                 f"SELECT {_DEPLOY_COLUMNS} {_DEPLOY_FROM} WHERE d.id = $1",
                 deploy_id,
@@ -794,25 +802,8 @@ class PostgresStore(Store):
 
     async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
         async with self._transaction() as conn:
-            now = to_time(utcnow())
-            deploy_id = await conn.fetchval(
-                """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                       subject, author, mode, pipeline, status, created_at, origin)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $12)
-                   RETURNING id""",
-                new.app_id,
-                new.ref,
-                new.old_sha,
-                new.new_sha,
-                new.pusher,
-                new.key_fingerprint,
-                new.subject,
-                new.author,
-                new.mode,
-                new.pipeline,
-                now,
-                origin,
-            )
+            now = utcnow()
+            deploy_id = await self._insert_deploy(conn, new, now, origin)
             # Rows locked: a claim cannot take one of these while it is being superseded.
             rows = await conn.fetch(
                 """UPDATE deploys SET status = 'cancelled', finished_at = $1, reason = $2,
