@@ -97,6 +97,14 @@ class Gateway:
             raise RuntimeError("not started")
         return self.proc.pid
 
+    def empty_pack_cache(self) -> None:
+        """Drop the pack cache's entries and request markers (the default directory beside
+        the control socket): the next request for anything is a first one."""
+        cache = self.state / "gw.sock.pack-cache"
+        for part in ("entries", "seen"):
+            for item in (cache / part).glob("*"):
+                item.unlink(missing_ok=True)
+
     def cli(self, *args: str, stdin: str | None = None) -> str:
         return run(
             [sys.executable, "-m", "gateway", "--config", str(self.config), *args], input=stdin

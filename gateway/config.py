@@ -424,11 +424,10 @@ class GitSettings:
         "2G", _size, "largest pack a push may send (receive.maxInputSize)"
     )
     pack_cache: bool = _setting(
-        False,
+        True,
         _bool,
         "pack-objects cache: identical concurrent fetches share one pack-objects run, and an"
-        " answer requested twice is kept on disk for the next ones (off by default for now:"
-        " its hook's start-up costs more than it saves on small repositories)",
+        " answer requested twice is kept on disk for the next ones",
     )
     pack_cache_dir: Path | None = _setting(
         "",

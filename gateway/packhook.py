@@ -12,21 +12,21 @@ haves, shallow lines): everything that shapes the pack. Then, in order:
 - anything unusable (a missing or foreign directory, a full disk, a bad entry) falls back
   to plain pack-objects: the cache may make a fetch faster, never wrong.
 Each run sends one datagram to its gateway worker (metrics, and log lines for problems).
-Standard library only, and little of it: every fetch with wants pays this start-up.
+Standard library only, and little of it: every fetch with wants pays this start-up, so no
+json, subprocess, socket or contextlib (about 16 ms of imports, more than a small fetch's
+pack-objects run): git is started with posix_spawn, the report is sent with _socket.
 """
 
 from __future__ import annotations
 
-import contextlib
+import _signal
+import _socket
 import errno
 import fcntl
 import hashlib
-import json
 import os
-import socket
 import stat
 import struct
-import subprocess
 import sys
 import time
 
@@ -57,6 +57,78 @@ JOIN_WAIT = 2.0
 STALE_SPOOL = 60.0
 
 
+class _quiet:
+    """contextlib.suppress, without importing contextlib."""
+
+    def __init__(self, *exceptions: type[BaseException]) -> None:
+        self.exceptions = exceptions
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is not None and issubclass(kind, self.exceptions)
+
+
+class Child:
+    """A process started with posix_spawn (subprocess' import costs more than this whole
+    hook's work on a small fetch): its stdin a pipe, its stdout a pipe or inherited."""
+
+    def __init__(self, command: list[str], capture: bool) -> None:
+        read_in, self.stdin = os.pipe()
+        actions = [(os.POSIX_SPAWN_DUP2, read_in, 0)]
+        read_out = write_out = -1
+        if capture:
+            read_out, write_out = os.pipe()
+            actions.append((os.POSIX_SPAWN_DUP2, write_out, 1))
+        try:
+            spawn = os.posix_spawn if os.path.isabs(command[0]) else os.posix_spawnp
+            # SIGPIPE back to its default, as subprocess does: Python ignores it, and git must
+            # die of a closed pipe the way it would under upload-pack directly.
+            self.pid = spawn(
+                command[0],
+                command,
+                os.environ,
+                file_actions=actions,
+                setsigdef=(_signal.SIGPIPE,),
+            )
+        except BaseException:
+            for fd in (read_in, self.stdin, read_out, write_out):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        os.close(read_in)
+        if write_out >= 0:
+            os.close(write_out)
+        self.stdout = read_out
+        self.code: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Write to its stdin; a child that stopped reading is not an error here."""
+        with _quiet(BrokenPipeError):
+            write_all(self.stdin, data)
+
+    def close_stdin(self) -> None:
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+
+    def wait(self) -> int:
+        if self.code is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.code = os.waitstatus_to_exitcode(status)
+            self.close_stdin()
+            if self.stdout >= 0:
+                os.close(self.stdout)
+                self.stdout = -1
+        return self.code
+
+    def kill(self) -> None:
+        if self.code is None:
+            with _quiet(ProcessLookupError):
+                os.kill(self.pid, _signal.SIGKILL)
+
+
 class Unusable(Exception):
     """The cache cannot be used for this request: fall back to plain pack-objects."""
 
@@ -76,10 +148,44 @@ class Reporter:
         if not self.path:
             return
         self.message["problems"] = self.problems[:8]
-        data = json.dumps(self.message).encode()[:8192]
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.setblocking(False)
-            s.sendto(data, self.path)
+        data = to_json(self.message).encode()[:8192]
+        try:
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+        except OSError:
+            return
+        try:
+            sock.setblocking(False)
+            sock.sendto(data, self.path)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def _json_text(text: str) -> str:
+    out = []
+    for char in text:
+        if char in '"\\' or ord(char) < 0x20 or 0xD800 <= ord(char) < 0xE000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def to_json(value: object) -> str:
+    """JSON for the report's few shapes (str, int, list, dict): the json module's import
+    alone costs more than this hook's own work on a small fetch."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return _json_text(value)
+    if isinstance(value, list):
+        return "[" + ",".join(to_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_json_text(str(k))}:{to_json(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot report {type(value).__name__}")
 
 
 def pack_objects_argv(argv: list[str], git: str) -> list[str]:
@@ -146,7 +252,7 @@ class Cache:
     def close(self) -> None:
         for fd in (*self.dirs.values(), getattr(self, "lock", None), self.root):
             if fd is not None:
-                with contextlib.suppress(OSError):
+                with _quiet(OSError):
                     os.close(fd)
 
     # -- entries --
@@ -182,12 +288,12 @@ class Cache:
                 length, data = verify(fd, info.st_size, key), None
             return fd, data, length
         except BaseException:
-            with contextlib.suppress(OSError):
+            with _quiet(OSError):
                 os.close(fd)
             raise
 
     def remove(self, where: str, name: str) -> None:
-        with contextlib.suppress(OSError):
+        with _quiet(OSError):
             os.unlink(name, dir_fd=self.dirs[where])
 
     # -- second requests --
@@ -228,7 +334,7 @@ class Cache:
         return True
 
     def unlock(self, key: str) -> None:
-        with contextlib.suppress(OSError):
+        with _quiet(OSError):
             fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, _offset(key))
 
     def new_spool(self, key: str) -> int:
@@ -315,7 +421,7 @@ class _Item:
 def _scan(fd: int) -> list[_Item]:
     items = []
     for name in os.listdir(fd):
-        with contextlib.suppress(OSError):
+        with _quiet(OSError):
             info = os.stat(name, dir_fd=fd, follow_symlinks=False)
             items.append(_Item(name, info))
     return items
@@ -376,7 +482,19 @@ def verify(fd: int, size: int, key: str) -> int:
 
 
 def copy_range(fd: int, start: int, end: int, out: int) -> None:
+    """Bytes [start, end) of fd to out: by sendfile (the kernel copies from the page cache
+    into upload-pack's pipe), or through memory where sendfile cannot take out."""
     offset = start
+    try:
+        while offset < end:
+            sent = os.sendfile(out, fd, offset, min(CHUNK * 4, end - offset))
+            if not sent:
+                raise ValueError("truncated while read")
+            offset += sent
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
     while offset < end:
         data = os.pread(fd, min(CHUNK, end - offset), offset)
         if not data:
@@ -465,15 +583,11 @@ def lead(
         spool = None
     digest = hashlib.sha256(bytes.fromhex(key))
     length = 0
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    if proc.stdin is None or proc.stdout is None:  # pragma: no cover - PIPE requested
-        raise RuntimeError("pack-objects pipes missing")
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.write(request)
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.close()
+    proc = Child(command, capture=True)
+    proc.feed(request)
+    proc.close_stdin()
     client = True
-    source = proc.stdout.fileno()
+    source = proc.stdout
     try:
         while True:
             data = os.read(source, CHUNK)
@@ -523,7 +637,7 @@ def lead(
     finally:
         if spool is not None:
             os.close(spool)  # releases the flock: followers see the end
-        if proc.poll() is None:
+        if proc.code is None:
             proc.kill()
             proc.wait()
 
@@ -532,7 +646,7 @@ def _abandon(cache: Cache, key: str, spool: int) -> None:
     """Stop spooling: the file is removed and closed without a trailer, so followers that
     had not started yet run git themselves, and none ever treats it as complete."""
     cache.remove(SPOOL, key)
-    with contextlib.suppress(OSError):
+    with _quiet(OSError):
         os.ftruncate(spool, 0)
     os.close(spool)
     return None
@@ -540,15 +654,14 @@ def _abandon(cache: Cache, key: str, spool: int) -> None:
 
 def run_plain(command: list[str], request: bytes, stdin: int) -> int:
     """pack-objects without the cache: the request read so far, then the rest of stdin."""
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE)
-    if proc.stdin is None:  # pragma: no cover - PIPE requested
-        raise RuntimeError("pack-objects pipe missing")
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.write(request)
-        while data := os.read(stdin, CHUNK):
-            proc.stdin.write(data)
-    with contextlib.suppress(BrokenPipeError):
-        proc.stdin.close()
+    proc = Child(command, capture=False)
+    proc.feed(request)
+    while proc.stdin >= 0 and (data := os.read(stdin, CHUNK)):
+        try:
+            write_all(proc.stdin, data)
+        except BrokenPipeError:
+            break
+    proc.close_stdin()
     return proc.wait()
 
 

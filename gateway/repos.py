@@ -344,7 +344,7 @@ def _log_changes(changes: list[repoguard.Change], app: str | None) -> None:
             )
 
 
-_SHEBANG = re.compile(rb"#!(\S+) -I\n")
+_SHEBANG = re.compile(rb"#!(\S+) (-IS?)\n")
 _PACK_HOOK = re.compile(rb"#!(\S+) -IS\n(?:.*\n)*?sys\.path\.insert\(0, '([^'\n]*)'\)\n")
 _MAX_INPUT = re.compile(rb"\n\tmaxInputSize = (\d{1,20})\n")
 
@@ -365,5 +365,6 @@ def generated_earlier(name: str, content: bytes) -> bool:
         found = _SHEBANG.match(content)
         if found is None:
             return False
-        return content == hooks.script(name, os.fsdecode(found.group(1))).encode()
+        python, isolation = (os.fsdecode(g) for g in found.groups())
+        return content == hooks.script(name, python, isolation).encode()
     return False

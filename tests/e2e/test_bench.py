@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = (
     "clone_bare",
     "clone_checkout",
+    "clone_repeat",
+    "clone_shallow_repeat",
     "raw_pack",
     "fetch_incremental",
     "push_initial",

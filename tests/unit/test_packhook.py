@@ -117,3 +117,81 @@ def test_cache_dir_is_never_bound_into_a_deploy_sandbox(tmp_path):
                 "deploy": {"sandbox_read_paths": [str(tmp_path)]},
             }
         )
+
+
+def test_report_json_round_trips_hostile_text():
+    """The hook writes its report without the json module; whatever a reason or key holds
+    (quotes, backslashes, control characters, lone surrogates from a path), the gateway's
+    json.loads reads back exactly what was sent."""
+    import json
+
+    message = {
+        "result": "miss",
+        "served": 0,
+        "written": 12,
+        "problems": [{"event": "pack_cache_write_failed", "reason": 'a"b\\c\n\x00\x1f\udcff é'}],
+    }
+    assert json.loads(packhook.to_json(message)) == message
+    with pytest.raises(TypeError):
+        packhook.to_json({"x": 1.5})
+
+
+def test_hook_does_not_import_heavy_modules():
+    """Start-up is the hook's cost on every fetch: it must not import json, subprocess,
+    socket or contextlib (16 ms here), nor the gateway's other modules."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import gateway.packhook;"
+        "print(' '.join(sorted(sys.modules)))"
+    )
+    root = str(Path(packhook.__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-IS", "-c", code, root],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    heavy = {"json", "subprocess", "socket", "contextlib", "asyncio", "signal", "logging"}
+    assert not heavy & set(out)
+    assert [m for m in out if m.startswith("gateway")] == ["gateway", "gateway.packhook"]
+
+
+def test_child_restores_sigpipe_and_reports_exit_codes(tmp_path):
+    """git under the hook dies of a closed pipe as under upload-pack (SIGPIPE at its
+    default, not Python's ignore), and exit codes come back as subprocess reports them."""
+    import sys
+
+    # Python sets SIGPIPE to ignored in any Python child, so ask the kernel about grep.
+    child = packhook.Child(["grep", "^SigIgn:", "/proc/self/status"], capture=True)
+    child.close_stdin()
+    ignored = int(os.read(child.stdout, 200).split()[1], 16)
+    assert child.wait() == 0
+    assert not ignored & (1 << (13 - 1))  # SIGPIPE is 13
+    echo = packhook.Child(
+        [sys.executable, "-c", "import sys; sys.stdout.write(sys.stdin.read())"], capture=True
+    )
+    echo.feed(b"hello")
+    echo.close_stdin()
+    assert os.read(echo.stdout, 100) == b"hello"
+    assert echo.wait() == 0
+    sleeper = packhook.Child([sys.executable, "-c", "import time; time.sleep(60)"], capture=False)
+    sleeper.kill()
+    assert sleeper.wait() == -9
+
+
+def test_copy_range_sends_the_range_and_refuses_a_short_file(tmp_path):
+    source = tmp_path / "entry"
+    source.write_bytes(bytes(range(256)) * 5000)
+    fd = os.open(source, os.O_RDONLY)
+    read, write = os.pipe()
+    try:
+        packhook.copy_range(fd, 10, 1010, write)
+        assert os.read(read, 5000) == (bytes(range(256)) * 5000)[10:1010]
+        with pytest.raises(ValueError, match="truncated"):
+            packhook.copy_range(fd, 1_279_000, 1_290_000, write)  # the file ends at 1,280,000
+    finally:
+        for each in (fd, read, write):
+            os.close(each)

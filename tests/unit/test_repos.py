@@ -95,3 +95,18 @@ def test_stale_quarantines_are_removed(tmp_path):
         os.utime(item, (old, old))
     assert repos.remove_stale_quarantines("web", 3600) == 1
     assert fresh.exists() and not stale.exists()
+
+
+def test_hooks_of_earlier_versions_count_as_generated():
+    """An upgrade rewrites the hooks (now started with -IS, without site's start-up): what
+    the previous version wrote is recognized as the gateway's own, not as tampering; an
+    edited hook is not."""
+    from gateway import hooks
+    from gateway.repos import generated_earlier
+
+    for name in hooks.HOOK_NAMES:
+        assert hooks.script(name, "/opt/py/bin/python").startswith("#!/opt/py/bin/python -IS\n")
+        for isolation in ("-IS", "-I"):
+            old = hooks.script(name, "/old/venv/bin/python", isolation).encode()
+            assert generated_earlier(name, old)
+            assert not generated_earlier(name, old + b"import os\n")
