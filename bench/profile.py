@@ -34,7 +34,7 @@ INSTALL_HINT = "pip install py-spy (it reads the gateway's memory: run as root o
 PARTS: list[tuple[str, str, tuple[str, ...]]] = [
     ("key exchange and signatures", "any", ("asyncssh/kex", "crypto/ed.py", "public_key.py")),
     ("SSH ciphers and MACs", "any", ("asyncssh/crypto/", "cryptography/", "encryption.py")),
-    ("reading git's pipes (os.read)", "leaf", ("unix_events.py",)),
+    ("reading git's pipes (os.read)", "leaf", ("unix_events.py", "PipeReader.read")),
     ("socket reads and writes (TCP)", "leaf", ("selector_events.py",)),
     ("registry (key lookup, rights)", "any", ("aiosqlite", "sqlite3", "gateway/store")),
     ("spawning git", "any", ("subprocess.py", "_execute_child", "posix_spawn")),
