@@ -185,3 +185,21 @@ def test_workers_benchmark_on_tiny_data(tmp_path):
     assert figures["database_locked"] == {"1": 0, "2": 0}
     assert "2 workers / 1" in result.stdout
     assert all(rate > 0 for rate in figures["raw_pack_mb_per_s"].values())
+
+
+def test_profile_reports_where_the_gateways_cpu_goes(tmp_path):
+    """`python -m bench.profile` (py-spy, from the bench extra) on the tiny profile: every
+    workload gets its wall time, the CPU of each side and a breakdown that adds up."""
+    result = run(
+        [
+            *(sys.executable, "-m", "bench.profile", "--profile", "tiny", "--reps", "3"),
+            *("--out", str(tmp_path / "stacks")),
+        ],
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("ls_remote", "clone_bare", "push"):
+        assert f"\n{name}, per operation: " in result.stdout
+        assert (tmp_path / "stacks" / f"{name}.collapsed").stat().st_size > 0
+    assert result.stdout.count("CPU: gateway ") == 3
