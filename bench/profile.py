@@ -136,23 +136,25 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if spy.stdout is None:  # pragma: no cover - PIPE requested
                     raise RuntimeError("no stdout pipe")
-                # py-spy says "Sampling process ..." once it is attached.
-                first = spy.stdout.readline()
-                if "Sampling" not in first:
-                    raise SystemExit(f"py-spy did not attach: {first.strip()} ({INSTALL_HINT})")
-                before = cpu_seconds(gateway.pid), _client_cpu()
-                started = time.perf_counter()
-                for i in range(args.reps):
-                    step(i)
-                wall[name] = (time.perf_counter() - started) / args.reps
-                (own, git), client = cpu_seconds(gateway.pid), _client_cpu()
+                try:
+                    # py-spy says "Sampling process ..." once it is attached.
+                    first = spy.stdout.readline()
+                    if "Sampling" not in first:
+                        raise SystemExit(f"py-spy did not attach: {first.strip()} ({INSTALL_HINT})")
+                    before = cpu_seconds(gateway.pid), _client_cpu()
+                    started = time.perf_counter()
+                    for i in range(args.reps):
+                        step(i)
+                    wall[name] = (time.perf_counter() - started) / args.reps
+                    (own, git), client = cpu_seconds(gateway.pid), _client_cpu()
+                finally:
+                    spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
+                    spy.communicate(timeout=TIMEOUT)
                 cpu[name] = {
                     "gateway": (own - before[0][0]) / args.reps,
                     "git": (git - before[0][1]) / args.reps,
                     "client": (client - before[1]) / args.reps,
                 }
-                spy.send_signal(2)  # SIGINT: py-spy writes its file and exits
-                spy.communicate(timeout=TIMEOUT)
                 report[name] = summarize(stacks, args.reps)
         finally:
             gateway.stop()

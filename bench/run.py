@@ -406,6 +406,7 @@ class Bench:
         each: Callable[[Target, int], float | None],
         reps: int | None = None,
         warm: bool = False,
+        prepare: Callable[[Target], None] | None = None,
     ) -> Figures:
         """Run each(target, rep) for every target, reps times. The gateway starts every
         repetition with an empty pack cache unless warm: a workload repeated with the
@@ -417,6 +418,8 @@ class Bench:
                 target = self.targets[target_name]
                 if target_name == "gateway" and not warm:
                     self.gateway.empty_pack_cache()
+                if prepare is not None:
+                    prepare(target)  # before the CPU snapshot: not part of the figure
                 before = cpu_seconds(self.gateway.pid)[0] if target_name == "gateway" else 0.0
                 value = each(target, rep)
                 if target_name == "gateway":
@@ -447,24 +450,29 @@ class Bench:
 
         return each
 
-    def clone_repeat(self, depth: int | None = None) -> Callable[[Target, int], float]:
+    def clone_repeat(
+        self, depth: int | None = None
+    ) -> tuple[Callable[[Target], None], Callable[[Target, int], float]]:
         """A bare clone of a commit cloned twice just before: what CI runners cloning the
         same commit get (with depth: a shallow clone, as CI checkouts usually are). The
         pack cache keeps an answer at its second request, so the gateway serves these
-        from it; the other targets run pack-objects again."""
+        from it; the other targets run pack-objects again. Returns (warm-up, each)."""
         bare = self.clone(bare=True, depth=depth)
         warmed: set[str] = set()
 
-        def each(target: Target, rep: int) -> float:
+        def warm_up(target: Target) -> None:
             if target.name not in warmed:
                 warmed.add(target.name)
                 if target.name == "gateway":
                     self.gateway.empty_pack_cache()
                 bare(target, -1)
                 bare(target, -2)
-            return bare(target, rep)
 
-        return each
+        return warm_up, bare
+
+    def repeated(self, name: str, depth: int | None) -> Figures:
+        warm_up, each = self.clone_repeat(depth)
+        return self.measure(name, each, warm=True, prepare=warm_up)
 
     def raw_pack(self, target: Target, rep: int) -> float:
         refs = run(
@@ -814,10 +822,8 @@ class Bench:
         steps: dict[str, Callable[[], object]] = {
             "clone_bare": lambda: self.measure("clone_bare", self.clone(bare=True)),
             "clone_checkout": lambda: self.measure("clone_checkout", self.clone(bare=False)),
-            "clone_repeat": lambda: self.measure("clone_repeat", self.clone_repeat(), warm=True),
-            "clone_shallow_repeat": lambda: self.measure(
-                "clone_shallow_repeat", self.clone_repeat(depth=1), warm=True
-            ),
+            "clone_repeat": lambda: self.repeated("clone_repeat", None),
+            "clone_shallow_repeat": lambda: self.repeated("clone_shallow_repeat", 1),
             "raw_pack": lambda: self.measure("raw_pack", self.raw_pack),
             "fetch_incremental": lambda: self.measure("fetch_incremental", self.fetch_incremental),
             "push_initial": lambda: self.measure("push_initial", self.push_initial),

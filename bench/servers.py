@@ -73,6 +73,7 @@ class Gateway:
         self.database = database or str(state / "gw.db")
         self.repos = state / "repos"
         self.config = state / "gateway.toml"
+        self.control_socket = state / "gw.sock"
         self.config.write_text(
             # One process unless asked: the comparisons with OpenSSH are per process.
             f"[server]\nworkers = {workers}\n"
@@ -82,7 +83,7 @@ class Gateway:
             "[storage]\n"
             f'repos = "{self.repos}"\n'
             f'database = "{self.database}"\n'
-            f'control_socket = "{state / "gw.sock"}"\n'
+            f'control_socket = "{self.control_socket}"\n'
             "[deploy]\n"
             f'log_dir = "{state / "deploys"}"\n'
             "[http]\n"
@@ -100,7 +101,7 @@ class Gateway:
     def empty_pack_cache(self) -> None:
         """Drop the pack cache's entries and request markers (the default directory beside
         the control socket): the next request for anything is a first one."""
-        cache = self.state / "gw.sock.pack-cache"
+        cache = Path(f"{self.control_socket}.pack-cache")  # [git] pack_cache_dir's default
         for part in ("entries", "seen"):
             for item in (cache / part).glob("*"):
                 item.unlink(missing_ok=True)

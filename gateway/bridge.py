@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
@@ -23,7 +22,6 @@ import asyncssh
 
 CHUNK = 256 * 1024
 TERMINATE_GRACE = 5.0
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+ only on some builds
 
 # What a dead or closed SSH channel raises on read, write or drain.
 CLIENT_GONE = (OSError, EOFError, asyncssh.Error)
@@ -48,10 +46,9 @@ class PipeReader:
         self.fd = fd
         self.buffer = bytearray(CHUNK)
         self.view = memoryview(self.buffer)
+        # The pipe keeps its default size: larger pipes count against the user's pipe quota
+        # (pipe-user-pages-soft), past which every new pipe of every session is tiny.
         os.set_blocking(fd, False)
-        with contextlib.suppress(OSError):
-            # A pipe as large as a read: fewer wakeups (git waits on a full pipe, not us).
-            fcntl.fcntl(fd, F_SETPIPE_SZ, CHUNK)
 
     async def read(self, n: int = -1) -> bytes:
         while True:
@@ -197,10 +194,11 @@ async def run(
                 hangup.set()
 
     feeder = asyncio.create_task(client_to_process())
-    outputs = asyncio.gather(
-        process_to_client(stdout, channel.stdout, True),
-        process_to_client(stderr, channel.stderr, False),
-    )
+    pumps = [
+        asyncio.create_task(process_to_client(stdout, channel.stdout, True)),
+        asyncio.create_task(process_to_client(stderr, channel.stderr, False)),
+    ]
+    outputs = asyncio.gather(*pumps)
 
     async def watchdog() -> None:
         if idle_timeout is None:
@@ -232,7 +230,9 @@ async def run(
             await _terminate(proc)
         returncode = await waiter
         await outputs
-    except asyncio.CancelledError:
+    except BaseException:
+        # Cancelled, or anything unexpected (a channel raising what it should not): git
+        # must not outlive its session.
         await _terminate(proc)
         raise
     finally:
@@ -240,10 +240,16 @@ async def run(
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
-        if not outputs.done():
-            outputs.cancel()
+        # Both pumps end before git's stdout is closed: gather does not cancel the other
+        # when one fails, and a pump still reading a closed (and reused) descriptor could
+        # read another session's pipe.
+        for pump in pumps:
+            pump.cancel()
+        for pump in pumps:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await outputs
+                await pump
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await outputs
         stdout.close()
     return Outcome(returncode, hangup.is_set(), counts["in"], counts["out"], idle.is_set())
 

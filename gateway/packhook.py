@@ -75,27 +75,29 @@ class Child:
     hook's work on a small fetch): its stdin a pipe, its stdout a pipe or inherited."""
 
     def __init__(self, command: list[str], capture: bool) -> None:
-        read_in, self.stdin = os.pipe()
-        actions = [(os.POSIX_SPAWN_DUP2, read_in, 0)]
-        read_out = write_out = -1
-        if capture:
-            read_out, write_out = os.pipe()
-            actions.append((os.POSIX_SPAWN_DUP2, write_out, 1))
+        fds: list[int] = []
         try:
+            read_in, self.stdin = os.pipe()
+            fds += [read_in, self.stdin]
+            actions = [(os.POSIX_SPAWN_DUP2, read_in, 0)]
+            read_out = write_out = -1
+            if capture:
+                read_out, write_out = os.pipe()
+                fds += [read_out, write_out]
+                actions.append((os.POSIX_SPAWN_DUP2, write_out, 1))
             spawn = os.posix_spawn if os.path.isabs(command[0]) else os.posix_spawnp
-            # SIGPIPE back to its default, as subprocess does: Python ignores it, and git must
-            # die of a closed pipe the way it would under upload-pack directly.
+            # SIGPIPE and SIGXFSZ back to their defaults, as subprocess does: Python ignores
+            # them, and git must die of a closed pipe the way it would under upload-pack.
             self.pid = spawn(
                 command[0],
                 command,
                 os.environ,
                 file_actions=actions,
-                setsigdef=(_signal.SIGPIPE,),
+                setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ),
             )
         except BaseException:
-            for fd in (read_in, self.stdin, read_out, write_out):
-                if fd >= 0:
-                    os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
         os.close(read_in)
         if write_out >= 0:
@@ -363,6 +365,10 @@ class Cache:
             return None
         return fd
 
+    def spools_size(self) -> int:
+        """Bytes in spools now: answers in progress count against max_size too."""
+        return sum(item.st_size for item in _scan(self.dirs[SPOOL]))
+
     def publish(self, key: str) -> None:
         """The finished spool becomes the entry, atomically (it was complete before)."""
         os.rename(key, key, src_dir_fd=self.dirs[SPOOL], dst_dir_fd=self.dirs[ENTRIES])
@@ -567,48 +573,118 @@ def follow(cache: Cache, key: str, out: int, report: Reporter) -> int:
         os.close(fd)
 
 
+class _Client:
+    """The leader's own client (upload-pack's pipe), fed so that it never holds up the
+    spool: while spooling, writes are non-blocking and what the pipe cannot take yet is
+    sent later from the spool file; a slow reader delays only itself, not the followers."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+        self.sent = 0
+        self.alive = True
+        self.blocking = True
+
+    def _blocking(self, blocking: bool) -> None:
+        if self.blocking != blocking:
+            os.set_blocking(self.out, blocking)
+            self.blocking = blocking
+
+    def _write(self, data: bytes) -> int:
+        try:
+            return os.write(self.out, data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.alive = False  # upload-pack is gone
+            return 0
+
+    def offer(self, reader: int, end: int) -> None:
+        """Send what the pipe takes now of bytes [sent, end) of the spool."""
+        self._blocking(False)
+        while self.alive and self.sent < end:
+            data = os.pread(reader, min(CHUNK, end - self.sent), self.sent)
+            if not data:
+                return
+            written = self._write(data)
+            self.sent += written
+            if written < len(data):
+                return  # the pipe is full: the rest waits in the spool
+
+    def finish(self, reader: int, end: int) -> None:
+        """Send the rest of bytes [sent, end) of the spool, waiting on the pipe."""
+        self._blocking(True)
+        if self.alive and self.sent < end:
+            try:
+                copy_range(reader, self.sent, end, self.out)
+            except (OSError, ValueError):
+                self.alive = False
+        self.sent = end
+
+    def send(self, data: bytes) -> None:
+        self._blocking(True)
+        if self.alive:
+            try:
+                write_all(self.out, data)
+            except OSError:
+                self.alive = False
+        self.sent += len(data)
+
+
 def lead(
     cache: Cache, key: str, command: list[str], request: bytes, out: int, report: Reporter
 ) -> int:
-    """Run pack-objects; copy its output to upload-pack and to the spool followers read;
-    keep it as an entry if the key was requested before or meanwhile."""
+    """Run pack-objects; copy its output, at its own pace, to the spool followers read
+    (and the leader's client from it); keep it as an entry if the key was requested
+    before or meanwhile. A spool never grows past max_size, and spools in progress
+    together stay within it: beyond, the request is answered without one."""
     if serve_entry(cache, key, out, report):  # written by a leader that just finished
         return 0
     report.message["result"] = "miss"
     recent, marked = cache.mark_seen(key)
-    try:
-        spool: int | None = cache.new_spool(key)
-    except OSError as exc:
-        report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-        spool = None
+    spool: int | None = None
+    reader: int | None = None
+    if cache.spools_size() < cache.max_size:
+        try:
+            spool = cache.new_spool(key)
+            # Our own descriptor to read it back: not a dup, which would share (and keep)
+            # the writer's lock after the writer is closed.
+            reader = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=cache.dirs[SPOOL])
+        except OSError as exc:
+            report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+            if spool is not None:
+                spool = _abandon(cache, key, spool)
     digest = hashlib.sha256(bytes.fromhex(key))
     length = 0
+    client = _Client(out)
     proc = Child(command, capture=True)
     proc.feed(request)
     proc.close_stdin()
-    client = True
-    source = proc.stdout
     try:
         while True:
-            data = os.read(source, CHUNK)
+            data = os.read(proc.stdout, CHUNK)
             if not data:
                 break
-            if spool is not None:
+            start, length = length, length + len(data)
+            if spool is not None and reader is not None:
                 try:
+                    if length + TRAILER.size > cache.max_size:
+                        raise _TooLarge
                     write_all(spool, data)
                     digest.update(data)
-                except OSError as exc:
-                    report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-                    spool = _abandon(cache, key, spool)
-            length += len(data)
-            if client:
-                try:
-                    write_all(out, data)
-                except OSError:
-                    client = False  # upload-pack is gone; finish for the followers
-                    if spool is None:
-                        proc.kill()
-                        break
+                    client.offer(reader, length)
+                    continue
+                except (OSError, _TooLarge) as exc:
+                    if isinstance(exc, OSError):
+                        report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+                    # The chunks before this one are whole in the spool: our client gets
+                    # them from there, this one and the rest directly. Followers see a
+                    # spool without a trailer and do not use it.
+                    spool = _abandon(cache, key, spool, keep_data=True)
+                    client.finish(reader, start)
+            client.send(data)
+            if not client.alive and spool is None:
+                proc.kill()
+                break
         code = proc.wait()
         if spool is not None:
             if code != 0:
@@ -618,12 +694,9 @@ def lead(
                     write_all(spool, trailer(key, length, digest.digest()))
                 except OSError as exc:
                     report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-                    spool = _abandon(cache, key, spool)
+                    spool = _abandon(cache, key, spool, keep_data=True)
         if spool is not None:
-            keep = (
-                recent or cache.seen_since(key, marked)
-            ) and length + TRAILER.size <= cache.max_size
-            if keep:
+            if recent or cache.seen_since(key, marked):
                 try:
                     cache.publish(key)
                     report.message["written"] = length + TRAILER.size
@@ -633,21 +706,33 @@ def lead(
                 cache.sweep()
             else:
                 cache.remove(SPOOL, key)
-        return code if client else 1
+            os.close(spool)  # releases the flock: followers see the end
+            spool = None
+        if reader is not None and code == 0:
+            client.finish(reader, length)  # after the followers were released
+        return code if client.alive else 1
     finally:
         if spool is not None:
-            os.close(spool)  # releases the flock: followers see the end
+            os.close(spool)
+        if reader is not None:
+            os.close(reader)
         if proc.code is None:
             proc.kill()
             proc.wait()
 
 
-def _abandon(cache: Cache, key: str, spool: int) -> None:
+class _TooLarge(Exception):
+    """The pack outgrows the cache: it is answered without a spool."""
+
+
+def _abandon(cache: Cache, key: str, spool: int, keep_data: bool = False) -> None:
     """Stop spooling: the file is removed and closed without a trailer, so followers that
-    had not started yet run git themselves, and none ever treats it as complete."""
+    had not started yet run git themselves, and none ever treats it as complete. With
+    keep_data, its bytes stay readable through the leader's own reader until it closes."""
     cache.remove(SPOOL, key)
-    with _quiet(OSError):
-        os.ftruncate(spool, 0)
+    if not keep_data:
+        with _quiet(OSError):
+            os.ftruncate(spool, 0)
     os.close(spool)
     return None
 

@@ -195,3 +195,125 @@ def test_copy_range_sends_the_range_and_refuses_a_short_file(tmp_path):
     finally:
         for each in (fd, read, write):
             os.close(each)
+
+
+def _repository(tmp_path: Path) -> tuple[Path, str, dict[str, str]]:
+    """A bare repository whose pack is far larger than a pipe (incompressible blobs)."""
+    import random
+    import shutil
+    import subprocess
+
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", str(work)], env=env, check=True, timeout=30)
+    rng = random.Random(7)  # noqa: S311 - test content, not a secret
+    for i in range(8):
+        (work / f"blob{i}").write_bytes(rng.randbytes(128 * 1024))
+    for argv in (["git", "add", "-A"], ["git", "commit", "-qm", "blobs"]):
+        subprocess.run(argv, cwd=work, env=env, check=True, timeout=30)
+    repo = tmp_path / "repo.git"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(work), str(repo)], env=env, check=True, timeout=30
+    )
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=repo,
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    cache = tmp_path / "cache"
+    packcache.prepare(cache)
+    env.update(
+        {
+            packhook.DIR_ENV: str(cache),
+            packhook.MAX_SIZE_ENV: str(64 * 1024 * 1024),
+            packhook.MAX_AGE_ENV: "300",
+            packhook.GIT_ENV: shutil.which("git") or "/usr/bin/git",
+            "GIT_DIR": str(repo),
+        }
+    )
+    return cache, head, env
+
+
+HOOK_ARGV = ["git", "pack-objects", "--revs", "--thin", "--stdout", "--delta-base-offset"]
+
+
+def test_regression_a_stalled_leader_client_never_holds_up_the_followers(tmp_path):
+    """A tenant leads a popular fetch and stops reading (its pipe full): the run still
+    reaches the spool at pack-objects' pace, so an identical fetch completes meanwhile,
+    and the stalled client gets the same bytes once it reads again."""
+    import subprocess
+    import sys
+    import time
+
+    cache, head, env = _repository(tmp_path)
+    hook = [sys.executable, "-IS", packhook.__file__, *HOOK_ARGV]
+    stalled_read, stalled_write = os.pipe()
+    leader = subprocess.Popen(hook, stdin=subprocess.PIPE, stdout=stalled_write, env=env)
+    os.close(stalled_write)
+    try:
+        leader.stdin.write(f"{head}\n".encode())
+        leader.stdin.close()
+        # The leader has published its spool once its record lock and spool exist.
+        deadline = time.monotonic() + 30
+        while not any((cache / packhook.SPOOL).iterdir()):
+            assert time.monotonic() < deadline, "the leader never started its spool"
+            time.sleep(0.01)
+        follower = subprocess.run(
+            hook, input=f"{head}\n".encode(), capture_output=True, env=env, timeout=60
+        )
+        assert follower.returncode == 0, follower.stderr
+        assert len(follower.stdout) > 1024 * 1024  # much more than the stalled pipe holds
+        assert leader.poll() is None  # the leader still waits on its client
+        received = bytearray()
+        while chunk := os.read(stalled_read, 1 << 20):
+            received += chunk
+        assert leader.wait(timeout=60) == 0
+        assert bytes(received) == follower.stdout
+        # Asked for twice: kept.
+        assert len(list((cache / packhook.ENTRIES).iterdir())) == 1
+    finally:
+        os.close(stalled_read)
+        if leader.poll() is None:
+            leader.kill()
+            leader.wait()
+
+
+def test_regression_a_pack_larger_than_the_cache_is_sent_whole_without_a_spool(tmp_path):
+    """max_size bounds a spool while it is written, not only when it is kept: a pack that
+    outgrows it stops being spooled (no disk filled by one huge fetch) and the client still
+    gets every byte, the same as from git alone."""
+    import subprocess
+    import sys
+
+    cache, head, env = _repository(tmp_path)
+    env[packhook.MAX_SIZE_ENV] = str(300 * 1024)  # the pack is about 1 MiB
+    hook = [sys.executable, "-IS", packhook.__file__, *HOOK_ARGV]
+    plain = subprocess.run(
+        ["git", *HOOK_ARGV[1:]],
+        input=f"{head}\n".encode(),
+        capture_output=True,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    for _ in range(2):  # the second time, the key was asked for before
+        result = subprocess.run(
+            hook, input=f"{head}\n".encode(), capture_output=True, env=env, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout) == len(plain) and result.stdout[-20:] == plain[-20:]
+    assert list((cache / packhook.ENTRIES).iterdir()) == []
+    assert list((cache / packhook.SPOOL).iterdir()) == []
