@@ -17,6 +17,10 @@ HOOK_NAMES = ("pre-receive", "post-receive")
 # Environment given to receive-pack (never taken from the client) that the hooks read.
 SOCKET_ENV = "GATEWAY_HOOK_SOCKET"
 TOKEN_ENV = "GATEWAY_HOOK_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+# Push options (`git push -o`) are forwarded cut to one more than these, so that the gateway
+# sees too many or too long ones without a request growing with them (deploys/options.py).
+MAX_OPTIONS = 16
+MAX_OPTION_LENGTH = 512
 
 # -IS: isolated and without site-packages: the hooks need the standard library only, and
 # site's start-up (the virtualenv's .pth files) cost 12 ms of each push's two hook runs.
@@ -30,7 +34,7 @@ HOOK = "{hook}"
 GATE = HOOK == "pre-receive"
 
 
-def main():
+{options_fn}def main():
     updates = [line.split() for line in sys.stdin.read().splitlines() if line.strip()]
     path, token = os.environ.get("{socket_env}"), os.environ.get("{token_env}")
     if not path or not token:
@@ -40,7 +44,7 @@ def main():
         "token": token,
         "updates": updates,
         "quarantine": os.environ.get("GIT_QUARANTINE_PATH"),
-    }}
+{options_field}    }}
     try:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(path)
@@ -62,15 +66,41 @@ sys.exit(main())
 """
 
 
-def script(hook: str, python: str | None = None, isolation: str = ISOLATION) -> str:
+_OPTIONS_FN = """def push_options():
+    # git sets these when the client sent push options (`git push -o`). Forwarded cut short:
+    # the gateway validates them and only needs to see that there were too many or too long.
+    count = os.environ.get("GIT_PUSH_OPTION_COUNT")
+    if count is None:
+        return None
+    try:
+        count = min(int(count), {max_count} + 1)
+    except ValueError:
+        count = {max_count} + 1
+    return [
+        os.environ.get("GIT_PUSH_OPTION_%d" % i, "")[: {max_length} + 1] for i in range(count)
+    ]
+
+
+"""
+_OPTIONS_FIELD = """        "options": push_options(),
+"""
+
+
+def script(
+    hook: str, python: str | None = None, isolation: str = ISOLATION, push_options: bool = True
+) -> str:
     """The source of one hook, run by this gateway's own interpreter in isolated mode
-    (`isolation` other than the default only to recognize what earlier versions wrote)."""
+    (`isolation` and `push_options` other than the defaults only to recognize what earlier
+    versions wrote)."""
     if hook not in HOOK_NAMES:
         raise ValueError(hook)
+    options_fn = _OPTIONS_FN.format(max_count=MAX_OPTIONS, max_length=MAX_OPTION_LENGTH)
     return _TEMPLATE.format(
         python=python or sys.executable,
         isolation=isolation,
         hook=hook,
         socket_env=SOCKET_ENV,
         token_env=TOKEN_ENV,
+        options_fn=options_fn if push_options else "",
+        options_field=_OPTIONS_FIELD if push_options else "",
     )

@@ -123,6 +123,7 @@ class Deploy:
     finished_at: datetime | None
     runner: str | None = None  # the gateway process (node) running it
     duration_ms: int | None = None  # measured by the runner, set when it ends
+    note: str | None = None  # the pusher's `-o deploy.note=...`
 
     @property
     def branch(self) -> str:
@@ -148,6 +149,7 @@ class NewDeploy:
     author: str
     mode: str
     pipeline: str
+    note: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

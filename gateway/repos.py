@@ -56,8 +56,9 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def git_settings(max_input_size: int) -> list[tuple[str, str]]:
-    """The git config every app repository runs with, as (key, value) pairs."""
+def git_settings(max_input_size: int, push_options: bool = True) -> list[tuple[str, str]]:
+    """The git config every app repository runs with, as (key, value) pairs
+    (`push_options=False` only to recognize what earlier versions wrote)."""
     settings = [
         ("core.logAllRefUpdates", "true"),
         # Every pushed object is checked; corrupt objects are refused...
@@ -71,6 +72,10 @@ def git_settings(max_input_size: int) -> list[tuple[str, str]]:
         ("uploadpack.allowFilter", "true"),
         ("uploadpack.allowAnySHA1InWant", "true"),
     ]
+    if push_options:
+        # `git push -o deploy.skip` and friends reach the hooks, which forward them to the
+        # gateway to be checked against its allow-list (deploys/options.py).
+        settings.append(("receive.advertisePushOptions", "true"))
     for msg_id in LEGACY_FSCK_WARNINGS:
         settings.append((f"receive.fsck.{msg_id}", "warn"))
         settings.append((f"fsck.{msg_id}", "warn"))
@@ -93,12 +98,12 @@ _BASE_CORE = (
 ATTRIBUTES = b"* -export-subst -filter -ident -text -working-tree-encoding\n"
 
 
-def config_text(max_input_size: int) -> bytes:
+def config_text(max_input_size: int, push_options: bool = True) -> bytes:
     """The exact `config` file of every app repository: [core] as created, then
     git_settings(). Laid out as dulwich writes it, so repositories created by earlier
     versions already match byte for byte."""
     sections: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for key, value in (*_BASE_CORE, *git_settings(max_input_size)):
+    for key, value in (*_BASE_CORE, *git_settings(max_input_size, push_options)):
         section, _, name = key.rpartition(".")
         head, _, sub = section.partition(".")
         items = sections.setdefault((head, sub), [])
@@ -354,7 +359,9 @@ def generated_earlier(name: str, content: bytes) -> bool:
     virtualenv, a Python upgrade) or another [git] max_input_size?"""
     if name == "config":
         found = _MAX_INPUT.search(content)
-        return found is not None and content == config_text(int(found.group(1)))
+        return found is not None and any(
+            content == config_text(int(found.group(1)), options) for options in (True, False)
+        )
     if name == packhook.HOOK_NAME:
         found = _PACK_HOOK.match(content)
         if found is None:
@@ -366,5 +373,8 @@ def generated_earlier(name: str, content: bytes) -> bool:
         if found is None:
             return False
         python, isolation = (os.fsdecode(g) for g in found.groups())
-        return content == hooks.script(name, python, isolation).encode()
+        return any(
+            content == hooks.script(name, python, isolation, options).encode()
+            for options in (True, False)
+        )
     return False

@@ -8,7 +8,7 @@ from . import times
 from .models import Deploy
 from .textsafe import terminal_safe
 
-DEPLOY_HEADERS = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT"]
+DEPLOY_HEADERS = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT", "NOTE"]
 
 
 def render(rows: list[list[str]], headers: list[str]) -> str:
@@ -41,6 +41,7 @@ def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:
             d.pusher,
             shown(d.created_at),
             d.subject[:50],
+            d.note or "",
         ]
         for d in deploys
     ]

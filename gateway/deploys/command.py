@@ -36,6 +36,8 @@ def command_env(deploy: Deploy, home: str, path: str) -> dict[str, str]:
         "GATEWAY_USER": deploy.pusher,
         "GATEWAY_KEY_FINGERPRINT": deploy.key_fingerprint,
         "GATEWAY_DEPLOY_ID": str(deploy.id),
+        # The pusher's `-o deploy.note=...` (validated: printable, one line), or empty.
+        "GATEWAY_DEPLOY_NOTE": deploy.note or "",
     }
 
 

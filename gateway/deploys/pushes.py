@@ -25,6 +25,7 @@ from dulwich.repo import Repo
 
 from .. import names
 from ..models import App, Identity
+from .options import PushOptions
 
 HOOKS = ("pre-receive", "post-receive")
 
@@ -71,6 +72,7 @@ class PushSession:
     spoken: set[str] = field(default_factory=set)  # hooks that have made their request
     detached: asyncio.Event = field(default_factory=asyncio.Event)
     failed: bool = False  # an attached deploy of this push did not succeed
+    options: PushOptions | None = None  # `git push -o`, as pre-receive accepted them
 
 
 class PushSessions:

@@ -36,7 +36,9 @@ from ..repos import Repositories
 from ..store import Store, utcnow
 from ..textsafe import TerminalStream
 from . import messages, pushes
+from . import options as push_options
 from .command import run_pipeline
+from .options import OptionError, PushOptions
 from .outcome import Outcome
 from .pushes import HookRefused, Peer, PushSession, RefUpdate, is_zero
 from .queue import QUEUE, Job, Wakeups
@@ -557,6 +559,18 @@ class DeployService:
             )
             await say("gateway: the ref updates do not match the repository: nothing deployed\n")
             return 1 if gate else 0
+        try:
+            session.options = self._options(session, updates, request.get("options"))
+        except OptionError as exc:
+            log.warning(
+                "event=push_refused app=%s conn=%s user=%s reason=push_option detail=%s",
+                app.name,
+                session.conn_id,
+                session.identity.user_name,
+                q(str(exc)),
+            )
+            await say(f"push refused: {exc}\n")
+            return 1 if gate else 0
         if gate:
             return await self._pre_receive(session, updates, request.get("quarantine"), say)
         # post-receive lists exactly the refs this push changed, checked against the
@@ -569,8 +583,30 @@ class DeployService:
             source=session.peer,
             app=app.name,
             updates=[f"{u.ref} {u.old[:12]}..{u.new[:12]}" for u in updates],
+            **({"options": session.options.words()} if session.options.given else {}),
         )
         return await self._post_receive(session, updates, say)
+
+    def _options(self, session: PushSession, updates: list[RefUpdate], raw: Any) -> PushOptions:
+        """This push's options: parsed and checked in pre-receive, before any ref moves (the
+        post-receive of the same push keeps what pre-receive accepted)."""
+        if session.options is not None:
+            return session.options
+        found = push_options.parse(raw)
+        app = session.app
+        settings = self.config.deploy_for(app.name)
+        moves = any(u.ref == self._deploy_ref(app) and not is_zero(u.new) for u in updates)
+        if moves and settings.mode == "gate" and pipeline_kind(settings) is not None:
+            # Gate mode is the operator's rule that the branch moves only after a
+            # successful deploy: a pusher cannot opt out of it.
+            opted_out = ((push_options.SKIP, found.skip), (push_options.DETACH, found.detach))
+            for name, given in opted_out:
+                if given:
+                    raise OptionError(
+                        f"{name} is not available for {app.name}: it deploys in gate mode, "
+                        f"{app.deploy_branch} moves only after a successful deploy"
+                    )
+        return found
 
     def _deploy_ref(self, app: App) -> str:
         return f"refs/heads/{app.deploy_branch}"
@@ -626,6 +662,8 @@ class DeployService:
     async def _post_receive(self, session: PushSession, updates: list[RefUpdate], say: Say) -> int:
         app = session.app
         settings = self.config.deploy_for(app.name)
+        wanted = session.options or push_options.NONE
+        settings = dataclasses.replace(settings, mode=wanted.mode(settings.mode))
         kind = pipeline_kind(settings)
         deploy_ref = self._deploy_ref(app)
         not_deployed = []
@@ -638,6 +676,11 @@ class DeployService:
                 await say(f"deploy branch {app.deploy_branch} deleted: nothing deployed\n")
             elif kind is None:
                 await say(f"no deploy pipeline is configured for {app.name}: nothing deployed\n")
+            elif wanted.skip:
+                await say(
+                    f"{app.deploy_branch} is now {messages.short(update.new)}, not deployed "
+                    f"({push_options.SKIP}); the next push without it deploys\n"
+                )
             elif settings.mode == "gate":
                 continue  # deployed before the refs moved, in pre-receive
             elif settings.mode == "detached":
@@ -717,6 +760,7 @@ class DeployService:
                 author=info.author,
                 mode=settings.mode,
                 pipeline=pipeline_kind(settings) or "command",
+                note=session.options.note if session.options else None,
             ),
             origin=self.node if quarantine is not None else None,
         )

@@ -72,6 +72,7 @@ def payload(service: DeployService, job: Job, status_token: str | None) -> dict[
             deploy.app_name, deploy.old_sha, deploy.new_sha, MAX_COMMITS, job.quarantine
         ),
         "mode": deploy.mode,
+        "note": deploy.note,
     }
     base = service.status_base_url()
     if status_token and base:

@@ -39,7 +39,8 @@ _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
     d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
     d.exit_code, d.reason,
-    d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms"""
+    d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms,
+    d.note"""
 _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
 _OPEN = (DeployStatus.QUEUED.value, DeployStatus.RUNNING.value)
 
@@ -506,8 +507,8 @@ class SQLiteStore(Store):
     ) -> int:
         cur = await db.execute(
             """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                   subject, author, mode, pipeline, status, created_at, origin)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?)""",
+                   subject, author, mode, pipeline, status, created_at, origin, note)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)""",
             (
                 new.app_id,
                 new.ref,
@@ -521,6 +522,7 @@ class SQLiteStore(Store):
                 new.pipeline,
                 now,
                 origin,
+                new.note,
             ),
         )
         return int(cur.lastrowid or 0)

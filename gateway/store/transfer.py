@@ -69,6 +69,7 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
             "duration_ms",
             "log_seq",
             "log_bytes",
+            "note",
         ),
         frozenset({"created_at", "started_at", "finished_at"}),
     ),

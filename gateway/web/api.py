@@ -323,6 +323,7 @@ DEPLOY = _object(
         "created_at": _STR,
         "started_at": _STR_OR_NULL,
         "finished_at": _STR_OR_NULL,
+        "note": _STR_OR_NULL,
     }
 )
 DELIVERY = _object(

@@ -282,6 +282,7 @@ def test_command_env_and_export(gw, gw_admin, dev, tmp_path, exchange):
         "GATEWAY_USER",
         "GATEWAY_KEY_FINGERPRINT",
         "GATEWAY_DEPLOY_ID",
+        "GATEWAY_DEPLOY_NOTE",
     }
     assert env["GATEWAY_APP"] == app and env["GATEWAY_REF"] == "refs/heads/main"
     assert env["GATEWAY_NEW_SHA"] == record["new_sha"]

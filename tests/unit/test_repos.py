@@ -107,6 +107,20 @@ def test_hooks_of_earlier_versions_count_as_generated():
     for name in hooks.HOOK_NAMES:
         assert hooks.script(name, "/opt/py/bin/python").startswith("#!/opt/py/bin/python -IS\n")
         for isolation in ("-IS", "-I"):
-            old = hooks.script(name, "/old/venv/bin/python", isolation).encode()
-            assert generated_earlier(name, old)
-            assert not generated_earlier(name, old + b"import os\n")
+            for push_options in (True, False):  # before push options, and since
+                old = hooks.script(name, "/old/venv/bin/python", isolation, push_options)
+                assert generated_earlier(name, old.encode())
+                assert not generated_earlier(name, old.encode() + b"import os\n")
+
+
+def test_config_before_push_options_counts_as_generated():
+    """Repositories of versions before push options lack receive.advertisePushOptions: an
+    upgrade adds it quietly; a config with anything else changed is not the gateway's."""
+    from gateway.repos import config_text, generated_earlier
+
+    old = config_text(1000, push_options=False)
+    assert b"advertisePushOptions" not in old and b"advertisePushOptions" in config_text(1000)
+    assert generated_earlier("config", old)
+    assert not generated_earlier(
+        "config", old.replace(b"fsckObjects = true", b"fsckObjects = false")
+    )

@@ -71,7 +71,8 @@ _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _APP_FROM = "FROM apps a JOIN users u ON u.id = a.owner_id"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
     d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
-    d.exit_code, d.reason, d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms"""
+    d.exit_code, d.reason, d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms,
+    d.note"""
 _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
 _TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at"  # noqa: S105
 _TOKEN_FROM = "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id"  # noqa: S105
@@ -688,8 +689,8 @@ class PostgresStore(Store):
         return int(
             await conn.fetchval(
                 """INSERT INTO deploys (app_id, ref, old_sha, new_sha, pusher, key_fingerprint,
-                       subject, author, mode, pipeline, status, created_at, origin)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $12)
+                       subject, author, mode, pipeline, status, created_at, origin, note)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued', $11, $12, $13)
                    RETURNING id""",
                 new.app_id,
                 new.ref,
@@ -703,6 +704,7 @@ class PostgresStore(Store):
                 new.pipeline,
                 now,
                 origin,
+                new.note,
             )
         )
 
