@@ -16,7 +16,6 @@ from . import __version__, audit, config, control, gitbin, logs, names, tables, 
 from .dburl import is_postgres, redact
 from .deploylog import read_log
 from .errors import GatewayError, UsageError
-from .keys import KEYGEN_TYPE
 from .service import MAX_KEY_TEXT, Registry
 from .shapes import (
     app_dict,
@@ -119,10 +118,7 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
 
     async def act(reg: Registry) -> int:
         record = await reg.add_key(args.user, args.name, text, actor=OPERATOR)
-        out.write(
-            f"added key '{record.name}' to {record.user_name}: {record.bits} "
-            f"{record.fingerprint} ({KEYGEN_TYPE[record.algorithm]})\n"
-        )
+        out.write(tables.key_added(record))
         return 0
 
     return await _with_registry(cfg, act)
@@ -134,21 +130,7 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
         if args.json:
             _json([key_dict(k) for k in keys], out)
         else:
-            rows = [
-                [
-                    k.name,
-                    k.algorithm,
-                    str(k.bits),
-                    k.fingerprint,
-                    k.fingerprint_md5,
-                    shown(k.created_at),
-                    shown(k.last_used_at, "never"),
-                ]
-                for k in keys
-            ]
-            _table(
-                rows, ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED"], out
-            )
+            _table(tables.key_rows(keys), tables.KEY_HEADERS, out)
         return 0
 
     return await _with_registry(cfg, act)
@@ -157,7 +139,7 @@ async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
 async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
         key = await reg.remove_key(args.user, args.name, actor=OPERATOR)
-        out.write(f"removed key '{key.name}' ({key.fingerprint}) from {args.user}\n")
+        out.write(tables.key_removed(key))
         return 0
 
     return await _with_registry(cfg, act)

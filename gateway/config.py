@@ -475,6 +475,9 @@ class LimitSettings:
     user_ops_per_minute: int = _setting(
         600, _count, "git operations per user per minute (bursts up to that many)"
     )
+    max_keys_per_user: int = _setting(
+        100, _count, "SSH keys one account may register (CLI, API, keys page and SSH alike)"
+    )
     drain_timeout: float = _setting(
         60, _seconds, "on SIGTERM, seconds to let running operations and deploys finish"
     )

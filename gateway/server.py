@@ -863,7 +863,8 @@ class Gateway:
         if declined:
             log.debug("event=env_declined conn=%s names=%s", connection.id, q(",".join(declined)))
         invocation = commands.parse(process.command)
-        if invocation.command in commands.GIT_SERVICES:
+        syntax = commands.COMMANDS.get(invocation.command)
+        if invocation.command in commands.GIT_SERVICES or (syntax and syntax.rated):
             wait = self.rate.take(identity.user_id)
             if wait > 0:
                 self.metrics.limit_rejections.labels("user_ops_per_minute").inc()

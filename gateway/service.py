@@ -91,15 +91,24 @@ class Registry:
         if len(text) > MAX_KEY_TEXT:
             raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
         key = parse_public_key(text)
-        record = await self.store.add_key(user, key_name, key)
-        await audit.record(
-            self.store,
-            "key_added",
-            actor=actor,
-            fingerprint=record.fingerprint,
-            user=user,
-            key=key_name,
-        )
+        limit = self.config.limits.max_keys_per_user
+        async with self.store.transaction():
+            # Counted in the transaction that adds: an account cannot grow the registry
+            # (and every login's lookup table) without bound, whichever front end it uses.
+            if len(await self.store.list_keys(user)) >= limit:
+                raise Conflict(
+                    f"{user} has {limit} keys, the most an account may have "
+                    "([limits] max_keys_per_user): remove one first"
+                )
+            record = await self.store.add_key(user, key_name, key)
+            await audit.record(
+                self.store,
+                "key_added",
+                actor=actor,
+                fingerprint=record.fingerprint,
+                user=user,
+                key=key_name,
+            )
         return record
 
     async def list_keys(self, user: str) -> list[SSHKey]:

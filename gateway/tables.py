@@ -1,13 +1,15 @@
-"""Plain-text tables shared by the operator CLI and the SSH commands."""
+"""Plain-text tables and lines shared by the operator CLI and the SSH commands."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
 from . import times
-from .models import Deploy
+from .keys import KEYGEN_TYPE
+from .models import Deploy, SSHKey
 from .textsafe import terminal_safe
 
+KEY_HEADERS = ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED"]
 DEPLOY_HEADERS = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT", "NOTE"]
 
 
@@ -29,6 +31,32 @@ def render(rows: list[list[str]], headers: list[str]) -> str:
 def shown(moment: datetime | None, otherwise: str = "") -> str:
     """A time as tables show it (its one text form)."""
     return otherwise if moment is None else times.text(moment)
+
+
+def key_rows(keys: list[SSHKey]) -> list[list[str]]:
+    return [
+        [
+            k.name,
+            k.algorithm,
+            str(k.bits),
+            k.fingerprint,
+            k.fingerprint_md5,
+            shown(k.created_at),
+            shown(k.last_used_at, "never"),
+        ]
+        for k in keys
+    ]
+
+
+def key_added(key: SSHKey) -> str:
+    return (
+        f"added key '{key.name}' to {key.user_name}: {key.bits} {key.fingerprint} "
+        f"({KEYGEN_TYPE[key.algorithm]})\n"
+    )
+
+
+def key_removed(key: SSHKey) -> str:
+    return f"removed key '{key.name}' ({key.fingerprint}) from {key.user_name}\n"
 
 
 def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:

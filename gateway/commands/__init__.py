@@ -26,7 +26,6 @@ MAX_COMMAND_LENGTH = 4096
 # git sends the repository path quoted in several forms depending on the URL the user typed:
 # host:app.git -> 'app.git', ssh://host/app.git -> '/app.git', ssh://host/~/app.git -> '~/app.git'.
 GIT_SERVICES = ("git-upload-pack", "git-receive-pack", "git-upload-archive")
-KNOWN_COMMANDS = (*GIT_SERVICES, "info", "deploys", "logs", "cancel")
 
 
 def command_label(command: str | None) -> str:
@@ -101,6 +100,86 @@ def _deploy_id(text: str) -> str:
     return str(int(digits))
 
 
+class _Usage(Exception):
+    """The words after a command's name do not fit any of its forms."""
+
+
+def _none(words: list[str]) -> tuple[str, ...]:
+    if words:
+        raise _Usage
+    return ()
+
+
+def _app_only(words: list[str]) -> tuple[str, ...]:
+    if len(words) != 1:
+        raise _Usage
+    return (repo_path_to_app(words[0]),)
+
+
+def _logs(words: list[str]) -> tuple[str, ...]:
+    follow = [w for w in words[1:] if w in ("--follow", "-f")]
+    rest = [w for w in words[1:] if w not in ("--follow", "-f")]
+    if not 1 <= len(words) <= 3 or len(follow) > 1 or len(rest) > 1:
+        raise _Usage
+    deploy_id = _deploy_id(rest[0]) if rest else ""
+    return (repo_path_to_app(words[0]), deploy_id, "follow" if follow else "")
+
+
+def _cancel(words: list[str]) -> tuple[str, ...]:
+    if len(words) != 1:
+        raise _Usage
+    return (_deploy_id(words[0]),)
+
+
+def _keys(words: list[str]) -> tuple[str, ...]:
+    if not words or words == ["list"]:
+        return ("list",)
+    if len(words) == 2 and words[0] in ("add", "remove"):
+        return (words[0], words[1])  # the key name is checked by the registry's rules
+    raise _Usage
+
+
+@dataclass(frozen=True)
+class Syntax:
+    """One command besides git's: its forms (for `help` and usage errors), what it does,
+    and how the words after its name become its arguments."""
+
+    name: str
+    forms: tuple[str, ...]
+    summary: str
+    read: Callable[[list[str]], tuple[str, ...]]
+    takes_app: bool = False  # its first argument is an app name
+    rated: bool = False  # counted against [limits] user_ops_per_minute, as git operations are
+
+
+# Every command a session may run besides git's own, in the order `help` lists them.
+COMMANDS: dict[str, Syntax] = {
+    s.name: s
+    for s in (
+        Syntax("info", ("info",), "who you are and the apps you reach (also: no command)", _none),
+        Syntax("whoami", ("whoami",), "your account and the key this connection used", _none),
+        Syntax(
+            "keys",
+            ("keys", "keys add NAME < KEY.pub", "keys remove NAME"),
+            "list, add or remove the SSH keys of your account",
+            _keys,
+            rated=True,
+        ),
+        Syntax("deploys", ("deploys APP",), "an app's recent deploys", _app_only, True),
+        Syntax(
+            "logs",
+            ("logs APP [ID] [--follow]",),
+            "a deploy's log (the latest by default)",
+            _logs,
+            True,
+        ),
+        Syntax("cancel", ("cancel ID",), "cancel a queued or running deploy", _cancel),
+        Syntax("help", ("help",), "this list", _none),
+    )
+}
+KNOWN_COMMANDS = (*GIT_SERVICES, *COMMANDS)
+
+
 def parse(command: str | None) -> Invocation:
     """Turn the exec request into an Invocation; no command at all means `info`."""
     if command is None or not command.strip():
@@ -122,22 +201,13 @@ def parse(command: str | None) -> Invocation:
         if len(words) != 2:
             raise UnknownCommand(f"usage: {name} '<app>.git'")
         return Invocation(name, (repo_path_to_app(words[1]),))
-    if name == "info" and len(words) == 1:
-        return Invocation("info", ())
-    if name == "deploys" and len(words) == 2:
-        return Invocation("deploys", (repo_path_to_app(words[1]),))
-    if name == "logs" and 2 <= len(words) <= 4:
-        follow = [w for w in words[2:] if w in ("--follow", "-f")]
-        rest = [w for w in words[2:] if w not in ("--follow", "-f")]
-        if len(follow) <= 1 and len(rest) <= 1:
-            deploy_id = _deploy_id(rest[0]) if rest else ""
-            return Invocation(
-                "logs", (repo_path_to_app(words[1]), deploy_id, "follow" if follow else "")
-            )
-        raise UnknownCommand("usage: logs APP [DEPLOY_ID] [--follow]")
-    if name == "cancel" and len(words) == 2:
-        return Invocation("cancel", (_deploy_id(words[1]),))
-    raise UnknownCommand(
-        f"unknown command '{printable(name, 40)}': this server serves git (clone, fetch, push, "
-        "archive --remote) and: deploys APP, logs APP [ID] [--follow], cancel ID"
-    )
+    syntax = COMMANDS.get(name)
+    if syntax is None:
+        raise UnknownCommand(
+            f"unknown command '{printable(name, 40)}': this server serves git (clone, fetch, "
+            f"push, archive --remote) and: {', '.join(COMMANDS)} ('help' describes them)"
+        )
+    try:
+        return Invocation(name, syntax.read(words[1:]))
+    except _Usage:
+        raise UnknownCommand("usage: " + " | ".join(syntax.forms)) from None

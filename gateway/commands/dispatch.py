@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from . import Context, Handler, Invocation, deploys, info
+from . import Context, Handler, Invocation, account, deploys, info
 from . import git as git_commands
 
 HANDLERS: dict[str, Handler] = {
     "info": info.run,
+    "whoami": account.whoami,
+    "keys": account.keys,
+    "help": info.help_text,
     "git-upload-pack": git_commands.run,
     "git-receive-pack": git_commands.run,
     "git-upload-archive": git_commands.run,

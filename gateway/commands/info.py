@@ -1,8 +1,21 @@
-"""The command-less session: say who the key belongs to and which apps it reaches."""
+"""The command-less session (who the key belongs to, which apps it reaches) and `help`."""
 
 from __future__ import annotations
 
-from . import Context, Invocation
+from . import COMMANDS, Context, Invocation
+
+
+def _commands(ctx: Context) -> list[str]:
+    """Every command with its forms, as `help` and the welcome list them."""
+    prefix = ctx.config.ssh_command("")
+    forms = [form for syntax in COMMANDS.values() for form in syntax.forms]
+    width = max(len(form) for form in forms)
+    lines = [f"Commands ({prefix}COMMAND):"]
+    for syntax in COMMANDS.values():
+        for i, form in enumerate(syntax.forms):
+            lines.append(f"  {form:<{width}}  {syntax.summary if i == 0 else ''}".rstrip())
+    lines.append(f"  git clone, fetch, push, archive --remote with {ctx.config.clone_url('APP')}")
+    return lines
 
 
 async def run(ctx: Context, inv: Invocation) -> int:
@@ -21,9 +34,14 @@ async def run(ctx: Context, inv: Invocation) -> int:
             )
     else:
         lines.append("You cannot reach any app yet: ask an app's owner to grant you access.")
-    lines.append(
-        "This server only serves git (clone, fetch, push, archive --remote); there is no shell."
-    )
+    lines += _commands(ctx)
+    lines.append("There is no shell.")
     ctx.channel.stdout.write(("\n".join(lines) + "\n").encode())
+    await ctx.channel.stdout.drain()
+    return 0
+
+
+async def help_text(ctx: Context, inv: Invocation) -> int:
+    ctx.channel.stdout.write(("\n".join(_commands(ctx)) + "\n").encode())
     await ctx.channel.stdout.drain()
     return 0

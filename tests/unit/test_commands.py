@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.commands import parse
+from gateway.commands import COMMANDS, KNOWN_COMMANDS, parse
+from gateway.commands.dispatch import HANDLERS
 from gateway.errors import AccessDenied, GatewayError, UnknownCommand
 
 
@@ -103,7 +104,8 @@ def test_parser_never_crashes_and_never_escapes(line):
     except GatewayError as exc:
         assert "\n" not in str(exc)
         return
-    if inv.command != "info":
+    syntax = COMMANDS.get(inv.command)
+    if syntax is None or syntax.takes_app:
         name = inv.app
         assert name and "/" not in name and "." not in name and ".." not in name
         assert name[0].isalnum() and name.isascii()
@@ -118,3 +120,56 @@ def test_any_path_is_either_a_valid_name_or_denied(path):
         return
     assert inv.app.replace("-", "").replace("_", "").isalnum()
     assert inv.app == inv.app.lower()
+
+
+@pytest.mark.parametrize(
+    ("line", "command", "args"),
+    [
+        ("whoami", "whoami", ()),
+        ("help", "help", ()),
+        ("keys", "keys", ("list",)),
+        ("keys list", "keys", ("list",)),
+        ("keys add laptop", "keys", ("add", "laptop")),
+        ("keys remove 'old key'", "keys", ("remove", "old key")),
+        ("deploys web", "deploys", ("web",)),
+        ("logs web 3 -f", "logs", ("web", "3", "follow")),
+        ("cancel #12", "cancel", ("12",)),
+    ],
+)
+def test_account_and_deploy_commands(line, command, args):
+    inv = parse(line)
+    assert (inv.command, inv.args) == (command, args)
+
+
+@pytest.mark.parametrize(
+    ("line", "usage"),
+    [
+        ("whoami --all", "usage: whoami"),
+        ("help me", "usage: help"),
+        ("keys add", "usage: keys | keys add NAME < KEY.pub | keys remove NAME"),
+        ("keys add a b", "usage: keys | keys add NAME < KEY.pub | keys remove NAME"),
+        ("keys delete a", "usage: keys | keys add NAME < KEY.pub | keys remove NAME"),
+        ("logs", "usage: logs APP [ID] [--follow]"),
+        ("cancel", "usage: cancel ID"),
+    ],
+)
+def test_usage_lines_come_from_the_command_table(line, usage):
+    with pytest.raises(UnknownCommand) as err:
+        parse(line)
+    assert str(err.value) == usage
+
+
+def test_every_command_has_a_handler_and_help():
+    """The table drives parsing, `help` and metric labels: each entry is served."""
+    assert set(HANDLERS) == set(KNOWN_COMMANDS)
+    for syntax in COMMANDS.values():
+        assert syntax.forms[0].split()[0] == syntax.name and syntax.summary
+
+
+def test_unknown_command_names_the_commands():
+    with pytest.raises(UnknownCommand) as err:
+        parse("shell")
+    assert str(err.value) == (
+        "unknown command 'shell': this server serves git (clone, fetch, push, archive --remote) "
+        "and: info, whoami, keys, deploys, logs, cancel, help ('help' describes them)"
+    )

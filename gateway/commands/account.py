@@ -1,0 +1,93 @@
+"""Self-service over SSH: `whoami`, `keys`, `keys add NAME < KEY.pub`, `keys remove NAME`.
+
+The same registry calls, rules and messages as the operator CLI and the HTTP API; the
+account is always the connection's own (bound to the key that completed authentication).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from .. import tables
+from ..errors import UsageError
+from ..service import MAX_KEY_TEXT, Registry
+from . import Context, Invocation
+
+# Seconds `keys add` waits for the public key on standard input (a forgotten `< key.pub`
+# leaves ssh waiting on the terminal: it ends with a usage line rather than hanging).
+KEY_INPUT_TIMEOUT = 30.0
+
+
+async def _write(ctx: Context, text: str) -> None:
+    ctx.channel.stdout.write(text.encode("utf-8", "replace"))
+    await ctx.channel.stdout.drain()
+
+
+def _registry(ctx: Context) -> Registry:
+    return Registry(ctx.config, ctx.store, ctx.repos)
+
+
+async def whoami(ctx: Context, inv: Invocation) -> int:
+    ident = ctx.identity
+    lines = [
+        f"user: {ident.user_name}",
+        f"key: {ident.key_name} ({ident.fingerprint})",
+    ]
+    await _write(ctx, "".join(f"{line}\n" for line in lines))
+    return 0
+
+
+async def _read_key(ctx: Context) -> str:
+    """The public key the client sends on stdin, at most MAX_KEY_TEXT characters."""
+    chunks: list[bytes] = []
+    size = 0
+
+    async def read_all() -> None:
+        nonlocal size
+        while size <= MAX_KEY_TEXT:
+            chunk = await ctx.channel.stdin.read(MAX_KEY_TEXT + 1 - size)
+            if not chunk:
+                return
+            chunks.append(chunk)
+            size += len(chunk)
+
+    try:
+        await asyncio.wait_for(read_all(), KEY_INPUT_TIMEOUT)
+    except TimeoutError:
+        raise UsageError(
+            "no public key on standard input: ssh ... keys add NAME < ~/.ssh/id_ed25519.pub"
+        ) from None
+    if size > MAX_KEY_TEXT:
+        raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if not text.strip():
+        raise UsageError(
+            "no public key on standard input: ssh ... keys add NAME < ~/.ssh/id_ed25519.pub"
+        )
+    return text
+
+
+async def keys(ctx: Context, inv: Invocation) -> int:
+    user = ctx.identity.user_name
+    registry = _registry(ctx)
+    action = inv.args[0]
+    if action == "list":
+        found = await registry.list_keys(user)
+        rows = [
+            [*row, "<- this connection" if key.id == ctx.identity.key_id else ""]
+            for row, key in zip(tables.key_rows(found), found, strict=True)
+        ]
+        await _write(ctx, tables.render(rows, [*tables.KEY_HEADERS, ""]))
+        return 0
+    name = inv.args[1]
+    if action == "add":
+        text = await _read_key(ctx)
+        record = await registry.add_key(user, name, text, actor=user)
+        await _write(ctx, tables.key_added(record))
+        return 0
+    removed = await registry.remove_key(user, name, actor=user)
+    note = ""
+    if removed.id == ctx.identity.key_id:
+        note = "This was the key of this connection: it can no longer log in.\n"
+    await _write(ctx, tables.key_removed(removed) + note)
+    return 0
