@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from . import times
 from .errors import AccessDenied, GatewayError, InvalidName
 from .models import App, Identity, Role
 from .names import app_name
-from .store import Store
+from .store import Store, utcnow
 
 
 async def identify(store: Store, fingerprint: str) -> Identity | None:
@@ -13,7 +16,7 @@ async def identify(store: Store, fingerprint: str) -> Identity | None:
     key = await store.find_key(fingerprint)
     if key is None:
         return None
-    return Identity(key.user_id, key.user_name, key.id, key.name, key.fingerprint)
+    return Identity(key.user_id, key.user_name, key.id, key.name, key.fingerprint, key.expires_at)
 
 
 class KeyRevoked(GatewayError):
@@ -23,6 +26,15 @@ class KeyRevoked(GatewayError):
 
     def __init__(self) -> None:
         super().__init__("access denied: this SSH key is no longer registered")
+
+
+class KeyExpired(KeyRevoked):
+    """The connection's key expired since it logged in (a long-lived ControlMaster)."""
+
+    def __init__(self, when: datetime | None) -> None:
+        GatewayError.__init__(
+            self, f"access denied: this SSH key expired on {times.text(when) if when else '?'}"
+        )
 
 
 async def recheck(store: Store, identity: Identity) -> None:
@@ -36,6 +48,8 @@ async def recheck(store: Store, identity: Identity) -> None:
     key = await store.find_key(identity.fingerprint)
     if key is None or key.id != identity.key_id or key.user_id != identity.user_id:
         raise KeyRevoked()
+    if key.expired(utcnow()):
+        raise KeyExpired(key.expires_at)
 
 
 async def authorize(store: Store, identity: Identity, name: str, needed: Role) -> tuple[App, Role]:

@@ -27,13 +27,17 @@ from .shapes import (
     token_dict,
     user_dict,
 )
-from .store import Store, open_store
-from .tables import shown
+from .store import Store, open_store, utcnow
+from .tables import expiry_text, shown
 from .textsafe import TerminalStream, terminal_safe
 
 log = logging.getLogger("gateway.cli")
 
 # The actor recorded in the audit trail for changes made with this CLI.
+EXPIRES_HELP = (
+    "when it stops working: a duration (90d, 12h, 4w), a date (2027-01-31: from 00:00 UTC) "
+    "or an ISO 8601 time; default: never"
+)
 OPERATOR = "operator"
 
 
@@ -117,7 +121,7 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     text = _read_key_input(args.file)
 
     async def act(reg: Registry) -> int:
-        record = await reg.add_key(args.user, args.name, text, actor=OPERATOR)
+        record = await reg.add_key(args.user, args.name, text, actor=OPERATOR, expires=args.expires)
         out.write(tables.key_added(record))
         return 0
 
@@ -252,12 +256,15 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
 
 async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
-        token, secret = await reg.create_token(args.name, args.user, actor=OPERATOR)
+        token, secret = await reg.create_token(
+            args.name, args.user, actor=OPERATOR, expires=args.expires
+        )
         if args.json:
             _json({**token_dict(token), "token": secret}, out)
             return 0
         scope = f"personal token of {token.user_name}" if token.personal else "operator token"
-        out.write(f"created {scope} '{token.name}'; it is shown only this once:\n{secret}\n")
+        until = f", expiring {shown(token.expires_at)}" if token.expires_at else ""
+        out.write(f"created {scope} '{token.name}'{until}; it is shown only this once:\n{secret}\n")
         return 0
 
     return await _with_registry(cfg, act)
@@ -266,6 +273,7 @@ async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO
 async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
         tokens = await reg.list_tokens()
+        now = utcnow()
         if args.json:
             _json([token_dict(t) for t in tokens], out)
         else:
@@ -275,10 +283,11 @@ async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
                     t.user_name or "(operator)",
                     shown(t.created_at),
                     shown(t.last_used_at, "never"),
+                    expiry_text(t.expires_at, now),
                 ]
                 for t in tokens
             ]
-            _table(rows, ["NAME", "USER", "CREATED", "LAST USED"], out)
+            _table(rows, ["NAME", "USER", "CREATED", "LAST USED", "EXPIRES"], out)
         return 0
 
     return await _with_registry(cfg, act)
@@ -619,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.add_argument("name", help="a name for this key, unique for the user (e.g. laptop)")
     p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
+    p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
     p = add(keys, "list", key_list, "list a user's keys")
     p.add_argument("user")
     p.add_argument("--json", action="store_true")
@@ -664,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a personal token acting as USER (their own keys, and the keys page); "
         "without it, an operator token for the whole API",
     )
+    p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
     p.add_argument("--json", action="store_true")
     add(tokens, "list", token_list, "list API tokens (never their secrets)").add_argument(
         "--json", action="store_true"

@@ -216,6 +216,14 @@ def _http_url(value: Any) -> str:
     return text
 
 
+def _help_url(value: Any) -> str:
+    """An http(s) URL shown to SSH clients: printable ASCII only, it reaches terminals."""
+    text = _http_url(value)
+    if len(text) > 200 or not all(" " < c <= "~" for c in text):
+        raise ValueError("help_url must be at most 200 printable ASCII characters")
+    return text
+
+
 def _optional_listen(value: Any) -> tuple[str, int] | None:
     text = _string(value).strip()
     return _listen(text) if text else None
@@ -304,6 +312,9 @@ class SSHSettings:
         "config/host_keys", _path, "where host keys are generated on first start and reused"
     )
     user: str = _setting("git", _ssh_user, "the only SSH user name accepted")
+    help_url: str = _setting(
+        "", _help_url, "where users add keys, shown when a login is refused (http(s) URL)"
+    )
     public_address: str = _setting(
         "", _public_address, "HOST[:PORT] shown in clone URLs; defaults to the listen address"
     )

@@ -52,6 +52,10 @@ class SSHKey:
     fingerprint_md5: str
     created_at: datetime
     last_used_at: datetime | None
+    expires_at: datetime | None = None  # it no longer logs in from then on
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,10 @@ class Identity:
     key_id: int
     key_name: str
     fingerprint: str
+    expires_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
 
 class DeployStatus(enum.StrEnum):
@@ -212,6 +220,10 @@ class ApiToken:
     user_name: str | None
     created_at: datetime
     last_used_at: datetime | None
+    expires_at: datetime | None = None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
 
     @property
     def personal(self) -> bool:

@@ -17,9 +17,9 @@ from typing import Any
 
 import asyncssh
 
-from . import audit, commands, gitbin, hostkeys, kexguess, retention
+from . import audit, commands, gitbin, hostkeys, kexguess, retention, times
 from . import config as config_module
-from .auth import KeyRevoked, identify, recheck
+from .auth import KeyExpired, KeyRevoked, identify, recheck
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
@@ -32,6 +32,7 @@ from .logs import q
 from .metrics import Metrics
 from .models import Identity
 from .packcache import PackCache
+from .possession import Proofs, Refusal
 from .repos import Repositories
 from .service import Registry
 from .store import Store, open_store, utcnow
@@ -213,6 +214,8 @@ class Connection(asyncssh.SSHServer):
         self.outcome = "ok"
         self.failure = NO_AUTH
         self.closed = asyncio.Event()
+        # Registered keys that may not log in: explained once the client proves it holds one.
+        self.proofs = Proofs(self._refusal_proven)
 
     # -- connection lifecycle --
 
@@ -241,6 +244,8 @@ class Connection(asyncssh.SSHServer):
         metrics.connections_open.inc()
         quick_acks(conn)
         decline_env_requests(conn)
+        if not self.proofs.install(conn):
+            log.warning("event=key_proof_unavailable asyncssh=%s", asyncssh.__version__)
         kexguess.judge_guesses_by_rfc(conn, *self.gateway.first_algorithms)
         conn.set_extra_info(gateway_connection=self)
         self.gateway.connections.add(self)
@@ -345,8 +350,53 @@ class Connection(asyncssh.SSHServer):
             self.failure = "unknown key"
             self.failure_kind = "unknown_key"
             return False
+        if identity.expired(utcnow()):
+            log.info(
+                "event=auth_rejected conn=%s peer=%s reason=expired_key user=%s key=%s fp=%s",
+                self.id,
+                self.peer,
+                identity.user_name,
+                q(identity.key_name),
+                fingerprint,
+            )
+            self.failure = "expired key"
+            self.failure_kind = "expired_key"
+            return self.proofs.ask_for_proof(Refusal(identity, "expired", identity.expires_at))
         self._candidate = identity
         return True
+
+    async def _refusal_proven(self, refusal: Refusal) -> None:
+        """The client signed with a key it may not log in with: it holds that key, so it
+        may learn why, and the refusal is the account's to see in the audit trail."""
+        identity = refusal.identity
+        when = times.text(refusal.expires_at) if refusal.expires_at else "?"
+        log.info(
+            "event=auth_refused conn=%s peer=%s reason=%s user=%s key=%s fp=%s",
+            self.id,
+            self.peer,
+            refusal.reason,
+            identity.user_name,
+            q(identity.key_name),
+            identity.fingerprint,
+        )
+        await audit.record(
+            self.gateway.store,
+            "auth_refused",
+            actor=identity.user_name,
+            fingerprint=identity.fingerprint,
+            source=self.peer,
+            key=identity.key_name,
+            reason=f"key {refusal.reason}",
+        )
+        where = self.gateway.config.ssh.help_url or "ask your platform's operator"
+        text = (
+            f'The SSH key "{identity.key_name}" of {identity.user_name} '
+            f"({identity.fingerprint}) expired on {when}: it no longer logs in. "
+            f"Add a new key: {where}\n"
+        )
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.send_auth_banner(terminal_safe(text))
 
     # -- sessions: counted when their channel opens --
 
@@ -795,9 +845,10 @@ class Gateway:
             denied = isinstance(exc, AccessDenied | KeyRevoked)
             stats.outcome = "denied" if denied else "refused"
             if denied and connection.identity is not None:
-                reason = (
-                    {"reason": "key no longer registered"} if isinstance(exc, KeyRevoked) else {}
-                )
+                reason = {}
+                if isinstance(exc, KeyRevoked):
+                    expired = isinstance(exc, KeyExpired)
+                    reason = {"reason": "key expired" if expired else "key no longer registered"}
                 # Awaited, so the row exists by the time the client reads the refusal.
                 await audit.record(
                     self.store,

@@ -8,12 +8,13 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from . import audit, executors, names
+from . import audit, executors, names, times
 from .config import Config
 from .deploylog import read_log
-from .errors import Conflict, GatewayError, NotFound, UsageError
+from .errors import Conflict, GatewayError, NotFound, Unauthorized, UsageError
 from .keys import parse_public_key
 from .logs import q
 from .models import ApiToken, App, Deploy, DeployStatus, Member, Role, SSHKey, User, WebhookDelivery
@@ -83,11 +84,15 @@ class Registry:
 
     # -- keys --
 
-    async def add_key(self, user: str, key_name: str, text: str, *, actor: str) -> SSHKey:
+    async def add_key(
+        self, user: str, key_name: str, text: str, *, actor: str, expires: str | None = None
+    ) -> SSHKey:
         """Register a public key (one OpenSSH line) for a user, with the key policy of
-        `keys.parse_public_key` and the one-account-per-key rule of the store."""
+        `keys.parse_public_key` and the one-account-per-key rule of the store; `expires`
+        as `times.expiry` reads it (`90d`, `2027-01-31`), or never."""
         user = names.user_name(user)
         key_name = names.key_name(key_name)
+        expires_at = expiry(expires)
         if len(text) > MAX_KEY_TEXT:
             raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
         key = parse_public_key(text)
@@ -100,7 +105,7 @@ class Registry:
                     f"{user} has {limit} keys, the most an account may have "
                     "([limits] max_keys_per_user): remove one first"
                 )
-            record = await self.store.add_key(user, key_name, key)
+            record = await self.store.add_key(user, key_name, key, expires_at)
             await audit.record(
                 self.store,
                 "key_added",
@@ -108,6 +113,7 @@ class Registry:
                 fingerprint=record.fingerprint,
                 user=user,
                 key=key_name,
+                **({"expires_at": times.text(expires_at)} if expires_at else {}),
             )
         return record
 
@@ -140,7 +146,9 @@ class Registry:
             raise UsageError(f"the key is already on account '{user}'")
         async with self.store.transaction():
             old = await self.store.remove_key(user, key_name)
-            moved = await self.store.add_key(to_user, new_name, parse_public_key(old.public_key))
+            moved = await self.store.add_key(
+                to_user, new_name, parse_public_key(old.public_key), old.expires_at
+            )
             await audit.record(
                 self.store,
                 "key_moved",
@@ -311,16 +319,22 @@ class Registry:
     # -- API tokens --
 
     async def create_token(
-        self, name: str, user: str | None = None, *, actor: str
+        self, name: str, user: str | None = None, *, actor: str, expires: str | None = None
     ) -> tuple[ApiToken, str]:
         """A new token and its secret, shown once: only its hash is kept."""
         name = names.token_name(name)
         if user is not None:
             user = names.user_name(user)
+        expires_at = expiry(expires)
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        token = await self.store.create_token(name, user, hash_token(secret))
+        token = await self.store.create_token(name, user, hash_token(secret), expires_at)
         await audit.record(
-            self.store, "token_created", actor=actor, token=name, user=user or "(operator)"
+            self.store,
+            "token_created",
+            actor=actor,
+            token=name,
+            user=user or "(operator)",
+            **({"expires_at": times.text(expires_at)} if expires_at else {}),
         )
         return token, secret
 
@@ -343,7 +357,29 @@ class Registry:
         cannot be guessed byte by byte from timing."""
         if not secret.startswith(TOKEN_PREFIX) or len(secret) > 200:
             return None
-        return await self.store.token_by_hash(hash_token(secret))
+        token = await self.store.token_by_hash(hash_token(secret))
+        if token is not None and token.expired(utcnow()):
+            raise TokenExpired(token)
+        return token
+
+
+class TokenExpired(Unauthorized):
+    """A token past its expiry: told as such (its holder knows the secret)."""
+
+    def __init__(self, token: ApiToken) -> None:
+        when = times.text(token.expires_at) if token.expires_at else "?"
+        super().__init__(f"this token expired on {when}: ask for a new one")
+        self.token = token
+
+
+def expiry(text: str | None) -> datetime | None:
+    """`--expires TEXT` as a time (None: never), or UsageError with the reason."""
+    if text is None or text == "":
+        return None
+    try:
+        return times.expiry(text, utcnow())
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _write_private(path: Path, text: str) -> None:

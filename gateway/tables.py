@@ -9,7 +9,8 @@ from .keys import KEYGEN_TYPE
 from .models import Deploy, SSHKey
 from .textsafe import terminal_safe
 
-KEY_HEADERS = ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED"]
+KEY_HEADERS = ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED", "EXPIRES"]
+WARN_DAYS = 7  # how long before its expiry a key is announced as expiring
 DEPLOY_HEADERS = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT", "NOTE"]
 
 
@@ -33,7 +34,21 @@ def shown(moment: datetime | None, otherwise: str = "") -> str:
     return otherwise if moment is None else times.text(moment)
 
 
+def expiry_text(expires_at: datetime | None, now: datetime) -> str:
+    """`never`, the time, and whether it has passed or is near."""
+    if expires_at is None:
+        return "never"
+    if expires_at <= now:
+        return f"{shown(expires_at)} (expired)"
+    left = expires_at - now
+    if left.days < WARN_DAYS:
+        soon = f"in {left.days} days" if left.days > 1 else "within 2 days"
+        return f"{shown(expires_at)} ({soon})"
+    return shown(expires_at)
+
+
 def key_rows(keys: list[SSHKey]) -> list[list[str]]:
+    now = times.now()
     return [
         [
             k.name,
@@ -43,15 +58,17 @@ def key_rows(keys: list[SSHKey]) -> list[list[str]]:
             k.fingerprint_md5,
             shown(k.created_at),
             shown(k.last_used_at, "never"),
+            expiry_text(k.expires_at, now),
         ]
         for k in keys
     ]
 
 
 def key_added(key: SSHKey) -> str:
+    until = f", expires {shown(key.expires_at)}" if key.expires_at else ""
     return (
         f"added key '{key.name}' to {key.user_name}: {key.bits} {key.fingerprint} "
-        f"({KEYGEN_TYPE[key.algorithm]})\n"
+        f"({KEYGEN_TYPE[key.algorithm]}){until}\n"
     )
 
 

@@ -134,8 +134,13 @@ def _cancel(words: list[str]) -> tuple[str, ...]:
 def _keys(words: list[str]) -> tuple[str, ...]:
     if not words or words == ["list"]:
         return ("list",)
+    # The key name and the expiry are checked by the registry's rules.
     if len(words) == 2 and words[0] in ("add", "remove"):
-        return (words[0], words[1])  # the key name is checked by the registry's rules
+        return (words[0], words[1], "")
+    if len(words) == 4 and words[0] == "add" and words[2] == "--expires":
+        return ("add", words[1], words[3])
+    if len(words) == 3 and words[0] == "add" and words[2].startswith("--expires="):
+        return ("add", words[1], words[2].removeprefix("--expires="))
     raise _Usage
 
 
@@ -160,7 +165,7 @@ COMMANDS: dict[str, Syntax] = {
         Syntax("whoami", ("whoami",), "your account and the key this connection used", _none),
         Syntax(
             "keys",
-            ("keys", "keys add NAME < KEY.pub", "keys remove NAME"),
+            ("keys", "keys add NAME [--expires WHEN] < KEY.pub", "keys remove NAME"),
             "list, add or remove the SSH keys of your account",
             _keys,
             rated=True,

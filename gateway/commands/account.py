@@ -7,10 +7,12 @@ account is always the connection's own (bound to the key that completed authenti
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from .. import tables
 from ..errors import UsageError
 from ..service import MAX_KEY_TEXT, Registry
+from ..store import utcnow
 from . import Context, Invocation
 
 # Seconds `keys add` waits for the public key on standard input (a forgotten `< key.pub`
@@ -23,6 +25,16 @@ async def _write(ctx: Context, text: str) -> None:
     await ctx.channel.stdout.drain()
 
 
+def expiry_warning(ctx: Context) -> str | None:
+    """One line when the connection's key expires within WARN_DAYS days, else None."""
+    ident = ctx.identity
+    if ident.expires_at is None or ident.expires_at - utcnow() > timedelta(days=tables.WARN_DAYS):
+        return None
+    when = tables.expiry_text(ident.expires_at, utcnow())
+    add = ctx.config.ssh_command("keys add NAME < KEY.pub")
+    return f'warning: your SSH key "{ident.key_name}" expires {when}: add another: {add}'
+
+
 def _registry(ctx: Context) -> Registry:
     return Registry(ctx.config, ctx.store, ctx.repos)
 
@@ -32,7 +44,11 @@ async def whoami(ctx: Context, inv: Invocation) -> int:
     lines = [
         f"user: {ident.user_name}",
         f"key: {ident.key_name} ({ident.fingerprint})",
+        f"expires: {tables.expiry_text(ident.expires_at, utcnow())}",
     ]
+    warning = expiry_warning(ctx)
+    if warning:
+        lines.append(warning)
     await _write(ctx, "".join(f"{line}\n" for line in lines))
     return 0
 
@@ -79,10 +95,10 @@ async def keys(ctx: Context, inv: Invocation) -> int:
         ]
         await _write(ctx, tables.render(rows, [*tables.KEY_HEADERS, ""]))
         return 0
-    name = inv.args[1]
+    name, expires = inv.args[1], inv.args[2]
     if action == "add":
         text = await _read_key(ctx)
-        record = await registry.add_key(user, name, text, actor=user)
+        record = await registry.add_key(user, name, text, actor=user, expires=expires or None)
         await _write(ctx, tables.key_added(record))
         return 0
     removed = await registry.remove_key(user, name, actor=user)

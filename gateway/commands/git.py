@@ -14,6 +14,7 @@ from ..logs import q
 from ..models import Role
 from ..repos import git_settings
 from . import Context, Invocation
+from .account import expiry_warning
 
 log = logging.getLogger("gateway.git")
 
@@ -64,6 +65,10 @@ async def run(ctx: Context, inv: Invocation) -> int:
     if not ctx.repos.exists(app.name):
         log.error("event=repo_missing app=%s path=%s conn=%s", app.name, path, ctx.conn_id)
         raise RepositoryUnavailable(app.name)
+    warning = expiry_warning(ctx)
+    if warning:
+        # On stderr, which git clients print as they get it: the pusher sees it in time.
+        ctx.channel.stderr.write(f"{warning}\n".encode())
     env = gitbin.environment(
         ctx.repos.root,
         ctx.client_protocol,

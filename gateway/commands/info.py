@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import COMMANDS, Context, Invocation
+from .account import expiry_warning
 
 
 def _commands(ctx: Context) -> list[str]:
@@ -24,6 +25,9 @@ async def run(ctx: Context, inv: Invocation) -> int:
         f'Hi {ident.user_name}! You are authenticated with key "{ident.key_name}" '
         f"({ident.fingerprint})."
     ]
+    warning = expiry_warning(ctx)
+    if warning:
+        lines.append(warning)
     apps = await ctx.store.apps_for(ident.user_id)
     if apps:
         width = max(len(app.name) for app, _ in apps)

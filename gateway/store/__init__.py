@@ -91,7 +91,9 @@ class UsersAndKeys(abc.ABC):
 
     # -- keys --
     @abc.abstractmethod
-    async def add_key(self, user_name: str, key_name: str, key: PublicKey) -> SSHKey:
+    async def add_key(
+        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+    ) -> SSHKey:
         """Register a key; KeyInUse if another account has it, Conflict if this one does."""
 
     @abc.abstractmethod
@@ -346,7 +348,13 @@ class AccessTokens(abc.ABC):
 
     # -- API tokens --
     @abc.abstractmethod
-    async def create_token(self, name: str, user_name: str | None, token_hash: str) -> ApiToken:
+    async def create_token(
+        self,
+        name: str,
+        user_name: str | None,
+        token_hash: str,
+        expires_at: datetime | None = None,
+    ) -> ApiToken:
         """Conflict if the name is taken; NotFound if the user does not exist."""
 
     @abc.abstractmethod

@@ -34,7 +34,8 @@ from ..models import (
 from . import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
-    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
+    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at"""
+_TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at, t.expires_at"  # noqa: S105
 _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
     d.key_fingerprint, d.subject, d.author, d.mode, d.pipeline, d.status, d.superseded_by,
@@ -64,7 +65,7 @@ def migrations() -> list[tuple[int, str, str]]:
 
 def _key(row: Any) -> SSHKey:
     values = list(row)
-    values[10], values[11] = _t(values[10]), _t(values[11])
+    values[10], values[11], values[12] = _t(values[10]), _t(values[11]), _t(values[12])
     return SSHKey(*values)
 
 
@@ -84,7 +85,7 @@ def _user(row: Any) -> User:
 
 
 def _token(row: Any) -> ApiToken:
-    return ApiToken(*row[:4], _t(row[4]), _t(row[5]))  # type: ignore[arg-type]
+    return ApiToken(*row[:4], _t(row[4]), _t(row[5]), _t(row[6]))  # type: ignore[arg-type]
 
 
 class SQLiteStore(Store):
@@ -314,7 +315,9 @@ class SQLiteStore(Store):
 
     # -- keys --
 
-    async def add_key(self, user_name: str, key_name: str, key: PublicKey) -> SSHKey:
+    async def add_key(
+        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+    ) -> SSHKey:
         async with self._transaction() as db:
             user = await self._user_row(user_name)
             existing = await self.find_key(key.fingerprint)
@@ -328,8 +331,8 @@ class SQLiteStore(Store):
             try:
                 cur = await db.execute(
                     """INSERT INTO ssh_keys (user_id, name, algorithm, bits, public_key, comment,
-                           fingerprint, fingerprint_md5, created_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                           fingerprint, fingerprint_md5, created_at, expires_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         user.id,
                         key_name,
@@ -340,6 +343,7 @@ class SQLiteStore(Store):
                         key.fingerprint,
                         key.fingerprint_md5,
                         utcnow(),
+                        expires_at,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -957,14 +961,20 @@ class SQLiteStore(Store):
 
     # -- API tokens --
 
-    async def create_token(self, name: str, user_name: str | None, token_hash: str) -> ApiToken:
+    async def create_token(
+        self,
+        name: str,
+        user_name: str | None,
+        token_hash: str,
+        expires_at: datetime | None = None,
+    ) -> ApiToken:
         async with self._transaction() as db:
             user_id = None if user_name is None else (await self._user_row(user_name)).id
             try:
                 cur = await db.execute(
-                    "INSERT INTO api_tokens (name, user_id, token_hash, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (name, user_id, token_hash, utcnow()),
+                    "INSERT INTO api_tokens (name, user_id, token_hash, created_at, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (name, user_id, token_hash, utcnow(), expires_at),
                 )
             except sqlite3.IntegrityError:
                 raise Conflict(f"a token named '{name}' already exists") from None
@@ -972,7 +982,7 @@ class SQLiteStore(Store):
 
     async def _token_where(self, clause: str, *args: Any) -> ApiToken | None:
         row = await self._one(
-            "SELECT t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "  # noqa: S608
+            f"SELECT {_TOKEN_COLUMNS} "  # noqa: S608
             f"FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id WHERE {clause}",
             *args,
         )
@@ -980,7 +990,7 @@ class SQLiteStore(Store):
 
     async def list_tokens(self) -> list[ApiToken]:
         rows = await self._all(
-            "SELECT t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "
+            f"SELECT {_TOKEN_COLUMNS} "  # noqa: S608
             "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id ORDER BY t.name"
         )
         return [_token(r) for r in rows]
@@ -1021,8 +1031,8 @@ class SQLiteStore(Store):
 
     async def web_session(self, id_hash: str) -> WebSession | None:
         row = await self._one(
-            "SELECT s.id, s.created_at, s.expires_at, s.last_seen_at, "
-            "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at "
+            "SELECT s.id, s.created_at, s.expires_at, s.last_seen_at, "  # noqa: S608
+            f"{_TOKEN_COLUMNS} "
             "FROM web_sessions s JOIN api_tokens t ON t.id = s.token_id "
             "LEFT JOIN users u ON u.id = t.user_id WHERE s.id_hash = ?",
             id_hash,

@@ -30,8 +30,9 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
             "fingerprint_md5",
             "created_at",
             "last_used_at",
+            "expires_at",
         ),
-        frozenset({"created_at", "last_used_at"}),
+        frozenset({"created_at", "last_used_at", "expires_at"}),
     ),
     (
         "apps",
@@ -99,8 +100,8 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ),
     (
         "api_tokens",
-        ("id", "name", "user_id", "token_hash", "created_at", "last_used_at"),
-        frozenset({"created_at", "last_used_at"}),
+        ("id", "name", "user_id", "token_hash", "created_at", "last_used_at", "expires_at"),
+        frozenset({"created_at", "last_used_at", "expires_at"}),
     ),
     (
         "web_sessions",

@@ -125,7 +125,11 @@ async def add_key(call: Call) -> tuple[int, Any]:
 async def _add_key(call: Call, user: str) -> tuple[int, Any]:
     body = await call.body()
     key = await call.registry.add_key(
-        user, string(body, "name") or "", string(body, "key") or "", actor=call.actor
+        user,
+        string(body, "name") or "",
+        string(body, "key") or "",
+        actor=call.actor,
+        expires=string(body, "expires", required=False),
     )
     return 201, key_dict(key)
 
@@ -278,6 +282,7 @@ KEY = _object(
         "fingerprint_md5": {"type": "string", "pattern": "^MD5:"},
         "created_at": _STR,
         "last_used_at": _STR_OR_NULL,
+        "expires_at": _STR_OR_NULL,
     }
 )
 APP = _object(
@@ -350,7 +355,15 @@ ERROR = _object(
 )
 NEW_USER = _object({"name": _STR})
 NEW_KEY = _object(
-    {"name": _STR, "key": {"type": "string", "description": "one OpenSSH public key line"}}
+    {
+        "name": _STR,
+        "key": {"type": "string", "description": "one OpenSSH public key line"},
+        "expires": {
+            "type": "string",
+            "description": "when it stops working: 90d, 12h, 4w, 2027-01-31 or an ISO 8601 time",
+        },
+    },
+    required=["name", "key"],
 )
 NEW_APP = _object({"name": _STR, "owner": _STR, "branch": _STR}, required=["name", "owner"])
 ROLE = _object({"role": {"enum": ["read", "write", "admin"]}})

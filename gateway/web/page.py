@@ -17,8 +17,9 @@ from aiohttp import web
 from ..errors import GatewayError
 from ..logs import q
 from ..models import ApiToken, SSHKey
-from ..service import Registry
-from ..tables import shown
+from ..service import Registry, TokenExpired
+from ..store import utcnow
+from ..tables import expiry_text, shown
 from .api import STATUS_OF  # the page answers with the API's status codes
 from .sessions import LIFETIME, PRESIGNIN_SECONDS, Sessions
 
@@ -127,11 +128,13 @@ def keys_page(
     form: dict[str, str] | None = None,
 ) -> str:
     form = form or {}
+    now = utcnow()
     if keys:
         rows = "".join(
             f'<tr data-key="{_e(k.name)}"><td>{_e(k.name)}</td><td>{_e(k.algorithm)}</td>'
             f"<td><code>{_e(k.fingerprint)}</code></td><td>{_e(shown(k.created_at))}</td>"
-            f"<td>{_e(shown(k.last_used_at, 'never'))}</td><td>"
+            f"<td>{_e(shown(k.last_used_at, 'never'))}</td>"
+            f"<td>{_e(expiry_text(k.expires_at, now))}</td><td>"
             f'<form method="post" action="{PATH}/delete">'
             f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
             f'<input type="hidden" name="name" value="{_e(k.name)}">'
@@ -141,7 +144,8 @@ def keys_page(
         )
         table = (
             '<table id="keys"><thead><tr><th>Name</th><th>Type</th><th>Fingerprint</th>'
-            f"<th>Added</th><th>Last used</th><th></th></tr></thead><tbody>{rows}</tbody></table>"
+            "<th>Added</th><th>Last used</th><th>Expires</th><th></th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>"
         )
     else:
         table = '<p class="muted" id="no-keys">No SSH key yet: add one below to push with git.</p>'
@@ -157,6 +161,9 @@ def keys_page(
         '<label for="key">Public key</label>'
         '<textarea id="key" name="key" required placeholder="ssh-ed25519 AAAA... you@example.com">'
         f"{_e(form.get('key', ''))}</textarea>"
+        '<label for="expires">Expires (optional)</label>'
+        '<input type="text" id="expires" name="expires" placeholder="90d or 2027-01-31; '
+        f'empty: never" value="{_e(form.get("expires", ""))}" maxlength="40">'
         '<p class="muted">Paste the whole content of your <code>~/.ssh/id_ed25519.pub</code> '
         "(create one with <code>ssh-keygen -t ed25519 -C you@example.com</code>). "
         "A key belongs to one account only.</p>"
@@ -222,7 +229,7 @@ class KeysPage:
     async def _session(self, request: web.Request) -> tuple[ApiToken, str] | None:
         session_id = request.cookies.get(COOKIE, "")
         session = await self.sessions.find(session_id) if session_id else None
-        if session is None or not session.token.personal:
+        if session is None or not session.token.personal or session.token.expired(utcnow()):
             return None
         return session.token, session_id
 
@@ -273,7 +280,8 @@ class KeysPage:
         user = token.user_name or ""
         name, text = form.get("name", "").strip(), form.get("key", "")
         try:
-            key = await self.registry.add_key(user, name, text, actor=user)
+            expires = form.get("expires", "").strip() or None
+            key = await self.registry.add_key(user, name, text, actor=user, expires=expires)
         except GatewayError as exc:
             return await self._render(
                 token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc), form=form
@@ -303,7 +311,10 @@ class KeysPage:
         if not self.sessions.check_presignin(presignin, form.get("csrf", "")):
             log.info("event=keys_page_refused reason=presignin_token peer=%s", q(request.remote))
             return self._signin("The sign-in form expired: try again.", 403)
-        token = await self.registry.authenticate(form.get("token", "").strip())
+        try:
+            token = await self.registry.authenticate(form.get("token", "").strip())
+        except TokenExpired as exc:
+            return self._signin(f"{str(exc)[0].upper()}{str(exc)[1:]}.", 401)
         if token is None:
             return self._signin("Unknown token.", 401)
         if not token.personal:

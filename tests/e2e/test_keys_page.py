@@ -133,7 +133,8 @@ def test_add_a_key_in_the_page_then_push_with_it(
     repo = client.new_repo(tmp_path / "work")
     client.git("push", "-q", client.url(app), "main", cwd=repo, check=True)
     page.reload()
-    assert "never" not in page.locator('tr[data-key="laptop"]').inner_text()
+    last_used = page.locator('tr[data-key="laptop"] td').nth(4).inner_text()
+    assert last_used != "never" and last_used.startswith("20")
 
     # Deleting it in the page locks that key out.
     page.click('button[aria-label="Delete laptop"]')

@@ -50,7 +50,7 @@ def test_whoami_names_the_account_and_the_key(dev):
     result = dev.ssh("whoami")
     assert result.returncode == 0
     fingerprint = keygen_fingerprint(dev.key.with_suffix(".pub"))
-    assert result.stdout == f"user: {dev.name}\nkey: laptop ({fingerprint})\n"
+    assert result.stdout == f"user: {dev.name}\nkey: laptop ({fingerprint})\nexpires: never\n"
 
 
 def test_keys_add_list_and_remove(dev, tmp_path, admin):
@@ -70,6 +70,7 @@ def test_keys_add_list_and_remove(dev, tmp_path, admin):
         "CREATED",
         "LAST",
         "USED",
+        "EXPIRES",
     ]
     assert listing[1].startswith("desktop ") and not listing[1].endswith("<- this connection")
     assert listing[2].startswith("laptop ") and listing[2].endswith("<- this connection")
@@ -92,7 +93,7 @@ def test_help_and_the_welcome_list_every_command(dev):
     for form in (
         "info",
         "whoami",
-        "keys add NAME < KEY.pub",
+        "keys add NAME [--expires WHEN] < KEY.pub",
         "keys remove NAME",
         "deploys APP",
         "logs APP [ID] [--follow]",
@@ -102,7 +103,7 @@ def test_help_and_the_welcome_list_every_command(dev):
         assert f"  {form}  " in text or text.count(form) >= 1, form
     assert text.splitlines()[0].startswith("Commands (ssh -p ")
     welcome = dev.ssh().stdout
-    assert "keys add NAME < KEY.pub" in welcome and "There is no shell." in welcome
+    assert "keys add NAME [--expires WHEN] < KEY.pub" in welcome and "There is no shell." in welcome
 
 
 def test_regression_keys_add_has_the_same_rules_and_messages(dev, gw, admin, tmp_path):
@@ -141,8 +142,16 @@ def test_regression_keys_add_has_the_same_rules_and_messages(dev, gw, admin, tmp
         (("keys", "add", "\x1b]0;x\x07"), "KEY", "error: invalid key name"),
         (("keys", "add", "big"), "x" * 100_000, "error: public key text is too long"),
         (("keys", "add", "empty"), "", "error: no public key on standard input"),
-        (("keys", "add"), "KEY", "error: usage: keys | keys add NAME < KEY.pub | keys remove NAME"),
-        (("keys", "rm", "laptop"), "", "error: usage: keys | keys add NAME < KEY.pub"),
+        (
+            ("keys", "add"),
+            "KEY",
+            "error: usage: keys | keys add NAME [--expires WHEN] < KEY.pub | keys remove NAME",
+        ),
+        (
+            ("keys", "rm", "laptop"),
+            "",
+            "error: usage: keys | keys add NAME [--expires WHEN] < KEY.pub",
+        ),
         (("keys", "remove", "nosuch"), "", "error: "),
         (("whoami", "root"), "", "error: usage: whoami"),
     ],

@@ -65,7 +65,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
-    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at"""
+    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at"""
 _KEY_FROM = "FROM ssh_keys k JOIN users u ON u.id = k.user_id"
 _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _APP_FROM = "FROM apps a JOIN users u ON u.id = a.owner_id"
@@ -74,7 +74,7 @@ _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.push
     d.exit_code, d.reason, d.created_at, d.started_at, d.finished_at, d.runner, d.duration_ms,
     d.note"""
 _DEPLOY_FROM = "FROM deploys d JOIN apps a ON a.id = d.app_id"
-_TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at"  # noqa: S105
+_TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at, t.expires_at"  # noqa: S105
 _TOKEN_FROM = "FROM api_tokens t LEFT JOIN users u ON u.id = t.user_id"  # noqa: S105
 _OPEN = [DeployStatus.QUEUED.value, DeployStatus.RUNNING.value]
 # Names sort byte by byte as on SQLite, whatever the database's locale.
@@ -111,7 +111,7 @@ def _user(row: Any) -> User:
 
 def _key(row: Any) -> SSHKey:
     values = list(row)
-    values[10], values[11] = _t(values[10]), _t(values[11])
+    values[10], values[11], values[12] = _t(values[10]), _t(values[11]), _t(values[12])
     return SSHKey(*values)
 
 
@@ -129,7 +129,7 @@ def _deploy(row: Any) -> Deploy:
 
 
 def _token(row: Any) -> ApiToken:
-    return ApiToken(row[0], row[1], row[2], row[3], _t(row[4]), _t(row[5]))  # type: ignore[arg-type]
+    return ApiToken(*row[:4], _t(row[4]), _t(row[5]), _t(row[6]))  # type: ignore[arg-type]
 
 
 def _count(status: str) -> int:
@@ -491,7 +491,9 @@ class PostgresStore(Store):
 
     # -- keys --
 
-    async def add_key(self, user_name: str, key_name: str, key: PublicKey) -> SSHKey:
+    async def add_key(
+        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+    ) -> SSHKey:
         try:
             async with self._transaction() as conn:
                 user = await self._user_row(conn, user_name)
@@ -507,8 +509,8 @@ class PostgresStore(Store):
                     )
                 key_id = await conn.fetchval(
                     """INSERT INTO ssh_keys (user_id, name, algorithm, bits, public_key, comment,
-                           fingerprint, fingerprint_md5, created_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id""",
+                           fingerprint, fingerprint_md5, created_at, expires_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
                     user.id,
                     key_name,
                     key.algorithm,
@@ -518,6 +520,7 @@ class PostgresStore(Store):
                     key.fingerprint,
                     key.fingerprint_md5,
                     to_time(utcnow()),
+                    None if expires_at is None else to_time(expires_at),
                 )
                 row = await conn.fetchrow(
                     f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1",
@@ -1183,19 +1186,26 @@ class PostgresStore(Store):
         row = await conn.fetchrow(f"SELECT {_TOKEN_COLUMNS} {_TOKEN_FROM} WHERE {clause}", *args)
         return None if row is None else _token(row)
 
-    async def create_token(self, name: str, user_name: str | None, token_hash: str) -> ApiToken:
+    async def create_token(
+        self,
+        name: str,
+        user_name: str | None,
+        token_hash: str,
+        expires_at: datetime | None = None,
+    ) -> ApiToken:
         try:
             async with self._transaction() as conn:
                 user_id = None
                 if user_name is not None:
                     user_id = (await self._user_row(conn, user_name)).id
                 token_id = await conn.fetchval(
-                    "INSERT INTO api_tokens (name, user_id, token_hash, created_at) "
-                    "VALUES ($1, $2, $3, $4) RETURNING id",
+                    "INSERT INTO api_tokens (name, user_id, token_hash, created_at, expires_at) "
+                    "VALUES ($1, $2, $3, $4, $5) RETURNING id",
                     name,
                     user_id,
                     token_hash,
                     to_time(utcnow()),
+                    None if expires_at is None else to_time(expires_at),
                 )
                 token = await self._token_where(conn, "t.id = $1", token_id)
         except asyncpg.UniqueViolationError:

@@ -1,0 +1,75 @@
+"""Refusals explained only to a client that proves it holds the refused key.
+
+A registered key that may not log in (expired, for now) is refused like an unknown one, so
+that the client goes on to its next key. To say *why* (the key's name, its account, when it
+expired) without telling a stranger who merely offers someone's public key, the gateway first
+asks for a signature: it answers the unsigned probe with "go on" (as for any registered key,
+so a probe learns nothing new), and refuses the signed request only after asyncssh has
+verified the signature. Only then is the refusal proven, explained and audited.
+
+asyncssh calls its connection's `validate_public_key(username, key_data, msg, signature)`
+for every public-key request, then the SSHServer's own `validate_public_key(username, key)`,
+and verifies the signature after that; the wrapper below sees the verified outcome. If
+asyncssh ever lacks that method, `install` says so and the gateway refuses such keys plainly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .models import Identity
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A registered key that may not log in, and why."""
+
+    identity: Identity
+    reason: str  # "expired"
+    expires_at: datetime | None = None
+
+
+class Proofs:
+    """One connection's refusals: the one waiting for a signature, and those proven."""
+
+    def __init__(self, on_proven: Callable[[Refusal], Awaitable[None]]) -> None:
+        self.installed = False
+        self.pending: Refusal | None = None
+        self.proven: list[Refusal] = []
+        self._on_proven = on_proven
+
+    def install(self, conn: Any) -> bool:
+        """Wrap the connection's key check; False (and nothing changed) if it cannot be."""
+        original = getattr(conn, "validate_public_key", None)
+        if original is None or not inspect.iscoroutinefunction(original):
+            return False
+
+        async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            self.pending = None
+            accepted = await original(username, key_data, msg, signature)
+            refusal, self.pending = self.pending, None
+            if refusal is None:
+                return bool(accepted)
+            if not accepted:
+                return False  # a bad signature proves nothing
+            if not msg:
+                return True  # an unsigned probe: let the client sign, to prove possession
+            self.proven.append(refusal)
+            await self._on_proven(refusal)
+            return False
+
+        conn.validate_public_key = validate
+        self.installed = True
+        return True
+
+    def ask_for_proof(self, refusal: Refusal) -> bool:
+        """What the SSHServer's key check returns for a key it refuses: True (go on to the
+        signature) only when the wrapper is there to turn a proven request into a refusal."""
+        if not self.installed:
+            return False
+        self.pending = refusal
+        return True
