@@ -6,7 +6,7 @@ from datetime import datetime
 
 from . import times
 from .errors import AccessDenied, GatewayError, InvalidName
-from .models import App, Identity, Role
+from .models import App, Identity, Role, SSHKey
 from .names import app_name
 from .store import Store, utcnow
 
@@ -16,7 +16,24 @@ async def identify(store: Store, fingerprint: str) -> Identity | None:
     key = await store.find_key(fingerprint)
     if key is None:
         return None
-    return Identity(key.user_id, key.user_name, key.id, key.name, key.fingerprint, key.expires_at)
+    return identity_of(key)
+
+
+def identity_of(key: SSHKey) -> Identity:
+    # A deploy key acts for its app only, and is named after it in logs and records.
+    name = key.user_name or "" if key.user_id is not None else f"deploy:{key.app_name}/{key.name}"
+    return Identity(
+        key.user_id,
+        name,
+        key.id,
+        key.name,
+        key.fingerprint,
+        key.expires_at,
+        app_id=key.app_id,
+        app_name=key.app_name,
+        access=key.access,
+        scope=key.scope,
+    )
 
 
 class KeyRevoked(GatewayError):
@@ -37,7 +54,7 @@ class KeyExpired(KeyRevoked):
         )
 
 
-async def recheck(store: Store, identity: Identity) -> None:
+async def recheck(store: Store, identity: Identity) -> Identity:
     """Raise KeyRevoked unless the connection's key is still registered to the same user.
 
     A connection can outlive its key: OpenSSH's ControlMaster runs every later command as a
@@ -48,8 +65,12 @@ async def recheck(store: Store, identity: Identity) -> None:
     key = await store.find_key(identity.fingerprint)
     if key is None or key.id != identity.key_id or key.user_id != identity.user_id:
         raise KeyRevoked()
+    if key.app_id != identity.app_id:
+        raise KeyRevoked()
     if key.expired(utcnow()):
         raise KeyExpired(key.expires_at)
+    # The scope as it is now: an app removed since (and maybe created again) is not in it.
+    return identity_of(key)
 
 
 async def authorize(store: Store, identity: Identity, name: str, needed: Role) -> tuple[App, Role]:
@@ -63,9 +84,42 @@ async def authorize(store: Store, identity: Identity, name: str, needed: Role) -
     except InvalidName:
         raise AccessDenied(name) from None
     app = await store.get_app(name)
+    if identity.deploy and (app is None or app.id != identity.app_id):
+        # The same words for a missing app and another tenant's: only the key's own app,
+        # which its holder knows, is named.
+        raise AccessDenied(
+            name, f"this is a deploy key of {identity.app_name}, it reaches only that app"
+        )
     if app is None:
         raise AccessDenied(name)
-    role = await store.role_on(app.id, identity.user_id)
+    role = await role_of(store, identity, app)
+    if identity.deploy and role is not None and role < needed:
+        raise DeployKeyReadOnly(identity)
     if role is None or role < needed:
         raise AccessDenied(name)
     return app, role
+
+
+class DeployKeyReadOnly(GatewayError):
+    code = "forbidden"
+
+    def __init__(self, identity: Identity) -> None:
+        super().__init__(
+            f'the deploy key "{identity.key_name}" of {identity.app_name} is read-only: '
+            "it cannot push (an operator can add one with --write)"
+        )
+
+
+async def role_of(store: Store, identity: Identity, app: App) -> Role | None:
+    """What this key may do on this app: a deploy key its access on its own app only; a
+    user key its user's role, within the key's scope and access limit."""
+    if identity.user_id is None:
+        if app.id != identity.app_id:
+            return None
+        return Role.WRITE if identity.access == "write" else Role.READ
+    if identity.scope is not None and app.name not in identity.scope:
+        return None
+    role = await store.role_on(app.id, identity.user_id)
+    if role is not None and identity.access == "read":
+        return Role.READ
+    return role

@@ -121,8 +121,52 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     text = _read_key_input(args.file)
 
     async def act(reg: Registry) -> int:
-        record = await reg.add_key(args.user, args.name, text, actor=OPERATOR, expires=args.expires)
+        record = await reg.add_key(
+            args.user,
+            args.name,
+            text,
+            actor=OPERATOR,
+            expires=args.expires,
+            read_only=args.read_only,
+            apps=args.apps,
+        )
         out.write(tables.key_added(record))
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
+async def deploy_key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    names.app_name(args.app)
+    names.key_name(args.name)
+    text = _read_key_input(args.file)
+
+    async def act(reg: Registry) -> int:
+        record = await reg.add_deploy_key(
+            args.app, args.name, text, actor=OPERATOR, write=args.write, expires=args.expires
+        )
+        out.write(tables.key_added(record))
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
+async def deploy_key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        keys = await reg.list_deploy_keys(args.app)
+        if args.json:
+            _json([key_dict(k) for k in keys], out)
+        else:
+            _table(tables.key_rows(keys), tables.KEY_HEADERS, out)
+        return 0
+
+    return await _with_registry(cfg, act)
+
+
+async def deploy_key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    async def act(reg: Registry) -> int:
+        key = await reg.remove_deploy_key(args.app, args.name, actor=OPERATOR)
+        out.write(tables.key_removed(key))
         return 0
 
     return await _with_registry(cfg, act)
@@ -629,6 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="a name for this key, unique for the user (e.g. laptop)")
     p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
     p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
+    p.add_argument("--read-only", action="store_true", help="it may clone and fetch, never push")
+    p.add_argument(
+        "--app",
+        dest="apps",
+        action="append",
+        metavar="APP",
+        help="it reaches only this app (repeat for several), within the user's roles",
+    )
     p = add(keys, "list", key_list, "list a user's keys")
     p.add_argument("user")
     p.add_argument("--json", action="store_true")
@@ -662,6 +714,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(apps, "members", app_members, "list who can reach an app")
     p.add_argument("app")
     p.add_argument("--json", action="store_true")
+    app_keys = apps.add_parser(
+        "key", help="an app's deploy keys: keys that reach this app only"
+    ).add_subparsers(dest="key_action", metavar="ACTION", required=True)
+    p = add(app_keys, "add", deploy_key_add, "register a deploy key (read-only by default)")
+    p.add_argument("app")
+    p.add_argument("name", help="a name for this key, unique for the app (e.g. ci)")
+    p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
+    p.add_argument("--write", action="store_true", help="it may push too (default: read only)")
+    p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
+    p = add(app_keys, "list", deploy_key_list, "list an app's deploy keys")
+    p.add_argument("app")
+    p.add_argument("--json", action="store_true")
+    p = add(app_keys, "remove", deploy_key_remove, "remove one of an app's deploy keys")
+    p.add_argument("app")
+    p.add_argument("name")
 
     tokens = groups.add_parser("token", help="manage HTTP API tokens").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -65,8 +65,10 @@ class AccessDenied(GatewayError):
 
     code = "not_found"
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"repository '{printable(name)}' not found or access denied")
+    def __init__(self, name: str, why: str = "") -> None:
+        # `why` may only say what the caller already knows (its own key), never about `name`.
+        suffix = f": {why}" if why else ""
+        super().__init__(f"repository '{printable(name)}' not found or access denied{suffix}")
         self.name = name
 
 

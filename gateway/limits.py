@@ -99,8 +99,9 @@ class Admission:
 class RateLimiter:
     """A token bucket per key: `per_minute` operations per minute, bursts up to that many."""
 
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, max_keys: int | None = None) -> None:
         self.per_minute = per_minute
+        self.max_keys = max_keys  # keys a client may choose (addresses): bounded memory
         self._buckets: dict[object, tuple[float, float]] = {}
 
     def take(self, key: object, now: float | None = None) -> float:
@@ -108,6 +109,12 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         capacity = float(self.per_minute)
         rate = capacity / 60.0
+        if self.max_keys is not None and key not in self._buckets:
+            if len(self._buckets) >= self.max_keys:
+                # Buckets untouched for a minute are full again: forgetting them is exact.
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
+            if len(self._buckets) >= self.max_keys:
+                return 60.0 / max(rate * 60.0, 1.0)  # still full of live buckets: refuse
         tokens, last = self._buckets.get(key, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * rate)
         if tokens >= 1.0:

@@ -40,9 +40,11 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class SSHKey:
+    """A registered public key: a user's (user_id), or an app's deploy key (app_id)."""
+
     id: int
-    user_id: int
-    user_name: str
+    user_id: int | None
+    user_name: str | None
     name: str
     algorithm: str
     bits: int
@@ -53,9 +55,30 @@ class SSHKey:
     created_at: datetime
     last_used_at: datetime | None
     expires_at: datetime | None = None  # it no longer logs in from then on
+    app_id: int | None = None  # a deploy key's app
+    app_name: str | None = None
+    # "read" or "write" for a deploy key; for a user key "read" (read-only) or None (its roles).
+    access: str | None = None
+    scope: tuple[str, ...] | None = None  # a user key limited to these apps; None: all
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+    @property
+    def deploy(self) -> bool:
+        return self.app_id is not None
+
+    @property
+    def owner(self) -> str:
+        """Whose key it is, as messages say it."""
+        return self.user_name if self.user_name is not None else f"app {self.app_name}"
+
+    def reach(self) -> str:
+        """What the key may do, in a few words (lists, the welcome)."""
+        if self.deploy:
+            return f"{self.app_name} ({'read-write' if self.access == 'write' else 'read-only'})"
+        apps = "all your apps" if self.scope is None else (", ".join(self.scope) or "no app")
+        return f"{apps}{' (read-only)' if self.access == 'read' else ''}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +102,28 @@ class Member:
 class Identity:
     """Who is on the other end of a connection, bound to the key that completed auth."""
 
-    user_id: int
-    user_name: str
+    user_id: int | None  # None for a deploy key
+    user_name: str  # the account; for a deploy key `deploy:APP/NAME` (audit, pusher)
     key_id: int
     key_name: str
     fingerprint: str
     expires_at: datetime | None = None
+    app_id: int | None = None  # a deploy key's one app
+    app_name: str | None = None
+    access: str | None = None  # "read" / "write" (deploy key); "read" limits a user key
+    scope: tuple[str, ...] | None = None  # a user key limited to these apps
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+    @property
+    def deploy(self) -> bool:
+        return self.app_id is not None
+
+    @property
+    def rate_key(self) -> object:
+        """What the per-user operation rate counts: the account, or the deploy key."""
+        return self.user_id if self.user_id is not None else ("deploy", self.key_id)
 
 
 class DeployStatus(enum.StrEnum):

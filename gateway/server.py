@@ -26,6 +26,7 @@ from .config import Config
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
 from .errors import AccessDenied, ConfigError, GatewayError, StoreUnavailable
+from .explain import Explainer, Told
 from .limits import Admission, RateLimiter
 from .listener import Listener
 from .logs import q
@@ -216,6 +217,7 @@ class Connection(asyncssh.SSHServer):
         self.closed = asyncio.Event()
         # Registered keys that may not log in: explained once the client proves it holds one.
         self.proofs = Proofs(self._refusal_proven)
+        self.told: Told | None = None  # what a refused client was told (banners)
 
     # -- connection lifecycle --
 
@@ -244,6 +246,7 @@ class Connection(asyncssh.SSHServer):
         metrics.connections_open.inc()
         quick_acks(conn)
         decline_env_requests(conn)
+        self.told = Told(self.gateway.explainer, self.address)
         if not self.proofs.install(conn):
             log.warning("event=key_proof_unavailable asyncssh=%s", asyncssh.__version__)
         kexguess.judge_guesses_by_rfc(conn, *self.gateway.first_algorithms)
@@ -320,6 +323,8 @@ class Connection(asyncssh.SSHServer):
             self.failure = "too many authentication attempts"
             self.failure_kind = "too_many_attempts"
             self.gateway.metrics.limit_rejections.labels("max_auth_attempts").inc()
+            if self.auth_attempts == self.gateway.config.limits.max_auth_attempts + 1:
+                self._banner(self._told().lines_for_too_many(self.auth_attempts - 1))
             raise asyncssh.PermissionDenied("Too many authentication failures")
         if username != self.gateway.config.ssh.user:
             log.info(
@@ -331,6 +336,7 @@ class Connection(asyncssh.SSHServer):
             )
             self.failure = f"SSH user '{username}' is not accepted"
             self.failure_kind = "bad_user"
+            self._banner(self._told().lines_for_bad_user())
             return False
         try:
             identity = await identify(self.gateway.store, fingerprint)
@@ -349,6 +355,8 @@ class Connection(asyncssh.SSHServer):
             )
             self.failure = "unknown key"
             self.failure_kind = "unknown_key"
+            algorithm = key.get_algorithm()
+            self._banner(self._told().lines_for_unknown_key(fingerprint, algorithm))
             return False
         if identity.expired(utcnow()):
             log.info(
@@ -388,13 +396,23 @@ class Connection(asyncssh.SSHServer):
             key=identity.key_name,
             reason=f"key {refusal.reason}",
         )
-        where = self.gateway.config.ssh.help_url or "ask your platform's operator"
-        text = (
-            f'The SSH key "{identity.key_name}" of {identity.user_name} '
-            f"({identity.fingerprint}) expired on {when}: it no longer logs in. "
-            f"Add a new key: {where}\n"
+        self._banner(
+            [
+                f'git-gateway: the SSH key "{identity.key_name}" of {identity.user_name} '
+                f"({identity.fingerprint}) expired on {when}: it no longer logs in.",
+                f"{self.gateway.explainer.where_keys_are_added()}.",
+            ]
         )
-        if self.conn is not None:
+
+    def _told(self) -> Told:
+        if self.told is None:  # before connection_made: cannot happen, never fails
+            self.told = Told(self.gateway.explainer, self.address)
+        return self.told
+
+    def _banner(self, lines: list[str]) -> None:
+        """Tell the client why an attempt failed (see explain.py), within the budget."""
+        text = self._told().take(lines)
+        if text and self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.send_auth_banner(terminal_safe(text))
 
@@ -485,6 +503,9 @@ class Gateway:
             config.limits, shared=worker.shared_counts() if worker is not None else None
         )
         self.rate = RateLimiter(config.limits.user_ops_per_minute)
+        self.explainer = Explainer(
+            config.ssh.help_url, config.ssh.user, lambda: self.config.ssh_command("").strip()
+        )
         self.metrics = (
             Metrics(Path(worker.metrics_dir), supervisor=worker.parent)
             if worker is not None
@@ -904,7 +925,7 @@ class Gateway:
         if identity is None:
             raise GatewayError("not authenticated")
         # Roles are read per command by authorize(); the key itself is re-checked here.
-        await recheck(self.store, identity)
+        identity = await recheck(self.store, identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env
@@ -916,7 +937,7 @@ class Gateway:
         invocation = commands.parse(process.command)
         syntax = commands.COMMANDS.get(invocation.command)
         if invocation.command in commands.GIT_SERVICES or (syntax and syntax.rated):
-            wait = self.rate.take(identity.user_id)
+            wait = self.rate.take(identity.rate_key)
             if wait > 0:
                 self.metrics.limit_rejections.labels("user_ops_per_minute").inc()
                 raise GatewayError(
@@ -938,5 +959,6 @@ class Gateway:
             metrics=self.metrics,
             stats=stats,
             pack_cache=self.pack_cache,
+            refused_keys=tuple(connection.told.unknown) if connection.told else (),
         )
         return await execute(ctx, invocation)

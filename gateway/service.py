@@ -15,7 +15,7 @@ from . import audit, executors, names, times
 from .config import Config
 from .deploylog import read_log
 from .errors import Conflict, GatewayError, NotFound, Unauthorized, UsageError
-from .keys import parse_public_key
+from .keys import PublicKey, parse_public_key
 from .logs import q
 from .models import ApiToken, App, Deploy, DeployStatus, Member, Role, SSHKey, User, WebhookDelivery
 from .repos import Repositories
@@ -85,19 +85,37 @@ class Registry:
     # -- keys --
 
     async def add_key(
-        self, user: str, key_name: str, text: str, *, actor: str, expires: str | None = None
+        self,
+        user: str,
+        key_name: str,
+        text: str,
+        *,
+        actor: str,
+        expires: str | None = None,
+        read_only: bool = False,
+        apps: list[str] | None = None,
     ) -> SSHKey:
         """Register a public key (one OpenSSH line) for a user, with the key policy of
         `keys.parse_public_key` and the one-account-per-key rule of the store; `expires`
-        as `times.expiry` reads it (`90d`, `2027-01-31`), or never."""
+        as `times.expiry` reads it (`90d`, `2027-01-31`), or never; `read_only` and `apps`
+        limit what the key may do to reading and to those apps (within the user's roles)."""
         user = names.user_name(user)
         key_name = names.key_name(key_name)
         expires_at = expiry(expires)
-        if len(text) > MAX_KEY_TEXT:
-            raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
-        key = parse_public_key(text)
+        scope = None if apps is None else sorted({names.app_name(a) for a in apps})
+        if scope is not None and not scope:
+            raise UsageError("a key limited to apps needs at least one app")
+        key = self._parse(text)
         limit = self.config.limits.max_keys_per_user
         async with self.store.transaction():
+            if scope:
+                # Only apps the user reaches, and one message for a missing app and an app
+                # out of reach: a user limiting their own key learns nothing of other apps.
+                account = await self.store.get_user(user)
+                reached = {app.name for app, _ in await self.store.apps_for(account.id)}
+                for name in scope:
+                    if name not in reached:
+                        raise NotFound(f"app '{name}' not found or not reachable by {user}")
             # Counted in the transaction that adds: an account cannot grow the registry
             # (and every login's lookup table) without bound, whichever front end it uses.
             if len(await self.store.list_keys(user)) >= limit:
@@ -105,7 +123,9 @@ class Registry:
                     f"{user} has {limit} keys, the most an account may have "
                     "([limits] max_keys_per_user): remove one first"
                 )
-            record = await self.store.add_key(user, key_name, key, expires_at)
+            record = await self.store.add_key(
+                user, key_name, key, expires_at, access="read" if read_only else None, scope=scope
+            )
             await audit.record(
                 self.store,
                 "key_added",
@@ -113,9 +133,65 @@ class Registry:
                 fingerprint=record.fingerprint,
                 user=user,
                 key=key_name,
-                **({"expires_at": times.text(expires_at)} if expires_at else {}),
+                **_limits(expires_at, "read" if read_only else None, scope),
             )
         return record
+
+    def _parse(self, text: str) -> PublicKey:
+        if len(text) > MAX_KEY_TEXT:
+            raise UsageError(f"public key text is too long (limit {MAX_KEY_TEXT} characters)")
+        return parse_public_key(text)
+
+    async def add_deploy_key(
+        self,
+        app: str,
+        key_name: str,
+        text: str,
+        *,
+        actor: str,
+        write: bool = False,
+        expires: str | None = None,
+    ) -> SSHKey:
+        """Register a deploy key: it reaches this app only, reading (or writing with
+        `write`); a key already registered anywhere (a user's, another app's) is refused."""
+        app = names.app_name(app)
+        key_name = names.key_name(key_name)
+        expires_at = expiry(expires)
+        key = self._parse(text)
+        access = "write" if write else "read"
+        limit = self.config.limits.max_keys_per_user
+        async with self.store.transaction():
+            if len(await self.store.list_deploy_keys(app)) >= limit:
+                raise Conflict(
+                    f"app {app} has {limit} deploy keys, the most an app may have "
+                    "([limits] max_keys_per_user): remove one first"
+                )
+            record = await self.store.add_deploy_key(app, key_name, key, access, expires_at)
+            await audit.record(
+                self.store,
+                "deploy_key_added",
+                actor=actor,
+                fingerprint=record.fingerprint,
+                app=app,
+                key=key_name,
+                **_limits(expires_at, access, None),
+            )
+        return record
+
+    async def list_deploy_keys(self, app: str) -> list[SSHKey]:
+        return await self.store.list_deploy_keys(app)
+
+    async def remove_deploy_key(self, app: str, key_name: str, *, actor: str) -> SSHKey:
+        key = await self.store.remove_deploy_key(app, key_name)
+        await audit.record(
+            self.store,
+            "deploy_key_removed",
+            actor=actor,
+            fingerprint=key.fingerprint,
+            app=app,
+            key=key_name,
+        )
+        return key
 
     async def list_keys(self, user: str) -> list[SSHKey]:
         return await self.store.list_keys(user)
@@ -147,7 +223,12 @@ class Registry:
         async with self.store.transaction():
             old = await self.store.remove_key(user, key_name)
             moved = await self.store.add_key(
-                to_user, new_name, parse_public_key(old.public_key), old.expires_at
+                to_user,
+                new_name,
+                parse_public_key(old.public_key),
+                old.expires_at,
+                access=old.access,
+                scope=None if old.scope is None else list(old.scope),
             )
             await audit.record(
                 self.store,
@@ -361,6 +442,20 @@ class Registry:
         if token is not None and token.expired(utcnow()):
             raise TokenExpired(token)
         return token
+
+
+def _limits(
+    expires_at: datetime | None, access: str | None, scope: list[str] | None
+) -> dict[str, object]:
+    """A key's limits as its audit record lists them (only those it has)."""
+    found: dict[str, object] = {}
+    if expires_at is not None:
+        found["expires_at"] = times.text(expires_at)
+    if access is not None:
+        found["access"] = access
+    if scope is not None:
+        found["apps"] = scope
+    return found
 
 
 class TokenExpired(Unauthorized):

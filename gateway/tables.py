@@ -9,7 +9,17 @@ from .keys import KEYGEN_TYPE
 from .models import Deploy, SSHKey
 from .textsafe import terminal_safe
 
-KEY_HEADERS = ["NAME", "TYPE", "BITS", "FINGERPRINT", "MD5", "CREATED", "LAST USED", "EXPIRES"]
+KEY_HEADERS = [
+    "NAME",
+    "TYPE",
+    "BITS",
+    "FINGERPRINT",
+    "MD5",
+    "CREATED",
+    "LAST USED",
+    "EXPIRES",
+    "REACHES",
+]
 WARN_DAYS = 7  # how long before its expiry a key is announced as expiring
 DEPLOY_HEADERS = ["ID", "STATUS", "BRANCH", "COMMIT", "PUSHER", "CREATED", "SUBJECT", "NOTE"]
 
@@ -59,6 +69,7 @@ def key_rows(keys: list[SSHKey]) -> list[list[str]]:
             shown(k.created_at),
             shown(k.last_used_at, "never"),
             expiry_text(k.expires_at, now),
+            k.reach(),
         ]
         for k in keys
     ]
@@ -66,14 +77,19 @@ def key_rows(keys: list[SSHKey]) -> list[list[str]]:
 
 def key_added(key: SSHKey) -> str:
     until = f", expires {shown(key.expires_at)}" if key.expires_at else ""
+    limits = ""
+    if key.deploy or key.scope is not None or key.access:
+        limits = f"; reaches {key.reach()}"
+    kind = "deploy key" if key.deploy else "key"
     return (
-        f"added key '{key.name}' to {key.user_name}: {key.bits} {key.fingerprint} "
-        f"({KEYGEN_TYPE[key.algorithm]}){until}\n"
+        f"added {kind} '{key.name}' to {key.owner}: {key.bits} {key.fingerprint} "
+        f"({KEYGEN_TYPE[key.algorithm]}){until}{limits}\n"
     )
 
 
 def key_removed(key: SSHKey) -> str:
-    return f"removed key '{key.name}' ({key.fingerprint}) from {key.user_name}\n"
+    kind = "deploy key" if key.deploy else "key"
+    return f"removed {kind} '{key.name}' ({key.fingerprint}) from {key.owner}\n"
 
 
 def deploy_rows(deploys: list[Deploy]) -> list[list[str]]:

@@ -64,6 +64,8 @@ class Context:
     conn_id: str = "-"
     peer: str = "-"
     pack_cache: PackCache | None = None
+    # Fingerprints the client offered before the key that logged in, not registered here.
+    refused_keys: tuple[str, ...] = ()
 
 
 Handler = Callable[[Context, "Invocation"], Awaitable[int]]

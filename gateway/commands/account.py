@@ -10,7 +10,7 @@ import asyncio
 from datetime import timedelta
 
 from .. import tables
-from ..errors import UsageError
+from ..errors import GatewayError, UsageError
 from ..service import MAX_KEY_TEXT, Registry
 from ..store import utcnow
 from . import Context, Invocation
@@ -41,8 +41,13 @@ def _registry(ctx: Context) -> Registry:
 
 async def whoami(ctx: Context, inv: Invocation) -> int:
     ident = ctx.identity
+    if ident.deploy:
+        access = "read-write" if ident.access == "write" else "read-only"
+        owner = f"deploy key of {ident.app_name} ({access})"
+    else:
+        owner = f"user: {ident.user_name}"
     lines = [
-        f"user: {ident.user_name}",
+        owner,
         f"key: {ident.key_name} ({ident.fingerprint})",
         f"expires: {tables.expiry_text(ident.expires_at, utcnow())}",
     ]
@@ -84,6 +89,11 @@ async def _read_key(ctx: Context) -> str:
 
 
 async def keys(ctx: Context, inv: Invocation) -> int:
+    if ctx.identity.deploy:
+        raise GatewayError(
+            f"this is a deploy key of {ctx.identity.app_name}: it manages no keys "
+            "(log in with your own key)"
+        )
     user = ctx.identity.user_name
     registry = _registry(ctx)
     action = inv.args[0]

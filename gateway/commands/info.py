@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..auth import role_of
+from ..models import App, Role
 from . import COMMANDS, Context, Invocation
 from .account import expiry_warning
 
@@ -21,21 +23,46 @@ def _commands(ctx: Context) -> list[str]:
 
 async def run(ctx: Context, inv: Invocation) -> int:
     ident = ctx.identity
-    lines = [
-        f'Hi {ident.user_name}! You are authenticated with key "{ident.key_name}" '
-        f"({ident.fingerprint})."
-    ]
+    if ident.deploy:
+        access = "read-write" if ident.access == "write" else "read-only"
+        lines = [
+            f'Hi! You are authenticated with the deploy key "{ident.key_name}" of '
+            f"{ident.app_name} ({ident.fingerprint}), {access}: it reaches "
+            f"{ctx.config.clone_url(ident.app_name or '')} only."
+        ]
+    else:
+        lines = [
+            f'Hi {ident.user_name}! You are authenticated with key "{ident.key_name}" '
+            f"({ident.fingerprint})."
+        ]
+    if ctx.refused_keys:
+        # A multi-key agent: say which of its keys this is, and that the others are unknown.
+        count = len(ctx.refused_keys)
+        others = "another key" if count == 1 else f"{count} other keys"
+        lines.append(
+            f"Your client offered {others} first, not registered here: "
+            f"{', '.join(ctx.refused_keys)}."
+        )
     warning = expiry_warning(ctx)
     if warning:
         lines.append(warning)
-    apps = await ctx.store.apps_for(ident.user_id)
-    if apps:
+    apps = await reachable(ctx)
+    if ident.deploy:
+        pass  # its one app is named above
+    elif apps:
         width = max(len(app.name) for app, _ in apps)
         lines.append("Apps you can reach:")
         for app, role in apps:
             lines.append(
                 f"  {app.name:<{width}}  {role.label:<5}  {ctx.config.clone_url(app.name)}"
             )
+        if ident.scope is not None or ident.access == "read":
+            lines.append(f"This key is limited to: {_limits(ident.scope, ident.access)}.")
+    elif ident.scope is not None:
+        lines.append(
+            f"This key is limited to {_limits(ident.scope, ident.access)}, "
+            "where you have no role (any more)."
+        )
     else:
         lines.append("You cannot reach any app yet: ask an app's owner to grant you access.")
     lines += _commands(ctx)
@@ -43,6 +70,24 @@ async def run(ctx: Context, inv: Invocation) -> int:
     ctx.channel.stdout.write(("\n".join(lines) + "\n").encode())
     await ctx.channel.stdout.drain()
     return 0
+
+
+def _limits(scope: tuple[str, ...] | None, access: str | None) -> str:
+    apps = "every app of yours" if scope is None else (", ".join(scope) or "no app")
+    return apps + (", reading only" if access == "read" else "")
+
+
+async def reachable(ctx: Context) -> list[tuple[App, Role]]:
+    """The apps this key reaches, with what it may do there (its limits applied)."""
+    ident = ctx.identity
+    if ident.user_id is None:
+        return []
+    found = []
+    for app, _ in await ctx.store.apps_for(ident.user_id):
+        role = await role_of(ctx.store, ident, app)
+        if role is not None:
+            found.append((app, role))
+    return found
 
 
 async def help_text(ctx: Context, inv: Invocation) -> int:

@@ -92,9 +92,34 @@ class UsersAndKeys(abc.ABC):
     # -- keys --
     @abc.abstractmethod
     async def add_key(
-        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+        self,
+        user_name: str,
+        key_name: str,
+        key: PublicKey,
+        expires_at: datetime | None = None,
+        *,
+        access: str | None = None,
+        scope: list[str] | None = None,
     ) -> SSHKey:
-        """Register a key; KeyInUse if another account has it, Conflict if this one does."""
+        """Register a user's key; KeyInUse if another account (or app) has it, Conflict if
+        this one does. `access="read"` limits it to reading; `scope` to these apps."""
+
+    @abc.abstractmethod
+    async def add_deploy_key(
+        self,
+        app_name: str,
+        key_name: str,
+        key: PublicKey,
+        access: str,
+        expires_at: datetime | None = None,
+    ) -> SSHKey:
+        """Register an app's deploy key ("read" or "write"); the same one-owner rule."""
+
+    @abc.abstractmethod
+    async def list_deploy_keys(self, app_name: str) -> list[SSHKey]: ...
+
+    @abc.abstractmethod
+    async def remove_deploy_key(self, app_name: str, key_name: str) -> SSHKey: ...
 
     @abc.abstractmethod
     async def list_keys(self, user_name: str) -> list[SSHKey]: ...

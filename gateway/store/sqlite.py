@@ -34,7 +34,12 @@ from ..models import (
 from . import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
-    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at"""
+    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at,
+    k.app_id, ka.name, k.access, k.scoped,
+    (SELECT group_concat(sa.name, char(10)) FROM key_apps s JOIN apps sa ON sa.id = s.app_id
+     WHERE s.key_id = k.id)"""
+_KEY_FROM = """FROM ssh_keys k LEFT JOIN users u ON u.id = k.user_id
+    LEFT JOIN apps ka ON ka.id = k.app_id"""
 _TOKEN_COLUMNS = "t.id, t.name, t.user_id, u.name, t.created_at, t.last_used_at, t.expires_at"  # noqa: S105
 _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
@@ -66,7 +71,9 @@ def migrations() -> list[tuple[int, str, str]]:
 def _key(row: Any) -> SSHKey:
     values = list(row)
     values[10], values[11], values[12] = _t(values[10]), _t(values[11]), _t(values[12])
-    return SSHKey(*values)
+    scoped, names = values[16], values[17]
+    scope = tuple(sorted(names.split("\n"))) if scoped and names else () if scoped else None
+    return SSHKey(*values[:16], scope=scope)
 
 
 def _app(row: Any) -> App:
@@ -316,7 +323,14 @@ class SQLiteStore(Store):
     # -- keys --
 
     async def add_key(
-        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+        self,
+        user_name: str,
+        key_name: str,
+        key: PublicKey,
+        expires_at: datetime | None = None,
+        *,
+        access: str | None = None,
+        scope: list[str] | None = None,
     ) -> SSHKey:
         async with self._transaction() as db:
             user = await self._user_row(user_name)
@@ -328,38 +342,112 @@ class SQLiteStore(Store):
                     f"this SSH key is already registered on account '{user_name}' "
                     f"under the name '{existing.name}'"
                 )
-            try:
-                cur = await db.execute(
-                    """INSERT INTO ssh_keys (user_id, name, algorithm, bits, public_key, comment,
-                           fingerprint, fingerprint_md5, created_at, expires_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (
-                        user.id,
-                        key_name,
-                        key.algorithm,
-                        key.bits,
-                        key.openssh,
-                        key.comment,
-                        key.fingerprint,
-                        key.fingerprint_md5,
-                        utcnow(),
-                        expires_at,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise Conflict(f"user '{user_name}' already has a key named '{key_name}'") from None
-            row = await self._one(
-                f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
-                "WHERE k.id = ?",
-                cur.lastrowid,
+            apps = [await self._app_row(name) for name in scope or []]
+            key_id = await self._insert_key(
+                db, key, key_name, expires_at, user_id=user.id, access=access, scoped=scope
             )
+            if key_id is None:
+                raise Conflict(f"user '{user_name}' already has a key named '{key_name}'")
+            for app in apps:
+                await db.execute(
+                    "INSERT OR IGNORE INTO key_apps (key_id, app_id) VALUES (?, ?)",
+                    (key_id, app.id),
+                )
+            return await self._key_by_id(key_id)
+
+    async def add_deploy_key(
+        self,
+        app_name: str,
+        key_name: str,
+        key: PublicKey,
+        access: str,
+        expires_at: datetime | None = None,
+    ) -> SSHKey:
+        async with self._transaction() as db:
+            app = await self._app_row(app_name)
+            existing = await self.find_key(key.fingerprint)
+            if existing is not None:
+                if existing.app_id != app.id:
+                    raise KeyInUse()
+                raise Conflict(
+                    f"this SSH key is already a deploy key of app '{app_name}' "
+                    f"under the name '{existing.name}'"
+                )
+            key_id = await self._insert_key(
+                db, key, key_name, expires_at, app_id=app.id, access=access
+            )
+            if key_id is None:
+                raise Conflict(f"app '{app_name}' already has a deploy key named '{key_name}'")
+            return await self._key_by_id(key_id)
+
+    async def _insert_key(
+        self,
+        db: aiosqlite.Connection,
+        key: PublicKey,
+        key_name: str,
+        expires_at: datetime | None,
+        *,
+        user_id: int | None = None,
+        app_id: int | None = None,
+        access: str | None = None,
+        scoped: list[str] | None = None,
+    ) -> int | None:
+        """The new key's id, or None if its owner has a key of that name already."""
+        try:
+            cur = await db.execute(
+                """INSERT INTO ssh_keys (user_id, app_id, name, algorithm, bits, public_key,
+                       comment, fingerprint, fingerprint_md5, created_at, expires_at, access,
+                       scoped)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    user_id,
+                    app_id,
+                    key_name,
+                    key.algorithm,
+                    key.bits,
+                    key.openssh,
+                    key.comment,
+                    key.fingerprint,
+                    key.fingerprint_md5,
+                    utcnow(),
+                    expires_at,
+                    access,
+                    int(scoped is not None),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            return None
+        return int(cur.lastrowid or 0)
+
+    async def _key_by_id(self, key_id: int) -> SSHKey:
+        row = await self._one(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = ?", key_id)
+        return _key(row)
+
+    async def list_deploy_keys(self, app_name: str) -> list[SSHKey]:
+        app = await self._app_row(app_name)
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = ? ORDER BY k.name",
+            app.id,
+        )
+        return [_key(r) for r in rows]
+
+    async def remove_deploy_key(self, app_name: str, key_name: str) -> SSHKey:
+        async with self._transaction() as db:
+            app = await self._app_row(app_name)
+            row = await self._one(
+                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = ? AND k.name = ?",
+                app.id,
+                key_name,
+            )
+            if row is None:
+                raise NotFound(f"app '{app_name}' has no deploy key named '{key_name}'")
+            await db.execute("DELETE FROM ssh_keys WHERE id = ?", (row[0],))
             return _key(row)
 
     async def list_keys(self, user_name: str) -> list[SSHKey]:
         user = await self._user_row(user_name)
         rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
-            "WHERE k.user_id = ? ORDER BY k.name",
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = ? ORDER BY k.name",
             user.id,
         )
         return [_key(r) for r in rows]
@@ -368,8 +456,7 @@ class SQLiteStore(Store):
         async with self._transaction() as db:
             user = await self._user_row(user_name)
             row = await self._one(
-                f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
-                "WHERE k.user_id = ? AND k.name = ?",
+                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = ? AND k.name = ?",
                 user.id,
                 key_name,
             )
@@ -380,8 +467,7 @@ class SQLiteStore(Store):
 
     async def find_key(self, fingerprint: str) -> SSHKey | None:
         row = await self._one(
-            f"SELECT {_KEY_COLUMNS} FROM ssh_keys k JOIN users u ON u.id = k.user_id "  # noqa: S608
-            "WHERE k.fingerprint = ?",
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.fingerprint = ?",
             fingerprint,
         )
         return None if row is None else _key(row)

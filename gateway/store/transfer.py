@@ -17,6 +17,11 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ("users", ("id", "name", "created_at"), frozenset({"created_at"})),
     ("nodes", ("id", "name", "pid", "started_at", "seen_at"), frozenset({"started_at"})),
     (
+        "apps",
+        ("id", "name", "owner_id", "deploy_branch", "created_at"),
+        frozenset({"created_at"}),
+    ),
+    (
         "ssh_keys",
         (
             "id",
@@ -31,14 +36,13 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
             "created_at",
             "last_used_at",
             "expires_at",
+            "app_id",
+            "access",
+            "scoped",
         ),
         frozenset({"created_at", "last_used_at", "expires_at"}),
     ),
-    (
-        "apps",
-        ("id", "name", "owner_id", "deploy_branch", "created_at"),
-        frozenset({"created_at"}),
-    ),
+    ("key_apps", ("key_id", "app_id"), frozenset()),
     ("app_members", ("app_id", "user_id", "role", "created_at"), frozenset({"created_at"})),
     (
         "deploys",

@@ -70,6 +70,27 @@ def string(body: dict[str, Any], name: str, required: bool = True) -> str | None
     return value
 
 
+def boolean(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise UsageError(f"'{name}' must be true or false")
+    return value
+
+
+MAX_LIST = 100
+
+
+def strings(body: dict[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"'{name}' must be a list of strings")
+    if len(value) > MAX_LIST:
+        raise UsageError(f"'{name}' may hold at most {MAX_LIST} items")
+    return value
+
+
 Handler = Callable[[Call], Awaitable[tuple[int, Any]]]
 
 
@@ -130,8 +151,32 @@ async def _add_key(call: Call, user: str) -> tuple[int, Any]:
         string(body, "key") or "",
         actor=call.actor,
         expires=string(body, "expires", required=False),
+        read_only=boolean(body, "read_only"),
+        apps=strings(body, "apps"),
     )
     return 201, key_dict(key)
+
+
+async def list_deploy_keys(call: Call) -> tuple[int, Any]:
+    return 200, [key_dict(k) for k in await call.registry.list_deploy_keys(call.param("app"))]
+
+
+async def add_deploy_key(call: Call) -> tuple[int, Any]:
+    body = await call.body()
+    key = await call.registry.add_deploy_key(
+        call.param("app"),
+        string(body, "name") or "",
+        string(body, "key") or "",
+        actor=call.actor,
+        write=boolean(body, "write"),
+        expires=string(body, "expires", required=False),
+    )
+    return 201, key_dict(key)
+
+
+async def remove_deploy_key(call: Call) -> tuple[int, Any]:
+    await call.registry.remove_deploy_key(call.param("app"), call.param("key"), actor=call.actor)
+    return 204, None
 
 
 async def remove_key(call: Call) -> tuple[int, Any]:
@@ -272,7 +317,7 @@ ME = _object({"id": _INT, "name": _STR, "created_at": _STR, "keys": _INT})
 KEY = _object(
     {
         "id": _INT,
-        "user_name": _STR,
+        "user_name": _STR_OR_NULL,
         "name": _STR,
         "algorithm": _STR,
         "bits": _INT,
@@ -283,6 +328,10 @@ KEY = _object(
         "created_at": _STR,
         "last_used_at": _STR_OR_NULL,
         "expires_at": _STR_OR_NULL,
+        "app_id": _INT_OR_NULL,
+        "app_name": _STR_OR_NULL,
+        "access": {"enum": ["read", "write", None]},
+        "scope": {"type": ["array", "null"], "items": _STR},
     }
 )
 APP = _object(
@@ -354,14 +403,30 @@ ERROR = _object(
     {"error": _object({"code": _STR, "message": _STR})},
 )
 NEW_USER = _object({"name": _STR})
+_EXPIRES = {
+    "type": "string",
+    "description": "when it stops working: 90d, 12h, 4w, 2027-01-31 or an ISO 8601 time",
+}
 NEW_KEY = _object(
     {
         "name": _STR,
         "key": {"type": "string", "description": "one OpenSSH public key line"},
-        "expires": {
-            "type": "string",
-            "description": "when it stops working: 90d, 12h, 4w, 2027-01-31 or an ISO 8601 time",
+        "expires": _EXPIRES,
+        "read_only": {"type": "boolean", "description": "it may clone and fetch, never push"},
+        "apps": {
+            "type": "array",
+            "items": _STR,
+            "description": "it reaches only these apps (within the user's roles)",
         },
+    },
+    required=["name", "key"],
+)
+NEW_DEPLOY_KEY = _object(
+    {
+        "name": _STR,
+        "key": {"type": "string", "description": "one OpenSSH public key line"},
+        "write": {"type": "boolean", "description": "it may push too (default: read only)"},
+        "expires": _EXPIRES,
     },
     required=["name", "key"],
 )
@@ -453,6 +518,33 @@ ROUTES: list[Route] = [
         errors=(404,),
     ),
     Route("GET", "/apps/{app}/members", list_members, "List an app's members", _list(MEMBER)),
+    Route(
+        "GET",
+        "/apps/{app}/keys",
+        list_deploy_keys,
+        "List an app's deploy keys",
+        _list(KEY),
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        "/apps/{app}/keys",
+        add_deploy_key,
+        "Add a deploy key to an app: it reaches this app only (read-only unless write)",
+        KEY,
+        201,
+        NEW_DEPLOY_KEY,
+        errors=(404, 409, 422),
+    ),
+    Route(
+        "DELETE",
+        "/apps/{app}/keys/{key}",
+        remove_deploy_key,
+        "Remove one of an app's deploy keys",
+        NO_CONTENT,
+        204,
+        errors=(404,),
+    ),
     Route(
         "PUT",
         "/apps/{app}/members/{user}",

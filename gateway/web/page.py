@@ -134,7 +134,7 @@ def keys_page(
             f'<tr data-key="{_e(k.name)}"><td>{_e(k.name)}</td><td>{_e(k.algorithm)}</td>'
             f"<td><code>{_e(k.fingerprint)}</code></td><td>{_e(shown(k.created_at))}</td>"
             f"<td>{_e(shown(k.last_used_at, 'never'))}</td>"
-            f"<td>{_e(expiry_text(k.expires_at, now))}</td><td>"
+            f"<td>{_e(expiry_text(k.expires_at, now))}</td><td>{_e(k.reach())}</td><td>"
             f'<form method="post" action="{PATH}/delete">'
             f'<input type="hidden" name="csrf" value="{_e(csrf)}">'
             f'<input type="hidden" name="name" value="{_e(k.name)}">'
@@ -144,7 +144,8 @@ def keys_page(
         )
         table = (
             '<table id="keys"><thead><tr><th>Name</th><th>Type</th><th>Fingerprint</th>'
-            "<th>Added</th><th>Last used</th><th>Expires</th><th></th></tr></thead>"
+            "<th>Added</th><th>Last used</th><th>Expires</th><th>Reaches</th><th></th></tr>"
+            "</thead>"
             f"<tbody>{rows}</tbody></table>"
         )
     else:

@@ -161,6 +161,16 @@ def test_every_operation_against_its_schema(
     missing = spec.call("GET", f"{PREFIX}/deploys/{{id}}", ops, id="999999")
     assert missing.status == 404
 
+    # Deploy keys: a key of this app only.
+    ci = keygen(tmp_path / "ci")
+    body = {"name": "ci", "key": Path(f"{ci}.pub").read_text(), "write": True, "expires": "30d"}
+    added = spec.call("POST", f"{PREFIX}/apps/{{app}}/keys", ops, body, app=app).json()
+    assert (added["app_name"], added["access"], added["user_name"]) == (app, "write", None)
+    listed = spec.call("GET", f"{PREFIX}/apps/{{app}}/keys", ops, app=app).json()
+    assert [k["name"] for k in listed] == ["ci"]
+    gone = spec.call("DELETE", f"{PREFIX}/apps/{{app}}/keys/{{key}}", ops, app=app, key="ci")
+    assert gone.status == 204
+
     assert (
         spec.call(
             "DELETE", f"{PREFIX}/apps/{{app}}/members/{{user}}", ops, app=app, user=other

@@ -71,6 +71,7 @@ def test_keys_add_list_and_remove(dev, tmp_path, admin):
         "LAST",
         "USED",
         "EXPIRES",
+        "REACHES",
     ]
     assert listing[1].startswith("desktop ") and not listing[1].endswith("<- this connection")
     assert listing[2].startswith("laptop ") and listing[2].endswith("<- this connection")

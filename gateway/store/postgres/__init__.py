@@ -65,8 +65,12 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
-    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at"""
-_KEY_FROM = "FROM ssh_keys k JOIN users u ON u.id = k.user_id"
+    k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at,
+    k.app_id, ka.name, k.access, k.scoped,
+    (SELECT string_agg(sa.name, chr(10)) FROM key_apps s JOIN apps sa ON sa.id = s.app_id
+     WHERE s.key_id = k.id)"""
+_KEY_FROM = """FROM ssh_keys k LEFT JOIN users u ON u.id = k.user_id
+    LEFT JOIN apps ka ON ka.id = k.app_id"""
 _APP_COLUMNS = "a.id, a.name, a.owner_id, u.name, a.deploy_branch, a.created_at"
 _APP_FROM = "FROM apps a JOIN users u ON u.id = a.owner_id"
 _DEPLOY_COLUMNS = """d.id, d.app_id, a.name, d.ref, d.old_sha, d.new_sha, d.pusher,
@@ -112,7 +116,9 @@ def _user(row: Any) -> User:
 def _key(row: Any) -> SSHKey:
     values = list(row)
     values[10], values[11], values[12] = _t(values[10]), _t(values[11]), _t(values[12])
-    return SSHKey(*values)
+    scoped, names = values[16], values[17]
+    scope = tuple(sorted(names.split("\n"))) if scoped and names else () if scoped else None
+    return SSHKey(*values[:16], scope=scope)
 
 
 def _app(row: Any) -> App:
@@ -492,7 +498,14 @@ class PostgresStore(Store):
     # -- keys --
 
     async def add_key(
-        self, user_name: str, key_name: str, key: PublicKey, expires_at: datetime | None = None
+        self,
+        user_name: str,
+        key_name: str,
+        key: PublicKey,
+        expires_at: datetime | None = None,
+        *,
+        access: str | None = None,
+        scope: list[str] | None = None,
     ) -> SSHKey:
         try:
             async with self._transaction() as conn:
@@ -507,30 +520,118 @@ class PostgresStore(Store):
                         f"this SSH key is already registered on account '{user_name}' "
                         f"under the name '{existing[1]}'"
                     )
-                key_id = await conn.fetchval(
-                    """INSERT INTO ssh_keys (user_id, name, algorithm, bits, public_key, comment,
-                           fingerprint, fingerprint_md5, created_at, expires_at)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
-                    user.id,
-                    key_name,
-                    key.algorithm,
-                    key.bits,
-                    key.openssh,
-                    key.comment,
-                    key.fingerprint,
-                    key.fingerprint_md5,
-                    to_time(utcnow()),
-                    None if expires_at is None else to_time(expires_at),
+                apps = [await self._app_row(conn, name) for name in scope or []]
+                key_id = await self._insert_key(
+                    conn, key, key_name, expires_at, user_id=user.id, access=access, scoped=scope
                 )
+                for app in apps:
+                    await conn.execute(
+                        "INSERT INTO key_apps (key_id, app_id) VALUES ($1, $2) "
+                        "ON CONFLICT DO NOTHING",
+                        key_id,
+                        app.id,
+                    )
                 row = await conn.fetchrow(
-                    f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1",
-                    key_id,
+                    f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1", key_id
                 )
         except asyncpg.UniqueViolationError as exc:
             # Another transaction registered it between our check and our insert.
             if "fingerprint" in (exc.constraint_name or ""):
                 raise KeyInUse() from None
             raise Conflict(f"user '{user_name}' already has a key named '{key_name}'") from None
+        return _key(row)
+
+    async def add_deploy_key(
+        self,
+        app_name: str,
+        key_name: str,
+        key: PublicKey,
+        access: str,
+        expires_at: datetime | None = None,
+    ) -> SSHKey:
+        try:
+            async with self._transaction() as conn:
+                app = await self._app_row(conn, app_name)
+                existing = await conn.fetchrow(
+                    "SELECT app_id, name FROM ssh_keys WHERE fingerprint = $1", key.fingerprint
+                )
+                if existing is not None:
+                    if existing[0] != app.id:
+                        raise KeyInUse()
+                    raise Conflict(
+                        f"this SSH key is already a deploy key of app '{app_name}' "
+                        f"under the name '{existing[1]}'"
+                    )
+                key_id = await self._insert_key(
+                    conn, key, key_name, expires_at, app_id=app.id, access=access
+                )
+                row = await conn.fetchrow(
+                    f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1", key_id
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if "fingerprint" in (exc.constraint_name or ""):
+                raise KeyInUse() from None
+            raise Conflict(
+                f"app '{app_name}' already has a deploy key named '{key_name}'"
+            ) from None
+        return _key(row)
+
+    async def _insert_key(
+        self,
+        conn: Any,
+        key: PublicKey,
+        key_name: str,
+        expires_at: datetime | None,
+        *,
+        user_id: int | None = None,
+        app_id: int | None = None,
+        access: str | None = None,
+        scoped: list[str] | None = None,
+    ) -> int:
+        return int(
+            await conn.fetchval(
+                """INSERT INTO ssh_keys (user_id, app_id, name, algorithm, bits, public_key,
+                       comment, fingerprint, fingerprint_md5, created_at, expires_at, access,
+                       scoped)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                   RETURNING id""",
+                user_id,
+                app_id,
+                key_name,
+                key.algorithm,
+                key.bits,
+                key.openssh,
+                key.comment,
+                key.fingerprint,
+                key.fingerprint_md5,
+                to_time(utcnow()),
+                None if expires_at is None else to_time(expires_at),
+                access,
+                int(scoped is not None),
+            )
+        )
+
+    async def list_deploy_keys(self, app_name: str) -> list[SSHKey]:
+        async with self._transaction() as conn:
+            app = await self._app_row(conn, app_name)
+            rows = await conn.fetch(
+                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = $1 ORDER BY k.name {_BYTES}",
+                app.id,
+            )
+        return [_key(r) for r in rows]
+
+    async def remove_deploy_key(self, app_name: str, key_name: str) -> SSHKey:
+        async with self._transaction() as conn:
+            app = await self._app_row(conn, app_name)
+            row = await conn.fetchrow(
+                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = $1 AND k.name = $2 "
+                "FOR UPDATE OF k",
+                app.id,
+                key_name,
+            )
+            if row is None:
+                raise NotFound(f"app '{app_name}' has no deploy key named '{key_name}'")
+            await conn.execute("DELETE FROM ssh_keys WHERE id = $1", row[0])
         return _key(row)
 
     async def list_keys(self, user_name: str) -> list[SSHKey]:
