@@ -45,6 +45,13 @@ class KeyRevoked(GatewayError):
         super().__init__("access denied: this SSH key is no longer registered")
 
 
+class CertificateRevoked(KeyRevoked):
+    """The connection's certificate was revoked or expired since it logged in."""
+
+    def __init__(self, text: str) -> None:
+        GatewayError.__init__(self, text)
+
+
 class KeyExpired(KeyRevoked):
     """The connection's key expired since it logged in (a long-lived ControlMaster)."""
 

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__, audit, config, control, gitbin, logs, names, tables, umask
+from . import __version__, audit, certs, config, control, gitbin, logs, names, tables, umask
 from .dburl import is_postgres, redact
 from .deploylog import read_log
-from .errors import GatewayError, UsageError
+from .errors import ConfigError, GatewayError, UsageError
 from .service import MAX_KEY_TEXT, Registry
 from .shapes import (
     app_dict,
@@ -603,14 +603,20 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     from .deploys import sandbox  # builds a test sandbox per configured command pipeline
 
     git = gitbin.locate(cfg.git.binary)
+    try:
+        cas = certs.load_cas(cfg.ssh.trusted_user_ca_keys)
+        certs.Revocations(cfg.ssh.revoked_certificates)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[ssh] certificates: {exc}") from None
     warnings = asyncio.run(sandbox.check(cfg))
     for warning in warnings:
         out.write(f"warning: {warning}\n")
     built = [label for label, box in sandbox.sandboxes(cfg).items() if box.enabled]
     sandboxed = f"; deploy sandbox ok for {', '.join(built)}" if built else ""
+    trusted = f"; {len(cas)} trusted user CA key(s)" if cas else ""
     out.write(
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
-        f"{sandboxed}\n"
+        f"{sandboxed}{trusted}\n"
     )
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .dburl import is_postgres, redact
 from .errors import ConfigError
+from .names import USER_NAME
 
 DEFAULT_CONFIG_FILE = Path("config/gateway.toml")
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -119,6 +120,19 @@ def _ssh_user(value: Any) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", text):
         raise ValueError(f"invalid user name '{text}'")
     return text
+
+
+def _principal_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of principal = user name")
+    found = {}
+    for principal, user in value.items():
+        if not isinstance(user, str) or not USER_NAME.fullmatch(user):
+            raise ValueError(f"invalid user name for principal '{principal}'")
+        if not principal or len(principal) > 256 or not principal.isprintable():
+            raise ValueError("a principal is 1 to 256 printable characters")
+        found[principal] = user
+    return found
 
 
 def _public_address(value: Any) -> str:
@@ -339,6 +353,23 @@ class SSHSettings:
     )
     proxy_header_timeout: float = _setting(
         5, _seconds, "seconds a trusted balancer has to send the PROXY header"
+    )
+    # SSH user certificates (see gateway/certs.py and the README): off without CA keys.
+    trusted_user_ca_keys: Path | None = _setting(
+        "",
+        _optional_path,
+        "file of CA public keys (OpenSSH lines) whose user certificates log in; empty: off",
+    )
+    principals: dict[str, str] = _setting(
+        {},
+        _principal_map,
+        "certificate principal -> user name; empty: a principal is taken as the user name",
+    )
+    revoked_certificates: Path | None = _setting(
+        "",
+        _optional_path,
+        "file of revoked certificates (`serial N`, `key-id TEXT`, `key SHA256:...` lines), "
+        "re-read when it changes",
     )
     # Crypto policy: modern algorithms only (no SHA-1 key exchange, signatures or MACs, no
     # CBC); asyncssh negotiates strict KEX (Terrapin) with every client that offers it.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 
 class Role(enum.IntEnum):
@@ -99,6 +99,25 @@ class Member:
 
 
 @dataclass(frozen=True, slots=True)
+class CertInfo:
+    """An SSH user certificate a connection logged in with, as records and re-checks keep it."""
+
+    key_id: str
+    serial: int
+    ca_fingerprint: str
+    key_fingerprint: str
+    valid_before: float  # seconds since the epoch; 2**64 - 1: forever
+    principal: str
+
+    @property
+    def until(self) -> datetime | None:
+        """When it stops being valid, or None for a certificate valid forever."""
+        if self.valid_before >= 2**63:
+            return None
+        return datetime.fromtimestamp(self.valid_before, UTC)
+
+
+@dataclass(frozen=True, slots=True)
 class Identity:
     """Who is on the other end of a connection, bound to the key that completed auth."""
 
@@ -112,6 +131,7 @@ class Identity:
     app_name: str | None = None
     access: str | None = None  # "read" / "write" (deploy key); "read" limits a user key
     scope: tuple[str, ...] | None = None  # a user key limited to these apps
+    certificate: CertInfo | None = None  # logged in with a certificate (key_id is then 0)
 
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now

@@ -16,12 +16,22 @@ asyncssh ever lacks that method, `install` says so and the gateway refuses such 
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncssh
+
 from .models import Identity
+
+log = logging.getLogger("gateway.auth")
+
+# asyncssh's own check of one request: (username, key_data, msg, signature) -> accepted.
+Verify = Callable[[str, bytes, bytes, bytes], Awaitable[bool]]
+# The certificate path: None for a plain key, else the decision (see server._certificate).
+Certificates = Callable[[str, bytes, bytes, bytes, Verify], Awaitable[bool | None]]
 
 
 @dataclass(frozen=True)
@@ -36,11 +46,16 @@ class Refusal:
 class Proofs:
     """One connection's refusals: the one waiting for a signature, and those proven."""
 
-    def __init__(self, on_proven: Callable[[Refusal], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        on_proven: Callable[[Refusal], Awaitable[None]],
+        on_certificate: Certificates | None = None,
+    ) -> None:
         self.installed = False
         self.pending: Refusal | None = None
         self.proven: list[Refusal] = []
         self._on_proven = on_proven
+        self._on_certificate = on_certificate
 
     def install(self, conn: Any) -> bool:
         """Wrap the connection's key check; False (and nothing changed) if it cannot be."""
@@ -50,6 +65,20 @@ class Proofs:
 
         async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
             self.pending = None
+            if self._on_certificate is not None:
+                try:
+                    decided = await self._on_certificate(
+                        username, key_data, msg, signature, original
+                    )
+                except asyncssh.Error:
+                    raise  # a decision to disconnect (too many attempts, registry down)
+                except Exception:
+                    # A bug in the certificate path fails this attempt, not the connection
+                    # (the client's next key may be a plain one).
+                    log.exception("event=certificate_check_failed")
+                    return False
+                if decided is not None:
+                    return decided
             accepted = await original(username, key_data, msg, signature)
             refusal, self.pending = self.pending, None
             if refusal is None:

@@ -17,23 +17,24 @@ from typing import Any
 
 import asyncssh
 
-from . import audit, commands, gitbin, hostkeys, kexguess, retention, times
+from . import audit, certs, commands, executors, gitbin, hostkeys, kexguess, retention, times
 from . import config as config_module
-from .auth import KeyExpired, KeyRevoked, identify, recheck
+from .auth import CertificateRevoked, KeyExpired, KeyRevoked, identify, recheck
 from .bridge import Channel
 from .commands.dispatch import execute
 from .config import Config
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
-from .errors import AccessDenied, ConfigError, GatewayError, StoreUnavailable
+from .errors import AccessDenied, ConfigError, GatewayError, NotFound, StoreUnavailable
 from .explain import Explainer, Told
 from .limits import Admission, RateLimiter
 from .listener import Listener
 from .logs import q
 from .metrics import Metrics
-from .models import Identity
+from .models import CertInfo, Identity
+from .names import USER_NAME
 from .packcache import PackCache
-from .possession import Proofs, Refusal
+from .possession import Proofs, Refusal, Verify
 from .repos import Repositories
 from .service import Registry
 from .store import Store, open_store, utcnow
@@ -216,7 +217,7 @@ class Connection(asyncssh.SSHServer):
         self.failure = NO_AUTH
         self.closed = asyncio.Event()
         # Registered keys that may not log in: explained once the client proves it holds one.
-        self.proofs = Proofs(self._refusal_proven)
+        self.proofs = Proofs(self._refusal_proven, self._certificate)
         self.told: Told | None = None  # what a refused client was told (banners)
 
     # -- connection lifecycle --
@@ -247,6 +248,10 @@ class Connection(asyncssh.SSHServer):
         quick_acks(conn)
         decline_env_requests(conn)
         self.told = Told(self.gateway.explainer, self.address)
+        if self.client is not None and hasattr(conn, "_peer_addr"):
+            # asyncssh checks a certificate's source-address against the TCP peer: behind a
+            # trusted balancer, that is the client the PROXY header names.
+            conn._peer_addr = str(self.client[0])
         if not self.proofs.install(conn):
             log.warning("event=key_proof_unavailable asyncssh=%s", asyncssh.__version__)
         kexguess.judge_guesses_by_rfc(conn, *self.gateway.first_algorithms)
@@ -310,12 +315,10 @@ class Connection(asyncssh.SSHServer):
     def host_based_auth_supported(self) -> bool:
         return False
 
-    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        # Called for unsigned probes and for signed attempts alike, so it must never decide
-        # the identity by itself: it only records the candidate for this attempt.
+    def _attempt(self, username: str, fingerprint: str) -> bool:
+        """Count one key or certificate offered; False (and why, told) for a wrong user."""
         self._candidate = None
         self.auth_attempts += 1
-        fingerprint = key.get_fingerprint("sha256")
         self.last_fingerprint = fingerprint
         if self.auth_attempts > self.gateway.config.limits.max_auth_attempts:
             # asyncssh has no MaxAuthTries: count every key offered (probes too, since an
@@ -337,6 +340,91 @@ class Connection(asyncssh.SSHServer):
             self.failure = f"SSH user '{username}' is not accepted"
             self.failure_kind = "bad_user"
             self._banner(self._told().lines_for_bad_user())
+            return False
+        return True
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Only reached through _certificate (which decided everything else) while the
+        # request wrapper is installed; without it, no certificate gets in.
+        return self.proofs.installed and key.get_fingerprint("sha256") in self.gateway.cert_cas
+
+    async def _certificate(
+        self, username: str, key_data: bytes, msg: bytes, signature: bytes, verify: Verify
+    ) -> bool | None:
+        """An auth request with an OpenSSH user certificate (None: not a certificate). The
+        policy is ours (certs.check); asyncssh then checks the CA's signature, the validity
+        window, the principal and the client's signature (`verify`)."""
+        decoded = certs.decode(key_data)
+        if decoded is None:
+            return None
+        fingerprint = decoded.key.get_fingerprint("sha256") if not isinstance(decoded, str) else "-"
+        if not self._attempt(username, fingerprint):
+            return False
+        if isinstance(decoded, str) or not self.gateway.cert_cas:
+            why = decoded if isinstance(decoded, str) else "SSH certificates are not accepted here"
+            return self._certificate_refused(why, fingerprint)
+        try:
+            info = certs.check(
+                decoded, self.gateway.cert_cas, self.gateway.revocations, self.address
+            )
+        except certs.CertificateRefused as exc:
+            return self._certificate_refused(f"the certificate is refused: {exc}", fingerprint)
+        except (OSError, ValueError) as exc:  # the revocation list cannot be read: fail closed
+            log.error("event=revocations_unreadable reason=%s", q(exc))
+            return self._certificate_refused("the certificate cannot be checked now", fingerprint)
+        users: dict[str, tuple[str, int]] = {}
+        for principal, name in certs.candidates(decoded, self.gateway.config.ssh.principals):
+            if name in users or not USER_NAME.fullmatch(name):
+                continue
+            try:
+                user = await self.gateway.store.get_user(name)
+            except NotFound:
+                continue
+            users[name] = (principal, user.id)
+        if len(users) != 1:
+            # Said only once the client proved it holds the certified key (the principals'
+            # accounts are the registry's business).
+            why = "names no account here" if not users else "names several accounts"
+            accepted = await verify(decoded.principals[0], key_data, msg, signature)
+            if accepted and msg:
+                self._certificate_refused(f"the certificate {why}", fingerprint, info)
+                return False
+            return accepted
+        [(name, (principal, user_id))] = users.items()
+        identity = Identity(
+            user_id,
+            name,
+            0,
+            info.key_id,
+            info.key_fingerprint,
+            certificate=dataclasses.replace(info, principal=principal),
+        )
+        accepted = await verify(principal, key_data, msg, signature)
+        if accepted:
+            self._candidate = identity
+        return accepted
+
+    def _certificate_refused(
+        self, why: str, fingerprint: str, info: CertInfo | None = None
+    ) -> bool:
+        shown = f" {info.key_id!r} (serial {info.serial})" if info else ""
+        log.info(
+            "event=auth_rejected conn=%s peer=%s reason=certificate fp=%s detail=%s",
+            self.id,
+            self.peer,
+            fingerprint,
+            q(why + shown),
+        )
+        self.failure = why
+        self.failure_kind = "certificate"
+        self._banner([f"git-gateway: {why}{shown}."])
+        return False
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Called for unsigned probes and for signed attempts alike, so it must never decide
+        # the identity by itself: it only records the candidate for this attempt.
+        fingerprint = key.get_fingerprint("sha256")
+        if not self._attempt(username, fingerprint):
             return False
         try:
             identity = await identify(self.gateway.store, fingerprint)
@@ -468,14 +556,24 @@ class Connection(asyncssh.SSHServer):
             mac,
             q(self.conn.get_extra_info("client_version")),
         )
-        await self.gateway.record_key_use(identity)
+        cert = identity.certificate
+        if cert is None:
+            await self.gateway.record_key_use(identity)
+        detail: dict[str, object] = {"key": identity.key_name}
+        if cert is not None:
+            detail = {
+                "certificate": cert.key_id,
+                "serial": cert.serial,
+                "principal": cert.principal,
+                "ca": cert.ca_fingerprint,
+            }
         await audit.record(
             self.gateway.store,
             "auth_ok",
             actor=identity.user_name,
             fingerprint=identity.fingerprint,
             source=self.peer,
-            key=identity.key_name,
+            **detail,
         )
 
 
@@ -506,6 +604,13 @@ class Gateway:
         self.explainer = Explainer(
             config.ssh.help_url, config.ssh.user, lambda: self.config.ssh_command("").strip()
         )
+        try:
+            # Certificates: the CAs at start (a restart changes them), the revocation list
+            # whenever its file changes.
+            self.cert_cas = certs.load_cas(config.ssh.trusted_user_ca_keys)
+            self.revocations = certs.Revocations(config.ssh.revoked_certificates)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"[ssh] certificates: {exc}") from None
         self.metrics = (
             Metrics(Path(worker.metrics_dir), supervisor=worker.parent)
             if worker is not None
@@ -915,6 +1020,28 @@ class Gateway:
             with contextlib.suppress(Exception):
                 process.exit(code)
 
+    async def _recheck_certificate(self, identity: Identity) -> None:
+        """A certificate's connection outlives neither its validity, nor its revocation, nor
+        its user (the same re-check per session as a key's)."""
+        cert = identity.certificate
+        if cert is None:  # pragma: no cover - only called for certificates
+            return
+        try:
+            await executors.run(self.revocations.refresh)
+        except (OSError, ValueError) as exc:
+            log.error("event=revocations_unreadable reason=%s", q(exc))
+            raise KeyRevoked() from None
+        if self.revocations.revoked(cert.serial, cert.key_id, cert.key_fingerprint):
+            raise CertificateRevoked("access denied: this certificate has been revoked")
+        if time.time() >= cert.valid_before:
+            raise CertificateRevoked("access denied: this certificate has expired")
+        try:
+            user = await self.store.get_user(identity.user_name)
+        except NotFound:
+            raise KeyRevoked() from None
+        if user.id != identity.user_id:
+            raise KeyRevoked()
+
     async def _serve(
         self,
         process: asyncssh.SSHServerProcess,
@@ -925,7 +1052,10 @@ class Gateway:
         if identity is None:
             raise GatewayError("not authenticated")
         # Roles are read per command by authorize(); the key itself is re-checked here.
-        identity = await recheck(self.store, identity)
+        if identity.certificate is not None:
+            await self._recheck_certificate(identity)
+        else:
+            identity = await recheck(self.store, identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env

@@ -7,10 +7,11 @@ account is always the connection's own (bound to the key that completed authenti
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from .. import tables
 from ..errors import GatewayError, UsageError
+from ..models import Identity
 from ..service import MAX_KEY_TEXT, Registry
 from ..store import utcnow
 from . import Context, Invocation
@@ -35,6 +36,12 @@ def expiry_warning(ctx: Context) -> str | None:
     return f'warning: your SSH key "{ident.key_name}" expires {when}: add another: {add}'
 
 
+def _expiry(ident: Identity) -> datetime | None:
+    if ident.certificate is not None:
+        return ident.certificate.until
+    return ident.expires_at
+
+
 def _registry(ctx: Context) -> Registry:
     return Registry(ctx.config, ctx.store, ctx.repos)
 
@@ -46,10 +53,17 @@ async def whoami(ctx: Context, inv: Invocation) -> int:
         owner = f"deploy key of {ident.app_name} ({access})"
     else:
         owner = f"user: {ident.user_name}"
+    what = f"key: {ident.key_name} ({ident.fingerprint})"
+    if ident.certificate is not None:
+        cert = ident.certificate
+        what = (
+            f"certificate: {cert.key_id} (serial {cert.serial}, principal {cert.principal}, "
+            f"CA {cert.ca_fingerprint}, key {ident.fingerprint})"
+        )
     lines = [
         owner,
-        f"key: {ident.key_name} ({ident.fingerprint})",
-        f"expires: {tables.expiry_text(ident.expires_at, utcnow())}",
+        what,
+        f"expires: {tables.expiry_text(_expiry(ident), utcnow())}",
     ]
     warning = expiry_warning(ctx)
     if warning:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import times
 from ..auth import role_of
 from ..models import App, Role
 from . import COMMANDS, Context, Invocation
@@ -29,6 +30,14 @@ async def run(ctx: Context, inv: Invocation) -> int:
             f'Hi! You are authenticated with the deploy key "{ident.key_name}" of '
             f"{ident.app_name} ({ident.fingerprint}), {access}: it reaches "
             f"{ctx.config.clone_url(ident.app_name or '')} only."
+        ]
+    elif ident.certificate is not None:
+        cert = ident.certificate
+        lines = [
+            f'Hi {ident.user_name}! You are authenticated with the certificate "{cert.key_id}" '
+            f"(serial {cert.serial}, principal {cert.principal}, valid "
+            f"{'until ' + times.text(cert.until) if cert.until else 'forever'}), "
+            f"signed by the CA {cert.ca_fingerprint}."
         ]
     else:
         lines = [
