@@ -52,6 +52,36 @@ def load_cas(path: Path | None) -> frozenset[str]:
     return frozenset(found)
 
 
+class TrustedCAs:
+    """The CA keys of `[ssh] trusted_user_ca_keys`, re-read when the file changes (a CA
+    removed there stops logging anyone in, at the next login and the next session)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self.fingerprints: frozenset[str] = frozenset()
+        self.refresh()
+
+    def __bool__(self) -> bool:
+        return self.path is not None
+
+    def __contains__(self, fingerprint: object) -> bool:
+        return fingerprint in self.fingerprints
+
+    def __len__(self) -> int:
+        return len(self.fingerprints)
+
+    def refresh(self) -> None:
+        """Blocking; raises OSError or ValueError (callers refuse certificates then)."""
+        if self.path is None:
+            return
+        st = os.stat(self.path)
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            self.fingerprints = load_cas(self.path)
+            self._stamp = stamp
+
+
 class Revocations:
     """`serial N`, `key-id TEXT` and `key SHA256:...` lines, re-read when the file changes."""
 
@@ -64,9 +94,9 @@ class Revocations:
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the file again if it changed. A file that cannot be read keeps the last list
-        and is reported; a missing file (once configured) revokes nothing new but is an error
-        the caller logs."""
+        """Read the file again if it changed (blocking: run it off the event loop). Raises
+        OSError or ValueError when it cannot be read or parsed: callers refuse certificates
+        then (fail closed) and log why."""
         if self.path is None:
             return
         st = os.stat(self.path)
@@ -75,17 +105,15 @@ class Revocations:
             return
         serials, key_ids, keys = set(), set(), set()
         for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            text = line.split("#", 1)[0].strip()
-            if not text:
-                continue
-            kind, _, value = text.partition(" ")
-            value = value.strip()
-            if kind == "serial" and value.isdigit():
-                serials.add(int(value))
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue  # comments are whole lines: a key id may hold `#` and spaces
+            kind, _, value = line.lstrip().partition(" ")
+            if kind == "serial" and value.strip().isdigit():
+                serials.add(int(value.strip()))
             elif kind == "key-id" and value:
-                key_ids.add(value)
-            elif kind == "key" and value.startswith("SHA256:"):
-                keys.add(value)
+                key_ids.add(value)  # exactly as written after `key-id `
+            elif kind == "key" and value.strip().startswith("SHA256:"):
+                keys.add(value.strip())
             else:
                 raise ValueError(
                     f"{self.path}:{number}: expected `serial N`, `key-id TEXT` or `key SHA256:...`"
@@ -150,12 +178,13 @@ def _algorithm(key_data: bytes) -> str:
 
 def check(
     cert: asyncssh.SSHCertificate,
-    cas: frozenset[str],
+    cas: TrustedCAs | frozenset[str],
     revocations: Revocations,
     client_address: str,
     now: float | None = None,
 ) -> CertInfo:
-    """Everything but whom it names and the signatures; raises CertificateRefused."""
+    """Everything but whom it names and the signatures; raises CertificateRefused. The
+    revocation list is taken as it is (refresh it first, off the event loop)."""
     now = time.time() if now is None else now
     fields = Fields.of(cert)
     ca = cert.signing_key.get_fingerprint("sha256")
@@ -189,7 +218,6 @@ def check(
             raise CertificateRefused("its source-address does not allow this address")
     if not cert.principals or len(cert.principals) > MAX_PRINCIPALS:
         raise CertificateRefused("it names no principal")
-    revocations.refresh()
     if revocations.revoked(fields.serial, fields.key_id, cert.key.get_fingerprint("sha256")):
         raise CertificateRefused("it has been revoked")
     return CertInfo(

@@ -60,6 +60,20 @@ class KeyInUse(Conflict):
         super().__init__("this SSH key is already used by another account")
 
 
+class KeyLimitReached(Conflict):
+    """An account (or an app, for deploy keys) has as many keys as [limits] allows."""
+
+    code = "conflict"
+
+    def __init__(self, owner: str, limit: int, deploy: bool = False) -> None:
+        what = (
+            f"app {owner} has {limit} deploy keys, the most an app may have"
+            if deploy
+            else (f"{owner} has {limit} keys, the most an account may have")
+        )
+        super().__init__(f"{what} ([limits] max_keys_per_user): remove one first")
+
+
 class AccessDenied(GatewayError):
     """Unknown app, forbidden app and invalid path all look the same to the user."""
 

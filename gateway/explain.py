@@ -14,6 +14,7 @@ plain answer.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 
 from .limits import RateLimiter
@@ -33,13 +34,27 @@ class Explainer:
         self.rate = RateLimiter(LINES_PER_MINUTE, max_keys=ADDRESSES_TRACKED)
 
     def allow(self, address: str, lines: int) -> bool:
-        """Spend `lines` of this address's budget, all or (past it) nothing more."""
-        return all(self.rate.take(address) == 0 for _ in range(lines))
+        """Spend `lines` of this address's budget, all or (past it) nothing more. IPv6
+        clients are counted per /64: one host usually holds a whole one."""
+        source = _source(address)
+        return all(self.rate.take(source) == 0 for _ in range(lines))
 
     def where_keys_are_added(self) -> str:
         if self.help_url:
             return f"Add your public key (the .pub file) at {self.help_url}"
         return "Ask your platform's operator to register your public key (the .pub file)"
+
+
+def _source(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class Told:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -109,13 +110,14 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         capacity = float(self.per_minute)
         rate = capacity / 60.0
-        if self.max_keys is not None and key not in self._buckets:
-            if len(self._buckets) >= self.max_keys:
-                # Buckets untouched for a minute are full again: forgetting them is exact.
-                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 60.0}
-            if len(self._buckets) >= self.max_keys:
-                return 60.0 / max(rate * 60.0, 1.0)  # still full of live buckets: refuse
-        tokens, last = self._buckets.get(key, (capacity, now))
+        full = self.max_keys is not None and len(self._buckets) >= self.max_keys
+        if full and key not in self._buckets:
+            # Forget the longest-unused tenth (dicts keep insertion order and a bucket is
+            # re-inserted when used): O(1) per key on average, memory bounded. A bucket
+            # forgotten early only gives its key a fresh budget.
+            for stale in list(itertools.islice(self._buckets, max(1, (self.max_keys or 0) // 10))):
+                del self._buckets[stale]
+        tokens, last = self._buckets.pop(key, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * rate)
         if tokens >= 1.0:
             self._buckets[key] = (tokens - 1.0, now)

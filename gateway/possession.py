@@ -50,12 +50,14 @@ class Proofs:
         self,
         on_proven: Callable[[Refusal], Awaitable[None]],
         on_certificate: Certificates | None = None,
+        on_request: Callable[[], None] | None = None,
     ) -> None:
         self.installed = False
         self.pending: Refusal | None = None
         self.proven: list[Refusal] = []
         self._on_proven = on_proven
         self._on_certificate = on_certificate
+        self._on_request = on_request
 
     def install(self, conn: Any) -> bool:
         """Wrap the connection's key check; False (and nothing changed) if it cannot be."""
@@ -65,6 +67,8 @@ class Proofs:
 
         async def validate(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
             self.pending = None
+            if self._on_request is not None:
+                self._on_request()
             if self._on_certificate is not None:
                 try:
                     decided = await self._on_certificate(

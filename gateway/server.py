@@ -11,11 +11,12 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.packet import String
 
 from . import audit, certs, commands, executors, gitbin, hostkeys, kexguess, retention, times
 from . import config as config_module
@@ -217,7 +218,7 @@ class Connection(asyncssh.SSHServer):
         self.failure = NO_AUTH
         self.closed = asyncio.Event()
         # Registered keys that may not log in: explained once the client proves it holds one.
-        self.proofs = Proofs(self._refusal_proven, self._certificate)
+        self.proofs = Proofs(self._refusal_proven, self._certificate, self._new_request)
         self.told: Told | None = None  # what a refused client was told (banners)
 
     # -- connection lifecycle --
@@ -315,6 +316,10 @@ class Connection(asyncssh.SSHServer):
     def host_based_auth_supported(self) -> bool:
         return False
 
+    def _new_request(self) -> None:
+        # Whatever a request decides, the identity comes only from the one that completes.
+        self._candidate = None
+
     def _attempt(self, username: str, fingerprint: str) -> bool:
         """Count one key or certificate offered; False (and why, told) for a wrong user."""
         self._candidate = None
@@ -327,7 +332,7 @@ class Connection(asyncssh.SSHServer):
             self.failure_kind = "too_many_attempts"
             self.gateway.metrics.limit_rejections.labels("max_auth_attempts").inc()
             if self.auth_attempts == self.gateway.config.limits.max_auth_attempts + 1:
-                self._banner(self._told().lines_for_too_many(self.auth_attempts - 1))
+                self._banner(lambda told: told.lines_for_too_many(self.auth_attempts - 1))
             raise asyncssh.PermissionDenied("Too many authentication failures")
         if username != self.gateway.config.ssh.user:
             log.info(
@@ -339,7 +344,7 @@ class Connection(asyncssh.SSHServer):
             )
             self.failure = f"SSH user '{username}' is not accepted"
             self.failure_kind = "bad_user"
-            self._banner(self._told().lines_for_bad_user())
+            self._banner(lambda told: told.lines_for_bad_user())
             return False
         return True
 
@@ -360,17 +365,24 @@ class Connection(asyncssh.SSHServer):
         fingerprint = decoded.key.get_fingerprint("sha256") if not isinstance(decoded, str) else "-"
         if not self._attempt(username, fingerprint):
             return False
-        if isinstance(decoded, str) or not self.gateway.cert_cas:
+        gateway = self.gateway
+        if isinstance(decoded, str) or not gateway.cert_cas:
+            # Said at once: about the certificate's format, or this server's configuration.
             why = decoded if isinstance(decoded, str) else "SSH certificates are not accepted here"
             return self._certificate_refused(why, fingerprint)
         try:
-            info = certs.check(
-                decoded, self.gateway.cert_cas, self.gateway.revocations, self.address
-            )
+            await executors.run(gateway.refresh_certificate_lists)
+            info = certs.check(decoded, gateway.cert_cas, gateway.revocations, self.address)
         except certs.CertificateRefused as exc:
-            return self._certificate_refused(f"the certificate is refused: {exc}", fingerprint)
-        except (OSError, ValueError) as exc:  # the revocation list cannot be read: fail closed
-            log.error("event=revocations_unreadable reason=%s", q(exc))
+            # Whether it is revoked, or its CA trusted, is told only to whoever holds the
+            # certified key: the probe gets "go on", the signed request the reason.
+            if not msg:
+                return True
+            if self._holds(decoded.key, msg, signature):
+                self._certificate_refused(f"the certificate is refused: {exc}", fingerprint)
+            return False
+        except (OSError, ValueError) as exc:  # a CA or revocation file unreadable: fail closed
+            log.error("event=certificate_lists_unreadable reason=%s", q(exc))
             return self._certificate_refused("the certificate cannot be checked now", fingerprint)
         users: dict[str, tuple[str, int]] = {}
         for principal, name in certs.candidates(decoded, self.gateway.config.ssh.principals):
@@ -404,6 +416,17 @@ class Connection(asyncssh.SSHServer):
             self._candidate = identity
         return accepted
 
+    def _holds(self, key: asyncssh.SSHKey, msg: bytes, signature: bytes) -> bool:
+        """Did the client sign this request with `key` (asyncssh's own check, for a request
+        asyncssh is not asked to accept)? False when it cannot be told."""
+        session_id = getattr(self.conn, "_session_id", None)
+        if not isinstance(session_id, bytes) or not msg:
+            return False
+        try:
+            return bool(key.verify(String(session_id) + msg, signature))
+        except Exception:  # a malformed signature proves nothing
+            return False
+
     def _certificate_refused(
         self, why: str, fingerprint: str, info: CertInfo | None = None
     ) -> bool:
@@ -417,7 +440,7 @@ class Connection(asyncssh.SSHServer):
         )
         self.failure = why
         self.failure_kind = "certificate"
-        self._banner([f"git-gateway: {why}{shown}."])
+        self._banner(lambda _: [f"git-gateway: {why}{shown}."])
         return False
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
@@ -444,7 +467,7 @@ class Connection(asyncssh.SSHServer):
             self.failure = "unknown key"
             self.failure_kind = "unknown_key"
             algorithm = key.get_algorithm()
-            self._banner(self._told().lines_for_unknown_key(fingerprint, algorithm))
+            self._banner(lambda told: told.lines_for_unknown_key(fingerprint, algorithm))
             return False
         if identity.expired(utcnow()):
             log.info(
@@ -485,7 +508,7 @@ class Connection(asyncssh.SSHServer):
             reason=f"key {refusal.reason}",
         )
         self._banner(
-            [
+            lambda _: [
                 f'git-gateway: the SSH key "{identity.key_name}" of {identity.user_name} '
                 f"({identity.fingerprint}) expired on {when}: it no longer logs in.",
                 f"{self.gateway.explainer.where_keys_are_added()}.",
@@ -497,12 +520,16 @@ class Connection(asyncssh.SSHServer):
             self.told = Told(self.gateway.explainer, self.address)
         return self.told
 
-    def _banner(self, lines: list[str]) -> None:
-        """Tell the client why an attempt failed (see explain.py), within the budget."""
-        text = self._told().take(lines)
-        if text and self.conn is not None:
-            with contextlib.suppress(Exception):
+    def _banner(self, lines: Callable[[Told], list[str]]) -> None:
+        """Tell the client why an attempt failed (see explain.py), within the budget. An
+        explanation is a courtesy: nothing in it may fail the authentication itself."""
+        try:
+            told = self._told()
+            text = told.take(lines(told))
+            if text and self.conn is not None:
                 self.conn.send_auth_banner(terminal_safe(text))
+        except Exception:
+            log.exception("event=banner_failed conn=%s", self.id)
 
     # -- sessions: counted when their channel opens --
 
@@ -607,7 +634,7 @@ class Gateway:
         try:
             # Certificates: the CAs at start (a restart changes them), the revocation list
             # whenever its file changes.
-            self.cert_cas = certs.load_cas(config.ssh.trusted_user_ca_keys)
+            self.cert_cas = certs.TrustedCAs(config.ssh.trusted_user_ca_keys)
             self.revocations = certs.Revocations(config.ssh.revoked_certificates)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"[ssh] certificates: {exc}") from None
@@ -1020,6 +1047,11 @@ class Gateway:
             with contextlib.suppress(Exception):
                 process.exit(code)
 
+    def refresh_certificate_lists(self) -> None:
+        """Re-read the CA and revocation files if they changed (blocking: off the loop)."""
+        self.cert_cas.refresh()
+        self.revocations.refresh()
+
     async def _recheck_certificate(self, identity: Identity) -> None:
         """A certificate's connection outlives neither its validity, nor its revocation, nor
         its user (the same re-check per session as a key's)."""
@@ -1027,12 +1059,14 @@ class Gateway:
         if cert is None:  # pragma: no cover - only called for certificates
             return
         try:
-            await executors.run(self.revocations.refresh)
+            await executors.run(self.refresh_certificate_lists)
         except (OSError, ValueError) as exc:
-            log.error("event=revocations_unreadable reason=%s", q(exc))
+            log.error("event=certificate_lists_unreadable reason=%s", q(exc))
             raise KeyRevoked() from None
         if self.revocations.revoked(cert.serial, cert.key_id, cert.key_fingerprint):
             raise CertificateRevoked("access denied: this certificate has been revoked")
+        if cert.ca_fingerprint not in self.cert_cas:
+            raise CertificateRevoked("access denied: this certificate's CA is no longer trusted")
         if time.time() >= cert.valid_before:
             raise CertificateRevoked("access denied: this certificate has expired")
         try:

@@ -94,6 +94,7 @@ class Registry:
         expires: str | None = None,
         read_only: bool = False,
         apps: list[str] | None = None,
+        not_after: datetime | None = None,
     ) -> SSHKey:
         """Register a public key (one OpenSSH line) for a user, with the key policy of
         `keys.parse_public_key` and the one-account-per-key rule of the store; `expires`
@@ -102,11 +103,17 @@ class Registry:
         user = names.user_name(user)
         key_name = names.key_name(key_name)
         expires_at = expiry(expires)
+        if not_after is not None and (expires_at is None or expires_at > not_after):
+            # Self-service from an expiring key or a certificate: nothing outlives it.
+            when = times.text(not_after)
+            raise UsageError(
+                f"the key of this connection expires on {when}: a key it adds must expire "
+                f"no later (--expires {when})"
+            )
         scope = None if apps is None else sorted({names.app_name(a) for a in apps})
         if scope is not None and not scope:
             raise UsageError("a key limited to apps needs at least one app")
         key = self._parse(text)
-        limit = self.config.limits.max_keys_per_user
         async with self.store.transaction():
             if scope:
                 # Only apps the user reaches, and one message for a missing app and an app
@@ -116,15 +123,16 @@ class Registry:
                 for name in scope:
                     if name not in reached:
                         raise NotFound(f"app '{name}' not found or not reachable by {user}")
-            # Counted in the transaction that adds: an account cannot grow the registry
-            # (and every login's lookup table) without bound, whichever front end it uses.
-            if len(await self.store.list_keys(user)) >= limit:
-                raise Conflict(
-                    f"{user} has {limit} keys, the most an account may have "
-                    "([limits] max_keys_per_user): remove one first"
-                )
+            # Counted by the store as it adds: an account cannot grow the registry (and every
+            # login's lookup table) without bound, whichever front end it uses.
             record = await self.store.add_key(
-                user, key_name, key, expires_at, access="read" if read_only else None, scope=scope
+                user,
+                key_name,
+                key,
+                expires_at,
+                access="read" if read_only else None,
+                scope=scope,
+                limit=self.config.limits.max_keys_per_user,
             )
             await audit.record(
                 self.store,
@@ -159,14 +167,10 @@ class Registry:
         expires_at = expiry(expires)
         key = self._parse(text)
         access = "write" if write else "read"
-        limit = self.config.limits.max_keys_per_user
         async with self.store.transaction():
-            if len(await self.store.list_deploy_keys(app)) >= limit:
-                raise Conflict(
-                    f"app {app} has {limit} deploy keys, the most an app may have "
-                    "([limits] max_keys_per_user): remove one first"
-                )
-            record = await self.store.add_deploy_key(app, key_name, key, access, expires_at)
+            record = await self.store.add_deploy_key(
+                app, key_name, key, access, expires_at, self.config.limits.max_keys_per_user
+            )
             await audit.record(
                 self.store,
                 "deploy_key_added",

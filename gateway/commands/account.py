@@ -57,7 +57,9 @@ async def whoami(ctx: Context, inv: Invocation) -> int:
     if ident.certificate is not None:
         cert = ident.certificate
         what = (
-            f"certificate: {cert.key_id} (serial {cert.serial}, principal {cert.principal}, "
+            # The key id and principal are the CA's text (often from user claims): escaped.
+            f"certificate: {tables.one_line(cert.key_id)} (serial {cert.serial}, principal "
+            f"{tables.one_line(cert.principal)}, "
             f"CA {cert.ca_fingerprint}, key {ident.fingerprint})"
         )
     lines = [
@@ -108,9 +110,17 @@ async def keys(ctx: Context, inv: Invocation) -> int:
             f"this is a deploy key of {ctx.identity.app_name}: it manages no keys "
             "(log in with your own key)"
         )
-    user = ctx.identity.user_name
+    ident = ctx.identity
+    user = ident.user_name
     registry = _registry(ctx)
     action = inv.args[0]
+    if action != "list" and (ident.scope is not None or ident.access == "read"):
+        # A key limited to some apps or to reading must not mint an unlimited one, nor take
+        # the account's other keys away.
+        raise GatewayError(
+            "this key is limited (to some apps or to reading): it may list the account's keys, "
+            "not add or remove them (log in with an unlimited key)"
+        )
     if action == "list":
         found = await registry.list_keys(user)
         rows = [
@@ -122,7 +132,10 @@ async def keys(ctx: Context, inv: Invocation) -> int:
     name, expires = inv.args[1], inv.args[2]
     if action == "add":
         text = await _read_key(ctx)
-        record = await registry.add_key(user, name, text, actor=user, expires=expires or None)
+        # A key that expires (a certificate too) adds none that outlives it.
+        record = await registry.add_key(
+            user, name, text, actor=user, expires=expires or None, not_after=_expiry(ident)
+        )
         await _write(ctx, tables.key_added(record))
         return 0
     removed = await registry.remove_key(user, name, actor=user)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import times
 from ..auth import role_of
 from ..models import App, Role
+from ..tables import one_line
 from . import COMMANDS, Context, Invocation
 from .account import expiry_warning
 
@@ -34,8 +35,9 @@ async def run(ctx: Context, inv: Invocation) -> int:
     elif ident.certificate is not None:
         cert = ident.certificate
         lines = [
-            f'Hi {ident.user_name}! You are authenticated with the certificate "{cert.key_id}" '
-            f"(serial {cert.serial}, principal {cert.principal}, valid "
+            f"Hi {ident.user_name}! You are authenticated with the certificate "
+            f'"{one_line(cert.key_id)}" (serial {cert.serial}, principal '
+            f"{one_line(cert.principal)}, valid "
             f"{'until ' + times.text(cert.until) if cert.until else 'forever'}), "
             f"signed by the CA {cert.ca_fingerprint}."
         ]

@@ -100,9 +100,12 @@ class UsersAndKeys(abc.ABC):
         *,
         access: str | None = None,
         scope: list[str] | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
         """Register a user's key; KeyInUse if another account (or app) has it, Conflict if
-        this one does. `access="read"` limits it to reading; `scope` to these apps."""
+        this one does, KeyLimitReached if the user has `limit` keys (counted under a lock on
+        the user, so concurrent adds cannot pass it). `access="read"` limits the key to
+        reading; `scope` to these apps."""
 
     @abc.abstractmethod
     async def add_deploy_key(
@@ -112,8 +115,10 @@ class UsersAndKeys(abc.ABC):
         key: PublicKey,
         access: str,
         expires_at: datetime | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
-        """Register an app's deploy key ("read" or "write"); the same one-owner rule."""
+        """Register an app's deploy key ("read" or "write"); the same one-owner rule and the
+        same `limit`, per app."""
 
     @abc.abstractmethod
     async def list_deploy_keys(self, app_name: str) -> list[SSHKey]: ...

@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 
 from .. import times
-from ..errors import Conflict, KeyInUse, NotFound, StoreUnavailable
+from ..errors import Conflict, KeyInUse, KeyLimitReached, NotFound, StoreUnavailable
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -331,9 +331,13 @@ class SQLiteStore(Store):
         *,
         access: str | None = None,
         scope: list[str] | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
         async with self._transaction() as db:
             user = await self._user_row(user_name)
+            # Write transactions are serialized: the count cannot change under us.
+            if limit is not None and await self._count_keys("user_id", user.id) >= limit:
+                raise KeyLimitReached(user_name, limit)
             existing = await self.find_key(key.fingerprint)
             if existing is not None:
                 if existing.user_id != user.id:
@@ -362,9 +366,12 @@ class SQLiteStore(Store):
         key: PublicKey,
         access: str,
         expires_at: datetime | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
         async with self._transaction() as db:
             app = await self._app_row(app_name)
+            if limit is not None and await self._count_keys("app_id", app.id) >= limit:
+                raise KeyLimitReached(app_name, limit, deploy=True)
             existing = await self.find_key(key.fingerprint)
             if existing is not None:
                 if existing.app_id != app.id:
@@ -418,6 +425,11 @@ class SQLiteStore(Store):
         except sqlite3.IntegrityError:
             return None
         return int(cur.lastrowid or 0)
+
+    async def _count_keys(self, owner_column: str, owner_id: int) -> int:
+        # owner_column is one of two literals of this module, never input.
+        row = await self._one(f"SELECT count(*) FROM ssh_keys WHERE {owner_column} = ?", owner_id)  # noqa: S608
+        return int(row[0])
 
     async def _key_by_id(self, key_id: int) -> SSHKey:
         row = await self._one(f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = ?", key_id)

@@ -24,6 +24,7 @@ from gateway.models import (
 )
 from gateway.store import Store, UserSummary, WebSession
 from gateway.times import parse as at
+from tests.helpers import keygen
 
 
 def is_stamp(moment: object) -> bool:
@@ -154,6 +155,53 @@ async def test_one_key_one_account(store: Store, pubkeys) -> None:
         await store.remove_key("nobody", "laptop")
     # Removed from one account, the key may go to another.
     assert (await store.add_key("bob", "laptop", key)).user_name == "bob"
+
+
+async def test_key_limit_holds_under_concurrent_adds(store: Store, tmp_path) -> None:
+    """Counted under a lock on the owner: concurrent adds cannot pass the limit (PostgreSQL
+    runs them on several connections at once)."""
+    from gateway.errors import KeyLimitReached
+
+    await store.create_user("carol")
+    texts = [Path(f"{keygen(tmp_path / f'c{i}')}.pub").read_text() for i in range(6)]
+    results = await asyncio.gather(
+        *(
+            store.add_key("carol", f"k{i}", parse_public_key(t), limit=3)
+            for i, t in enumerate(texts)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 3
+    assert all(isinstance(r, KeyLimitReached) for r in results if isinstance(r, BaseException))
+    assert len(await store.list_keys("carol")) == 3
+
+
+async def test_deploy_keys_and_scoped_keys(store: Store, pubkeys, tmp_path) -> None:
+    await store.create_user("dora")
+    await store.create_app("web", "dora", "main")
+    await store.create_app("api", "dora", "main")
+    deploy = await store.add_deploy_key("web", "ci", parse_public_key(pubkeys[0]), "read")
+    assert (deploy.user_id, deploy.app_name, deploy.access, deploy.scope) == (
+        None,
+        "web",
+        "read",
+        None,
+    )
+    assert (await store.find_key(deploy.fingerprint)).app_id == deploy.app_id
+    with pytest.raises(KeyInUse):
+        await store.add_key("dora", "laptop", parse_public_key(pubkeys[0]))
+    with pytest.raises(KeyInUse):
+        await store.add_deploy_key("api", "ci", parse_public_key(pubkeys[0]), "write")
+    scoped = await store.add_key(
+        "dora", "ro", parse_public_key(pubkeys[1]), access="read", scope=["web", "api"]
+    )
+    assert (scoped.access, scoped.scope) == ("read", ("api", "web"))
+    await store.remove_app("web")
+    assert await store.find_key(deploy.fingerprint) is None  # gone with its app
+    assert (await store.find_key(scoped.fingerprint)).scope == ("api",)
+    await store.remove_app("api")
+    assert (await store.find_key(scoped.fingerprint)).scope == ()  # reaches nothing, not all
+    assert [k.name for k in await store.list_keys("dora")] == ["ro"]
 
 
 # -- apps and members --

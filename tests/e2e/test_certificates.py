@@ -211,3 +211,37 @@ def test_regression_an_unreadable_ca_file_stops_the_start(tmp_path):
     assert result.returncode != 0
     assert f"{bad}:1: not an OpenSSH public key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_regression_a_certificate_login_adds_no_key_that_outlives_it(gw, ca, alice, tmp_path):
+    cert = ca.sign(keygen(tmp_path / "id"), alice, "-V", "-1m:+2h")
+    client, _ = login(gw, cert, tmp_path)
+    plain = keygen(tmp_path / "plain")
+    text = (tmp_path / "plain.pub").read_text()
+    refused = client.ssh("keys", "add", "plain", input=text)
+    assert "a key it adds must expire no later" in refused.stderr
+    assert client.ssh("keys", "add", "plain", "--expires", "1h", input=text).returncode == 0
+    assert plain.exists()
+
+
+def test_regression_a_stranger_with_a_public_certificate_learns_nothing(
+    gw, ca, alice, revoked, tmp_path
+):
+    """Review finding: refusals of a revoked certificate (or an untrusted CA) were told to
+    anyone offering it; now only to whoever signs with the certified key."""
+    cert = ca.sign(keygen(tmp_path / "id"), alice, serial=777)
+    revoked.write_text(revoked.read_text() + "serial 777\n")
+    stranger_dir = tmp_path / "stranger"
+    stranger_dir.mkdir()
+    shutil.copy(cert.with_suffix(".pub"), stranger_dir / "id.pub")
+    shutil.copy(f"{cert}-cert.pub", stranger_dir / "id-cert.pub")
+    stranger = Client(tmp_path / "home-stranger", stranger_dir / "id.pub", gw)
+    argv = [*stranger.ssh_base, "-o", f"CertificateFile={stranger_dir / 'id-cert.pub'}"]
+    result = run([*argv, "-v", "-T", "git@127.0.0.1", "whoami"], env=stranger.env)
+    assert result.returncode == 255
+    # The certificate was offered and answered "go on", as any would be; no key to sign.
+    assert "Server accepts key" in result.stderr and "CERT" in result.stderr
+    told = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("debug"))
+    assert "revoked" not in told and "refused" not in told
+    _, holder = login(gw, cert, tmp_path)
+    assert "git-gateway: the certificate is refused: it has been revoked" in holder.stderr

@@ -207,3 +207,19 @@ def test_api_takes_an_expiry(gw, dev, admin, tmp_path):
     reply = http("POST", f"{base}/api/v1/users/{dev.name}/keys", token=operator, body=bad)
     assert reply.status == 422 and "\x1b" not in reply.body.decode()
     assert key.exists()
+
+
+def test_regression_an_expiring_key_adds_no_key_that_outlives_it(gw, dev, admin, tmp_path):
+    """Review finding: a contractor's key given a day added a key that never expires."""
+    short = keygen(tmp_path / "short")
+    admin.ok("key", "add", dev.name, "short", f"{short}.pub", "--expires", "1d")
+    contractor = Client(tmp_path / "home-short", short, gw, name=dev.name)
+    forever = keygen(tmp_path / "forever")
+    text = (tmp_path / "forever.pub").read_text()
+    for args in (("keys", "add", "forever"), ("keys", "add", "forever", "--expires", "30d")):
+        result = contractor.ssh(*args, input=text)
+        assert result.returncode != 0
+        assert "error: the key of this connection expires on " in result.stderr
+        assert "a key it adds must expire no later" in result.stderr
+    assert contractor.ssh("keys", "add", "ok", "--expires", "12h", input=text).returncode == 0
+    assert forever.exists()

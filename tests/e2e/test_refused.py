@@ -169,3 +169,22 @@ def test_regression_banner_text_is_terminal_safe():
     from gateway.textsafe import terminal_safe
 
     assert "\x1b" not in terminal_safe(text) and re.search(r"\\x1b", terminal_safe(text))
+
+
+def test_regression_a_failing_explanation_never_fails_the_login(gw, dev, tmp_path):
+    """Banners are a courtesy: an error while building one (here, forced) must leave the
+    authentication as it would have been (the unknown key refused, the next one accepted)."""
+    explainer = gw.gateway.explainer
+
+    def broken() -> str:
+        raise RuntimeError("forced by the test")
+
+    explainer.where_keys_are_added, saved = broken, explainer.where_keys_are_added
+    try:
+        other = keygen(tmp_path / "other")
+        with agent(tmp_path, [other, dev.key]) as sock:
+            result = via_agent(dev, sock)
+        assert result.returncode == 0, result.stderr
+        assert 'authenticated with key "laptop"' in result.stdout
+    finally:
+        explainer.where_keys_are_added = saved

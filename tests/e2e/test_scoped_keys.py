@@ -178,3 +178,24 @@ def test_regression_a_scoped_key_whose_apps_are_gone_reaches_nothing(gw, admin, 
     assert scoped.git("ls-remote", scoped.url(app), check=False).returncode != 0
     listing = admin.ok("key", "list", owner.name)
     assert "no app" in next(line for line in listing.splitlines() if line.startswith("scoped "))
+
+
+def test_regression_a_limited_key_cannot_mint_an_unlimited_one(gw, admin, owner, tmp_path):
+    """Review finding: a CI key limited to one app and to reading registered a fresh,
+    unlimited key over SSH, pushed with it elsewhere, and removed the owner's own key."""
+    app, _ = app_with_commit(admin, owner, tmp_path)
+    key = keygen(tmp_path / "ci")
+    admin.ok("key", "add", owner.name, "ci", f"{key}.pub", "--app", app, "--read-only")
+    ci = Client(tmp_path / "home-ci", key, gw, name=owner.name)
+    evil = keygen(tmp_path / "evil")
+    for args, stdin in [
+        (("keys", "add", "evil"), (tmp_path / "evil.pub").read_text()),
+        (("keys", "remove", "laptop"), ""),
+    ]:
+        result = ci.ssh(*args, input=stdin)
+        assert result.returncode != 0
+        assert result.stderr.startswith("error: this key is limited (to some apps or to reading)")
+    assert ci.ssh("keys").returncode == 0  # listing is fine
+    listing = admin.ok("key", "list", owner.name)
+    assert "evil" not in listing and "laptop" in listing
+    assert evil.exists()

@@ -84,7 +84,8 @@ def test_revocations_by_serial_key_id_and_key_are_reread_when_the_file_changes(
     cert = user_cert(ca, user_key, serial=5)
     certs.check(cert, trusted(ca), revocations, "127.0.0.1")
     for line in ("serial 5", "key-id alice@laptop", f"key {user_key.get_fingerprint('sha256')}"):
-        path.write_text(f"{line}  # revoked by the test\n")
+        path.write_text(f"# revoked by the test\n{line}\n")
+        revocations.refresh()
         with pytest.raises(certs.CertificateRefused, match="revoked"):
             certs.check(cert, trusted(ca), revocations, "127.0.0.1")
     path.write_text("serial five\n")
@@ -113,3 +114,24 @@ def test_ca_files(tmp_path, ca):
     path.write_text("# only a comment\n")
     with pytest.raises(ValueError, match="no CA public key"):
         certs.load_cas(path)
+
+
+def test_regression_key_ids_are_revoked_exactly_as_written(ca, user_key, tmp_path):
+    """A key id may hold `#` and spaces: only whole lines are comments."""
+    path = tmp_path / "revoked"
+    path.write_text("key-id alice#laptop\nkey-id  ci-bot \n")
+    revocations = certs.Revocations(path)
+    assert revocations.key_ids == {"alice#laptop", " ci-bot "}
+    assert not revocations.revoked(1, "alice", "SHA256:x")
+
+
+def test_trusted_cas_are_reread_when_the_file_changes(ca, tmp_path):
+    path = tmp_path / "cas"
+    path.write_text(ca.export_public_key().decode())
+    cas = certs.TrustedCAs(path)
+    assert ca.get_fingerprint("sha256") in cas and bool(cas)
+    other = asyncssh.generate_private_key("ssh-ed25519")
+    path.write_text("# rotated\n" + other.export_public_key().decode())
+    cas.refresh()
+    assert ca.get_fingerprint("sha256") not in cas and other.get_fingerprint("sha256") in cas
+    assert not certs.TrustedCAs(None)

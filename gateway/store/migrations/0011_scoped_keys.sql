@@ -30,6 +30,14 @@ INSERT INTO ssh_keys_new (id, user_id, name, algorithm, bits, public_key, commen
                           fingerprint_md5, created_at, last_used_at, expires_at)
     SELECT id, user_id, name, algorithm, bits, public_key, comment, fingerprint,
            fingerprint_md5, created_at, last_used_at, expires_at FROM ssh_keys;
+-- Ids are never handed out twice (0005): the old table's high-water mark goes with the new
+-- one (DROP removes its sqlite_sequence row; copying rows seeds only the highest id left).
+INSERT INTO sqlite_sequence (name, seq)
+    SELECT 'ssh_keys_new', 0
+    WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'ssh_keys_new');
+UPDATE sqlite_sequence
+   SET seq = max(seq, coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'ssh_keys'), 0))
+ WHERE name = 'ssh_keys_new';
 DROP TABLE ssh_keys;
 ALTER TABLE ssh_keys_new RENAME TO ssh_keys;
 

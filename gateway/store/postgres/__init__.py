@@ -17,7 +17,7 @@ import asyncpg
 
 from ... import times
 from ...dburl import redact
-from ...errors import Conflict, GatewayError, KeyInUse, NotFound, StoreUnavailable
+from ...errors import Conflict, GatewayError, KeyInUse, KeyLimitReached, NotFound, StoreUnavailable
 from ...keys import PublicKey
 from ...logs import q
 from ...models import (
@@ -506,10 +506,19 @@ class PostgresStore(Store):
         *,
         access: str | None = None,
         scope: list[str] | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
         try:
             async with self._transaction() as conn:
                 user = await self._user_row(conn, user_name)
+                if limit is not None:
+                    # The user row locked: concurrent adds for this user count one by one.
+                    await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
+                    count = await conn.fetchval(
+                        "SELECT count(*) FROM ssh_keys WHERE user_id = $1", user.id
+                    )
+                    if count >= limit:
+                        raise KeyLimitReached(user_name, limit)
                 existing = await conn.fetchrow(
                     "SELECT user_id, name FROM ssh_keys WHERE fingerprint = $1", key.fingerprint
                 )
@@ -548,10 +557,18 @@ class PostgresStore(Store):
         key: PublicKey,
         access: str,
         expires_at: datetime | None = None,
+        limit: int | None = None,
     ) -> SSHKey:
         try:
             async with self._transaction() as conn:
                 app = await self._app_row(conn, app_name)
+                if limit is not None:
+                    await conn.execute("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE", app.id)
+                    count = await conn.fetchval(
+                        "SELECT count(*) FROM ssh_keys WHERE app_id = $1", app.id
+                    )
+                    if count >= limit:
+                        raise KeyLimitReached(app_name, limit, deploy=True)
                 existing = await conn.fetchrow(
                     "SELECT app_id, name FROM ssh_keys WHERE fingerprint = $1", key.fingerprint
                 )
