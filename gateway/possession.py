@@ -11,6 +11,8 @@ asyncssh calls its connection's `validate_public_key(username, key_data, msg, si
 for every public-key request, then the SSHServer's own `validate_public_key(username, key)`,
 and verifies the signature after that; the wrapper below sees the verified outcome. If
 asyncssh ever lacks that method, `install` says so and the gateway refuses such keys plainly.
+The same wrapper sends certificate requests to the certificate policy (server._certificate,
+certs.py) before asyncssh's own certificate check, which only ever sees what it allowed.
 """
 
 from __future__ import annotations
@@ -92,7 +94,10 @@ class Proofs:
             if not msg:
                 return True  # an unsigned probe: let the client sign, to prove possession
             self.proven.append(refusal)
-            await self._on_proven(refusal)
+            try:
+                await self._on_proven(refusal)  # explained and audited: a courtesy
+            except Exception:
+                log.exception("event=refusal_report_failed")
             return False
 
         conn.validate_public_key = validate
