@@ -133,17 +133,37 @@ def _cancel(words: list[str]) -> tuple[str, ...]:
     return (_deploy_id(words[0]),)
 
 
+MAX_KEY_APPS = 100
+
+
 def _keys(words: list[str]) -> tuple[str, ...]:
+    """`keys`, `keys remove NAME`, `keys add NAME [--expires WHEN] [--read-only] [--app APP]...`
+    as ("list",), ("remove", NAME, "", ""), ("add", NAME, WHEN, "read-only" or "", APP...).
+    Names, expiry and apps are then checked by the registry's rules."""
     if not words or words == ["list"]:
         return ("list",)
-    # The key name and the expiry are checked by the registry's rules.
-    if len(words) == 2 and words[0] in ("add", "remove"):
-        return (words[0], words[1], "")
-    if len(words) == 4 and words[0] == "add" and words[2] == "--expires":
-        return ("add", words[1], words[3])
-    if len(words) == 3 and words[0] == "add" and words[2].startswith("--expires="):
-        return ("add", words[1], words[2].removeprefix("--expires="))
-    raise _Usage
+    if len(words) == 2 and words[0] == "remove":
+        return ("remove", words[1], "", "")
+    if len(words) < 2 or words[0] != "add" or words[1].startswith("-"):
+        raise _Usage
+    expires, read_only, apps = "", "", []
+    rest = words[2:]
+    while rest:
+        word = rest.pop(0)
+        name, eq, value = word.partition("=")
+        if name in ("--expires", "--app") and not eq:
+            if not rest:
+                raise _Usage
+            value = rest.pop(0)
+        if name == "--expires" and not expires:
+            expires = value
+        elif name == "--app" and len(apps) < MAX_KEY_APPS:
+            apps.append(value)
+        elif word == "--read-only":
+            read_only = "read-only"
+        else:
+            raise _Usage
+    return ("add", words[1], expires, read_only, *apps)
 
 
 @dataclass(frozen=True)
@@ -167,7 +187,11 @@ COMMANDS: dict[str, Syntax] = {
         Syntax("whoami", ("whoami",), "your account and the key this connection used", _none),
         Syntax(
             "keys",
-            ("keys", "keys add NAME [--expires WHEN] < KEY.pub", "keys remove NAME"),
+            (
+                "keys",
+                "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub",
+                "keys remove NAME",
+            ),
             "list, add or remove the SSH keys of your account",
             _keys,
             rated=True,

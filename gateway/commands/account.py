@@ -132,9 +132,17 @@ async def keys(ctx: Context, inv: Invocation) -> int:
     name, expires = inv.args[1], inv.args[2]
     if action == "add":
         text = await _read_key(ctx)
+        apps = list(inv.args[4:])
         # A key that expires (a certificate too) adds none that outlives it.
         record = await registry.add_key(
-            user, name, text, actor=user, expires=expires or None, not_after=_expiry(ident)
+            user,
+            name,
+            text,
+            actor=user,
+            expires=expires or None,
+            not_after=_expiry(ident),
+            read_only=inv.args[3] == "read-only",
+            apps=apps or None,
         )
         await _write(ctx, tables.key_added(record))
         return 0

@@ -199,3 +199,30 @@ def test_regression_a_limited_key_cannot_mint_an_unlimited_one(gw, admin, owner,
     listing = admin.ok("key", "list", owner.name)
     assert "evil" not in listing and "laptop" in listing
     assert evil.exists()
+
+
+def test_a_user_limits_a_key_of_their_own_over_ssh(gw, admin, owner, tmp_path):
+    app, _ = app_with_commit(admin, owner, tmp_path)
+    other, _ = app_with_commit(admin, owner, tmp_path)
+    key = keygen(tmp_path / "ci")
+    text = (tmp_path / "ci.pub").read_text()
+    added = owner.ssh("keys", "add", "ci", "--read-only", "--app", app, input=text)
+    assert added.returncode == 0, added.stderr
+    assert f"reaches {app} (read-only)" in added.stdout
+    ci = Client(tmp_path / "home-ci", key, gw, name=owner.name)
+    assert ci.git("ls-remote", ci.url(app)).returncode == 0
+    assert ci.git("ls-remote", ci.url(other), check=False).returncode != 0
+    # Only apps the user reaches, with one message for a missing app and another tenant's.
+    theirs = unique("theirs")
+    admin.ok("user", "add", theirs)
+    admin.ok("app", "create", f"{theirs}-app", "--owner", theirs)
+    second = keygen(tmp_path / "second")
+    answers = set()
+    for target in (f"{theirs}-app", "no-such-app"):
+        result = owner.ssh(
+            "keys", "add", "k2", "--app", target, input=(tmp_path / "second.pub").read_text()
+        )
+        assert result.returncode != 0
+        answers.add(result.stderr.replace(target, "APP"))
+    assert answers == {f"error: app 'APP' not found or not reachable by {owner.name}\n"}
+    assert second.exists()

@@ -19,6 +19,12 @@ from tests.helpers import (
 MAX_KEYS = 4
 
 
+KEYS_USAGE = (
+    "usage: keys | keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub"
+    " | keys remove NAME"
+)
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     directory = tmp_path_factory.mktemp("self-service")
@@ -94,7 +100,7 @@ def test_help_and_the_welcome_list_every_command(dev):
     for form in (
         "info",
         "whoami",
-        "keys add NAME [--expires WHEN] < KEY.pub",
+        "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub",
         "keys remove NAME",
         "deploys APP",
         "logs APP [ID] [--follow]",
@@ -104,7 +110,10 @@ def test_help_and_the_welcome_list_every_command(dev):
         assert f"  {form}  " in text or text.count(form) >= 1, form
     assert text.splitlines()[0].startswith("Commands (ssh -p ")
     welcome = dev.ssh().stdout
-    assert "keys add NAME [--expires WHEN] < KEY.pub" in welcome and "There is no shell." in welcome
+    assert (
+        "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub" in welcome
+        and "There is no shell." in welcome
+    )
 
 
 def test_regression_keys_add_has_the_same_rules_and_messages(dev, gw, admin, tmp_path):
@@ -146,12 +155,12 @@ def test_regression_keys_add_has_the_same_rules_and_messages(dev, gw, admin, tmp
         (
             ("keys", "add"),
             "KEY",
-            "error: usage: keys | keys add NAME [--expires WHEN] < KEY.pub | keys remove NAME",
+            f"error: {KEYS_USAGE}",
         ),
         (
             ("keys", "rm", "laptop"),
             "",
-            "error: usage: keys | keys add NAME [--expires WHEN] < KEY.pub",
+            f"error: {KEYS_USAGE.rsplit(' | ', 1)[0]}",
         ),
         (("keys", "remove", "nosuch"), "", "error: "),
         (("whoami", "root"), "", "error: usage: whoami"),

@@ -10,6 +10,11 @@ from gateway.commands import COMMANDS, KNOWN_COMMANDS, parse
 from gateway.commands.dispatch import HANDLERS
 from gateway.errors import AccessDenied, GatewayError, UnknownCommand
 
+KEYS_USAGE = (
+    "usage: keys | keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub"
+    " | keys remove NAME"
+)
+
 
 @pytest.mark.parametrize(
     ("line", "command", "app"),
@@ -129,10 +134,15 @@ def test_any_path_is_either_a_valid_name_or_denied(path):
         ("help", "help", ()),
         ("keys", "keys", ("list",)),
         ("keys list", "keys", ("list",)),
-        ("keys add laptop", "keys", ("add", "laptop", "")),
-        ("keys add laptop --expires 90d", "keys", ("add", "laptop", "90d")),
-        ("keys add laptop --expires=2027-01-31", "keys", ("add", "laptop", "2027-01-31")),
-        ("keys remove 'old key'", "keys", ("remove", "old key", "")),
+        ("keys add laptop", "keys", ("add", "laptop", "", "")),
+        ("keys add laptop --expires 90d", "keys", ("add", "laptop", "90d", "")),
+        ("keys add laptop --expires=2027-01-31", "keys", ("add", "laptop", "2027-01-31", "")),
+        (
+            "keys add ci --read-only --app web --app=api",
+            "keys",
+            ("add", "ci", "", "read-only", "web", "api"),
+        ),
+        ("keys remove 'old key'", "keys", ("remove", "old key", "", "")),
         ("deploys web", "deploys", ("web",)),
         ("logs web 3 -f", "logs", ("web", "3", "follow")),
         ("cancel #12", "cancel", ("12",)),
@@ -148,14 +158,17 @@ def test_account_and_deploy_commands(line, command, args):
     [
         ("whoami --all", "usage: whoami"),
         ("help me", "usage: help"),
-        ("keys add", "usage: keys | keys add NAME [--expires WHEN] < KEY.pub | keys remove NAME"),
+        (
+            "keys add",
+            KEYS_USAGE,
+        ),
         (
             "keys add a --expires",
-            "usage: keys | keys add NAME [--expires WHEN] < KEY.pub | keys remove NAME",
+            KEYS_USAGE,
         ),
         (
             "keys delete a",
-            "usage: keys | keys add NAME [--expires WHEN] < KEY.pub | keys remove NAME",
+            KEYS_USAGE,
         ),
         ("logs", "usage: logs APP [ID] [--follow]"),
         ("cancel", "usage: cancel ID"),
