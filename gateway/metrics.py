@@ -113,6 +113,12 @@ class Metrics:
             buckets=DEPLOY_BUCKETS,
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Deploy webhook delivery attempts, by result (2xx, 3xx, 4xx, 5xx, error: no answer)",
+            ["result"],
+            registry=r,
+        )
         self.deploys_running = Gauge(
             "gateway_deploys_running",
             "Deploys running now",

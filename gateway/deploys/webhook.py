@@ -126,6 +126,16 @@ def _error_text(exc: BaseException, timeout: float) -> str:
     return (str(exc) or type(exc).__name__)[:300]
 
 
+DELIVERY_RESULTS = ("2xx", "3xx", "4xx", "5xx", "error")
+
+
+def delivery_result(code: int | None) -> str:
+    """The bounded metric label of one attempt: its status class, or error (no answer)."""
+    if code is None or not 200 <= code < 600:
+        return "error"
+    return f"{code // 100}xx"
+
+
 async def deliver(service: DeployService, job: Job) -> Outcome:
     settings = job.settings
     deploy = job.deploy
@@ -159,6 +169,8 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
                 deploy.id, attempt, settings.webhook_url, code, error, elapsed_ms, utcnow()
             )
         )
+        if service.metrics is not None:
+            service.metrics.webhook_deliveries.labels(delivery_result(code)).inc()
         result = f"HTTP {code}" if code is not None else error
         job.log.write(f"webhook attempt {attempt}/{settings.webhook_attempts}: {result}\n")
         if code is not None and 200 <= code < 300:

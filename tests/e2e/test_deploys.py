@@ -466,9 +466,15 @@ def test_logs_and_cli_views(gw, gw_admin, dev, tmp_path):
     assert code == 1 and "no deploy #999999" in err
 
 
+def delivered(gw, result: str) -> float:
+    counter = gw.gateway.metrics.webhook_deliveries.labels(result)
+    return counter._value.get()
+
+
 def test_webhook_signed_delivery_with_retries(gw, gw_admin, dev, receiver, tmp_path):
     app = new_app(gw_admin, dev, "hooked")
     receiver.answers["/hook"] = [500, 503, 200]
+    before = delivered(gw, "5xx"), delivered(gw, "2xx")
     work = dev.new_repo(tmp_path / "work")
     result = dev.git("push", dev.url(app), "main", cwd=work)
     assert "webhook attempt 1/3: HTTP 500" in result.stderr
@@ -489,6 +495,8 @@ def test_webhook_signed_delivery_with_retries(gw, gw_admin, dev, receiver, tmp_p
     shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
     attempts = [(d["attempt"], d["status_code"]) for d in shown["webhook_deliveries"]]
     assert attempts == [(1, 500), (2, 503), (3, 200)]
+    # And counted for the operator (gateway_webhook_deliveries_total{result}).
+    assert (delivered(gw, "5xx") - before[0], delivered(gw, "2xx") - before[1]) == (2, 1)
 
 
 def test_webhook_receiver_reports_status(gw, gw_admin, dev, receiver, tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.commands import GIT_SERVICES
+from gateway.deploys.webhook import DELIVERY_RESULTS
 from gateway.models import DeployStatus
 from gateway.packcache import RESULTS as PACK_CACHE_RESULTS
 from tests.helpers import TIMEOUT, Client, ServerThread, http, http_base
@@ -108,6 +109,7 @@ LABEL_VALUES = {
     ("gateway_deploys_total", "status"): {s.value for s in DeployStatus},
     ("gateway_deploy_duration_seconds_bucket", "status"): {s.value for s in DeployStatus},
     ("gateway_pack_cache_requests_total", "result"): set(PACK_CACHE_RESULTS),
+    ("gateway_webhook_deliveries_total", "result"): set(DELIVERY_RESULTS),
     ("gateway_git_operations_total", "verb"): {s.removeprefix("git-") for s in GIT_SERVICES},
     ("gateway_git_operation_duration_seconds_bucket", "verb"): {
         s.removeprefix("git-") for s in GIT_SERVICES
