@@ -113,6 +113,20 @@ class Metrics:
             buckets=DEPLOY_BUCKETS,
             registry=r,
         )
+        # The queue is the registry's, shared by every process of every node: each reports
+        # what it last saw (max across workers; take max across nodes too).
+        self.deploys_queued = Gauge(
+            "gateway_deploys_queued",
+            "Deploys waiting in the shared queue, as this node last saw it",
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.deploy_queue_oldest = Gauge(
+            "gateway_deploy_queue_oldest_seconds",
+            "How long the oldest queued deploy has waited (0: none waits)",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.webhook_deliveries = Counter(
             "gateway_webhook_deliveries",
             "Deploy webhook delivery attempts, by result (2xx, 3xx, 4xx, 5xx, error: no answer)",

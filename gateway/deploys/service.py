@@ -317,11 +317,22 @@ class DeployService:
                     if deploy is None:
                         break
                     self._start(deploy)
+                await self._measure_queue()
             except StoreUnavailable:
                 pass
             except Exception:
                 log.exception("event=deploy_claim_error")
             await self.wakeups.wait(QUEUE, self.poll_interval())
+
+    async def _measure_queue(self) -> None:
+        """The queue's length and its oldest deploy's wait, for the metrics (one indexed read,
+        at most once per claim pass)."""
+        if self.metrics is None:
+            return
+        count, oldest = await self.store.queue_stats()
+        self.metrics.deploys_queued.set(count)
+        waited = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
+        self.metrics.deploy_queue_oldest.set(waited)
 
     def _start(self, deploy: Deploy) -> None:
         settings = self.config.deploy_for(deploy.app_name)

@@ -262,6 +262,10 @@ class DeployQueue(abc.ABC):
     all of them, at most `max_parallel` per node name, a newer push supersedes what waits."""
 
     @abc.abstractmethod
+    async def queue_stats(self) -> tuple[int, datetime | None]:
+        """Deploys waiting in the shared queue, and when the oldest of them was queued."""
+
+    @abc.abstractmethod
     async def queue_deploy(self, new: NewDeploy, *, origin: str | None = None) -> Queued:
         """Record a queued deploy and, in the same transaction, cancel the app's deploys
         still waiting (superseded by it). `origin`: the process that must run it (a gated

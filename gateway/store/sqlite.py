@@ -749,6 +749,12 @@ class SQLiteStore(Store):
         self._announce("queue", deploy_id)
         return Queued(deploy, superseded)
 
+    async def queue_stats(self) -> tuple[int, datetime | None]:
+        row = await self._one(
+            "SELECT COUNT(*), MIN(created_at) FROM deploys WHERE status = 'queued'"
+        )
+        return int(row[0]), _t(row[1])
+
     async def claim_deploy(
         self,
         node: str,

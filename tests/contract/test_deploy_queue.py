@@ -34,6 +34,19 @@ async def test_a_newer_push_supersedes_what_waits_not_what_runs(store: Store) ->
     assert (await store.get_deploy(elsewhere.deploy.id)).status is DeployStatus.QUEUED
 
 
+async def test_queue_stats_count_what_waits_and_since_when(store: Store) -> None:
+    assert await store.queue_stats() == (0, None)
+    app = await app_with_owner(store)
+    other = await app_with_owner(store, "api")
+    first = (await store.queue_deploy(new_deploy(app))).deploy
+    await store.queue_deploy(new_deploy(other))
+    count, oldest = await store.queue_stats()
+    assert count == 2 and oldest == first.created_at
+    await store.register_node("n1", "host-a", 1)
+    await store.claim_deploy("n1", "host-a", 4)
+    assert (await store.queue_stats())[0] == 1
+
+
 async def test_claims_one_per_app_oldest_first_within_the_node_limit(store: Store) -> None:
     web, api, docs = [await app_with_owner(store, name) for name in ("web", "api", "docs")]
     await store.register_node("a1", "host-a", 1)

@@ -364,6 +364,10 @@ def test_queue_and_supersede(gw, gw_admin, dev, tmp_path, exchange):
     assert second["status"] == "cancelled" and second["superseded_by"] == third["id"]
     assert f"superseded by #{third['id']}" in second["reason"]
     assert third["status"] == "queued"
+    # The operator sees it wait (gateway_deploys_queued, gateway_deploy_queue_oldest_seconds).
+    metrics = gw.gateway.metrics
+    gw.wait_until(lambda: metrics.deploys_queued._value.get() >= 1)
+    gw.wait_until(lambda: metrics.deploy_queue_oldest._value.get() > 0)
     with open(fifo, "w") as release:
         release.write("go\n")
     follow = dev.ssh("logs", app, str(third["id"]), "--follow")
