@@ -16,6 +16,7 @@ from . import __version__, audit, certs, config, control, gitbin, logs, names, t
 from .dburl import is_postgres, redact
 from .deploylog import read_log
 from .errors import ConfigError, GatewayError, UsageError
+from .models import SSHKey
 from .service import MAX_KEY_TEXT, Registry
 from .shapes import (
     app_dict,
@@ -136,6 +137,13 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     return await _with_registry(cfg, act)
 
 
+def _keys(keys: list[SSHKey], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        _json([key_dict(k) for k in keys], out)
+    else:
+        _table(tables.key_rows(keys), tables.KEY_HEADERS, out)
+
+
 async def deploy_key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     names.app_name(args.app)
     names.key_name(args.name)
@@ -153,11 +161,7 @@ async def deploy_key_add(args: argparse.Namespace, cfg: config.Config, out: Text
 
 async def deploy_key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
-        keys = await reg.list_deploy_keys(args.app)
-        if args.json:
-            _json([key_dict(k) for k in keys], out)
-        else:
-            _table(tables.key_rows(keys), tables.KEY_HEADERS, out)
+        _keys(await reg.list_deploy_keys(args.app), args.json, out)
         return 0
 
     return await _with_registry(cfg, act)
@@ -174,11 +178,7 @@ async def deploy_key_remove(args: argparse.Namespace, cfg: config.Config, out: T
 
 async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     async def act(reg: Registry) -> int:
-        keys = await reg.list_keys(args.user)
-        if args.json:
-            _json([key_dict(k) for k in keys], out)
-        else:
-            _table(tables.key_rows(keys), tables.KEY_HEADERS, out)
+        _keys(await reg.list_keys(args.user), args.json, out)
         return 0
 
     return await _with_registry(cfg, act)

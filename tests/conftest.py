@@ -10,7 +10,7 @@ import pytest
 
 from gateway.deploys.sandbox import remove_tree
 from tests import helpers, pg
-from tests.helpers import Admin, Client, ServerThread, keygen, require_tools, unique, write_config
+from tests.helpers import Admin, Client, ServerThread, require_tools, unique, write_config
 
 require_tools()
 
@@ -77,11 +77,7 @@ def make_user(server: ServerThread, admin: Admin, tmp_path: Path) -> MakeUser:
     """Create a registered user with one fresh key and return their client."""
 
     def make(prefix: str = "user", kind: str = "ed25519", bits: int | None = None) -> Client:
-        name = unique(prefix)
-        key = keygen(tmp_path / f"{name}_id", kind, bits)
-        admin.ok("user", "add", name)
-        admin.ok("key", "add", name, "laptop", f"{key}.pub")
-        return Client(tmp_path / f"home-{name}", key, server, name=name)
+        return helpers.registered_user(server, admin, tmp_path, prefix, kind, bits)
 
     return make
 

@@ -618,3 +618,19 @@ def race_one_round(pushers: list[tuple[Client, Path]], app: str, round_number: i
         if code != 0:  # ...and every other one is cleanly rejected
             assert "rejected" in err or "failed to update ref" in err or "cannot lock" in err
     return commits[winners[0]]
+
+
+def registered_user(
+    server: ServerThread,
+    admin: Admin,
+    directory: Path,
+    prefix: str = "user",
+    kind: str = "ed25519",
+    bits: int | None = None,
+) -> Client:
+    """A new user with one fresh key (named laptop) on `server`, and their client."""
+    name = unique(prefix)
+    key = keygen(directory / f"{name}_id", kind, bits)
+    admin.ok("user", "add", name)
+    admin.ok("key", "add", name, "laptop", f"{key}.pub")
+    return Client(directory / f"home-{name}", key, server, name=name)

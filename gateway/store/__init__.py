@@ -11,9 +11,11 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 from .. import times
 from ..dburl import is_postgres
+from ..errors import Conflict, KeyInUse, NotFound
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -51,6 +53,50 @@ def packaged_migrations(package: str) -> list[tuple[int, str, str]]:
 def utcnow() -> datetime:
     """This moment, aware and in UTC, to the second (what the registry keeps)."""
     return times.now()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOwner:
+    """Whose new key it is, for the backends: a user's (`user_id`) or an app's deploy key
+    (`app_id`); the refusals both backends give, in the owner's words."""
+
+    column: str  # "user_id" or "app_id": a column of ssh_keys
+    id: int
+    name: str
+
+    def __post_init__(self) -> None:
+        # The column is put into SQL: only these two, ever.
+        if self.column not in ("user_id", "app_id"):
+            raise ValueError(self.column)
+
+    @property
+    def deploy(self) -> bool:
+        return self.column == "app_id"
+
+    def refuse(self, existing: SSHKey) -> NoReturn:
+        """The key is registered already: KeyInUse if someone else's, else where it is."""
+        if getattr(existing, self.column) != self.id:
+            raise KeyInUse()
+        where = (
+            f"a deploy key of app '{self.name}'"
+            if self.deploy
+            else f"registered on account '{self.name}'"
+        )
+        raise Conflict(f"this SSH key is already {where} under the name '{existing.name}'")
+
+    def missing(self, key_name: str) -> NotFound:
+        if self.deploy:
+            return NotFound(f"app '{self.name}' has no deploy key named '{key_name}'")
+        return NotFound(f"user '{self.name}' has no key named '{key_name}'")
+
+    def name_taken(self, key_name: str) -> Conflict:
+        return key_name_taken(self.deploy, self.name, key_name)
+
+
+def key_name_taken(deploy: bool, owner: str, key_name: str) -> Conflict:
+    if deploy:
+        return Conflict(f"app '{owner}' already has a deploy key named '{key_name}'")
+    return Conflict(f"user '{owner}' already has a key named '{key_name}'")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from typing import Any
 import aiosqlite
 
 from .. import times
-from ..errors import Conflict, KeyInUse, KeyLimitReached, NotFound, StoreUnavailable
+from ..errors import Conflict, KeyLimitReached, NotFound, StoreUnavailable
 from ..keys import PublicKey
 from ..models import (
     ApiToken,
@@ -31,7 +31,16 @@ from ..models import (
     User,
     WebhookDelivery,
 )
-from . import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
+from . import (
+    KeyOwner,
+    Queued,
+    Store,
+    UserSummary,
+    WebSession,
+    packaged_migrations,
+    storable,
+    utcnow,
+)
 
 _KEY_COLUMNS = """k.id, k.user_id, u.name, k.name, k.algorithm, k.bits, k.public_key, k.comment,
     k.fingerprint, k.fingerprint_md5, k.created_at, k.last_used_at, k.expires_at,
@@ -335,23 +344,17 @@ class SQLiteStore(Store):
     ) -> SSHKey:
         async with self._transaction() as db:
             user = await self._user_row(user_name)
-            # Write transactions are serialized: the count cannot change under us.
-            if limit is not None and await self._count_keys("user_id", user.id) >= limit:
-                raise KeyLimitReached(user_name, limit)
-            existing = await self.find_key(key.fingerprint)
-            if existing is not None:
-                if existing.user_id != user.id:
-                    raise KeyInUse()
-                raise Conflict(
-                    f"this SSH key is already registered on account '{user_name}' "
-                    f"under the name '{existing.name}'"
-                )
             apps = [await self._app_row(name) for name in scope or []]
-            key_id = await self._insert_key(
-                db, key, key_name, expires_at, user_id=user.id, access=access, scoped=scope
+            key_id = await self._add(
+                db,
+                KeyOwner("user_id", user.id, user_name),
+                key,
+                key_name,
+                expires_at,
+                access=access,
+                scoped=scope,
+                limit=limit,
             )
-            if key_id is None:
-                raise Conflict(f"user '{user_name}' already has a key named '{key_name}'")
             for app in apps:
                 await db.execute(
                     "INSERT OR IGNORE INTO key_apps (key_id, app_id) VALUES (?, ?)",
@@ -370,22 +373,42 @@ class SQLiteStore(Store):
     ) -> SSHKey:
         async with self._transaction() as db:
             app = await self._app_row(app_name)
-            if limit is not None and await self._count_keys("app_id", app.id) >= limit:
-                raise KeyLimitReached(app_name, limit, deploy=True)
-            existing = await self.find_key(key.fingerprint)
-            if existing is not None:
-                if existing.app_id != app.id:
-                    raise KeyInUse()
-                raise Conflict(
-                    f"this SSH key is already a deploy key of app '{app_name}' "
-                    f"under the name '{existing.name}'"
-                )
-            key_id = await self._insert_key(
-                db, key, key_name, expires_at, app_id=app.id, access=access
+            key_id = await self._add(
+                db,
+                KeyOwner("app_id", app.id, app_name),
+                key,
+                key_name,
+                expires_at,
+                access=access,
+                limit=limit,
             )
-            if key_id is None:
-                raise Conflict(f"app '{app_name}' already has a deploy key named '{key_name}'")
             return await self._key_by_id(key_id)
+
+    async def _add(
+        self,
+        db: aiosqlite.Connection,
+        owner: KeyOwner,
+        key: PublicKey,
+        key_name: str,
+        expires_at: datetime | None,
+        *,
+        access: str | None,
+        scoped: list[str] | None = None,
+        limit: int | None,
+    ) -> int:
+        """A user's or an app's new key, inside the caller's write transaction (serialized:
+        the count cannot change under us); its id."""
+        if limit is not None and await self._count_keys(owner.column, owner.id) >= limit:
+            raise KeyLimitReached(owner.name, limit, deploy=owner.deploy)
+        existing = await self.find_key(key.fingerprint)
+        if existing is not None:
+            owner.refuse(existing)
+        key_id = await self._insert_key(
+            db, key, key_name, expires_at, **{owner.column: owner.id}, access=access, scoped=scoped
+        )
+        if key_id is None:
+            raise owner.name_taken(key_name)
+        return key_id
 
     async def _insert_key(
         self,
@@ -427,7 +450,7 @@ class SQLiteStore(Store):
         return int(cur.lastrowid or 0)
 
     async def _count_keys(self, owner_column: str, owner_id: int) -> int:
-        # owner_column is one of two literals of this module, never input.
+        # owner_column is a KeyOwner.column: user_id or app_id, checked there.
         row = await self._one(f"SELECT count(*) FROM ssh_keys WHERE {owner_column} = ?", owner_id)  # noqa: S608
         return int(row[0])
 
@@ -437,45 +460,41 @@ class SQLiteStore(Store):
 
     async def list_deploy_keys(self, app_name: str) -> list[SSHKey]:
         app = await self._app_row(app_name)
-        rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = ? ORDER BY k.name",
-            app.id,
-        )
-        return [_key(r) for r in rows]
+        return await self._owned_keys(KeyOwner("app_id", app.id, app_name))
 
     async def remove_deploy_key(self, app_name: str, key_name: str) -> SSHKey:
         async with self._transaction() as db:
             app = await self._app_row(app_name)
-            row = await self._one(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = ? AND k.name = ?",
-                app.id,
-                key_name,
-            )
-            if row is None:
-                raise NotFound(f"app '{app_name}' has no deploy key named '{key_name}'")
-            await db.execute("DELETE FROM ssh_keys WHERE id = ?", (row[0],))
-            return _key(row)
+            return await self._remove_owned(db, KeyOwner("app_id", app.id, app_name), key_name)
 
     async def list_keys(self, user_name: str) -> list[SSHKey]:
         user = await self._user_row(user_name)
-        rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = ? ORDER BY k.name",
-            user.id,
-        )
-        return [_key(r) for r in rows]
+        return await self._owned_keys(KeyOwner("user_id", user.id, user_name))
 
     async def remove_key(self, user_name: str, key_name: str) -> SSHKey:
         async with self._transaction() as db:
             user = await self._user_row(user_name)
-            row = await self._one(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = ? AND k.name = ?",
-                user.id,
-                key_name,
-            )
-            if row is None:
-                raise NotFound(f"user '{user_name}' has no key named '{key_name}'")
-            await db.execute("DELETE FROM ssh_keys WHERE id = ?", (row[0],))
-            return _key(row)
+            return await self._remove_owned(db, KeyOwner("user_id", user.id, user_name), key_name)
+
+    async def _owned_keys(self, owner: KeyOwner) -> list[SSHKey]:
+        rows = await self._all(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.{owner.column} = ? ORDER BY k.name",
+            owner.id,
+        )
+        return [_key(r) for r in rows]
+
+    async def _remove_owned(
+        self, db: aiosqlite.Connection, owner: KeyOwner, key_name: str
+    ) -> SSHKey:
+        row = await self._one(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.{owner.column} = ? AND k.name = ?",
+            owner.id,
+            key_name,
+        )
+        if row is None:
+            raise owner.missing(key_name)
+        await db.execute("DELETE FROM ssh_keys WHERE id = ?", (row[0],))
+        return _key(row)
 
     async def find_key(self, fingerprint: str) -> SSHKey | None:
         row = await self._one(

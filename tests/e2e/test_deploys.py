@@ -25,6 +25,7 @@ from tests.helpers import (
     ServerThread,
     fsck,
     keygen,
+    registered_user,
     run,
     server_refs,
     unique,
@@ -119,11 +120,7 @@ def gw_admin(gw) -> Admin:
 
 
 def make_client(gw, admin, tmp_path, prefix="dev") -> Client:
-    name = unique(prefix)
-    key = keygen(tmp_path / f"{name}_id")
-    admin.ok("user", "add", name)
-    admin.ok("key", "add", name, "laptop", f"{key}.pub")
-    return Client(tmp_path / f"home-{name}", key, gw, name=name)
+    return registered_user(gw, admin, tmp_path, prefix)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,14 @@ import pytest
 
 from gateway import explain
 from tests.helpers import (
+    TIMEOUT,
     Admin,
     Client,
     ServerThread,
     keygen,
     keygen_fingerprint,
+    registered_user,
     run,
-    unique,
     write_config,
 )
 
@@ -45,20 +47,19 @@ def admin(gw) -> Admin:
 
 @pytest.fixture
 def dev(gw, admin, tmp_path) -> Client:
-    name = unique("dev")
-    key = keygen(tmp_path / f"{name}_id")
-    admin.ok("user", "add", name)
-    admin.ok("key", "add", name, "laptop", f"{key}.pub")
-    return Client(tmp_path / f"home-{name}", key, gw, name=name)
+    return registered_user(gw, admin, tmp_path, "dev")
 
 
 @contextlib.contextmanager
 def agent(tmp_path: Path, keys: list[Path]) -> Iterator[str]:
     """A real ssh-agent holding `keys`, in that order (the order it offers them in)."""
     sock = tmp_path / "agent.sock"
-    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.PIPE)
     try:
-        run(["sh", "-c", f"until [ -S {sock} ]; do sleep 0.01; done"], timeout=10, check=True)
+        # In the foreground, ssh-agent prints its environment lines once it listens.
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
+        assert ready and proc.stdout.readline().startswith(b"SSH_AUTH_SOCK="), "no ssh-agent"
         for key in keys:
             run(
                 ["ssh-add", "-q", str(key)],

@@ -12,6 +12,7 @@ from tests.helpers import (
     ServerThread,
     keygen,
     keygen_fingerprint,
+    registered_user,
     unique,
     write_config,
 )
@@ -40,11 +41,7 @@ def admin(gw) -> Admin:
 
 @pytest.fixture
 def dev(gw, admin, tmp_path) -> Client:
-    name = unique("dev")
-    key = keygen(tmp_path / f"{name}_id")
-    admin.ok("user", "add", name)
-    admin.ok("key", "add", name, "laptop", f"{key}.pub")
-    return Client(tmp_path / f"home-{name}", key, gw, name=name)
+    return registered_user(gw, admin, tmp_path, "dev")
 
 
 def with_key(client: Client, key) -> Client:

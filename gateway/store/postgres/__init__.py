@@ -9,7 +9,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,7 +35,17 @@ from ...models import (
     User,
     WebhookDelivery,
 )
-from .. import Queued, Store, UserSummary, WebSession, packaged_migrations, storable, utcnow
+from .. import (
+    KeyOwner,
+    Queued,
+    Store,
+    UserSummary,
+    WebSession,
+    key_name_taken,
+    packaged_migrations,
+    storable,
+    utcnow,
+)
 
 log = logging.getLogger("gateway.store")
 
@@ -508,47 +518,20 @@ class PostgresStore(Store):
         scope: list[str] | None = None,
         limit: int | None = None,
     ) -> SSHKey:
-        try:
-            async with self._transaction() as conn:
-                user = await self._user_row(conn, user_name)
-                if limit is not None:
-                    # The user row locked: concurrent adds for this user count one by one.
-                    await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user.id)
-                    count = await conn.fetchval(
-                        "SELECT count(*) FROM ssh_keys WHERE user_id = $1", user.id
-                    )
-                    if count >= limit:
-                        raise KeyLimitReached(user_name, limit)
-                existing = await conn.fetchrow(
-                    "SELECT user_id, name FROM ssh_keys WHERE fingerprint = $1", key.fingerprint
+        async def add(conn: Any) -> int:
+            user = await self._user_row(conn, user_name)
+            owner = KeyOwner("user_id", user.id, user_name)
+            apps = [await self._app_row(conn, name) for name in scope or []]
+            key_id = await self._add(conn, owner, key, key_name, expires_at, access, scope, limit)
+            for app in apps:
+                await conn.execute(
+                    "INSERT INTO key_apps (key_id, app_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    key_id,
+                    app.id,
                 )
-                if existing is not None:
-                    if existing[0] != user.id:
-                        raise KeyInUse()
-                    raise Conflict(
-                        f"this SSH key is already registered on account '{user_name}' "
-                        f"under the name '{existing[1]}'"
-                    )
-                apps = [await self._app_row(conn, name) for name in scope or []]
-                key_id = await self._insert_key(
-                    conn, key, key_name, expires_at, user_id=user.id, access=access, scoped=scope
-                )
-                for app in apps:
-                    await conn.execute(
-                        "INSERT INTO key_apps (key_id, app_id) VALUES ($1, $2) "
-                        "ON CONFLICT DO NOTHING",
-                        key_id,
-                        app.id,
-                    )
-                row = await conn.fetchrow(
-                    f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1", key_id
-                )
-        except asyncpg.UniqueViolationError as exc:
-            # Another transaction registered it between our check and our insert.
-            if "fingerprint" in (exc.constraint_name or ""):
-                raise KeyInUse() from None
-            raise Conflict(f"user '{user_name}' already has a key named '{key_name}'") from None
-        return _key(row)
+            return key_id
+
+        return await self._adding(add, key_name_taken(False, user_name, key_name))
 
     async def add_deploy_key(
         self,
@@ -559,39 +542,64 @@ class PostgresStore(Store):
         expires_at: datetime | None = None,
         limit: int | None = None,
     ) -> SSHKey:
+        async def add(conn: Any) -> int:
+            app = await self._app_row(conn, app_name)
+            owner = KeyOwner("app_id", app.id, app_name)
+            return await self._add(conn, owner, key, key_name, expires_at, access, None, limit)
+
+        return await self._adding(add, key_name_taken(True, app_name, key_name))
+
+    async def _adding(self, add: Callable[[Any], Awaitable[int]], taken: Conflict) -> SSHKey:
+        """Run `add` in a transaction and read the new key back; a unique violation (another
+        transaction registered the key or the name between our check and our insert) gets
+        the same refusal as the check would have given."""
         try:
             async with self._transaction() as conn:
-                app = await self._app_row(conn, app_name)
-                if limit is not None:
-                    await conn.execute("SELECT 1 FROM apps WHERE id = $1 FOR UPDATE", app.id)
-                    count = await conn.fetchval(
-                        "SELECT count(*) FROM ssh_keys WHERE app_id = $1", app.id
-                    )
-                    if count >= limit:
-                        raise KeyLimitReached(app_name, limit, deploy=True)
-                existing = await conn.fetchrow(
-                    "SELECT app_id, name FROM ssh_keys WHERE fingerprint = $1", key.fingerprint
-                )
-                if existing is not None:
-                    if existing[0] != app.id:
-                        raise KeyInUse()
-                    raise Conflict(
-                        f"this SSH key is already a deploy key of app '{app_name}' "
-                        f"under the name '{existing[1]}'"
-                    )
-                key_id = await self._insert_key(
-                    conn, key, key_name, expires_at, app_id=app.id, access=access
-                )
+                key_id = await add(conn)
                 row = await conn.fetchrow(
                     f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.id = $1", key_id
                 )
         except asyncpg.UniqueViolationError as exc:
             if "fingerprint" in (exc.constraint_name or ""):
                 raise KeyInUse() from None
-            raise Conflict(
-                f"app '{app_name}' already has a deploy key named '{key_name}'"
-            ) from None
+            raise taken from None
         return _key(row)
+
+    async def _add(
+        self,
+        conn: Any,
+        owner: KeyOwner,
+        key: PublicKey,
+        key_name: str,
+        expires_at: datetime | None,
+        access: str | None,
+        scoped: list[str] | None,
+        limit: int | None,
+    ) -> int:
+        if limit is not None:
+            # The owner's row locked: concurrent adds for it count one by one.
+            table = "apps" if owner.deploy else "users"
+            await conn.execute(f"SELECT 1 FROM {table} WHERE id = $1 FOR UPDATE", owner.id)  # noqa: S608
+            count = await conn.fetchval(
+                f"SELECT count(*) FROM ssh_keys WHERE {owner.column} = $1",  # noqa: S608
+                owner.id,
+            )
+            if count >= limit:
+                raise KeyLimitReached(owner.name, limit, deploy=owner.deploy)
+        existing = await conn.fetchrow(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.fingerprint = $1", key.fingerprint
+        )
+        if existing is not None:
+            owner.refuse(_key(existing))
+        return await self._insert_key(
+            conn,
+            key,
+            key_name,
+            expires_at,
+            **{owner.column: owner.id},
+            access=access,
+            scoped=scoped,
+        )
 
     async def _insert_key(
         self,
@@ -631,46 +639,41 @@ class PostgresStore(Store):
     async def list_deploy_keys(self, app_name: str) -> list[SSHKey]:
         async with self._transaction() as conn:
             app = await self._app_row(conn, app_name)
-            rows = await conn.fetch(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = $1 ORDER BY k.name {_BYTES}",
-                app.id,
-            )
-        return [_key(r) for r in rows]
+            return await self._owned_keys(conn, KeyOwner("app_id", app.id, app_name))
 
     async def remove_deploy_key(self, app_name: str, key_name: str) -> SSHKey:
         async with self._transaction() as conn:
             app = await self._app_row(conn, app_name)
-            row = await conn.fetchrow(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.app_id = $1 AND k.name = $2 "
-                "FOR UPDATE OF k",
-                app.id,
-                key_name,
-            )
-            if row is None:
-                raise NotFound(f"app '{app_name}' has no deploy key named '{key_name}'")
-            await conn.execute("DELETE FROM ssh_keys WHERE id = $1", row[0])
-        return _key(row)
+            return await self._remove_owned(conn, KeyOwner("app_id", app.id, app_name), key_name)
 
     async def list_keys(self, user_name: str) -> list[SSHKey]:
-        user = await self.get_user(user_name)
-        rows = await self._all(
-            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = $1 ORDER BY k.name {_BYTES}",
-            user.id,
-        )
-        return [_key(r) for r in rows]
+        async with self._transaction() as conn:
+            user = await self._user_row(conn, user_name)
+            return await self._owned_keys(conn, KeyOwner("user_id", user.id, user_name))
 
     async def remove_key(self, user_name: str, key_name: str) -> SSHKey:
         async with self._transaction() as conn:
             user = await self._user_row(conn, user_name)
-            row = await conn.fetchrow(
-                f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.user_id = $1 AND k.name = $2 "
-                "FOR UPDATE OF k",
-                user.id,
-                key_name,
-            )
-            if row is None:
-                raise NotFound(f"user '{user_name}' has no key named '{key_name}'")
-            await conn.execute("DELETE FROM ssh_keys WHERE id = $1", row[0])
+            return await self._remove_owned(conn, KeyOwner("user_id", user.id, user_name), key_name)
+
+    async def _owned_keys(self, conn: Any, owner: KeyOwner) -> list[SSHKey]:
+        rows = await conn.fetch(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.{owner.column} = $1 "
+            f"ORDER BY k.name {_BYTES}",
+            owner.id,
+        )
+        return [_key(r) for r in rows]
+
+    async def _remove_owned(self, conn: Any, owner: KeyOwner, key_name: str) -> SSHKey:
+        row = await conn.fetchrow(
+            f"SELECT {_KEY_COLUMNS} {_KEY_FROM} WHERE k.{owner.column} = $1 AND k.name = $2 "
+            "FOR UPDATE OF k",
+            owner.id,
+            key_name,
+        )
+        if row is None:
+            raise owner.missing(key_name)
+        await conn.execute("DELETE FROM ssh_keys WHERE id = $1", row[0])
         return _key(row)
 
     async def find_key(self, fingerprint: str) -> SSHKey | None:
