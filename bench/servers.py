@@ -123,7 +123,7 @@ class Gateway:
             raise RuntimeError("no stderr pipe")
         for line in self.proc.stderr:
             log.write(line)
-            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"event=listening address=127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 break

@@ -813,6 +813,7 @@ def main(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    logs.capture_warnings()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 
 _PAIR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
@@ -44,8 +45,31 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: object = None,
+    line: str | None = None,
+) -> None:
+    logging.getLogger("gateway.warnings").warning(
+        "event=python_warning category=%s where=%s message=%s",
+        category.__name__,
+        q(f"{filename}:{lineno}"),
+        q(str(message)),
+    )
+
+
+def capture_warnings() -> None:
+    """Python warnings become one log line each (JSON in JSON mode), never free text on
+    stderr: the known noise of dependencies is filtered where it is raised (gateway/__init__)."""
+    warnings.showwarning = _log_warning
+
+
 def setup(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
     """Log to stderr; a worker of `serve --workers N` tags each line with its number."""
+    capture_warnings()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JSONFormatter(worker))

@@ -218,7 +218,7 @@ class Gateway:
             return
         for addr_host, addr_port in self.addresses:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
-            log.info("event=listening listening on %s:%d", shown, addr_port)
+            log.info("event=listening address=%s:%d", shown, addr_port)
 
     async def close(self, drain: float = 0.0) -> None:
         """Stop accepting, let running git operations and deploys finish for up to `drain`

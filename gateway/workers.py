@@ -250,7 +250,7 @@ class Supervisor:
         for sock in self.ssh:
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            log.info("event=listening listening on %s:%d workers=%d", shown, port, self.count)
+            log.info("event=listening address=%s:%d workers=%d", shown, port, self.count)
 
     async def _start(self, worker: Worker, prepare: bool = False) -> bool:
         """Start a worker and wait until it serves; False if it exited first."""

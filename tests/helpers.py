@@ -520,7 +520,7 @@ class ServeProcess(LiveProcess):
         self.config_path = config_path
         self.config = gwconfig.load(config_path)
         # With workers, the supervisor says it once all of them serve.
-        self.port = int(self.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        self.port = int(self.wait_for(r"event=listening address=127\.0\.0\.1:(\d+)").group(1))
 
     known_hosts = ServerThread.known_hosts
 

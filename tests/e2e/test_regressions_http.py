@@ -198,7 +198,7 @@ def test_regression_http_fd_exhaustion_does_not_flood_the_log(tmp_path: Path) ->
     clients: list[socket.socket] = []
     try:
         port = int(gateway.wait_for(r"event=http_listening address=127\.0\.0\.1:(\d+)").group(1))
-        gateway.wait_for(r"listening on 127\.0\.0\.1:\d+")
+        gateway.wait_for(r"event=listening address=127\.0\.0\.1:\d+")
         # Twice as many idle connections as the gateway has descriptors.
         for _ in range(2 * limit):
             clients.append(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT))

@@ -128,4 +128,7 @@ def test_json_logs(tmp_path, fmt):
     proc = ServeProcess(config)
     assert proc.stop() == 0
     records = [json.loads(line) for line in proc.lines]
-    assert any(r.get("event") == "listening" for r in records)
+    # One event, one address field (it once read "event=listening listening on ...").
+    [listening] = [r for r in records if r.get("event") == "listening"]
+    assert re.fullmatch(r"event=listening address=127\.0\.0\.1:\d+", listening["msg"])
+    assert listening["address"].startswith("127.0.0.1:")
