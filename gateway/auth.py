@@ -100,11 +100,51 @@ async def authorize(store: Store, identity: Identity, name: str, needed: Role) -
     if app is None:
         raise AccessDenied(name)
     role = await role_of(store, identity, app)
-    if identity.deploy and role is not None and role < needed:
-        raise DeployKeyReadOnly(identity)
-    if role is None or role < needed:
+    if role is None:
         raise AccessDenied(name)
+    if role < needed:
+        # The caller reads this app, so it knows the app exists: say what is missing.
+        raise await _why_not(store, identity, app, role)
     return app, role
+
+
+async def _why_not(store: Store, identity: Identity, app: App, role: Role) -> GatewayError:
+    """What keeps a caller who can read `app` from writing to it: the key or the role."""
+    if identity.deploy:
+        return DeployKeyReadOnly(identity)
+    if identity.access == "read" and identity.user_id is not None:
+        user_role = await store.role_on(app.id, identity.user_id)
+        if user_role is not None and user_role >= Role.WRITE:
+            return KeyReadOnly(identity, app.name)
+    return WriteRoleNeeded(app.name, role)
+
+
+class WriteRoleNeeded(AccessDenied):
+    """A member who can read the app pushes: told which role it takes (audited as a denial)."""
+
+    code = "forbidden"
+
+    def __init__(self, name: str, role: Role) -> None:
+        GatewayError.__init__(
+            self,
+            f"you have {role.label} access to '{name}': pushing needs the write role; "
+            "ask its owner or an admin",
+        )
+        self.name = name
+
+
+class KeyReadOnly(AccessDenied):
+    """A writer pushing with a key limited to reading (`key add --read-only`)."""
+
+    code = "forbidden"
+
+    def __init__(self, identity: Identity, name: str) -> None:
+        GatewayError.__init__(
+            self,
+            f'the SSH key "{identity.key_name}" of {identity.user_name} is read-only: '
+            "it cannot push (use a key added without --read-only)",
+        )
+        self.name = name
 
 
 class DeployKeyReadOnly(GatewayError):

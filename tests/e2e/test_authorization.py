@@ -24,8 +24,17 @@ def test_read_member_can_clone_but_not_push(owner, app, admin, make_user, server
     reader.commit(copy, {"x": "1\n"}, "reader change")
     push = reader.git("push", reader.url(app), "main", cwd=copy, check=False)
     assert push.returncode != 0
-    assert denied(app).strip() in push.stderr
+    # The reader knows the app exists (it just cloned it): told what is missing.
+    assert (
+        f"error: you have read access to '{app}': pushing needs the write role; "
+        "ask its owner or an admin\n"
+    ) in push.stderr
     assert server_refs(server.repo(app)) == before
+    # Someone who cannot read it still gets the words of a missing app.
+    stranger = make_user("stranger")
+    for name in (app, "no-such-app"):
+        push = stranger.git("push", stranger.url(name), "main", cwd=copy, check=False)
+        assert push.returncode != 0 and denied(name) in push.stderr
     # Granting again changes the role, effective on the next connection.
     admin.ok("app", "grant", app, reader.name, "write")
     reader.git("push", "-q", reader.url(app), "main", cwd=copy)

@@ -83,7 +83,7 @@ def test_regression_revoked_role_stops_working_on_an_open_connection(
         mux.commit(tmp_path / "clone", {"f": "2\n"}, "after the downgrade")
         pushed = mux.git("push", "-q", "origin", "main", cwd=tmp_path / "clone", check=False)
         assert pushed.returncode != 0
-        assert f"repository '{app}' not found or access denied" in pushed.stderr
+        assert f"you have read access to '{app}': pushing needs the write role" in pushed.stderr
         assert mux.git("ls-remote", mux.url(app), check=False).returncode == 0  # read still
         admin.ok("app", "revoke", app, member.name)
         listed = mux.git("ls-remote", mux.url(app), check=False)

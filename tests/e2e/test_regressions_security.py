@@ -49,7 +49,10 @@ def test_read_only_member_cannot_push(owner, app, admin, make_user, server, tmp_
     admin.ok("app", "grant", app, reader.name, "read")
     before = server_refs(server.repo(app))
     result = reader.ssh(f"git-receive-pack '{app}.git'", input="0000")
-    assert result.returncode == 1 and result.stderr == denied(app)
+    assert result.returncode == 1 and result.stderr == (
+        f"error: you have read access to '{app}': pushing needs the write role; "
+        "ask its owner or an admin\n"
+    )
     assert server_refs(server.repo(app)) == before
 
 
