@@ -76,9 +76,7 @@ async def test_a_read_only_key_of_a_writer_says_the_key_is_read_only(store, pubk
     )
 
 
-async def test_regression_a_scoped_key_learns_nothing_about_apps_outside_its_scope(
-    store, pubkeys
-):
+async def test_regression_a_scoped_key_learns_nothing_about_apps_outside_its_scope(store, pubkeys):
     scoped = await who(store, "alice", "ci", pubkeys[2], access="read", scope=["myapp"])
     assert "read-only" in await refusal(store, scoped, "myapp", Role.WRITE)
     for name in ("secret", "no-such-app"):
