@@ -14,6 +14,7 @@ from typing import Any
 from .. import executors, umask
 from ..deploylog import DeployLog
 from ..models import Deploy, DeployStatus
+from . import program
 from .export import ExportError, _size_text, export_commit
 from .outcome import Outcome
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, remove_tree
@@ -53,8 +54,10 @@ async def run_pipeline(
     max_export_size: int,
     max_output: int,
     log: DeployLog,
+    setting: str = "[deploy] command",
 ) -> Outcome:
-    """Export the commit into a fresh directory, run argv there, remove the directory."""
+    """Export the commit into a fresh directory, run argv there, remove the directory.
+    `setting` names where argv is configured, for the line saying its program is missing."""
     workdir = await executors.run(_make_workdir, build_dir, deploy.id, sandbox)
     try:
         try:
@@ -70,6 +73,9 @@ async def run_pipeline(
         except ExportError as exc:
             log.write(f"{exc}\n")
             return Outcome(DeployStatus.FAILED, None, str(exc))
+        refused = await _check_program(argv[0], deploy, workdir, setting, log)
+        if refused is not None:
+            return refused
         if sandbox.enabled:
             env = command_env(deploy, APP_DIR, SANDBOX_PATH)
             return await run_command(
@@ -79,6 +85,20 @@ async def run_pipeline(
         return await run_command(argv, log, max_output, cwd=workdir, env=env)
     finally:
         await executors.run(remove_tree, workdir)
+
+
+async def _check_program(
+    name: str, deploy: Deploy, workdir: Path, setting: str, log: DeployLog
+) -> Outcome | None:
+    """A failed outcome, with the line the pusher reads, when the command's program comes
+    from the pushed tree and is not there or cannot run (rather than bwrap's execvp error)."""
+    kind = await executors.run(program.problem, workdir, name)
+    if kind is None:
+        return None
+    line = program.explain(name, kind, deploy.branch, deploy.new_sha, setting)
+    log.write(f"{line}\n")
+    short = "not executable" if kind == program.NOT_EXECUTABLE else "not found"
+    return Outcome(DeployStatus.FAILED, None, f"{name} {short} in the pushed tree")
 
 
 def _make_workdir(build_dir: Path, deploy_id: int, sandbox: Sandbox) -> Path:

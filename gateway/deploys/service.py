@@ -449,7 +449,13 @@ class DeployService:
             max_export_size=settings.max_export_size,
             max_output=settings.max_output,
             log=job.log,
+            setting=self._command_setting(deploy.app_name),
         )
+
+    def _command_setting(self, app: str) -> str:
+        """Where the app's deploy command is configured, as the operator would look for it."""
+        overridden = "command" in (self.config.apps.get(app) or {})
+        return f"[apps.{app}] command" if overridden else "[deploy] command"
 
     async def _finish(
         self,

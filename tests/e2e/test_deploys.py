@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -106,6 +107,8 @@ def gw(tmp_path_factory, receiver):
         + "[apps.slow]\ntimeout = 2\n"
         + f'[apps.hooked]\nwebhook_url = "{receiver.url("/hook")}"\nwebhook_secret = "{SECRET}"\n'
         + "[apps.command]\ncommand = []\n"
+        + '[apps.fromtree]\ncommand = ["./deploy"]\n'
+        + '[apps.linkout]\ncommand = ["./deploy"]\n'
         + f'[apps.accepted]\nwebhook_url = "{receiver.url("/accepted")}"\n'
         + f'webhook_secret = "{SECRET}"\n'
     )
@@ -540,6 +543,60 @@ def test_no_pipeline_configured(gw, gw_admin, dev, tmp_path):
     result = dev.git("push", dev.url(app), "main", cwd=work)
     assert "no deploy pipeline is configured" in result.stderr
     assert deploys(gw_admin, app) == []
+
+
+def test_a_deploy_program_missing_from_the_tree_is_named(gw, gw_admin, dev, tmp_path):
+    """`./deploy` missing or not executable: one line naming it, the branch and the commit,
+    instead of bwrap's `execvp ./deploy: No such file or directory`."""
+    app = new_app(gw_admin, dev, "fromtree")
+    work = dev.new_repo(tmp_path / "work")
+
+    def pushed() -> tuple[str, str]:
+        head = dev.git("rev-parse", "HEAD", cwd=work).stdout.strip()[:8]
+        result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+        return head, "\n".join(line.rstrip() for line in result.stderr.splitlines()) + "\n"
+
+    where = "in the pushed tree of branch 'main'"
+    head, out = pushed()
+    assert (
+        f"remote: deploy command './deploy' not found {where} ({head}): add it, or change "
+        f"[apps.{app}] command\n"
+    ) in out
+    assert "execvp" not in out and "FAILED (./deploy not found in the pushed tree)" in out
+    dev.commit(work, {"deploy": "#!/bin/sh\necho deployed from the tree\n"}, "not executable")
+    head, out = pushed()
+    assert (
+        f"remote: deploy command './deploy' is not executable {where} ({head}): "
+        "run `git update-index --chmod=+x deploy`, commit and push again\n"
+    ) in out
+    dev.git("update-index", "--chmod=+x", "deploy", cwd=work)
+    dev.git("commit", "-q", "-m", "executable", cwd=work)
+    result = dev.git("push", dev.url(app), "main", cwd=work)
+    assert "remote: deployed from the tree" in result.stderr
+    assert [d["status"] for d in deploys(gw_admin, app)] == ["succeeded", "failed", "failed"]
+
+
+def test_regression_a_deploy_link_out_of_the_tree_reveals_nothing(gw, gw_admin, dev, tmp_path):
+    """`deploy -> /etc/shadow` or `deploy -> ../../x`: the gateway does not look where the
+    link points (a link to an existing host file and to nothing read the same); the sandbox,
+    which has neither, refuses to run it."""
+    app = new_app(gw_admin, dev, "linkout")
+    work = dev.new_repo(tmp_path / "work")
+    answers = []
+    for target in ("/etc/shadow", "/etc/no-such-file", "../../x", "../../../../../../etc/shadow"):
+        (work / "deploy").unlink(missing_ok=True)
+        (work / "deploy").symlink_to(target)
+        dev.git("add", "deploy", cwd=work)
+        dev.git("commit", "-q", "-m", "link", cwd=work)
+        result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+        assert result.returncode == 1
+        lines = [line.rstrip() for line in result.stderr.splitlines()]
+        lines = [line for line in lines if line.startswith("remote:") and "deploy #" not in line]
+        lines = [line for line in lines if "Watch it" not in line]
+        answers.append([re.sub(r"[0-9a-f]{7,40}", "SHA", line) for line in lines])
+    assert "remote: bwrap: execvp ./deploy: No such file or directory" in answers[0]
+    assert all(answer == answers[0] for answer in answers), answers
+    assert not any("not found in the pushed tree" in line for line in answers[0])
 
 
 def test_restart_marks_running_interrupted_and_runs_queued(tmp_path, exchange):
