@@ -79,6 +79,14 @@ def _size(value: Any) -> int:
     return number
 
 
+def size_text(size: int) -> str:
+    """A size as messages show it: `2 GiB`, `100 MiB`, `20 KiB`, `512 bytes`."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor:
+            return f"{size / factor:g} {unit}"
+    return f"{size} bytes"
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError("expected a number of seconds")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 
 from .. import bridge, executors, gitbin, hooks
 from ..auth import authorize
+from ..config import size_text
 from ..deploys import PushSession
 from ..errors import GatewayError
 from ..logs import q
@@ -43,6 +45,23 @@ def git_argv(ctx: Context, subcommand: str, extra: tuple[str, ...], path: str) -
     for key, value in settings:
         argv += ["-c", f"{key}={value}"]
     return [*argv, subcommand, *extra, path]
+
+
+def pack_too_large(session: PushSession, outcome: bridge.Outcome, limit: int) -> bool:
+    """Whether receive.maxInputSize stopped this push. receive-pack exits 0 all the same
+    and tells git's `pack exceeds maximum allowed size` in band; but a pack that was unpacked
+    always reaches pre-receive, and one that was refused never does, so: more bytes than the
+    limit came in, and no pre-receive hook spoke."""
+    return (
+        not outcome.client_gone and outcome.bytes_in > limit and "pre-receive" not in session.spoken
+    )
+
+
+def too_large_line(limit: int) -> str:
+    return (
+        f"error: push refused: the pack is larger than this gateway's limit of "
+        f"{size_text(limit)} per push ([git] max_input_size)"
+    )
 
 
 async def run(ctx: Context, inv: Invocation) -> int:
@@ -105,6 +124,9 @@ async def run(ctx: Context, inv: Invocation) -> int:
     finally:
         if session is not None:
             ctx.deploys.close_session(session)
+    if session is not None and pack_too_large(session, outcome, ctx.repos.max_input_size):
+        with contextlib.suppress(*bridge.CLIENT_GONE):
+            ctx.channel.stderr.write(f"{too_large_line(ctx.repos.max_input_size)}\n".encode())
     failed_deploy = session is not None and session.failed
     if outcome.idle:
         result = "idle_timeout"

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import executors, umask
+from ..config import size_text
 from ..deploylog import DeployLog
 from ..models import Deploy, DeployStatus
 from . import program
-from .export import ExportError, _size_text, export_commit
+from .export import ExportError, export_commit
 from .outcome import Outcome
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, remove_tree
 
@@ -153,7 +154,7 @@ async def run_command(
             printed += len(chunk)
             if printed > max_output:
                 await kill_group(proc)
-                reason = f"output limit exceeded ({_size_text(max_output)}, [deploy] max_output)"
+                reason = f"output limit exceeded ({size_text(max_output)}, [deploy] max_output)"
                 log.write(f"\n{reason}: stopped\n")
                 return Outcome(DeployStatus.FAILED, None, reason)
             log.write_bytes(chunk)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import gitbin, umask
+from ..config import size_text
 from ..errors import GatewayError
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox
 
@@ -27,13 +28,6 @@ STDERR_KEPT = 4096
 
 class ExportError(GatewayError):
     """The tree could not be exported: one line for the deploy log and the pusher."""
-
-
-def _size_text(size: int) -> str:
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if size >= factor:
-            return f"{size / factor:g} {unit}"
-    return f"{size} bytes"
 
 
 def archive_env(repo: Path, quarantine: Path | None) -> dict[str, str]:
@@ -147,7 +141,7 @@ async def _pump(
             if total > limit:
                 raise ExportError(
                     f"the pushed tree is larger than this app's export limit "
-                    f"({_size_text(limit)}, [deploy] max_export_size): nothing deployed"
+                    f"({size_text(limit)}, [deploy] max_export_size): nothing deployed"
                 )
             try:
                 sink.write(chunk)

@@ -69,8 +69,17 @@ def test_push_size_limit(tmp_path_factory, make_user, tmp_path):
         result = client.git("push", client.url(app), "main", cwd=work, check=False)
         assert result.returncode != 0
         assert "maximum allowed size" in result.stderr
+        # git's own words do not say what the limit is: the gateway does.
+        assert (
+            "error: push refused: the pack is larger than this gateway's limit of 20 KiB per "
+            "push ([git] max_input_size)\n"
+        ) in result.stderr
         assert server_refs(small.repo(app)) == {}
         fsck(small.repo(app))
+        # A push within the limit says nothing of it.
+        work = client.new_repo(tmp_path / "smallwork", {"blob": "small\n"})
+        result = client.git("push", client.url(app), "main", cwd=work)
+        assert "max_input_size" not in result.stderr
     finally:
         small.stop()
 
