@@ -243,6 +243,8 @@ class Connection(asyncssh.SSHServer):
         self.gateway.connections.discard(self)
         self.gateway.admission.release(self.address, self.identity is not None)
         if self.identity is None:
+            if self.auth_attempts:
+                self.gateway.explainer.login_failed(self.address)
             if self.failure == NO_AUTH and exc is not None:
                 self.failure = str(exc) or type(exc).__name__
             metrics.auth.labels(self.failure_kind).inc()
@@ -541,6 +543,8 @@ class Connection(asyncssh.SSHServer):
                 self.conn.abort()
             return
         self.identity = identity
+        if self.told is not None:
+            self.gateway.explainer.logged_in_after(self.address, self.told.unknown)
         self.gateway.admission.authenticated()
         self.gateway.metrics.auth.labels("ok").inc()
         self.conn.set_extra_info(gateway_identity=identity)

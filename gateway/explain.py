@@ -10,11 +10,21 @@ computed itself, and a registered key's details come only after a signature (pos
 Banners cost a packet each; they are counted per connection and per source address, so a
 client cannot make the gateway write without bound, and past the budget it gets OpenSSH's
 plain answer.
+
+An agent that offers an unregistered key before the registered one would otherwise hear about
+that key on every successful `git fetch`. Whether a login will succeed is not known when a
+key is refused (the client's next key comes only after the answer), so the gateway learns it:
+once a login from an address succeeds, the unregistered keys offered first from there are not
+named again (for QUIET_SECONDS); the welcome still lists them. A login from that address that
+fails makes the gateway forget, so the next attempt is explained in full. The memory is per
+source address, so nobody elsewhere learns that a key's holder has an account here.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from .limits import RateLimiter
@@ -22,6 +32,8 @@ from .limits import RateLimiter
 LINES_PER_MINUTE = 60  # per source address
 MAX_LINES_PER_CONNECTION = 24
 ADDRESSES_TRACKED = 10_000
+QUIET_SECONDS = 24 * 3600  # a working day and more: the first fetch of a day explains
+QUIET_KEYS_PER_ADDRESS = 32
 
 
 class Explainer:
@@ -32,12 +44,39 @@ class Explainer:
         self.ssh_user = ssh_user
         self.login = login  # how to log in, `ssh -p 2222 git@host` (known once listening)
         self.rate = RateLimiter(LINES_PER_MINUTE, max_keys=ADDRESSES_TRACKED)
+        # source -> {fingerprint: until}: unregistered keys a login from there got past.
+        self._quiet: OrderedDict[str, dict[str, float]] = OrderedDict()
+        self.clock = time.monotonic
 
     def allow(self, address: str, lines: int) -> bool:
         """Spend `lines` of this address's budget, all or (past it) nothing more. IPv6
         clients are counted per /64: one host usually holds a whole one."""
         source = _source(address)
         return all(self.rate.take(source) == 0 for _ in range(lines))
+
+    def logged_in_after(self, address: str, fingerprints: list[str]) -> None:
+        """A login from `address` succeeded after these unregistered keys were refused: do
+        not name them to that address again for a while."""
+        if not fingerprints:
+            return
+        source = _source(address)
+        until = self.clock() + QUIET_SECONDS
+        keys = self._quiet.pop(source, {})
+        keys.update(dict.fromkeys(fingerprints, until))
+        while len(keys) > QUIET_KEYS_PER_ADDRESS:
+            del keys[next(iter(keys))]
+        self._quiet[source] = keys
+        while len(self._quiet) > ADDRESSES_TRACKED:
+            self._quiet.popitem(last=False)
+
+    def login_failed(self, address: str) -> None:
+        """A login from `address` failed: explain everything to it again."""
+        self._quiet.pop(_source(address), None)
+
+    def quiet(self, address: str, fingerprint: str) -> bool:
+        """Whether this unregistered key is known to be followed by a successful login."""
+        until = self._quiet.get(_source(address), {}).get(fingerprint)
+        return until is not None and until > self.clock()
 
     def where_keys_are_added(self) -> str:
         if self.help_url:
@@ -70,6 +109,8 @@ class Told:
     def lines_for_unknown_key(self, fingerprint: str, algorithm: str) -> list[str]:
         if fingerprint not in self.unknown:
             self.unknown.append(fingerprint)
+        if self.explainer.quiet(self.address, fingerprint):
+            return []
         lines = [f"git-gateway: the key {fingerprint} ({algorithm}) is not registered here."]
         if "help" not in self.said:
             self.said.add("help")

@@ -23,6 +23,7 @@ from tests.helpers import (
     keygen_fingerprint,
     registered_user,
     run,
+    unique,
     write_config,
 )
 
@@ -53,6 +54,7 @@ def dev(gw, admin, tmp_path) -> Client:
 @contextlib.contextmanager
 def agent(tmp_path: Path, keys: list[Path]) -> Iterator[str]:
     """A real ssh-agent holding `keys`, in that order (the order it offers them in)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sock = tmp_path / "agent.sock"
     proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.PIPE)
     try:
@@ -109,6 +111,85 @@ def test_a_multi_key_agent_logs_in_with_the_registered_key_and_is_told_which(dev
     )
     for fingerprint in fingerprints:  # and each refusal was explained as it happened
         assert f"the key {fingerprint} (ssh-ed25519) is not registered here." in result.stderr
+
+
+def agent_ssh_command(client: Client, sock: str) -> str:
+    """GIT_SSH_COMMAND for git offering the agent's keys, as via_agent's ssh does."""
+    known_hosts = next(a for a in client.ssh_base if a.startswith("UserKnownHostsFile="))
+    return (
+        f"ssh -F /dev/null -o IdentityAgent={sock} -o IdentityFile=/nonexistent/key "
+        f"-o BatchMode=yes -o StrictHostKeyChecking=yes -o {known_hosts}"
+    )
+
+
+def test_successful_git_commands_do_not_repeat_the_unregistered_keys(gw, admin, dev, tmp_path):
+    """An agent offering an unregistered key first: once a login got past it, git commands
+    from that address print nothing about it; the welcome still lists it; a failed login
+    makes the gateway explain everything again (from the next attempt: a key is refused
+    before the client says whether it has another one)."""
+    app = unique("quiet")
+    admin.ok("app", "create", app, "--owner", dev.name)
+    other = keygen(tmp_path / "other")
+    fingerprint = keygen_fingerprint(other.with_suffix(".pub"))
+    unregistered = f"the key {fingerprint} (ssh-ed25519) is not registered here."
+    with agent(tmp_path, [other, dev.key]) as sock:
+        env = {**dev.env, "GIT_SSH_COMMAND": agent_ssh_command(dev, sock)}
+        first = run(["git", "ls-remote", dev.url(app)], env=env)
+        # Whether this login will succeed is not known when the key is refused: said once.
+        assert first.returncode == 0 and unregistered in first.stderr
+        for _ in range(2):
+            again = run(["git", "ls-remote", dev.url(app)], env=env)
+            assert again.returncode == 0 and again.stderr == ""
+        welcome = via_agent(dev, sock)
+        assert f"not registered here: {fingerprint}." in welcome.stdout
+        assert "not registered" not in welcome.stderr
+    # A failed login from this address (only the unregistered key): at the latest from the
+    # next attempt on, explained in full...
+    with agent(tmp_path / "alone", [other]) as sock:
+        assert via_agent(dev, sock).returncode == 255
+        failed = via_agent(dev, sock)
+    assert failed.returncode == 255 and unregistered in failed.stderr
+    assert f"Add your public key (the .pub file) at {HELP}" in failed.stderr
+    # ...and the next login with both keys is told about it once more.
+    with agent(tmp_path / "both", [other, dev.key]) as sock:
+        env = {**dev.env, "GIT_SSH_COMMAND": agent_ssh_command(dev, sock)}
+        assert unregistered in run(["git", "ls-remote", dev.url(app)], env=env).stderr
+
+
+def test_regression_quiet_keys_are_remembered_per_source_address():
+    """Another address offering the same public key is told as usual: nobody learns from the
+    silence that the key's holder logs in here."""
+    clock = [1000.0]
+    explainer = explain.Explainer("", "git", lambda: "ssh git@host")
+    explainer.clock = lambda: clock[0]
+    explainer.logged_in_after("192.0.2.1", ["SHA256:a"])
+    explainer.logged_in_after("2001:db8::1", ["SHA256:b"])
+    assert explainer.quiet("192.0.2.1", "SHA256:a")
+    assert explainer.quiet("::ffff:192.0.2.1", "SHA256:a")
+    assert explainer.quiet("2001:db8::2", "SHA256:b")  # the same /64: one host
+    assert not explainer.quiet("192.0.2.2", "SHA256:a")
+    assert not explainer.quiet("2001:db8:0:1::1", "SHA256:b")
+    assert not explainer.quiet("192.0.2.1", "SHA256:b")
+    told = explain.Told(explainer, "192.0.2.9")
+    assert told.lines_for_unknown_key("SHA256:a", "ssh-ed25519")  # another address: told
+    quiet = explain.Told(explainer, "192.0.2.1")
+    assert quiet.lines_for_unknown_key("SHA256:a", "ssh-ed25519") == []
+    assert quiet.unknown == ["SHA256:a"]  # the welcome still lists it
+    clock[0] += explain.QUIET_SECONDS + 1
+    assert not explainer.quiet("192.0.2.1", "SHA256:a")
+    explainer.logged_in_after("192.0.2.1", ["SHA256:a"])
+    explainer.login_failed("192.0.2.1")
+    assert not explainer.quiet("192.0.2.1", "SHA256:a")
+
+
+def test_regression_quiet_keys_take_bounded_memory():
+    explainer = explain.Explainer("", "git", lambda: "ssh git@host")
+    for i in range(explain.ADDRESSES_TRACKED + 50):
+        explainer.logged_in_after(f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", ["SHA256:x"])
+    explainer.logged_in_after("192.0.2.1", [f"SHA256:{i}" for i in range(100)])
+    assert len(explainer._quiet) == explain.ADDRESSES_TRACKED
+    assert len(explainer._quiet["192.0.2.1"]) == explain.QUIET_KEYS_PER_ADDRESS
+    assert explainer.quiet("192.0.2.1", "SHA256:99") and not explainer.quiet("10.0.0.0", "x")
 
 
 def test_the_wrong_user_name_is_explained(dev, tmp_path):
