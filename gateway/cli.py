@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(keys, "add", key_add, "register an OpenSSH public key for a user")
     p.add_argument("user")
     p.add_argument("name", help="a name for this key, unique for the user (e.g. laptop)")
-    p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
+    _key_source(p)
     p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
     p.add_argument("--read-only", action="store_true", help="it may clone and fetch, never push")
     p.add_argument(
@@ -726,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(app_keys, "add", deploy_key_add, "register a deploy key (read-only by default)")
     p.add_argument("app")
     p.add_argument("name", help="a name for this key, unique for the app (e.g. ci)")
-    p.add_argument("file", nargs="?", default="-", help="public key file, or - for stdin (default)")
+    _key_source(p)
     p.add_argument("--write", action="store_true", help="it may push too (default: read only)")
     p.add_argument("--expires", metavar="WHEN", help=EXPIRES_HELP)
     p = add(app_keys, "list", deploy_key_list, "list an app's deploy keys")
@@ -801,6 +801,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _key_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "file", nargs="?", metavar="FILE", help="public key file, or - to read standard input"
+    )
+    p.set_defaults(key_parser=p)
+
+
+def _require_key_source(args: argparse.Namespace) -> None:
+    """`key add` and `app key add` read standard input only when told to (`-`): without it,
+    a forgotten FILE would wait silently on a terminal, or on whatever stdin a script has."""
+    key_parser = getattr(args, "key_parser", None)
+    if key_parser is not None and args.file is None:
+        key_parser.error("give the public key's FILE, or - to read it from standard input")
+
+
 def _deploy_id(text: str) -> int:
     digits = text.removeprefix("#")
     if not digits.isdigit():
@@ -817,6 +832,7 @@ def main(
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        _require_key_source(args)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help/--version exit 0
         return int(exc.code or 0)
     # Whatever umask the gateway is started with, what it creates (the registry and its

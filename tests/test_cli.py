@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,36 @@ def test_cli_never_prints_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: cannot read /nonexistent.pub")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("key", "add", "bob", "laptop"), ("app", "key", "add", "web", "ci")]
+)
+@pytest.mark.parametrize("stdin", ["terminal", "pipe"])
+def test_key_add_without_a_file_prints_its_usage_instead_of_waiting(tmp_path, command, stdin):
+    """Standard input is read only when told to (`-`): a forgotten FILE, on a terminal or on
+    a pipe that never ends (an ssh session, a cron job), ends at once with the usage."""
+    env = {**os.environ, "GATEWAY_CONFIG": str(write_config(tmp_path)), "COLUMNS": "200"}
+    primary, secondary = pty.openpty() if stdin == "terminal" else os.pipe()
+    try:
+        # Nothing is ever written to this stdin, and it is never closed while the CLI runs.
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *command],
+            env=env,
+            stdin=secondary if stdin == "terminal" else primary,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert result.returncode == 2
+    usage, error = result.stderr.splitlines()
+    assert usage.startswith(f"usage: git-gateway {' '.join(command[:-2])} ")
+    assert usage.endswith(" [FILE]")
+    assert error == (
+        f"git-gateway {' '.join(command[:-2])}: error: give the public key's FILE, or - to read "
+        "it from standard input"
+    )
