@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 from .. import times
 from ..auth import role_of
 from ..models import App, Role
@@ -9,18 +11,34 @@ from ..tables import one_line
 from . import COMMANDS, Context, Invocation
 from .account import expiry_warning
 
+WIDTH = 80  # a terminal's width: nothing of `help` or the welcome's command list wraps
+
 
 def _commands(ctx: Context) -> list[str]:
-    """Every command with its forms, as `help` and the welcome list them."""
+    """Every command with its forms, as `help` and the welcome list them: each form on its
+    own line, what it does wrapped under it, nothing wider than WIDTH columns (but a host
+    name or URL longer than a line)."""
     prefix = ctx.config.ssh_command("")
-    forms = [form for syntax in COMMANDS.values() for form in syntax.forms]
-    width = max(len(form) for form in forms)
-    lines = [f"Commands ({prefix}COMMAND):"]
+    lines = _wrap(f"Commands ({prefix}COMMAND):", "")
     for syntax in COMMANDS.values():
-        for i, form in enumerate(syntax.forms):
-            lines.append(f"  {form:<{width}}  {syntax.summary if i == 0 else ''}".rstrip())
-    lines.append(f"  git clone, fetch, push, archive --remote with {ctx.config.clone_url('APP')}")
+        for form in syntax.forms:
+            lines += _wrap(form, "  ")
+        lines += _wrap(syntax.summary, "      ")
+    lines += _wrap(
+        f"git clone, fetch, push, archive --remote with {ctx.config.clone_url('APP')}", "  "
+    )
     return lines
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
 
 
 async def run(ctx: Context, inv: Invocation) -> int:

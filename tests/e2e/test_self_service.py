@@ -94,6 +94,7 @@ def test_keys_add_list_and_remove(dev, tmp_path, admin):
 
 def test_help_and_the_welcome_list_every_command(dev):
     text = dev.ssh("help").stdout
+    lines = text.splitlines()
     for form in (
         "info",
         "whoami",
@@ -104,13 +105,16 @@ def test_help_and_the_welcome_list_every_command(dev):
         "cancel ID",
         "help",
     ):
-        assert f"  {form}  " in text or text.count(form) >= 1, form
-    assert text.splitlines()[0].startswith("Commands (ssh -p ")
-    welcome = dev.ssh().stdout
-    assert (
-        "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub" in welcome
-        and "There is no shell." in welcome
-    )
+        assert f"  {form}" in lines, form
+    # What a command does is wrapped under its forms.
+    at = lines.index("  keys remove NAME")
+    assert lines[at + 1] == "      list, add or remove the SSH keys of your account"
+    assert lines[0].startswith("Commands (ssh -p ")
+    assert max(len(line) for line in lines) <= 80, text
+    welcome = dev.ssh().stdout.splitlines()
+    start = welcome.index(lines[0])
+    assert welcome[start : start + len(lines)] == lines and welcome[-1] == "There is no shell."
+    assert max(len(line) for line in welcome[start:]) <= 80
 
 
 def test_regression_keys_add_has_the_same_rules_and_messages(dev, gw, admin, tmp_path):
