@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..deploys import DeployService
-from ..errors import GatewayError, StoreUnavailable, Unauthorized
+from ..errors import GatewayError, StoreUnavailable, Unauthorized, printable
 from ..logs import q
 from ..metrics import CONTENT_TYPE, Metrics
 from ..models import ApiToken
@@ -35,6 +35,9 @@ TOUCH_INTERVAL = 60.0
 # A readiness check that takes longer than this fails.
 CHECK_TIMEOUT = 5.0
 PROBES = ("/healthz", "/readyz", "/metrics")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class WebServer:
@@ -61,12 +64,14 @@ class WebServer:
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="readyz")
         self.app = self._build(self.main, metrics=http.monitoring_listen is None)
 
-    def _application(self, listener: HTTPListener, *, metrics: bool) -> web.Application:
+    def _application(
+        self, listener: HTTPListener, *, metrics: bool, hint: str = ""
+    ) -> web.Application:
         """An application with the probes, served through `listener`'s limits."""
         # The body limit is enforced (and the body read) by the listener's middleware.
         app = web.Application(
             client_max_size=self.config.http.max_body_size,
-            middlewares=[self._observe, listener.middleware],
+            middlewares=[self._observe, json_errors(hint), listener.middleware],
         )
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -75,7 +80,8 @@ class WebServer:
         return app
 
     def _build(self, listener: HTTPListener, *, metrics: bool) -> web.Application:
-        app = self._application(listener, metrics=metrics)
+        hint = f" (the API is under {api.PREFIX}, described at /openapi.json)"
+        app = self._application(listener, metrics=metrics, hint=hint)
         app.router.add_get("/openapi.json", self.openapi_document)
         app.router.add_post("/deploys/{id}/status", reports.handler(self.deploys))
         for route in api.ROUTES:
@@ -229,6 +235,37 @@ class WebServer:
             with contextlib.suppress(Exception):
                 await self.registry.store.touch_token(token.id, utcnow())
         return token
+
+
+def json_errors(hint: str) -> Middleware:
+    """A middleware answering an unknown route, or a method a route does not take, in the
+    API's JSON error shape (as every other refusal) rather than aiohttp's plain `404: Not
+    Found`; `hint` says where the listener's routes are described."""
+
+    @web.middleware
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as exc:
+            allowed = sorted(exc.allowed_methods)
+            message = f"{request.method} is not allowed on {printable(request.path)}: use "
+            return _json_error(405, "method_not_allowed", message + ", ".join(allowed), allowed)
+        except web.HTTPNotFound:
+            message = f"no such route: {request.method} {printable(request.path)}{hint}"
+            return _json_error(404, "not_found", message)
+
+    return answer
+
+
+def _json_error(
+    status: int, code: str, message: str, allowed: list[str] | None = None
+) -> web.Response:
+    # The path is the client's: escaped and cut, and never to be sniffed as markup.
+    headers = {"X-Content-Type-Options": "nosniff"}
+    if allowed:
+        headers["Allow"] = ",".join(allowed)
+    body = {"error": {"code": code, "message": message}}
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _writable(root: Path) -> str:

@@ -181,6 +181,42 @@ def test_monitoring_listener_serves_probes_and_metrics_only(strict: ServerThread
     assert http("GET", main + "/metrics").status == 404
 
 
+def test_unknown_routes_and_methods_answer_json(strict: ServerThread) -> None:
+    """Every listener answers an unknown route or method in the API's JSON error shape."""
+    main, monitoring = http_base(strict), monitoring_base(strict)
+    hint = " (the API is under /api/v1, described at /openapi.json)"
+    for base, path, extra in (
+        (main, "/api/v1/nope", hint),
+        (main, "/api/v2/users", hint),
+        (main, "/keys/nope", hint),
+        (main, "/metrics", hint),
+        (monitoring, "/api/v1/users", ""),
+    ):
+        reply = http("GET", base + path)
+        assert reply.status == 404 and reply.headers["Content-Type"].startswith("application/json")
+        assert reply.json() == {
+            "error": {"code": "not_found", "message": f"no such route: GET {path}{extra}"}
+        }
+    for base in (main, monitoring):
+        reply = http("DELETE", base + "/healthz")
+        assert reply.status == 405 and reply.headers["Allow"] == "GET,HEAD"
+        assert reply.json() == {
+            "error": {
+                "code": "method_not_allowed",
+                "message": "DELETE is not allowed on /healthz: use GET, HEAD",
+            }
+        }
+
+
+def test_regression_an_unknown_path_is_not_echoed_raw(strict: ServerThread) -> None:
+    """A hostile path comes back escaped and cut, in JSON that is never sniffed as markup."""
+    reply = http("GET", http_base(strict) + "/%1B%5B31m%3Cscript%3E" + "x" * 5000)
+    assert reply.status == 404 and reply.headers["X-Content-Type-Options"] == "nosniff"
+    message = reply.json()["error"]["message"]
+    assert message.startswith("no such route: GET /\\x1b[31m<script>xxx")
+    assert "\x1b" not in message and len(message) < 200
+
+
 def test_regression_http_fd_exhaustion_does_not_flood_the_log(tmp_path: Path) -> None:
     """Out of file descriptors, the listener pauses accepting and says so once; once
     descriptors are free again it serves."""
