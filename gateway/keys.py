@@ -95,6 +95,16 @@ def _clean_comment(text: str) -> str:
     return cleaned[:200]
 
 
+# What only private key material looks like: PEM and OpenSSH headers, PuTTY's file, and the
+# base64 of "openssh-key-v1" that opens an OpenSSH private key's body pasted without them.
+_PRIVATE_MARKS = ("PRIVATE KEY", "PuTTY-User-Key-File", "b3BlbnNzaC1rZXktdjE")
+
+
+def looks_private(text: str) -> bool:
+    """Whether pasted text holds (part of) a private key: it is refused, and never shown."""
+    return any(mark in text for mark in _PRIVATE_MARKS)
+
+
 def parse_public_key(text: str) -> PublicKey:
     """Vet one OpenSSH public key line, or raise InvalidKey with the reason for the user."""
     if len(text) > MAX_INPUT:
@@ -102,7 +112,7 @@ def parse_public_key(text: str) -> PublicKey:
     stripped = text.strip()
     if not stripped:
         raise InvalidKey("no key given: paste the content of your .pub file")
-    if "PRIVATE KEY" in stripped or stripped.startswith("PuTTY-User-Key-File"):
+    if looks_private(stripped):
         raise InvalidKey(
             "this is a PRIVATE key: never share it; give the public key (the .pub file) instead"
         )

@@ -15,6 +15,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from ..errors import GatewayError
+from ..keys import looks_private
 from ..logs import q
 from ..models import ApiToken, SSHKey
 from ..service import Registry, TokenExpired
@@ -173,6 +174,17 @@ def keys_page(
     return _layout("SSH keys", body, user, csrf)
 
 
+def _echo(form: dict[str, str]) -> dict[str, str]:
+    """What a refused form is shown again with: what was typed, but the key field only when
+    it is one line and holds nothing of a private key. A private key pasted by mistake is
+    never sent back (the answer could be cached, logged by a proxy, or shown to whoever
+    looks at the screen next); the refusal says why the field is empty."""
+    text = form.get("key", "")
+    if looks_private(text) or len(text.strip().splitlines()) > 1:
+        return {**form, "key": ""}
+    return form
+
+
 class KeysPage:
     def __init__(self, registry: Registry, sessions: Sessions, secure_cookies: bool) -> None:
         self.registry = registry
@@ -285,7 +297,7 @@ class KeysPage:
             key = await self.registry.add_key(user, name, text, actor=user, expires=expires)
         except GatewayError as exc:
             return await self._render(
-                token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc), form=form
+                token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc), form=_echo(form)
             )
         return self._redirect(f"?added={quote(key.name)}")
 

@@ -226,3 +226,27 @@ def test_regression_cross_site_signin_in_chromium(
     finally:
         evil.shutdown()
         evil.server_close()
+
+
+def test_regression_a_pasted_private_key_is_cleared_in_the_browser(
+    server: ServerThread, admin: Admin, page: Any, tmp_path: Path
+) -> None:
+    """Pasted by mistake, a private key is refused and the field comes back empty: the page
+    never holds it again (it has no script that could, either)."""
+    user = unique("priv")
+    cli(admin, "user", "add", user)
+    token = personal_token(admin, user)
+    page.goto(f"{http_base(server)}/keys")
+    page.fill("#token", token)
+    page.click('button:has-text("Sign in")')
+    private = keygen(tmp_path / "id_ed25519").read_text()
+    page.fill("#name", "laptop")
+    page.fill("#key", private)
+    page.click('button:has-text("Add key")')
+    assert page.text_content("#error") == (
+        "this is a PRIVATE key: never share it; give the public key (the .pub file) instead"
+    )
+    assert page.input_value("#key") == "" and page.input_value("#name") == "laptop"
+    assert private.splitlines()[1] not in page.content()
+    assert page.locator("script").count() == 0
+    assert json.loads(cli(admin, "key", "list", user, "--json")) == []

@@ -212,3 +212,31 @@ def test_regression_signed_in_posts_check_origin(server: ServerThread, admin: Ad
     # The same post from the page itself works.
     assert visitor.request("POST", "/keys", form).status == 303
     assert [k["name"] for k in json.loads(admin.ok("key", "list", user, "--json"))] == ["planted"]
+
+
+def test_regression_a_pasted_private_key_is_never_sent_back(
+    server: ServerThread, admin: Admin, tmp_path: Path
+) -> None:
+    """The refusal is shown, the name kept, and the key field comes back empty: nothing of
+    the private key (its PEM body, its OpenSSH body without the header, a PuTTY file) is in
+    the answer. A public key refused for another reason is kept for fixing."""
+    user, token = new_user(admin)
+    visitor = Visitor(server)
+    visitor.sign_in(token)
+    private = keygen(tmp_path / "id").read_text()
+    body = "".join(private.splitlines()[1:-1])  # the base64 body, without its armour lines
+    putty = "PuTTY-User-Key-File-3: ssh-ed25519\nPrivate-Lines: 1\nAAAAQdeadbeef\n"
+    for pasted in (private, body, putty, private.splitlines()[1]):
+        csrf = visitor.request("GET", "/keys").field("csrf")
+        reply = visitor.request("POST", "/keys", {"name": "oops", "key": pasted, "csrf": csrf})
+        assert reply.status == 422
+        assert "this is a PRIVATE key: never share it" in reply.body
+        assert 'value="oops"' in reply.body
+        assert re.search(r'<textarea id="key"[^>]*></textarea>', reply.body), reply.body
+        for line in pasted.splitlines():
+            assert line.strip() not in reply.body
+    assert json.loads(admin.ok("key", "list", user, "--json")) == []
+    csrf = visitor.request("GET", "/keys").field("csrf")
+    typo = "ssh-ed25519 not-base64 me@laptop"
+    reply = visitor.request("POST", "/keys", {"name": "typo", "key": typo, "csrf": csrf})
+    assert reply.status == 422 and f">{typo}</textarea>" in reply.body

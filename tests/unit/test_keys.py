@@ -85,8 +85,12 @@ def test_security_key_types(keydir, make):
 
 def test_private_key_is_refused_with_a_warning(keydir):
     path = keygen(keydir / "private", "ed25519")
-    with pytest.raises(InvalidKey, match="PRIVATE key"):
-        parse_public_key(path.read_text())
+    text = path.read_text()
+    # Whole, or its body pasted without the armour lines (one line or several).
+    body = text.splitlines()[1:-1]
+    for pasted in (text, "".join(body), "\n".join(body)):
+        with pytest.raises(InvalidKey, match="PRIVATE key"):
+            parse_public_key(pasted)
 
 
 def test_dsa_refused(keydir):
