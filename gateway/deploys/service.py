@@ -87,10 +87,12 @@ def pipeline_kind(settings: DeploySettings) -> str | None:
     return None
 
 
-def node_id() -> str:
-    """This process's name in the registry's nodes table: unique per start."""
-    host = socket.gethostname().split(".")[0][:32] or "gateway"
-    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
+def node_id(node_name: str = "") -> str:
+    """This process's name in the registry's nodes table, unique per start; deploys record
+    it as their runner, so it starts with the machine's name as configured ([cluster]
+    node_name), else its host name."""
+    name = (node_name or socket.gethostname().split(".")[0])[:63] or "gateway"
+    return f"{name}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class DeployService:
@@ -100,7 +102,7 @@ class DeployService:
         self.repos = repos
         self.git = git
         self.metrics: Metrics | None = None  # set by the server
-        self.node = node_id()
+        self.node = node_id(config.cluster.node_name)
         self.node_name = config.cluster.node_name or socket.gethostname()
         self.pushes = pushes.PushSessions()
         self.jobs: dict[int, Job] = {}  # the deploys this process runs

@@ -97,6 +97,7 @@ def gw(tmp_path_factory, receiver):
             "webhook_attempts": 3,
         },
         http={"listen": "127.0.0.1:0"},
+        cluster={"node_name": "deploys-node"},
     )
     # Per-app overrides for the apps these tests create.
     config.write_text(
@@ -464,6 +465,11 @@ def test_logs_and_cli_views(gw, gw_admin, dev, tmp_path):
     assert over_ssh.returncode == 0 and "line 000399" in over_ssh.stdout
     shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
     assert shown["status"] == "succeeded" and shown["webhook_deliveries"] == []
+    # The runner is named after [cluster] node_name (not the host name), then its process.
+    assert re.fullmatch(rf"deploys-node-{os.getpid()}-[0-9a-f]{{8}}", shown["runner"])
+    assert f"runner:          {shown['runner']}\n" in gw_admin.ok(
+        "deploy", "show", str(record["id"])
+    )
     code, _, err = gw_admin("deploy", "cancel", str(record["id"]))
     assert code == 1 and "already ended" in err
     code, _, err = gw_admin("deploy", "show", "999999")
