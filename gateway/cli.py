@@ -29,6 +29,7 @@ from .shapes import (
     user_dict,
 )
 from .store import Store, open_store, utcnow
+from .store import probe as store_probe
 from .tables import expiry_text, shown
 from .textsafe import TerminalStream, terminal_safe
 
@@ -618,6 +619,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
+    # Read only: `check` may run beside an older gateway on the same registry (see probe).
+    out.write(f"{asyncio.run(store_probe.probe(cfg.storage.database)).text()}\n")
     return 0
 
 

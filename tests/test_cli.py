@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -152,6 +154,91 @@ def test_usage_and_config_errors_exit_2(admin, tmp_path):
 
 def test_check_reports_git(admin):
     assert "git 2." in admin.ok("check")
+
+
+def latest_schema() -> int:
+    from gateway.store.sqlite import migrations
+
+    return len(migrations())
+
+
+def test_check_reads_the_sqlite_registry_without_creating_or_migrating_it(tmp_path):
+    """`check` says what `serve` will find, and changes nothing: a missing registry stays
+    missing (serve creates it), an existing one is read through no -wal/-shm of its own."""
+    database = tmp_path / "var" / "sub" / "gw.db"
+    admin = Admin(write_config(tmp_path, storage={"database": str(database)}))
+    out = admin.ok("check")
+    assert out.splitlines()[-1] == f"registry ok (sqlite {database}: created on first start)"
+    assert not (tmp_path / "var").exists()
+    admin.ok("user", "add", "alice")  # opens the registry as serve does: created, migrated
+    before = sorted(p.name for p in database.parent.iterdir())
+    out = admin.ok("check")
+    assert out.splitlines()[-1] == f"registry ok (sqlite {database}, schema {latest_schema()})"
+    assert sorted(p.name for p in database.parent.iterdir()) == before == ["gw.db"]
+
+
+def foreign_database(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.commit()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda d: d.write_bytes(b"not a database" * 100), "file is not a database"),
+        (lambda d: d.mkdir(), "not a regular file"),
+        (foreign_database, "a SQLite database without the gateway's schema_migrations"),
+    ],
+)
+def test_check_refuses_what_is_not_a_registry(tmp_path, make, reason):
+    database = tmp_path / "gw.db"
+    make(database)
+    code, _, err = Admin(write_config(tmp_path, storage={"database": str(database)}))("check")
+    assert code == 1 and err == f"error: registry unusable: sqlite {database}: {reason}\n"
+
+
+def test_check_names_a_registry_directory_it_cannot_create(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    database = tmp_path / "afile" / "gw.db"
+    code, _, err = Admin(write_config(tmp_path, storage={"database": str(database)}))("check")
+    reason = f"{tmp_path / 'afile'} is not a directory"
+    assert code == 1 and err == f"error: registry unusable: sqlite {database}: {reason}\n"
+
+
+def test_check_with_postgresql_down_says_which_and_why_in_one_line(tmp_path):
+    """A stopped server (a closed port): exit 1, the database named, its password masked."""
+    env = {
+        **os.environ,
+        "GATEWAY_CONFIG": str(write_config(tmp_path)),
+        "GATEWAY_DATABASE_URL": "postgresql://gw:s3cret@127.0.0.1:9/registry",
+    }
+    result = run([sys.executable, "-m", "gateway", "check"], env=env)
+    assert result.returncode == 1
+    assert result.stdout.startswith("config ok")
+    assert result.stderr.startswith(
+        "error: cannot reach the registry at postgresql://gw:********@127.0.0.1:9/registry: "
+    )
+    assert result.stderr.count("\n") == 1 and "s3cret" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_check_reads_a_postgresql_registry_without_migrating_it(tmp_path, pg_url):
+    from gateway.store.postgres import migrations
+
+    config = str(write_config(tmp_path))
+    env = {**os.environ, "GATEWAY_CONFIG": config, "GATEWAY_DATABASE_URL": pg_url}
+    where = pg_url.split("@", 1)[1]  # host:port/database
+    for _ in range(2):  # still empty the second time: nothing was created
+        result = run([sys.executable, "-m", "gateway", "check"], env=env)
+        assert result.returncode == 0, result.stderr
+        last = result.stdout.splitlines()[-1]
+        assert last == f"registry ok (postgresql {where}: created on first start)"
+    run([sys.executable, "-m", "gateway", "db", "migrate"], env=env, check=True)
+    result = run([sys.executable, "-m", "gateway", "check"], env=env)
+    assert result.stdout.splitlines()[-1] == (
+        f"registry ok (postgresql {where}, schema {len(migrations())})"
+    )
 
 
 def test_config_show(admin, tmp_path):
