@@ -41,7 +41,8 @@ def test_regression_cli_prints_only_what_was_asked_under_strict_warnings(tmp_pat
     assert [u["name"] for u in json.loads(out)] == ["alice"]
     code, out, err = cli(config, "check")
     assert (code, err) == (0, "")
-    assert out.splitlines()[-1].startswith("config ok")
+    assert out.splitlines()[0].startswith("config ok")
+    assert out.splitlines()[-1].startswith("registry ok (sqlite ")
     code, out, err = cli(config, "--help")
     assert (code, err) == (0, "")
     assert out.startswith("usage: git-gateway")
