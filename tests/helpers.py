@@ -511,11 +511,16 @@ class ServeProcess(LiveProcess):
     """The gateway as operators run it (`python -m gateway serve`), in its own process, with
     what Client needs of a server: its port, its config and its host keys."""
 
-    def __init__(self, config_path: Path, umask: int = -1, args: tuple[str, ...] = ()) -> None:
-
+    def __init__(
+        self,
+        config_path: Path,
+        umask: int = -1,
+        args: tuple[str, ...] = (),
+        command: tuple[str, ...] = (sys.executable, "-m", "gateway"),
+        cwd: Path | None = None,
+    ) -> None:
         super().__init__(
-            [sys.executable, "-m", "gateway", "--config", str(config_path), "serve", *args],
-            umask=umask,
+            [*command, "--config", str(config_path), "serve", *args], umask=umask, cwd=cwd
         )
         self.config_path = config_path
         self.config = gwconfig.load(config_path)
