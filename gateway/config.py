@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -575,8 +577,12 @@ class DeploySettings:
         "user (name or uid) deploy commands run as when the gateway runs as root (required "
         "then); otherwise they run as the gateway's own user",
     )
-    build_dir: Path = _setting(
-        "var/builds", _path, "where each deploy's export directory is created (then removed)"
+    build_dir: Path | None = _setting(
+        "",
+        _optional_path,
+        "where each deploy's export directory is created (then removed); empty: a private "
+        "directory of this gateway in /var/tmp, which the sandbox user can reach wherever the "
+        "gateway's own files are (a home directory is private to it)",
     )
     max_export_size: int = _setting(
         "1G", _size, "largest tree a deploy exports (the tar stream of the pushed commit)"
@@ -872,9 +878,25 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
         # Resolved once from the node's control socket (workers each listen on their own).
         directory = Path(f"{cfg.storage.control_socket}.pack-cache")
         cfg = dataclasses.replace(cfg, git=dataclasses.replace(cfg.git, pack_cache_dir=directory))
+    if cfg.deploy.build_dir is None:
+        deploy = dataclasses.replace(cfg.deploy, build_dir=default_build_dir(cfg.storage))
+        cfg = dataclasses.replace(cfg, deploy=deploy)
     _check_pipelines(cfg)
     _check_sandbox_paths(cfg)
     return cfg
+
+
+def default_build_dir(storage: StorageSettings) -> Path:
+    """This gateway's build directory when none is set: in the system's directory for
+    temporary files that outlive a reboot (disk rather than a RAM /tmp), named after the
+    user and the control socket, so that the workers of a node, `check` and a reload agree,
+    and two gateways on one host never share one. Everyone may create names there: the
+    sandbox refuses a directory it did not make (gateway.deploys.sandbox)."""
+    base = Path("/var/tmp")  # noqa: S108 - a private, validated directory of ours inside
+    if not base.is_dir():
+        base = Path(tempfile.gettempdir())
+    digest = hashlib.sha256(str(storage.control_socket).encode()).hexdigest()[:12]
+    return base / f"git-gateway-{os.geteuid()}-builds-{digest}"
 
 
 def load(

@@ -319,6 +319,7 @@ class Sandbox:
         it); the changed ones are returned, for the caller to say so. A home directory, or
         one owned by someone else, is left as it is: SandboxError names it and the fix."""
         build_dir.mkdir(parents=True, exist_ok=True)
+        _check_owned(build_dir)
         if self.run_as is None:
             return []
         changed = []
@@ -381,6 +382,40 @@ def _etc_entries() -> list[Path]:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in ETC_ALLOWED)
         and os.path.exists(Path("/etc") / name)  # a dangling link binds nothing
     ]
+
+
+def _check_owned(build_dir: Path) -> None:
+    """The build directory and every directory above it must be safe from other local users:
+    the build directory a real directory of the gateway's own that only it can write, and no
+    directory above it writable by others unless sticky (as /tmp and /var/tmp are), so that
+    nobody can swap a deploy's export for a link between its creation and its use."""
+    info = os.lstat(build_dir)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.geteuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise SandboxError(
+            f"deploy sandbox: [deploy] build_dir ({build_dir}) must be a directory (not a "
+            "link) of the gateway's own user that no one else can write; found "
+            f"{_describe(info)}: remove it, or set [deploy] build_dir to another directory"
+        )
+    for directory in build_dir.resolve().parents:
+        info = directory.stat()
+        shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX
+        if shared or info.st_uid not in (0, os.geteuid()):
+            raise SandboxError(
+                f"deploy sandbox: [deploy] build_dir ({build_dir}) lies in {directory}, which "
+                f"another user can change ({_describe(info)}): set [deploy] build_dir to a "
+                "directory under ones only root or the gateway's user can write"
+            )
+
+
+def _describe(info: os.stat_result) -> str:
+    kind = "a link" if stat.S_ISLNK(info.st_mode) else "a directory"
+    if not stat.S_ISDIR(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+        kind = "a file"
+    return f"{kind}, owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
 
 
 def _search_bit(info: os.stat_result, user: RunAs) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway import config
 from gateway.deploys import sandbox as sandbox_module
 from gateway.deploys.sandbox import Limits, RunAs, Sandbox, SandboxError
 from tests.helpers import sandbox_root, unique
@@ -69,17 +70,60 @@ def test_a_gateway_not_root_changes_nothing(base: Path) -> None:
     assert mode(private) == 0o700
 
 
-def test_regression_a_directory_of_someone_else_is_named_never_changed(base: Path) -> None:
+def test_regression_a_directory_of_someone_else_on_the_way_is_refused(base: Path) -> None:
+    """Its owner could swap the build directory for a link between a deploy's checks and
+    its use: refused, named, unchanged."""
     foreign = base / "foreign"
     foreign.mkdir(mode=0o700)
     os.chown(foreign, 4242, 4242)
-    (foreign / "builds").mkdir()
     with pytest.raises(SandboxError) as raised:
         box().prepare_build_dir(foreign / "builds")
-    message = str(raised.value)
-    assert f"{foreign} is not searchable for it (mode 0700)" in message
-    assert "set [deploy] build_dir to a directory it can reach" in message
+    assert f"lies in {foreign}, which another user can change" in str(raised.value)
     assert mode(foreign) == 0o700
+
+
+@pytest.mark.parametrize("run_as", [NOBODY, None])
+def test_regression_a_build_dir_planted_by_another_user_is_refused(
+    base: Path, run_as: RunAs | None
+) -> None:
+    """The default build directory has a predictable name in /var/tmp, where anyone may
+    create names first: a link, a directory of theirs or one they can write is refused."""
+    target = base / "elsewhere"
+    target.mkdir()
+    planted = [base / "link", base / "theirs", base / "open"]
+    planted[0].symlink_to(target)
+    planted[1].mkdir(mode=0o755)
+    os.chown(planted[1], 4242, 4242)
+    planted[2].mkdir()
+    planted[2].chmod(0o777)
+    for path in planted:
+        with pytest.raises(SandboxError, match=r"must be a directory \(not a link\)"):
+            box(run_as).prepare_build_dir(path)
+    assert mode(planted[2]) == 0o777 and planted[0].is_symlink()
+
+
+def test_a_sticky_shared_directory_above_is_fine_a_plain_shared_one_is_not(base: Path) -> None:
+    sticky = base / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    box().prepare_build_dir(sticky / "builds")
+    shared = base / "shared-plain"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(SandboxError, match=f"lies in {shared}, which another user can change"):
+        box().prepare_build_dir(shared / "builds")
+
+
+def test_the_default_build_dir_is_per_gateway_in_var_tmp_and_stable(tmp_path: Path) -> None:
+    first = config.from_mapping({"storage": {"control_socket": str(tmp_path / "a.sock")}})
+    again = config.from_mapping({"storage": {"control_socket": str(tmp_path / "a.sock")}})
+    other = config.from_mapping({"storage": {"control_socket": str(tmp_path / "b.sock")}})
+    assert first.deploy.build_dir == again.deploy.build_dir != other.deploy.build_dir
+    assert first.deploy.build_dir is not None
+    assert first.deploy.build_dir.parent == Path("/var/tmp")
+    assert first.deploy.build_dir.name.startswith(f"git-gateway-{os.geteuid()}-builds-")
+    explicit = config.from_mapping({"deploy": {"build_dir": str(tmp_path / "b")}})
+    assert explicit.deploy.build_dir == tmp_path / "b"
 
 
 def test_regression_a_home_directory_is_never_opened(
