@@ -356,7 +356,7 @@ class SSHSettings:
     proxy_header_timeout: float = _setting(
         5, _seconds, "seconds a trusted balancer has to send the PROXY header"
     )
-    # SSH user certificates (see gateway/certs.py and the README): off without CA keys.
+    # SSH user certificates (see gateway/certs.py and docs/access.md): off without CA keys.
     trusted_user_ca_keys: Path | None = _setting(
         "",
         _optional_path,
@@ -381,7 +381,7 @@ class SSHSettings:
     # configs pinning chacha20 or AES-CTR had no cipher in common with us. The client's
     # preference picks, so default OpenSSH clients now use chacha20: measured, ~12% slower
     # clones and ~34% slower raw pack streams than AES-GCM in asyncssh, still ahead of
-    # OpenSSH + git (README, Benchmark).
+    # OpenSSH + git (docs/benchmark.md).
     # MACs (used with AES-CTR only): SHA-2 encrypt-then-MAC, and one encrypt-and-MAC SHA-2
     # MAC, hmac-sha2-256, because Dropbear 2022.83 and libssh2 1.10 have no ETM MACs and
     # AES-CTR is the only cipher libssh2 1.10 shares with us. SSH's encrypt-and-MAC with
@@ -554,7 +554,7 @@ class DeploySettings:
     webhook_backoff: float = _setting(
         1, _seconds, "seconds before the first webhook retry; doubles each time (max 60)"
     )
-    # The sandbox every deploy command runs in (see README "What a deploy can see").
+    # The sandbox every deploy command runs in (docs/deploys.md, "What a deploy can see and touch").
     sandbox: str = _setting(
         "bubblewrap",
         _choice("bubblewrap", "none"),
@@ -1018,7 +1018,7 @@ def example() -> str:
 
 
 def reference() -> str:
-    """Every key with its default and description, for the README and `config show`."""
+    """Every key with its default and description, for the docs and `config show`."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"[{name}]")
