@@ -12,7 +12,19 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__, audit, certs, config, control, gitbin, logs, names, tables, umask
+from . import (
+    __version__,
+    audit,
+    certs,
+    completion,
+    config,
+    control,
+    gitbin,
+    logs,
+    names,
+    tables,
+    umask,
+)
 from .dburl import is_postgres, redact
 from .deploylog import read_log
 from .errors import ConfigError, GatewayError, UsageError
@@ -627,6 +639,11 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
 # -- argument parsing --
 
 
+def print_completion(args: argparse.Namespace, cfg: object, out: TextIO) -> int:
+    out.write(completion.script(build_parser(), args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -641,6 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.set_defaults(needs_config=True)
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
 
     def add(
@@ -660,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--worker-of", help=argparse.SUPPRESS)  # set by the supervisor only
     add(groups, "check", check, "validate the configuration and the git runtime")
+    p = add(groups, "completion", print_completion, "print the shell completion script")
+    p.add_argument("shell", choices=completion.SHELLS)
+    p.set_defaults(needs_config=False)
+    p.epilog = (
+        "bash: add `source <(git-gateway completion bash)` to ~/.bashrc; zsh: "
+        "`source <(git-gateway completion zsh)` to ~/.zshrc"
+    )
     cfg_group = groups.add_parser("config", help="show the configuration").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -843,7 +868,8 @@ def main(
     # afterwards for callers that run commands in-process.
     previous = umask.make_private()
     try:
-        cfg = config.load(getattr(args, "config", None))
+        # Commands that never read the configuration work even where it is broken.
+        cfg = config.load(getattr(args, "config", None)) if args.needs_config else None
         result = args.func(args, cfg, out)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import json
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -362,7 +364,7 @@ class SSHSettings:
     proxy_header_timeout: float = _setting(
         5, _seconds, "seconds a trusted balancer has to send the PROXY header"
     )
-    # SSH user certificates (see gateway/certs.py and the README): off without CA keys.
+    # SSH user certificates (see gateway/certs.py and docs/access.md): off without CA keys.
     trusted_user_ca_keys: Path | None = _setting(
         "",
         _optional_path,
@@ -387,7 +389,7 @@ class SSHSettings:
     # configs pinning chacha20 or AES-CTR had no cipher in common with us. The client's
     # preference picks, so default OpenSSH clients now use chacha20: measured, ~12% slower
     # clones and ~34% slower raw pack streams than AES-GCM in asyncssh, still ahead of
-    # OpenSSH + git (README, Benchmark).
+    # OpenSSH + git (docs/benchmark.md).
     # MACs (used with AES-CTR only): SHA-2 encrypt-then-MAC, and one encrypt-and-MAC SHA-2
     # MAC, hmac-sha2-256, because Dropbear 2022.83 and libssh2 1.10 have no ETM MACs and
     # AES-CTR is the only cipher libssh2 1.10 shares with us. SSH's encrypt-and-MAC with
@@ -560,7 +562,7 @@ class DeploySettings:
     webhook_backoff: float = _setting(
         1, _seconds, "seconds before the first webhook retry; doubles each time (max 60)"
     )
-    # The sandbox every deploy command runs in (see README "What a deploy can see").
+    # The sandbox every deploy command runs in (docs/deploys.md, "What a deploy can see and touch").
     sandbox: str = _setting(
         "bubblewrap",
         _choice("bubblewrap", "none"),
@@ -583,8 +585,12 @@ class DeploySettings:
         "user (name or uid) deploy commands run as when the gateway runs as root (required "
         "then); otherwise they run as the gateway's own user",
     )
-    build_dir: Path = _setting(
-        "var/builds", _path, "where each deploy's export directory is created (then removed)"
+    build_dir: Path | None = _setting(
+        "",
+        _optional_path,
+        "where each deploy's export directory is created (then removed); empty: a private "
+        "directory of this gateway in /var/tmp, which the sandbox user can reach wherever the "
+        "gateway's own files are (a home directory is private to it)",
     )
     max_export_size: int = _setting(
         "1G", _size, "largest tree a deploy exports (the tar stream of the pushed commit)"
@@ -880,9 +886,25 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
         # Resolved once from the node's control socket (workers each listen on their own).
         directory = Path(f"{cfg.storage.control_socket}.pack-cache")
         cfg = dataclasses.replace(cfg, git=dataclasses.replace(cfg.git, pack_cache_dir=directory))
+    if cfg.deploy.build_dir is None:
+        deploy = dataclasses.replace(cfg.deploy, build_dir=default_build_dir(cfg.storage))
+        cfg = dataclasses.replace(cfg, deploy=deploy)
     _check_pipelines(cfg)
     _check_sandbox_paths(cfg)
     return cfg
+
+
+def default_build_dir(storage: StorageSettings) -> Path:
+    """This gateway's build directory when none is set: in the system's directory for
+    temporary files that outlive a reboot (disk rather than a RAM /tmp), named after the
+    user and the control socket, so that the workers of a node, `check` and a reload agree,
+    and two gateways on one host never share one. Everyone may create names there: the
+    sandbox refuses a directory it did not make (gateway.deploys.sandbox)."""
+    base = Path("/var/tmp")  # noqa: S108 - a private, validated directory of ours inside
+    if not base.is_dir():
+        base = Path(tempfile.gettempdir())
+    digest = hashlib.sha256(str(storage.control_socket).encode()).hexdigest()[:12]
+    return base / f"git-gateway-{os.geteuid()}-builds-{digest}"
 
 
 def load(
@@ -1004,7 +1026,7 @@ def example() -> str:
 
 
 def reference() -> str:
-    """Every key with its default and description, for the README and `config show`."""
+    """Every key with its default and description, for the docs and `config show`."""
     lines = []
     for name, cls in SECTIONS.items():
         lines.append(f"[{name}]")

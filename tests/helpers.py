@@ -400,6 +400,7 @@ class LiveProcess:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         umask: int = -1,
+        new_session: bool = False,
     ):
         import queue
 
@@ -408,6 +409,7 @@ class LiveProcess:
             env=env,
             cwd=cwd,
             umask=umask,
+            start_new_session=new_session,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -459,12 +461,13 @@ class LiveProcess:
             raise AssertionError(f"no stdout line matches {pattern!r}:\n{''.join(self.stdout)}")
         return match
 
-    def wait_for(self, pattern: str):  # type: ignore[no-untyped-def]
-        """Block until a stderr line matches; fail if the process ends first."""
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT):  # type: ignore[no-untyped-def]
+        """Block until a stderr line matches (each line within `timeout`); fail if the
+        process ends first."""
         import re
 
         while True:
-            line = self._queue.get(timeout=TIMEOUT)
+            line = self._queue.get(timeout=timeout)
             if line is None:
                 raise AssertionError(f"process ended before {pattern!r}:\n{''.join(self.lines)}")
             self.lines.append(line)
@@ -511,11 +514,16 @@ class ServeProcess(LiveProcess):
     """The gateway as operators run it (`python -m gateway serve`), in its own process, with
     what Client needs of a server: its port, its config and its host keys."""
 
-    def __init__(self, config_path: Path, umask: int = -1, args: tuple[str, ...] = ()) -> None:
-
+    def __init__(
+        self,
+        config_path: Path,
+        umask: int = -1,
+        args: tuple[str, ...] = (),
+        command: tuple[str, ...] = (sys.executable, "-m", "gateway"),
+        cwd: Path | None = None,
+    ) -> None:
         super().__init__(
-            [sys.executable, "-m", "gateway", "--config", str(config_path), "serve", *args],
-            umask=umask,
+            [*command, "--config", str(config_path), "serve", *args], umask=umask, cwd=cwd
         )
         self.config_path = config_path
         self.config = gwconfig.load(config_path)

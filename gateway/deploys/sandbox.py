@@ -9,7 +9,9 @@ read-only and writable paths. It has its own mount, PID, IPC, UTS, cgroup and us
 only if allowed, and resource limits (prlimit) on every process.
 
 bwrap mounts its sources by path as the sandbox user: that user must be able to reach them
-(every parent directory searchable), which `probe` checks at start. The export directory lives
+(every parent directory searchable). The gateway grants search, never read, on the directories
+of its own on the way to `[deploy] build_dir` and names any other in the way at start (a
+private `var/` made by its first start is the usual one). The export directory lives
 in `[deploy] build_dir`, which only the gateway can write, so no tenant can swap it for a link.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import logging
 import os
 import pwd
 import shutil
@@ -30,6 +33,9 @@ from typing import Any
 
 from ..config import Config, DeploySettings
 from ..errors import ConfigError
+from ..logs import q
+
+log = logging.getLogger("gateway.deploys")
 
 # Where the export directory appears inside the sandbox (the command's working directory).
 APP_DIR = "/app"
@@ -306,21 +312,34 @@ class Sandbox:
     def _group(self) -> bytes:
         return f"root:x:0:\ndeploy:x:{self.gid}:\nnogroup:x:65534:\n".encode()
 
-    def prepare_build_dir(self, build_dir: Path) -> None:
-        """Create the build directory (blocking). Under root, the sandbox user must be able
-        to walk to it: the directories the gateway creates for it get search permission for
-        others (never read: nobody can list them). Directories that were already there are
-        left as the operator made them; `probe` says if one of them is in the way."""
-        created = [d for d in (build_dir, *build_dir.parents) if not d.exists()]
+    def prepare_build_dir(self, build_dir: Path) -> list[Path]:
+        """Create the build directory (blocking) and let the sandbox user walk to it: bwrap
+        mounts the export by path as that user. A directory on the way that the gateway's
+        own user owns gets search permission for that user (never read: nobody can list
+        it); the changed ones are returned, for the caller to say so. A home directory, or
+        one owned by someone else, is left as it is: SandboxError names it and the fix."""
         build_dir.mkdir(parents=True, exist_ok=True)
+        _check_owned(build_dir)
         if self.run_as is None:
-            return
-        if build_dir not in created and build_dir.stat().st_uid == os.geteuid():
-            created.append(build_dir)  # the gateway's own: an earlier start made it
-        for directory in created:
-            mode = stat.S_IMODE(directory.stat().st_mode)
-            if mode & 0o011 != 0o011:
-                directory.chmod(mode | 0o011)
+            return []
+        changed = []
+        target = build_dir.resolve()
+        for directory in (target, *target.parents):
+            info = directory.stat()
+            needed = _search_bit(info, self.run_as)
+            if info.st_mode & needed:
+                continue
+            if info.st_uid != os.geteuid() or directory == Path("/") or _is_home(directory):
+                raise SandboxError(
+                    f"deploy sandbox: the sandbox user '{self.run_as.name}' cannot reach "
+                    f"[deploy] build_dir ({target}): {directory} is not searchable for it (mode "
+                    f"{stat.S_IMODE(info.st_mode):04o}); set [deploy] build_dir to a directory "
+                    "it can reach (e.g. /var/lib/git-gateway/builds), or "
+                    f"`chmod o+x {directory}`"
+                )
+            directory.chmod(stat.S_IMODE(info.st_mode) | needed)
+            changed.append(directory)
+        return changed
 
     def prepare_dir(self, path: Path) -> None:
         """Give an export directory to the sandbox user (blocking; run off the loop)."""
@@ -363,6 +382,60 @@ def _etc_entries() -> list[Path]:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in ETC_ALLOWED)
         and os.path.exists(Path("/etc") / name)  # a dangling link binds nothing
     ]
+
+
+def _check_owned(build_dir: Path) -> None:
+    """The build directory and every directory above it must be safe from other local users:
+    the build directory a real directory of the gateway's own that only it can write, and no
+    directory above it writable by others unless sticky (as /tmp and /var/tmp are), so that
+    nobody can swap a deploy's export for a link between its creation and its use."""
+    info = os.lstat(build_dir)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.geteuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise SandboxError(
+            f"deploy sandbox: [deploy] build_dir ({build_dir}) must be a directory (not a "
+            "link) of the gateway's own user that no one else can write; found "
+            f"{_describe(info)}: remove it, or set [deploy] build_dir to another directory"
+        )
+    for directory in build_dir.resolve().parents:
+        info = directory.stat()
+        shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not info.st_mode & stat.S_ISVTX
+        if shared or info.st_uid not in (0, os.geteuid()):
+            raise SandboxError(
+                f"deploy sandbox: [deploy] build_dir ({build_dir}) lies in {directory}, which "
+                f"another user can change ({_describe(info)}): set [deploy] build_dir to a "
+                "directory under ones only root or the gateway's user can write"
+            )
+
+
+def _describe(info: os.stat_result) -> str:
+    kind = "a link" if stat.S_ISLNK(info.st_mode) else "a directory"
+    if not stat.S_ISDIR(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+        kind = "a file"
+    return f"{kind}, owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}"
+
+
+def _search_bit(info: os.stat_result, user: RunAs) -> int:
+    """The permission bit that lets `user` (no supplementary groups) search a directory with
+    this owner and group."""
+    if info.st_uid == user.uid:
+        return stat.S_IXUSR
+    if info.st_gid == user.gid:
+        return stat.S_IXGRP
+    return stat.S_IXOTH
+
+
+def _is_home(directory: Path) -> bool:
+    """A user's home directory: private on purpose, never opened up by the gateway."""
+    if directory == Path("/root"):
+        return True
+    try:
+        return any(Path(entry.pw_dir) == directory for entry in pwd.getpwall())
+    except OSError:
+        return True  # cannot tell: leave it alone
 
 
 def _run_as(user: str) -> RunAs | None:
@@ -413,7 +486,13 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
     """Start a real sandbox once and run `true` in it; SandboxError with bwrap's reason."""
     if not sandbox.enabled:
         return
-    await asyncio.to_thread(sandbox.prepare_build_dir, build_dir)
+    for directory in await asyncio.to_thread(sandbox.prepare_build_dir, build_dir):
+        log.info(
+            "event=build_dir_searchable path=%s user=%s reason=%s",
+            q(str(directory)),
+            q(sandbox.run_as.name if sandbox.run_as else ""),
+            q("the sandbox user must reach [deploy] build_dir; it can search, never list"),
+        )
     export = await asyncio.to_thread(_make_probe_dir, build_dir, sandbox)
     try:
         proc = await sandbox.spawn(

@@ -1,0 +1,113 @@
+"""The docs cannot rot: the README's commands and quickstart and the longer quickstart run as
+written, with the output they show (tests/docs.py); links stay inside the repository or go to
+public URLs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.docs import Walk, blocks, pattern
+from tests.helpers import REPO_ROOT
+
+README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"
+PAGES = [README, REPO_ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+# The first start installs from the lock into a fresh venv: minutes on a cold pip cache.
+INSTALL_TIMEOUT = 900
+
+_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)|<(https?://[^>]+)>")
+_HEADING = re.compile(r"^#{1,6} (.+)$", re.M)
+
+
+def wait_reloaded(gateway, workers: int) -> None:  # type: ignore[no-untyped-def]
+    """Every worker says `event=reloaded` (a SIGHUP to all of them, or to the supervisor)."""
+    seen: set[str] = set()
+    while len(seen) < workers:
+        line = gateway.wait_for(r"event=reloaded").string
+        found = re.search(r"worker=(\d+)", line)
+        seen.add(found.group(1) if found else "0")
+
+
+@pytest.mark.slow
+def test_readme_two_commands_and_quickstart_then_the_longer_walk(tmp_path: Path) -> None:
+    walk = Walk(tmp_path)
+    [serve] = blocks(README, "serve-command")
+    gateway = walk.start(serve)
+    try:
+        listening = gateway.wait_for(
+            r"event=listening address=127\.0\.0\.1:(\d+)(?: workers=(\d+))?",
+            timeout=INSTALL_TIMEOUT,
+        )
+        assert listening.group(1) == walk.ports["2222"]
+        workers = int(listening.group(2) or 1)
+        walk_blocks = blocks(README, "quickstart")
+        assert len(walk_blocks) == 4
+        for block in walk_blocks:
+            walk.run(block)
+            if "reload" in block.options:
+                wait_reloaded(gateway, workers)
+        copy = walk.home / "src" / "myapp-copy"
+        assert (copy / "VERSION").read_text() == "1.0\n"
+        first = True
+        for block in blocks(DOCS / "quickstart.md"):
+            walk.run(block, cwd=walk.checkout if first else None)
+            first = False
+            if "reload" in block.options:
+                wait_reloaded(gateway, workers)
+    finally:
+        walk.close()
+    assert "Traceback" not in "".join(gateway.lines)
+
+
+def test_the_readme_test_command_is_what_ci_runs() -> None:
+    [command] = blocks(README, "test-command")
+    assert command.text.strip().endswith("&& .venv/bin/python -m pytest")
+    assert "requirements/test.lock" in command.text and "--require-hashes" in command.text
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert "<!-- test-command -->" in ci  # .ci/run takes the command from the README
+
+
+def test_readme_fits_on_a_few_screens() -> None:
+    assert len(README.read_text().splitlines()) <= 250
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_links_stay_in_the_repository_or_go_to_public_urls(page: Path) -> None:
+    text = page.read_text()
+    assert "../shared" not in text, "../shared is not part of a clone"
+    for match in _LINK.finditer(text):
+        target = match.group(1) or match.group(2)
+        if target.startswith(("http://", "https://")):
+            host = re.sub(r"^https?://([^/:]+).*$", r"\1", target)
+            assert host not in ("localhost", "127.0.0.1", "::1"), (page.name, target)
+            assert "." in host, (page.name, target)
+            continue
+        assert not target.startswith(("/", "file:")), (page.name, target)
+        path, _, anchor = target.partition("#")
+        resolved = (page.parent / path).resolve() if path else page
+        assert resolved.is_relative_to(REPO_ROOT) and resolved.exists(), (page.name, target)
+        if anchor and resolved.suffix == ".md":
+            anchors = {_slug(h) for h in _HEADING.findall(resolved.read_text())}
+            assert anchor in anchors, (page.name, target)
+
+
+@pytest.mark.parametrize(
+    ("shown", "printed", "matches"),
+    [
+        ("deploy #1 succeeded in 0.1s.", "deploy #12 succeeded in 3.25s.", True),
+        ('Hi ... "laptop" (SHA256:...).', 'Hi alice! You are x "laptop" (SHA256:a).', True),
+        ("deploying version 1.0", "deploying version 1.0 extra", False),
+    ],
+)  # fmt: skip
+def test_shown_output_matches_printed_lines(shown: str, printed: str, matches: bool) -> None:
+    assert bool(pattern(shown).fullmatch(printed)) is matches
