@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU core)",
     )
     p.add_argument("--worker-of", help=argparse.SUPPRESS)  # set by the supervisor only
-    add(groups, "check", check, "validate the configuration and the git runtime")
+    add(groups, "check", check, "validate the configuration, the git runtime and the registry")
     p = add(groups, "completion", print_completion, "print the shell completion script")
     p.add_argument("shell", choices=completion.SHELLS)
     p.set_defaults(needs_config=False)
