@@ -75,8 +75,9 @@ class Gateway:
         self.config = state / "gateway.toml"
         self.control_socket = state / "gw.sock"
         self.config.write_text(
-            # One process unless asked: the comparisons with OpenSSH are per process.
-            f"[server]\nworkers = {workers}\n"
+            # One process unless asked: the comparisons with OpenSSH are per process. No
+            # balancer in front: a stop closes the listener at once.
+            f"[server]\nworkers = {workers}\ndrain_accept_seconds = 0\n"
             "[ssh]\n"
             'listen = "127.0.0.1:0"\n'
             f'host_key_dir = "{state / "hostkeys"}"\n'

@@ -97,6 +97,12 @@ def _seconds(value: Any) -> float:
     return float(value)
 
 
+def _seconds_or_zero(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError("expected a number of seconds >= 0")
+    return float(value)
+
+
 def _days(value: Any) -> float:
     """A retention period in days; 0 keeps everything."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -325,6 +331,15 @@ class ServerSettings:
         "gateway processes accepting on the SSH port (0 = one per CPU core); `serve --workers N`"
         " overrides it; worker 0 also serves HTTP",
     )
+    # A balancer learns that a node drains from its health checks only: closing the listener
+    # before it has noticed would refuse the connections it still sends (issue 19).
+    drain_accept_seconds: float = _setting(
+        5,
+        _seconds_or_zero,
+        "on SIGTERM, seconds the SSH listener keeps accepting while /readyz answers 503, so"
+        " that a balancer's health checks notice first (HAProxy's `inter 2s fall 2` takes up to"
+        " 4 s); then the drain ([limits] drain_timeout) begins; 0 = close the listener at once",
+    )
 
 
 @dataclass(frozen=True)
@@ -531,7 +546,10 @@ class LimitSettings:
         100, _count, "SSH keys one account may register (CLI, API, keys page and SSH alike)"
     )
     drain_timeout: float = _setting(
-        60, _seconds, "on SIGTERM, seconds to let running operations and deploys finish"
+        60,
+        _seconds,
+        "on SIGTERM, once the SSH listener is closed, seconds to let running operations and"
+        " deploys finish",
     )
 
 

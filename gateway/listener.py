@@ -73,25 +73,54 @@ class Listener:
         self.sockets = sockets if sockets else bind(*self.settings.listen)
         self._accepting = [asyncio.ensure_future(self._accept(s)) for s in self.sockets]
 
+    @property
+    def logins(self) -> set[asyncio.Task[None]]:
+        """Accepted connections still in their PROXY header or SSH login."""
+        return set(self._handshakes)
+
     async def close(self) -> None:
-        """Stop accepting and drop connections still in their PROXY header; connections
-        handed off already are the SSH server's to close."""
-        for task in (*self._accepting, *self._handshakes):
+        """Stop accepting: from now on new connections are refused. The ones the kernel has
+        queued already are taken first, and every accepted connection goes on with its PROXY
+        header and login (`abort` drops those still there)."""
+        for task in self._accepting:
             task.cancel()
-        for task in (*self._accepting, *self._handshakes):
+        for task in self._accepting:
             with contextlib.suppress(BaseException):
                 await task
         for sock in self.sockets:
+            # No await between the last accept and close: a connection the kernel completed
+            # is served rather than reset (with workers, the last one to close does this).
+            self._take_queued(sock)
             sock.close()
         self._accepting = []
+
+    async def abort(self) -> None:
+        """Drop the connections still in their PROXY header or login."""
+        for task in list(self._handshakes):
+            task.cancel()
+        for task in list(self._handshakes):
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _take_queued(self, listening: socket.socket) -> None:
+        while True:
+            try:
+                sock, peer = listening.accept()
+            except OSError:  # nothing queued (EAGAIN), or out of descriptors: stop here
+                return
+            sock.setblocking(False)
+            self._start_handshake(sock, (str(peer[0]), int(peer[1])))
 
     async def _accept(self, listening: socket.socket) -> None:
         acceptor = Acceptor(log, "accept", "ssh")
         while True:
             sock, peer = await acceptor.accept(listening)
-            task = asyncio.ensure_future(self._handshake(sock, (str(peer[0]), int(peer[1]))))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
+            self._start_handshake(sock, (str(peer[0]), int(peer[1])))
+
+    def _start_handshake(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        task = asyncio.ensure_future(self._handshake(sock, peer))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         client, via = peer, None

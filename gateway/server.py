@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,10 @@ class Gateway:
         self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
+        # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
+        self.draining = False
+        # Set whenever a session starts: the drain then looks again at what runs.
+        self._session_started = asyncio.Event()
         self.auth_failures: audit.AuthFailures
         self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
@@ -138,9 +142,7 @@ class Gateway:
                 await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
                 registry = Registry(cfg, self.store, self.repos)
-                self.web = WebServer(
-                    cfg, registry, self.deploys, self.metrics, lambda: self.accepting
-                )
+                self.web = WebServer(cfg, registry, self.deploys, self.metrics, self.ssh_status)
                 worker = self.worker
                 self.deploys.http_address = await self.web.start(
                     worker.sockets(worker.http_fds) if worker else None,
@@ -220,13 +222,50 @@ class Gateway:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening address=%s:%d", shown, addr_port)
 
-    async def close(self, drain: float = 0.0) -> None:
-        """Stop accepting, let running git operations and deploys finish for up to `drain`
-        seconds, then close what is left."""
+    async def shutdown(self, hurry: asyncio.Event | None = None) -> None:
+        """What SIGTERM does (`keep_accepting`, then close with the drain)."""
+        reason = await self.keep_accepting(hurry or asyncio.Event())
+        await self.close(drain=self.config.limits.drain_timeout, reason=reason)
+
+    async def keep_accepting(self, hurry: asyncio.Event) -> str:
+        """Not ready from now on, yet accepting for `[server] drain_accept_seconds` (until
+        `hurry` is set, if sooner), so that a balancer sees the 503 on /readyz and stops
+        sending connections before the listener closes; why that period ended."""
+        self._begin_draining()
+        accept = self.config.server.drain_accept_seconds
+        log.info(
+            "event=draining accept_seconds=%s drain_timeout=%s",
+            accept,
+            self.config.limits.drain_timeout,
+        )
+        if accept <= 0:
+            return "accept_period_over"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), accept)
+        return "second_signal" if hurry.is_set() else "accept_period_over"
+
+    def _begin_draining(self) -> None:
+        # Not ready; and queued deploys are left to other nodes at once (see DeployService).
+        self.draining = True
+        self.deploys.draining.set()
+
+    async def close(self, drain: float = 0.0, reason: str = "stop") -> None:
+        """Stop accepting, let logins in progress, running git operations and deploys finish
+        for up to `drain` seconds, then close what is left."""
+        self._begin_draining()
         if self.listener is not None:
             await self.listener.close()
+            log.info(
+                "event=listener_closed reason=%s logins=%d sessions=%d deploys=%d",
+                reason,
+                len(self.listener.logins),
+                len(self.sessions),
+                len(self._running_deploys()),
+            )
         if drain > 0:
             await self._drain(drain)
+        if self.listener is not None:
+            await self.listener.abort()
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
@@ -248,31 +287,58 @@ class Gateway:
         await self.auth_failures.flush(everything=True)
         await self.store.close()
 
+    def _running_deploys(self) -> set[asyncio.Future[Any]]:
+        jobs = self.deploys.jobs.values()
+        return {job.done for job in jobs if job.task is not None and not job.done.done()}
+
+    def _still_running(self) -> tuple[set[asyncio.Future[Any]], list[Connection]]:
+        """What the drain waits for: logins in progress, sessions and deploys; and the
+        authenticated connections that have not asked for their first command yet."""
+        running = set(self.sessions) | self._running_deploys()
+        if self.listener is not None:
+            running |= self.listener.logins
+        fresh = [
+            c
+            for c in self.connections
+            if c.identity is not None and c.sessions_total == 0 and not c.closed.is_set()
+        ]
+        return {task for task in running if not task.done()}, fresh
+
     async def _drain(self, seconds: float) -> None:
+        """Wait, until `seconds` have passed, for what the listener let in (`_still_running`,
+        including sessions that start meanwhile), then for its clients to close."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        self.deploys.draining.set()  # watchers that stopped reading must not hold us up
-        busy = [c for c in self.connections if c.sessions > 0]
-        waits: set[asyncio.Future[Any]] = set(self.sessions)
-        waits |= {job.done for job in self.deploys.jobs.values() if job.task is not None}
-        if not waits:
-            return
-        log.info(
-            "event=draining sessions=%d deploys=%d timeout=%s",
-            len(self.sessions),
-            len(waits) - len(self.sessions),
-            seconds,
-        )
-        _, pending = await asyncio.wait(waits, timeout=seconds)
-        if pending:
-            log.warning("event=drain_timeout left=%d", len(pending))
-            return
-        # A finished session's last bytes may still be on their way: let those clients close
-        # their connections themselves rather than cut them; one that reads nothing any more
-        # (a stalled watcher) is not waited for beyond CLOSE_GRACE.
+        busy: set[Connection] = set()
+        while True:
+            self._session_started.clear()
+            running, fresh = self._still_running()
+            busy |= {c for c in self.connections if c.sessions > 0} | set(fresh)
+            if not running and not fresh:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("event=drain_timeout left=%d", len(running) + len(fresh))
+                return
+            # Woken by the first to end, or by a fresh connection's first session.
+            waiters = {asyncio.ensure_future(c.closed.wait()) for c in fresh}
+            waiters.add(asyncio.ensure_future(self._session_started.wait()))
+            try:
+                await asyncio.wait(
+                    running | waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        await self._let_clients_close(busy, deadline)
+
+    async def _let_clients_close(self, busy: set[Connection], deadline: float) -> None:
+        """A finished session's last bytes may still be on their way: let those clients close
+        their connections themselves rather than cut them; one that reads nothing any more
+        (a stalled watcher) is not waited for beyond CLOSE_GRACE."""
         closing = {asyncio.ensure_future(c.closed.wait()) for c in busy if not c.closed.is_set()}
         if closing:
-            grace = min(deadline - loop.time(), CLOSE_GRACE_SECONDS)
+            grace = min(deadline - asyncio.get_running_loop().time(), CLOSE_GRACE_SECONDS)
             _, left = await asyncio.wait(closing, timeout=max(grace, 0.1))
             for waiter in left:
                 waiter.cancel()
@@ -287,9 +353,13 @@ class Gateway:
             server_factory=lambda: Connection(self, client, via),
         )
 
-    @property
-    def accepting(self) -> bool:
-        return self.listener is not None and self.listener.accepting
+    def ssh_status(self) -> str:
+        """The SSH side of /readyz."""
+        if self.draining:
+            return "draining"
+        if self.listener is None or not self.listener.accepting:
+            return "not accepting connections"
+        return "ok"
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file in the background (see `_reload`)."""
@@ -322,6 +392,7 @@ class Gateway:
             deploy = dataclasses.replace(deploy, log_dir=self.config.deploy.log_dir)
         applied = dataclasses.replace(
             new,
+            server=self.config.server,
             ssh=self.config.ssh,
             storage=self.config.storage,
             git=self.config.git,
@@ -391,29 +462,44 @@ class Gateway:
                 if removed:
                     log.warning("event=stale_quarantine_removed app=%s count=%d", app.name, removed)
 
-    async def serve_forever(
-        self, stop_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)
-    ) -> None:
-        """Start, run until SIGTERM or SIGINT, then close."""
+    async def serve_forever(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then drain (`keep_accepting`, `close`).
+
+        A second signal while the listener still accepts ends that period at once (the drain
+        of running work follows); once it is closed, a further signal stops the process."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop, hurry = asyncio.Event(), asyncio.Event()
+        # A worker stops when its supervisor says so, once per signal the supervisor got:
+        # a terminal's Ctrl-C reaches the whole process group and would count twice.
+        stop_signals = (signal.SIGTERM,) if self.worker else (signal.SIGTERM, signal.SIGINT)
+        ignored = (signal.SIGINT,) if self.worker else ()
+
+        def signalled() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         # Handlers first: once "listening on" is logged, a SIGTERM must mean a clean stop.
         for sig in stop_signals:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, signalled)
+        for sig in ignored:
+            loop.add_signal_handler(sig, lambda: None)
+        handled = (*stop_signals, *ignored)
         try:
             await self.start()
         except BaseException:
-            for sig in stop_signals:
+            for sig in handled:
                 loop.remove_signal_handler(sig)
             raise
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        reason = "stop"
         try:
             await stop.wait()
-            log.info("event=stopping drain_timeout=%s", self.config.limits.drain_timeout)
+            reason = await self.keep_accepting(hurry)
         finally:
             for sig in (*stop_signals, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            await self.close(drain=self.config.limits.drain_timeout)
+            await self.close(drain=self.config.limits.drain_timeout, reason=reason)
+            for sig in ignored:
+                loop.remove_signal_handler(sig)
         log.info("event=stopped")
 
     # -- bookkeeping --
@@ -444,6 +530,7 @@ class Gateway:
             self.sessions.add(task)
         connection.sessions += 1
         connection.sessions_total += 1
+        self._session_started.set()
         stats = commands.SessionStats()
         try:
             code = await self._serve(process, connection, stats)

@@ -11,10 +11,11 @@ queued on a dying worker's socket would be reset.)
 Each worker is a whole gateway (store connection, SSH server, control socket for its
 hooks, deploy service). Worker 0 also serves HTTP (API, keys page, /metrics, probes) on the
 inherited HTTP sockets: one HTTP listener per node, and it runs the node's one-time work
-(repository checks at start, retention). The supervisor forwards SIGTERM (drain) and
-SIGHUP (reload) to every worker, restarts a worker that dies unexpectedly (with a growing
-delay), and exits once all have drained; workers get SIGTERM if the supervisor dies
-(PR_SET_PDEATHSIG), even when it is SIGKILLed.
+(repository checks at start, retention). The supervisor forwards SIGTERM and SIGINT (drain;
+a second one ends the workers' accepting period) to every worker as SIGTERM, and SIGHUP
+(reload); workers ignore a terminal's SIGINT. It restarts a worker that dies unexpectedly
+(with a growing delay), and exits once all have drained; workers get SIGTERM if the
+supervisor dies (PR_SET_PDEATHSIG), even when it is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._signalled)
         loop.add_signal_handler(signal.SIGHUP, self._forward_reload)
         try:
             self._bind()
@@ -348,6 +349,20 @@ class Supervisor:
             if self._stop.is_set() and worker.proc.returncode is None:
                 worker.proc.send_signal(signal.SIGTERM)  # stopped while it was starting
                 await worker.proc.wait()
+
+    def _signalled(self) -> None:
+        """The first SIGTERM or SIGINT stops the node; each later one is forwarded to the
+        workers, which end their accepting period at once (see Gateway.serve_forever)."""
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        sent = 0
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.send_signal(signal.SIGTERM)
+                    sent += 1
+        log.info("event=stop_forwarded workers=%d", sent)
 
     def _forward_reload(self) -> None:
         """SIGHUP to every worker that serves (one still starting reads the file anyway,

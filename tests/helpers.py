@@ -175,7 +175,9 @@ def write_config(directory: Path, **overrides: dict[str, object]) -> Path:
     otherwise."""
     sections: dict[str, dict[str, object]] = {
         # One process, as the in-process ServerThread; tests of `--workers` ask for more.
-        "server": {"workers": 1},
+        # No balancer in front: SIGTERM closes the listener at once (tests of the accepting
+        # period ask for one).
+        "server": {"workers": 1, "drain_accept_seconds": 0},
         "ssh": {"listen": "127.0.0.1:0", "host_key_dir": str(directory / "hostkeys")},
         "storage": {
             "repos": str(directory / "repos"),

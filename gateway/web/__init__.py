@@ -47,13 +47,13 @@ class WebServer:
         registry: Registry,
         deploys: DeployService,
         metrics: Metrics,
-        accepting: Callable[[], bool],
+        ssh_status: Callable[[], str],
     ) -> None:
         self.config = config
         self.registry = registry
         self.deploys = deploys
         self.metrics = metrics
-        self.accepting = accepting
+        self.ssh_status = ssh_status  # "ok", "draining" or why SSH does not accept
         self._touched: dict[int, float] = {}
         http = config.http
         self.main = HTTPListener("main", http, metrics)
@@ -168,9 +168,9 @@ class WebServer:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Ready to serve: SSH accepting, registry readable, repository root writable."""
-        checks: dict[str, str] = {}
-        checks["ssh"] = "ok" if self.accepting() else "not accepting connections"
+        """Ready to serve: SSH accepting and not draining, registry readable, repository
+        root writable."""
+        checks: dict[str, str] = {"ssh": self.ssh_status()}
         try:
             await asyncio.wait_for(self.registry.store.ping(), CHECK_TIMEOUT)
             checks["database"] = "ok"

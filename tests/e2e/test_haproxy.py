@@ -109,3 +109,32 @@ def test_push_through_haproxy_and_drain_on_readyz(node: ServerThread, tmp_path: 
         balancer.wait_for(r"Server gateways/gw1 is DOWN")
     finally:
         balancer.kill()
+
+
+def test_regression_a_refused_connection_is_retried_on_another_node(
+    node: ServerThread, tmp_path: Path
+) -> None:
+    """A node whose port refuses (stopped or killed before the checks noticed): `retries`
+    and `option redispatch` take the client to another node, which it never sees."""
+    port, closed = free_port(), free_port()
+    http_port = node.gateway.deploys.http_address[1]  # type: ignore[index]
+    text = local_config(node, port).replace(
+        f"    server gw1 127.0.0.1:{node.port}\n",
+        # gw1's checks read the live node's /readyz: HAProxy believes it is up.
+        f"    server gw1 127.0.0.1:{closed} check port {http_port}\n"
+        f"    server gw2 127.0.0.1:{node.port}\n",
+    )
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    balancer = LiveProcess([HAPROXY, "-db", "-f", str(cfg)])
+    try:
+        admin = Admin(node.config_path)
+        user, app = unique("redis"), unique("redisapp")
+        key = admin.enroll(user, tmp_path, app)
+        client = Client(tmp_path / "home", key, Via(node, port), name=user)  # type: ignore[arg-type]
+        for _ in range(6):
+            assert client.git("ls-remote", client.url(app), check=False).returncode == 0
+        # Connections refused by gw1 were redispatched to gw2: "+1" in the retries field.
+        balancer.wait_for(r"git_ssh gateways/gw2 .*/\+1 ")
+    finally:
+        balancer.kill()

@@ -47,7 +47,7 @@ def test_sigterm_lets_an_attached_deploy_finish(running, tmp_path, exchange):
     pushing = LiveProcess(["git", "push", client.url("web"), "main"], env=client.env, cwd=work)
     pushing.wait_for(r"remote: waiting for the test")
     gateway.proc.send_signal(signal.SIGTERM)
-    gateway.wait_for(r"event=draining sessions=1")
+    gateway.wait_for(r"event=listener_closed .*sessions=1")
     # Draining: no new connections are accepted...
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", client.server.port), timeout=10)

@@ -183,7 +183,7 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(node, alice) -> 
     assert select.select([fetch.stdout], [], [], TIMEOUT)[0]
     assert fetch.stdout.read(4)  # type: ignore[union-attr]
     node.proc.send_signal(signal.SIGTERM)
-    node.wait_for(r"worker=\d event=draining sessions=1")
+    node.wait_for(r"worker=\d event=listener_closed .*sessions=1")
     # The worker waits for it: the client ends its fetch at its own pace.
     _, err = fetch.communicate(b"0000", timeout=TIMEOUT)
     assert fetch.returncode == 0, err

@@ -79,6 +79,12 @@ def test_file_overrides(tmp_path):
     assert cfg.storage.repos == Path("/srv/repos")
 
 
+def test_drain_accept_seconds_may_be_zero(tmp_path):
+    assert config.from_mapping({}).server.drain_accept_seconds == 5
+    cfg = load_text(tmp_path, "[server]\ndrain_accept_seconds = 0\n")
+    assert cfg.server.drain_accept_seconds == 0
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -91,6 +97,8 @@ def test_file_overrides(tmp_path):
         ("[git]\nmax_input_size = 0\n", "[git] max_input_size"),
         ('[log]\nlevel = "loud"\n', "[log] level"),
         ("[ssh]\nlogin_timeout = -1\n", "[ssh] login_timeout"),
+        ("[server]\ndrain_accept_seconds = -1\n", "[server] drain_accept_seconds"),
+        ('[server]\ndrain_accept_seconds = "5s"\n', "[server] drain_accept_seconds"),
         ('[ssh]\nuser = "Root User"\n', "[ssh] user"),
         ('ssh = "x"\n', "[ssh] must be a table"),
         ("[ssh\n", "gw.toml"),
