@@ -12,7 +12,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,11 @@ CLOSE_GRACE_SECONDS = 5.0
 STALE_QUARANTINE_SECONDS = 3600
 # Retention is applied at start and then this often.
 PRUNE_INTERVAL_SECONDS = 3600
+
+
+def _ignore() -> None:
+    """A signal handler that does nothing (and, unlike SIG_IGN, is not inherited by the
+    processes we start)."""
 
 
 class Gateway:
@@ -362,7 +367,11 @@ class Gateway:
         return "ok"
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file in the background (see `_reload`)."""
+        """SIGHUP: re-read the config file in the background (see `_reload`); not while
+        draining (the stop is under way)."""
+        if self.draining:
+            log.info("event=reload_skipped reason=draining")
+            return
         self.spawn(self._reload())
 
     async def _reload(self) -> None:
@@ -463,44 +472,60 @@ class Gateway:
                     log.warning("event=stale_quarantine_removed app=%s count=%d", app.name, removed)
 
     async def serve_forever(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then drain (`keep_accepting`, `close`).
-
-        A second signal while the listener still accepts ends that period at once (the drain
-        of running work follows); once it is closed, a further signal stops the process."""
+        """Start, run until SIGTERM or SIGINT, then drain (`keep_accepting`, `close`); see
+        `_signal_handlers` for what further signals do."""
         loop = asyncio.get_running_loop()
         stop, hurry = asyncio.Event(), asyncio.Event()
-        # A worker stops when its supervisor says so, once per signal the supervisor got:
-        # a terminal's Ctrl-C reaches the whole process group and would count twice.
-        stop_signals = (signal.SIGTERM,) if self.worker else (signal.SIGTERM, signal.SIGINT)
-        ignored = (signal.SIGINT,) if self.worker else ()
-
-        def signalled() -> None:
-            (hurry if stop.is_set() else stop).set()
-
+        until_closed, until_exit = self._signal_handlers(stop, hurry)
         # Handlers first: once "listening on" is logged, a SIGTERM must mean a clean stop.
-        for sig in stop_signals:
-            loop.add_signal_handler(sig, signalled)
-        for sig in ignored:
-            loop.add_signal_handler(sig, lambda: None)
-        handled = (*stop_signals, *ignored)
+        for sig, handler in (*until_closed.items(), *until_exit.items()):
+            loop.add_signal_handler(sig, handler)
         try:
             await self.start()
         except BaseException:
-            for sig in handled:
+            for sig in (*until_closed, *until_exit):
                 loop.remove_signal_handler(sig)
             raise
+        # Kept while draining too: a reload is then skipped rather than a default death.
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         reason = "stop"
         try:
             await stop.wait()
             reason = await self.keep_accepting(hurry)
         finally:
-            for sig in (*stop_signals, signal.SIGHUP):
+            for sig in until_closed:
                 loop.remove_signal_handler(sig)
-            await self.close(drain=self.config.limits.drain_timeout, reason=reason)
-            for sig in ignored:
-                loop.remove_signal_handler(sig)
+            try:
+                await self.close(drain=self.config.limits.drain_timeout, reason=reason)
+            finally:
+                for sig in (*until_exit, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
         log.info("event=stopped")
+
+    def _signal_handlers(
+        self, stop: asyncio.Event, hurry: asyncio.Event
+    ) -> tuple[dict[int, Callable[[], None]], dict[int, Callable[[], None]]]:
+        """The handlers kept until the listener closes, and those kept until exit.
+
+        One process: SIGTERM or SIGINT stops it; a second one while the listener still
+        accepts ends that period at once (the drain follows); once the listener is closed,
+        a further one stops the process at once (the default action).
+
+        A worker: SIGTERM stops it, however many come (its supervisor forwards the node's,
+        and a process-group kill or systemd's default KillMode sends one more); SIGUSR1, from
+        the supervisor only, ends the accepting period; a terminal's Ctrl-C reaches it too,
+        but that SIGINT is the supervisor's to count."""
+
+        def signalled() -> None:
+            (hurry if stop.is_set() else stop).set()
+
+        def hurried() -> None:
+            stop.set()
+            hurry.set()
+
+        if self.worker is None:
+            return {signal.SIGTERM: signalled, signal.SIGINT: signalled}, {}
+        return {}, {signal.SIGTERM: stop.set, signal.SIGUSR1: hurried, signal.SIGINT: _ignore}
 
     # -- bookkeeping --
 

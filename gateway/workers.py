@@ -11,11 +11,11 @@ queued on a dying worker's socket would be reset.)
 Each worker is a whole gateway (store connection, SSH server, control socket for its
 hooks, deploy service). Worker 0 also serves HTTP (API, keys page, /metrics, probes) on the
 inherited HTTP sockets: one HTTP listener per node, and it runs the node's one-time work
-(repository checks at start, retention). The supervisor forwards SIGTERM and SIGINT (drain;
-a second one ends the workers' accepting period) to every worker as SIGTERM, and SIGHUP
-(reload); workers ignore a terminal's SIGINT. It restarts a worker that dies unexpectedly
-(with a growing delay), and exits once all have drained; workers get SIGTERM if the
-supervisor dies (PR_SET_PDEATHSIG), even when it is SIGKILLed.
+(repository checks at start, retention). The supervisor turns SIGTERM or SIGINT into SIGTERM
+to every worker (drain), a second one into SIGUSR1 (the accepting period ends), and forwards
+SIGHUP (reload); workers leave a terminal's SIGINT to it. It restarts a worker that dies
+unexpectedly (with a growing delay), and exits once all have drained; workers get SIGTERM if
+the supervisor dies (PR_SET_PDEATHSIG), even when it is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -351,18 +351,21 @@ class Supervisor:
                 await worker.proc.wait()
 
     def _signalled(self) -> None:
-        """The first SIGTERM or SIGINT stops the node; each later one is forwarded to the
-        workers, which end their accepting period at once (see Gateway.serve_forever)."""
+        """The first SIGTERM or SIGINT stops the node (SIGTERM to every worker, in
+        `_shutdown`); each later one ends the workers' accepting period (SIGUSR1: a worker
+        takes any number of SIGTERMs as one, see Gateway._signal_handlers)."""
         if not self._stop.is_set():
             self._stop.set()
             return
         sent = 0
         for worker in self.workers:
-            if worker.proc is not None and worker.proc.returncode is None:
+            # Only to workers that serve: SIGUSR1 would kill one without its handlers yet
+            # (and one still starting is stopped by `_start`).
+            if worker.ready and worker.proc is not None and worker.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(signal.SIGTERM)
+                    worker.proc.send_signal(signal.SIGUSR1)
                     sent += 1
-        log.info("event=stop_forwarded workers=%d", sent)
+        log.info("event=stop_hurried workers=%d", sent)
 
     def _forward_reload(self) -> None:
         """SIGHUP to every worker that serves (one still starting reads the file anyway,

@@ -97,6 +97,30 @@ def test_the_listener_closes_once_the_accepting_period_is_over(
     assert refused(port)
 
 
+def test_regression_a_connection_queued_as_the_listener_closes_is_served_not_reset(
+    tmp_path: Path,
+) -> None:
+    """The kernel completes a TCP handshake before the gateway accepts it: one that is
+    queued when the listener closes is taken and served, not reset (the client would see
+    `kex_exchange_identification: Connection closed by remote host`)."""
+    server = ServerThread(node_config(tmp_path, 0)).start()
+    listener = server.gateway.listener
+    assert listener is not None
+
+    async def pause_accepting() -> None:  # as if the loop were busy elsewhere
+        for task in listener._accepting:
+            task.cancel()
+
+    try:
+        server.call(pause_accepting())
+        queued = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+        server.call(listener.close())
+        assert queued.recv(64).startswith(b"SSH-2.0-git-gateway")
+        queued.close()
+    finally:
+        server.stop()
+
+
 def read_to_end(sock: socket.socket) -> bytes:
     """Everything the gateway sends until it closes the connection (fails on a timeout)."""
     sock.settimeout(TIMEOUT)
@@ -164,11 +188,13 @@ def test_regression_clients_that_stall_in_the_accepting_period_cannot_hold_the_n
             node.kill()
 
 
-def test_workers_keep_accepting_through_a_terminal_ctrl_c_until_a_second_one(
-    tmp_path: Path,
+@pytest.mark.parametrize("first", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill-group"])
+def test_workers_count_a_signal_to_their_whole_group_once(
+    tmp_path: Path, first: signal.Signals
 ) -> None:
-    """Ctrl-C reaches the supervisor and every worker: the workers wait for the supervisor's
-    SIGTERM (one signal, not two: they keep accepting), and the next Ctrl-C, forwarded,
+    """A terminal's Ctrl-C, or a kill of the process group (systemd's default KillMode),
+    reaches the supervisor and every worker: the workers still count one signal (they keep
+    accepting); a reload meanwhile is skipped; the next Ctrl-C, through the supervisor,
     ends their accepting period."""
     config = node_config(tmp_path, 60, server={"workers": 2})
     key = Admin(config).enroll("wes", tmp_path, "web")
@@ -179,10 +205,16 @@ def test_workers_keep_accepting_through_a_terminal_ctrl_c_until_a_second_one(
             int(p) for p in re.findall(r"event=worker_started worker=\d pid=(\d+)", node.stderr)
         ]
         http_port = re.findall(r"event=http_listening address=127\.0\.0\.1:(\d+)", node.stderr)[0]
-        for pid in (*pids, node.proc.pid):  # as a terminal sends it to the process group
-            os.kill(pid, signal.SIGINT)
+        for pid in (*pids, node.proc.pid):
+            os.kill(pid, first)
         draining = {node.wait_for(r"worker=(\d) event=draining").group(1) for _ in pids}
         assert draining == {"0", "1"}
+        node.proc.send_signal(signal.SIGHUP)
+        skipped = {
+            node.wait_for(r"worker=(\d) event=reload_skipped reason=draining").group(1)
+            for _ in pids
+        }
+        assert skipped == {"0", "1"}
         reply = http("GET", f"http://127.0.0.1:{http_port}/readyz")
         assert reply.status == 503 and reply.json()["checks"]["ssh"] == "draining"
         for _ in range(3):  # served by whichever worker takes it: both still accept
@@ -190,7 +222,7 @@ def test_workers_keep_accepting_through_a_terminal_ctrl_c_until_a_second_one(
         second = datetime.now(UTC) - timedelta(milliseconds=1)  # the log's precision
         node.proc.send_signal(signal.SIGINT)
         assert node.finish() == 0
-        assert "event=stop_forwarded workers=2" in node.stderr
+        assert "event=stop_hurried workers=2" in node.stderr
         closed = re.findall(
             r"^(\S+) .* worker=(\d) event=listener_closed reason=second_signal", node.stderr, re.M
         )
