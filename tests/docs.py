@@ -97,11 +97,16 @@ class Walk:
     """A shell session through the docs: a checkout, a HOME, free ports, the blocks in order
     (the working directory and exported variables carry over from one block to the next)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(
+        self, tmp: Path, ports: tuple[str, ...] = (), values: dict[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.checkout = tmp / "git-gateway"
         self.home = tmp / "home"
-        self.ports = {"2222": str(free_port()), "8080": str(free_port())}
+        # The ports the docs name become free ones (2222 and 8080 in the checkout's config
+        # too); `values` are other replacements (a database's real port).
+        self.ports = {port: str(free_port()) for port in ("2222", "8080", *ports)}
+        self.values = {**self.ports, **(values or {})}
         self.state = tmp / "shell-state"
         self.background: list[LiveProcess] = []
         self._copy_checkout()
@@ -123,9 +128,11 @@ class Walk:
                 shutil.copy2(source, target)
         config = self.checkout / "config" / "gateway.toml"
         text = config.read_text()
-        for port, free in self.ports.items():
+        for port in ("2222", "8080"):
             assert f'listen = "127.0.0.1:{port}"' in text, port
-            text = text.replace(f'listen = "127.0.0.1:{port}"', f'listen = "127.0.0.1:{free}"')
+            text = text.replace(
+                f'listen = "127.0.0.1:{port}"', f'listen = "127.0.0.1:{self.ports[port]}"'
+            )
         config.write_text(text)
 
     def _make_home(self) -> None:
@@ -156,10 +163,7 @@ class Walk:
         }
 
     def text(self, block: Block) -> str:
-        text = block.text
-        for port, free in self.ports.items():
-            text = text.replace(port, free)
-        return text
+        return self.text_line(block.text)
 
     def run(self, block: Block, cwd: Path | None = None) -> str:
         """Run one block to its end; fail unless it exits 0 and prints what it shows."""
@@ -189,9 +193,16 @@ class Walk:
         return output
 
     def text_line(self, line: str) -> str:
-        for port, free in self.ports.items():
-            line = line.replace(port, free)
+        for shown, real in self.values.items():
+            line = line.replace(shown, real)
         return line
+
+    def shim(self, name: str, script: str) -> None:
+        """A command of the docs played by the test (`sudo -u postgres` on a server of its
+        own): a script on PATH before the real one."""
+        path = self.tmp / "bin" / name
+        path.write_text("#!/bin/sh\n" + script)
+        path.chmod(0o755)
 
     def start(self, block: Block) -> LiveProcess:
         """Start a long-running block (a server) in the checkout; stopped by close()."""

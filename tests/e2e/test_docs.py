@@ -4,13 +4,18 @@ public URLs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
 
-from tests.docs import Walk, blocks, pattern
-from tests.helpers import REPO_ROOT
+from bench.postgres import SUPERUSER, PostgresServer
+from tests.docs import Block, Walk, blocks, pattern
+from tests.helpers import REPO_ROOT, require_tools
+from tests.pg import require_postgres
 
 README = REPO_ROOT / "README.md"
 DOCS = REPO_ROOT / "docs"
@@ -60,6 +65,39 @@ def test_readme_two_commands_and_quickstart_then_the_longer_walk(tmp_path: Path)
     finally:
         walk.close()
     assert "Traceback" not in "".join(gateway.lines)
+
+
+@pytest.mark.slow
+def test_the_cluster_recipe_on_one_host(tmp_path: Path) -> None:
+    """docs/cluster.md's recipe as written: PostgreSQL role and database, two nodes, HAProxy,
+    a push and a clone through it, a node stopped while the other serves."""
+    require_tools()
+    server = PostgresServer(require_postgres()).start()
+    walk = Walk(tmp_path, ports=("2223", "2224", "8081", "8082"), values={"5432": str(server.port)})
+    walk.shim(
+        "sudo",
+        '[ "$1" = -u ] && [ "$2" = postgres ] || { echo "sudo: only -u postgres" >&2; exit 64; }\n'
+        f"shift 2\nexport PGHOST=127.0.0.1 PGPORT={server.port} PGUSER={SUPERUSER} "
+        'PGDATABASE=postgres\nexec "$@"\n',
+    )
+    gateway_install = blocks(README, "serve-command")[0]
+    install = gateway_install.text.replace(" && .venv/bin/git-gateway serve", "")
+    try:
+        walk.run(Block("README.md", install), cwd=walk.checkout)
+        first = True
+        for block in blocks(DOCS / "cluster.md"):
+            if "background" not in block.options:
+                walk.run(block, cwd=walk.checkout if first else None)
+                first = False
+                continue
+            walk.start(block).wait_for(r"event=listening address=127\.0\.0\.1:\d+")
+    finally:
+        walk.close()
+        pidfile = walk.checkout / "cluster" / "haproxy.pid"
+        if pidfile.exists():  # the recipe stops it; a failed run must not leave it behind
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+        server.remove()
 
 
 def test_the_readme_test_command_is_what_ci_runs() -> None:
