@@ -25,7 +25,7 @@ import os
 import pwd
 import shutil
 import stat
-import sys
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -533,26 +533,41 @@ def _make_probe_dir(build_dir: Path, sandbox: Sandbox) -> Path:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a deploy's directory whatever its content did to its own permissions (a build
-    may leave read-only directories behind). Never follows symlinks out of it."""
+    """Remove a deploy's directory (blocking), whatever its content: any depth, permissions
+    a build took away (read-only or 000 directories), never following a link out of it.
 
-    def retry(target: str) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(target), 0o700)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(target) and not os.path.islink(target):
-                os.chmod(target, 0o700)
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                os.unlink(target)
-
+    The tree is hostile: pushed directories nest as deep as tar unpacks (~2000 levels), a
+    build's as deep as it likes. shutil.rmtree recursed once per level and held a descriptor
+    per level: past Python's recursion limit it raised, and the export (up to
+    max_export_size, from a small compressed push) stayed on disk for good. coreutils' rm
+    walks any depth with a bounded number of descriptors, and does not follow links."""
     if path.is_symlink():
         path.unlink()
         return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=lambda func, target, exc: retry(target))
-    else:
-        shutil.rmtree(path, onerror=lambda func, target, info: retry(target))
+    if _rm(path):
+        return
+    # Not root: a directory the build made unreadable or read-only (the files are the
+    # gateway user's own, through the sandbox's user namespace) is opened up, then removed.
+    _coreutil(["chmod", "-R", "u+rwx", "--", str(path)])
+    if not _rm(path):
+        log.warning("event=export_not_removed path=%s", q(str(path)))
+
+
+def _rm(path: Path) -> bool:
+    """rm -rf, staying on the export's filesystem; whether the path is gone."""
+    _coreutil(["rm", "-rf", "--one-file-system", "--", str(path)])
+    return not os.path.lexists(path)
+
+
+def _coreutil(argv: list[str]) -> None:
+    # No timeout: the directory must go, however large (this runs on a worker thread).
+    subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 async def check(cfg: Config) -> list[str]:

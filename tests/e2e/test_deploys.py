@@ -605,6 +605,55 @@ def test_regression_a_deploy_link_out_of_the_tree_reveals_nothing(gw, gw_admin, 
     assert not any("not found in the pushed tree" in line for line in answers[0])
 
 
+def deep_commit(work: Path, depth: int) -> None:
+    """Commit, on top of HEAD, `depth` directories `d` nested in one another with a file at
+    the bottom, written as git objects (no such tree on the client's disk to clean up)."""
+    from dulwich.objects import Blob, Commit, Tree
+    from dulwich.repo import Repo
+
+    repo = Repo(str(work))
+    head = repo[repo.head()]
+    blob = Blob.from_string(b"at the bottom\n")
+    objects: list[Blob | Tree | Commit] = [blob]
+    tree = Tree()
+    tree.add(b"bottom", 0o100644, blob.id)
+    objects.append(tree)
+    for _ in range(depth):
+        parent = Tree()
+        parent.add(b"d", 0o040000, tree.id)
+        objects.append(parent)
+        tree = parent
+    top = repo[head.tree]
+    assert isinstance(top, Tree)
+    top.add(b"d", 0o040000, tree.id)
+    objects.append(top)
+    commit = Commit()
+    commit.tree, commit.parents = top.id, [head.id]
+    commit.author = commit.committer = b"dev <dev@example.com>"
+    commit.author_time = commit.commit_time = int(time.time())
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"deep\n"
+    objects.append(commit)
+    for obj in objects:
+        repo.object_store.add_object(obj)
+    repo.refs[b"refs/heads/main"] = commit.id
+
+
+def test_regression_a_deep_pushed_tree_leaves_nothing_in_build_dir(gw, gw_admin, dev, tmp_path):
+    """A tree 1100 directories deep (fsck, git archive and tar all take it): removing its
+    export raised RecursionError, the deploy ended in `deploy error`, and the export stayed
+    in build_dir for good, up to max_export_size per push."""
+    app = new_app(gw_admin, dev)
+    work = dev.new_repo(tmp_path / "work")
+    deep_commit(work, 1100)
+    result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
+    assert "remote: done" in result.stderr, result.stderr
+    assert "recursion" not in result.stderr
+    assert [d["status"] for d in deploys(gw_admin, app)] == ["succeeded"]
+    build_dir = gw.config.deploy.build_dir
+    assert not [p.name for p in build_dir.iterdir() if p.name.startswith("deploy-")]
+
+
 def test_restart_marks_running_interrupted_and_runs_queued(tmp_path, exchange):
     config = write_config(
         tmp_path / "state",
