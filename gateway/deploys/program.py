@@ -19,6 +19,10 @@ from pathlib import Path
 from .messages import short
 
 MAX_LINKS = 40  # as the kernel's own limit on symbolic links in one lookup
+# The walk holds a descriptor per directory level, in the gateway's own process: a hostile
+# tree as deep as tar can unpack (~2000 levels) would take them all (EMFILE for every other
+# connection meanwhile). A program deeper than this is not judged here: the sandbox runs it.
+MAX_DEPTH = 64
 
 MISSING = "missing"
 NOT_EXECUTABLE = "not_executable"
@@ -89,6 +93,8 @@ def _lookup(root: int, program: str) -> os.stat_result | str | None:
                 os.close(fd)
                 return MISSING
             dirs.append(fd)
+            if len(dirs) > MAX_DEPTH:
+                return None
         return None  # "./" or "dir/..": the export itself, no program named
     finally:
         for fd in dirs[1:]:

@@ -113,3 +113,40 @@ def test_wordings():
         f"deploy command './bin' is not a regular file {where}: fix it, or change "
         "[apps.web] command"
     )
+
+
+def deep_tree(root: Path, depth: int) -> str:
+    """`depth` nested directories `d` under root, a non-executable `run` at the bottom; the
+    relative path to it (a tree git archives and tar unpacks as long as it is < PATH_MAX)."""
+    path = root.joinpath(*["d"] * depth)
+    path.mkdir(parents=True)
+    (path / "run").write_text("#!/bin/sh\n")
+    return "/".join(["d"] * depth + ["run"])
+
+
+def test_regression_a_deep_tree_does_not_hold_a_descriptor_per_level(export, monkeypatch):
+    """The walk runs in the gateway's own process (root under the Quickstart): a pushed tree
+    1100 directories deep, its `deploy` a link to the bottom, kept one descriptor open per
+    level, so that every other connection, push and registry query of the process failed
+    with EMFILE meanwhile (the soft limit a shell gives is 1024), and the check itself gave
+    up. At most a bounded number of descriptors is open at once, whatever the depth."""
+    (export / "deploy").symlink_to(deep_tree(export, 600))
+    live, peak = set(), [0]
+    real_open, real_close = os.open, os.close
+
+    def spy_open(path, flags, mode=0o777, *, dir_fd=None):
+        fd = real_open(path, flags, mode, dir_fd=dir_fd)
+        live.add(fd)
+        peak[0] = max(peak[0], len(live))
+        return fd
+
+    def spy_close(fd):
+        live.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(program.os, "open", spy_open)
+    monkeypatch.setattr(program.os, "close", spy_close)
+    assert problem(export, "./deploy") in (None, NOT_EXECUTABLE)
+    assert not live
+    assert peak[0] <= 70, peak[0]  # the export, the directory, up to MAX_DEPTH levels
+    assert problem(export, "./bin/" + deep_tree(export / "bin", 3)) == NOT_EXECUTABLE
