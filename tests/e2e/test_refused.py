@@ -270,3 +270,39 @@ def test_regression_a_failing_explanation_never_fails_the_login(gw, dev, tmp_pat
         assert 'authenticated with key "laptop"' in result.stdout
     finally:
         explainer.where_keys_are_added = saved
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding (low): from a shared source address, the missing banner tells a "
+    "stranger holding only a user's public key that its holder logged in here in the last day",
+)
+def test_regression_a_stranger_on_the_same_address_learns_nothing_from_a_quiet_key(
+    dev, admin, tmp_path
+):
+    """Behind one NAT, a balancer without the PROXY protocol or a shared IPv6 /64, everyone
+    has the same source address. A user's public keys are public (github.com/NAME.keys): a
+    stranger offers one of them, without its private half. An unregistered key is named in a
+    banner, unless a login from that address got past it in the last day: the silence says
+    that the key's holder uses this gateway (with another key), which the banners were
+    designed never to tell."""
+    app = unique("oracle")
+    admin.ok("app", "create", app, "--owner", dev.name)
+    personal = keygen(tmp_path / "personal")
+    fingerprint = keygen_fingerprint(personal.with_suffix(".pub"))
+    named = f"the key {fingerprint} (ssh-ed25519) is not registered here."
+    # The stranger: the same source address, only the public half of the personal key.
+    stranger_dir = tmp_path / "stranger"
+    stranger_dir.mkdir()
+    public_only = stranger_dir / "published"
+    public_only.with_suffix(".pub").write_text(personal.with_suffix(".pub").read_text())
+    stranger = Client(stranger_dir / "home", public_only.with_suffix(".pub"), dev.server)
+    before = stranger.ssh("whoami")
+    assert before.returncode == 255 and named in before.stderr  # the key is offered, named
+    # The victim: an agent offering that personal key first, then the registered one.
+    with agent(tmp_path / "victim", [personal, dev.key]) as sock:
+        env = {**dev.env, "GIT_SSH_COMMAND": agent_ssh_command(dev, sock)}
+        assert run(["git", "ls-remote", dev.url(app)], env=env).returncode == 0
+    after = stranger.ssh("whoami")
+    assert after.returncode == 255
+    assert named in after.stderr  # fails: silence, so the victim logged in from here
