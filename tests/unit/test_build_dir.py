@@ -3,6 +3,7 @@ the gateway opens its own directories for search, never for reading, and names a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import stat
@@ -144,3 +145,33 @@ def test_a_directory_of_the_sandbox_group_needs_group_search(base: Path) -> None
     os.chown(shared, 0, NOBODY.gid)
     assert box().prepare_build_dir(shared / "builds") == [shared]
     assert mode(shared) == 0o710
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding (low): another local user who creates the default build_dir's "
+    "predictable name in /var/tmp first stops the gateway from starting (outside systemd's "
+    "PrivateTmp)",
+)
+def test_regression_a_local_user_planting_the_default_build_dir_cannot_stop_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """/var/tmp/git-gateway-UID-builds-DIGEST is computed from the user id and the control
+    socket's path (both easy to know or guess on a shared host), and anyone may create names
+    in /var/tmp. A directory of someone else's is rightly refused, but the refusal stops the
+    sandbox check at start: a local user with no rights on the gateway keeps it down (or, once
+    running, fails every deploy) until the operator notices."""
+    cfg = config.from_mapping(
+        {
+            "storage": {"control_socket": str(tmp_path / "gw.sock")},
+            "deploy": {"command": ["true"], "sandbox_user": "nobody"},
+        }
+    )
+    planted = cfg.deploy.build_dir
+    assert planted is not None and planted.parent == Path("/var/tmp")
+    planted.mkdir(mode=0o755)  # what `mkdir` by uid 4242 leaves
+    os.chown(planted, 4242, 4242)
+    try:
+        asyncio.run(sandbox_module.check(cfg))
+    finally:
+        planted.rmdir()
