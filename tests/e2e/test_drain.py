@@ -325,6 +325,7 @@ def test_sigterm_behind_haproxy_loses_no_connection(
                 node.kill()
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
     reason="review finding (low): a stranger's silent TCP connection makes every stop of an "
@@ -338,15 +339,16 @@ def test_regression_a_strangers_silent_connection_does_not_hold_an_idle_node(
     connections still in their login. Now every login in progress is waited for: someone
     with no key keeps one TCP connection open to the SSH port (renewed every login_timeout)
     and each restart of an idle node takes drain_timeout, during which, on one node, nobody
-    can connect. Legitimate logins take about a second; a short grace would serve them."""
-    node = ServeProcess(node_config(tmp_path, 0, limits={"drain_timeout": 8}))
+    can connect. Legitimate logins take about a second; a grace of some seconds (10 here)
+    for logins in progress would serve them."""
+    node = ServeProcess(node_config(tmp_path, 0, limits={"drain_timeout": 20}))
     stranger = socket.create_connection(("127.0.0.1", node.port), timeout=TIMEOUT)
     try:
         assert stranger.recv(64).startswith(b"SSH-2.0-git-gateway")  # then says nothing
         started = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         assert node.finish() == 0
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 15
     finally:
         stranger.close()
         if node.proc.poll() is None:
