@@ -8,7 +8,6 @@ import ipaddress
 import json
 import os
 import re
-import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -606,9 +605,9 @@ class DeploySettings:
     build_dir: Path | None = _setting(
         "",
         _optional_path,
-        "where each deploy's export directory is created (then removed); empty: a private "
-        "directory of this gateway in /var/tmp, which the sandbox user can reach wherever the "
-        "gateway's own files are (a home directory is private to it)",
+        "where each deploy's export directory is created (then removed); empty: var/builds, "
+        "or, for a gateway running as root, /var/lib/git-gateway-builds/HASH (one per control "
+        "socket), which the sandbox user can reach wherever the gateway's own files are",
     )
     max_export_size: int = _setting(
         "1G", _size, "largest tree a deploy exports (the tar stream of the pushed commit)"
@@ -913,16 +912,17 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
 
 
 def default_build_dir(storage: StorageSettings) -> Path:
-    """This gateway's build directory when none is set: in the system's directory for
-    temporary files that outlive a reboot (disk rather than a RAM /tmp), named after the
-    user and the control socket, so that the workers of a node, `check` and a reload agree,
-    and two gateways on one host never share one. Everyone may create names there: the
-    sandbox refuses a directory it did not make (gateway.deploys.sandbox)."""
-    base = Path("/var/tmp")  # noqa: S108 - a private, validated directory of ours inside
-    if not base.is_dir():
-        base = Path(tempfile.gettempdir())
+    """This gateway's build directory when none is set. Its deploys run as itself unless it
+    runs as root: then `var/builds`, beside its other state. A root gateway runs them as
+    `sandbox_user`, which must reach the directory; the state directory may well lie in a
+    home directory that only root can enter (/root), so its builds go to a directory that
+    only root can create names in, which no other local user can take first, named after the
+    control socket so that the workers of a node, `check` and a reload agree and two gateways
+    on one host never share one."""
+    if os.geteuid() != 0:
+        return Path("var/builds").absolute()
     digest = hashlib.sha256(str(storage.control_socket).encode()).hexdigest()[:12]
-    return base / f"git-gateway-{os.geteuid()}-builds-{digest}"
+    return Path("/var/lib/git-gateway-builds") / digest
 
 
 def load(

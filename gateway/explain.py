@@ -33,7 +33,7 @@ LINES_PER_MINUTE = 60  # per source address
 MAX_LINES_PER_CONNECTION = 24
 ADDRESSES_TRACKED = 10_000
 QUIET_SECONDS = 24 * 3600  # a working day and more: the first fetch of a day explains
-QUIET_KEYS_PER_ADDRESS = 32
+QUIET_KEYS_PER_ADDRESS = 12  # the default [limits] max_auth_attempts
 
 
 class Explainer:

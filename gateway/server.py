@@ -52,6 +52,8 @@ MAX_PACKET = 256 * 1024
 TOUCH_INTERVAL_SECONDS = 60
 # On SIGTERM, seconds a client whose session has ended gets to read its last bytes and close.
 CLOSE_GRACE_SECONDS = 5.0
+# On a drain, how long logins in progress are waited for (see Gateway._drain).
+LOGIN_GRACE_SECONDS = 10.0
 # A push quarantine not touched for this long belongs to no running receive-pack.
 STALE_QUARANTINE_SECONDS = 3600
 # Retention is applied at start and then this often.
@@ -296,35 +298,45 @@ class Gateway:
         jobs = self.deploys.jobs.values()
         return {job.done for job in jobs if job.task is not None and not job.done.done()}
 
-    def _still_running(self) -> tuple[set[asyncio.Future[Any]], list[Connection]]:
-        """What the drain waits for: logins in progress, sessions and deploys; and the
-        authenticated connections that have not asked for their first command yet."""
+    def _still_running(self, logins: bool) -> tuple[set[asyncio.Future[Any]], list[Connection]]:
+        """What the drain waits for: sessions and deploys; with `logins`, also the logins in
+        progress and the authenticated connections that have not asked for their first
+        command yet."""
         running = set(self.sessions) | self._running_deploys()
-        if self.listener is not None:
-            running |= self.listener.logins
-        fresh = [
-            c
-            for c in self.connections
-            if c.identity is not None and c.sessions_total == 0 and not c.closed.is_set()
-        ]
+        fresh: list[Connection] = []
+        if logins:
+            if self.listener is not None:
+                running |= self.listener.logins
+            fresh = [
+                c
+                for c in self.connections
+                if c.identity is not None and c.sessions_total == 0 and not c.closed.is_set()
+            ]
         return {task for task in running if not task.done()}, fresh
 
     async def _drain(self, seconds: float) -> None:
         """Wait, until `seconds` have passed, for what the listener let in (`_still_running`,
-        including sessions that start meanwhile), then for its clients to close."""
+        including sessions that start meanwhile), then for its clients to close. Logins in
+        progress and connections without a command yet get LOGIN_GRACE_SECONDS only: a real client
+        gets through in about a second, and a silent connection (anyone's, no key needed)
+        must not hold every stop of an idle node for the whole drain."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
+        now = loop.time()
+        deadline = now + seconds
+        login_deadline = now + min(seconds, LOGIN_GRACE_SECONDS)
         busy: set[Connection] = set()
         while True:
             self._session_started.clear()
-            running, fresh = self._still_running()
+            now = loop.time()
+            logins = now < login_deadline
+            running, fresh = self._still_running(logins)
             busy |= {c for c in self.connections if c.sessions > 0} | set(fresh)
             if not running and not fresh:
                 break
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            if now >= deadline:
                 log.warning("event=drain_timeout left=%d", len(running) + len(fresh))
                 return
+            remaining = (login_deadline if logins else deadline) - now
             # Woken by the first to end, or by a fresh connection's first session.
             waiters = {asyncio.ensure_future(c.closed.wait()) for c in fresh}
             waiters.add(asyncio.ensure_future(self._session_started.wait()))

@@ -5,6 +5,7 @@ public URLs."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bench.postgres import SUPERUSER, PostgresServer
+from gateway import config
+from gateway.deploys.sandbox import remove_tree
 from tests.docs import Block, Walk, blocks, pattern
 from tests.helpers import REPO_ROOT, require_tools
 from tests.pg import require_postgres
@@ -64,6 +67,12 @@ def test_readme_two_commands_and_quickstart_then_the_longer_walk(tmp_path: Path)
                 wait_reloaded(gateway, workers)
     finally:
         walk.close()
+        # The embedded defaults put a root gateway's builds outside the checkout.
+        storage = config.from_mapping({}).storage
+        socket = walk.checkout / "var" / "gateway.sock"
+        builds = config.default_build_dir(dataclasses.replace(storage, control_socket=socket))
+        if not builds.is_relative_to(walk.checkout):
+            remove_tree(builds)
     assert "Traceback" not in "".join(gateway.lines)
 
 

@@ -274,8 +274,9 @@ def test_regression_a_failing_explanation_never_fails_the_login(gw, dev, tmp_pat
 
 @pytest.mark.xfail(
     strict=True,
-    reason="review finding (low): from a shared source address, the missing banner tells a "
-    "stranger holding only a user's public key that its holder logged in here in the last day",
+    reason="a documented trade-off (docs/access.md, When a login is refused): from a shared "
+    "source address, the missing banner tells a stranger holding only a user's public key "
+    "that its holder logged in here in the last day",
 )
 def test_regression_a_stranger_on_the_same_address_learns_nothing_from_a_quiet_key(
     dev, admin, tmp_path

@@ -3,7 +3,6 @@ the gateway opens its own directories for search, never for reading, and names a
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pwd
 import stat
@@ -115,16 +114,21 @@ def test_a_sticky_shared_directory_above_is_fine_a_plain_shared_one_is_not(base:
         box().prepare_build_dir(shared / "builds")
 
 
-def test_the_default_build_dir_is_per_gateway_in_var_tmp_and_stable(tmp_path: Path) -> None:
+def test_the_default_build_dir_is_per_gateway_and_stable(tmp_path: Path) -> None:
     first = config.from_mapping({"storage": {"control_socket": str(tmp_path / "a.sock")}})
     again = config.from_mapping({"storage": {"control_socket": str(tmp_path / "a.sock")}})
     other = config.from_mapping({"storage": {"control_socket": str(tmp_path / "b.sock")}})
     assert first.deploy.build_dir == again.deploy.build_dir != other.deploy.build_dir
     assert first.deploy.build_dir is not None
-    assert first.deploy.build_dir.parent == Path("/var/tmp")
-    assert first.deploy.build_dir.name.startswith(f"git-gateway-{os.geteuid()}-builds-")
+    assert first.deploy.build_dir.parent == Path("/var/lib/git-gateway-builds")
     explicit = config.from_mapping({"deploy": {"build_dir": str(tmp_path / "b")}})
     assert explicit.deploy.build_dir == tmp_path / "b"
+
+
+def test_a_gateway_not_root_builds_beside_its_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    cfg = config.from_mapping({})
+    assert cfg.deploy.build_dir == Path("var/builds").absolute()
 
 
 def test_regression_a_home_directory_is_never_opened(
@@ -147,31 +151,14 @@ def test_a_directory_of_the_sandbox_group_needs_group_search(base: Path) -> None
     assert mode(shared) == 0o710
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding (low): another local user who creates the default build_dir's "
-    "predictable name in /var/tmp first stops the gateway from starting (outside systemd's "
-    "PrivateTmp)",
-)
-def test_regression_a_local_user_planting_the_default_build_dir_cannot_stop_the_gateway(
-    tmp_path: Path,
-) -> None:
-    """/var/tmp/git-gateway-UID-builds-DIGEST is computed from the user id and the control
-    socket's path (both easy to know or guess on a shared host), and anyone may create names
-    in /var/tmp. A directory of someone else's is rightly refused, but the refusal stops the
-    sandbox check at start: a local user with no rights on the gateway keeps it down (or, once
-    running, fails every deploy) until the operator notices."""
-    cfg = config.from_mapping(
-        {
-            "storage": {"control_socket": str(tmp_path / "gw.sock")},
-            "deploy": {"command": ["true"], "sandbox_user": "nobody"},
-        }
-    )
-    planted = cfg.deploy.build_dir
-    assert planted is not None and planted.parent == Path("/var/tmp")
-    planted.mkdir(mode=0o755)  # what `mkdir` by uid 4242 leaves
-    os.chown(planted, 4242, 4242)
-    try:
-        asyncio.run(sandbox_module.check(cfg))
-    finally:
-        planted.rmdir()
+def test_regression_no_local_user_can_take_the_default_build_dir_first(tmp_path: Path) -> None:
+    """Found in review: the default was once /var/tmp/git-gateway-UID-builds-DIGEST, a name
+    easy to know, in a directory where anyone may create names: a directory of someone
+    else's there was rightly refused, which stopped the gateway at start. A root gateway's
+    default now lies in a directory only root can create names in."""
+    cfg = config.from_mapping({"storage": {"control_socket": str(tmp_path / "gw.sock")}})
+    assert cfg.deploy.build_dir is not None
+    for directory in cfg.deploy.build_dir.parents:
+        if directory.exists():
+            info = directory.stat()
+            assert info.st_uid == 0 and not info.st_mode & 0o022, directory
