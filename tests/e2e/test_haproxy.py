@@ -52,6 +52,15 @@ def local_config(server: ServerThread, bind_port: int) -> str:
     return text
 
 
+def wait_for_first_check(node: ServerThread) -> None:
+    """HAProxy checks /readyz once it runs: its first check says it is up and listening."""
+    registry = node.gateway.metrics.registry
+    route = {"route": "/readyz", "code": "200"}
+    node.wait_until(
+        lambda: (registry.get_sample_value("gateway_http_requests_total", route) or 0) > 0
+    )
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[ServerThread]:
     if not Path(HAPROXY).exists():
@@ -78,19 +87,8 @@ def test_push_through_haproxy_and_drain_on_readyz(node: ServerThread, tmp_path: 
     assert check.returncode == 0, check.stdout + check.stderr
     balancer = LiveProcess([HAPROXY, "-db", "-f", str(cfg)])
     try:
-        # HAProxy checks /readyz once it runs: the first check says it is up and listening.
+        wait_for_first_check(node)
         registry = node.gateway.metrics.registry
-        node.wait_until(
-            lambda: (
-                (
-                    registry.get_sample_value(
-                        "gateway_http_requests_total", {"route": "/readyz", "code": "200"}
-                    )
-                    or 0
-                )
-                > 0
-            )
-        )
         admin = Admin(node.config_path)
         user, app = unique("hap"), unique("hapapp")
         key = keygen(tmp_path / "key")
@@ -128,6 +126,7 @@ def test_regression_a_refused_connection_is_retried_on_another_node(
     cfg.write_text(text)
     balancer = LiveProcess([HAPROXY, "-db", "-f", str(cfg)])
     try:
+        wait_for_first_check(node)
         admin = Admin(node.config_path)
         user, app = unique("redis"), unique("redisapp")
         key = admin.enroll(user, tmp_path, app)
