@@ -357,26 +357,24 @@ class Supervisor:
         if not self._stop.is_set():
             self._stop.set()
             return
-        sent = 0
-        for worker in self.workers:
-            # Only to workers that serve: SIGUSR1 would kill one without its handlers yet
-            # (and one still starting is stopped by `_start`).
-            if worker.ready and worker.proc is not None and worker.proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(signal.SIGUSR1)
-                    sent += 1
-        log.info("event=stop_hurried workers=%d", sent)
+        # Only to workers that serve: SIGUSR1 would kill one without its handlers yet (and
+        # one still starting is stopped by `_start`).
+        log.info("event=stop_hurried workers=%d", self._signal_serving(signal.SIGUSR1))
 
     def _forward_reload(self) -> None:
         """SIGHUP to every worker that serves (one still starting reads the file anyway,
         and has no handler for SIGHUP yet)."""
+        log.info("event=reload_forwarded workers=%d", self._signal_serving(signal.SIGHUP))
+
+    def _signal_serving(self, signum: int) -> int:
+        """Send `signum` to every worker that serves; how many got it."""
         sent = 0
         for worker in self.workers:
             if worker.ready and worker.proc is not None and worker.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    worker.proc.send_signal(signal.SIGHUP)
+                    worker.proc.send_signal(signum)
                     sent += 1
-        log.info("event=reload_forwarded workers=%d", sent)
+        return sent
 
     async def _shutdown(self, watchers: list[asyncio.Future[None]] | None = None) -> int:
         """SIGTERM to every worker; wait until each has drained and exited."""
