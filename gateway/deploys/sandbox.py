@@ -86,11 +86,14 @@ USERNS_HINT = (
     "bubblewrap needs unprivileged user namespaces: check `sysctl user.max_user_namespaces` "
     "(> 0), `kernel.unprivileged_userns_clone` (1) or AppArmor's "
     "`kernel.apparmor_restrict_unprivileged_userns` (0), and that the service manager allows "
-    "them (systemd: RestrictNamespaces must allow user, mnt, pid, ipc, uts, net, cgroup)"
+    "them (systemd: RestrictNamespaces must allow user, mnt, pid, ipc, uts, net, cgroup; "
+    "in a container: the runtime flags in docs/container.md)"
 )
 # In a container, user namespaces usually work but the runtime's defaults stop bwrap: the
 # seccomp profile refuses sethostname (podman) or unshare (docker), and the masked paths over
-# /proc forbid mounting a new /proc. These flags lift exactly that (docs/container.md).
+# /proc forbid mounting a new /proc. These flags lift exactly that (docs/container.md). Told
+# on bwrap's own words: a file such as /.dockerenv also exists on hosts built from images.
+CONTAINER_ERRORS = ("Can't set hostname", "Can't mount proc")
 CONTAINER_HINT = (
     "in a container, run it with `--security-opt seccomp=unconfined --security-opt "
     "unmask=/proc/*` (podman; docker: `--security-opt seccomp=unconfined --security-opt "
@@ -527,20 +530,11 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
                 f"the sandbox user (uid {sandbox.uid}) must be able to reach [deploy] build_dir "
                 f"({build_dir}) and every extra path: make their parent directories searchable"
             )
-        elif in_container():
+        elif any(error in line for error in CONTAINER_ERRORS):
             hint = CONTAINER_HINT
         else:
             hint = USERNS_HINT
         raise SandboxError(f"deploy sandbox cannot be built: {line}: {hint}, {NONE_HINT}")
-
-
-def in_container() -> bool:
-    """Whether this process runs in a container (podman, docker, or a runtime that says so)."""
-    markers = ("/run/.containerenv", "/.dockerenv")
-    # `container=` is lower-case by convention (systemd, podman set it so).
-    return bool(os.environ.get("container")) or any(  # noqa: SIM112
-        os.path.exists(m) for m in markers
-    )
 
 
 def _make_probe_dir(build_dir: Path, sandbox: Sandbox) -> Path:
