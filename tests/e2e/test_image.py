@@ -141,6 +141,8 @@ def container_config(path: Path, port: int, http_port: int) -> Path:
     for old, new in replacements.items():
         assert old in text, f"config/container.toml no longer has {old!r}"
         text = text.replace(old, new)
+    # No balancer to tell: the listener may close a second after SIGTERM rather than five.
+    text += "\n[server]\ndrain_accept_seconds = 1\n"
     path.write_text(text)
     path.chmod(0o644)
     return path
@@ -251,11 +253,11 @@ def test_image_ready_and_healthy(container: Container) -> None:
 
 
 def wait_draining(log: LiveProcess) -> None:
-    """Until the workers say they drain the push's session and its deploy (the deploy may
-    run in another worker than the session)."""
+    """Until the workers have closed their listeners with the push's session and its deploy
+    still running (the deploy may run in another worker than the session)."""
     sessions = deploys = 0
     while not (sessions and deploys):
-        found = log.wait_for(r"event=draining sessions=(\d+) deploys=(\d+)")
+        found = log.wait_for(r"event=listener_closed .*sessions=(\d+) deploys=(\d+)")
         sessions, deploys = sessions + int(found.group(1)), deploys + int(found.group(2))
 
 
