@@ -98,9 +98,19 @@ class Walk:
     (the working directory and exported variables carry over from one block to the next)."""
 
     def __init__(
-        self, tmp: Path, ports: tuple[str, ...] = (), values: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        ports: tuple[str, ...] = (),
+        values: dict[str, str] | None = None,
+        user: tuple[int, int] | None = None,
     ) -> None:
         self.tmp = tmp
+        # (uid, gid): the blocks run as that user (a normal user, where the tests run as
+        # root); `tmp` and its parents must be reachable by it.
+        self.user = user
+        self.credentials: dict[str, object] = (
+            {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
+        )
         self.checkout = tmp / "git-gateway"
         self.home = tmp / "home"
         # The ports the docs name become free ones (2222 and 8080 in the checkout's config
@@ -112,6 +122,16 @@ class Walk:
         self._copy_checkout()
         self._make_home()
         self.state.write_text(f"cd {shlex.quote(str(self.checkout))}\n")
+        self._give(self.tmp)
+
+    def _give(self, path: Path) -> None:
+        """Everything under `path` to the walk's user, if it has one."""
+        if self.user is None:
+            return
+        for directory, _, files in os.walk(path):
+            os.chown(directory, *self.user)
+            for name in files:
+                os.chown(os.path.join(directory, name), *self.user, follow_symlinks=False)
 
     def _copy_checkout(self) -> None:
         """The repository's files as a clone would have them (uncommitted edits included)."""
@@ -173,6 +193,7 @@ class Walk:
             "set -euo pipefail\n" + start + self.text(block) + f"\n{{ printf 'cd %q\\n' "
             f'"$PWD"; export -p; }} > {shlex.quote(str(self.state))}\n'
         )
+        self._give(script)
         result = subprocess.run(
             ["bash", str(script)],
             env=self.env,
@@ -181,6 +202,7 @@ class Walk:
             text=True,
             timeout=BLOCK_TIMEOUT,
             check=False,
+            **self.credentials,  # type: ignore[arg-type]
         )
         output = result.stdout
         assert result.returncode == 0, f"{block.source} exited {result.returncode}:\n{output}"
@@ -211,6 +233,7 @@ class Walk:
             env=self.env,
             cwd=self.checkout,
             new_session=True,
+            credentials=self.credentials,
         )
         self.background.append(process)
         return process
@@ -222,3 +245,4 @@ class Walk:
                 os.killpg(process.proc.pid, signal.SIGTERM)
         for process in self.background:
             process.finish()
+        self.background.clear()  # closing twice is closing once

@@ -403,6 +403,7 @@ class LiveProcess:
         cwd: Path | None = None,
         umask: int = -1,
         new_session: bool = False,
+        credentials: dict[str, Any] | None = None,
     ):
         import queue
 
@@ -412,6 +413,7 @@ class LiveProcess:
             cwd=cwd,
             umask=umask,
             start_new_session=new_session,
+            **(credentials or {}),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

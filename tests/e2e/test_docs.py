@@ -7,8 +7,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pwd
 import re
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from bench.postgres import SUPERUSER, PostgresServer
 from gateway import config
 from gateway.deploys.sandbox import remove_tree
 from tests.docs import Block, Walk, blocks, pattern
-from tests.helpers import REPO_ROOT, require_tools
+from tests.helpers import REPO_ROOT, LiveProcess, require_tools
 from tests.pg import require_postgres
 
 README = REPO_ROOT / "README.md"
@@ -39,41 +42,72 @@ def wait_reloaded(gateway, workers: int) -> None:  # type: ignore[no-untyped-def
         seen.add(found.group(1) if found else "0")
 
 
+def readme_walk(walk: Walk) -> LiveProcess:
+    """The README's first command (install and serve), then its quickstart; the gateway,
+    still running."""
+    [serve] = blocks(README, "serve-command")
+    gateway = walk.start(serve)
+    listening = gateway.wait_for(
+        r"event=listening address=127\.0\.0\.1:(\d+)(?: workers=(\d+))?",
+        timeout=INSTALL_TIMEOUT,
+    )
+    assert listening.group(1) == walk.ports["2222"]
+    gateway.workers = int(listening.group(2) or 1)  # type: ignore[attr-defined]
+    walk_blocks = blocks(README, "quickstart")
+    assert len(walk_blocks) == 4
+    for block in walk_blocks:
+        walk.run(block)
+        if "reload" in block.options:
+            wait_reloaded(gateway, gateway.workers)  # type: ignore[attr-defined]
+    copy = walk.home / "src" / "myapp-copy"
+    assert (copy / "VERSION").read_text() == "1.0\n"
+    return gateway
+
+
+def remove_default_build_dir(walk: Walk) -> None:
+    """The embedded defaults put a root gateway's builds outside the checkout."""
+    storage = config.from_mapping({}).storage
+    socket = walk.checkout / "var" / "gateway.sock"
+    builds = config.default_build_dir(dataclasses.replace(storage, control_socket=socket))
+    if not builds.is_relative_to(walk.checkout):
+        remove_tree(builds)
+
+
 @pytest.mark.slow
 def test_readme_two_commands_and_quickstart_then_the_longer_walk(tmp_path: Path) -> None:
     walk = Walk(tmp_path)
-    [serve] = blocks(README, "serve-command")
-    gateway = walk.start(serve)
     try:
-        listening = gateway.wait_for(
-            r"event=listening address=127\.0\.0\.1:(\d+)(?: workers=(\d+))?",
-            timeout=INSTALL_TIMEOUT,
-        )
-        assert listening.group(1) == walk.ports["2222"]
-        workers = int(listening.group(2) or 1)
-        walk_blocks = blocks(README, "quickstart")
-        assert len(walk_blocks) == 4
-        for block in walk_blocks:
-            walk.run(block)
-            if "reload" in block.options:
-                wait_reloaded(gateway, workers)
-        copy = walk.home / "src" / "myapp-copy"
-        assert (copy / "VERSION").read_text() == "1.0\n"
+        gateway = readme_walk(walk)
         first = True
         for block in blocks(DOCS / "quickstart.md"):
             walk.run(block, cwd=walk.checkout if first else None)
             first = False
             if "reload" in block.options:
-                wait_reloaded(gateway, workers)
+                wait_reloaded(gateway, gateway.workers)  # type: ignore[attr-defined]
+        walk.close()
+        assert "Traceback" not in "".join(gateway.lines)
     finally:
         walk.close()
-        # The embedded defaults put a root gateway's builds outside the checkout.
-        storage = config.from_mapping({}).storage
-        socket = walk.checkout / "var" / "gateway.sock"
-        builds = config.default_build_dir(dataclasses.replace(storage, control_socket=socket))
-        if not builds.is_relative_to(walk.checkout):
-            remove_tree(builds)
-    assert "Traceback" not in "".join(gateway.lines)
+        remove_default_build_dir(walk)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="the walk above already runs as a normal user")
+def test_readme_quickstart_as_a_normal_user() -> None:
+    """The tests run as root in CI; the Quickstart must work as it is for anyone else too
+    (deploys then run as the gateway's own user, its builds in var/builds)."""
+    base = Path(tempfile.mkdtemp(prefix="gateway-docs-"))  # reachable by nobody
+    base.chmod(0o755)
+    nobody = pwd.getpwnam("nobody")
+    walk = Walk(base, user=(nobody.pw_uid, nobody.pw_gid))
+    try:
+        gateway = readme_walk(walk)
+        assert (walk.checkout / "var" / "builds").is_dir()
+        walk.close()
+        assert "Traceback" not in "".join(gateway.lines)
+    finally:
+        walk.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow
