@@ -550,6 +550,12 @@ class LimitSettings:
         "on SIGTERM, once the SSH listener is closed, seconds to let running operations and"
         " deploys finish",
     )
+    max_commit_size: int = _setting(
+        "1M",
+        _size,
+        "largest commit or tag object (message and headers) a push may bring; receive's "
+        "max_input_size bounds the compressed pack only, which a repeated message beats 1000:1",
+    )
 
 
 DEPLOY_MODES = ("attached", "detached", "gate")

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,9 +20,8 @@ from dulwich.object_store import (
 )
 from dulwich.objects import Commit
 from dulwich.repo import Repo
-from dulwich.walk import Walker
 
-from . import hooks, names, packhook, repoguard
+from . import gitbin, hooks, names, packhook, repoguard
 from .errors import AccessDenied, Conflict, GatewayError, NotFound
 from .logs import q
 
@@ -44,6 +44,12 @@ TRASH_DIR = ".trash"
 # repository, so nothing written into a repository can add a hook, even during a push.
 HOOKS_DIR = ".hooks"
 QUARANTINE_PREFIX = "tmp_objdir-incoming-"
+
+
+# A commit too large to read into the gateway is described rather than shown.
+TOO_LARGE = "(a commit larger than [limits] max_commit_size: not shown)"
+DEFAULT_MAX_COMMIT_SIZE = 1024**2
+GIT_READ_TIMEOUT = 60
 
 
 @dataclass(frozen=True)
@@ -120,9 +126,19 @@ def config_text(max_input_size: int, push_options: bool = True) -> bytes:
 class Repositories:
     """Maps validated app names to `<root>/<app>.git` and manages those directories."""
 
-    def __init__(self, root: Path, max_input_size: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_input_size: int,
+        git: str = "git",
+        max_commit_size: int = DEFAULT_MAX_COMMIT_SIZE,
+    ) -> None:
         self.root = root.resolve()
         self.max_input_size = max_input_size
+        self.git = git
+        # Commits and tags larger than this are never read into the gateway (pre-receive
+        # refuses new ones; an older one is described, not read).
+        self.max_commit_size = max_commit_size
         # git takes the gateway's hooks from hooks_dir only (-c core.hooksPath), so an app
         # repository's own hooks/ holds none: nothing there ever runs through the gateway.
         self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
@@ -283,7 +299,61 @@ class Repositories:
             return repo, repo.object_store
         return repo, OverlayObjectStore([DiskObjectStore(str(quarantine)), repo.object_store])
 
+    def _git_env(
+        self, app: str, quarantine: Path | None, alternates: bool = True
+    ) -> dict[str, str]:
+        """git's environment for reading `app`'s objects, a push's quarantine first (with
+        the repository's own objects as alternates unless `alternates` is false)."""
+        extra = {"GIT_DIR": str(self.path_for(app))}
+        if quarantine is not None:
+            extra["GIT_OBJECT_DIRECTORY"] = str(quarantine)
+            if alternates:
+                extra["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(self.path_for(app) / "objects")
+        return gitbin.environment(self.root, **extra)
+
+    def _cat_file(
+        self, app: str, quarantine: Path | None, argv: list[str], stdin: bytes = b""
+    ) -> list[list[bytes]]:
+        """Lines `git cat-file ARGV` prints (blocking; run off the loop), each split; git's
+        own memory, never the gateway's, for whatever it reads."""
+        env = self._git_env(app, quarantine, alternates="--batch-all-objects" not in argv)
+        result = subprocess.run(
+            [self.git, "cat-file", *argv],
+            input=stdin,
+            capture_output=True,
+            env=env,
+            timeout=GIT_READ_TIMEOUT,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise GatewayError(f"git cat-file failed: {_decode(result.stderr).strip()[:200]}")
+        return [line.split() for line in result.stdout.splitlines()]
+
+    def oversized_object(self, app: str, quarantine: Path) -> tuple[str, str, int] | None:
+        """(sha, type, size) of the first commit or tag among a push's new objects (its
+        quarantine) over max_commit_size: sizes come from the objects' headers, nothing is
+        inflated. The quarantine holds exactly what this push brought."""
+        check = "--batch-check=%(objecttype) %(objectsize) %(objectname)"
+        for kind, size, name in self._cat_file(app, quarantine, ["--batch-all-objects", check]):
+            if kind in (b"commit", b"tag") and int(size) > self.max_commit_size:
+                return name.decode(), kind.decode(), int(size)
+        return None
+
+    def _sizes(self, app: str, shas: list[str], quarantine: Path | None) -> dict[str, int]:
+        """Each object's size from its header (missing objects are left out)."""
+        check = "--batch-check=%(objectname) %(objectsize)"
+        stdin = "".join(f"{sha}\n" for sha in shas).encode()
+        lines = self._cat_file(app, quarantine, [check], stdin)
+        return {line[0].decode(): int(line[1]) for line in lines if len(line) == 2}
+
+    def _readable(self, app: str, shas: list[str], quarantine: Path | None) -> set[str]:
+        """Those of `shas` small enough to read into the gateway (max_commit_size)."""
+        sizes = self._sizes(app, shas, quarantine)
+        return {sha for sha, size in sizes.items() if size <= self.max_commit_size}
+
     def commit_info(self, app: str, sha: str, quarantine: Path | None = None) -> CommitInfo:
+        if sha not in self._readable(app, [sha], quarantine):
+            return CommitInfo(TOO_LARGE, "")
         repo, store = self._open(app, quarantine)
         try:
             commit = store[sha.encode()]
@@ -297,14 +367,30 @@ class Repositories:
     def commits_between(
         self, app: str, old: str, new: str, limit: int, quarantine: Path | None = None
     ) -> list[dict[str, object]]:
-        """Commits reachable from `new` but not `old`, newest first (webhook payloads)."""
+        """Commits reachable from `new` but not `old`, newest first (webhook payloads). git
+        lists them; only those within max_commit_size are read into the gateway."""
+        argv = [self.git, "rev-list", f"--max-count={limit}", new]
+        if set(old) != {"0"}:
+            argv.append(f"^{old}")
+        listed = subprocess.run(
+            argv,
+            capture_output=True,
+            env=self._git_env(app, quarantine),
+            timeout=GIT_READ_TIMEOUT,
+            check=False,
+        )
+        if listed.returncode != 0:
+            raise GatewayError(f"git rev-list failed: {_decode(listed.stderr).strip()[:200]}")
+        shas = [line.decode() for line in listed.stdout.split()][:limit]
+        readable = self._readable(app, shas, quarantine)
         repo, store = self._open(app, quarantine)
         try:
-            exclude = [] if set(old) == {"0"} else [old.encode()]
-            walker = Walker(store, [new.encode()], exclude=exclude, max_entries=limit)
-            commits = []
-            for entry in walker:
-                commit = entry.commit
+            commits: list[dict[str, object]] = []
+            for sha in shas:
+                if sha not in readable:
+                    commits.append({"id": sha, "message": TOO_LARGE, "author": "", "timestamp": 0})
+                    continue
+                commit = store[sha.encode()]
                 commits.append(
                     {
                         "id": commit.id.decode(),

@@ -76,7 +76,12 @@ class Gateway:
         config = worker.adapt(config) if worker is not None else config
         self.config = config
         self.store: Store
-        self.repos = Repositories(config.storage.repos, config.git.max_input_size)
+        self.repos = Repositories(
+            config.storage.repos,
+            config.git.max_input_size,
+            git=config.git.binary,
+            max_commit_size=config.limits.max_commit_size,
+        )
         self.git: gitbin.Git
         self.deploys: DeployService
         self.control: ControlServer
@@ -427,6 +432,7 @@ class Gateway:
             self.web.registry.config = applied
         self.admission.settings = applied.limits
         self.rate.per_minute = applied.limits.user_ops_per_minute
+        self.repos.max_commit_size = applied.limits.max_commit_size
         logging.getLogger().setLevel(applied.log.level.upper())
         log.info("event=reloaded source=%s", applied.source)
 

@@ -62,7 +62,12 @@ class Registry:
     def __init__(self, config: Config, store: Store, repos: Repositories | None = None) -> None:
         self.config = config
         self.store = store
-        self.repos = repos or Repositories(config.storage.repos, config.git.max_input_size)
+        self.repos = repos or Repositories(
+            config.storage.repos,
+            config.git.max_input_size,
+            git=config.git.binary,
+            max_commit_size=config.limits.max_commit_size,
+        )
 
     # -- users --
 
@@ -95,20 +100,24 @@ class Registry:
         read_only: bool = False,
         apps: list[str] | None = None,
         not_after: datetime | None = None,
+        bound_by: str = "the key of this connection",
+        expiry_field: str = "--expires",
     ) -> SSHKey:
         """Register a public key (one OpenSSH line) for a user, with the key policy of
         `keys.parse_public_key` and the one-account-per-key rule of the store; `expires`
         as `times.expiry` reads it (`90d`, `2027-01-31`), or never; `read_only` and `apps`
-        limit what the key may do to reading and to those apps (within the user's roles)."""
+        limit what the key may do to reading and to those apps (within the user's roles).
+        `not_after`: when what authorized the request (`bound_by`: an expiring key or
+        certificate, token or session) stops working; no key it adds may outlive it."""
         user = names.user_name(user)
         key_name = names.key_name(key_name)
         expires_at = expiry(expires)
         if not_after is not None and (expires_at is None or expires_at > not_after):
-            # Self-service from an expiring key or a certificate: nothing outlives it.
+            # From an expiring key, certificate, token or session: nothing outlives it.
             when = times.text(not_after)
             raise UsageError(
-                f"the key of this connection expires on {when}: a key it adds must expire "
-                f"no later (--expires {when})"
+                f"{bound_by} expires on {when}: a key it adds must expire no later "
+                f"({expiry_field} {when})"
             )
         scope = None if apps is None else sorted({names.app_name(a) for a in apps})
         if scope is not None and not scope:

@@ -72,8 +72,10 @@ def _note(value: str) -> str:
     if len(note) > MAX_NOTE:
         raise OptionError(f"{NOTE} is {len(note)} characters long; at most {MAX_NOTE}")
     # Printable text on one line only: a note is shown in tables, logs and terminals.
-    # Categories C* are control, format (bidi overrides), surrogates and unassigned.
-    if any(unicodedata.category(c).startswith("C") for c in note):
+    # Categories C* are control, format (bidi overrides), surrogates and unassigned; Zl and
+    # Zp are the line and paragraph separators (U+2028, U+2029) some viewers break on.
+    if any(unicodedata.category(c)[0] == "C" or unicodedata.category(c) in ("Zl", "Zp")
+           for c in note):  # fmt: skip
         raise OptionError(f"{NOTE} may hold printable characters only, on one line")
     return note
 

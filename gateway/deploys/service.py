@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import audit, executors
-from ..config import Config, DeploySettings
+from ..config import Config, DeploySettings, size_text
 from ..deploylog import DeployLog, legacy_log_ids, read_legacy_log, read_log
 from ..errors import Conflict, GatewayError, NotFound, StoreUnavailable
 from ..logs import q
@@ -591,6 +591,10 @@ class DeployService:
             await say(f"push refused: {exc}\n")
             return 1 if gate else 0
         if gate:
+            refusal = await self._oversized(session, request.get("quarantine"))
+            if refusal:
+                await say(f"push refused: {refusal}\n")
+                return 1
             return await self._pre_receive(session, updates, request.get("quarantine"), say)
         # post-receive lists exactly the refs this push changed, checked against the
         # repository: the audit trail's push record.
@@ -605,6 +609,39 @@ class DeployService:
             **({"options": session.options.words()} if session.options.given else {}),
         )
         return await self._post_receive(session, updates, say)
+
+    async def _oversized(self, session: PushSession, quarantine: Any) -> str:
+        """Why this push is refused for a commit or tag over [limits] max_commit_size, or "":
+        pre-receive, before any ref moves and before anything reads the new objects (a
+        repeated message compresses 1000:1, so the pack's own limit does not bound them)."""
+        if not isinstance(quarantine, str) or not quarantine:
+            return ""  # nothing new came in (deletions, or refs to objects already here)
+        app = session.app
+        try:
+            path = await executors.run(self.repos.quarantine_path, app.name, quarantine)
+            found = await executors.run(self.repos.oversized_object, app.name, path)
+        except GatewayError as exc:
+            log.warning("event=hook_refused app=%s reason=%s", app.name, q(exc))
+            return "the gateway cannot read the pushed objects"
+        if found is None:
+            return ""
+        sha, kind, size = found
+        limit = self.repos.max_commit_size
+        log.warning(
+            "event=push_refused app=%s conn=%s user=%s reason=object_too_large object=%s "
+            "type=%s size=%d limit=%d",
+            app.name,
+            session.conn_id,
+            session.identity.user_name,
+            sha,
+            kind,
+            size,
+            limit,
+        )
+        return (
+            f"{kind} {messages.short(sha)} is {size_text(size)} (message and headers), over "
+            f"this gateway's limit of {size_text(limit)} per {kind} ([limits] max_commit_size)"
+        )
 
     def _options(self, session: PushSession, updates: list[RefUpdate], raw: Any) -> PushOptions:
         """This push's options: parsed and checked in pre-receive, before any ref moves (the

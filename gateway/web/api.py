@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from ..shapes import (
     user_dict,
 )
 from ..store import UserSummary
+from . import jsonbody
 
 PREFIX = "/api/v1"
 
@@ -53,9 +53,9 @@ class Call:
 
     async def body(self) -> dict[str, Any]:
         try:
-            data = await self.request.json(loads=json.loads)
-        except ValueError:
-            raise UsageError("the request body must be JSON") from None
+            data = jsonbody.parse(await self.request.read())
+        except jsonbody.BadBody as exc:
+            raise UsageError(str(exc)) from None
         if not isinstance(data, dict):
             raise UsageError("the request body must be a JSON object")
         return data
@@ -153,6 +153,10 @@ async def _add_key(call: Call, user: str) -> tuple[int, Any]:
         expires=string(body, "expires", required=False),
         read_only=boolean(body, "read_only"),
         apps=strings(body, "apps"),
+        # An expiring token adds no key that outlives it.
+        not_after=call.token.expires_at,
+        bound_by="the token of this request",
+        expiry_field='"expires":',
     )
     return 201, key_dict(key)
 

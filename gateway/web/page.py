@@ -294,7 +294,17 @@ class KeysPage:
         name, text = form.get("name", "").strip(), form.get("key", "")
         try:
             expires = form.get("expires", "").strip() or None
-            key = await self.registry.add_key(user, name, text, actor=user, expires=expires)
+            key = await self.registry.add_key(
+                user,
+                name,
+                text,
+                actor=user,
+                expires=expires,
+                # The session's token may expire: the keys it adds may not outlive it.
+                not_after=token.expires_at,
+                bound_by="the token you signed in with",
+                expiry_field="Expires:",
+            )
         except GatewayError as exc:
             return await self._render(
                 token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc), form=_echo(form)

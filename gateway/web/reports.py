@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,8 +13,10 @@ from ..deploys import DeployService
 from ..deploys.webhook import token_hash
 from ..logs import q
 from ..models import DeployStatus
+from . import jsonbody
 
 log = logging.getLogger("gateway.http")
+EXIT_CODE_MIN, EXIT_CODE_MAX = -(2**31), 2**31 - 1
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -36,9 +37,9 @@ def handler(deploys: DeployService) -> Callable[[web.Request], Awaitable[web.Res
             log.warning("event=status_refused deploy=%d reason=bad_token", deploy_id)
             return _error(401, "unknown deploy or bad token")
         try:
-            report: Any = json.loads(await request.read() or b"{}")
-        except ValueError:
-            return _error(400, "body must be JSON")
+            report: Any = jsonbody.parse(await request.read() or b"{}")
+        except jsonbody.BadBody as exc:
+            return _error(400, str(exc))
         if not isinstance(report, dict):
             return _error(400, "body must be a JSON object")
         log_text = report.get("log")
@@ -52,9 +53,12 @@ def handler(deploys: DeployService) -> Callable[[web.Request], Awaitable[web.Res
             final = DeployStatus(status)
         exit_code = report.get("exit_code")
         if exit_code is not None and (
-            isinstance(exit_code, bool) or not isinstance(exit_code, int)
+            isinstance(exit_code, bool)
+            or not isinstance(exit_code, int)
+            or not EXIT_CODE_MIN <= exit_code <= EXIT_CODE_MAX
         ):
-            return _error(400, "exit_code must be an integer")
+            # The registry keeps 32-bit integers: a larger one was a database error (500).
+            return _error(400, "exit_code must be an integer from -2147483648 to 2147483647")
         answer = await deploys.report(deploy_id, log_text, final, exit_code)
         if answer == "slow down":
             response = _error(429, "too many reports: slow down")

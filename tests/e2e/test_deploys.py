@@ -535,6 +535,8 @@ def test_webhook_receiver_reports_status(gw, gw_admin, dev, receiver, tmp_path):
     pushing.wait_for(r"waiting for the receiver's status report")
     assert report({"log": "building on the receiver"}, token) == 200
     pushing.wait_for(r"remote: building on the receiver")
+    # An exit code the registry cannot hold was a database error (a 500): now refused.
+    assert report({"status": "failed", "exit_code": 2**40}, token) == 400
     assert report({"status": "failed", "exit_code": 7}, token) == 200
     assert pushing.finish() == 1
     assert "reported failed by the receiver" in pushing.stderr

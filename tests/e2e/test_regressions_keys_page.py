@@ -9,11 +9,13 @@ import json
 import re
 import sqlite3
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlencode
 
-from tests.helpers import TIMEOUT, Admin, ServerThread, keygen, unique
+from tests import helpers
+from tests.helpers import TIMEOUT, Admin, ServerThread, http_base, keygen, unique
 
 
 @dataclass
@@ -240,3 +242,47 @@ def test_regression_a_pasted_private_key_is_never_sent_back(
     typo = "ssh-ed25519 not-base64 me@laptop"
     reply = visitor.request("POST", "/keys", {"name": "typo", "key": typo, "csrf": csrf})
     assert reply.status == 422 and f">{typo}</textarea>" in reply.body
+
+
+def test_regression_an_expiring_token_adds_no_key_that_outlives_it(
+    server: ServerThread, admin: Admin
+) -> None:
+    """Found in review: a personal token made with `--expires 1h` added a key that never
+    expires, through the API (`POST /api/v1/user/keys`) and the keys page alike."""
+    user = unique("exp")
+    admin.ok("user", "add", user)
+    made = json.loads(
+        admin.ok("token", "create", unique("pt"), "--user", user, "--expires", "1h", "--json")
+    )
+    token, until = made["token"], made["expires_at"]
+    directory = Path(server.config.storage.repos).parent
+    keys = [Path(f"{keygen(directory / unique('k'))}.pub").read_text() for _ in range(3)]
+    api = f"{http_base(server)}/api/v1/user/keys"
+
+    refused = helpers.http("POST", api, token, {"name": "forever", "key": keys[0]})
+    assert refused.status == 422
+    message = refused.json()["error"]["message"]
+    assert message == (
+        f"the token of this request expires on {until}: a key it adds must expire no later "
+        f'("expires": {until})'
+    )
+    later = helpers.http("POST", api, token, {"name": "later", "key": keys[0], "expires": "2d"})
+    assert later.status == 422
+    soon = (datetime.now(UTC) + timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    within = helpers.http("POST", api, token, {"name": "within", "key": keys[0], "expires": soon})
+    assert within.status == 201 and within.json()["expires_at"] is not None
+
+    visitor = Visitor(server)
+    visitor.sign_in(token)
+    csrf = visitor.request("GET", "/keys").field("csrf")
+    page = visitor.request("POST", "/keys", {"name": "page", "key": keys[1], "csrf": csrf})
+    assert page.status == 422
+    assert "the token you signed in with expires on" in page.body
+    kept = visitor.request(
+        "POST", "/keys", {"name": "page", "key": keys[1], "expires": soon, "csrf": csrf}
+    )
+    assert kept.status in (200, 303), kept.body
+    listed = {
+        k["name"]: k["expires_at"] for k in json.loads(admin.ok("key", "list", user, "--json"))
+    }
+    assert set(listed) == {"within", "page"} and all(listed.values())

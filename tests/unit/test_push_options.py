@@ -38,6 +38,9 @@ def test_mode_follows_the_push_except_gate(configured, options, mode):
         ["deploy.note=\udcff"],  # undecodable bytes, as os.environ gives them
         ["deploy.note=a\u200bb"],  # a zero-width (format) character
         ["deploy.note=line\nbreak"],
+        ["deploy.note=line\u2028separator"],  # Zl: some viewers break the line there
+        ["deploy.note=paragraph\u2029separator"],  # Zp
+        ["deploy.note=c1\x85control"],  # NEL, a C1 control
         ["Deploy.Skip"],  # names are exact
         ["deploy.skip "],
         [""],

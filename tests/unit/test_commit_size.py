@@ -1,0 +1,107 @@
+"""Commits and tags are read into the gateway only within [limits] max_commit_size: a push's
+oversized objects are found from their headers, and reading one never inflates it here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from gateway.repos import TOO_LARGE, Repositories
+
+LIMIT = 64 * 1024
+BIG = 8 * 1024 * 1024  # a message far over the limit (compresses to a few KiB)
+
+
+def git(repo: Path, *args: str, stdin: bytes = b"", objects: Path | None = None) -> str:
+    env = {
+        "PATH": os.environ["PATH"],
+        "GIT_DIR": str(repo),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+    }
+    if objects is not None:  # as receive-pack's quarantine: new objects apart
+        env["GIT_OBJECT_DIRECTORY"] = str(objects)
+        env["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = str(repo / "objects")
+    result = subprocess.run(
+        ["git", *args], input=stdin, capture_output=True, env=env, timeout=60, check=True
+    )
+    return result.stdout.decode().strip()
+
+
+def commit(repo: Path, message: bytes, parent: str = "", objects: Path | None = None) -> str:
+    tree = git(repo, "mktree", objects=objects)
+    head = f"tree {tree}\n" + (f"parent {parent}\n" if parent else "")
+    who = "A <a@example.com> 1767225600 +0000"
+    head += f"author {who}\ncommitter {who}\n\n"
+    return git(repo, "hash-object", "-t", "commit", "-w", "--stdin",
+               stdin=head.encode() + message, objects=objects)  # fmt: skip
+
+
+@pytest.fixture
+def repos(tmp_path: Path) -> Repositories:
+    repos = Repositories(tmp_path / "repos", 1024**3, max_commit_size=LIMIT)
+    repos.create("web", "main")
+    return repos
+
+
+def test_a_push_with_a_commit_over_the_limit_is_found_from_headers(repos: Repositories) -> None:
+    repo = repos.path_for("web")
+    base = commit(repo, b"base\n")
+    quarantine = repo / "objects" / "tmp_objdir-incoming-x"
+    quarantine.mkdir()
+    small = commit(repo, b"fine\n", base, objects=quarantine)
+    assert repos.oversized_object("web", quarantine) is None
+    # A big blob is a file, bounded elsewhere (max_input_size, the export): not this limit.
+    git(repo, "hash-object", "-w", "--stdin", stdin=b"x" * BIG, objects=quarantine)
+    assert repos.oversized_object("web", quarantine) is None
+    huge = commit(repo, b"subject\n\n" + b"A" * BIG, small, objects=quarantine)
+    sha, kind, size = repos.oversized_object("web", quarantine) or ("", "", 0)
+    assert (sha, kind) == (huge, "commit") and size > BIG
+
+
+def test_an_annotated_tag_over_the_limit_is_found_too(repos: Repositories) -> None:
+    repo = repos.path_for("web")
+    target = commit(repo, b"base\n")
+    quarantine = repo / "objects" / "tmp_objdir-incoming-y"
+    quarantine.mkdir()
+    tag = f"object {target}\ntype commit\ntag v1\ntagger A <a@example.com> 1767225600 +0000\n\n"
+    git(repo, "hash-object", "-t", "tag", "-w", "--stdin",
+        stdin=tag.encode() + b"T" * BIG, objects=quarantine)  # fmt: skip
+    assert (repos.oversized_object("web", quarantine) or ("", ""))[1] == "tag"
+
+
+def test_regression_reading_a_huge_commit_never_inflates_it_in_the_gateway(
+    repos: Repositories,
+) -> None:
+    """Queueing a deploy read the whole commit to take its subject: a 400 MiB message pushed
+    in a few hundred KB took the gateway to 1.7 GB. Now its size is asked of git first."""
+    repo = repos.path_for("web")
+    base = commit(repo, b"base\n")
+    huge = commit(repo, b"huge subject\n\n" + b"A" * BIG, base)
+    tracemalloc.start()
+    try:
+        info = repos.commit_info("web", huge)
+        listed = repos.commits_between("web", base, huge, limit=20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.subject == TOO_LARGE and info.author == ""
+    assert [c["message"] for c in listed] == [TOO_LARGE]
+    assert peak < BIG // 8, peak
+
+
+def test_commits_within_the_limit_read_as_before(repos: Repositories) -> None:
+    repo = repos.path_for("web")
+    first = commit(repo, b"first\n")
+    second = commit(repo, b"second subject\n\nbody\n", first)
+    info = repos.commit_info("web", second)
+    assert (info.subject, info.author) == ("second subject", "A <a@example.com>")
+    listed = repos.commits_between("web", "0" * 40, second, limit=20)
+    assert [c["id"] for c in listed] == [second, first]
+    assert listed[0]["message"] == "second subject\n\nbody\n"
+    assert repos.commits_between("web", first, second, limit=20)[0]["id"] == second
+    assert len(repos.commits_between("web", "0" * 40, second, limit=1)) == 1
