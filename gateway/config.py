@@ -502,10 +502,20 @@ class GitSettings:
         " (`<control_socket>.pack-cache`)",
     )
     pack_cache_max_size: int = _setting(
-        "1G", _size, "disk the cached packs may take; the oldest go first"
+        "1G",
+        _size,
+        "disk the pack cache may take, packs being sent included (even removed ones still"
+        " read); the oldest cached packs go first, and a fetch that finds it full is answered"
+        " uncached",
     )
     pack_cache_max_age: float = _setting(
         300, _seconds, "seconds a cached pack is served after it was written"
+    )
+    pack_cache_max_markers: int = _setting(
+        10000,
+        _count,
+        "requests remembered (an empty file each) to keep an answer at its second request;"
+        " the least recent go first",
     )
 
 

@@ -76,6 +76,7 @@ class PackCache:
         self.directory = settings.pack_cache_dir
         self.max_size = settings.pack_cache_max_size
         self.max_age = settings.pack_cache_max_age
+        self.max_markers = settings.pack_cache_max_markers
         self.git = git
         self.hook = hook
         self.stats = stats
@@ -130,6 +131,7 @@ class PackCache:
             packhook.DIR_ENV: str(self.directory),
             packhook.MAX_SIZE_ENV: str(self.max_size),
             packhook.MAX_AGE_ENV: str(self.max_age),
+            packhook.MAX_MARKERS_ENV: str(self.max_markers),
             packhook.GIT_ENV: self.git,
         }
         if self._transport is not None:

@@ -34,11 +34,12 @@ import time
 DIR_ENV = "GATEWAY_PACK_CACHE_DIR"
 MAX_SIZE_ENV = "GATEWAY_PACK_CACHE_MAX_SIZE"
 MAX_AGE_ENV = "GATEWAY_PACK_CACHE_MAX_AGE"
+MAX_MARKERS_ENV = "GATEWAY_PACK_CACHE_MAX_MARKERS"
 STATS_ENV = "GATEWAY_PACK_CACHE_STATS"
 GIT_ENV = "GATEWAY_GIT"
 
-ENTRIES, SPOOL, SEEN, LOCK = "entries", "spool", "seen", "lock"
-SUBDIRS = (ENTRIES, SPOOL, SEEN)
+ENTRIES, SPOOL, SEEN, GONE, LOCK = "entries", "spool", "seen", "gone", "lock"
+SUBDIRS = (ENTRIES, SPOOL, SEEN, GONE)
 KEY_VERSION = b"git-gateway pack cache 1\0"
 # Entry = pack bytes, then: magic, pack length, key, sha256(key + pack). The key inside the
 # checksum means an entry renamed to another key (another tenant's) never verifies.
@@ -55,6 +56,13 @@ POLL = 0.005
 JOIN_WAIT = 2.0
 # Spool files older than this with no live writer were left by a killed leader.
 STALE_SPOOL = 60.0
+# A leader reserves disk for its spool in steps of this much (at most; less with a small
+# max_size): each step is one look at the whole cache under the budget lock.
+STEP = 8 * 1024 * 1024
+# seen/ markers kept (one empty file per distinct recent request) unless configured.
+MAX_MARKERS = 10_000
+# struct flock for F_OFD_SETLK (Linux, 64-bit): type, whence, start, len, pid (0).
+_FLOCK = struct.Struct("hhqqi4x")
 
 
 class _quiet:
@@ -227,11 +235,20 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 class Cache:
     """The node's cache directory, reached only through descriptors opened without
-    following symlinks, and only if it is a directory private to this user."""
+    following symlinks, and only if it is a directory private to this user.
 
-    def __init__(self, path: str, max_size: int, max_age: float) -> None:
+    Disk: every byte of every file in entries/, spool/ and gone/ counts against max_size,
+    and claims (sparse files in gone/ whose size is what a leader may still write) too.
+    A data file is never unlinked while a process holds it open (an open file's bytes stay
+    on disk, unseen by any directory listing): each holder keeps an OFD read lock on it,
+    and one that is still held moves to gone/, counted, until its last holder is done."""
+
+    def __init__(
+        self, path: str, max_size: int, max_age: float, max_markers: int = MAX_MARKERS
+    ) -> None:
         self.max_size = max_size
         self.max_age = max_age
+        self.max_markers = max_markers
         try:
             self.root = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError as exc:
@@ -275,11 +292,14 @@ class Cache:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
                 raise ValueError("not a regular file of the gateway's user")
+            if not hold(fd):  # removed (or being removed) since we opened it: a miss
+                os.close(fd)
+                return None
             if info.st_nlink != 1:
                 raise ValueError("a file with other names (hard link)")
             if time.time() - info.st_mtime > self.max_age:
                 os.close(fd)
-                self.remove(ENTRIES, key)
+                self.retire(ENTRIES, key)
                 return None
             if info.st_size <= IN_MEMORY + TRAILER.size:
                 # Small: one read, checked and served from memory.
@@ -298,6 +318,48 @@ class Cache:
         with _quiet(OSError):
             os.unlink(name, dir_fd=self.dirs[where])
 
+    def retire(self, where: str, name: str) -> str | None:
+        """Take a data file out of use: unlinked if nobody holds it open, else moved to
+        gone/ (its bytes still counted) until its last holder is done. Returns its name in
+        gone/ (its holder may unlink it once done: forget()), or None if it was unlinked."""
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.dirs[where])
+        except OSError:
+            self.remove(where, name)  # gone already, or a symlink (never followed)
+            return None
+        try:
+            if _ofd_lock(fd, fcntl.F_WRLCK):
+                self.remove(where, name)  # under the write lock: no holder can start now
+                return None
+            parked = f"{name}.{os.fstat(fd).st_ino}"
+            try:
+                os.rename(name, parked, src_dir_fd=self.dirs[where], dst_dir_fd=self.dirs[GONE])
+            except OSError:
+                return None
+            return parked
+        finally:
+            os.close(fd)
+
+    def forget(self, name: str) -> None:
+        """Unlink a file of gone/ if nobody holds it any more."""
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.dirs[GONE])
+        except OSError:
+            self.remove(GONE, name)
+            return
+        try:
+            if _ofd_lock(fd, fcntl.F_WRLCK):
+                self.remove(GONE, name)
+        finally:
+            os.close(fd)
+
+    def reap(self, claims: bool) -> None:
+        """Unlink what gone/ holds that nobody holds any more; claims only under the budget
+        lock (a claim is made and locked under it)."""
+        for name in os.listdir(self.dirs[GONE]):
+            if claims or not name.startswith("claim-"):
+                self.forget(name)
+
     # -- second requests --
 
     def mark_seen(self, key: str) -> tuple[bool, int]:
@@ -307,14 +369,39 @@ class Cache:
             before = os.stat(key, dir_fd=seen, follow_symlinks=False)
             recent = time.time() - before.st_mtime <= self.max_age
         except FileNotFoundError:
-            recent = False
+            before, recent = None, False
         try:
             fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=seen)
             os.close(fd)
             os.utime(key, dir_fd=seen, follow_symlinks=False)
-            return recent, os.stat(key, dir_fd=seen, follow_symlinks=False).st_mtime_ns
+            marked = os.stat(key, dir_fd=seen, follow_symlinks=False).st_mtime_ns
         except OSError:
             return recent, 0
+        if before is None:  # one more marker: keep their number bounded
+            self.bound_markers()
+        return recent, marked
+
+    def bound_markers(self) -> None:
+        """At most max_markers markers: past that, the expired and then the least recently
+        requested go, down to three quarters of it (a sweep every max_markers/4 new keys,
+        not at each). One sweeper at a time; others skip."""
+        names = os.listdir(self.dirs[SEEN])
+        if len(names) <= self.max_markers or not self._try_budget_lock():
+            return
+        try:
+            now = time.time()
+            items = []
+            for item in _scan(self.dirs[SEEN]):
+                if now - item.st_mtime > self.max_age:
+                    self.remove(SEEN, item.name)
+                else:
+                    items.append(item)
+            keep = self.max_markers * 3 // 4
+            items.sort(key=lambda i: i.st_mtime)
+            for item in items[: max(len(items) - keep, 0)]:
+                self.remove(SEEN, item.name)
+        finally:
+            self._budget_unlock()
 
     def seen_since(self, key: str, mtime_ns: int) -> bool:
         try:
@@ -347,6 +434,7 @@ class Cache:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=spool)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            self.retire(SPOOL, key)  # a killed leader's, maybe still read: never renamed over
             os.rename(temp, key, src_dir_fd=spool, dst_dir_fd=spool)
         except OSError:
             os.close(fd)
@@ -360,50 +448,102 @@ class Cache:
         except OSError:
             return None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or not hold(fd):
             os.close(fd)
             return None
         return fd
 
-    def spools_size(self) -> int:
-        """Bytes in spools now: answers in progress count against max_size too."""
-        return sum(item.st_size for item in _scan(self.dirs[SPOOL]))
-
     def publish(self, key: str) -> None:
         """The finished spool becomes the entry, atomically (it was complete before)."""
+        self.retire(ENTRIES, key)  # an expired one, maybe still read: never renamed over
         os.rename(key, key, src_dir_fd=self.dirs[SPOOL], dst_dir_fd=self.dirs[ENTRIES])
 
     # -- bounds --
 
-    def sweep(self) -> None:
-        """Drop expired entries, then the oldest until the entries fit in max_size; drop old
-        markers and spools of killed leaders. One sweeper at a time; others skip."""
+    def usage(self) -> int:
+        """Bytes the cache holds on disk now: entries, spools, files still read after their
+        removal, and what leaders have reserved but not written yet."""
+        return sum(
+            item.st_bytes for where in (ENTRIES, SPOOL, GONE) for item in _scan(self.dirs[where])
+        )
+
+    def _try_budget_lock(self) -> bool:
         try:
             fcntl.lockf(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
         except OSError:
+            return False
+        return True
+
+    def _budget_unlock(self) -> None:
+        fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, 0)
+
+    def reserve(self, claim: Claim, written: int, need: int) -> bool:
+        """Let a leader that has `written` bytes in its spool write `need` more (at least),
+        within max_size counted over the whole cache; the oldest entries nobody reads are
+        removed to make room. Under the budget lock, so that two leaders never both take
+        the same free bytes."""
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX, 1, 0)
+        except OSError:
+            return False
+        try:
+            self.reap(claims=True)
+            if claim.fd < 0 and not claim.make(self):
+                return False
+            own = claim.size + written
+            free = self.max_size - (self.usage() - own) - written
+            if free < need:
+                free += self._evict(need - free)
+            if free < need:
+                return False
+            step = min(free, max(need, min(STEP, self.max_size // 16)))
+            os.ftruncate(claim.fd, step)
+            claim.size = step
+            return True
+        except OSError:
+            return False
+        finally:
+            self._budget_unlock()
+
+    def _evict(self, want: int) -> int:
+        """Remove entries (expired, then oldest) until `want` bytes are free; returns the
+        bytes freed. One still being read moves to gone/ and frees nothing yet."""
+        now = time.time()
+        items = sorted(
+            _scan(self.dirs[ENTRIES]),
+            key=lambda i: (now - i.st_mtime <= self.max_age, i.st_mtime),
+        )
+        freed = 0
+        for item in items:
+            if freed >= want:
+                break
+            if self.retire(ENTRIES, item.name) is None:
+                freed += item.st_bytes
+        return freed
+
+    def sweep(self) -> None:
+        """Drop expired entries, then the oldest until the whole cache fits in max_size;
+        drop old markers, spools of killed leaders and removed files nobody reads any
+        more. One sweeper at a time; others skip."""
+        if not self._try_budget_lock():
             return
         try:
             now = time.time()
-            entries = []
             for item in _scan(self.dirs[ENTRIES]):
                 if now - item.st_mtime > self.max_age:
-                    self.remove(ENTRIES, item.name)
-                else:
-                    entries.append(item)
-            total = sum(item.st_size for item in entries)
-            for item in sorted(entries, key=lambda i: i.st_mtime):
-                if total <= self.max_size:
-                    break
-                self.remove(ENTRIES, item.name)
-                total -= item.st_size
+                    self.retire(ENTRIES, item.name)
+            excess = self.usage() - self.max_size
+            if excess > 0:
+                self._evict(excess)
             for item in _scan(self.dirs[SEEN]):
                 if now - item.st_mtime > self.max_age:
                     self.remove(SEEN, item.name)
             for item in _scan(self.dirs[SPOOL]):
                 if now - item.st_mtime > STALE_SPOOL:
                     self._remove_dead_spool(item.name)
+            self.reap(claims=True)
         finally:
-            fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, 0)
+            self._budget_unlock()
 
     def _remove_dead_spool(self, name: str) -> None:
         try:
@@ -412,16 +552,70 @@ class Cache:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no live leader writes it
-            self.remove(SPOOL, name)
+            self.retire(SPOOL, name)
         except OSError:
             pass
         finally:
             os.close(fd)
 
 
+class Claim:
+    """Disk a leader may still write to its spool: a sparse file in gone/ (no blocks, its
+    size counted), held with a read lock while the leader lives (a killed leader's is
+    reaped)."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.size = 0
+        self.name = f"claim-{os.getpid()}"
+
+    def make(self, cache: Cache) -> bool:
+        gone = cache.dirs[GONE]
+        try:
+            self.fd = os.open(
+                self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=gone
+            )
+        except OSError:
+            return False
+        if not hold(self.fd):  # pragma: no cover - made under the budget lock
+            self.drop(cache)
+            return False
+        return True
+
+    def drop(self, cache: Cache) -> None:
+        """Give the unwritten rest back (what was written counts as the spool's own)."""
+        if self.fd >= 0:
+            cache.remove(GONE, self.name)
+            os.close(self.fd)
+            self.fd, self.size = -1, 0
+
+
+def hold(fd: int) -> bool:
+    """Mark fd's file as held open (an OFD read lock, dropped by the kernel with the
+    descriptor): it is never unlinked while held. False if it was removed meanwhile, or is
+    being removed (then it must not be used)."""
+    if not _ofd_lock(fd, fcntl.F_RDLCK):
+        return False
+    return os.fstat(fd).st_nlink > 0
+
+
+def _ofd_lock(fd: int, kind: int) -> bool:
+    """An open-file-description lock on the whole file, without waiting: independent of
+    flock (the spool's writer lock) and owned by the descriptor, not the process."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
 class _Item:
     def __init__(self, name: str, info: os.stat_result) -> None:
         self.name, self.st_size, self.st_mtime = name, info.st_size, info.st_mtime
+        # Disk taken: blocks, or the size of a sparse claim (its blocks are not written yet).
+        self.st_bytes = max(info.st_size, info.st_blocks * 512)
 
 
 def _scan(fd: int) -> list[_Item]:
@@ -517,7 +711,7 @@ def serve_entry(cache: Cache, key: str, out: int, report: Reporter) -> bool:
         found = cache.read_entry(key)
     except ValueError as exc:
         report.problem("pack_cache_bad_entry", str(exc), key)
-        cache.remove(ENTRIES, key)
+        cache.retire(ENTRIES, key)
         return False
     if found is None:
         return False
@@ -635,24 +829,42 @@ def lead(
 ) -> int:
     """Run pack-objects; copy its output, at its own pace, to the spool followers read
     (and the leader's client from it); keep it as an entry if the key was requested
-    before or meanwhile. A spool never grows past max_size, and spools in progress
-    together stay within it: beyond, the request is answered without one."""
+    before or meanwhile. Entries, spools and removed files still being read together
+    stay within max_size: a spool reserves disk as it grows, and one that cannot (a pack
+    larger than the cache, or a cache full of others' bytes) stops being spooled there,
+    its request answered straight from pack-objects, whole."""
     if serve_entry(cache, key, out, report):  # written by a leader that just finished
         return 0
     report.message["result"] = "miss"
     recent, marked = cache.mark_seen(key)
+    claim = Claim()
     spool: int | None = None
     reader: int | None = None
-    if cache.spools_size() < cache.max_size:
+    parked: str | None = None  # our spool, in gone/, while our client still reads it
+    limit = 0  # bytes the spool may hold before reserving more
+    # A full cache means this request runs without a spool rather than waiting for room:
+    # room comes back only as other tenants' clients read (a stalled one holds its bytes
+    # until idle_timeout), and no fetch should wait on another tenant. Uncached costs one
+    # pack-objects run of CPU, never disk; memory stays a pipe's worth.
+    if cache.reserve(claim, 0, CHUNK + TRAILER.size):
+        limit = claim.size
         try:
             spool = cache.new_spool(key)
             # Our own descriptor to read it back: not a dup, which would share (and keep)
             # the writer's lock after the writer is closed.
             reader = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=cache.dirs[SPOOL])
+            if not hold(reader):
+                raise OSError(errno.ESTALE, "spool removed while opened")
         except OSError as exc:
             report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+            if reader is not None:
+                os.close(reader)
+                reader = None
             if spool is not None:
-                spool = _abandon(cache, key, spool)
+                parked, spool = _abandon(cache, key, spool), None
+            claim.drop(cache)
+    else:
+        claim.drop(cache)
     digest = hashlib.sha256(bytes.fromhex(key))
     length = 0
     client = _Client(out)
@@ -667,8 +879,10 @@ def lead(
             start, length = length, length + len(data)
             if spool is not None and reader is not None:
                 try:
-                    if length + TRAILER.size > cache.max_size:
-                        raise _TooLarge
+                    if length + TRAILER.size > limit:
+                        if not cache.reserve(claim, start, len(data) + TRAILER.size):
+                            raise _TooLarge
+                        limit = start + claim.size
                     write_all(spool, data)
                     digest.update(data)
                     client.offer(reader, length)
@@ -676,10 +890,12 @@ def lead(
                 except (OSError, _TooLarge) as exc:
                     if isinstance(exc, OSError):
                         report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-                    # The chunks before this one are whole in the spool: our client gets
-                    # them from there, this one and the rest directly. Followers see a
-                    # spool without a trailer and do not use it.
-                    spool = _abandon(cache, key, spool, keep_data=True)
+                    # The chunks before this one are whole in the spool (kept, and counted,
+                    # in gone/ while we read it): our client gets them from there, this one
+                    # and the rest directly. Followers see a spool without a trailer and do
+                    # not use it.
+                    parked, spool = _abandon(cache, key, spool, keep_data=True), None
+                    claim.drop(cache)
                     client.finish(reader, start)
             client.send(data)
             if not client.alive and spool is None:
@@ -688,13 +904,13 @@ def lead(
         code = proc.wait()
         if spool is not None:
             if code != 0:
-                spool = _abandon(cache, key, spool)
+                parked, spool = _abandon(cache, key, spool), None
             else:
                 try:
                     write_all(spool, trailer(key, length, digest.digest()))
                 except OSError as exc:
                     report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-                    spool = _abandon(cache, key, spool, keep_data=True)
+                    parked, spool = _abandon(cache, key, spool, keep_data=True), None
         if spool is not None:
             if recent or cache.seen_since(key, marked):
                 try:
@@ -702,39 +918,45 @@ def lead(
                     report.message["written"] = length + TRAILER.size
                 except OSError as exc:
                     report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-                    cache.remove(SPOOL, key)
+                    parked = cache.retire(SPOOL, key)
+                claim.drop(cache)  # what it holds now counts as the entry
                 cache.sweep()
             else:
-                cache.remove(SPOOL, key)
+                parked = cache.retire(SPOOL, key)  # ours until our client has it all
             os.close(spool)  # releases the flock: followers see the end
             spool = None
+        claim.drop(cache)
         if reader is not None and code == 0:
             client.finish(reader, length)  # after the followers were released
         return code if client.alive else 1
     finally:
         if spool is not None:
             os.close(spool)
+        claim.drop(cache)
         if reader is not None:
             os.close(reader)
+        if parked is not None:
+            cache.forget(parked)
         if proc.code is None:
             proc.kill()
             proc.wait()
 
 
 class _TooLarge(Exception):
-    """The pack outgrows the cache: it is answered without a spool."""
+    """The pack outgrows what the cache has left: it is answered without a spool."""
 
 
-def _abandon(cache: Cache, key: str, spool: int, keep_data: bool = False) -> None:
-    """Stop spooling: the file is removed and closed without a trailer, so followers that
-    had not started yet run git themselves, and none ever treats it as complete. With
-    keep_data, its bytes stay readable through the leader's own reader until it closes."""
-    cache.remove(SPOOL, key)
+def _abandon(cache: Cache, key: str, spool: int, keep_data: bool = False) -> str | None:
+    """Stop spooling: the file is taken out of spool/ and closed without a trailer, so
+    followers that had not started yet run git themselves, and none ever treats it as
+    complete. With keep_data, its bytes stay readable through the leader's own reader
+    until it closes (in gone/, counted); returns that name, for forget()."""
     if not keep_data:
         with _quiet(OSError):
             os.ftruncate(spool, 0)
+    parked = cache.retire(SPOOL, key)
     os.close(spool)
-    return None
+    return parked
 
 
 def run_plain(command: list[str], request: bytes, stdin: int) -> int:
@@ -784,6 +1006,7 @@ def main(argv: list[str]) -> int:
                 os.environ[DIR_ENV],
                 int(os.environ.get(MAX_SIZE_ENV, "0")),
                 float(os.environ.get(MAX_AGE_ENV, "0")),
+                int(os.environ.get(MAX_MARKERS_ENV, str(MAX_MARKERS))),
             )
         except (Unusable, KeyError, ValueError) as exc:
             report.problem("pack_cache_unusable", str(exc))
@@ -810,6 +1033,8 @@ def main(argv: list[str]) -> int:
             time.sleep(POLL)
     finally:
         if cache is not None:
+            with _quiet(OSError):
+                cache.reap(claims=False)  # what others removed while we still read it
             cache.close()
         report.send()
 

@@ -4,6 +4,7 @@ entry must be, and how the directory is prepared."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import stat
@@ -317,3 +318,174 @@ def test_regression_a_pack_larger_than_the_cache_is_sent_whole_without_a_spool(t
         assert len(result.stdout) == len(plain) and result.stdout[-20:] == plain[-20:]
     assert list((cache / packhook.ENTRIES).iterdir()) == []
     assert list((cache / packhook.SPOOL).iterdir()) == []
+
+
+def disk_held(directory: Path) -> int:
+    """Bytes on disk (st_blocks) of every file under directory, whether still linked or
+    only held open by some process after it was removed: summed once per inode. An
+    independent check: it reads /proc, not the cache's own accounting."""
+    inodes: dict[tuple[int, int], int] = {}
+    for path in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                inodes[info.st_dev, info.st_ino] = info.st_blocks * 512
+    prefix = f"{directory}/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            link = f"/proc/{pid}/fd/{fd}"
+            with contextlib.suppress(OSError):
+                if os.readlink(link).startswith(prefix):
+                    info = os.stat(link)
+                    if stat.S_ISREG(info.st_mode):
+                        inodes[info.st_dev, info.st_ino] = info.st_blocks * 512
+    return sum(inodes.values())
+
+
+def blocked_writing(pid: int) -> bool:
+    """The process sleeps writing into a full pipe (its reader stalled)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as wchan:
+            return "writ" in wchan.read()  # pipe_write, pipe_wait_writable...
+    except OSError:
+        return False
+
+
+MiB = 1024 * 1024
+
+
+def test_cache_counts_a_removed_file_until_its_last_reader_closes(tmp_path):
+    directory = tmp_path / "cache"
+    packcache.prepare(directory)
+    cache = packhook.Cache(str(directory), 4 * MiB, 300)
+    try:
+        spool = directory / packhook.SPOOL / ("ab" * 32)
+        spool.write_bytes(os.urandom(3 * MiB))
+        reader = os.open(spool, os.O_RDONLY)
+        assert packhook.hold(reader)
+        assert cache.retire(packhook.SPOOL, spool.name) is not None  # still read: parked
+        assert not spool.exists()
+        assert cache.usage() >= 3 * MiB
+        claim = packhook.Claim()
+        assert not cache.reserve(claim, 0, 2 * MiB)  # 3 MiB held of 4: no room
+        assert cache.reserve(claim, 0, MiB // 2)
+        assert cache.usage() <= 4 * MiB
+        claim.drop(cache)
+        os.close(reader)
+        cache.reap(claims=True)  # its last reader is done: so are its bytes
+        assert list((directory / packhook.GONE).iterdir()) == []
+        assert cache.usage() == 0
+        # Read by nobody: removed at once.
+        spool.write_bytes(b"x" * 4096)
+        assert cache.retire(packhook.SPOOL, spool.name) is None
+        assert cache.usage() == 0
+    finally:
+        cache.close()
+
+
+def test_cache_evicts_entries_for_a_spool_but_never_unlinks_one_being_read(tmp_path):
+    directory = tmp_path / "cache"
+    packcache.prepare(directory)
+    cache = packhook.Cache(str(directory), 4 * MiB, 300)
+    try:
+        entries = directory / packhook.ENTRIES
+        older, newer = entries / ("a1" * 32), entries / ("b2" * 32)
+        for age, path in ((20, older), (10, newer)):
+            path.write_bytes(os.urandom(2 * MiB))
+            stamp = os.stat(path).st_mtime - age
+            os.utime(path, (stamp, stamp))
+        served = os.open(older, os.O_RDONLY)  # the oldest, still being sent
+        assert packhook.hold(served)
+        claim = packhook.Claim()
+        assert not cache.reserve(claim, 0, 3 * MiB)  # only the newer one could go
+        assert list(entries.iterdir()) == []
+        (parked,) = set((directory / packhook.GONE).iterdir()) - {directory / "gone" / claim.name}
+        assert parked.name.startswith(older.name) and cache.usage() >= 2 * MiB
+        os.close(served)
+        assert cache.reserve(claim, 0, 3 * MiB)
+        assert list((directory / packhook.GONE).iterdir()) == [directory / "gone" / claim.name]
+        claim.drop(cache)
+    finally:
+        cache.close()
+
+
+def test_regression_seen_markers_stay_bounded_under_distinct_requests(tmp_path):
+    directory = tmp_path / "cache"
+    packcache.prepare(directory)
+    cache = packhook.Cache(str(directory), 4 * MiB, 300, max_markers=40)
+    try:
+        keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
+        for key in keys:
+            cache.mark_seen(key)
+            assert len(os.listdir(directory / packhook.SEEN)) <= 40
+        # The least recently asked went first: the last requests are remembered.
+        assert cache.mark_seen(keys[-1])[0]
+        assert not cache.mark_seen(keys[0])[0]
+    finally:
+        cache.close()
+
+
+def test_regression_stalled_clients_never_hold_more_than_the_cap(tmp_path):
+    """The review's attack, scaled down: eight distinct fetches of a 1 MiB pack whose
+    clients never read, against a 1.5 MiB cache. Each leader spools at pack-objects' pace
+    and keeps what it spooled (removed or not) to feed its client: all of it must fit in
+    the cap, counted on disk from /proc, while they stall; each client still gets its
+    whole pack once it reads, and nothing is left behind."""
+    import subprocess
+    import sys
+    import time
+
+    cache, head, env = _repository(tmp_path)
+    cap = 3 * MiB // 2
+    env[packhook.MAX_SIZE_ENV] = str(cap)
+    request = f"{head}\n".encode()
+    plain = subprocess.run(
+        ["git", *HOOK_ARGV[1:]], input=request, capture_output=True, env=env, timeout=60
+    ).stdout
+    assert cap // 2 < len(plain) < cap  # one pack fits, two do not
+    hook = [sys.executable, "-IS", packhook.__file__, *HOOK_ARGV]
+    hooks, pipes = [], []
+    try:
+        for i in range(8):
+            read, write = os.pipe()
+            pipes.append(read)
+            # Another git setting per fetch: another key, the same pack.
+            each = {**env, "GIT_CONFIG_PARAMETERS": f"'gateway.probe'='{i}'"}
+            hooks.append(subprocess.Popen(hook, stdin=subprocess.PIPE, stdout=write, env=each))
+            os.close(write)
+            hooks[-1].stdin.write(request)
+            hooks[-1].stdin.close()
+        peak, deadline = 0, time.monotonic() + 60
+        while not all(blocked_writing(h.pid) for h in hooks):  # all stalled on their clients
+            assert time.monotonic() < deadline, "the hooks never all stalled"
+            peak = max(peak, disk_held(cache))
+            time.sleep(0.02)
+        for _ in range(10):  # and while they stall
+            peak = max(peak, disk_held(cache))
+            time.sleep(0.02)
+        assert 0 < peak <= cap, f"{peak} bytes on disk, cap {cap}"
+        accounted = packhook.Cache(str(cache), cap, 300)
+        try:
+            assert accounted.usage() <= cap
+        finally:
+            accounted.close()
+        for proc, read in zip(hooks, pipes, strict=True):
+            received = bytearray()
+            while chunk := os.read(read, 1 << 20):
+                received += chunk
+            assert proc.wait(timeout=60) == 0
+            assert len(received) == len(plain) and received[-20:] == plain[-20:]
+        for part in (packhook.SPOOL, packhook.GONE, packhook.ENTRIES):
+            assert list((cache / part).iterdir()) == []
+        assert disk_held(cache) == 0
+    finally:
+        for read in pipes:
+            os.close(read)
+        for proc in hooks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
