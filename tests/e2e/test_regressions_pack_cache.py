@@ -1,16 +1,21 @@
 """Hostile tenants against the pack-objects cache: entries are never shared between
-repositories, the directory is private, and nothing planted in it is ever served."""
+repositories, the directory is private, nothing planted in it is ever served, and clients
+that stop reading never hold more disk than its cap."""
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import stat
+import subprocess
+import time
 
 import pytest
 
 from tests.e2e.test_pack_cache import Cached, cached_entry, clone, same_as_git_alone
-from tests.helpers import Client
+from tests.helpers import TIMEOUT, Client
+from tests.unit.test_packhook import blocked_writing, disk_held
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +113,96 @@ def test_regression_pack_cache_dir_is_private(cached, tmp_path, caplog):
         assert "event=pack_cache_unusable" in caplog.text
     finally:
         cached.cache.chmod(0o700)
+
+
+def hooks_running() -> list[int]:
+    """The pack-objects hooks running now (each fetch's, started by its upload-pack)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        # python -IS <repos>/.hooks/pack-objects git pack-objects ...
+        if len(argv) > 2 and argv[1] == b"-IS" and argv[2].endswith(b"/.hooks/pack-objects"):
+            pids.append(int(pid))
+    return pids
+
+
+def pkt(line: str) -> bytes:
+    return f"{len(line) + 4:04x}{line}".encode()
+
+
+@pytest.mark.slow
+def test_regression_pack_cache_stalled_clients_never_hold_more_than_the_cap(tmp_path):
+    """The review's attack: eight fetches of distinct 15 MiB packs (raw upload-pack over
+    SSH) whose clients never read, against a 20 MiB cache. Each leader spools at
+    pack-objects' pace and keeps what it spooled (removed or not) to feed its client: all
+    of it stays within the cap while they stall (before: 120 MiB, on disk until
+    idle_timeout), counted from /proc; once they are gone, so are their bytes."""
+    cap = 20 * 1024 * 1024
+    cached = Cached(tmp_path / "gw", git={"pack_cache_max_size": "20M"})
+    clients = []
+    try:
+        owner = cached.user(tmp_path)
+        app = cached.app(owner)
+        work = owner.new_repo(tmp_path / "work", {"README": "big\n"})
+        rng = random.Random(20)  # noqa: S311 - test content, not a secret
+        for i in range(15):  # incompressible: a 15 MiB pack
+            (work / f"blob{i:02d}").write_bytes(rng.randbytes(1024 * 1024))
+        owner.commit(work, {"big": "15 MiB\n"}, "big")
+        for i in range(8):  # the same 15 MiB, eight distinct wants (keys)
+            owner.git("checkout", "-q", "-b", f"b{i}", "main", cwd=work)
+            owner.commit(work, {f"only-b{i}": f"{i}\n"}, f"b{i}")
+        owner.git("push", "-q", owner.url(app), "refs/heads/*:refs/heads/*", cwd=work)
+        heads = {
+            line.split()[1]: line.split()[0]
+            for line in owner.git("ls-remote", owner.url(app)).stdout.splitlines()
+        }
+        before = set(hooks_running())
+        for i in range(8):
+            request = pkt(f"want {heads[f'refs/heads/b{i}']}\n") + b"0000" + pkt("done\n")
+            read, write = os.pipe()  # our end is never read
+            proc = subprocess.Popen(
+                [*owner.ssh_base, "-T", "git@127.0.0.1", f"git-upload-pack '{app}.git'"],
+                env=owner.env,
+                stdin=subprocess.PIPE,
+                stdout=write,
+                stderr=subprocess.DEVNULL,
+            )
+            os.close(write)
+            clients.append((proc, read))
+            proc.stdin.write(request)
+            proc.stdin.close()
+        peak, deadline = 0, time.monotonic() + TIMEOUT
+
+        def stalled() -> bool:
+            hooks = set(hooks_running()) - before
+            return len(hooks) == 8 and all(blocked_writing(pid) for pid in hooks)
+
+        while not stalled():  # every fetch's pack-objects hook waits on its client
+            assert time.monotonic() < deadline, "the fetches never all stalled"
+            peak = max(peak, disk_held(cached.cache))
+            time.sleep(0.05)
+        for _ in range(20):  # and while they stall
+            peak = max(peak, disk_held(cached.cache))
+            time.sleep(0.05)
+        assert 0 < peak <= cap, f"{peak / 2**20:.1f} MiB on disk, cap 20 MiB"
+        for proc, read in clients:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+            os.close(read)
+        clients = []
+        cached.server.wait_until(lambda: not set(hooks_running()) - before)
+        # The next fetch sweeps what killed runs left; nothing else stays.
+        same_as_git_alone(cached.server, app, clone(owner, app, tmp_path / "after"), tmp_path)
+        assert list((cached.cache / "spool").iterdir()) == []
+        assert list((cached.cache / "gone").iterdir()) == []
+        assert disk_held(cached.cache) == sum(p.stat().st_blocks * 512 for p in cached.entries())
+    finally:
+        for proc, read in clients:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+            os.close(read)
+        cached.stop()
