@@ -56,9 +56,14 @@ POLL = 0.005
 JOIN_WAIT = 2.0
 # Spool files older than this with no live writer were left by a killed leader.
 STALE_SPOOL = 60.0
-# A leader reserves disk for its spool in steps of this much (at most; less with a small
-# max_size): each step is one look at the whole cache under the budget lock.
-STEP = 8 * 1024 * 1024
+# A leader reserves disk for its spool in steps, from FIRST_STEP doubling up to STEP (at
+# most max_size/16 each), under the budget lock.
+FIRST_STEP, STEP = 1024 * 1024, 16 * 1024 * 1024
+# Removing entries to make room frees this fraction of max_size more than needed, so that
+# the next reservations fit in the budget without counting the whole cache again.
+HEADROOM = 8
+# Block rounding: a spool file takes up to a page more than it holds.
+PAGE = 4096
 # seen/ markers kept (one empty file per distinct recent request) unless configured.
 MAX_MARKERS = 10_000
 # struct flock for F_OFD_SETLK (Linux, 64-bit): type, whence, start, len, pid (0).
@@ -477,6 +482,17 @@ class Cache:
     def _budget_unlock(self) -> None:
         fcntl.lockf(self.lock, fcntl.LOCK_UN, 1, 0)
 
+    # The budget: the lock file's first 8 bytes hold an upper bound of usage() (what the
+    # last full count found, plus what was reserved since, less what leaders gave back),
+    # so that most reservations read one number instead of listing the whole cache.
+
+    def _ledger(self) -> int | None:
+        raw = os.pread(self.lock, 8, 0)
+        return int.from_bytes(raw, "big") if len(raw) == 8 else None
+
+    def _set_ledger(self, value: int) -> None:
+        os.pwrite(self.lock, max(value, 0).to_bytes(8, "big"), 0)
+
     def reserve(self, claim: Claim, written: int, need: int) -> bool:
         """Let a leader that has `written` bytes in its spool write `need` more (at least),
         within max_size counted over the whole cache; the oldest entries nobody reads are
@@ -487,21 +503,45 @@ class Cache:
         except OSError:
             return False
         try:
-            self.reap(claims=True)
             if claim.fd < 0 and not claim.make(self):
                 return False
-            own = claim.size + written
-            free = self.max_size - (self.usage() - own) - written
-            if free < need:
-                free += self._evict(need - free)
-            if free < need:
-                return False
-            step = min(free, max(need, min(STEP, self.max_size // 16)))
-            os.ftruncate(claim.fd, step)
-            claim.size = step
+            want = max(need, min(claim.next_step, self.max_size // 16))
+            ledger = self._ledger()
+            if ledger is not None and ledger + want <= self.max_size:
+                self._set_ledger(ledger + want)
+            else:  # the bound says full: count for real, and make room
+                self.reap(claims=True)
+                others = self.usage() - claim.size  # ours is replaced by the new claim
+                free = self.max_size - others
+                if free < need:
+                    # Some headroom too, so that the next reservations need no count.
+                    freed = self._evict(need - free + self.max_size // HEADROOM)
+                    free, others = free + freed, others - freed
+                if free < need:
+                    self._set_ledger(others + claim.size)
+                    return False
+                want = min(free, want)
+                self._set_ledger(others + want)
+            os.ftruncate(claim.fd, want)
+            claim.grant(written, want)
             return True
         except OSError:
             return False
+        finally:
+            self._budget_unlock()
+
+    def refund(self, unused: int) -> None:
+        """Give back reserved bytes a leader did not write."""
+        try:
+            fcntl.lockf(self.lock, fcntl.LOCK_EX, 1, 0)
+        except OSError:
+            return
+        try:
+            ledger = self._ledger()
+            if ledger is not None:
+                self._set_ledger(ledger - unused)
+        except OSError:
+            pass
         finally:
             self._budget_unlock()
 
@@ -532,16 +572,17 @@ class Cache:
             for item in _scan(self.dirs[ENTRIES]):
                 if now - item.st_mtime > self.max_age:
                     self.retire(ENTRIES, item.name)
-            excess = self.usage() - self.max_size
-            if excess > 0:
-                self._evict(excess)
+            self.reap(claims=True)
+            total = self.usage()
+            if total > self.max_size:
+                total -= self._evict(total - self.max_size + self.max_size // HEADROOM)
+            self._set_ledger(total)
             for item in _scan(self.dirs[SEEN]):
                 if now - item.st_mtime > self.max_age:
                     self.remove(SEEN, item.name)
             for item in _scan(self.dirs[SPOOL]):
                 if now - item.st_mtime > STALE_SPOOL:
                     self._remove_dead_spool(item.name)
-            self.reap(claims=True)
         finally:
             self._budget_unlock()
 
@@ -566,8 +607,18 @@ class Claim:
 
     def __init__(self) -> None:
         self.fd = -1
-        self.size = 0
+        self.size = self.base = 0
+        self.next_step = FIRST_STEP
         self.name = f"claim-{os.getpid()}"
+
+    @property
+    def limit(self) -> int:
+        """Spool bytes the leader may have written before it reserves more."""
+        return self.base + self.size
+
+    def grant(self, written: int, size: int) -> None:
+        self.base, self.size = written, size
+        self.next_step = min(self.next_step * 2, STEP)  # a large pack: fewer, larger steps
 
     def make(self, cache: Cache) -> bool:
         gone = cache.dirs[GONE]
@@ -582,12 +633,18 @@ class Claim:
             return False
         return True
 
-    def drop(self, cache: Cache) -> None:
-        """Give the unwritten rest back (what was written counts as the spool's own)."""
+    def drop(self, cache: Cache, written: int | None = None) -> None:
+        """Give the unwritten rest back (what was written counts as the spool's own):
+        to the budget too if we know how much of it was written."""
         if self.fd >= 0:
             cache.remove(GONE, self.name)
             os.close(self.fd)
-            self.fd, self.size = -1, 0
+            self.fd = -1
+            if written is not None:
+                taken = -(-written // PAGE) * PAGE  # in blocks, as the disk counts it
+                if self.limit > taken:
+                    cache.refund(self.limit - taken)
+            self.size = 0
 
 
 def hold(fd: int) -> bool:
@@ -841,13 +898,12 @@ def lead(
     spool: int | None = None
     reader: int | None = None
     parked: str | None = None  # our spool, in gone/, while our client still reads it
-    limit = 0  # bytes the spool may hold before reserving more
+    spooled = 0  # bytes in the spool
     # A full cache means this request runs without a spool rather than waiting for room:
     # room comes back only as other tenants' clients read (a stalled one holds its bytes
     # until idle_timeout), and no fetch should wait on another tenant. Uncached costs one
     # pack-objects run of CPU, never disk; memory stays a pipe's worth.
-    if cache.reserve(claim, 0, CHUNK + TRAILER.size):
-        limit = claim.size
+    if cache.reserve(claim, 0, CHUNK + TRAILER.size + PAGE):
         try:
             spool = cache.new_spool(key)
             # Our own descriptor to read it back: not a dup, which would share (and keep)
@@ -862,9 +918,9 @@ def lead(
                 reader = None
             if spool is not None:
                 parked, spool = _abandon(cache, key, spool), None
-            claim.drop(cache)
+            claim.drop(cache, 0)
     else:
-        claim.drop(cache)
+        claim.drop(cache, 0)
     digest = hashlib.sha256(bytes.fromhex(key))
     length = 0
     client = _Client(out)
@@ -879,11 +935,12 @@ def lead(
             start, length = length, length + len(data)
             if spool is not None and reader is not None:
                 try:
-                    if length + TRAILER.size > limit:
-                        if not cache.reserve(claim, start, len(data) + TRAILER.size):
-                            raise _TooLarge
-                        limit = start + claim.size
+                    # A page more than the bytes: what the file may take in blocks.
+                    need = len(data) + TRAILER.size + PAGE
+                    if start + need > claim.limit and not cache.reserve(claim, start, need):
+                        raise _TooLarge
                     write_all(spool, data)
+                    spooled = length
                     digest.update(data)
                     client.offer(reader, length)
                     continue
@@ -895,7 +952,7 @@ def lead(
                     # and the rest directly. Followers see a spool without a trailer and do
                     # not use it.
                     parked, spool = _abandon(cache, key, spool, keep_data=True), None
-                    claim.drop(cache)
+                    claim.drop(cache, spooled)
                     client.finish(reader, start)
             client.send(data)
             if not client.alive and spool is None:
@@ -904,10 +961,11 @@ def lead(
         code = proc.wait()
         if spool is not None:
             if code != 0:
-                parked, spool = _abandon(cache, key, spool), None
+                parked, spool, spooled = _abandon(cache, key, spool), None, 0
             else:
                 try:
                     write_all(spool, trailer(key, length, digest.digest()))
+                    spooled = length + TRAILER.size
                 except OSError as exc:
                     report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
                     parked, spool = _abandon(cache, key, spool, keep_data=True), None
@@ -919,13 +977,13 @@ def lead(
                 except OSError as exc:
                     report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
                     parked = cache.retire(SPOOL, key)
-                claim.drop(cache)  # what it holds now counts as the entry
+                claim.drop(cache, spooled)  # what it holds now counts as the entry
                 cache.sweep()
             else:
                 parked = cache.retire(SPOOL, key)  # ours until our client has it all
             os.close(spool)  # releases the flock: followers see the end
             spool = None
-        claim.drop(cache)
+        claim.drop(cache, spooled)
         if reader is not None and code == 0:
             client.finish(reader, length)  # after the followers were released
         return code if client.alive else 1

@@ -481,7 +481,7 @@ def test_regression_stalled_clients_never_hold_more_than_the_cap(tmp_path):
             assert len(received) == len(plain) and received[-20:] == plain[-20:]
         for part in (packhook.SPOOL, packhook.GONE, packhook.ENTRIES):
             assert list((cache / part).iterdir()) == []
-        assert disk_held(cache) == 0
+        assert disk_held(cache) == (cache / packhook.LOCK).stat().st_blocks * 512  # the budget
     finally:
         for read in pipes:
             os.close(read)
@@ -489,3 +489,50 @@ def test_regression_stalled_clients_never_hold_more_than_the_cap(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_regression_seen_markers_stay_bounded_under_a_flood_of_fetches(tmp_path):
+    """Every distinct request leaves a marker (to keep its answer if it comes again): a
+    flood of distinct fetches, each through the real hook, never leaves more than the cap."""
+    import subprocess
+    import sys
+
+    cache, head, env = _repository(tmp_path)
+    env[packhook.MAX_MARKERS_ENV] = "8"
+    hook = [sys.executable, "-IS", packhook.__file__, *HOOK_ARGV]
+    request = f"{head}\n--not\n{head}\n".encode()  # an empty pack: the flood is quick
+    for i in range(40):
+        each = {**env, "GIT_CONFIG_PARAMETERS": f"'gateway.probe'='{i}'"}  # another key
+        result = subprocess.run(hook, input=request, capture_output=True, env=each, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(b"PACK")
+        assert len(os.listdir(cache / packhook.SEEN)) <= 8
+
+
+def test_budget_counts_the_cache_only_when_its_bound_says_full(tmp_path):
+    """Most reservations read one number (an upper bound kept in the lock file) rather
+    than listing every entry: a miss on a cache of thousands of entries stays cheap."""
+    directory = tmp_path / "cache"
+    packcache.prepare(directory)
+    cache = packhook.Cache(str(directory), 16 * MiB, 300)
+    try:
+        for i in range(50):
+            (directory / packhook.ENTRIES / f"{i:064x}").write_bytes(b"x" * 8192)
+        counts = []
+        real_usage = cache.usage
+        cache.usage = lambda: counts.append(1) or real_usage()  # type: ignore[method-assign]
+        for _ in range(20):  # twenty small misses: 100 KB spooled each, the rest given back
+            claim = packhook.Claim()
+            assert cache.reserve(claim, 0, 300 * 1024)
+            claim.drop(cache, 100_000)
+        assert len(counts) == 1
+        assert cache._ledger() == 50 * 8192 + 20 * 25 * 4096  # 100 KB take 25 pages
+        # A bound past max_size is only a bound: the next reservation counts for real.
+        cache._set_ledger(16 * MiB)
+        claim = packhook.Claim()
+        assert cache.reserve(claim, 0, MiB)
+        assert len(counts) == 2
+        assert cache._ledger() == 50 * 8192 + claim.size
+        claim.drop(cache, 0)
+    finally:
+        cache.close()
