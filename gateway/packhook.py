@@ -383,7 +383,8 @@ class Cache:
         except OSError:
             return recent, 0
         if before is None:  # one more marker: keep their number bounded
-            self.bound_markers()
+            with _quiet(OSError):
+                self.bound_markers()
         return recent, marked
 
     def bound_markers(self) -> None:
@@ -497,14 +498,12 @@ class Cache:
         """Let a leader that has `written` bytes in its spool write `need` more (at least),
         within max_size counted over the whole cache; the oldest entries nobody reads are
         removed to make room. Under the budget lock, so that two leaders never both take
-        the same free bytes."""
+        the same free bytes. False if there is no room; OSError if the cache is unusable
+        (a full disk: its budget cannot even be written)."""
+        fcntl.lockf(self.lock, fcntl.LOCK_EX, 1, 0)
         try:
-            fcntl.lockf(self.lock, fcntl.LOCK_EX, 1, 0)
-        except OSError:
-            return False
-        try:
-            if claim.fd < 0 and not claim.make(self):
-                return False
+            if claim.fd < 0:
+                claim.make(self)
             want = max(need, min(claim.next_step, self.max_size // 16))
             ledger = self._ledger()
             if ledger is not None and ledger + want <= self.max_size:
@@ -525,8 +524,6 @@ class Cache:
             os.ftruncate(claim.fd, want)
             claim.grant(written, want)
             return True
-        except OSError:
-            return False
         finally:
             self._budget_unlock()
 
@@ -568,23 +565,28 @@ class Cache:
         if not self._try_budget_lock():
             return
         try:
-            now = time.time()
-            for item in _scan(self.dirs[ENTRIES]):
-                if now - item.st_mtime > self.max_age:
-                    self.retire(ENTRIES, item.name)
-            self.reap(claims=True)
-            total = self.usage()
-            if total > self.max_size:
-                total -= self._evict(total - self.max_size + self.max_size // HEADROOM)
-            self._set_ledger(total)
-            for item in _scan(self.dirs[SEEN]):
-                if now - item.st_mtime > self.max_age:
-                    self.remove(SEEN, item.name)
-            for item in _scan(self.dirs[SPOOL]):
-                if now - item.st_mtime > STALE_SPOOL:
-                    self._remove_dead_spool(item.name)
+            self._sweep()
+        except OSError:
+            pass  # a full disk, say: the next sweep or reservation counts again
         finally:
             self._budget_unlock()
+
+    def _sweep(self) -> None:
+        now = time.time()
+        for item in _scan(self.dirs[SEEN]):
+            if now - item.st_mtime > self.max_age:
+                self.remove(SEEN, item.name)
+        for item in _scan(self.dirs[SPOOL]):
+            if now - item.st_mtime > STALE_SPOOL:
+                self._remove_dead_spool(item.name)
+        for item in _scan(self.dirs[ENTRIES]):
+            if now - item.st_mtime > self.max_age:
+                self.retire(ENTRIES, item.name)
+        self.reap(claims=True)
+        total = self.usage()
+        if total > self.max_size:
+            total -= self._evict(total - self.max_size + self.max_size // HEADROOM)
+        self._set_ledger(total)
 
     def _remove_dead_spool(self, name: str) -> None:
         try:
@@ -620,18 +622,17 @@ class Claim:
         self.base, self.size = written, size
         self.next_step = min(self.next_step * 2, STEP)  # a large pack: fewer, larger steps
 
-    def make(self, cache: Cache) -> bool:
-        gone = cache.dirs[GONE]
+    def make(self, cache: Cache) -> None:
+        """Under the budget lock (reapers of claims take it too). Raises OSError."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
-            self.fd = os.open(
-                self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=gone
-            )
-        except OSError:
-            return False
+            self.fd = os.open(self.name, flags, 0o600, dir_fd=cache.dirs[GONE])
+        except FileExistsError:  # left by a killed process that had our pid
+            cache.forget(self.name)
+            self.fd = os.open(self.name, flags, 0o600, dir_fd=cache.dirs[GONE])
         if not hold(self.fd):  # pragma: no cover - made under the budget lock
             self.drop(cache)
-            return False
-        return True
+            raise OSError(errno.ESTALE, "claim removed while made")
 
     def drop(self, cache: Cache, written: int | None = None) -> None:
         """Give the unwritten rest back (what was written counts as the spool's own):
@@ -903,23 +904,22 @@ def lead(
     # room comes back only as other tenants' clients read (a stalled one holds its bytes
     # until idle_timeout), and no fetch should wait on another tenant. Uncached costs one
     # pack-objects run of CPU, never disk; memory stays a pipe's worth.
-    if cache.reserve(claim, 0, CHUNK + TRAILER.size + PAGE):
-        try:
+    try:
+        if cache.reserve(claim, 0, CHUNK + TRAILER.size + PAGE):
             spool = cache.new_spool(key)
             # Our own descriptor to read it back: not a dup, which would share (and keep)
             # the writer's lock after the writer is closed.
             reader = os.open(key, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=cache.dirs[SPOOL])
             if not hold(reader):
                 raise OSError(errno.ESTALE, "spool removed while opened")
-        except OSError as exc:
-            report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
-            if reader is not None:
-                os.close(reader)
-                reader = None
-            if spool is not None:
-                parked, spool = _abandon(cache, key, spool), None
-            claim.drop(cache, 0)
-    else:
+    except OSError as exc:
+        report.problem("pack_cache_write_failed", exc.strerror or str(exc), key)
+        if reader is not None:
+            os.close(reader)
+            reader = None
+        if spool is not None:
+            parked, spool = _abandon(cache, key, spool), None
+    if spool is None:
         claim.drop(cache, 0)
     digest = hashlib.sha256(bytes.fromhex(key))
     length = 0
