@@ -64,6 +64,13 @@ FIRST_STEP, STEP = 1024 * 1024, 16 * 1024 * 1024
 HEADROOM = 8
 # Block rounding: a spool file takes up to a page more than it holds.
 PAGE = 4096
+# The lock file's contents: 8-byte counters (its byte 0 is also the budget's record lock,
+# its other offsets the keys'): an upper bound of the cache's usage, the markers' number.
+LEDGER, MARKERS = 0, 1
+UNKNOWN = 1 << 62
+# Opening a cache file to remove it: a write lock needs a writable descriptor; never a
+# symlink, and never waiting on a FIFO or device someone put there.
+_WRITE_NOFOLLOW = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK
 # seen/ markers kept (one empty file per distinct recent request) unless configured.
 MAX_MARKERS = 10_000
 # struct flock for F_OFD_SETLK (Linux, 64-bit): type, whence, start, len, pid (0).
@@ -328,12 +335,12 @@ class Cache:
         gone/ (its bytes still counted) until its last holder is done. Returns its name in
         gone/ (its holder may unlink it once done: forget()), or None if it was unlinked."""
         try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.dirs[where])
+            fd = os.open(name, _WRITE_NOFOLLOW, dir_fd=self.dirs[where])
         except OSError:
             self.remove(where, name)  # gone already, or a symlink (never followed)
             return None
         try:
-            if _ofd_lock(fd, fcntl.F_WRLCK):
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or _ofd_lock(fd, fcntl.F_WRLCK):
                 self.remove(where, name)  # under the write lock: no holder can start now
                 return None
             parked = f"{name}.{os.fstat(fd).st_ino}"
@@ -348,12 +355,12 @@ class Cache:
     def forget(self, name: str) -> None:
         """Unlink a file of gone/ if nobody holds it any more."""
         try:
-            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW, dir_fd=self.dirs[GONE])
+            fd = os.open(name, _WRITE_NOFOLLOW, dir_fd=self.dirs[GONE])
         except OSError:
             self.remove(GONE, name)
             return
         try:
-            if _ofd_lock(fd, fcntl.F_WRLCK):
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or _ofd_lock(fd, fcntl.F_WRLCK):
                 self.remove(GONE, name)
         finally:
             os.close(fd)
@@ -388,26 +395,33 @@ class Cache:
         return recent, marked
 
     def bound_markers(self) -> None:
-        """At most max_markers markers: past that, the expired and then the least recently
-        requested go, down to three quarters of it (a sweep every max_markers/4 new keys,
-        not at each). One sweeper at a time; others skip."""
-        names = os.listdir(self.dirs[SEEN])
-        if len(names) <= self.max_markers or not self._try_budget_lock():
-            return
+        """At most max_markers markers. Their number is kept in the lock file (an upper
+        bound: a new marker adds one) rather than listed at each request; past the cap,
+        the expired and then the least recently requested go, down to three quarters of
+        it (so a new key lists the directory once in max_markers/4, not each time)."""
+        fcntl.lockf(self.lock, fcntl.LOCK_EX, 1, 0)
         try:
-            now = time.time()
-            items = []
-            for item in _scan(self.dirs[SEEN]):
-                if now - item.st_mtime > self.max_age:
-                    self.remove(SEEN, item.name)
-                else:
-                    items.append(item)
-            keep = self.max_markers * 3 // 4
-            items.sort(key=lambda i: i.st_mtime)
-            for item in items[: max(len(items) - keep, 0)]:
-                self.remove(SEEN, item.name)
+            count = self._word(MARKERS)
+            count = UNKNOWN if count is None else count + 1
+            if count > self.max_markers:
+                count = self._trim_markers()
+            self._set_word(MARKERS, count)
         finally:
             self._budget_unlock()
+
+    def _trim_markers(self) -> int:
+        now = time.time()
+        items = []
+        for item in _scan(self.dirs[SEEN]):
+            if now - item.st_mtime > self.max_age:
+                self.remove(SEEN, item.name)
+            else:
+                items.append(item)
+        keep = self.max_markers * 3 // 4 if len(items) > self.max_markers else len(items)
+        items.sort(key=lambda i: i.st_mtime)
+        for item in items[: len(items) - keep]:
+            self.remove(SEEN, item.name)
+        return keep
 
     def seen_since(self, key: str, mtime_ns: int) -> bool:
         try:
@@ -487,12 +501,22 @@ class Cache:
     # last full count found, plus what was reserved since, less what leaders gave back),
     # so that most reservations read one number instead of listing the whole cache.
 
-    def _ledger(self) -> int | None:
-        raw = os.pread(self.lock, 8, 0)
+    def _word(self, index: int) -> int | None:
+        """One of the lock file's counters (LEDGER, MARKERS); None if never written."""
+        raw = os.pread(self.lock, 8, 8 * index)
         return int.from_bytes(raw, "big") if len(raw) == 8 else None
 
+    def _set_word(self, index: int, value: int) -> None:
+        if index and os.fstat(self.lock).st_size < 8 * index:
+            # The words before were never written: unknown, so the next use counts.
+            os.pwrite(self.lock, UNKNOWN.to_bytes(8, "big") * index, 0)
+        os.pwrite(self.lock, min(max(value, 0), UNKNOWN).to_bytes(8, "big"), 8 * index)
+
+    def _ledger(self) -> int | None:
+        return self._word(LEDGER)
+
     def _set_ledger(self, value: int) -> None:
-        os.pwrite(self.lock, max(value, 0).to_bytes(8, "big"), 0)
+        self._set_word(LEDGER, value)
 
     def reserve(self, claim: Claim, written: int, need: int) -> bool:
         """Let a leader that has `written` bytes in its spool write `need` more (at least),
@@ -560,8 +584,8 @@ class Cache:
 
     def sweep(self) -> None:
         """Drop expired entries, then the oldest until the whole cache fits in max_size;
-        drop old markers, spools of killed leaders and removed files nobody reads any
-        more. One sweeper at a time; others skip."""
+        drop spools of killed leaders and removed files nobody reads any more (markers
+        are bounded as they are made). One sweeper at a time; others skip."""
         if not self._try_budget_lock():
             return
         try:
@@ -573,9 +597,6 @@ class Cache:
 
     def _sweep(self) -> None:
         now = time.time()
-        for item in _scan(self.dirs[SEEN]):
-            if now - item.st_mtime > self.max_age:
-                self.remove(SEEN, item.name)
         for item in _scan(self.dirs[SPOOL]):
             if now - item.st_mtime > STALE_SPOOL:
                 self._remove_dead_spool(item.name)

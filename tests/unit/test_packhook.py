@@ -418,10 +418,15 @@ def test_regression_seen_markers_stay_bounded_under_distinct_requests(tmp_path):
     packcache.prepare(directory)
     cache = packhook.Cache(str(directory), 4 * MiB, 300, max_markers=40)
     try:
+        trims = []
+        real_trim = cache._trim_markers
+        cache._trim_markers = lambda: trims.append(1) or real_trim()  # type: ignore[method-assign]
         keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
         for key in keys:
             cache.mark_seen(key)
             assert len(os.listdir(directory / packhook.SEEN)) <= 40
+        # Counted, not listed, at each new key: a trim per ten new keys (a quarter of 40).
+        assert len(trims) <= 1000 // 10 + 1
         # The least recently asked went first: the last requests are remembered.
         assert cache.mark_seen(keys[-1])[0]
         assert not cache.mark_seen(keys[0])[0]
@@ -534,5 +539,23 @@ def test_budget_counts_the_cache_only_when_its_bound_says_full(tmp_path):
         assert len(counts) == 2
         assert cache._ledger() == 50 * 8192 + claim.size
         claim.drop(cache, 0)
+    finally:
+        cache.close()
+
+
+def test_regression_removing_a_planted_fifo_or_symlink_never_blocks_or_follows(tmp_path):
+    directory = tmp_path / "cache"
+    packcache.prepare(directory)
+    cache = packhook.Cache(str(directory), 4 * MiB, 300)
+    try:
+        entries = directory / packhook.ENTRIES
+        os.mkfifo(entries / ("f0" * 32))
+        outside = tmp_path / "outside"
+        outside.write_bytes(b"not the cache's")
+        (entries / ("5e" * 32)).symlink_to(outside)
+        assert cache.retire(packhook.ENTRIES, "f0" * 32) is None  # no reader: no wait
+        assert cache.retire(packhook.ENTRIES, "5e" * 32) is None
+        assert list(entries.iterdir()) == []
+        assert outside.read_bytes() == b"not the cache's"
     finally:
         cache.close()
