@@ -11,6 +11,9 @@ haves, shallow lines): everything that shapes the pack. Then, in order:
   meanwhile tail that spool as it grows, so they stream the one run's output live;
 - anything unusable (a missing or foreign directory, a full disk, a bad entry) falls back
   to plain pack-objects: the cache may make a fetch faster, never wrong.
+Its disk is bounded whatever clients do: every byte it holds counts, files removed while a
+client still reads them included, a spool reserves its disk as it grows, and a request that
+finds no room is answered without a spool (Cache, lead).
 Each run sends one datagram to its gateway worker (metrics, and log lines for problems).
 Standard library only, and little of it: every fetch with wants pays this start-up, so no
 json, subprocess, socket or contextlib (about 16 ms of imports, more than a small fetch's
@@ -680,13 +683,14 @@ def hold(fd: int) -> bool:
 
 def _ofd_lock(fd: int, kind: int) -> bool:
     """An open-file-description lock on the whole file, without waiting: independent of
-    flock (the spool's writer lock) and owned by the descriptor, not the process."""
+    flock (the spool's writer lock) and owned by the descriptor, not the process. False
+    if it is taken, or if this file system has no such locks: then nothing is served or
+    spooled (no hold) and what is removed stays in gone/, counted (no write lock), so the
+    cache stops being used rather than outgrowing its bound."""
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES):
-            return False
-        raise
+    except OSError:
+        return False
     return True
 
 
