@@ -207,3 +207,39 @@ def test_regression_pack_cache_stalled_clients_never_hold_more_than_the_cap(tmp_
             proc.wait(timeout=TIMEOUT)
             os.close(read)
         cached.stop()
+
+
+def test_regression_pack_cache_markers_stay_bounded_under_distinct_fetches(tmp_path):
+    """Each distinct request leaves a marker in seen/ (so that its second request keeps the
+    answer): a tenant fetching ever new wants cannot grow the directory past
+    [git] pack_cache_max_markers."""
+    cached = Cached(tmp_path / "gw", git={"pack_cache_max_markers": 6})
+    try:
+        owner = cached.user(tmp_path)
+        app = cached.app(owner)
+        work = owner.new_repo(tmp_path / "work", {"README": "markers\n"})
+        for i in range(20):
+            owner.commit(work, {f"f{i}": f"{i}\n"}, f"commit {i}")
+            owner.git("tag", f"t{i}", cwd=work)
+        owner.git("push", "-q", owner.url(app), "main", "--tags", cwd=work)
+        tags = [
+            line.split()[0]
+            for line in owner.git("ls-remote", "--tags", owner.url(app)).stdout.splitlines()
+        ]
+        assert len(tags) == 20
+        seen = cached.cache / "seen"
+        for number, want in enumerate(tags, start=1):  # twenty distinct requests
+            request = pkt(f"want {want}\n") + b"0000" + pkt("done\n")
+            result = subprocess.run(
+                [*owner.ssh_base, "-T", "git@127.0.0.1", f"git-upload-pack '{app}.git'"],
+                env=owner.env,
+                input=request,
+                capture_output=True,
+                timeout=TIMEOUT,
+            )
+            assert result.returncode == 0, result.stderr
+            assert b"PACK" in result.stdout
+            cached.wait_reports(number)
+            assert len(list(seen.iterdir())) <= 6
+    finally:
+        cached.stop()
