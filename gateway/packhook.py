@@ -485,10 +485,12 @@ class Cache:
 
     def usage(self) -> int:
         """Bytes the cache holds on disk now: entries, spools, files still read after their
-        removal, and what leaders have reserved but not written yet."""
-        return sum(
+        removal, what leaders have reserved but not written yet, and the lock file (whose
+        counters take a block)."""
+        files = sum(
             item.st_bytes for where in (ENTRIES, SPOOL, GONE) for item in _scan(self.dirs[where])
         )
+        return files + os.fstat(self.lock).st_blocks * 512
 
     def _try_budget_lock(self) -> bool:
         try:
