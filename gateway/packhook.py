@@ -543,8 +543,9 @@ class Cache:
                 free = self.max_size - others
                 if free < need:
                     # Some headroom too, so that the next reservations need no count.
-                    freed = self._evict(need - free + self.max_size // HEADROOM)
-                    free, others = free + freed, others - freed
+                    self._evict(need - free + self.max_size // HEADROOM)
+                    others = self.usage() - claim.size  # what eviction really freed
+                    free = self.max_size - others
                 if free < need:
                     self._set_ledger(others + claim.size)
                     return False
@@ -572,8 +573,9 @@ class Cache:
             self._budget_unlock()
 
     def _evict(self, want: int) -> int:
-        """Remove entries (expired, then oldest) until `want` bytes are free; returns the
-        bytes freed. One still being read moves to gone/ and frees nothing yet."""
+        """Remove entries (expired, then oldest) until about `want` bytes are free (the
+        caller counts again for the exact figure). One still being read moves to gone/ and
+        frees nothing yet."""
         now = time.time()
         items = sorted(
             _scan(self.dirs[ENTRIES]),
@@ -611,7 +613,8 @@ class Cache:
         self.reap(claims=True)
         total = self.usage()
         if total > self.max_size:
-            total -= self._evict(total - self.max_size + self.max_size // HEADROOM)
+            self._evict(total - self.max_size + self.max_size // HEADROOM)
+            total = self.usage()
         self._set_ledger(total)
 
     def _remove_dead_spool(self, name: str) -> None:
