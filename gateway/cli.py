@@ -613,7 +613,8 @@ def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
 
 
 def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    from .deploys import sandbox  # builds a test sandbox per configured command pipeline
+    # A test sandbox per configured command pipeline; which deploy limits this host enforces.
+    from .deploys import confine, sandbox
 
     git = gitbin.locate(cfg.git.binary)
     try:
@@ -624,6 +625,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     warnings = asyncio.run(sandbox.check(cfg))
     for warning in warnings:
         out.write(f"warning: {warning}\n")
+    for line in confine.report(cfg):
+        out.write(f"{line}\n")
     built = [label for label, box in sandbox.sandboxes(cfg).items() if box.enabled]
     sandboxed = f"; deploy sandbox ok for {', '.join(built)}" if built else ""
     trusted = f"; {len(cas)} trusted user CA key(s)" if cas else ""

@@ -1,0 +1,189 @@
+"""One deploy's limits beyond prlimit: its build-size watcher and, where cgroup v2 is delegated,
+its own cgroup (joined before any of its code runs); and the lines `check` prints about them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .. import executors
+from ..config import Config, size_text
+from ..logs import q
+from . import cgroups
+from .buildsize import BuildWatch
+
+if TYPE_CHECKING:
+    from .sandbox import Limits
+
+log = logging.getLogger("gateway.deploys")
+
+# The sandbox's in-memory mounts and their sizes, as sandbox._bwrap_args makes them (a unit
+# test holds the two together): what the watcher counts of them.
+SHM_MAX = 64 * 1024 * 1024
+RUN_SIZE = 1024 * 1024
+
+
+def tmpfs_mounts(limits: Limits) -> dict[str, int]:
+    return {
+        "/tmp": limits.tmp_size,  # noqa: S108 - inside the sandbox
+        "/dev/shm": min(limits.tmp_size, SHM_MAX),  # noqa: S108 - inside the sandbox
+        "/run": RUN_SIZE,
+    }
+
+
+# A process started from Python cannot be created inside a cgroup (no clone3 with
+# CLONE_INTO_CGROUP), and moving it after it started races its first fork: bwrap's children
+# would stay outside. So the sandbox starts behind this gate: it waits for one byte on a pipe
+# that the gateway writes only once it has moved the gate's pid into the cgroup, then execs
+# prlimit (same pid), so everything of the deploy descends from a process already inside.
+# On EOF (the move failed) it exits 125 and runs nothing.
+GATE = (
+    "import os,sys\n"
+    "fd=int(sys.argv[1])\n"
+    "go=os.read(fd,1)==b'1'\n"
+    "os.close(fd)\n"
+    "os._exit(125) if not go else os.execv(sys.argv[2],sys.argv[2:])\n"
+)
+GATE_EXIT = 125
+
+
+@dataclass
+class Launch:
+    """How to start one sandbox process: its argv and the fds it inherits."""
+
+    argv: list[str]
+    fds: list[int] = field(default_factory=list)
+    gate: int | None = None  # the gateway's end of the gate pipe
+
+    def close_child_ends(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+    def close(self) -> None:
+        self.close_child_ends()
+        if self.gate is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.gate)
+            self.gate = None
+
+
+_delegation: cgroups.Delegation | str | None = None
+
+
+def delegation() -> cgroups.Delegation | str:
+    """This process's delegated cgroup subtree, or why there is none (looked up once)."""
+    global _delegation
+    if _delegation is None:
+        _delegation = cgroups.detect()
+    return _delegation
+
+
+class Confinement:
+    """The sandbox spawns each of a deploy's processes through `launch` and `started`."""
+
+    def __init__(self, watch: BuildWatch, cgroup: cgroups.Cgroup | None) -> None:
+        self.watch = watch
+        self.cgroup = cgroup
+
+    @classmethod
+    async def start(cls, deploy_id: int, export_dir: Path, limits: Limits) -> Confinement:
+        group = None
+        found = await executors.run(delegation)
+        if isinstance(found, cgroups.Delegation):
+            try:
+                group = await executors.run(
+                    found.create, deploy_id, limits.memory, limits.processes
+                )
+            except (cgroups.CgroupError, OSError) as exc:
+                # As on a host without delegation: the prlimit limits still hold.
+                log.warning("event=cgroup_unavailable deploy=%d reason=%s", deploy_id, q(exc))
+        watch = BuildWatch(export_dir, limits.build_size, tmpfs_mounts(limits))
+        await watch.__aenter__()
+        return cls(watch, group)
+
+    def launch(self, argv: list[str]) -> Launch:
+        if self.cgroup is None:
+            return Launch(list(argv))
+        read, write = os.pipe()
+        python = os.path.realpath(sys.executable)
+        return Launch([python, "-I", "-S", "-c", GATE, str(read), *argv], [read], write)
+
+    async def started(self, proc: asyncio.subprocess.Process, launch: Launch) -> None:
+        """Move the new process into the cgroup, then let it run; OSError if it cannot be
+        moved (it is killed: nothing runs outside the cgroup promised)."""
+        if self.cgroup is not None and launch.gate is not None:
+            try:
+                await executors.run(self.cgroup.add, proc.pid)
+            except cgroups.CgroupError as exc:
+                launch.close()  # EOF: the gate exits without running anything
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                raise OSError(str(exc)) from None
+            try:
+                os.write(launch.gate, b"1")
+            finally:
+                launch.close()
+        self.watch.attach(proc)
+
+    async def stopped(self) -> str:
+        """Why the deploy was stopped or must fail ('' if it was not): the watcher's reason,
+        after one last measurement, or an out-of-memory kill in its cgroup."""
+        await self.watch.__aexit__(None, None, None)
+        reason = await self.watch.check()
+        if reason or self.cgroup is None:
+            return reason
+        events = await executors.run(self.cgroup.events)
+        if events.get("memory.oom_kill"):
+            return (
+                "out of memory: the deploy's processes together used more than "
+                "[deploy] max_memory (memory.max)"
+            )
+        return ""
+
+    async def close(self) -> None:
+        await self.watch.__aexit__(None, None, None)
+        if self.cgroup is not None and not await executors.run(self.cgroup.remove):
+            log.warning("event=cgroup_not_removed path=%s", q(str(self.cgroup.path)))
+
+
+def report(cfg: Config) -> list[str]:
+    """One line per deploy limit: enforced on this host, by what, or why not."""
+    from .sandbox import sandboxes
+
+    boxes = [box for box in sandboxes(cfg).values() if box.enabled]
+    if not boxes:
+        return []
+    sizes = sorted({box.limits.build_size for box in boxes})
+    lines = [
+        "deploy limits: max_build_size "
+        f"({', '.join(size_text(s) for s in sizes)}) enforced by a watcher: du of the export "
+        "directory, deleted files kept open and the in-memory /tmp and /dev/shm, about every "
+        "second; a build can overshoot by what it writes in between",
+        "deploy limits: max_cpu_seconds, max_memory, max_file_size, max_open_files enforced "
+        "per process by prlimit; /tmp and /dev/shm are tmpfs sized by max_tmp_size (memory)",
+    ]
+    found = delegation()
+    if isinstance(found, cgroups.Delegation):
+        lines.append(
+            "deploy limits: memory.max (max_memory, for the whole deploy: shm, memfd and tmpfs "
+            "included), memory.swap.max = 0 and pids.max (max_processes) enforced per deploy "
+            f"by cgroup v2 under {found.base}"
+        )
+    else:
+        lines += [
+            f"deploy limits: memory.max not enforced: cgroup v2 not delegated ({found}): "
+            "max_memory is RLIMIT_DATA per process (memfd and shm are not counted by "
+            "RLIMIT_DATA)",
+            "deploy limits: pids.max not enforced: cgroup v2 not delegated: max_processes is "
+            "RLIMIT_NPROC, shared by every running deploy of one sandbox_user",
+        ]
+    return lines
