@@ -190,9 +190,9 @@ def detect(root: Path = ROOT, proc_self: Path = PROC_SELF) -> Delegation | str:
         return f"cannot read {proc_self}: {exc.strerror or exc}"
     paths = [line[3:] for line in lines if line.startswith("0::")]
     if not paths:
-        return "no cgroup v2 hierarchy (cgroup v1 only)"
+        return "no cgroup v2 hierarchy: a cgroup v1 host"
     if not (root / "cgroup.controllers").is_file():
-        return f"{root} is not a cgroup2 filesystem (cgroup v1 or hybrid host)"
+        return f"{root} is not a cgroup2 filesystem: a cgroup v1 or hybrid host"
     base = root / paths[0].strip().lstrip("/")
     if base.name == LEAF and base.parent != root:
         # Already moved into our leaf by an earlier `prepare` (this or a parent process).
@@ -207,9 +207,9 @@ def detect(root: Path = ROOT, proc_self: Path = PROC_SELF) -> Delegation | str:
     for name in ("cgroup.subtree_control", "cgroup.procs"):
         if not os.access(base / name, os.W_OK):
             return (
-                f"the gateway's cgroup {base} is not delegated to it ({name} is not writable; "
-                "systemd: Delegate=yes)"
+                f"the gateway's cgroup {base} is not delegated to it: {name} is not writable "
+                "(systemd: Delegate=yes)"
             )
     if not os.access(base, os.W_OK | os.X_OK):
-        return f"the gateway's cgroup {base} is not delegated to it (cannot create cgroups there)"
+        return f"the gateway's cgroup {base} is not delegated to it: cannot create cgroups there"
     return Delegation(base)

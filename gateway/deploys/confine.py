@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
-import sys
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,40 +40,27 @@ def tmpfs_mounts(limits: Limits) -> dict[str, int]:
 
 # A process started from Python cannot be created inside a cgroup (no clone3 with
 # CLONE_INTO_CGROUP), and moving it after it started races its first fork: bwrap's children
-# would stay outside. So the sandbox starts behind this gate: it waits for one byte on a pipe
-# that the gateway writes only once it has moved the gate's pid into the cgroup, then execs
-# prlimit (same pid), so everything of the deploy descends from a process already inside.
-# On EOF (the move failed) it exits 125 and runs nothing.
-GATE = (
-    "import os,sys\n"
-    "fd=int(sys.argv[1])\n"
-    "go=os.read(fd,1)==b'1'\n"
-    "os.close(fd)\n"
-    "os._exit(125) if not go else os.execv(sys.argv[2],sys.argv[2:])\n"
-)
-GATE_EXIT = 125
+# would stay outside. So the sandbox starts behind a gate: util-linux's `flock --no-fork`
+# waits for a shared lock on the export directory, which the gateway holds exclusively until
+# it has moved the gate's pid into the cgroup; flock then execs prlimit (same pid), so every
+# process of the deploy descends from one already inside. If the move fails, the gate is
+# killed while still waiting: nothing of the deploy ran. (flock, unlike the gateway's own
+# interpreter, is always reachable by the sandbox user; the lock is on a directory the
+# sandbox user owns, and what is left holding it afterwards is only the deploy itself.)
 
 
 @dataclass
 class Launch:
-    """How to start one sandbox process: its argv and the fds it inherits."""
+    """How to start one sandbox process: its argv and, behind the gate, the lock held."""
 
     argv: list[str]
-    fds: list[int] = field(default_factory=list)
-    gate: int | None = None  # the gateway's end of the gate pipe
+    lock: int | None = None  # the gateway's descriptor holding the gate shut
 
-    def close_child_ends(self) -> None:
-        for fd in self.fds:
+    def open(self) -> None:
+        if self.lock is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds = []
-
-    def close(self) -> None:
-        self.close_child_ends()
-        if self.gate is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.gate)
-            self.gate = None
+                os.close(self.lock)  # releases the lock: the gate goes through
+            self.lock = None
 
 
 _delegation: cgroups.Delegation | str | None = None
@@ -110,28 +98,35 @@ class Confinement:
         return cls(watch, group)
 
     def launch(self, argv: list[str]) -> Launch:
+        """The argv to spawn (behind the gate if there is a cgroup to join); OSError if the
+        gate cannot be shut."""
         if self.cgroup is None:
             return Launch(list(argv))
-        read, write = os.pipe()
-        python = os.path.realpath(sys.executable)
-        return Launch([python, "-I", "-S", "-c", GATE, str(read), *argv], [read], write)
+        flock = shutil.which("flock")
+        if flock is None:
+            raise OSError("flock not found (util-linux): cannot start a deploy in its cgroup")
+        lock = os.open(self.watch.export_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # Non-blocking: nothing else of this deploy runs yet to hold it.
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(lock)
+            raise
+        return Launch([flock, "--no-fork", "--shared", str(self.watch.export_dir), *argv], lock)
 
     async def started(self, proc: asyncio.subprocess.Process, launch: Launch) -> None:
         """Move the new process into the cgroup, then let it run; OSError if it cannot be
-        moved (it is killed: nothing runs outside the cgroup promised)."""
-        if self.cgroup is not None and launch.gate is not None:
+        moved (it is killed at the gate: nothing runs outside the cgroup promised)."""
+        if self.cgroup is not None and launch.lock is not None:
             try:
                 await executors.run(self.cgroup.add, proc.pid)
             except cgroups.CgroupError as exc:
-                launch.close()  # EOF: the gate exits without running anything
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+                launch.open()
                 raise OSError(str(exc)) from None
-            try:
-                os.write(launch.gate, b"1")
-            finally:
-                launch.close()
+            launch.open()
         self.watch.attach(proc)
 
     async def stopped(self) -> str:
@@ -169,7 +164,8 @@ def report(cfg: Config) -> list[str]:
         "directory, deleted files kept open and the in-memory /tmp and /dev/shm, about every "
         "second; a build can overshoot by what it writes in between",
         "deploy limits: max_cpu_seconds, max_memory, max_file_size, max_open_files enforced "
-        "per process by prlimit; /tmp and /dev/shm are tmpfs sized by max_tmp_size (memory)",
+        "per process and max_processes per sandbox user by prlimit; /tmp and /dev/shm are "
+        "tmpfs sized by max_tmp_size (memory)",
     ]
     found = delegation()
     if isinstance(found, cgroups.Delegation):
@@ -180,7 +176,7 @@ def report(cfg: Config) -> list[str]:
         )
     else:
         lines += [
-            f"deploy limits: memory.max not enforced: cgroup v2 not delegated ({found}): "
+            f"deploy limits: memory.max not enforced: cgroup v2 not delegated ({found}); "
             "max_memory is RLIMIT_DATA per process (memfd and shm are not counted by "
             "RLIMIT_DATA)",
             "deploy limits: pids.max not enforced: cgroup v2 not delegated: max_processes is "

@@ -251,19 +251,18 @@ class Sandbox:
                 proc = await asyncio.create_subprocess_exec(
                     *(launch.argv if launch else full),
                     env={**env, "PATH": env.get("PATH", SANDBOX_PATH)},
-                    pass_fds=[*binds.fds, *(launch.fds if launch else [])],
+                    pass_fds=binds.fds,
                     start_new_session=True,
                     **privileges,
                     **streams,
                 )
             except BaseException:
                 if launch:
-                    launch.close()
+                    launch.open()
                 raise
         finally:
             binds.close()
         if confinement and launch:
-            launch.close_child_ends()
             await confinement.started(proc, launch)
         return proc
 
