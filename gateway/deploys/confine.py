@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,13 @@ def tmpfs_mounts(limits: Limits) -> dict[str, int]:
 # A process started from Python cannot be created inside a cgroup (no clone3 with
 # CLONE_INTO_CGROUP), and moving it after it started races its first fork: bwrap's children
 # would stay outside. So the sandbox starts behind a gate: util-linux's `flock --no-fork`
-# waits for a shared lock on the export directory, which the gateway holds exclusively until
-# it has moved the gate's pid into the cgroup; flock then execs prlimit (same pid), so every
-# process of the deploy descends from one already inside. If the move fails, the gate is
-# killed while still waiting: nothing of the deploy ran. (flock, unlike the gateway's own
-# interpreter, is always reachable by the sandbox user; the lock is on a directory the
-# sandbox user owns, and what is left holding it afterwards is only the deploy itself.)
+# waits for a shared lock on a file that the gateway holds exclusively until it has moved the
+# gate's pid into the cgroup; flock then execs prlimit (same pid), so every process of the
+# deploy descends from one already inside. If the move fails, the gate is killed while still
+# waiting: nothing of the deploy ran. flock is reachable by any sandbox user (the gateway's
+# own interpreter may not be). With --no-fork, flock's descriptor on the lock stays open into
+# the sandbox: so the lock is an empty regular file of the gateway's, opened read-only (a
+# directory's descriptor would let the deploy walk the host's tree with openat(fd, "..")).
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Confinement:
     def __init__(self, watch: BuildWatch, cgroup: cgroups.Cgroup | None) -> None:
         self.watch = watch
         self.cgroup = cgroup
+        self._locks: list[Path] = []
 
     @classmethod
     async def start(cls, deploy_id: int, export_dir: Path, limits: Limits) -> Confinement:
@@ -105,14 +108,19 @@ class Confinement:
         flock = shutil.which("flock")
         if flock is None:
             raise OSError("flock not found (util-linux): cannot start a deploy in its cgroup")
-        lock = os.open(self.watch.export_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # In build_dir: only the gateway writes there (nothing can be planted in its place),
+        # and the sandbox user can reach it. A fresh file per spawn, removed with the deploy.
+        path = self.watch.export_dir.parent / f".gate-{secrets.token_hex(8)}"
+        flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        lock = os.open(path, flags, 0o600)
+        self._locks.append(path)
         try:
-            # Non-blocking: nothing else of this deploy runs yet to hold it.
+            os.fchmod(lock, 0o644)  # the gateway's umask is 077; flock opens it read-only
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(lock)
             raise
-        return Launch([flock, "--no-fork", "--shared", str(self.watch.export_dir), *argv], lock)
+        return Launch([flock, "--no-fork", "--shared", str(path), *argv], lock)
 
     async def started(self, proc: asyncio.subprocess.Process, launch: Launch) -> None:
         """Move the new process into the cgroup, then let it run; OSError if it cannot be
@@ -146,6 +154,9 @@ class Confinement:
 
     async def close(self) -> None:
         await self.watch.__aexit__(None, None, None)
+        for path in self._locks:
+            with contextlib.suppress(OSError):
+                path.unlink()
         if self.cgroup is not None and not await executors.run(self.cgroup.remove):
             log.warning("event=cgroup_not_removed path=%s", q(str(self.cgroup.path)))
 

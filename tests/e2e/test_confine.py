@@ -58,7 +58,14 @@ async def spawn_confined(
     watch = BuildWatch(export, 1 << 30, {})
     confinement = confine.Confinement(watch, group)
     proc = await sandbox.spawn(
-        ["/bin/sh", "-c", "date +%s.%N; touch /app/ran"],
+        # The time it starts, then any directory it inherited (the gate's lock must not be
+        # one: openat(fd, "..") would walk the host's tree).
+        [
+            "/bin/sh",
+            "-c",
+            "date +%s.%N; touch /app/ran; "
+            'for f in /proc/$$/fd/*; do [ -d "$f" ] && echo "$f"; done; :',
+        ],
         export_dir=export,
         env={},
         confinement=confinement,
@@ -77,7 +84,9 @@ def test_the_sandbox_runs_only_once_in_its_cgroup(box, tmp_path):
     pid, out = asyncio.run(spawn_confined(sandbox, export, group))
     assert (group.path / "cgroup.procs").read_text() == f"{pid}\n"
     [moved] = group.moved_at
-    assert float(out) > moved  # the command's first act came after the move
+    started, *directories = out.decode().splitlines()
+    assert float(started) > moved  # the command's first act came after the move
+    assert directories == []
     assert (export / "ran").exists()
 
 
@@ -87,6 +96,7 @@ def test_regression_a_failed_move_runs_nothing(box, tmp_path):
     with pytest.raises(OSError, match=r"cannot move process .* No space"):
         asyncio.run(spawn_confined(sandbox, export, group))
     assert not (export / "ran").exists()
+    assert len(list(export.parent.glob(".gate-*"))) == 1  # removed by Confinement.close
 
 
 def test_check_says_which_limits_this_host_enforces(tmp_path):
