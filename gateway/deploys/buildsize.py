@@ -320,9 +320,14 @@ class BuildWatch:
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self.stopped:
-            started = loop.time()
-            if await self.check():
-                return
-            spent = loop.time() - started
-            await asyncio.sleep(max(self.interval, spent * (1 / DUTY - 1)))
+        try:
+            while not self.stopped:
+                started = loop.time()
+                if await self.check():
+                    return
+                spent = loop.time() - started
+                await asyncio.sleep(max(self.interval, spent * (1 / DUTY - 1)))
+        except Exception:
+            # A watcher that cannot watch must not leave the deploy unbounded.
+            log.exception("event=build_size_watch_failed path=%s", q(str(self.export_dir)))
+            self._stop(f"the build's size could not be measured ({SETTING})")

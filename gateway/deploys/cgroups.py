@@ -194,9 +194,14 @@ def detect(root: Path = ROOT, proc_self: Path = PROC_SELF) -> Delegation | str:
     if not (root / "cgroup.controllers").is_file():
         return f"{root} is not a cgroup2 filesystem: a cgroup v1 or hybrid host"
     base = root / paths[0].strip().lstrip("/")
-    if base.name == LEAF and base.parent != root:
+    if base.name == LEAF:
         # Already moved into our leaf by an earlier `prepare` (this or a parent process).
         base = base.parent
+    if base == root and not (root / "memory.max").exists():
+        # The host's real root cgroup (it alone has no memory.max): every process of the
+        # host is there, kernel threads included; never the gateway's to reorganise. (In a
+        # container with its own cgroup namespace, "/" is the container's cgroup: fine.)
+        return f"the gateway runs in the root cgroup of {root}, not in one delegated to it"
     try:
         offered = _read(base / "cgroup.controllers").split()
     except OSError as exc:

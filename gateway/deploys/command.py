@@ -81,6 +81,10 @@ async def run_pipeline(
                 return stopped
             log.write(f"{exc}\n")
             return Outcome(DeployStatus.FAILED, None, str(exc))
+        # The export alone may take more than max_build_size on disk (small files take a
+        # block each): measured now, before anything of the push runs.
+        if stopped := await _stopped(confinement, log, final=False):
+            return stopped
         refused = await _check_program(argv[0], deploy, workdir, setting, log)
         if refused is not None:
             return refused
@@ -104,9 +108,14 @@ async def run_pipeline(
         await executors.run(remove_tree, workdir)
 
 
-async def _stopped(confinement: Confinement | None, log: DeployLog) -> Outcome | None:
-    """The failed outcome of a deploy its confinement stopped (build size, out of memory)."""
-    reason = await confinement.stopped() if confinement is not None else ""
+async def _stopped(
+    confinement: Confinement | None, log: DeployLog, *, final: bool = True
+) -> Outcome | None:
+    """The failed outcome of a deploy its confinement stopped (build size, out of memory);
+    `final`: the deploy's processes are over (else the watcher goes on)."""
+    if confinement is None:
+        return None
+    reason = await (confinement.stopped() if final else confinement.watch.check())
     if not reason:
         return None
     log.write(f"\ndeploy stopped: {reason}\n")

@@ -119,7 +119,7 @@ class Limits:
     file_size: int
     open_files: int
     tmp_size: int
-    build_size: int  # watched (buildsize.py), not a prlimit
+    build_size: int = 4 << 30  # watched (buildsize.py), not a prlimit
 
     @classmethod
     def of(cls, settings: DeploySettings) -> Limits:

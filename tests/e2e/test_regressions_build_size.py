@@ -6,6 +6,7 @@ fails; one within it succeeds, with sparse files and hard links counted by what 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ STOPPED = (
     "deploy stopped: the build wrote more than 5 MiB (export and /tmp) ([deploy] max_build_size)"
 )
 MODES = ("many", "unlinked", "mapped", "preallocated", "tmp", "small", "sparse", "hard-links")
+APPS = (*MODES, "export")
 
 
 def app_of(mode: str) -> str:
@@ -44,7 +46,7 @@ def gw(tmp_path_factory):
 @pytest.fixture(scope="module")
 def builder(gw, tmp_path_factory) -> Client:
     home = tmp_path_factory.mktemp("builder")
-    key = Admin(gw.config_path).enroll("builder", home, *(app_of(mode) for mode in MODES))
+    key = Admin(gw.config_path).enroll("builder", home, *(app_of(mode) for mode in APPS))
     return Client(home / "home", key, gw, name="builder")
 
 
@@ -78,3 +80,14 @@ def test_build_within_max_build_size_succeeds(gw, builder, tmp_path, mode):
     assert result.returncode == 0, result.stderr
     assert f"wrote ({mode})" in result.stderr
     assert "deploy stopped" not in result.stderr
+
+
+def test_regression_an_export_past_max_build_size_never_runs(gw, builder, tmp_path):
+    """Within max_export_size (1 GiB) but not max_build_size: the command never starts."""
+    files = {"build.py": BUILD.read_text(), "mode": "small\n"}
+    files |= {f"asset-{i}.bin": os.urandom(512 * 1024).hex() for i in range(6)}  # 6 MiB
+    work = builder.new_repo(tmp_path / "export", files)
+    result = builder.git("push", builder.url(app_of("export")), "main", cwd=work, check=False)
+    assert result.returncode == 1, result.stderr
+    assert STOPPED in result.stderr
+    assert "wrote (small)" not in result.stderr

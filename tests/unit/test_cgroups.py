@@ -89,6 +89,7 @@ def test_a_gateway_already_in_its_leaf_manages_the_parent(tree):
         ("hybrid", "is not a cgroup2 filesystem: a cgroup v1 or hybrid host"),
         ("no-memory", "lacks the memory controller"),
         ("no-delegation", "is not delegated to it: cgroup.subtree_control is not writable"),
+        ("host-root", "the gateway runs in the root cgroup of"),
     ],
 )
 def test_degrades_with_the_reason(tree, monkeypatch, change, reason):
@@ -97,6 +98,10 @@ def test_degrades_with_the_reason(tree, monkeypatch, change, reason):
         proc_self.write_text("4:memory:/user.slice\n1:name=systemd:/user.slice\n")
     elif change == "hybrid":  # a 0:: line, but /sys/fs/cgroup is v1's tmpfs
         (root / "cgroup.controllers").unlink()
+    elif change == "host-root":  # never moves every process of the host into a leaf
+        proc_self.write_text("0::/\n")
+        (root / "cgroup.subtree_control").write_text("memory pids\n")
+        (root / "cgroup.procs").write_text("1\n2\n")
     elif change == "no-memory":
         (base / "cgroup.controllers").write_text("cpu pids\n")
     else:  # root may write anything: the test asks os.access as an unprivileged user would
@@ -108,6 +113,14 @@ def test_degrades_with_the_reason(tree, monkeypatch, change, reason):
         )
     found = cgroups.detect(root, proc_self)
     assert isinstance(found, str) and reason in found
+
+
+def test_a_container_s_own_cgroup_namespace_root_is_delegated(tree):
+    """With a cgroup namespace, "/" is the container's own cgroup (it has memory.max)."""
+    root, _, proc_self, _ = tree
+    populate(root)
+    proc_self.write_text("0::/\n")
+    assert cgroups.detect(root, proc_self) == cgroups.Delegation(root)
 
 
 def test_prepare_moves_the_gateway_into_a_leaf_then_enables_the_controllers(tree):
