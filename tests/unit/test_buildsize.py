@@ -4,6 +4,7 @@ links once, any depth), what /proc shows of deleted files still held, and the wa
 from __future__ import annotations
 
 import asyncio
+import itertools
 import mmap
 import os
 import subprocess
@@ -103,6 +104,8 @@ def test_descendants_follow_the_whole_process_tree():
             os.kill(grandchild, 9)
         parent.kill()
         parent.wait(timeout=10)
+        if parent.stdout is not None:
+            parent.stdout.close()
 
 
 def test_the_watcher_stops_a_deploy_over_the_limit(tmp_path):
@@ -173,3 +176,24 @@ def test_tmpfs_sizes_match_the_sandbox(tmp_size):
         if args[i] == "--size" and args[i + 2] == "--tmpfs"
     }
     assert mounted == confine.tmpfs_mounts(limits)
+
+
+def test_a_slow_measurement_is_repeated_less_often(tmp_path, monkeypatch):
+    """The watcher spends at most DUTY of a core: a measurement taking 50 ms is followed by
+    450 ms of rest, whatever the poll interval."""
+    calls = []
+
+    async def slow(root: Path) -> tuple[int, str]:
+        calls.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.05)
+        return 0, ""
+
+    monkeypatch.setattr(buildsize, "tree_usage", slow)
+
+    async def scenario() -> None:
+        async with buildsize.BuildWatch(tmp_path, MIB, {}, interval=0.001):
+            await asyncio.sleep(1.2)
+
+    asyncio.run(scenario())
+    assert 2 <= len(calls) <= 4
+    assert all(b - a >= 0.45 for a, b in itertools.pairwise(calls))
