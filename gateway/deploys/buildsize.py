@@ -151,9 +151,7 @@ def descendants(roots: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
     return found
 
 
-_MAPS_LINE = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)\s+(.*) \(deleted\)$"
-)
+_MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ")
 
 
 def unlinked_usage(pids: Iterable[int], dev: int, proc: Path = Path("/proc")) -> int:
@@ -180,10 +178,12 @@ def unlinked_usage(pids: Iterable[int], dev: int, proc: Path = Path("/proc")) ->
         except OSError:
             continue
         for line in maps.splitlines():
+            if not line.endswith(" (deleted)"):
+                continue  # the usual case, without the cost of the expression
             found = _MAPS_LINE.match(line)
             if found is None:
                 continue
-            start, end, offset, dmaj, dmin, ino = found.groups()[:6]
+            start, end, offset, dmaj, dmin, ino = found.groups()
             if (int(dmaj, 16), int(dmin, 16)) != (major, minor):
                 continue
             reach = int(offset, 16) + int(end, 16) - int(start, 16)
