@@ -227,6 +227,14 @@ def process_usage(roots: list[int], dev: int, mounts: dict[str, int]) -> tuple[i
     return unlinked_usage(pids, dev), tmpfs_usage(pids, mounts)
 
 
+def _blocks(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            total += os.lstat(path).st_blocks * 512
+    return total
+
+
 # -- the watcher --
 
 
@@ -242,6 +250,9 @@ class BuildWatch:
     tmpfs: dict[str, int]
     interval: float = POLL_INTERVAL
     stopped: str = ""
+    # Files of the gateway's outside the export that a deploy holds open and could write
+    # (the cgroup gate's lock files, see confine.py): counted too.
+    extra_files: list[Path] = field(default_factory=list)
     _procs: list[asyncio.subprocess.Process] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
     _unreadable_since: float | None = None
@@ -263,6 +274,8 @@ class BuildWatch:
 
     async def measure(self) -> Usage:
         tree, unreadable = await tree_usage(self.export_dir)
+        if self.extra_files:
+            tree += await executors.run(_blocks, list(self.extra_files))
         roots = [p.pid for p in self._procs if p.returncode is None]
         unlinked, tmpfs = (0, 0)
         if roots:

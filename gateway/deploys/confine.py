@@ -47,8 +47,11 @@ def tmpfs_mounts(limits: Limits) -> dict[str, int]:
 # deploy descends from one already inside. If the move fails, the gate is killed while still
 # waiting: nothing of the deploy ran. flock is reachable by any sandbox user (the gateway's
 # own interpreter may not be). With --no-fork, flock's descriptor on the lock stays open into
-# the sandbox: so the lock is an empty regular file of the gateway's, opened read-only (a
-# directory's descriptor would let the deploy walk the host's tree with openat(fd, "..")).
+# the sandbox (and --close is refused with it; forking instead would put flock between the
+# gateway and bwrap, and bwrap's --die-with-parent would watch flock): so the lock is an empty
+# regular file of the gateway's, opened read-only (a directory's descriptor would let the
+# deploy walk the host's tree with openat(fd, "..")), and counted by the watcher (a gateway
+# not root owns it as the deploy's own user, who may reopen it for writing).
 
 
 @dataclass
@@ -82,7 +85,6 @@ class Confinement:
     def __init__(self, watch: BuildWatch, cgroup: cgroups.Cgroup | None) -> None:
         self.watch = watch
         self.cgroup = cgroup
-        self._locks: list[Path] = []
 
     @classmethod
     async def start(cls, deploy_id: int, export_dir: Path, limits: Limits) -> Confinement:
@@ -113,7 +115,7 @@ class Confinement:
         path = self.watch.export_dir.parent / f".gate-{secrets.token_hex(8)}"
         flags = os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         lock = os.open(path, flags, 0o600)
-        self._locks.append(path)
+        self.watch.extra_files.append(path)
         try:
             os.fchmod(lock, 0o644)  # the gateway's umask is 077; flock opens it read-only
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,7 +156,7 @@ class Confinement:
 
     async def close(self) -> None:
         await self.watch.__aexit__(None, None, None)
-        for path in self._locks:
+        for path in self.watch.extra_files:
             with contextlib.suppress(OSError):
                 path.unlink()
         if self.cgroup is not None and not await executors.run(self.cgroup.remove):

@@ -197,3 +197,16 @@ def test_a_slow_measurement_is_repeated_less_often(tmp_path, monkeypatch):
     asyncio.run(scenario())
     assert 2 <= len(calls) <= 4
     assert all(b - a >= 0.45 for a, b in itertools.pairwise(calls))
+
+
+def test_the_gates_lock_files_count_too(tmp_path):
+    """A gateway that is not root owns the cgroup gate's lock file as the deploy's user, who
+    holds a descriptor of it: what it writes there counts."""
+    export, lock = tmp_path / "export", tmp_path / ".gate-0"
+    export.mkdir()
+    fill(lock, 2 * MIB)
+
+    async def scenario() -> str:
+        return await buildsize.BuildWatch(export, MIB, {}, extra_files=[lock]).check()
+
+    assert asyncio.run(scenario()) == buildsize.over_line(MIB)
