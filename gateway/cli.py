@@ -625,8 +625,6 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     warnings = asyncio.run(sandbox.check(cfg))
     for warning in warnings:
         out.write(f"warning: {warning}\n")
-    for line in confine.report(cfg):
-        out.write(f"{line}\n")
     built = [label for label, box in sandbox.sandboxes(cfg).items() if box.enabled]
     sandboxed = f"; deploy sandbox ok for {', '.join(built)}" if built else ""
     trusted = f"; {len(cas)} trusted user CA key(s)" if cas else ""
@@ -634,6 +632,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
+    for line in confine.report(cfg):
+        out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
     out.write(f"{asyncio.run(store_probe.probe(cfg.storage.database)).text()}\n")
     return 0
