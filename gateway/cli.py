@@ -613,7 +613,8 @@ def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
 
 
 def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    from .deploys import sandbox  # builds a test sandbox per configured command pipeline
+    # A test sandbox per configured command pipeline; which deploy limits this host enforces.
+    from .deploys import confine, sandbox
 
     git = gitbin.locate(cfg.git.binary)
     try:
@@ -631,6 +632,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
+    for line in confine.report(cfg):
+        out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
     out.write(f"{asyncio.run(store_probe.probe(cfg.storage.database)).text()}\n")
     return 0

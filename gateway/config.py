@@ -635,17 +635,28 @@ class DeploySettings:
         900, _seconds_int, "CPU seconds each process of a deploy may use (RLIMIT_CPU)"
     )
     max_memory: int = _setting(
-        "2G", _size, "memory each process of a deploy may allocate (RLIMIT_DATA)"
+        "2G",
+        _size,
+        "memory each process of a deploy may allocate (RLIMIT_DATA); where cgroup v2 is "
+        "delegated, also the whole deploy's memory (memory.max: shm, memfd, tmpfs included)",
     )
     max_processes: int = _setting(
         1024,
         _count,
         "processes and threads of the sandbox user, counted across all its running deploys "
-        "(RLIMIT_NPROC)",
+        "(RLIMIT_NPROC); where cgroup v2 is delegated, also per deploy (pids.max)",
     )
     max_file_size: int = _setting("1G", _size, "largest file a deploy may write (RLIMIT_FSIZE)")
     max_open_files: int = _setting(1024, _count, "open files per deploy process (RLIMIT_NOFILE)")
     max_tmp_size: int = _setting("512M", _size, "size of the deploy's private /tmp (in memory)")
+    # Measured by a watcher (gateway/deploys/buildsize.py says why not a quota or a tmpfs).
+    max_build_size: int = _setting(
+        "4G",
+        _size,
+        "what a deploy may write in all: its export directory on disk (hard links once, "
+        "allocated blocks, deleted files it keeps open) plus its in-memory /tmp and /dev/shm; "
+        "the deploy is stopped when over",
+    )
     retention: float = _setting(
         90,
         _days,
@@ -749,6 +760,7 @@ APP_OVERRIDABLE = (
     "max_file_size",
     "max_open_files",
     "max_tmp_size",
+    "max_build_size",
 )
 
 SECTIONS: dict[str, type] = {

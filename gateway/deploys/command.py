@@ -16,6 +16,7 @@ from ..config import size_text
 from ..deploylog import DeployLog
 from ..models import Deploy, DeployStatus
 from . import program
+from .confine import Confinement
 from .export import ExportError, export_commit
 from .outcome import Outcome
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, remove_tree
@@ -60,7 +61,10 @@ async def run_pipeline(
     """Export the commit into a fresh directory, run argv there, remove the directory.
     `setting` names where argv is configured, for the line saying its program is missing."""
     workdir = await executors.run(_make_workdir, build_dir, deploy.id, sandbox)
+    confinement = None
     try:
+        if sandbox.enabled:
+            confinement = await Confinement.start(deploy.id, workdir, sandbox.limits)
         try:
             await export_commit(
                 git,
@@ -70,22 +74,52 @@ async def run_pipeline(
                 sandbox=sandbox,
                 limit=max_export_size,
                 quarantine=quarantine,
+                confinement=confinement,
             )
         except ExportError as exc:
+            if stopped := await _stopped(confinement, log):
+                return stopped
             log.write(f"{exc}\n")
             return Outcome(DeployStatus.FAILED, None, str(exc))
+        # The export alone may take more than max_build_size on disk (small files take a
+        # block each): measured now, before anything of the push runs.
+        if stopped := await _stopped(confinement, log, final=False):
+            return stopped
         refused = await _check_program(argv[0], deploy, workdir, setting, log)
         if refused is not None:
             return refused
         if sandbox.enabled:
             env = command_env(deploy, APP_DIR, SANDBOX_PATH)
-            return await run_command(
-                argv, log, max_output, sandbox=sandbox, export_dir=workdir, env=env
+            outcome = await run_command(
+                argv,
+                log,
+                max_output,
+                sandbox=sandbox,
+                export_dir=workdir,
+                env=env,
+                confinement=confinement,
             )
+            return await _stopped(confinement, log) or outcome
         env = command_env(deploy, str(workdir), os.environ.get("PATH", os.defpath))
         return await run_command(argv, log, max_output, cwd=workdir, env=env)
     finally:
+        if confinement is not None:
+            await confinement.close()
         await executors.run(remove_tree, workdir)
+
+
+async def _stopped(
+    confinement: Confinement | None, log: DeployLog, *, final: bool = True
+) -> Outcome | None:
+    """The failed outcome of a deploy its confinement stopped (build size, out of memory);
+    `final`: the deploy's processes are over (else the watcher goes on)."""
+    if confinement is None:
+        return None
+    reason = await (confinement.stopped() if final else confinement.watch.check())
+    if not reason:
+        return None
+    log.write(f"\ndeploy stopped: {reason}\n")
+    return Outcome(DeployStatus.FAILED, None, reason)
 
 
 async def _check_program(
@@ -118,6 +152,7 @@ async def run_command(
     sandbox: Sandbox | None = None,
     export_dir: Path | None = None,
     cwd: Path | None = None,
+    confinement: Confinement | None = None,
 ) -> Outcome:
     """Run argv (no shell) with stdout and stderr merged into the log.
 
@@ -136,7 +171,9 @@ async def run_command(
         streams["umask"] = operator_umask
     try:
         if sandbox is not None and export_dir is not None:
-            proc = await sandbox.spawn(argv, export_dir=export_dir, env=env, **streams)
+            proc = await sandbox.spawn(
+                argv, export_dir=export_dir, env=env, confinement=confinement, **streams
+            )
         else:
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=dict(env), start_new_session=True, **streams

@@ -15,12 +15,15 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import gitbin, umask
 from ..config import size_text
 from ..errors import GatewayError
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox
+
+if TYPE_CHECKING:
+    from .confine import Confinement
 
 CHUNK = 64 * 1024
 STDERR_KEPT = 4096
@@ -72,6 +75,7 @@ async def export_commit(
     sandbox: Sandbox,
     limit: int,
     quarantine: Path | None = None,
+    confinement: Confinement | None = None,
 ) -> int:
     """Write the tree of commit `sha` into the empty directory `dest`; return the number of
     bytes of tar stream exported. Raises ExportError with a reason on any failure."""
@@ -85,7 +89,7 @@ async def export_commit(
         start_new_session=True,
     )
     try:
-        extract = await _start_extractor(sandbox, dest)
+        extract = await _start_extractor(sandbox, dest, confinement)
     except BaseException:
         await _kill(archive)
         raise
@@ -96,7 +100,9 @@ async def export_commit(
         await _kill(extract)
 
 
-async def _start_extractor(sandbox: Sandbox, dest: Path) -> asyncio.subprocess.Process:
+async def _start_extractor(
+    sandbox: Sandbox, dest: Path, confinement: Confinement | None = None
+) -> asyncio.subprocess.Process:
     # Ownership and modes from the archive are not applied; the tar comes from git objects
     # that passed fsck, and is unpacked with no more rights than the deploy itself.
     argv = ["tar", "-x", "--no-same-owner", "-f", "-", "-C"]
@@ -114,6 +120,7 @@ async def _start_extractor(sandbox: Sandbox, dest: Path) -> asyncio.subprocess.P
             export_dir=dest,
             env={"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"},
             network=False,
+            confinement=confinement,
             **streams,
         )
     return await asyncio.create_subprocess_exec(

@@ -29,11 +29,14 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, DeploySettings
 from ..errors import ConfigError
 from ..logs import q
+
+if TYPE_CHECKING:
+    from .confine import Confinement
 
 log = logging.getLogger("gateway.deploys")
 
@@ -116,6 +119,7 @@ class Limits:
     file_size: int
     open_files: int
     tmp_size: int
+    build_size: int = 4 << 30  # watched (buildsize.py), not a prlimit
 
     @classmethod
     def of(cls, settings: DeploySettings) -> Limits:
@@ -126,6 +130,7 @@ class Limits:
             file_size=settings.max_file_size,
             open_files=settings.max_open_files,
             tmp_size=settings.max_tmp_size,
+            build_size=settings.max_build_size,
         )
 
     def prlimit_args(self) -> list[str]:
@@ -209,12 +214,14 @@ class Sandbox:
         export_dir: Path,
         env: Mapping[str, str],
         network: bool | None = None,
+        confinement: Confinement | None = None,
         **streams: Any,
     ) -> asyncio.subprocess.Process:
         """Start argv inside the sandbox with `export_dir` at /app (its working directory).
 
         The process leads its own process group (kill the group to stop the sandbox); with
-        `--die-with-parent` the sandbox also dies if the gateway does.
+        `--die-with-parent` the sandbox also dies if the gateway does. A `confinement`
+        (confine.py) watches it and, where cgroup v2 is delegated, starts it in its cgroup.
         """
         if not self.enabled:
             raise RuntimeError("spawn() needs the bubblewrap sandbox")
@@ -239,16 +246,25 @@ class Sandbox:
                     "group": self.run_as.gid,
                     "extra_groups": [],
                 }
-            return await asyncio.create_subprocess_exec(
-                *full,
-                env={**env, "PATH": env.get("PATH", SANDBOX_PATH)},
-                pass_fds=binds.fds,
-                start_new_session=True,
-                **privileges,
-                **streams,
-            )
+            launch = confinement.launch(full) if confinement else None
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *(launch.argv if launch else full),
+                    env={**env, "PATH": env.get("PATH", SANDBOX_PATH)},
+                    pass_fds=binds.fds,
+                    start_new_session=True,
+                    **privileges,
+                    **streams,
+                )
+            except BaseException:
+                if launch:
+                    launch.open()
+                raise
         finally:
             binds.close()
+        if confinement and launch:
+            await confinement.started(proc, launch)
+        return proc
 
     def _bwrap_args(self, binds: _Binds, export_dir: Path, network: bool) -> list[str]:
         args = [
