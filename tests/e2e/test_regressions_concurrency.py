@@ -17,6 +17,7 @@ from tests.helpers import (
     Admin,
     Client,
     ServeProcess,
+    ServerThread,
     ssh_connect,
     write_config,
 )
@@ -129,3 +130,98 @@ def test_regression_many_followers_of_one_deploy_leave_other_tenants_fast(tmp_pa
         noise = ("event=connect ", "event=auth_ok", "kind=auth_ok", "event=disconnect")
         print("".join(line for line in server.lines if not any(n in line for n in noise))[-6000:])
         assert code == 0
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A gateway where one user may hold 2 connections and 1 fetch at once."""
+    directory = tmp_path_factory.mktemp("capped")
+    config = write_config(
+        directory, limits={"max_connections_per_user": 2, "max_fetches_per_user": 1}
+    )
+    thread = ServerThread(config).start()
+    admin = Admin(config)
+    keys = {name: admin.enroll(name, directory, f"{name}-app") for name in ("hog", "other")}
+    yield thread, keys
+    thread.stop()
+
+
+def _held(server: ServerThread, kind: str) -> dict[tuple[str, str], int]:
+    return {k: v for k, v in server.gateway.admission.held.items() if k[0] == kind}
+
+
+async def test_regression_a_users_connections_are_capped_per_node(capped, caplog) -> None:
+    server, keys = capped
+    caplog.set_level("INFO", logger="gateway.server")
+    first = await ssh_connect(server.port, keys["hog"])
+    second = await ssh_connect(server.port, keys["hog"])
+    try:
+        # The third logs in (it holds the key), then each session it opens is told why.
+        async with ssh_connect(server.port, keys["hog"]) as third:
+            result = await asyncio.wait_for(third.run("whoami"), TIMEOUT)
+            assert result.exit_status == 1
+            assert result.stdout == ""
+            assert result.stderr == (
+                "error: too many connections for hog (at most 2 at once on this node; "
+                "[limits] max_connections_per_user)\n"
+            )
+            git = await asyncio.wait_for(third.run("git-upload-pack 'hog-app.git'"), TIMEOUT)
+            assert git.exit_status == 1 and "max_connections_per_user" in git.stderr
+        assert "reason=max_connections_per_user limit=2" in caplog.text
+        # Another user is not affected.
+        async with ssh_connect(server.port, keys["other"]) as other:
+            assert (await asyncio.wait_for(other.run("whoami"), TIMEOUT)).exit_status == 0
+        # A connection that drops (no SSH disconnect) gives its slot back.
+        first.abort()
+        await asyncio.get_running_loop().run_in_executor(
+            None,
+            server.wait_until,
+            lambda: sum(_held(server, "connections").values()) == 1,
+        )
+        async with ssh_connect(server.port, keys["hog"]) as again:
+            result = await asyncio.wait_for(again.run("whoami"), TIMEOUT)
+            assert result.exit_status == 0 and "hog" in result.stdout
+    finally:
+        first.close()
+        second.close()
+    await asyncio.get_running_loop().run_in_executor(
+        None, server.wait_until, lambda: _held(server, "connections") == {}
+    )
+
+
+async def test_regression_a_users_fetches_are_capped_per_node(capped, caplog) -> None:
+    server, keys = capped
+    caplog.set_level("INFO", logger="gateway.git")
+    async with ssh_connect(server.port, keys["hog"]) as conn:
+        command = "git-upload-pack 'hog-app.git'"
+        held = await conn.create_process(command, encoding=None)
+        assert await asyncio.wait_for(held.stdout.read(4), TIMEOUT)  # it is being served
+        refused = await asyncio.wait_for(conn.run(command, encoding=None), TIMEOUT)
+        assert refused.exit_status == 1
+        assert refused.stderr == (
+            b"error: too many fetches for hog (at most 1 at once on this node; "
+            b"[limits] max_fetches_per_user): retry when one has finished\n"
+        )
+        archive = await asyncio.wait_for(
+            conn.run("git-upload-archive 'hog-app.git'", encoding=None), TIMEOUT
+        )
+        assert b"max_fetches_per_user" in archive.stderr  # archives count as fetches
+        assert "reason=max_fetches_per_user limit=1" in caplog.text
+        # Another user's clone is not affected, nor is a push of this one's.
+        async with ssh_connect(server.port, keys["other"]) as other:
+            fetch = await asyncio.wait_for(
+                other.run("git-upload-pack 'other-app.git'", input=b"0000", encoding=None),
+                TIMEOUT,
+            )
+            assert fetch.exit_status == 0
+        push = await asyncio.wait_for(
+            conn.run("git-receive-pack 'hog-app.git'", input=b"0000", encoding=None), TIMEOUT
+        )
+        assert push.exit_status == 0
+        held.stdin.write(b"0000")
+        held.stdin.write_eof()
+        await asyncio.wait_for(held.wait(), TIMEOUT)
+        # Its slot is free again.
+        again = await asyncio.wait_for(conn.run(command, input=b"0000", encoding=None), TIMEOUT)
+        assert again.exit_status == 0
+    assert _held(server, "fetches") == {}
