@@ -117,7 +117,10 @@ class LogReader:
             self.followers.discard(follower)
         self.holders -= 1
         if self.holders <= 0 and not self.ended:
-            self.task.cancel()  # nobody watches any more
+            # Nobody watches any more: forgotten at once, so that a watcher coming before
+            # the cancellation lands starts a reader of its own rather than join this one.
+            self._forget(self)
+            self.task.cancel()
 
     async def _run(self) -> None:
         final: Deploy | None = None

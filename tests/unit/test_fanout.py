@@ -129,5 +129,16 @@ async def test_a_follower_that_leaves_stops_the_reader_when_it_was_the_last() ->
     reader = fanout.readers[1]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    assert fanout.readers == {}  # at once: the next watcher does not join a reader that ends
+    again: list[str] = []
+
+    async def say_again(text: str) -> None:
+        again.append(text)
+
+    second = asyncio.ensure_future(fanout.watch(1, say_again, asyncio.Event()))
     await asyncio.wait_for(asyncio.gather(reader.task, return_exceptions=True), 5)
-    assert fanout.readers == {}
+    await until(lambda: again)
+    assert again == ["hello\n"] and fanout.readers[1] is not reader
+    store.deploy.status = DeployStatus.SUCCEEDED
+    wakeups.fire(1)
+    assert await asyncio.wait_for(second, 5) is store.deploy
