@@ -81,8 +81,11 @@ async def _followers_load(key: Path, port: int, app: str, bob: Client) -> tuple[
             await asyncio.sleep(0.2)
         before = list(received)
         loaded = await _median_whoami(bob)
-        # The deploy chattered all along, and every follower still got its output.
-        assert all(after > was for after, was in zip(received, before, strict=True))
+        # The deploy chatters on, and every follower still gets its output (with 300 of
+        # them, each gets it every 0.6 s: see fanout.WRITES_PER_SECOND).
+        while any(after <= was for after, was in zip(received, before, strict=True)):
+            assert time.monotonic() < deadline, "a follower no longer gets the output"
+            await asyncio.sleep(0.2)
         async with ssh_connect(port, key) as spare:
             cancel = await asyncio.wait_for(spare.run("cancel 1"), TIMEOUT)
         assert cancel.exit_status == 0, cancel.stderr
@@ -128,7 +131,7 @@ def test_regression_many_followers_of_one_deploy_leave_other_tenants_fast(tmp_pa
         )
         assert ratio < 4, f"idle {idle:.0f} ms, loaded {loaded:.0f} ms"
     except BaseException:
-        server.proc.terminate()
+        server.kill()  # the chatty deploy may still run: no drain
         server.finish()
         noise = ("event=connect ", "event=auth_ok", "kind=auth_ok", "event=disconnect")
         print("".join(line for line in server.lines if not any(n in line for n in noise))[-6000:])
