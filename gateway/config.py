@@ -566,6 +566,18 @@ class LimitSettings:
         "largest commit or tag object (message and headers) a push may bring; receive's "
         "max_input_size bounds the compressed pack only, which a repeated message beats 1000:1",
     )
+    max_connections_per_user: int = _setting(
+        64,
+        _count,
+        "authenticated connections of one account (or one deploy key) open at once on this"
+        " node, every worker counted; a ControlMaster's sessions are one connection",
+    )
+    max_fetches_per_user: int = _setting(
+        64,
+        _count,
+        "git upload-pack and upload-archive processes (clones, fetches, archives) one account"
+        " or deploy key runs at once on this node, every worker counted",
+    )
 
 
 DEPLOY_MODES = ("attached", "detached", "gate")

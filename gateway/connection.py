@@ -20,6 +20,7 @@ from . import audit, certs, executors, kexguess, times
 from .auth import identify
 from .errors import NotFound, StoreUnavailable
 from .explain import Told
+from .limits import CONNECTIONS, user_key
 from .logs import q
 from .models import CertInfo, Identity
 from .names import USER_NAME
@@ -194,6 +195,10 @@ class Connection(asyncssh.SSHServer):
         # Registered keys that may not log in: explained once the client proves it holds one.
         self.proofs = Proofs(self._refusal_proven, self._certificate, self._new_request)
         self.told: Told | None = None  # what a refused client was told (banners)
+        # Counted against [limits] max_connections_per_user once authenticated (its key), or
+        # over that limit: why every session it opens is refused.
+        self.user_held: str | None = None
+        self.over_limit: str | None = None
 
     # -- connection lifecycle --
 
@@ -242,6 +247,9 @@ class Connection(asyncssh.SSHServer):
         metrics.connections_open.dec()
         self.gateway.connections.discard(self)
         self.gateway.admission.release(self.address, self.identity is not None)
+        if self.user_held is not None:
+            self.gateway.admission.give_back(CONNECTIONS, self.user_held)
+            self.user_held = None
         if self.identity is None:
             if self.auth_attempts:
                 self.gateway.explainer.login_failed(self.address)
@@ -533,6 +541,33 @@ class Connection(asyncssh.SSHServer):
         self.session_channels.add(channel)
         return channel
 
+    def _hold_user_slot(self, identity: Identity) -> None:
+        """Count this connection against its user's [limits] max_connections_per_user, or
+        refuse it: told on every session it opens (authenticated, it can be told in a line
+        of its own, which a login refusal could not), closed soon whatever it does."""
+        limit = self.gateway.config.limits.max_connections_per_user
+        key = user_key(identity)
+        if self.gateway.admission.hold(CONNECTIONS, key, limit):
+            self.user_held = key
+            return
+        self.over_limit = (
+            f"too many connections for {identity.user_name} (at most {limit} at once on this "
+            "node; [limits] max_connections_per_user)"
+        )
+        self.outcome = "refused"
+        self.gateway.metrics.limit_rejections.labels("max_connections_per_user").inc()
+        log.warning(
+            "event=connection_refused conn=%s peer=%s user=%s reason=max_connections_per_user "
+            "limit=%d",
+            self.id,
+            self.peer,
+            identity.user_name,
+            limit,
+        )
+        if self.conn is not None:
+            timeout = self.gateway.config.limits.channel_request_timeout
+            asyncio.get_running_loop().call_later(timeout, self.conn.close)
+
     async def auth_completed(self) -> None:
         # asyncssh completes authentication in the same step as the validate_public_key call
         # that returned True for a request whose signature it then verified; a newer request
@@ -546,6 +581,7 @@ class Connection(asyncssh.SSHServer):
         if self.told is not None:
             self.gateway.explainer.logged_in_after(self.address, self.told.unknown)
         self.gateway.admission.authenticated()
+        self._hold_user_slot(identity)
         self.gateway.metrics.auth.labels("ok").inc()
         self.conn.set_extra_info(gateway_identity=identity)
         cipher, mac = negotiated(self.conn)

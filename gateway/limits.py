@@ -1,4 +1,5 @@
-"""Edge limits: connection admission (total, per address, unauthenticated) and rate limits."""
+"""Edge limits: connection admission (total, per address, unauthenticated), what one user
+holds at once (connections, fetches) and rate limits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .config import LimitSettings
+from .models import Identity
 from .shared_limits import SharedCounts, TableFull
+
+# What one user holds, counted per node: `Admission.hold` kinds (also the digest domains in
+# the shared table, apart from addresses).
+CONNECTIONS = "connections"
+FETCHES = "fetches"
+
+
+def user_key(identity: Identity) -> str:
+    """What the per-user caps count: the account, or the deploy key (as the rate limit)."""
+    if identity.user_id is not None:
+        return f"user:{identity.user_id}"
+    return f"deploy-key:{identity.key_id}"
 
 
 @dataclass
@@ -27,6 +41,9 @@ class Admission:
     # With several worker processes: the node's counts, which the caps apply to (this
     # process's own counts above stay its share of them).
     shared: SharedCounts | None = None
+    # Per user: (kind, user_key) -> this process's count (its share of the node's, if shared).
+    held: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # The digests this process holds in the shared table: addresses and users alike.
     _digests: dict[bytes, int] = field(default_factory=dict)
 
     def admit(self, address: str) -> str | None:
@@ -95,6 +112,39 @@ class Admission:
                 self._forget(digest)
                 shared.set_address(digest, self._digests.get(digest, 0), self._digests)
                 shared.adjust(-1, 0 if authenticated else -1)
+
+    def hold(self, kind: str, key: str, limit: int) -> bool:
+        """Count one more `kind` (CONNECTIONS, FETCHES) for a user, unless they already
+        hold `limit` of them on the node; the caller gives it back with `give_back`."""
+        here = (kind, key)
+        if self.shared is not None:
+            shared = self.shared
+            digest = shared.digest(key, kind)
+            with shared.locked():
+                if shared.from_address(digest) >= limit:
+                    return False
+                self._digests[digest] = self._digests.get(digest, 0) + 1
+                try:
+                    shared.set_address(digest, self._digests[digest], self._digests)
+                except TableFull:  # only after a reload raised max_connections past the table
+                    self._forget(digest)
+                    return False
+        elif self.held.get(here, 0) >= limit:
+            return False
+        self.held[here] += 1
+        return True
+
+    def give_back(self, kind: str, key: str) -> None:
+        here = (kind, key)
+        self.held[here] -= 1
+        if self.held[here] <= 0:
+            del self.held[here]
+        if self.shared is not None:
+            shared = self.shared
+            digest = shared.digest(key, kind)
+            with shared.locked():
+                self._forget(digest)
+                shared.set_address(digest, self._digests.get(digest, 0), self._digests)
 
 
 class RateLimiter:

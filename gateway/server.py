@@ -669,6 +669,8 @@ class Gateway:
         identity = connection.identity
         if identity is None:
             raise GatewayError("not authenticated")
+        if connection.over_limit is not None:
+            raise GatewayError(connection.over_limit)
         # Roles are read per command by authorize(); the key itself is re-checked here.
         if identity.certificate is not None:
             await self._recheck_certificate(identity)
@@ -708,5 +710,6 @@ class Gateway:
             stats=stats,
             pack_cache=self.pack_cache,
             refused_keys=tuple(connection.told.unknown) if connection.told else (),
+            admission=self.admission,
         )
         return await execute(ctx, invocation)

@@ -1,5 +1,6 @@
 """Connection counts shared by the worker processes of one node, so that `[limits]` caps
-on connections (in total, still logging in, per source address) hold for the node.
+on connections (in total, still logging in, per source address, per user) and on a user's
+fetches hold for the node.
 
 The counts live in one shared memory file (a memfd the supervisor creates and every worker
 inherits). Each worker has a region of its own that only it writes: its totals and a table
@@ -8,8 +9,9 @@ a lock on the file (fcntl record locks belong to the process, so they exclude th
 workers, and are dropped by the kernel if a worker dies holding one). When a worker dies,
 the supervisor clears its region before starting the next one: a crash leaks nothing.
 
-Addresses are stored as keyed BLAKE2b digests (the key is random per run and lives only in
-the shared memory), so that no client can choose addresses whose slots collide.
+Addresses (and users, in their own digest domains) are stored as keyed BLAKE2b digests (the
+key is random per run and lives only in the shared memory), so that no client can choose
+addresses whose slots collide.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class TableFull(Exception):
 
 
 def capacity(max_connections: int) -> int:
-    """Slots per worker region: a worker never holds more addresses than connections, and
-    the table is rebuilt before it is three quarters used."""
-    return 2 * max_connections + 64
+    """Slots per worker region: a worker never holds more addresses than connections, nor
+    more users (their connections, their fetches) than that; and the table is rebuilt
+    before it is three quarters used."""
+    return 4 * max_connections + 64
 
 
 class SharedCounts:
@@ -79,8 +82,12 @@ class SharedCounts:
 
     # -- reading (under the lock) --
 
-    def digest(self, address: str) -> bytes:
-        return hashlib.blake2b(address.encode(), key=self._key, digest_size=16).digest()
+    def digest(self, address: str, domain: str = "") -> bytes:
+        """The slot key of an address, or of a user's count of one kind (`domain`)."""
+        person = domain.encode()[:16]
+        return hashlib.blake2b(
+            address.encode(), key=self._key, digest_size=16, person=person
+        ).digest()
 
     def _base(self, region: int) -> int:
         return _HEADER.size + region * self._region_size
@@ -95,7 +102,8 @@ class SharedCounts:
         return total, unauthenticated
 
     def from_address(self, digest: bytes) -> int:
-        """Connections from one address across every worker."""
+        """Connections from one address (or a user's count, see `digest`) across every
+        worker."""
         count = 0
         for region in range(self.workers):
             slot = self._find(region, digest)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..deploys import DeployService
     from ..gitbin import Git
+    from ..limits import Admission
     from ..metrics import Metrics
     from ..models import Identity
     from ..packcache import PackCache
@@ -66,6 +67,8 @@ class Context:
     pack_cache: PackCache | None = None
     # Fingerprints the client offered before the key that logged in, not registered here.
     refused_keys: tuple[str, ...] = ()
+    # The node's per-user caps ([limits] max_fetches_per_user); None: not counted.
+    admission: Admission | None = None
 
 
 Handler = Callable[[Context, "Invocation"], Awaitable[int]]

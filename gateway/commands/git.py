@@ -12,8 +12,9 @@ from ..auth import authorize
 from ..config import size_text
 from ..deploys import PushSession
 from ..errors import GatewayError
+from ..limits import FETCHES, user_key
 from ..logs import q
-from ..models import Role
+from ..models import App, Role
 from ..repos import git_settings
 from . import Context, Invocation
 from .account import expiry_warning
@@ -64,9 +65,45 @@ def too_large_line(limit: int) -> str:
     )
 
 
+class TooManyFetches(GatewayError):
+    def __init__(self, user: str, limit: int) -> None:
+        super().__init__(
+            f"too many fetches for {user} (at most {limit} at once on this node; "
+            "[limits] max_fetches_per_user): retry when one has finished"
+        )
+
+
 async def run(ctx: Context, inv: Invocation) -> int:
     needed, subcommand, extra = SERVICES[inv.command]
     app, role = await authorize(ctx.store, ctx.identity, inv.app, needed)
+    admission = ctx.admission
+    if admission is None or subcommand == "receive-pack":
+        return await _serve(ctx, app, role, subcommand, extra)
+    # A clone or an archive is the costly read (pack-objects, compression): one user's many
+    # at once must not take the node's CPU from the others.
+    limit = ctx.config.limits.max_fetches_per_user
+    key = user_key(ctx.identity)
+    if not admission.hold(FETCHES, key, limit):
+        if ctx.metrics is not None:
+            ctx.metrics.limit_rejections.labels("max_fetches_per_user").inc()
+        log.info(
+            "event=refused conn=%s user=%s service=%s app=%s reason=max_fetches_per_user limit=%d",
+            ctx.conn_id,
+            ctx.identity.user_name,
+            subcommand,
+            app.name,
+            limit,
+        )
+        raise TooManyFetches(ctx.identity.user_name, limit)
+    try:
+        return await _serve(ctx, app, role, subcommand, extra)
+    finally:
+        admission.give_back(FETCHES, key)
+
+
+async def _serve(
+    ctx: Context, app: App, role: Role, subcommand: str, extra: tuple[str, ...]
+) -> int:
     path = ctx.repos.path_for(app.name)
     try:
         # Whatever was written into the repository since the last operation (a hook, a

@@ -38,12 +38,13 @@ from ..textsafe import TerminalStream
 from . import messages, pushes
 from . import options as push_options
 from .command import run_pipeline
+from .fanout import LogReaders
 from .options import OptionError, PushOptions
 from .outcome import Outcome
 from .pushes import HookRefused, Peer, PushSession, RefUpdate, is_zero
 from .queue import QUEUE, Job, Wakeups
 from .sandbox import Sandbox, SandboxError
-from .watch import Say, deliver, watch
+from .watch import Say, deliver
 
 log = logging.getLogger("gateway.deploys")
 
@@ -109,6 +110,11 @@ class DeployService:
         # Gated pushes waiting in this process: their quarantine lives with the push.
         self.gated: dict[int, tuple[Path, str]] = {}
         self.wakeups = Wakeups()
+        # Watchers of one deploy share one reader of its log (issue 20: one per watcher,
+        # reading on every flush, slowed every tenant).
+        self.readers = LogReaders(
+            store, self.wakeups, self.poll_interval, lambda: self.config.deploy.log_limit
+        )
         self.closing = False
         # Set when the gateway drains: watchers that do not read are dropped quickly then.
         self.draining = asyncio.Event()
@@ -163,6 +169,7 @@ class DeployService:
         for loop_task in self._loops:
             with contextlib.suppress(BaseException):
                 await loop_task
+        await self.readers.close()
         with contextlib.suppress(GatewayError):
             await self.store.leave_node(self.node)
 
@@ -846,15 +853,8 @@ class DeployService:
         session: PushSession | None = None,
         until_done: bool = False,
     ) -> Deploy | None:
-        return await watch(
-            self.store,
-            self.wakeups,
-            deploy_id,
-            say,
-            self.draining,
-            session=session,
-            until_done=until_done,
-            poll=self.poll_interval,
+        return await self.readers.watch(
+            deploy_id, say, self.draining, session=session, until_done=until_done
         )
 
     async def follow(self, deploy_id: int, say: Say) -> Deploy:

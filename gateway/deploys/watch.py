@@ -4,7 +4,6 @@ or a `logs --follow`, never at the cost of the gateway's memory or of a drain.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,7 +28,7 @@ PAGE = 8
 RETRY = 1.0  # seconds before reading again while the registry is unavailable
 
 
-def _text(chunks: list[LogChunk], at: int) -> str:
+def text_for(chunks: list[LogChunk], at: int) -> str:
     """What a watcher who has read up to byte `at` is shown of these chunks: output cut
     from the log's start, or passed while it lagged, becomes a marker; the runner's final
     line is not shown (each watcher prints its own)."""
@@ -81,7 +80,7 @@ async def watch(
         except StoreUnavailable:
             chunks, reachable = [], False
         if chunks:
-            text = _text(chunks, at)
+            text = text_for(chunks, at)
             after, at = chunks[-1].seq, chunks[-1].end
             if watching and text:
                 watching = await deliver(say, text, draining)
@@ -105,26 +104,33 @@ async def watch(
 
 async def deliver(say: Say, text: str, draining: asyncio.Event) -> bool:
     """Give text to a watcher; False if it is gone or does not read (dropped after
-    WATCHER_STALL seconds, or DRAIN_STALL once the gateway drains)."""
+    WATCHER_STALL seconds, or DRAIN_STALL once the gateway drains).
+
+    Called for every watcher on every flush, so it costs one timer and no task: the write
+    is looked at every DRAIN_STALL seconds while it waits (a write that completes at once,
+    the usual case, is never looked at)."""
     loop = asyncio.get_running_loop()
-    writing = asyncio.ensure_future(say(text))
-    deadline = loop.time() + WATCHER_STALL
-    draining_wait = asyncio.ensure_future(draining.wait())
+    started = loop.time()
+    check: asyncio.TimerHandle | None = None
+
+    def recheck(limit: asyncio.Timeout) -> None:
+        nonlocal check
+        if draining.is_set() or loop.time() - started >= WATCHER_STALL:
+            limit.reschedule(loop.time())
+            check = None
+        else:
+            check = loop.call_later(DRAIN_STALL, recheck, limit)
+
     try:
-        while not writing.done():
-            waits: set[asyncio.Future[Any]] = {writing}
-            if draining_wait.done():
-                deadline = min(deadline, loop.time() + DRAIN_STALL)
-            else:
-                waits.add(draining_wait)
-            timeout = deadline - loop.time()
-            if timeout <= 0:
-                writing.cancel()
-                with contextlib.suppress(BaseException):
-                    await writing
-                log.info("event=watcher_dropped reason=not_reading")
-                return False
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        async with asyncio.timeout(None) as limit:
+            check = loop.call_later(DRAIN_STALL, recheck, limit)
+            await say(text)
+    except TimeoutError:
+        log.info("event=watcher_dropped reason=not_reading")
+        return False
+    except Exception:
+        return False  # the watcher is gone
     finally:
-        draining_wait.cancel()
-    return not writing.cancelled() and writing.exception() is None
+        if check is not None:
+            check.cancel()
+    return True

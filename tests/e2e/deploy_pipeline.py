@@ -34,6 +34,14 @@ if (fifo := setting("wait-fifo")) is not None:
 if (count := setting("spam")) is not None:
     for i in range(int(count)):
         print(f"line {i:06d} " + "x" * 80)
+if (seconds := setting("chatter")) is not None:
+    # A chatty build: a line every 5 ms until it is cancelled (or the time is up).
+    end = time.monotonic() + float(seconds)
+    i = 0
+    while time.monotonic() < end:
+        print(f"chatter {i:07d} " + "y" * 60, flush=True)
+        i += 1
+        time.sleep(0.005)
 if (pid_file := setting("hang")) is not None:
     child = subprocess.Popen(["sleep", "300"])
     with open(pid_file, "w") as out:

@@ -63,3 +63,25 @@ def test_many_addresses_coming_and_going_never_fill_the_table() -> None:
             a.release(address, authenticated=False)
         assert table.totals() == (0, 0)
     os.close(table.fd)
+
+
+def test_a_users_connections_and_fetches_count_every_worker() -> None:
+    """[limits] max_connections_per_user and max_fetches_per_user hold for the node: a
+    user's count on one worker is seen by the others, apart from addresses and each other."""
+    from gateway.limits import CONNECTIONS, FETCHES
+
+    table, a, b = two_workers()
+    assert a.hold(CONNECTIONS, "user:1", 2) and b.hold(CONNECTIONS, "user:1", 2)
+    assert not a.hold(CONNECTIONS, "user:1", 2) and not b.hold(CONNECTIONS, "user:1", 2)
+    assert b.hold(CONNECTIONS, "user:2", 2)  # another user is not affected
+    assert a.hold(FETCHES, "user:1", 1)  # fetches are counted on their own
+    assert not b.hold(FETCHES, "user:1", 1)
+    assert a.admit("10.0.0.1") is None  # and so are addresses
+    b.give_back(CONNECTIONS, "user:1")
+    assert a.hold(CONNECTIONS, "user:1", 2)
+    a.give_back(FETCHES, "user:1")
+    assert b.hold(FETCHES, "user:1", 1)
+    table.clear(1)  # worker b died: what it held is forgotten
+    assert b.hold(CONNECTIONS, "user:1", 2) is False  # a still holds two
+    assert a.hold(FETCHES, "user:1", 1)
+    os.close(table.fd)
