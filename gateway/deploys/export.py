@@ -113,7 +113,7 @@ async def _start_extractor(sandbox: Sandbox, dest: Path) -> asyncio.subprocess.P
             [*argv, APP_DIR],
             export_dir=dest,
             env={"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"},
-            network=False,
+            network="none",
             **streams,
         )
     return await asyncio.create_subprocess_exec(
