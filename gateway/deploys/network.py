@@ -33,6 +33,7 @@ PASTA_HINT = (
 # address, and only that, to the host's first nameserver. Link-local, so no real network.
 DNS_FORWARD = "169.254.0.53"
 RESOLV_CONF = Path("/etc/resolv.conf")
+TUN = "/dev/net/tun"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[IPNetwork, ...] = (
@@ -60,6 +61,13 @@ class Network:
         pasta = shutil.which("pasta")
         if pasta is None:
             raise NetworkError(f'network = "isolated": pasta not found: {PASTA_HINT}')
+        if not Path(TUN).exists():
+            # pasta would wait for ever for the tap device it cannot make (2023.03).
+            raise NetworkError(
+                f'network = "isolated": pasta needs {TUN}, which is missing here (in a '
+                f"container: run it with `--device {TUN}`, see docs/container.md); or set "
+                '[deploy] network = "none" (no network) or "host"'
+            )
         setpriv = shutil.which("setpriv")
         if setpriv is None:
             raise NetworkError(
@@ -144,7 +152,8 @@ def pasta_failed(line: str) -> str:
     return (
         f'network = "isolated": pasta could not make the deploy\'s network namespace: {line}: '
         "it needs unprivileged user namespaces and a default route (to relay outbound "
-        'connections through); or set [deploy] network = "none" (no network) or "host"'
+        "connections through; in a container, the flags in docs/container.md); or set "
+        '[deploy] network = "none" (no network) or "host"'
     )
 
 
