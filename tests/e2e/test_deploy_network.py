@@ -315,14 +315,20 @@ def test_regression_isolated_without_pasta_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="makes a network namespace (root)")
-def test_isolated_relays_outbound_and_reaches_the_nodes_other_addresses(tmp_path):
-    """In a network namespace this test makes: outbound TCP goes through pasta, arriving from
-    the node's own address when it targets one of the node's other addresses, which is why
-    `check` refuses a balancer list holding any of them."""
+def test_isolated_relays_outbound_and_dns_and_reaches_the_nodes_other_addresses(tmp_path):
+    """In a network (and mount) namespace this test makes, whose resolver listens on its
+    loopback as systemd-resolved does: the deploy resolves a name through pasta's DNS
+    forwarding, and its outbound TCP goes through pasta, arriving from the node's own
+    address when it targets one of the node's other addresses, which is why `check` refuses
+    a balancer list holding any of them."""
     require_sandbox()
     deploy = {"command": ["true"], "network": "isolated", **sandbox_settings(tmp_path)}
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\noptions timeout:2 attempts:1\n")
+    resolv.chmod(0o644)
+    argv = [sys.executable, "-c", NAMESPACE, json.dumps(deploy), str(resolv)]
     result = subprocess.run(
-        ["unshare", "--net", "--", sys.executable, "-c", NAMESPACE, json.dumps(deploy)],
+        ["unshare", "--net", "--mount", "--", *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -332,6 +338,8 @@ def test_isolated_relays_outbound_and_reaches_the_nodes_other_addresses(tmp_path
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["other address"] == "ALLOWED from 10.77.0.5", found
     assert found["loopback"].startswith("denied"), found
+    assert found["resolv.conf"] == "nameserver 169.254.0.53\noptions timeout:2 attempts:1\n"
+    assert found["resolved"] == "ALLOWED from 10.77.0.5", found  # by name, through DNS
 
 
 # Run in a fresh network namespace: a default route on one veth, another address on a
@@ -347,8 +355,19 @@ for argv in (["ip", "link", "set", "lo", "up"],
              ["ip", "route", "add", "default", "via", "10.99.0.1"],
              ["ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1"],
              ["ip", "addr", "add", "10.77.0.5/24", "dev", "other0"],
-             ["ip", "link", "set", "other0", "up"], ["ip", "link", "set", "other1", "up"]):
+             ["ip", "link", "set", "other0", "up"], ["ip", "link", "set", "other1", "up"],
+             ["mount", "--bind", sys.argv[2], "/etc/resolv.conf"]):
     subprocess.run(argv, check=True, timeout=10)
+def dns():  # a resolver on 127.0.0.53 answering every A question with 10.77.0.5
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.53", 53))
+    while True:
+        query, peer = server.recvfrom(512)
+        end = query.index(b"\0", 12) + 5
+        answer = b"\xc0\x0c\0\x01\0\x01\0\0\0\x3c\0\x04" + socket.inet_aton("10.77.0.5")
+        head = query[:2] + b"\x81\x80\0\x01\0\x01\0\0\0\0"
+        server.sendto(head + query[12:end] + answer, peer)
+threading.Thread(target=dns, daemon=True).start()
 def listen(address):
     server = socket.socket(); server.bind((address, 7001)); server.listen()
     def serve():
@@ -364,7 +383,12 @@ def attempt(host):
             return "ALLOWED " + conn.recv(64).decode()
     except OSError as exc:
         return "denied: " + str(exc)
-print(json.dumps({"other address": attempt("10.77.0.5"), "loopback": attempt("127.0.0.1")}))
+print(json.dumps({
+    "other address": attempt("10.77.0.5"),
+    "loopback": attempt("127.0.0.1"),
+    "resolv.conf": open("/etc/resolv.conf").read(),
+    "resolved": attempt("gateway-test.example"),
+}))
 '''
 async def main():
     cfg = config.from_mapping({"deploy": json.loads(sys.argv[1])}).deploy

@@ -122,3 +122,13 @@ def test_regression_isolated_reaches_the_nodes_other_addresses_through_pasta():
 def test_no_refusal_without_network_or_proxy_protocol():
     assert refusal("none", ["0.0.0.0/0", "::/0"]) == ""
     assert refusal("host", ["127.0.0.1/32"], protocol="off") == ""
+
+
+def test_regression_isolated_without_a_tun_device_is_one_line(tmp_path, monkeypatch):
+    """pasta 2023.03 without /dev/net/tun (a container without `--device`) waits for ever:
+    refused before it is ever started."""
+    monkeypatch.setattr(network, "TUN", str(tmp_path / "tun"))
+    monkeypatch.setattr(network.shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(network.NetworkError, match=r"--device .*/tun"):
+        network.Network.of("isolated")
+    assert network.Network.of("none") == network.Network("none")
