@@ -53,6 +53,7 @@ class Network:
     mode: str
     pasta: str = ""
     setpriv: str = ""
+    unshare: str = ""
 
     @classmethod
     def of(cls, mode: str) -> Network:
@@ -68,13 +69,14 @@ class Network:
                 f"container: run it with `--device {TUN}`, see docs/container.md); or set "
                 '[deploy] network = "none" (no network) or "host"'
             )
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            raise NetworkError(
-                'network = "isolated": setpriv not found: install util-linux '
-                "(Debian/Ubuntu: apt-get install util-linux)"
-            )
-        return cls(mode, pasta, setpriv)
+        tools = {name: shutil.which(name) for name in ("setpriv", "unshare")}
+        for name, path in tools.items():
+            if path is None:
+                raise NetworkError(
+                    f'network = "isolated": {name} not found: install util-linux '
+                    "(Debian/Ubuntu: apt-get install util-linux)"
+                )
+        return cls(mode, pasta, tools["setpriv"] or "", tools["unshare"] or "")
 
     def but(self, mode: str | None) -> Network:
         """This network, or a stricter one for a step that needs none (the export)."""
@@ -90,6 +92,11 @@ class Network:
         setpriv gives pasta a parent-death signal (kept across its exec and its move into
         the namespace it makes): when the gateway dies, even by SIGKILL, pasta dies, and
         bubblewrap (--die-with-parent) and the whole sandbox with it.
+
+        pasta (2023.03) runs its command as PID 1 of a new PID namespace, under the host's
+        /proc: bubblewrap, which finds its child by PID in /proc, would read another
+        process's entries (on the host) or none (in a container). unshare gives it a /proc
+        of its own PID namespace, in a mount namespace of pasta's user namespace.
         """
         if self.mode != "isolated":
             return []
@@ -113,6 +120,10 @@ class Network:
             "none",
             "--no-map-gw",
             *dns,
+            "--",
+            self.unshare,
+            "--mount",
+            "--mount-proc",
             "--",
         ]
 

@@ -98,9 +98,8 @@ USERNS_HINT = (
 CONTAINER_ERRORS = ("Can't set hostname", "Can't mount proc")
 CONTAINER_HINT = (
     "in a container, run it with `--security-opt seccomp=unconfined --security-opt "
-    "unmask=/proc/* --device /dev/net/tun` (podman; docker: `--security-opt "
-    "seccomp=unconfined --security-opt systempaths=unconfined --security-opt "
-    "apparmor=unconfined --device /dev/net/tun`), see docs/container.md"
+    "unmask=/proc/*` (podman; docker: `--security-opt seccomp=unconfined --security-opt "
+    "systempaths=unconfined --security-opt apparmor=unconfined`), see docs/container.md"
 )
 NONE_HINT = 'or set [deploy] sandbox = "none" (single-tenant installations only)'
 

@@ -303,7 +303,7 @@ def test_host_network_is_warned_about_at_check_and_start(tmp_path):
 def test_regression_isolated_without_pasta_is_one_line(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("git", "prlimit", "bwrap", "setpriv"):
+    for tool in ("git", "prlimit", "bwrap", "setpriv", "unshare"):
         found = shutil.which(tool)
         assert found, tool
         (bin_dir / tool).symlink_to(found)

@@ -51,12 +51,12 @@ def test_per_app_override():
 def test_loopback_resolver_gets_dns_forwarding(tmp_path, monkeypatch):
     resolv = tmp_path / "resolv.conf"
     monkeypatch.setattr(network, "RESOLV_CONF", resolv)
-    box = network.Network("isolated", "/usr/bin/pasta", "/usr/bin/setpriv")
+    box = network.Network("isolated", "/usr/bin/pasta", "/usr/bin/setpriv", "/usr/bin/unshare")
     resolv.write_text(
         "# systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n"
     )
     assert box.resolv_conf() == b"nameserver 169.254.0.53\noptions edns0 trust-ad\nsearch lan\n"
-    assert box.prefix()[-4:] == ["--no-map-gw", "--dns-forward", "169.254.0.53", "--"]
+    assert box.prefix()[-8:-4] == ["--no-map-gw", "--dns-forward", "169.254.0.53", "--"]
     resolv.write_text("nameserver 10.0.0.53\nnameserver 127.0.0.1\n")
     assert box.resolv_conf() is None  # the host's own file works through pasta
     assert "--dns-forward" not in box.prefix()
@@ -65,7 +65,7 @@ def test_loopback_resolver_gets_dns_forwarding(tmp_path, monkeypatch):
 
 
 def test_prefix_forwards_no_port_either_way():
-    argv = network.Network("isolated", "pasta", "setpriv").prefix()
+    argv = network.Network("isolated", "pasta", "setpriv", "unshare").prefix()
     assert argv[:4] == ["setpriv", "--pdeathsig", "KILL", "--"]
     for option in ("--tcp-ports", "--udp-ports", "--tcp-ns", "--udp-ns"):
         assert argv[argv.index(option) + 1] == "none"
@@ -73,7 +73,7 @@ def test_prefix_forwards_no_port_either_way():
 
 
 def test_an_export_step_can_only_drop_the_network():
-    box = network.Network("isolated", "pasta", "setpriv")
+    box = network.Network("isolated", "pasta", "setpriv", "unshare")
     assert box.but(None) is box and box.but("none") == network.Network("none")
     with pytest.raises(ValueError):
         network.Network("none").but("host")
