@@ -1,15 +1,13 @@
-"""The network a deploy sandbox gets: isolated (its own namespace, outbound through pasta),
-none (its own loopback only) or host (the host's network, as the gateway has it).
+"""A deploy sandbox's network: isolated (own namespace, outbound through pasta), none or host."""
 
-`isolated` runs pasta (from Debian's passt) as the sandbox user: it makes a user and network
-namespace, runs bubblewrap in it and relays the namespace's outbound TCP and UDP through
-ordinary sockets of the host. Nothing is forwarded from the namespace to the host's ports
-(`-T none -U none`) or from the host into it (`-t none -u none`), and the gateway address is
-not mapped to the host's loopback (`--no-map-gw`): the host's loopback, its abstract unix
-sockets and its /proc/net stay out of reach. The host's other addresses are reached as any
-machine on the network reaches them, from the node's own address: a PROXY protocol balancer
-list that includes one of them would let a deploy pass for any client (`refusal`).
-"""
+# `isolated` runs pasta (Debian's passt) as the sandbox user: it makes a user and network
+# namespace, runs bubblewrap in it and relays the namespace's outbound TCP and UDP through
+# ordinary sockets of the host. Nothing is forwarded from the namespace to the host's ports
+# (`-T none -U none`) or from the host into it (`-t none -u none`), and the gateway address
+# is not mapped to the host's loopback (`--no-map-gw`): the host's loopback, its abstract
+# unix sockets and its /proc/net stay out of reach. The host's other addresses are reached
+# as any machine on the network reaches them, from the node's own address: a PROXY protocol
+# balancer list that includes one of them would let a deploy pass for any client (`refusal`).
 
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ from pathlib import Path
 from ..config import Config
 from ..errors import ConfigError
 
-MODES = ("isolated", "none", "host")
 PASTA_HINT = (
     "install passt (Debian/Ubuntu: apt-get install passt), or set [deploy] network = "
     '"none" (no network) or "host" (the host\'s network, loopback included)'
@@ -66,7 +63,7 @@ class Network:
             # pasta would wait for ever for the tap device it cannot make (2023.03).
             raise NetworkError(
                 f'network = "isolated": pasta needs {TUN}, which is missing here (in a '
-                f"container: run it with `--device {TUN}`, see docs/container.md); or set "
+                f"container: run it with `--device {TUN}`); or set "
                 '[deploy] network = "none" (no network) or "host"'
             )
         tools = {name: shutil.which(name) for name in ("setpriv", "unshare")}
