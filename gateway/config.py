@@ -299,6 +299,14 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
     return parse
 
 
+def _network(value: Any) -> str:
+    """[deploy] network: a mode, or the boolean of earlier versions (true only ever promised
+    outbound network, which "isolated" gives)."""
+    if isinstance(value, bool):
+        return "isolated" if value else "none"
+    return _choice("isolated", "none", "host")(value)
+
+
 def _networks(value: Any) -> tuple[str, ...]:
     """A list of addresses or CIDR blocks, normalized ("10.0.0.0/8", "::1/128")."""
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
@@ -623,7 +631,14 @@ class DeploySettings:
     sandbox_write_paths: tuple[Path, ...] = _setting(
         [], _paths, "extra host paths bound writable into the sandbox (e.g. a shared build cache)"
     )
-    network: bool = _setting(True, _bool, "deploy commands may use the network (false: none)")
+    network: str = _setting(
+        "isolated",
+        _network,
+        '"isolated": their own network namespace, outbound TCP and UDP through pasta, none of '
+        'the host\'s loopback or unix sockets; "none": loopback only; "host": the host\'s '
+        "network (its loopback too); true and false, from earlier versions, mean isolated "
+        "and none",
+    )
     sandbox_user: str = _setting(
         "",
         _sandbox_user,

@@ -119,7 +119,7 @@ async def _start_extractor(
             [*argv, APP_DIR],
             export_dir=dest,
             env={"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"},
-            network=False,
+            network="none",
             confinement=confinement,
             **streams,
         )

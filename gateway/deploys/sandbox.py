@@ -6,7 +6,8 @@ links or directories of the host), an allow-listed read-only `/etc` with its own
 the export directory at `/app` (its only writable place with `/tmp`), and the operator's extra
 read-only and writable paths. It has its own mount, PID, IPC, UTS, cgroup and user namespaces
 (no nested ones), no capabilities, a new session (no terminal to inject keys into), the network
-only if allowed, and resource limits (prlimit) on every process.
+its [deploy] network gives (gateway/deploys/network.py), and resource limits (prlimit) on every
+process.
 
 bwrap mounts its sources by path as the sandbox user: that user must be able to reach them
 (every parent directory searchable). The gateway grants search, never read, on the directories
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config, DeploySettings
 from ..errors import ConfigError
 from ..logs import q
+from . import network as net
 
 if TYPE_CHECKING:
     from .confine import Confinement
@@ -162,7 +164,7 @@ class Sandbox:
     kind: str  # "bubblewrap" or "none"
     read_paths: tuple[Path, ...]
     write_paths: tuple[Path, ...]
-    network: bool
+    network: net.Network
     run_as: RunAs | None  # None: the gateway's own user
     limits: Limits
     bwrap: str
@@ -184,7 +186,7 @@ class Sandbox:
     def of(cls, settings: DeploySettings) -> Sandbox:
         """Resolve the settings; SandboxError with what to fix if they cannot work here."""
         if settings.sandbox == "none":
-            return cls("none", (), (), True, None, Limits.of(settings), "", "")
+            return cls("none", (), (), net.Network("host"), None, Limits.of(settings), "", "")
         bwrap = shutil.which("bwrap")
         if bwrap is None:
             raise SandboxError(f"deploy sandbox: bwrap not found: {BWRAP_HINT}, {NONE_HINT}")
@@ -194,11 +196,15 @@ class Sandbox:
                 "deploy sandbox: prlimit not found: install util-linux "
                 "(Debian/Ubuntu: apt-get install util-linux)"
             )
+        try:
+            network = net.Network.of(settings.network)
+        except net.NetworkError as exc:
+            raise SandboxError(f"deploy sandbox: {exc}") from None
         return cls(
             "bubblewrap",
             settings.sandbox_read_paths,
             settings.sandbox_write_paths,
-            settings.network,
+            network,
             _run_as(settings.sandbox_user),
             Limits.of(settings),
             bwrap,
@@ -213,7 +219,7 @@ class Sandbox:
         *,
         export_dir: Path,
         env: Mapping[str, str],
-        network: bool | None = None,
+        network: str | None = None,
         confinement: Confinement | None = None,
         **streams: Any,
     ) -> asyncio.subprocess.Process:
@@ -227,11 +233,13 @@ class Sandbox:
             raise RuntimeError("spawn() needs the bubblewrap sandbox")
         binds = _Binds()
         try:
-            args = self._bwrap_args(binds, export_dir, self.network if network is None else network)
+            network_of = self.network.but(network)
+            args = self._bwrap_args(binds, export_dir, network_of)
             full = [
                 self.prlimit,
                 *self.limits.prlimit_args(),
                 "--",
+                *network_of.prefix(),
                 self.bwrap,
                 *args,
                 "--",
@@ -266,11 +274,11 @@ class Sandbox:
             await confinement.started(proc, launch)
         return proc
 
-    def _bwrap_args(self, binds: _Binds, export_dir: Path, network: bool) -> list[str]:
+    def _bwrap_args(self, binds: _Binds, export_dir: Path, network: net.Network) -> list[str]:
         args = [
             "--unshare-user",
             "--unshare-all",
-            *(["--share-net"] if network else []),
+            *network.bwrap_args(self.uid, self.gid),
             "--disable-userns",
             "--die-with-parent",
             "--new-session",
@@ -293,6 +301,8 @@ class Sandbox:
             args += ["--ro-bind", str(entry), str(entry)]
         args += ["--ro-bind-data", binds.data(self._passwd()), "/etc/passwd"]
         args += ["--ro-bind-data", binds.data(self._group()), "/etc/group"]
+        if (resolv_conf := network.resolv_conf()) is not None:
+            args += ["--ro-bind-data", binds.data(resolv_conf), "/etc/resolv.conf"]
         args += [
             "--proc",
             "/proc",
@@ -539,8 +549,10 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
     finally:
         await asyncio.to_thread(remove_tree, export)
     if proc.returncode != 0:
-        reason = (err or b"").decode("utf-8", "replace").strip().splitlines()
+        reason = net.reason_lines((err or b"").decode("utf-8", "replace"))
         line = reason[-1] if reason else f"exit code {proc.returncode}"
+        if sandbox.network.mode == "isolated" and not line.startswith("bwrap:"):
+            raise SandboxError(f"deploy sandbox cannot be built: {net.pasta_failed(line)}")
         if "Permission denied" in line and "source path" in line:
             hint = (
                 f"the sandbox user (uid {sandbox.uid}) must be able to reach [deploy] build_dir "
@@ -612,7 +624,13 @@ async def check(cfg: Config) -> list[str]:
             "deploys: what one tenant writes there, another's build reads; give each app its "
             "own in [apps.NAME] where tenants do not trust each other"
         )
-    for label, sandbox in sandboxes(cfg).items():
+    boxes = sandboxes(cfg)
+    refused = net.refusal(cfg, {label: box.network.mode for label, box in boxes.items()})
+    if refused:
+        raise SandboxError(refused)
+    for label, sandbox in boxes.items():
+        if sandbox.enabled and sandbox.network.mode == "host":
+            warnings.append(net.host_warning(label))
         if not sandbox.enabled:
             warnings.append(
                 f'{label} sandbox = "none": deploy commands run as the gateway itself and can '

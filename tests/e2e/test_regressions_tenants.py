@@ -164,7 +164,8 @@ def test_regression_hostile_deploy_reaches_nothing_of_the_gateway_or_other_tenan
     assert facts["uid"] == (65534 if os.geteuid() == 0 else os.geteuid())
     assert facts["cwd"] == "/app" and facts["hostname"] == "deploy"
     assert facts["write /app"].startswith("ALLOWED") and facts["write /tmp"].startswith("ALLOWED")
-    assert facts["connect gateway ssh"].startswith("ALLOWED")  # network on by default
+    # network = "isolated" by default: the gateway's port on the host's loopback is out of reach
+    assert facts["connect gateway ssh"].startswith("denied")
 
     # The victim's deploy was neither cancelled nor read; its repository holds no planted hook.
     assert not (gw.repo("victim") / "hooks" / "post-update").exists()
