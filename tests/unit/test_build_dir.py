@@ -12,6 +12,7 @@ import pytest
 
 from gateway import config
 from gateway.deploys import sandbox as sandbox_module
+from gateway.deploys.network import Network
 from gateway.deploys.sandbox import Limits, RunAs, Sandbox, SandboxError
 from tests.helpers import sandbox_root, unique
 
@@ -22,7 +23,7 @@ NOBODY = RunAs(65534, 65534, "nobody")
 
 def box(run_as: RunAs | None = NOBODY) -> Sandbox:
     limits = Limits(1, 1, 1, 1, 1, 1)
-    return Sandbox("bubblewrap", (), (), False, run_as, limits, "bwrap", "prlimit")
+    return Sandbox("bubblewrap", (), (), Network("none"), run_as, limits, "bwrap", "prlimit")
 
 
 @pytest.fixture

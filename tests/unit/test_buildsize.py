@@ -161,13 +161,14 @@ def test_tmpfs_sizes_match_the_sandbox(tmp_size):
     """The watcher recognises the sandbox's tmpfs mounts by their size: the sizes it expects
     are the ones sandbox._bwrap_args gives them."""
     from gateway.deploys import confine
+    from gateway.deploys.network import Network
     from gateway.deploys.sandbox import Limits, Sandbox, _Binds
 
     limits = Limits(1, 1, 1, 1, 1, tmp_size, 1)
-    box = Sandbox("bubblewrap", (), (), False, None, limits, "bwrap", "prlimit")
+    box = Sandbox("bubblewrap", (), (), Network("none"), None, limits, "bwrap", "prlimit")
     binds = _Binds()
     try:
-        args = box._bwrap_args(binds, Path("/nonexistent"), False)
+        args = box._bwrap_args(binds, Path("/nonexistent"), Network("none"))
     finally:
         binds.close()
     mounted = {

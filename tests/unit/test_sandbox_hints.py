@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.deploys import sandbox as sb
+from gateway.deploys.network import Network
 
 
 class FailedBwrap:
@@ -25,7 +26,7 @@ class FailedBwrap:
 
 def refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, line: str) -> str:
     box = sb.Sandbox(
-        "bubblewrap", (), (), True, None, sb.Limits(1, 1, 1, 1, 1, 1), "bwrap", "prlimit"
+        "bubblewrap", (), (), Network("host"), None, sb.Limits(1, 1, 1, 1, 1, 1), "bwrap", "prlimit"
     )
 
     async def spawn(self: sb.Sandbox, argv: list[str], **kwargs: object) -> FailedBwrap:
