@@ -19,7 +19,7 @@ from . import program
 from .confine import Confinement
 from .export import ExportError, export_commit
 from .outcome import Outcome
-from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, remove_tree
+from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, SandboxError, remove_tree
 
 KILL_GRACE = 5.0
 READ_CHUNK = 64 * 1024
@@ -178,6 +178,10 @@ async def run_command(
             proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=cwd, env=dict(env), start_new_session=True, **streams
             )
+    except SandboxError as exc:  # pasta could not give an isolated deploy its network
+        reason = str(exc)
+        log.write(f"{reason}\n")
+        return Outcome(DeployStatus.FAILED, None, reason)
     except OSError as exc:
         reason = f"cannot start {argv[0]}: {exc.strerror or exc}"
         log.write(f"{reason}\n")

@@ -232,14 +232,14 @@ class Sandbox:
         if not self.enabled:
             raise RuntimeError("spawn() needs the bubblewrap sandbox")
         binds = _Binds()
+        network_of = self.network.but(network)
+        handshake = net.Handshake() if network_of.mode == "isolated" else None
         try:
-            network_of = self.network.but(network)
-            args = self._bwrap_args(binds, export_dir, network_of)
+            args = self._bwrap_args(binds, export_dir, network_of, handshake)
             full = [
                 self.prlimit,
                 *self.limits.prlimit_args(),
                 "--",
-                *network_of.prefix(),
                 self.bwrap,
                 *args,
                 "--",
@@ -259,7 +259,7 @@ class Sandbox:
                 proc = await asyncio.create_subprocess_exec(
                     *(launch.argv if launch else full),
                     env={**env, "PATH": env.get("PATH", SANDBOX_PATH)},
-                    pass_fds=binds.fds,
+                    pass_fds=[*binds.fds, *(handshake.child_fds() if handshake else [])],
                     start_new_session=True,
                     **privileges,
                     **streams,
@@ -267,18 +267,71 @@ class Sandbox:
             except BaseException:
                 if launch:
                     launch.open()
+                if handshake:
+                    handshake.close()
                 raise
         finally:
             binds.close()
-        if confinement and launch:
-            await confinement.started(proc, launch)
+            if handshake:
+                handshake.spawned()
+        try:
+            if confinement and launch:
+                await confinement.started(proc, launch)
+            if handshake:
+                await self._attach_network(proc, network_of, handshake)
+        except BaseException:
+            # Nothing of the deploy has run yet: bubblewrap waits on the handshake.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            raise
+        finally:
+            if handshake:
+                handshake.close()
         return proc
 
-    def _bwrap_args(self, binds: _Binds, export_dir: Path, network: net.Network) -> list[str]:
+    async def _attach_network(
+        self, proc: asyncio.subprocess.Process, network: net.Network, handshake: net.Handshake
+    ) -> None:
+        """pasta joins the sandbox's network namespace, then the command may start."""
+        try:
+            pid = await handshake.child_pid()
+        except TimeoutError:
+            raise SandboxError("deploy sandbox: bubblewrap did not start in time") from None
+        if pid is None:
+            return  # bubblewrap failed before its namespaces: its reason is on its stderr
+        privileges: dict[str, Any] = {}
+        if self.run_as is not None:
+            privileges = {"user": self.run_as.uid, "group": self.run_as.gid, "extra_groups": []}
+        try:
+            pasta = await network.attach(pid, privileges)
+        except net.NetworkError as exc:
+            # bubblewrap sets up its mounts while pasta joins: if it failed there (a path
+            # the sandbox user cannot reach...), its own words on its stderr say more.
+            # Healthy, it waits on the handshake and never exits here.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 2)
+                return
+            raise SandboxError(f"deploy sandbox cannot be built: {exc}") from None
+        try:
+            handshake.release()
+        except BaseException:
+            await net.stop(pasta)
+            raise
+        task = asyncio.create_task(_stop_after(proc, pasta))
+        _PASTAS.add(task)
+        task.add_done_callback(_PASTAS.discard)
+
+    def _bwrap_args(
+        self,
+        binds: _Binds,
+        export_dir: Path,
+        network: net.Network,
+        handshake: net.Handshake | None = None,
+    ) -> list[str]:
         args = [
             "--unshare-user",
             "--unshare-all",
-            *network.bwrap_args(self.uid, self.gid),
+            *network.bwrap_args(handshake),
             "--disable-userns",
             "--die-with-parent",
             "--new-session",
@@ -383,6 +436,17 @@ class Sandbox:
         if self.run_as is not None:
             os.chown(path, self.run_as.uid, self.run_as.gid, follow_symlinks=False)
         path.chmod(0o700)
+
+
+# Tasks that stop each isolated sandbox's pasta once the sandbox has ended (kept referenced).
+_PASTAS: set[asyncio.Task[None]] = set()
+
+
+async def _stop_after(proc: asyncio.subprocess.Process, pasta: asyncio.subprocess.Process) -> None:
+    try:
+        await proc.wait()
+    finally:
+        await net.stop(pasta)
 
 
 class _Binds:
@@ -551,8 +615,6 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
     if proc.returncode != 0:
         reason = net.reason_lines((err or b"").decode("utf-8", "replace"))
         line = reason[-1] if reason else f"exit code {proc.returncode}"
-        if sandbox.network.mode == "isolated" and not line.startswith("bwrap:"):
-            raise SandboxError(f"deploy sandbox cannot be built: {net.pasta_failed(line)}")
         if "Permission denied" in line and "source path" in line:
             hint = (
                 f"the sandbox user (uid {sandbox.uid}) must be able to reach [deploy] build_dir "

@@ -190,12 +190,13 @@ asyncio.run(main())
 
 
 def test_regression_pasta_dies_with_a_killed_gateway(tmp_path):
-    """SIGKILL of the gateway while a deploy runs: pasta (between it and bubblewrap) and the
-    deploy go too. (pasta 2023.03's child, killed with its parent in the milliseconds before
-    it starts bubblewrap, waits forever for its parent's signal: an idle process, no deploy.)"""
+    """SIGKILL of the gateway while a deploy runs: bubblewrap dies with its parent, the
+    deploy with it, and pasta (joined to the sandbox's namespace, in the background) exits
+    with the namespace."""
     require_sandbox()
     marker = str(3000 + secrets.randbelow(5000))
     deploy = {"command": ["true"], "network": "isolated", **sandbox_settings(tmp_path)}
+    before = _pastas()
     gateway = subprocess.Popen(
         [sys.executable, "-c", GATEWAY, json.dumps(deploy), marker],
         stdout=subprocess.PIPE,
@@ -203,19 +204,37 @@ def test_regression_pasta_dies_with_a_killed_gateway(tmp_path):
     )
     try:
         assert gateway.stdout is not None
-        pasta = int(gateway.stdout.readline())
+        sandbox_pid = int(gateway.stdout.readline())
         deadline = time.monotonic() + 30
         while not _command_with(f"sleep\0{marker}") and time.monotonic() < deadline:
             time.sleep(0.05)  # no event says that the deploy's command started
-        assert _alive(pasta) and _command_with(f"sleep\0{marker}")
+        assert _alive(sandbox_pid) and _command_with(f"sleep\0{marker}")
+        pastas = _pastas() - before
+        assert pastas, "no pasta relays the running deploy's network"
     finally:
         gateway.kill()
         gateway.wait(10)
     deadline = time.monotonic() + 10
-    while (_alive(pasta) or _command_with(f"sleep\0{marker}")) and time.monotonic() < deadline:
+    while (
+        any(map(_alive, pastas)) or _command_with(f"sleep\0{marker}")
+    ) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(pasta), "pasta outlived the gateway"
+    assert not any(map(_alive, pastas)), "pasta outlived the gateway"
     assert not _command_with(f"sleep\0{marker}"), "the deploy outlived the gateway"
+
+
+def _pastas() -> set[int]:
+    """PIDs of the pasta processes running now."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if argv0.endswith(b"pasta") and _alive(int(entry.name)):
+                found.add(int(entry.name))
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -303,7 +322,7 @@ def test_host_network_is_warned_about_at_check_and_start(tmp_path):
 def test_regression_isolated_without_pasta_is_one_line(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("git", "prlimit", "bwrap", "setpriv", "unshare"):
+    for tool in ("git", "prlimit", "bwrap"):
         found = shutil.which(tool)
         assert found, tool
         (bin_dir / tool).symlink_to(found)

@@ -33,7 +33,10 @@ REQUIRED = os.environ.get("GATEWAY_REQUIRE_TOOLS") == "1"  # CI installs them: n
 TOOLS = {"podman": "podman", "buildah": "buildah", "runc": "runc", "mmdebstrap": "mmdebstrap"}
 # What bubblewrap needs in a container (docs/container.md), and the hardening that goes with
 # it: the gateway needs no capability at all.
-SANDBOX_FLAGS = ["--security-opt", "seccomp=unconfined", "--security-opt", "unmask=/proc/*"]
+SANDBOX_FLAGS = [
+    *("--security-opt", "seccomp=unconfined", "--security-opt", "unmask=/proc/*"),
+    *("--device", "/dev/net/tun"),  # pasta, for the deploys' isolated network
+]
 HARDENING = ["--cap-drop=all", "--security-opt", "no-new-privileges"]
 CONTAINERS_CONF = """\
 [containers]
@@ -305,6 +308,7 @@ def test_regression_image_check_without_sandbox_flags(
     result = run(
         [
             "podman", "run", "--rm", "--network", "host", *HARDENING,
+            "--device", "/dev/net/tun",  # pasta's, so that bubblewrap's refusal comes first
             "-v", f"{config}:/etc/git-gateway/gateway.toml:ro",
             image, "check",
         ],

@@ -51,29 +51,39 @@ def test_per_app_override():
 def test_loopback_resolver_gets_dns_forwarding(tmp_path, monkeypatch):
     resolv = tmp_path / "resolv.conf"
     monkeypatch.setattr(network, "RESOLV_CONF", resolv)
-    box = network.Network("isolated", "/usr/bin/pasta", "/usr/bin/setpriv", "/usr/bin/unshare")
+    box = network.Network("isolated", "/usr/bin/pasta")
     resolv.write_text(
         "# systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch lan\n"
     )
     assert box.resolv_conf() == b"nameserver 169.254.0.53\noptions edns0 trust-ad\nsearch lan\n"
-    assert box.prefix()[-8:-4] == ["--no-map-gw", "--dns-forward", "169.254.0.53", "--"]
+    assert box.pasta_argv(7, 8)[-7:] == [
+        "--no-map-gw",
+        "--dns-forward",
+        "169.254.0.53",
+        "--userns",
+        "/proc/self/fd/7",
+        "--netns",
+        "/proc/self/fd/8",
+    ]
     resolv.write_text("nameserver 10.0.0.53\nnameserver 127.0.0.1\n")
     assert box.resolv_conf() is None  # the host's own file works through pasta
-    assert "--dns-forward" not in box.prefix()
+    assert "--dns-forward" not in box.pasta_argv(7, 8)
     assert network.Network("host").resolv_conf() is None
-    assert network.Network("none").prefix() == [] and network.Network("host").prefix() == []
+    assert network.Network("none").bwrap_args() == []
+    assert network.Network("host").bwrap_args() == ["--share-net"]
 
 
-def test_prefix_forwards_no_port_either_way():
-    argv = network.Network("isolated", "pasta", "setpriv", "unshare").prefix()
-    assert argv[:4] == ["setpriv", "--pdeathsig", "KILL", "--"]
+def test_pasta_forwards_no_port_either_way():
+    argv = network.Network("isolated", "pasta", "setpriv").pasta_argv(7, 8)
+    assert argv[:5] == ["setpriv", "--pdeathsig", "KILL", "--", "pasta"]
+    assert argv[-2:] == ["--netns", "/proc/self/fd/8"]
     for option in ("--tcp-ports", "--udp-ports", "--tcp-ns", "--udp-ns"):
         assert argv[argv.index(option) + 1] == "none"
     assert "--no-map-gw" in argv
 
 
 def test_an_export_step_can_only_drop_the_network():
-    box = network.Network("isolated", "pasta", "setpriv", "unshare")
+    box = network.Network("isolated", "pasta")
     assert box.but(None) is box and box.but("none") == network.Network("none")
     with pytest.raises(ValueError):
         network.Network("none").but("host")
