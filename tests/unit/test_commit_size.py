@@ -105,3 +105,38 @@ def test_commits_within_the_limit_read_as_before(repos: Repositories) -> None:
     assert listed[0]["message"] == "second subject\n\nbody\n"
     assert repos.commits_between("web", first, second, limit=20)[0]["id"] == second
     assert len(repos.commits_between("web", "0" * 40, second, limit=1)) == 1
+
+
+def test_regression_many_tiny_objects_never_collect_in_the_gateway(repos: Repositories) -> None:
+    """Review 2: the quarantine's listing was read whole into the gateway, ~400 bytes an
+    object: 100000 one-line blobs (a 4 MiB pack) took 40 MB, and max_input_size (2G) lets one
+    push bring tens of millions (an OOM for every tenant). Now it is streamed."""
+    repo = repos.path_for("web")
+    quarantine = repo / "objects" / "tmp_objdir-incoming-many"
+    (quarantine / "pack").mkdir(parents=True)
+    count = 100_000
+    stream = b"".join(b"blob\ndata %d\n%d\n" % (len(str(i)) + 1, i) for i in range(count))
+    env = {
+        "PATH": os.environ["PATH"],
+        "GIT_DIR": str(repo),
+        "GIT_OBJECT_DIRECTORY": str(quarantine),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+    }
+    subprocess.run(["git", "fast-import", "--quiet"], input=stream, env=env, timeout=60, check=True)
+    tracemalloc.start()
+    try:
+        assert repos.oversized_object("web", quarantine) is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 1024 * 1024, peak
+    huge = commit(repo, b"subject\n\n" + b"A" * BIG, objects=quarantine)
+    tracemalloc.start()
+    try:
+        found = repos.oversized_object("web", quarantine)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert found is not None and found[0] == huge
+    assert peak < 2 * 1024 * 1024, peak
