@@ -3,9 +3,13 @@ oversized objects are found from their headers, and reading one never inflates i
 
 from __future__ import annotations
 
+import hashlib
 import os
+import struct
 import subprocess
+import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -140,3 +144,63 @@ def test_regression_many_tiny_objects_never_collect_in_the_gateway(repos: Reposi
         tracemalloc.stop()
     assert found is not None and found[0] == huge
     assert peak < 2 * 1024 * 1024, peak
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n >> 7 else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def chained_deltas(count: int) -> bytes:
+    """A pack a hostile client can send: one 12-byte blob, then `count - 1` deltas, each
+    based on the one before (OFS_DELTA), each inserting 12 new bytes."""
+
+    def header(kind: int, size: int) -> bytes:
+        out, byte, size = bytearray(), (kind << 4) | (size & 0x0F), size >> 4
+        while size:
+            out.append(byte | 0x80)
+            byte, size = size & 0x7F, size >> 7
+        return bytes(out + bytes([byte]))
+
+    def distance(n: int) -> bytes:
+        out = [n & 0x7F]
+        n >>= 7
+        while n:
+            n -= 1
+            out.append(0x80 | (n & 0x7F))
+            n >>= 7
+        return bytes(reversed(out))
+
+    body, previous = bytearray(), 12
+    body += header(3, 12) + zlib.compress(b"%011d\n" % 0)
+    for i in range(1, count):
+        data = b"%011d\n" % i
+        delta = _varint(12) + _varint(12) + bytes([12]) + data
+        here = 12 + len(body)
+        body += header(6, len(delta)) + distance(here - previous) + zlib.compress(delta)
+        previous = here
+    pack = b"PACK" + struct.pack(">II", 2, count) + bytes(body)
+    return pack + hashlib.sha1(pack, usedforsecurity=False).digest()  # the pack format
+
+
+def test_regression_a_chain_of_deltas_costs_the_check_no_more_than_its_length(
+    repos: Repositories,
+) -> None:
+    """Review 2: git finds a delta's type by walking its chain down to the base, so asking
+    every new object's type cost the square of a chain's length: 30000 chained deltas (a
+    600 KB push) took ~19 s, 60000 held a core and one of the gateway's 8 blocking threads
+    for the whole 60 s timeout. Sizes are read from the deltas' own headers."""
+    repo = repos.path_for("web")
+    quarantine = repo / "objects" / "tmp_objdir-incoming-chain"
+    (quarantine / "pack").mkdir(parents=True)
+    git(repo, "index-pack", "--stdin", stdin=chained_deltas(30_000), objects=quarantine)
+    started = time.monotonic()
+    assert repos.oversized_object("web", quarantine) is None
+    assert time.monotonic() - started < 4
+    # A commit over the limit is still found among them.
+    huge = commit(repo, b"subject\n\n" + b"A" * BIG, objects=quarantine)
+    assert (repos.oversized_object("web", quarantine) or ("",))[0] == huge
