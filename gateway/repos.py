@@ -357,9 +357,11 @@ class Repositories:
             try:
                 large: dict[str, int] = {}
                 for line in process.stdout or ():
-                    size, name = line.split()
-                    if int(size) > self.max_commit_size:
-                        large[name.decode()] = int(size)
+                    fields = line.split()
+                    if len(fields) == 2 and fields[0].isdigit():
+                        size, name = int(fields[0]), fields[1].decode()
+                        if size > self.max_commit_size:
+                            large[name] = size
                     if len(large) >= TYPE_BATCH:
                         if found := self._commit_or_tag(app, quarantine, large):
                             break
