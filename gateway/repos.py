@@ -455,7 +455,10 @@ class Repositories:
                     {
                         "id": commit.id.decode(),
                         "message": _decode(commit.message)[:4000],
-                        "author": _decode(commit.author),
+                        # Bounded as the message is: an author line may be most of a
+                        # commit (review 2: 20 of 1 MiB each made a 20 MiB webhook body,
+                        # encoded and signed on the event loop).
+                        "author": _decode(commit.author)[:200],
                         "timestamp": commit.commit_time,
                     }
                 )

@@ -204,3 +204,17 @@ def test_regression_a_chain_of_deltas_costs_the_check_no_more_than_its_length(
     # A commit over the limit is still found among them.
     huge = commit(repo, b"subject\n\n" + b"A" * BIG, objects=quarantine)
     assert (repos.oversized_object("web", quarantine) or ("",))[0] == huge
+
+
+def test_regression_a_huge_author_line_is_cut_in_webhook_commits(repos: Repositories) -> None:
+    """Review 2: the webhook payload bounded each commit's message (4000 characters) but not
+    its author line, which may fill a commit within max_commit_size (1 MiB by default): 20
+    commits made a 20 MiB body, JSON-encoded and signed on the gateway's event loop."""
+    repo = repos.path_for("web")
+    tree = git(repo, "mktree")
+    who = "X" * (LIMIT // 2 - 1024) + " <a@example.com> 1767225600 +0000"
+    raw = f"tree {tree}\nauthor {who}\ncommitter {who}\n\nsubject\n".encode()
+    sha = git(repo, "hash-object", "-t", "commit", "-w", "--stdin", stdin=raw)
+    (listed,) = repos.commits_between("web", "0" * 40, sha, limit=20)
+    assert listed["message"] == "subject\n"
+    assert len(str(listed["author"])) <= 200
