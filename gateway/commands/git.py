@@ -65,8 +65,10 @@ def too_large_line(limit: int) -> str:
     )
 
 
-class TooManyFetches(GatewayError):
-    def __init__(self, user: str, limit: int, what: str = "fetches", kind: str = FETCHES) -> None:
+class TooManyAtOnce(GatewayError):
+    """One user's fetches or pushes over their per-node cap (`kind`: FETCHES, PUSHES)."""
+
+    def __init__(self, user: str, limit: int, what: str, kind: str) -> None:
         super().__init__(
             f"too many {what} for {user} (at most {limit} at once on this node; "
             f"[limits] max_{kind}_per_user): retry when one has finished"
@@ -101,7 +103,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
             kind,
             limit,
         )
-        raise TooManyFetches(ctx.identity.user_name, limit, what, kind)
+        raise TooManyAtOnce(ctx.identity.user_name, limit, what, kind)
     try:
         return await _serve(ctx, app, role, subcommand, extra)
     finally:
