@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.repos import TOO_LARGE, Repositories
+from gateway.repos import TOO_COSTLY, TOO_LARGE, Repositories
 
 LIMIT = 64 * 1024
 BIG = 8 * 1024 * 1024  # a message far over the limit (compresses to a few KiB)
@@ -155,9 +155,10 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def chained_deltas(count: int) -> bytes:
-    """A pack a hostile client can send: one 12-byte blob, then `count - 1` deltas, each
-    based on the one before (OFS_DELTA), each inserting 12 new bytes."""
+def chained_deltas(count: int, first: bytes = b"%011d\n" % 0, kind: int = 3) -> bytes:
+    """A pack a hostile client can send: one object (`kind` 3: a blob, 1: a commit ending in
+    12 bytes to vary), then `count - 1` deltas, each based on the one before (OFS_DELTA):
+    the same object but for its last 12 bytes (the i-th delta's: b"%011d\\n" % i)."""
 
     def header(kind: int, size: int) -> bytes:
         out, byte, size = bytearray(), (kind << 4) | (size & 0x0F), size >> 4
@@ -175,11 +176,13 @@ def chained_deltas(count: int) -> bytes:
             n >>= 7
         return bytes(reversed(out))
 
+    size, keep = len(first), len(first) - 12
+    copy = bytes([0x80 | 0x10 | 0x20 | 0x40, keep & 0xFF, (keep >> 8) & 0xFF, keep >> 16])
     body, previous = bytearray(), 12
-    body += header(3, 12) + zlib.compress(b"%011d\n" % 0)
+    body += header(kind, size) + zlib.compress(first)
     for i in range(1, count):
         data = b"%011d\n" % i
-        delta = _varint(12) + _varint(12) + bytes([12]) + data
+        delta = _varint(size) + _varint(size) + (copy if keep else b"") + bytes([12]) + data
         here = 12 + len(body)
         body += header(6, len(delta)) + distance(here - previous) + zlib.compress(delta)
         previous = here
@@ -218,3 +221,34 @@ def test_regression_a_huge_author_line_is_cut_in_webhook_commits(repos: Reposito
     (listed,) = repos.commits_between("web", "0" * 40, sha, limit=20)
     assert listed["message"] == "subject\n"
     assert len(str(listed["author"])) <= 200
+
+
+def _commit_chain(repos: Repositories, count: int, message_size: int) -> str:
+    """A chain of `count` commits, each a delta of the one before (as chained_deltas), in
+    the repository; the last one's sha."""
+    repo = repos.path_for("web")
+    tree = git(repo, "mktree")
+    who = "A <a@example.com> 1767225600 +0000"
+    head = f"tree {tree}\nauthor {who}\ncommitter {who}\n\nsubject\n\n".encode()
+    head += b"B" * message_size
+    git(repo, "index-pack", "--stdin",
+        stdin=chained_deltas(count, head + b"%011d\n" % 0, kind=1))  # fmt: skip
+    last = head + b"%011d\n" % (count - 1)
+    return git(repo, "hash-object", "-t", "commit", "--stdin", stdin=last)
+
+
+def test_regression_a_commit_at_the_end_of_a_long_delta_chain_is_not_read(
+    repos: Repositories,
+) -> None:
+    """Review 2: a commit within max_commit_size may be stored as the last of thousands of
+    deltas, each of a commit as large: 2000 of 500 KB (a 60 KB push) cost 0.7 s of a
+    blocking thread at every read (deploy subject, webhook). A chain that inflates more than
+    16 times the limit, or is longer than git ever packs, is described, not read."""
+    short = _commit_chain(repos, 4, LIMIT // 2)  # 4 x 32 KiB: read as any commit
+    assert repos.commit_info("web", short).subject == "subject"
+    costly = _commit_chain(repos, 40, LIMIT - 1024)  # 40 x 63 KiB > 16 x 64 KiB
+    assert repos.commit_info("web", costly).subject == TOO_COSTLY
+    listed = repos.commits_between("web", "0" * 40, costly, limit=1)
+    assert [c["message"] for c in listed] == [TOO_COSTLY]
+    deep = _commit_chain(repos, 5000, 0)  # tiny, but deeper than git's 4095
+    assert repos.commit_info("web", deep).subject == TOO_COSTLY
