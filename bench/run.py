@@ -58,7 +58,7 @@ FEW_KEYS = 10  # keys registered on the "few keys" side of the auth-cost workloa
 LIMITS = (
     "[limits]\nmax_connections = 5000\nmax_connections_per_address = 5000\n"
     "max_unauthenticated = 500\nuser_ops_per_minute = 100000\n"
-    "max_connections_per_user = 5000\nmax_fetches_per_user = 5000\n"
+    "max_connections_per_user = 5000\nmax_fetches_per_user = 5000\nmax_pushes_per_user = 5000\n"
 )
 
 

@@ -586,6 +586,12 @@ class LimitSettings:
         "git upload-pack and upload-archive processes (clones, fetches, archives) one account"
         " or deploy key runs at once on this node, every worker counted",
     )
+    max_pushes_per_user: int = _setting(
+        16,
+        _count,
+        "git receive-pack processes (pushes) one account or deploy key runs at once on this"
+        " node, every worker counted",
+    )
 
 
 DEPLOY_MODES = ("attached", "detached", "gate")

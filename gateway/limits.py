@@ -16,6 +16,7 @@ from .shared_limits import SharedCounts, TableFull
 # the shared table, apart from addresses).
 CONNECTIONS = "connections"
 FETCHES = "fetches"
+PUSHES = "pushes"
 
 
 def user_key(identity: Identity) -> str:

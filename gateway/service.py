@@ -112,13 +112,7 @@ class Registry:
         user = names.user_name(user)
         key_name = names.key_name(key_name)
         expires_at = expiry(expires)
-        if not_after is not None and (expires_at is None or expires_at > not_after):
-            # From an expiring key, certificate, token or session: nothing outlives it.
-            when = times.text(not_after)
-            raise UsageError(
-                f"{bound_by} expires on {when}: a key it adds must expire no later "
-                f"({expiry_field} {when})"
-            )
+        _within(expires_at, not_after, bound_by, expiry_field)
         scope = None if apps is None else sorted({names.app_name(a) for a in apps})
         if scope is not None and not scope:
             raise UsageError("a key limited to apps needs at least one app")
@@ -168,12 +162,16 @@ class Registry:
         actor: str,
         write: bool = False,
         expires: str | None = None,
+        not_after: datetime | None = None,
     ) -> SSHKey:
         """Register a deploy key: it reaches this app only, reading (or writing with
-        `write`); a key already registered anywhere (a user's, another app's) is refused."""
+        `write`); a key already registered anywhere (a user's, another app's) is refused.
+        `not_after`: the expiry of the token asking, which the key may not outlive."""
         app = names.app_name(app)
         key_name = names.key_name(key_name)
         expires_at = expiry(expires)
+        # Review 2: an expiring operator token added deploy keys that never expire.
+        _within(expires_at, not_after, "the token of this request", '"expires":')
         key = self._parse(text)
         access = "write" if write else "read"
         async with self.store.transaction():
@@ -494,3 +492,16 @@ def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with open(fd, "w", encoding="utf-8") as file:
         file.write(text)
+
+
+def _within(
+    expires_at: datetime | None, not_after: datetime | None, bound_by: str, expiry_field: str
+) -> None:
+    """Refuse a key that would outlive what authorized adding it (an expiring key,
+    certificate, token or session): nothing it adds may outlive it."""
+    if not_after is not None and (expires_at is None or expires_at > not_after):
+        when = times.text(not_after)
+        raise UsageError(
+            f"{bound_by} expires on {when}: a key it adds must expire no later "
+            f"({expiry_field} {when})"
+        )

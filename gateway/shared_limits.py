@@ -38,9 +38,9 @@ class TableFull(Exception):
 
 def capacity(max_connections: int) -> int:
     """Slots per worker region: a worker never holds more addresses than connections, nor
-    more users (their connections, their fetches) than that; and the table is rebuilt
-    before it is three quarters used."""
-    return 4 * max_connections + 64
+    more users (their connections, their fetches, their pushes) than that; and the table
+    is rebuilt before it is three quarters used."""
+    return 6 * max_connections + 64
 
 
 class SharedCounts:

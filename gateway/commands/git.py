@@ -12,7 +12,7 @@ from ..auth import authorize
 from ..config import size_text
 from ..deploys import PushSession
 from ..errors import GatewayError
-from ..limits import FETCHES, user_key
+from ..limits import FETCHES, PUSHES, user_key
 from ..logs import q
 from ..models import App, Role
 from ..repos import git_settings
@@ -65,11 +65,13 @@ def too_large_line(limit: int) -> str:
     )
 
 
-class TooManyFetches(GatewayError):
-    def __init__(self, user: str, limit: int) -> None:
+class TooManyAtOnce(GatewayError):
+    """One user's fetches or pushes over their per-node cap (`kind`: FETCHES, PUSHES)."""
+
+    def __init__(self, user: str, limit: int, what: str, kind: str) -> None:
         super().__init__(
-            f"too many fetches for {user} (at most {limit} at once on this node; "
-            "[limits] max_fetches_per_user): retry when one has finished"
+            f"too many {what} for {user} (at most {limit} at once on this node; "
+            f"[limits] max_{kind}_per_user): retry when one has finished"
         )
 
 
@@ -77,28 +79,35 @@ async def run(ctx: Context, inv: Invocation) -> int:
     needed, subcommand, extra = SERVICES[inv.command]
     app, role = await authorize(ctx.store, ctx.identity, inv.app, needed)
     admission = ctx.admission
-    if admission is None or subcommand == "receive-pack":
+    if admission is None:
         return await _serve(ctx, app, role, subcommand, extra)
     # A clone or an archive is the costly read (pack-objects, compression): one user's many
-    # at once must not take the node's CPU from the others.
-    limit = ctx.config.limits.max_fetches_per_user
+    # at once must not take the node's CPU from the others. A push costs more (index-pack,
+    # a quarantine of up to max_input_size on the repositories' disk, the pre-receive
+    # checks on the gateway's blocking threads): review 2 found 64 connections x 10
+    # sessions of one user let 640 run at once, so pushes have a cap of their own.
+    if subcommand == "receive-pack":
+        kind, what, limit = PUSHES, "pushes", ctx.config.limits.max_pushes_per_user
+    else:
+        kind, what, limit = FETCHES, "fetches", ctx.config.limits.max_fetches_per_user
     key = user_key(ctx.identity)
-    if not admission.hold(FETCHES, key, limit):
+    if not admission.hold(kind, key, limit):
         if ctx.metrics is not None:
-            ctx.metrics.limit_rejections.labels("max_fetches_per_user").inc()
+            ctx.metrics.limit_rejections.labels(f"max_{kind}_per_user").inc()
         log.info(
-            "event=refused conn=%s user=%s service=%s app=%s reason=max_fetches_per_user limit=%d",
+            "event=refused conn=%s user=%s service=%s app=%s reason=max_%s_per_user limit=%d",
             ctx.conn_id,
             ctx.identity.user_name,
             subcommand,
             app.name,
+            kind,
             limit,
         )
-        raise TooManyFetches(ctx.identity.user_name, limit)
+        raise TooManyAtOnce(ctx.identity.user_name, limit, what, kind)
     try:
         return await _serve(ctx, app, role, subcommand, extra)
     finally:
-        admission.give_back(FETCHES, key)
+        admission.give_back(kind, key)
 
 
 async def _serve(

@@ -174,6 +174,7 @@ async def add_deploy_key(call: Call) -> tuple[int, Any]:
         actor=call.actor,
         write=boolean(body, "write"),
         expires=string(body, "expires", required=False),
+        not_after=call.token.expires_at,  # an expiring token adds no key that outlives it
     )
     return 201, key_dict(key)
 

@@ -132,3 +132,32 @@ def test_updates_are_checked_against_the_repository(tmp_path):
     verify_before(gitdir, [RefUpdate(two, one, "refs/heads/main")])
     with pytest.raises(HookRefused, match="ref_mismatch"):
         verify_before(gitdir, [RefUpdate(one, two, "refs/heads/main")])
+
+
+def test_regression_a_long_reflog_is_never_read_whole(tmp_path: Path) -> None:
+    """Review 2: post-receive read a ref's whole reflog (a line a push, for ever) into the
+    gateway to take its last line when pushes interleave: 200000 lines (~30 MB, a few hours
+    of one tenant's pushes) took ~100 MB of the gateway's memory. Only the tail is read."""
+    import tracemalloc
+
+    gitdir = tmp_path / "r.git"
+    (gitdir / "logs" / "refs" / "heads").mkdir(parents=True)
+    one, two, who = "1" * 40, "2" * 40, "gateway <git@gateway> 1767225600 +0000"
+    line = f"{two} {one} {who}\tpush\n"
+    (gitdir / "logs" / "refs" / "heads" / "main").write_text(
+        line * 200_000 + f"{one} {two} {who}\tpush\n"
+    )
+    (gitdir / "refs" / "heads").mkdir(parents=True)
+    (gitdir / "refs" / "heads" / "main").write_text(f"{two}\n")
+    (gitdir / "HEAD").write_text("ref: refs/heads/main\n")
+    (gitdir / "objects").mkdir()
+    (gitdir / "config").write_text("[core]\n\tbare = true\n")
+    tracemalloc.start()
+    try:
+        assert verify_after(gitdir, [RefUpdate(one, two, "refs/heads/main")], {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024, peak
+    with pytest.raises(HookRefused, match="ref_mismatch"):
+        verify_after(gitdir, [RefUpdate(two, one, "refs/heads/main")], {})
