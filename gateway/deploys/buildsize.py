@@ -11,15 +11,19 @@ What it counts, each deploy on its own:
 - the export directory on disk, measured by coreutils `du -s -x`: allocated blocks (a sparse
   file counts what it really takes, not its apparent size), every hard-linked inode once, any
   depth of tree with a bounded number of descriptors, never following a link, in a process
-  of its own (the event loop never waits on it);
+  of its own (the event loop never waits on it); each file, directory or link counts at
+  least INODE_SIZE (4 KiB), so empty files are no way around the cap;
 - files deleted from it while a process of the deploy keeps them open or mapped (invisible to
   `du`): found through /proc/PID/fd and /proc/PID/maps of the deploy's processes, counted by
   their allocated blocks (open) or by the extent of their mapping (mapped and closed);
 - the sandbox's in-memory /tmp and /dev/shm (tmpfs: they take memory, not disk, each already
   capped by max_tmp_size): their used size from statfs through /proc/PID/root, deleted but
-  open files included.
-Not counted: the operator's sandbox_write_paths (shared on purpose) and memfd (memory: see
-cgroups.py, memory.max).
+  open files included, or INODE_SIZE per inode used if that is more.
+Not counted: the operator's sandbox_write_paths (shared on purpose), memfd (memory: see
+cgroups.py, memory.max), and deleted files whose last descriptor is in flight in a unix
+socket (SCM_RIGHTS) rather than in a process: no /proc entry shows those; the kernel bounds
+them by the sender's RLIMIT_NOFILE per user, so at most max_open_files files of up to
+max_file_size each (docs/security.md).
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ MEASURE_TIMEOUT = 120.0
 # permission errors), then the deploy is stopped.
 UNREADABLE_GRACE = 30.0
 SETTING = "[deploy] max_build_size"
+# What each file, directory or link counts at least. An empty file takes no block, so a
+# count of blocks alone let a build make millions of them for nothing: the inodes of the
+# export's filesystem (shared with every other deploy, and perhaps the repositories and the
+# registry) and, in the in-memory /tmp, /dev/shm and /run, kernel memory that no size
+# limit of a tmpfs counts (each has its own inode limit, half the host's RAM in pages).
+# One block per inode leaves real trees as they were (a file with content takes a block).
+INODE_SIZE = 4096
 
 
 def over_line(limit: int) -> str:
@@ -84,14 +95,23 @@ class MeasureTimeout(Exception):
 
 
 async def tree_usage(root: Path) -> tuple[int, str]:
-    """Bytes allocated under `root` (hard links once, sparse files by their blocks) and the
-    first thing `du` could not read ('' if none). Files vanishing during the walk (the build
-    is running) are not an error: the total is of what was there."""
+    """Bytes charged for what is under `root`: its allocated blocks (hard links once, sparse
+    files by their blocks) or INODE_SIZE per file, directory or link if that is more; and
+    the first thing `du` could not read ('' if none). Files vanishing during the walk (the
+    build is running) are not an error: the total is of what was there."""
+    blocks, err = await _du(root, "-B1")
+    inodes, _ = await _du(root, "--inodes")
+    denied = [line for line in err.splitlines() if "Permission denied" in line]
+    return max(blocks, inodes * INODE_SIZE), denied[0][:300] if denied else ""
+
+
+async def _du(root: Path, unit: str) -> tuple[int, str]:
+    """`du -s -x` of `root` in `unit` (-B1: bytes, --inodes: inodes), and its stderr."""
     proc = await asyncio.create_subprocess_exec(
         "du",
         "-s",
         "-x",
-        "-B1",
+        unit,
         "--",
         str(root),
         stdin=asyncio.subprocess.DEVNULL,
@@ -113,10 +133,7 @@ async def tree_usage(root: Path) -> tuple[int, str]:
     first = out.split(b"\t", 1)[0].strip()
     if not first.isdigit():
         raise OSError(f"du printed no size for {root}: {err.decode('utf-8', 'replace')[:200]}")
-    denied = [
-        line for line in err.decode("utf-8", "replace").splitlines() if "Permission denied" in line
-    ]
-    return int(first), denied[0][:300] if denied else ""
+    return int(first), err.decode("utf-8", "replace")
 
 
 # -- the deploy's processes --
@@ -217,7 +234,9 @@ def tmpfs_usage(pids: Iterable[int], mounts: dict[str, int], proc: Path = Path("
                 continue
             if info.f_blocks * info.f_frsize != -(-size // page) * page:
                 continue
-            used[device] = (info.f_blocks - info.f_bfree) * info.f_frsize
+            # Empty files take memory too (INODE_SIZE): each counts at least that.
+            inodes = (info.f_files - info.f_ffree) * INODE_SIZE
+            used[device] = max((info.f_blocks - info.f_bfree) * info.f_frsize, inodes)
     return sum(used.values())
 
 

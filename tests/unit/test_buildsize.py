@@ -211,3 +211,11 @@ def test_the_gates_lock_files_count_too(tmp_path):
         return await buildsize.BuildWatch(export, MIB, {}, extra_files=[lock]).check()
 
     assert asyncio.run(scenario()) == buildsize.over_line(MIB)
+
+
+def test_empty_files_count_one_block_each(tmp_path):
+    """An empty file takes no block; it still takes an inode (on disk) or kernel memory (in a
+    tmpfs): each counts INODE_SIZE, so 300 of them are over a megabyte."""
+    for i in range(300):
+        (tmp_path / str(i)).touch()
+    assert tree(tmp_path) >= 300 * buildsize.INODE_SIZE
