@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import re
 import signal
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,12 @@ DUTY = 0.1
 # A tree `du` cannot walk in this long (tens of millions of files) stops the deploy: its size
 # cannot be known, and such a tree is itself the abuse (inodes are a shared resource too).
 MEASURE_TIMEOUT = 120.0
+# The deploy's processes must be scanned (/proc: their descriptors and mappings) in this
+# long, or the deploy is stopped. A build can make the scan slow on purpose: a process may
+# hold 65530 mappings, for kernel memory only (100 processes of 30000: 4.7 s here); and DUTY
+# then spaces measurements out (9 s of rest per second spent), a window to write past the
+# cap unseen, while the scan holds a core of the gateway. A real build's takes milliseconds.
+SCAN_TIMEOUT = 10.0
 # A directory the build made unreadable hides what is under it from `du` run as the build's
 # own user (a root gateway reads everything): tolerated this long (a test suite checking
 # permission errors), then the deploy is stopped.
@@ -91,7 +99,7 @@ class Usage:
 
 
 class MeasureTimeout(Exception):
-    """`du` did not finish in MEASURE_TIMEOUT."""
+    """`du` did not finish in MEASURE_TIMEOUT, or the /proc scan in SCAN_TIMEOUT: why."""
 
 
 async def tree_usage(root: Path) -> tuple[int, str]:
@@ -123,7 +131,9 @@ async def _du(root: Path, unit: str) -> tuple[int, str]:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), MEASURE_TIMEOUT)
     except TimeoutError:
-        raise MeasureTimeout from None
+        raise MeasureTimeout(
+            f"the build's files could not be measured in {MEASURE_TIMEOUT:g} s (too many files)"
+        ) from None
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -171,13 +181,21 @@ def descendants(roots: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
 _MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ")
 
 
-def unlinked_usage(pids: Iterable[int], dev: int, proc: Path = Path("/proc")) -> int:
+def unlinked_usage(
+    pids: Iterable[int], dev: int, proc: Path = Path("/proc"), deadline: float = math.inf
+) -> int:
     """Bytes of files on device `dev` that have no name left but that a process in `pids`
     still holds: open (by their allocated blocks) or mapped after closing (by how far their
-    mappings reach, the most they can have written through them). Each inode once."""
+    mappings reach, the most they can have written through them). Each inode once.
+    MeasureTimeout once past `deadline` (time.monotonic)."""
     sizes: dict[int, int] = {}
     major, minor = os.major(dev), os.minor(dev)
     for pid in pids:
+        if time.monotonic() > deadline:
+            raise MeasureTimeout(
+                f"the build's processes could not be measured in {SCAN_TIMEOUT:g} s (too "
+                "many processes, descriptors or mappings)"
+            )
         fd_dir = proc / str(pid) / "fd"
         try:
             names = os.listdir(fd_dir)
@@ -242,8 +260,9 @@ def tmpfs_usage(pids: Iterable[int], mounts: dict[str, int], proc: Path = Path("
 
 def process_usage(roots: list[int], dev: int, mounts: dict[str, int]) -> tuple[int, int]:
     """(unlinked, tmpfs) bytes of the processes under `roots` (blocking: run off the loop)."""
+    deadline = time.monotonic() + SCAN_TIMEOUT
     pids = descendants(roots)
-    return unlinked_usage(pids, dev), tmpfs_usage(pids, mounts)
+    return unlinked_usage(pids, dev, deadline=deadline), tmpfs_usage(pids, mounts)
 
 
 def _blocks(paths: list[Path]) -> int:
@@ -309,11 +328,8 @@ class BuildWatch:
         loop = asyncio.get_running_loop()
         try:
             usage = await self.measure()
-        except MeasureTimeout:
-            return self._stop(
-                f"the build's files could not be measured in {MEASURE_TIMEOUT:g} s "
-                f"(too many files) ({SETTING})"
-            )
+        except MeasureTimeout as exc:
+            return self._stop(f"{exc} ({SETTING})")
         except OSError as exc:
             log.warning(
                 "event=build_size_unmeasured path=%s reason=%s", q(str(self.export_dir)), q(exc)

@@ -133,6 +133,45 @@ def test_regression_deleted_files_in_flight_in_a_socket_count(tmp_path):
     assert reason == buildsize.over_line(CAP), (reason, out)
 
 
+# Forks processes that each map one page of a file 30000 times (kernel memory only: no
+# RLIMIT_DATA, nothing written), says so, then stays.
+MAPPINGS = r"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+with open("/tmp/page", "wb") as out:
+    out.write(b"x" * 4096)
+for _ in range(40):
+    if os.fork() == 0:
+        fd = os.open("/tmp/page", os.O_RDONLY)
+        for _ in range(30000):
+            libc.mmap(None, 4096, 1, 2, fd, 0)  # PROT_READ, MAP_PRIVATE: never merged
+        os.write(1, b".")
+        time.sleep(30)
+        os._exit(0)
+time.sleep(30)
+print("still running: not stopped", flush=True)
+"""
+
+
+def test_regression_a_deploy_that_slows_its_proc_scan_is_stopped(tmp_path, monkeypatch):
+    """1200000 mappings make each /proc scan take about two seconds here (100 processes
+    of 30000: 4.7 s of the gateway's CPU), and the watcher rested nine times as long before
+    the next: minutes unmeasured at the real limit, to write past the cap. Past SCAN_TIMEOUT
+    (here 0.1 s, 10 s in production) the deploy is stopped."""
+    monkeypatch.setattr(buildsize, "SCAN_TIMEOUT", 0.1, raising=False)
+    out, reason, elapsed = run_deploy(tmp_path, MAPPINGS)
+    assert reason.startswith("the build's processes could not be measured in 0.1 s"), (
+        reason,
+        out[-500:],
+    )
+    assert reason.endswith("([deploy] max_build_size)")
+    assert "still running" not in out
+    assert elapsed < 30
+
+
 # -- the isolated network and pasta --
 
 # Tries the host's loopback listeners over every family and protocol, and looks for pasta.

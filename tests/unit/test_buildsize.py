@@ -219,3 +219,12 @@ def test_empty_files_count_one_block_each(tmp_path):
     for i in range(300):
         (tmp_path / str(i)).touch()
     assert tree(tmp_path) >= 300 * buildsize.INODE_SIZE
+
+
+def test_a_proc_scan_past_its_deadline_stops(tmp_path):
+    """The scan checks its deadline between processes: a deploy that makes it slow (tens of
+    thousands of mappings per process) is stopped rather than measured minutes apart."""
+    dev = os.stat(tmp_path).st_dev
+    with pytest.raises(buildsize.MeasureTimeout, match="processes could not be measured"):
+        buildsize.unlinked_usage([os.getpid()], dev, deadline=0.0)
+    assert buildsize.unlinked_usage([os.getpid()], dev) == 0
