@@ -237,3 +237,66 @@ def test_regression_isolated_deploy_reaches_no_loopback_over_v6_or_udp_nor_pasta
             assert result.startswith("denied"), (what, result)
     assert "pasta" not in found["processes"], found["processes"]
     assert set(found["processes"]) <= {"bwrap", "python3"}, found["processes"]
+
+
+# -- max_processes where cgroups are not delegated --
+
+# Forks sleepers until the kernel refuses (EAGAIN), says how many, then holds them.
+HOG = r"""
+import os, time
+count = 0
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    count += 1
+print("held", count, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="max_processes is RLIMIT_NPROC, counted per host user: one app's deploy can take "
+    "it all from every other app with the same sandbox_user (docs/security.md: give each "
+    "app its own; pids.max per deploy only where cgroup v2 is delegated)",
+)
+def test_regression_one_tenant_cannot_starve_anothers_deploy_of_processes(tmp_path):
+    require_sandbox()
+    if os.geteuid() != 0:
+        pytest.skip("deploys of two tenants share a sandbox_user only under a root gateway")
+    deploy = {"command": ["true"], **sandbox_settings(tmp_path), "max_processes": 64}
+    cfg = config.from_mapping({"deploy": deploy}).deploy
+    box = sandbox.Sandbox.of(cfg)
+    assert box.run_as is not None
+    assert asyncio.run(_starved(box, cfg.build_dir)) == "ok"
+
+
+async def _starved(box: sandbox.Sandbox, build: Path) -> str:
+    await sandbox.probe(box, build)
+    exports = [await asyncio.to_thread(sandbox._make_probe_dir, build, box) for _ in range(2)]
+    pipes = {"stdin": asyncio.subprocess.DEVNULL, "stdout": asyncio.subprocess.PIPE}
+    env = {"PATH": sandbox.SANDBOX_PATH}
+    hog = await box.spawn([DEPLOY_PYTHON, "-c", HOG], export_dir=exports[0], env=env, **pipes)
+    try:
+        assert hog.stdout is not None
+        line = await asyncio.wait_for(hog.stdout.readline(), 60)
+        assert line.startswith(b"held"), line
+        other = await box.spawn(
+            ["sh", "-c", "echo ok"],
+            export_dir=exports[1],
+            env=env,
+            stderr=asyncio.subprocess.STDOUT,
+            **pipes,
+        )
+        out, _ = await asyncio.wait_for(other.communicate(), 60)
+        return out.decode("utf-8", "replace").strip()
+    finally:
+        os.killpg(hog.pid, 9)
+        await hog.wait()
+        for export in exports:
+            await asyncio.to_thread(sandbox.remove_tree, export)
