@@ -172,6 +172,45 @@ def test_regression_a_deploy_that_slows_its_proc_scan_is_stopped(tmp_path, monke
     assert elapsed < 30
 
 
+# Writes files of 512 KiB in the export, registers them with io_uring rings, then closes and
+# deletes them: a ring keeps them, and no /proc/PID/fd or maps entry shows them.
+IO_URING = r"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+rings = []
+for r in range(4):
+    ring = libc.syscall(425, 4, ctypes.create_string_buffer(120))  # io_uring_setup
+    if ring < 0:
+        print("io_uring refused:", ctypes.get_errno(), flush=True)
+        raise SystemExit(0)
+    fds = []
+    for i in range(10):
+        fd = os.open(f"ring-{r}-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(512 * 1024))
+        os.fsync(fd)
+        os.unlink(f"ring-{r}-{i}")
+        fds.append(fd)
+    if libc.syscall(427, ring, 2, (ctypes.c_int * 10)(*fds), 10) < 0:  # REGISTER_FILES
+        raise SystemExit(f"register: {ctypes.get_errno()}")
+    for fd in fds:
+        os.close(fd)
+    rings.append(ring)
+print("hid 20 MiB", flush=True)
+time.sleep(20)
+print("still running: not stopped", flush=True)
+"""
+
+
+def test_regression_files_registered_with_io_uring_cannot_hide(tmp_path):
+    """40 files of 512 KiB, registered with io_uring rings, closed and deleted: 20 MiB
+    under a 5 MiB cap, unseen (each ring holds up to RLIMIT_NOFILE files, and a process may
+    open as many rings). The sandbox refuses io_uring (ENOSYS, as a kernel without it)."""
+    out, reason, _ = run_deploy(tmp_path, IO_URING)
+    assert "hid 20 MiB" not in out, (reason, out)
+    assert "io_uring refused: 38" in out, out  # ENOSYS: libuv and others fall back
+
+
 # -- the isolated network and pasta --
 
 # Tries the host's loopback listeners over every family and protocol, and looks for pasta.
