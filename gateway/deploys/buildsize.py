@@ -15,7 +15,8 @@ What it counts, each deploy on its own:
   least INODE_SIZE (4 KiB), so empty files are no way around the cap;
 - files deleted from it while a process of the deploy keeps them open or mapped (invisible to
   `du`): found through /proc/PID/fd and /proc/PID/maps of the deploy's processes, counted by
-  their allocated blocks (open) or by the extent of their mapping (mapped and closed);
+  their allocated blocks (open, or mapped and closed: through /proc/PID/map_files, where the
+  gateway runs as root; otherwise by the extent of their mapping);
 - the sandbox's in-memory /tmp and /dev/shm (tmpfs: they take memory, not disk, each already
   capped by max_tmp_size): their used size from statfs through /proc/PID/root, deleted but
   open files included, or INODE_SIZE per inode used if that is more.
@@ -222,8 +223,23 @@ def unlinked_usage(
             if (int(dmaj, 16), int(dmin, 16)) != (major, minor):
                 continue
             reach = int(offset, 16) + int(end, 16) - int(start, 16)
-            sizes[int(ino)] = max(sizes.get(int(ino), 0), reach)
+            taken = _mapped_blocks(proc / str(pid) / "map_files", start, end, dev)
+            sizes[int(ino)] = max(sizes.get(int(ino), 0), reach, taken)
     return sum(sizes.values())
+
+
+def _mapped_blocks(map_files: Path, start: str, end: str, dev: int) -> int:
+    """The blocks of the whole file behind one mapping, through /proc/PID/map_files (0 if
+    not readable: it takes CAP_SYS_ADMIN, which a gateway not run as root lacks).
+
+    The extent of a mapping is not enough: a file written with write() and then mapped one
+    page at a time keeps all its blocks while its mapping shows 4 KiB (40 files of 512 KiB
+    passed a 5 MiB cap so, and a process may hold 65530 mappings)."""
+    try:
+        info = os.stat(map_files / f"{int(start, 16):x}-{int(end, 16):x}")
+    except OSError:
+        return 0
+    return info.st_blocks * 512 if info.st_dev == dev else 0
 
 
 def tmpfs_usage(pids: Iterable[int], mounts: dict[str, int], proc: Path = Path("/proc")) -> int:

@@ -172,6 +172,39 @@ def test_regression_a_deploy_that_slows_its_proc_scan_is_stopped(tmp_path, monke
     assert elapsed < 30
 
 
+# Writes files of 512 KiB with write(), maps one page of each (no descriptor kept: ctypes,
+# not Python's mmap, which keeps one), closes and deletes them.
+ONE_PAGE_MAPPED = r"""
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+for i in range(40):
+    fd = os.open(f"paged-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, os.urandom(512 * 1024))
+    os.fsync(fd)
+    if libc.mmap(None, 4096, 1, 2, fd, 0) in (None, ctypes.c_void_p(-1).value):
+        raise SystemExit("mmap failed")
+    os.close(fd)
+    os.unlink(f"paged-{i}")
+print("hid 20 MiB", flush=True)
+time.sleep(20)
+print("still running: not stopped", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="/proc/PID/map_files needs CAP_SYS_ADMIN")
+def test_regression_a_deleted_file_mapped_one_page_counts_whole(tmp_path):
+    """The watcher counted a deleted, mapped file by the extent of its mapping: 40 files of
+    512 KiB, each mapped one page, counted 160 KiB against a 5 MiB cap (and a process may
+    hold 65530 mappings of files up to max_file_size). Their blocks count now."""
+    out, reason, elapsed = run_deploy(tmp_path, ONE_PAGE_MAPPED)
+    assert reason == buildsize.over_line(CAP), (reason, out)
+    assert "still running" not in out
+    assert elapsed < 30
+
+
 # Writes files of 512 KiB in the export, registers them with io_uring rings, then closes and
 # deletes them: a ring keeps them, and no /proc/PID/fd or maps entry shows them.
 IO_URING = r"""

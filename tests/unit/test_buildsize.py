@@ -228,3 +228,25 @@ def test_a_proc_scan_past_its_deadline_stops(tmp_path):
     with pytest.raises(buildsize.MeasureTimeout, match="processes could not be measured"):
         buildsize.unlinked_usage([os.getpid()], dev, deadline=0.0)
     assert buildsize.unlinked_usage([os.getpid()], dev) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="/proc/PID/map_files needs CAP_SYS_ADMIN")
+def test_a_deleted_file_mapped_one_page_counts_its_blocks(tmp_path):
+    """Written with write(), then one page of it mapped, closed and deleted: the mapping shows
+    4 KiB, the file still takes a megabyte."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    path = tmp_path / "paged"
+    fill(path)
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    os.close(fd)
+    path.unlink()
+    try:
+        assert buildsize.unlinked_usage([os.getpid()], os.stat(tmp_path).st_dev) >= MIB
+    finally:
+        libc.munmap(address, 4096)
