@@ -372,3 +372,50 @@ async def _starved(box: sandbox.Sandbox, build: Path) -> str:
         await hog.wait()
         for export in exports:
             await asyncio.to_thread(sandbox.remove_tree, export)
+
+
+def test_regression_a_deploy_killed_while_starting_leaves_no_process(tmp_path):
+    """A deploy cancelled or timed out at any moment of its start (pasta forking, unshare,
+    bubblewrap setting up): killing its process group leaves nothing of it, not even
+    pasta's child waiting for a parent that is gone (it would hold a process of the
+    sandbox user, counted against every app's max_processes, for ever)."""
+    require_sandbox()
+    deploy = {"command": ["true"], **sandbox_settings(tmp_path)}
+    cfg = config.from_mapping({"deploy": deploy}).deploy
+    box = sandbox.Sandbox.of(cfg)
+    assert asyncio.run(_killed_while_starting(box, cfg.build_dir)) == []
+
+
+async def _killed_while_starting(box: sandbox.Sandbox, build: Path) -> list[str]:
+    await sandbox.probe(box, build)
+    export = await asyncio.to_thread(sandbox._make_probe_dir, build, box)
+    try:
+        for delay in (0, 0.001, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1):
+            proc = await box.spawn(
+                ["sleep", "60"], export_dir=export, env={"PATH": sandbox.SANDBOX_PATH}
+            )
+            await asyncio.sleep(delay)
+            os.killpg(proc.pid, 9)
+            await proc.wait()
+        deadline = time.monotonic() + 10
+        while (left := _running_with(str(export))) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # no event says that the killed processes are gone
+        return left
+    finally:
+        await asyncio.to_thread(sandbox.remove_tree, export)
+
+
+def _running_with(text: str) -> list[str]:
+    """Live processes whose command line names `text` (the export's path, in bwrap's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode("utf-8", "replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline[:80]}")
+    return found
