@@ -205,6 +205,37 @@ def test_regression_a_deleted_file_mapped_one_page_counts_whole(tmp_path):
     assert elapsed < 30
 
 
+# Four threads, each with a descriptor table of its own (unshare(CLONE_FILES)), hold ten
+# deleted files of 512 KiB each: /proc/PID/fd shows the process's table, not theirs.
+THREAD_TABLES = r"""
+import ctypes, os, threading, time
+libc = ctypes.CDLL(None, use_errno=True)
+def hold(n):
+    if libc.unshare(0x400) != 0:  # CLONE_FILES
+        raise SystemExit(f"unshare: {ctypes.get_errno()}")
+    for i in range(10):
+        fd = os.open(f"held-{n}-{i}", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(512 * 1024))
+        os.fsync(fd)
+        os.unlink(f"held-{n}-{i}")
+    time.sleep(30)
+threads = [threading.Thread(target=hold, args=(n,), daemon=True) for n in range(4)]
+for thread in threads:
+    thread.start()
+time.sleep(2)
+print("hid 20 MiB", flush=True)
+time.sleep(20)
+print("still running: not stopped", flush=True)
+"""
+
+
+def test_regression_files_held_in_a_threads_own_descriptor_table_count(tmp_path):
+    out, reason, elapsed = run_deploy(tmp_path, THREAD_TABLES)
+    assert reason == buildsize.over_line(CAP), (reason, out)
+    assert "still running" not in out
+    assert elapsed < 30
+
+
 # Writes files of 512 KiB in the export, registers them with io_uring rings, then closes and
 # deletes them: a ring keeps them, and no /proc/PID/fd or maps entry shows them.
 IO_URING = r"""

@@ -250,3 +250,35 @@ def test_a_deleted_file_mapped_one_page_counts_its_blocks(tmp_path):
         assert buildsize.unlinked_usage([os.getpid()], os.stat(tmp_path).st_dev) >= MIB
     finally:
         libc.munmap(address, 4096)
+
+
+def test_a_threads_own_descriptor_table_is_read(tmp_path):
+    """A thread that unshared its descriptor table holds a deleted megabyte the process's
+    /proc/PID/fd does not show; threads sharing the table are not read twice."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        assert libc.unshare(0x400) == 0  # CLONE_FILES
+        fd = os.open(tmp_path / "held", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(MIB))
+        os.unlink(tmp_path / "held")
+        ready.set()
+        done.wait(30)
+        os.close(fd)
+
+    holder = threading.Thread(target=hold)
+    sharing = threading.Thread(target=done.wait, args=(30,))
+    holder.start()
+    sharing.start()
+    try:
+        assert ready.wait(10)
+        assert buildsize._own_tables(Path("/proc"), os.getpid()) == [holder.native_id]
+        assert buildsize.unlinked_usage([os.getpid()], os.stat(tmp_path).st_dev) >= MIB
+    finally:
+        done.set()
+        holder.join()
+        sharing.join()
