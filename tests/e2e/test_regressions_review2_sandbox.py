@@ -5,6 +5,7 @@ watcher, tries to get past max_build_size and to reach the host's loopback and p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from gateway.deploys import buildsize, confine, sandbox
+from gateway.deploys import buildsize, cgroups, confine, sandbox
 from tests.helpers import DEPLOY_PYTHON, require_sandbox, sandbox_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("pasta") is None, reason="needs pasta (passt)")
@@ -449,4 +450,86 @@ def _running_with(text: str) -> list[str]:
             continue
         if text in cmdline and state != "Z":
             found.append(f"{entry.name}: {cmdline[:80]}")
+    return found
+
+
+# -- the cgroup gate's lock file, inherited by the deploy --
+
+# Finds the descriptor of the gate's lock file and tries what a tenant would with it.
+GATE = r"""
+import fcntl, json, os, time
+found = {}
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue
+    if "/.gate-" not in target:
+        continue
+    n = int(fd)
+    for name, act in [("reopen for writing", lambda: os.open(f"/proc/self/fd/{n}", os.O_WRONLY)),
+                      ("fchmod", lambda: os.fchmod(n, 0o666)),
+                      ("flock", lambda: fcntl.flock(n, fcntl.LOCK_EX | fcntl.LOCK_NB))]:
+        try:
+            found[name] = "ALLOWED " + str(act())
+        except OSError as exc:
+            found[name] = "denied: " + str(exc)
+print(json.dumps(found), flush=True)
+time.sleep(float(os.environ["HOLD"]))
+"""
+
+
+class RecordingCgroup(cgroups.Cgroup):
+    """A stand-in cgroup (this machine's are v1): moving a process in is a file written."""
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(f"{pid}\n")
+
+    def remove(self, timeout: float = 0) -> bool:
+        return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the gate file is the deploy's own without root")
+def test_regression_the_gate_descriptor_blocks_no_other_deploy(tmp_path):
+    """Where cgroups are delegated, a deploy keeps a read-only descriptor of its start gate's
+    lock file. It cannot write or chmod it, and an exclusive lock on it (allowed) holds up
+    no other deploy: each start has a gate of its own."""
+    require_sandbox()
+    cfg = config.from_mapping({"deploy": {"command": ["true"], **sandbox_settings(tmp_path)}})
+    box = sandbox.Sandbox.of(cfg.deploy)
+    first, second = asyncio.run(_two_gated(box, cfg.deploy.build_dir, tmp_path))
+    for found in (first, second):
+        assert found["reopen for writing"].startswith("denied"), found
+        assert found["fchmod"].startswith("denied"), found
+        assert found["flock"] == "ALLOWED None", found  # its own gate, already passed
+
+
+async def _two_gated(box: sandbox.Sandbox, build: Path, tmp: Path) -> list[dict]:
+    await asyncio.to_thread(box.prepare_build_dir, build)
+    started: list[tuple[asyncio.subprocess.Process, confine.Confinement, Path]] = []
+    found = []
+    try:
+        for name, hold in (("first", 30), ("second", 0)):
+            export = await asyncio.to_thread(sandbox._make_probe_dir, build, box)
+            (tmp / name).mkdir()
+            watch = buildsize.BuildWatch(export, 1 << 30, {})
+            confinement = confine.Confinement(watch, RecordingCgroup(tmp / name))
+            proc = await box.spawn(
+                [DEPLOY_PYTHON, "-c", GATE],
+                export_dir=export,
+                env={"HOLD": str(hold)},
+                confinement=confinement,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            started.append((proc, confinement, export))
+            assert proc.stdout is not None
+            found.append(json.loads(await asyncio.wait_for(proc.stdout.readline(), 30)))
+    finally:
+        for proc, confinement, export in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+            await confinement.close()
+            await asyncio.to_thread(sandbox.remove_tree, export)
     return found
