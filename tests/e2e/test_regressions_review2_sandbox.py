@@ -533,3 +533,105 @@ async def _two_gated(box: sandbox.Sandbox, build: Path, tmp: Path) -> list[dict]
             await confinement.close()
             await asyncio.to_thread(sandbox.remove_tree, export)
     return found
+
+
+# -- pasta's DNS forwarding, where the host's resolver is on its loopback --
+
+# Run in a fresh network and mount namespace: a default route, a resolver on 127.0.0.53
+# (UDP and TCP 53) and other services on the loopback; the deploy tries each through the
+# DNS forward's address.
+DNS_NAMESPACE = r"""
+import asyncio, json, socket, subprocess, sys, threading
+from gateway import config
+from gateway.deploys import sandbox
+for argv in (["ip", "link", "set", "lo", "up"],
+             ["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"],
+             ["ip", "addr", "add", "10.99.0.2/24", "dev", "up0"],
+             ["ip", "link", "set", "up0", "up"], ["ip", "link", "set", "up1", "up"],
+             ["ip", "route", "add", "default", "via", "10.99.0.1"],
+             ["mount", "--bind", sys.argv[2], "/etc/resolv.conf"]):
+    subprocess.run(argv, check=True, timeout=10)
+def serve(address, port, kind):
+    server = socket.socket(socket.AF_INET, kind)
+    server.bind((address, port))
+    def loop():
+        if kind == socket.SOCK_DGRAM:
+            while True:
+                _, peer = server.recvfrom(512)
+                server.sendto(f"host {address}:{port}".encode(), peer)
+        server.listen()
+        while True:
+            conn, _ = server.accept()
+            conn.sendall(f"host {address}:{port}".encode())
+            conn.close()
+    threading.Thread(target=loop, daemon=True).start()
+for address, port in (("127.0.0.53", 53), ("127.0.0.53", 8080), ("127.0.0.1", 8080)):
+    serve(address, port, socket.SOCK_STREAM)
+    serve(address, port, socket.SOCK_DGRAM)
+PROBE = '''
+import json, socket
+def attempt(kind, port):
+    try:
+        with socket.socket(socket.AF_INET, kind) as conn:
+            conn.settimeout(2)
+            conn.connect(("169.254.0.53", port))
+            if kind == socket.SOCK_DGRAM:
+                conn.send(b"x")
+            return "ALLOWED " + conn.recv(64).decode()
+    except OSError as exc:
+        return "denied: " + str(exc)
+print(json.dumps({"udp 53": attempt(socket.SOCK_DGRAM, 53),
+                  "tcp 53": attempt(socket.SOCK_STREAM, 53),
+                  "udp 8080": attempt(socket.SOCK_DGRAM, 8080),
+                  "tcp 8080": attempt(socket.SOCK_STREAM, 8080)}))
+'''
+async def main():
+    cfg = config.from_mapping({"deploy": json.loads(sys.argv[1])}).deploy
+    box = sandbox.Sandbox.of(cfg)
+    await sandbox.probe(box, cfg.build_dir)
+    export = sandbox._make_probe_dir(cfg.build_dir, box)
+    proc = await box.spawn(["python3", "-c", PROBE], export_dir=export,
+                           env={"PATH": sandbox.SANDBOX_PATH}, stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    sandbox.remove_tree(export)
+    print(out.decode())
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a network namespace (root)")
+def test_regression_the_dns_forward_relays_only_dns(tmp_path):
+    """With the host's resolver on its loopback, pasta relays 169.254.0.53 port 53 (UDP) to
+    it, and nothing else: not the loopback's other services, on any port or protocol."""
+    import subprocess
+    import sys
+
+    require_sandbox()
+    deploy = {"command": ["true"], **sandbox_settings(tmp_path)}
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    resolv.chmod(0o644)
+    result = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "--mount",
+            "--",
+            sys.executable,
+            "-c",
+            DNS_NAMESPACE,
+            json.dumps(deploy),
+            str(resolv),
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["udp 53"] == "ALLOWED host 127.0.0.53:53", found
+    for what in ("tcp 53", "udp 8080", "tcp 8080"):
+        assert found[what].startswith("denied"), found
