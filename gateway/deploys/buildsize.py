@@ -11,26 +11,36 @@ What it counts, each deploy on its own:
 - the export directory on disk, measured by coreutils `du -s -x`: allocated blocks (a sparse
   file counts what it really takes, not its apparent size), every hard-linked inode once, any
   depth of tree with a bounded number of descriptors, never following a link, in a process
-  of its own (the event loop never waits on it);
+  of its own (the event loop never waits on it); each file, directory or link counts at
+  least INODE_SIZE (4 KiB), so empty files are no way around the cap;
 - files deleted from it while a process of the deploy keeps them open or mapped (invisible to
-  `du`): found through /proc/PID/fd and /proc/PID/maps of the deploy's processes, counted by
-  their allocated blocks (open) or by the extent of their mapping (mapped and closed);
+  `du`): found through /proc/PID/fd (and /proc/PID/task/TID/fd of threads with a table of
+  their own) and /proc/PID/maps of the deploy's processes, counted by
+  their allocated blocks (open, or mapped and closed: through /proc/PID/map_files, where the
+  gateway runs as root; otherwise by the extent of their mapping);
 - the sandbox's in-memory /tmp and /dev/shm (tmpfs: they take memory, not disk, each already
   capped by max_tmp_size): their used size from statfs through /proc/PID/root, deleted but
-  open files included.
-Not counted: the operator's sandbox_write_paths (shared on purpose) and memfd (memory: see
-cgroups.py, memory.max).
+  open files included, or INODE_SIZE per inode used if that is more.
+Not counted: the operator's sandbox_write_paths (shared on purpose), memfd (memory: see
+cgroups.py, memory.max), and deleted files whose last descriptor is in flight in a unix
+socket (SCM_RIGHTS) rather than in a process: no /proc entry shows those; the kernel bounds
+them by the sender's RLIMIT_NOFILE per user, so at most max_open_files files of up to
+max_file_size each (docs/security.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import math
 import os
+import platform
 import re
 import signal
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +60,24 @@ DUTY = 0.1
 # A tree `du` cannot walk in this long (tens of millions of files) stops the deploy: its size
 # cannot be known, and such a tree is itself the abuse (inodes are a shared resource too).
 MEASURE_TIMEOUT = 120.0
+# The deploy's processes must be scanned (/proc: their descriptors and mappings) in this
+# long, or the deploy is stopped. A build can make the scan slow on purpose: a process may
+# hold 65530 mappings, for kernel memory only (100 processes of 30000: 4.7 s here); and DUTY
+# then spaces measurements out (9 s of rest per second spent), a window to write past the
+# cap unseen, while the scan holds a core of the gateway. A real build's takes milliseconds.
+SCAN_TIMEOUT = 10.0
 # A directory the build made unreadable hides what is under it from `du` run as the build's
 # own user (a root gateway reads everything): tolerated this long (a test suite checking
 # permission errors), then the deploy is stopped.
 UNREADABLE_GRACE = 30.0
 SETTING = "[deploy] max_build_size"
+# What each file, directory or link counts at least. An empty file takes no block, so a
+# count of blocks alone let a build make millions of them for nothing: the inodes of the
+# export's filesystem (shared with every other deploy, and perhaps the repositories and the
+# registry) and, in the in-memory /tmp, /dev/shm and /run, kernel memory that no size
+# limit of a tmpfs counts (each has its own inode limit, half the host's RAM in pages).
+# One block per inode leaves real trees as they were (a file with content takes a block).
+INODE_SIZE = 4096
 
 
 def over_line(limit: int) -> str:
@@ -80,18 +103,27 @@ class Usage:
 
 
 class MeasureTimeout(Exception):
-    """`du` did not finish in MEASURE_TIMEOUT."""
+    """`du` did not finish in MEASURE_TIMEOUT, or the /proc scan in SCAN_TIMEOUT: why."""
 
 
 async def tree_usage(root: Path) -> tuple[int, str]:
-    """Bytes allocated under `root` (hard links once, sparse files by their blocks) and the
-    first thing `du` could not read ('' if none). Files vanishing during the walk (the build
-    is running) are not an error: the total is of what was there."""
+    """Bytes charged for what is under `root`: its allocated blocks (hard links once, sparse
+    files by their blocks) or INODE_SIZE per file, directory or link if that is more; and
+    the first thing `du` could not read ('' if none). Files vanishing during the walk (the
+    build is running) are not an error: the total is of what was there."""
+    blocks, err = await _du(root, "-B1")
+    inodes, _ = await _du(root, "--inodes")
+    denied = [line for line in err.splitlines() if "Permission denied" in line]
+    return max(blocks, inodes * INODE_SIZE), denied[0][:300] if denied else ""
+
+
+async def _du(root: Path, unit: str) -> tuple[int, str]:
+    """`du -s -x` of `root` in `unit` (-B1: bytes, --inodes: inodes), and its stderr."""
     proc = await asyncio.create_subprocess_exec(
         "du",
         "-s",
         "-x",
-        "-B1",
+        unit,
         "--",
         str(root),
         stdin=asyncio.subprocess.DEVNULL,
@@ -103,7 +135,9 @@ async def tree_usage(root: Path) -> tuple[int, str]:
     try:
         out, err = await asyncio.wait_for(proc.communicate(), MEASURE_TIMEOUT)
     except TimeoutError:
-        raise MeasureTimeout from None
+        raise MeasureTimeout(
+            f"the build's files could not be measured in {MEASURE_TIMEOUT:g} s (too many files)"
+        ) from None
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -113,10 +147,7 @@ async def tree_usage(root: Path) -> tuple[int, str]:
     first = out.split(b"\t", 1)[0].strip()
     if not first.isdigit():
         raise OSError(f"du printed no size for {root}: {err.decode('utf-8', 'replace')[:200]}")
-    denied = [
-        line for line in err.decode("utf-8", "replace").splitlines() if "Permission denied" in line
-    ]
-    return int(first), denied[0][:300] if denied else ""
+    return int(first), err.decode("utf-8", "replace")
 
 
 # -- the deploy's processes --
@@ -154,25 +185,27 @@ def descendants(roots: Iterable[int], proc: Path = Path("/proc")) -> list[int]:
 _MAPS_LINE = re.compile(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) ")
 
 
-def unlinked_usage(pids: Iterable[int], dev: int, proc: Path = Path("/proc")) -> int:
+def unlinked_usage(
+    pids: Iterable[int], dev: int, proc: Path = Path("/proc"), deadline: float = math.inf
+) -> int:
     """Bytes of files on device `dev` that have no name left but that a process in `pids`
     still holds: open (by their allocated blocks) or mapped after closing (by how far their
-    mappings reach, the most they can have written through them). Each inode once."""
+    mappings reach, the most they can have written through them). Each inode once.
+    MeasureTimeout once past `deadline` (time.monotonic)."""
     sizes: dict[int, int] = {}
     major, minor = os.major(dev), os.minor(dev)
     for pid in pids:
-        fd_dir = proc / str(pid) / "fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for name in names:
-            try:
-                info = os.stat(fd_dir / name)  # the open file itself, through the magic link
-            except OSError:
-                continue
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 0 and info.st_dev == dev:
-                sizes[info.st_ino] = max(sizes.get(info.st_ino, 0), info.st_blocks * 512)
+        if time.monotonic() > deadline:
+            raise MeasureTimeout(_scan_timeout())
+        if not _held_open(proc / str(pid) / "fd", dev, sizes):
+            continue  # gone meanwhile
+        # A thread may have a descriptor table of its own (unshare(CLONE_FILES), or clone
+        # without CLONE_FILES), which /proc/PID/fd does not show: 40 files of 512 KiB held
+        # in four such threads passed a 5 MiB cap unseen. Each such table is read too.
+        for tid in _own_tables(proc, pid):
+            if time.monotonic() > deadline:
+                raise MeasureTimeout(_scan_timeout())
+            _held_open(proc / str(pid) / "task" / str(tid) / "fd", dev, sizes)
         try:
             maps = (proc / str(pid) / "maps").read_text()
         except OSError:
@@ -187,8 +220,74 @@ def unlinked_usage(pids: Iterable[int], dev: int, proc: Path = Path("/proc")) ->
             if (int(dmaj, 16), int(dmin, 16)) != (major, minor):
                 continue
             reach = int(offset, 16) + int(end, 16) - int(start, 16)
-            sizes[int(ino)] = max(sizes.get(int(ino), 0), reach)
+            taken = _mapped_blocks(proc / str(pid) / "map_files", start, end, dev)
+            sizes[int(ino)] = max(sizes.get(int(ino), 0), reach, taken)
     return sum(sizes.values())
+
+
+def _scan_timeout() -> str:
+    return (
+        f"the build's processes could not be measured in {SCAN_TIMEOUT:g} s (too many "
+        "processes, threads, descriptors or mappings)"
+    )
+
+
+def _held_open(fd_dir: Path, dev: int, sizes: dict[int, int]) -> bool:
+    """Add the deleted regular files on `dev` open in one descriptor table to `sizes`
+    (inode -> allocated bytes); False if the table cannot be listed (the task is gone)."""
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            info = os.stat(fd_dir / name)  # the open file itself, through the magic link
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 0 and info.st_dev == dev:
+            sizes[info.st_ino] = max(sizes.get(info.st_ino, 0), info.st_blocks * 512)
+    return True
+
+
+# kcmp(2), which tells whether two tasks share their descriptor table, by architecture;
+# where it is unknown or refused, every thread's table is read (slower, as correct).
+_KCMP = {"x86_64": 312, "aarch64": 272}
+_KCMP_FILES = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _own_tables(proc: Path, pid: int) -> list[int]:
+    """The threads of process `pid` whose descriptor table is not the process's own."""
+    try:
+        tids = [int(name) for name in os.listdir(proc / str(pid) / "task") if name.isdigit()]
+    except OSError:
+        return []
+    number = _KCMP.get(platform.machine())
+    others = []
+    for tid in tids:
+        if tid == pid:
+            continue
+        if number is not None and proc == Path("/proc"):
+            shared = _libc.syscall(number, pid, tid, _KCMP_FILES, 0, 0) == 0
+            if shared:
+                continue
+        others.append(tid)
+    return others
+
+
+def _mapped_blocks(map_files: Path, start: str, end: str, dev: int) -> int:
+    """The blocks of the whole file behind one mapping, through /proc/PID/map_files (0 if
+    not readable: it takes CAP_SYS_ADMIN, which a gateway not run as root lacks).
+
+    The extent of a mapping is not enough: a file written with write() and then mapped one
+    page at a time keeps all its blocks while its mapping shows 4 KiB (40 files of 512 KiB
+    passed a 5 MiB cap so, and a process may hold 65530 mappings)."""
+    try:
+        info = os.stat(map_files / f"{int(start, 16):x}-{int(end, 16):x}")
+    except OSError:
+        return 0
+    return info.st_blocks * 512 if info.st_dev == dev else 0
 
 
 def tmpfs_usage(pids: Iterable[int], mounts: dict[str, int], proc: Path = Path("/proc")) -> int:
@@ -217,14 +316,17 @@ def tmpfs_usage(pids: Iterable[int], mounts: dict[str, int], proc: Path = Path("
                 continue
             if info.f_blocks * info.f_frsize != -(-size // page) * page:
                 continue
-            used[device] = (info.f_blocks - info.f_bfree) * info.f_frsize
+            # Empty files take memory too (INODE_SIZE): each counts at least that.
+            inodes = (info.f_files - info.f_ffree) * INODE_SIZE
+            used[device] = max((info.f_blocks - info.f_bfree) * info.f_frsize, inodes)
     return sum(used.values())
 
 
 def process_usage(roots: list[int], dev: int, mounts: dict[str, int]) -> tuple[int, int]:
     """(unlinked, tmpfs) bytes of the processes under `roots` (blocking: run off the loop)."""
+    deadline = time.monotonic() + SCAN_TIMEOUT
     pids = descendants(roots)
-    return unlinked_usage(pids, dev), tmpfs_usage(pids, mounts)
+    return unlinked_usage(pids, dev, deadline=deadline), tmpfs_usage(pids, mounts)
 
 
 def _blocks(paths: list[Path]) -> int:
@@ -290,11 +392,8 @@ class BuildWatch:
         loop = asyncio.get_running_loop()
         try:
             usage = await self.measure()
-        except MeasureTimeout:
-            return self._stop(
-                f"the build's files could not be measured in {MEASURE_TIMEOUT:g} s "
-                f"(too many files) ({SETTING})"
-            )
+        except MeasureTimeout as exc:
+            return self._stop(f"{exc} ({SETTING})")
         except OSError as exc:
             log.warning(
                 "event=build_size_unmeasured path=%s reason=%s", q(str(self.export_dir)), q(exc)

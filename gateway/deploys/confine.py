@@ -174,8 +174,9 @@ def report(cfg: Config) -> list[str]:
     lines = [
         "deploy limits: max_build_size "
         f"({', '.join(size_text(s) for s in sizes)}) enforced by a watcher: du of the export "
-        "directory, deleted files kept open and the in-memory /tmp and /dev/shm, about every "
-        "second; a build can overshoot by what it writes in between",
+        "directory (each file at least 4 KiB), deleted files kept open or mapped and the "
+        "in-memory /tmp and /dev/shm, about every second; a build can overshoot by what it "
+        "writes in between",
         "deploy limits: max_cpu_seconds, max_memory, max_file_size, max_open_files enforced "
         "per process and max_processes per sandbox user by prlimit; /tmp and /dev/shm are "
         "tmpfs sized by max_tmp_size (memory)",
@@ -193,6 +194,7 @@ def report(cfg: Config) -> list[str]:
             "max_memory is RLIMIT_DATA per process (memfd and shm are not counted by "
             "RLIMIT_DATA)",
             "deploy limits: pids.max not enforced: cgroup v2 not delegated: max_processes is "
-            "RLIMIT_NPROC, shared by every running deploy of one sandbox_user",
+            "RLIMIT_NPROC, shared by every running deploy of one sandbox_user and every other "
+            "process of that host user (give each app its own)",
         ]
     return lines

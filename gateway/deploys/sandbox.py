@@ -5,9 +5,9 @@ links or directories of the host), an allow-listed read-only `/etc` with its own
 `group`, a fresh `/dev` and a `/proc` of its own PID namespace, a private size-limited `/tmp`,
 the export directory at `/app` (its only writable place with `/tmp`), and the operator's extra
 read-only and writable paths. It has its own mount, PID, IPC, UTS, cgroup and user namespaces
-(no nested ones), no capabilities, a new session (no terminal to inject keys into), the network
-its [deploy] network gives (gateway/deploys/network.py), and resource limits (prlimit) on every
-process.
+(no nested ones), no capabilities, no io_uring (seccomp.py), a new session (no terminal to
+inject keys into), the network its [deploy] network gives (gateway/deploys/network.py), and
+resource limits (prlimit) on every process.
 
 bwrap mounts its sources by path as the sandbox user: that user must be able to reach them
 (every parent directory searchable). The gateway grants search, never read, on the directories
@@ -36,6 +36,7 @@ from ..config import Config, DeploySettings
 from ..errors import ConfigError
 from ..logs import q
 from . import network as net
+from . import seccomp
 
 if TYPE_CHECKING:
     from .confine import Confinement
@@ -386,6 +387,8 @@ class Sandbox:
             if path.exists():
                 args += ["--bind", str(path), str(path)]
         args += ["--bind", str(export_dir), APP_DIR, "--chdir", APP_DIR]
+        # io_uring refused: files registered with a ring hide from the build-size watcher.
+        args += ["--seccomp", binds.data(seccomp.program())]
         # bwrap builds / and /dev on unbounded in-memory filesystems: once everything is
         # mounted, make them read-only, so that writes can only go to the bounded /tmp,
         # /dev/shm and /run, the export and the operator's writable paths.

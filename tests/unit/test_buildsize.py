@@ -211,3 +211,74 @@ def test_the_gates_lock_files_count_too(tmp_path):
         return await buildsize.BuildWatch(export, MIB, {}, extra_files=[lock]).check()
 
     assert asyncio.run(scenario()) == buildsize.over_line(MIB)
+
+
+def test_empty_files_count_one_block_each(tmp_path):
+    """An empty file takes no block; it still takes an inode (on disk) or kernel memory (in a
+    tmpfs): each counts INODE_SIZE, so 300 of them are over a megabyte."""
+    for i in range(300):
+        (tmp_path / str(i)).touch()
+    assert tree(tmp_path) >= 300 * buildsize.INODE_SIZE
+
+
+def test_a_proc_scan_past_its_deadline_stops(tmp_path):
+    """The scan checks its deadline between processes: a deploy that makes it slow (tens of
+    thousands of mappings per process) is stopped rather than measured minutes apart."""
+    dev = os.stat(tmp_path).st_dev
+    with pytest.raises(buildsize.MeasureTimeout, match="processes could not be measured"):
+        buildsize.unlinked_usage([os.getpid()], dev, deadline=0.0)
+    assert buildsize.unlinked_usage([os.getpid()], dev) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="/proc/PID/map_files needs CAP_SYS_ADMIN")
+def test_a_deleted_file_mapped_one_page_counts_its_blocks(tmp_path):
+    """Written with write(), then one page of it mapped, closed and deleted: the mapping shows
+    4 KiB, the file still takes a megabyte."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + [ctypes.c_int] * 3 + [ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    path = tmp_path / "paged"
+    fill(path)
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+    os.close(fd)
+    path.unlink()
+    try:
+        assert buildsize.unlinked_usage([os.getpid()], os.stat(tmp_path).st_dev) >= MIB
+    finally:
+        libc.munmap(address, 4096)
+
+
+def test_a_threads_own_descriptor_table_is_read(tmp_path):
+    """A thread that unshared its descriptor table holds a deleted megabyte the process's
+    /proc/PID/fd does not show; threads sharing the table are not read twice."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    ready, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        assert libc.unshare(0x400) == 0  # CLONE_FILES
+        fd = os.open(tmp_path / "held", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, os.urandom(MIB))
+        os.unlink(tmp_path / "held")
+        ready.set()
+        done.wait(30)
+        os.close(fd)
+
+    holder = threading.Thread(target=hold)
+    sharing = threading.Thread(target=done.wait, args=(30,))
+    holder.start()
+    sharing.start()
+    try:
+        assert ready.wait(10)
+        assert buildsize._own_tables(Path("/proc"), os.getpid()) == [holder.native_id]
+        assert buildsize.unlinked_usage([os.getpid()], os.stat(tmp_path).st_dev) >= MIB
+    finally:
+        done.set()
+        holder.join()
+        sharing.join()
