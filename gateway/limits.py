@@ -78,15 +78,26 @@ class Admission:
             refused = self._refusal(total, unauthenticated, shared.from_address(digest))
             if refused is not None:
                 return refused
-            self._digests[digest] = self._digests.get(digest, 0) + 1
-            try:
-                shared.set_address(digest, self._digests[digest], self._digests)
-            except TableFull:  # only after a reload raised max_connections past the table
-                self._forget(digest)
+            if not self._count_shared(shared, digest):
                 return "max_connections"
             shared.adjust(1, 1)
         self._count_in(address)
         return None
+
+    def _count_shared(self, shared: SharedCounts, digest: bytes) -> bool:
+        """One more under `digest` in the node's table (held lock); False if it is full."""
+        self._digests[digest] = self._digests.get(digest, 0) + 1
+        try:
+            shared.set_address(digest, self._digests[digest], self._digests)
+        except TableFull:  # only after a reload raised max_connections past the table
+            self._forget(digest)
+            return False
+        return True
+
+    def _uncount_shared(self, shared: SharedCounts, digest: bytes) -> None:
+        """One less under `digest` in the node's table (held lock)."""
+        self._forget(digest)
+        shared.set_address(digest, self._digests.get(digest, 0), self._digests)
 
     def _forget(self, digest: bytes) -> None:
         self._digests[digest] -= 1
@@ -110,8 +121,7 @@ class Admission:
             shared = self.shared
             digest = shared.digest(address)
             with shared.locked():
-                self._forget(digest)
-                shared.set_address(digest, self._digests.get(digest, 0), self._digests)
+                self._uncount_shared(shared, digest)
                 shared.adjust(-1, 0 if authenticated else -1)
 
     def hold(self, kind: str, key: str, limit: int) -> bool:
@@ -122,13 +132,7 @@ class Admission:
             shared = self.shared
             digest = shared.digest(key, kind)
             with shared.locked():
-                if shared.from_address(digest) >= limit:
-                    return False
-                self._digests[digest] = self._digests.get(digest, 0) + 1
-                try:
-                    shared.set_address(digest, self._digests[digest], self._digests)
-                except TableFull:  # only after a reload raised max_connections past the table
-                    self._forget(digest)
+                if shared.from_address(digest) >= limit or not self._count_shared(shared, digest):
                     return False
         elif self.held.get(here, 0) >= limit:
             return False
@@ -144,8 +148,7 @@ class Admission:
             shared = self.shared
             digest = shared.digest(key, kind)
             with shared.locked():
-                self._forget(digest)
-                shared.set_address(digest, self._digests.get(digest, 0), self._digests)
+                self._uncount_shared(shared, digest)
 
 
 class RateLimiter:
