@@ -19,7 +19,14 @@ from . import program
 from .confine import Confinement
 from .export import ExportError, export_commit
 from .outcome import Outcome
-from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox, SandboxError, remove_tree
+from .sandbox import (
+    APP_DIR,
+    SANDBOX_PATH,
+    Sandbox,
+    SandboxError,
+    network_stopped,
+    remove_tree,
+)
 
 KILL_GRACE = 5.0
 READ_CHUNK = 64 * 1024
@@ -203,6 +210,8 @@ async def run_command(
     except BaseException:
         await kill_group(proc)
         raise
+    finally:
+        await network_stopped(proc)
     if code == 0:
         return Outcome(DeployStatus.SUCCEEDED, 0)
     if code < 0:

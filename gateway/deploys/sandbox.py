@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import pwd
@@ -261,6 +262,11 @@ class Sandbox:
                     *(launch.argv if launch else full),
                     env={**env, "PATH": env.get("PATH", SANDBOX_PATH)},
                     pass_fds=[*binds.fds, *(handshake.child_fds() if handshake else [])],
+                    # A new session (no terminal to inject into) for the whole sandbox, made
+                    # here rather than by bubblewrap's --new-session: its setsid took the
+                    # sandbox's first process out of this process group, and a kill of the
+                    # group in the instant before bubblewrap armed its parent-death signal
+                    # left the deploy running, unparented.
                     start_new_session=True,
                     **privileges,
                     **streams,
@@ -319,8 +325,8 @@ class Sandbox:
             await net.stop(pasta)
             raise
         task = asyncio.create_task(_stop_after(proc, pasta))
-        _PASTAS.add(task)
-        task.add_done_callback(_PASTAS.discard)
+        _PASTAS[proc.pid] = task
+        task.add_done_callback(functools.partial(_forget_pasta, proc.pid))
 
     def _bwrap_args(
         self,
@@ -335,7 +341,6 @@ class Sandbox:
             *network.bwrap_args(handshake),
             "--disable-userns",
             "--die-with-parent",
-            "--new-session",
             "--cap-drop",
             "ALL",
             "--hostname",
@@ -441,8 +446,22 @@ class Sandbox:
         path.chmod(0o700)
 
 
-# Tasks that stop each isolated sandbox's pasta once the sandbox has ended (kept referenced).
-_PASTAS: set[asyncio.Task[None]] = set()
+# Tasks that stop each isolated sandbox's pasta once the sandbox has ended, by the PID of
+# the sandbox's first process (kept referenced until done).
+_PASTAS: dict[int, asyncio.Task[None]] = {}
+
+
+def _forget_pasta(pid: int, done: asyncio.Task[None]) -> None:
+    if _PASTAS.get(pid) is done:  # not a later sandbox's that got the same PID
+        del _PASTAS[pid]
+
+
+async def network_stopped(proc: asyncio.subprocess.Process) -> None:
+    """Once `proc` (a sandbox) has ended: wait until its pasta, if any, is gone and reaped,
+    so that nothing of the sandbox outlives the caller's work (or its event loop)."""
+    task = _PASTAS.get(proc.pid)
+    if task is not None:
+        await asyncio.shield(task)
 
 
 async def _stop_after(proc: asyncio.subprocess.Process, pasta: asyncio.subprocess.Process) -> None:
@@ -613,6 +632,8 @@ async def probe(sandbox: Sandbox, build_dir: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             raise SandboxError("deploy sandbox: a test sandbox did not start in 30 s") from None
+        finally:
+            await network_stopped(proc)
     finally:
         await asyncio.to_thread(remove_tree, export)
     if proc.returncode != 0:

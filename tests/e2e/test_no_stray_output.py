@@ -14,7 +14,15 @@ import pytest
 import gateway
 from gateway import logs
 from tests.e2e.test_serve import ssh_welcome
-from tests.helpers import Admin, LiveProcess, keygen, run, write_config
+from tests.helpers import (
+    DEPLOY_PYTHON,
+    Admin,
+    LiveProcess,
+    keygen,
+    require_sandbox,
+    run,
+    write_config,
+)
 
 # The console script pip installed beside this interpreter: what a user runs.
 CLI = str(Path(sys.executable).with_name("git-gateway"))
@@ -46,6 +54,19 @@ def test_regression_cli_prints_only_what_was_asked_under_strict_warnings(tmp_pat
     code, out, err = cli(config, "--help")
     assert (code, err) == (0, "")
     assert out.startswith("usage: git-gateway")
+
+
+def test_regression_check_of_an_isolated_sandbox_leaves_no_stray_line(tmp_path):
+    """check builds a test sandbox with its isolated network: its pasta is stopped and
+    reaped before check's event loop closes (asyncio printed "Loop ... that handles pid N
+    is closed" when it was not)."""
+    require_sandbox()
+    config = write_config(tmp_path, deploy={"command": [DEPLOY_PYTHON, "-c", "pass"]})
+    code, out, err = cli(config, "check")
+    assert (code, err) == (0, ""), out + err
+    assert "deploy sandbox ok" in out
+    known = ("config ok", "warning: ", "deploy limits: ", "registry ok")
+    assert all(line.startswith(known) for line in out.splitlines()), out
 
 
 def test_regression_serve_json_logs_and_ssh_welcome_stay_clean_under_strict_warnings(tmp_path):
