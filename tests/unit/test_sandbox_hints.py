@@ -16,6 +16,7 @@ class FailedBwrap:
     """What spawn returns when bwrap exits at once with one error line."""
 
     returncode = 1
+    pid = 0  # no sandbox process, so no pasta to wait for
 
     def __init__(self, line: str) -> None:
         self.line = line
