@@ -170,7 +170,8 @@ def test_isolated_deploy_exit_codes_pass_through_pasta(tmp_path):
     assert out.strip() == str(uid)  # the sandbox user, not pasta's namespace root
 
 
-# A stand-in for the gateway: starts one isolated sandbox, says pasta's pid, and waits.
+# A stand-in for the gateway: starts one isolated sandbox, says its first process's pid, and
+# waits (pasta is found by the test among the processes that appeared).
 GATEWAY = r"""
 import asyncio, json, sys
 from pathlib import Path
