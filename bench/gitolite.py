@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import IO
 
-from gateway.repos import git_settings
+from gateway.git.repos import git_settings
 
 from .servers import TIMEOUT
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.repos import git_settings
+from gateway.git.repos import git_settings
 
 from . import gitolite, plot, registry, repogen
 from .gitolite import Gitolite

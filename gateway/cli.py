@@ -12,25 +12,12 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import (
-    __version__,
-    audit,
-    certs,
-    completion,
-    config,
-    control,
-    gitbin,
-    logs,
-    names,
-    tables,
-    umask,
-)
+from . import __version__, completion, config, control, logs, names, tables, umask
 from .dburl import is_postgres, redact
-from .deploylog import read_log
-from .errors import ConfigError, GatewayError, UsageError
-from .models import SSHKey
-from .service import MAX_KEY_TEXT, Registry
-from .shapes import (
+from .domain import audit
+from .domain.deploylog import read_log
+from .domain.registry import MAX_KEY_TEXT, Registry
+from .domain.shapes import (
     app_dict,
     audit_dict,
     deploy_dict,
@@ -40,6 +27,10 @@ from .shapes import (
     token_dict,
     user_dict,
 )
+from .errors import ConfigError, GatewayError, UsageError
+from .git import gitbin
+from .models import SSHKey
+from .ssh import certs
 from .store import Store, open_store, utcnow
 from .store import probe as store_probe
 from .tables import expiry_text, shown
@@ -532,7 +523,7 @@ def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     )
     if count > 1:
         return asyncio.run(workers.Supervisor(cfg, count, cfg.source).run())
-    from .server import Gateway  # the SSH stack is only loaded for the server
+    from .app import Gateway  # the SSH stack is only loaded for the server
 
     try:
         asyncio.run(Gateway(cfg).serve_forever())
@@ -546,7 +537,7 @@ def _serve_worker(role: Any, cfg: config.Config) -> int:
     """One of `serve --workers N`'s processes, started by the supervisor (gateway.workers)."""
     role.die_with_parent()
     logs.setup(cfg.log.level, cfg.log.format, worker=role.index)
-    from .server import Gateway
+    from .app import Gateway
 
     asyncio.run(Gateway(cfg, worker=role).serve_forever())
     return 0

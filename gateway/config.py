@@ -386,7 +386,7 @@ class SSHSettings:
     proxy_header_timeout: float = _setting(
         5, _seconds, "seconds a trusted balancer has to send the PROXY header"
     )
-    # SSH user certificates (see gateway/certs.py and docs/access.md): off without CA keys.
+    # SSH user certificates (see gateway/ssh/certs.py and docs/access.md): off without CA keys.
     trusted_user_ca_keys: Path | None = _setting(
         "",
         _optional_path,

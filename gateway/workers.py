@@ -38,7 +38,7 @@ from typing import Any
 
 from .config import Config
 from .errors import GatewayError
-from .listener import bind
+from .net.listener import bind
 from .shared_limits import SharedCounts
 
 log = logging.getLogger("gateway.workers")

@@ -18,7 +18,7 @@ from typing import Any
 
 from gateway import cli
 from gateway import config as gwconfig
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 TIMEOUT = 60
 _counter = itertools.count(1)

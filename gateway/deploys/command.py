@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import executors, umask
 from ..config import size_text
-from ..deploylog import DeployLog
+from ..domain.deploylog import DeployLog
 from ..models import Deploy, DeployStatus
 from . import program
 from .confine import Confinement

@@ -17,9 +17,10 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import gitbin, umask
+from .. import umask
 from ..config import size_text
 from ..errors import GatewayError
+from ..git import gitbin
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..deploylog import FLUSH_INTERVAL
+from ..domain.deploylog import FLUSH_INTERVAL
 from ..errors import GatewayError, NotFound, StoreUnavailable
 from ..models import Deploy, LogChunk
 from ..store import Store

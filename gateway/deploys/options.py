@@ -1,7 +1,7 @@
 """Push options (`git push -o ...`): the allow-list, and what a push asked of its deploy.
 
 git hands the options to the hooks (GIT_PUSH_OPTION_*), which forward them cut short (see
-gateway/hooks.py). They are the pusher's text: anything not on the allow-list, malformed or
+gateway/git/hooks.py). They are the pusher's text: anything not on the allow-list, malformed or
 contradictory refuses the push in pre-receive, before any ref moves, with one line.
 """
 
@@ -11,8 +11,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from ..hooks import MAX_OPTION_LENGTH as MAX_LENGTH
-from ..hooks import MAX_OPTIONS as MAX_COUNT
+from ..git.hooks import MAX_OPTION_LENGTH as MAX_LENGTH
+from ..git.hooks import MAX_OPTIONS as MAX_COUNT
 
 MAX_NOTE = 200  # characters of a deploy note
 

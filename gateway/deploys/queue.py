@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DeploySettings
-from ..deploylog import DeployLog
+from ..domain.deploylog import DeployLog
 from ..models import Deploy, DeployStatus
 from .outcome import Outcome
 

@@ -1,6 +1,6 @@
 """Deploy orchestration: what a push's hooks ask for, and the deploys that follow.
 
-A push reaches this service through the repository hooks (see gateway/hooks.py), verified by
+A push reaches this service through the repository hooks (see gateway/git/hooks.py), verified by
 `pushes`: `post-receive` queues a deploy of the deploy branch and, in attached mode, streams
 its log back; in gate mode `pre-receive` queues a deploy of the quarantined objects and its
 result decides whether the refs move. The queue lives in the registry, shared by every gateway
@@ -25,14 +25,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import audit, executors
+from .. import executors
 from ..config import Config, DeploySettings, size_text
-from ..deploylog import DeployLog, legacy_log_ids, read_legacy_log, read_log
+from ..domain import audit
+from ..domain.deploylog import DeployLog, legacy_log_ids, read_legacy_log, read_log
 from ..errors import Conflict, GatewayError, NotFound, StoreUnavailable
+from ..git.repos import Repositories
 from ..logs import q
 from ..metrics import Metrics
 from ..models import App, Deploy, DeployStatus, Identity, NewDeploy
-from ..repos import Repositories
 from ..store import Store, utcnow
 from ..textsafe import TerminalStream
 from . import messages, pushes

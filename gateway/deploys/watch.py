@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..deploylog import cut_marker, skip_marker
+from ..domain.deploylog import cut_marker, skip_marker
 from ..errors import NotFound, StoreUnavailable
 from ..models import Deploy, LogChunk
 from ..store import Store

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from gateway.config import from_mapping
+from gateway.domain.registry import Registry
 from gateway.errors import Conflict, NotFound
-from gateway.service import Registry
 from gateway.store import Store
 
 

@@ -711,7 +711,7 @@ async def test_creating_an_app_with_its_repository_is_one_transaction(
     store: Store, tmp_path: Path
 ) -> None:
     from gateway import config
-    from gateway.service import Registry
+    from gateway.domain.registry import Registry
 
     cfg = config.from_mapping({"storage": {"repos": str(tmp_path / "repos")}})
     registry = Registry(cfg, store)

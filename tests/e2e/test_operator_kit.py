@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.commands import GIT_SERVICES
 from gateway.deploys.webhook import DELIVERY_RESULTS
+from gateway.git.packcache import RESULTS as PACK_CACHE_RESULTS
 from gateway.models import DeployStatus
-from gateway.packcache import RESULTS as PACK_CACHE_RESULTS
+from gateway.ssh.commands import GIT_SERVICES
 from tests.helpers import TIMEOUT, Client, ServerThread, http, http_base
 
 ROOT = Path(__file__).resolve().parents[2]

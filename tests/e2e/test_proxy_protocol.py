@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import proxy
+from gateway.net import proxy
 from tests.helpers import (
     TIMEOUT,
     Admin,

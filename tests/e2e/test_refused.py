@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import explain
+from gateway.ssh import explain
 from tests.helpers import (
     TIMEOUT,
     Admin,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from gateway import config as gwconfig
 from gateway.deploys.service import REPORT_TEXT, REPORTS_PER_SECOND, DeployService
+from gateway.git.repos import Repositories
 from gateway.models import DeployStatus, NewDeploy
-from gateway.repos import Repositories
 from gateway.store import open_store
 from tests.e2e.test_deploys import deploy_processes, wait_for_condition
 from tests.helpers import (

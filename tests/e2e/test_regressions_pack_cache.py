@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from gateway import packhook
+from gateway.git import packhook
 from tests.e2e.test_pack_cache import Cached, cached_entry, clone, same_as_git_alone
 from tests.helpers import TIMEOUT, Client
 from tests.unit.test_packhook import blocked_writing, disk_held

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.repos import ATTRIBUTES
+from gateway.git.repos import ATTRIBUTES
 from tests.helpers import (
     Admin,
     Client,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.deploylog import read_log
 from gateway.deploys import cgroups, confine
+from gateway.domain.deploylog import read_log
 from tests.helpers import (
     DEPLOY_PYTHON,
     PIPELINE,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import authorize, identify
+from gateway.domain.access import authorize, identify
 from gateway.errors import AccessDenied, GatewayError
 from gateway.keys import parse_public_key
 from gateway.models import Identity, Role

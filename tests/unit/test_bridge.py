@@ -9,7 +9,7 @@ import hashlib
 import os
 import sys
 
-from gateway import bridge
+from gateway.git import bridge
 
 
 class Empty:

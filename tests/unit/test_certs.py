@@ -1,4 +1,4 @@
-"""Certificate policy (gateway/certs.py) on certificates asyncssh makes: the checks OpenSSH
+"""Certificate policy (gateway/ssh/certs.py) on certificates asyncssh makes: the checks OpenSSH
 clients never let us see (host certificates as user certificates), and revocation files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 import asyncssh
 import pytest
 
-from gateway import certs
+from gateway.ssh import certs
 
 NOW = time.time()
 

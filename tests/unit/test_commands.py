@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.commands import COMMANDS, KNOWN_COMMANDS, parse
-from gateway.commands.dispatch import HANDLERS
 from gateway.errors import AccessDenied, GatewayError, UnknownCommand
+from gateway.ssh.commands import COMMANDS, KNOWN_COMMANDS, parse
+from gateway.ssh.commands.dispatch import HANDLERS
 
 KEYS_USAGE = (
     "usage: keys | keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub"

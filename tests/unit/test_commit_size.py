@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.repos import TOO_COSTLY, TOO_LARGE, Repositories
+from gateway.git.repos import TOO_COSTLY, TOO_LARGE, Repositories
 
 LIMIT = 64 * 1024
 BIG = 8 * 1024 * 1024  # a message far over the limit (compresses to a few KiB)

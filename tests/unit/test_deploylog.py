@@ -6,13 +6,7 @@ import os
 
 import pytest
 
-from gateway.deploylog import (
-    DeployLog,
-    legacy_log_ids,
-    read_legacy_log,
-    read_log,
-    render,
-)
+from gateway.domain.deploylog import DeployLog, legacy_log_ids, read_legacy_log, read_log, render
 from gateway.models import LogChunk, NewDeploy
 from gateway.store import open_store
 

@@ -10,7 +10,7 @@ def test_regression_nodes_starting_together_share_one_key_pair(tmp_path):
     """Eight processes start on an empty shared directory at once: each ends up with the
     same two keys (no node reads a half-written key, none overwrites another's)."""
     program = (
-        "import sys; from pathlib import Path; from gateway import hostkeys; "
+        "import sys; from pathlib import Path; from gateway.ssh import hostkeys; "
         "keys = hostkeys.load_or_create(Path(sys.argv[1])); "
         "print(' '.join(k.get_fingerprint('sha256') for k in keys))"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.web import jsonbody
+from gateway.http import jsonbody
 
 
 def test_ordinary_bodies_parse() -> None:

@@ -1,11 +1,11 @@
-"""Reading a client's key exchange guess from its KEXINIT (see gateway/kexguess.py)."""
+"""Reading a client's key exchange guess from its KEXINIT (see gateway/ssh/kexguess.py)."""
 
 from __future__ import annotations
 
 import pytest
 from asyncssh.packet import Boolean, NameList, PacketDecodeError, UInt32
 
-from gateway.kexguess import kexinit_guess
+from gateway.ssh.kexguess import kexinit_guess
 
 
 def kexinit(kex: list[bytes], host_keys: list[bytes], follows: bool) -> bytes:

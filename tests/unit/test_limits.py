@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway import config
-from gateway.limits import Admission, RateLimiter
+from gateway.ssh.limits import Admission, RateLimiter
 
 
 def settings(**overrides):
@@ -52,7 +52,7 @@ def test_regression_a_rate_limiter_keyed_by_clients_stays_bounded_and_fast():
 
 
 def test_ipv6_clients_share_a_banner_budget_per_64():
-    from gateway.explain import _source
+    from gateway.ssh.explain import _source
 
     assert _source("2001:db8:1:2::1") == _source("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert _source("::ffff:192.0.2.7") == "192.0.2.7" and _source("192.0.2.7") == "192.0.2.7"

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import config, packcache, packhook
+from gateway import config
+from gateway.git import packcache, packhook
 
 WANT = b"1585959f8eae2db54c150a273dec7b847b517c2d\n"
 
@@ -144,10 +145,10 @@ def test_hook_does_not_import_heavy_modules():
     import sys
 
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import gateway.packhook;"
+        "import sys; sys.path.insert(0, sys.argv[1]); import gateway.git.packhook;"
         "print(' '.join(sorted(sys.modules)))"
     )
-    root = str(Path(packhook.__file__).parents[1])
+    root = str(Path(packhook.__file__).parents[2])
     out = subprocess.run(
         [sys.executable, "-IS", "-c", code, root],
         capture_output=True,
@@ -157,7 +158,11 @@ def test_hook_does_not_import_heavy_modules():
     ).stdout.split()
     heavy = {"json", "subprocess", "socket", "contextlib", "asyncio", "signal", "logging"}
     assert not heavy & set(out)
-    assert [m for m in out if m.startswith("gateway")] == ["gateway", "gateway.packhook"]
+    assert [m for m in out if m.startswith("gateway")] == [
+        "gateway",
+        "gateway.git",
+        "gateway.git.packhook",
+    ]
 
 
 def test_child_restores_sigpipe_and_reports_exit_codes(tmp_path):

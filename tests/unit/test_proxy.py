@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from gateway import proxy
+from gateway.net import proxy
 
 SSH = b"SSH-2.0-OpenSSH_9.2\r\n"
 

@@ -8,8 +8,8 @@ import time
 
 from dulwich.repo import Repo
 
-from gateway import hooks, repoguard
-from gateway.repos import Repositories, config_text, git_settings
+from gateway.git import hooks, repoguard
+from gateway.git.repos import Repositories, config_text, git_settings
 
 
 def make(tmp_path, max_input_size=1000):

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from gateway.errors import AccessDenied, Conflict, InvalidName
-from gateway.repos import Repositories
+from gateway.git.repos import Repositories
 
 
 def git_config(path, key):
@@ -101,8 +101,8 @@ def test_hooks_of_earlier_versions_count_as_generated():
     """An upgrade rewrites the hooks (now started with -IS, without site's start-up): what
     the previous version wrote is recognized as the gateway's own, not as tampering; an
     edited hook is not."""
-    from gateway import hooks
-    from gateway.repos import generated_earlier
+    from gateway.git import hooks
+    from gateway.git.repos import generated_earlier
 
     for name in hooks.HOOK_NAMES:
         assert hooks.script(name, "/opt/py/bin/python").startswith("#!/opt/py/bin/python -IS\n")
@@ -116,7 +116,7 @@ def test_hooks_of_earlier_versions_count_as_generated():
 def test_config_before_push_options_counts_as_generated():
     """Repositories of versions before push options lack receive.advertisePushOptions: an
     upgrade adds it quietly; a config with anything else changed is not the gateway's."""
-    from gateway.repos import config_text, generated_earlier
+    from gateway.git.repos import config_text, generated_earlier
 
     old = config_text(1000, push_options=False)
     assert b"advertisePushOptions" not in old and b"advertisePushOptions" in config_text(1000)
@@ -124,3 +124,16 @@ def test_config_before_push_options_counts_as_generated():
     assert not generated_earlier(
         "config", old.replace(b"fsckObjects = true", b"fsckObjects = false")
     )
+
+
+def test_pack_hook_of_the_flat_layout_counts_as_generated():
+    """Before the layer packages the pack-objects hook imported `gateway.packhook`: an
+    upgrade rewrites it quietly (not reported as planted); an edited one is not the gateway's."""
+    from gateway.git import packhook
+    from gateway.git.repos import generated_earlier
+
+    old = packhook.script("/old/venv/bin/python", "/old/site", packhook.EARLIER_MODULE)
+    assert "from gateway.packhook import main" in old
+    assert generated_earlier(packhook.HOOK_NAME, old.encode())
+    assert generated_earlier(packhook.HOOK_NAME, packhook.script("/py", "/site").encode())
+    assert not generated_earlier(packhook.HOOK_NAME, old.encode() + b"import os\n")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from gateway import config as gwconfig
-from gateway.audit import OTHER_SOURCES, AuthFailures
+from gateway.domain.audit import OTHER_SOURCES, AuthFailures
+from gateway.domain.retention import prune
 from gateway.keys import parse_public_key
 from gateway.models import AuditEvent, DeployStatus, NewDeploy
-from gateway.retention import prune
 from gateway.store import open_store
 from gateway.times import parse as at
 from tests.helpers import keygen

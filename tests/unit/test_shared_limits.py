@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from gateway import config
-from gateway.limits import Admission
 from gateway.shared_limits import SharedCounts
+from gateway.ssh.limits import Admission
 
 
 def two_workers(**limits: int) -> tuple[SharedCounts, Admission, Admission]:
@@ -68,7 +68,7 @@ def test_many_addresses_coming_and_going_never_fill_the_table() -> None:
 def test_a_users_connections_and_fetches_count_every_worker() -> None:
     """[limits] max_connections_per_user and max_fetches_per_user hold for the node: a
     user's count on one worker is seen by the others, apart from addresses and each other."""
-    from gateway.limits import CONNECTIONS, FETCHES
+    from gateway.ssh.limits import CONNECTIONS, FETCHES
 
     table, a, b = two_workers()
     assert a.hold(CONNECTIONS, "user:1", 2) and b.hold(CONNECTIONS, "user:1", 2)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from gateway import times
+from gateway.http import sessions as sessions_module
+from gateway.http.sessions import IDLE, LIFETIME, MAX_PER_TOKEN, Sessions, origin_of
 from gateway.store import open_store
-from gateway.web import sessions as sessions_module
-from gateway.web.sessions import IDLE, LIFETIME, MAX_PER_TOKEN, Sessions, origin_of
 
 
 @pytest.fixture

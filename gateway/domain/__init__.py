@@ -1,0 +1,1 @@
+"""The registry's business rules over the store: accounts, apps, access, audit."""

@@ -1,0 +1,1 @@
+"""Git itself: the repositories, their hooks, the git binary and the bytes it moves."""

@@ -1,0 +1,1 @@
+"""Sockets that SSH and HTTP both use: bind, accept, the PROXY protocol."""

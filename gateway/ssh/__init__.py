@@ -1,0 +1,1 @@
+"""The SSH front end: connections, authentication, sessions and their commands."""
