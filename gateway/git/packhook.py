@@ -22,7 +22,7 @@ pack-objects run): git is started with posix_spawn, the report is sent with _soc
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # signal's C half, without signal's imports
 import _socket
 import errno
 import fcntl
@@ -1062,7 +1062,8 @@ def run_plain(command: list[str], request: bytes, stdin: int) -> int:
 
 def read_request(fd: int) -> tuple[bytes, bool]:
     """stdin up to MAX_REQUEST bytes; (data, complete)."""
-    parts, size = [], 0
+    parts: list[bytes] = []
+    size = 0
     while size <= MAX_REQUEST:
         data = os.read(fd, CHUNK)
         if not data:

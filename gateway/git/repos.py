@@ -20,7 +20,8 @@ from dulwich.object_store import (
     DiskObjectStore,
     OverlayObjectStore,
 )
-from dulwich.objects import Commit
+from dulwich.objects import Commit, ObjectID
+from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from .. import names
@@ -240,7 +241,7 @@ class Repositories:
         """The branch HEAD points to, or None if HEAD is detached."""
         repo = Repo(str(self.path_for(app)))
         try:
-            target = repo.refs.get_symrefs().get(b"HEAD")
+            target = repo.refs.get_symrefs().get(Ref(b"HEAD"))
         finally:
             repo.close()
         if target is None or not target.startswith(b"refs/heads/"):
@@ -481,7 +482,7 @@ class Repositories:
             return CommitInfo(refused, "")
         repo, store = self._open(app, quarantine)
         try:
-            commit = store[sha.encode()]
+            commit = store[ObjectID(sha.encode())]
             if not isinstance(commit, Commit):
                 return CommitInfo("", "")
             subject = _decode(commit.message).strip().splitlines()
@@ -517,7 +518,9 @@ class Repositories:
                         {"id": sha, "message": readable[sha], "author": "", "timestamp": 0}
                     )
                     continue
-                commit = store[sha.encode()]
+                commit = store[ObjectID(sha.encode())]
+                if not isinstance(commit, Commit):  # rev-list lists commits only
+                    continue
                 commits.append(
                     {
                         "id": commit.id.decode(),
@@ -536,7 +539,7 @@ class Repositories:
     def read_ref(self, app: str, ref: str) -> str | None:
         repo = Repo(str(self.path_for(app)))
         try:
-            value = repo.refs.as_dict().get(ref.encode())
+            value = repo.refs.as_dict().get(Ref(ref.encode()))
             return None if value is None else value.decode()
         finally:
             repo.close()
