@@ -18,6 +18,7 @@ Each run sends one datagram to its gateway worker (metrics, and log lines for pr
 Standard library only, and little of it: every fetch with wants pays this start-up, so no
 json, subprocess, socket or contextlib (about 16 ms of imports, more than a small fetch's
 pack-objects run): git is started with posix_spawn, the report is sent with _socket.
+Size: one module on purpose: the hook imports it alone, and every import is start-up time.
 """
 
 from __future__ import annotations
