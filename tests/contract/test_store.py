@@ -629,7 +629,10 @@ async def test_regression_ids_are_never_reused_after_deleting_the_newest(backend
     # does not bring its id back either.
     await store.add_audit(AuditEvent("one"))
     newest = (await store.list_audit(limit=1))[0]
-    await backend.execute(f"DELETE FROM audit_events WHERE id = {newest.id}")  # noqa: S608
+    if backend.kind == "memory":  # its tables are its database
+        del store._db.audit[newest.id]
+    else:
+        await backend.execute(f"DELETE FROM audit_events WHERE id = {newest.id}")  # noqa: S608
     await store.add_audit(AuditEvent("two"))
     assert (await store.list_audit(limit=1))[0].id > newest.id
     # ...and neither are the ids of pruned ones.

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ...errors import Conflict, NotFound
 from ...models import App, Member, Role
-from .. import utcnow
-from . import rows
+from .. import rows, utcnow
 from .base import APP_COLUMNS, APP_FROM, ForeignKeyViolation, SQLBase, UniqueViolation
 
 CREATE = """INSERT INTO apps (name, owner_id, deploy_branch, created_at)

@@ -6,8 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from ...models import AuditEvent
-from .. import utcnow
-from . import rows
+from .. import rows, utcnow
 from .base import SQLBase
 
 ADD = """INSERT INTO audit_events (at, event, actor, fingerprint, source, app, detail)

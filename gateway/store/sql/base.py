@@ -9,8 +9,7 @@ from typing import Any
 
 from ...errors import NotFound
 from ...models import App, User
-from .. import Store
-from . import rows
+from .. import Store, rows
 from .dialect import Dialect
 
 Row = Mapping[str, Any]

@@ -11,8 +11,7 @@ import dataclasses
 from datetime import datetime
 
 from ...models import Deploy, DeployStatus, NewDeploy, WebhookDelivery
-from .. import utcnow
-from . import rows
+from .. import rows, utcnow
 from .base import Row, SQLBase
 
 # A column of deploys is read (and, if a push provides it, written) by being a field of

@@ -11,8 +11,7 @@ from datetime import datetime
 from ...errors import KeyInUse, KeyLimitReached
 from ...keys import PublicKey
 from ...models import SSHKey
-from .. import KeyOwner, key_name_taken, utcnow
-from . import rows
+from .. import KeyOwner, key_name_taken, rows, utcnow
 from .base import Row, SQLBase, UniqueViolation
 
 COLUMNS = (

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from ...models import Deploy, DeployStatus, LogChunk, NewDeploy, Node
-from .. import Queued, storable, utcnow
-from . import rows
+from .. import Queued, rows, storable, utcnow
 from .base import UniqueViolation
 from .deploys import BY_ID, BY_IDS, DeploysSQL, deploy
 

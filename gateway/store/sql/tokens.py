@@ -10,8 +10,7 @@ from datetime import datetime
 
 from ...errors import Conflict, NotFound
 from ...models import ApiToken
-from .. import WebSession, utcnow
-from . import rows
+from .. import WebSession, rows, utcnow
 from .base import SQLBase, UniqueViolation
 
 COLUMNS = rows.select_list(ApiToken, "t", joined={"user_name": "u.name"})

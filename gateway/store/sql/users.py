@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ...errors import Conflict
 from ...models import User
-from .. import UserSummary, utcnow
-from . import rows
+from .. import UserSummary, rows, utcnow
 from .base import USER, ForeignKeyViolation, SQLBase, UniqueViolation
 
 CREATE = "INSERT INTO users (name, created_at) VALUES ($1, $2) RETURNING id, name, created_at"

@@ -1,4 +1,5 @@
-"""Rows to records by column name: a model's SELECT list and its values come from its fields."""
+"""Rows to records by column name (SQL rows, the memory store's): a SELECT list and the
+values of a model come from its fields."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from ... import times
-from ...models import DeployStatus, Role
+from .. import times
+from ..models import DeployStatus, Role
 
 T = TypeVar("T")
 
