@@ -307,6 +307,8 @@ class DeployQueue(abc.ABC):
     """The deploy queue every gateway process shares: one running deploy per app across
     all of them, at most `max_parallel` per node name, a newer push supersedes what waits."""
 
+    _subscribers: list[Callable[[str, int], None]]  # set by Store.__init__
+
     @abc.abstractmethod
     async def queue_stats(self) -> tuple[int, datetime | None]:
         """Deploys waiting in the shared queue, and when the oldest of them was queued."""

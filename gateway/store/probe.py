@@ -124,7 +124,7 @@ def _sqlite_refused(path: Path, reason: str) -> StoreUnavailable:
 
 
 async def _postgres(url: str) -> RegistryState:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     from .postgres import migrations
 

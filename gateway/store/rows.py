@@ -65,7 +65,8 @@ def record(cls: type[T], row: Mapping[str, Any], prefix: str = "", **given: Any)
     """The model `cls` from a row's columns named as its fields (after `prefix`); fields in
     `given` are taken from there instead."""
     values: dict[str, Any] = {}
-    for name, convert in _fields(cls):
+    model: type = cls
+    for name, convert in _fields(model):
         if name in given:
             values[name] = given[name]
             continue

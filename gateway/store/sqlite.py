@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -73,7 +73,8 @@ class SQLiteStore(SQLStore):
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
-            db.row_factory = _mapping
+            # typeshed wants a class; sqlite3 takes any callable of (cursor, row).
+            db.row_factory = _mapping  # type: ignore[assignment]
             await db.create_function("gateway_clock", 0, _clock)
             await db.execute("PRAGMA busy_timeout = 10000")
             await db.execute("PRAGMA journal_mode = WAL")
@@ -106,10 +107,12 @@ class SQLiteStore(SQLStore):
         text = self.dialect.sql(sql)
         if self._mine():
             with _constraints():
-                return list(await self._db.execute_fetchall(text, args))
-        async with self._write_lock, self._reachable():
-            with _constraints():
-                return list(await self._db.execute_fetchall(text, args))
+                found = await self._db.execute_fetchall(text, args)
+        else:
+            async with self._write_lock, self._reachable():
+                with _constraints():
+                    found = await self._db.execute_fetchall(text, args)
+        return cast(list[Row], list(found))  # rows made by _mapping
 
     async def execute(self, sql: str, *args: Any) -> int:
         if not self._mine():

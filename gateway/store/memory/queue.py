@@ -138,7 +138,7 @@ class QueueMemory(DeploysMemory):
             row = db.deploys.get(deploy_id)
             if row is None:
                 return None
-            seq, end = row["log_seq"] + 1, row["log_bytes"] + skipped + size
+            seq, end = int(row["log_seq"]) + 1, int(row["log_bytes"]) + skipped + size
             row.update(log_seq=seq, log_bytes=end)
             db.chunks[(deploy_id, seq)] = {
                 "seq": seq,
