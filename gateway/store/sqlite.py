@@ -245,12 +245,6 @@ class SQLiteStore(SQLStore):
             await self._db.execute("PRAGMA foreign_keys = ON")
         return version
 
-    async def schema_version(self) -> int:
-        return int(await self.fetchval("SELECT MAX(version) AS v FROM schema_migrations") or 0)
-
-    async def ping(self) -> None:
-        await self.fetch("SELECT 1 AS up FROM schema_migrations LIMIT 1")
-
     # -- moving a registry out (git-gateway db copy) --
 
     async def snapshot(
@@ -266,10 +260,7 @@ class SQLiteStore(SQLStore):
             sequences = {r["name"]: r["seq"] for r in marked}
             for table, columns in tables:
                 # Table and column names come from the code's own list, never from input.
-                table_rows = await self.fetch(
-                    f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2"  # noqa: S608
-                )
-                found[table] = [tuple(r.values()) for r in table_rows]
+                found[table] = await self.table_rows(table, columns)
                 if columns[0] == "id":
                     highest = max((r[0] for r in found[table]), default=0)
                     marks[table] = max(int(sequences.get(table) or 0), highest)

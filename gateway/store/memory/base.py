@@ -73,23 +73,26 @@ class MemoryBase(Store):
     async def _transaction(self) -> AsyncIterator[None]:
         registry = self._registry
         if self._mine():
-            saved = copy.deepcopy(registry.tables)
-            try:
+            async with self._undone_if_raising():
                 yield
-            except BaseException:
-                registry.tables = saved
-                raise
             return
         async with registry.lock:
             registry.writer = asyncio.current_task()
-            saved = copy.deepcopy(registry.tables)
             try:
-                yield
-            except BaseException:
-                registry.tables = saved
-                raise
+                async with self._undone_if_raising():
+                    yield
             finally:
                 registry.writer = None
+
+    @contextlib.asynccontextmanager
+    async def _undone_if_raising(self) -> AsyncIterator[None]:
+        registry = self._registry
+        saved = copy.deepcopy(registry.tables)
+        try:
+            yield
+        except BaseException:
+            registry.tables = saved
+            raise
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[Tables]:

@@ -344,7 +344,8 @@ class PostgresStore(SQLStore):
         marks: dict[str, int] = {}
         for table, columns in tables:
             # Table and column names come from the code's own list, never from input.
-            found = await conn.fetch(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2")  # noqa: S608
+            # (self.fetch runs on `conn`: the transaction this task has open.)
+            found = await self.table_rows(table, columns)
             rows[table] = [
                 tuple(from_time(v) if isinstance(v, datetime) else v for v in r) for r in found
             ]
@@ -402,12 +403,6 @@ class PostgresStore(SQLStore):
                     )
             copied, copied_marks = await self.snapshot([(t, c) for t, c, _ in tables], conn)
             verify(copied, copied_marks)
-
-    async def schema_version(self) -> int:
-        return int(await self.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
-
-    async def ping(self) -> None:
-        await self.fetch("SELECT 1 FROM schema_migrations LIMIT 1")
 
 
 class _Passthrough(Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -74,6 +74,21 @@ class SQLBase(Store):
     @abc.abstractmethod
     async def raise_id_mark(self, table: str, through: int) -> None:
         """Never hand out an id of `table` up to `through` (inside a transaction)."""
+
+    # -- the schema, probes and copies --
+
+    async def schema_version(self) -> int:
+        found = await self.fetchval("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations")
+        return int(found)
+
+    async def ping(self) -> None:
+        await self.fetch("SELECT 1 AS up FROM schema_migrations LIMIT 1")
+
+    async def table_rows(self, table: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Every row of a table, the named columns in key order (`db copy`). Table and
+        column names come from the code's own list (transfer.TABLES), never from input."""
+        found = await self.fetch(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2")  # noqa: S608
+        return [tuple(row.values()) for row in found]
 
     # -- lookups every part uses --
 
