@@ -1,5 +1,15 @@
-"""The registry interface every caller uses, one part per aggregate; backends (SQLite,
-PostgreSQL) live in submodules and implement all of them."""
+"""The registry interface every caller uses, one part per aggregate (UsersAndKeys,
+AppsAndMembers, DeployRecords, DeployQueue, AuditTrail, AccessTokens, Lifecycle: Store is
+all of them).
+
+Implementations, each a facade composing one part per aggregate (mixins: each part holds one
+aggregate's code, the facade class only puts them together):
+- `sql/`: the SQL, written once for every engine (`sql.SQLStore`, its `Dialect` spells what
+  engines differ in); `sqlite.py` and `postgres/` are its drivers (connections,
+  transactions, migrations, and what only one engine does: LISTEN/NOTIFY, advisory locks,
+  id sequences, `db copy`);
+- `memory/`: the registry in memory, no SQL, for unit tests (the same contract suite).
+Rows become records by column name (`rows.py`)."""
 
 from __future__ import annotations
 
