@@ -19,6 +19,9 @@ from ..errors import StoreUnavailable
 from . import packaged_migrations, utcnow
 from .sql import SQLITE, ForeignKeyViolation, Row, SQLStore, UniqueViolation
 
+# The statements, written once for both engines, read what they write with RETURNING.
+MIN_VERSION = (3, 35, 0)
+
 # Times are stored as text in the one form (times.text), which sorts as the times do.
 sqlite3.register_adapter(datetime, times.text)
 
@@ -28,6 +31,14 @@ def _clock() -> float:
     the machine (a SQLite registry is never shared across machines) and never stepped by
     a wall-clock change."""
     return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def too_old() -> str | None:
+    """Why the SQLite this Python links cannot hold the registry, if it cannot."""
+    if sqlite3.sqlite_version_info >= MIN_VERSION:
+        return None
+    needed = ".".join(map(str, MIN_VERSION))
+    return f"SQLite {sqlite3.sqlite_version} is too old for the registry ({needed} or newer)"
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -70,6 +81,8 @@ class SQLiteStore(SQLStore):
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteStore:
+        if reason := too_old():
+            raise StoreUnavailable(f"registry unusable: sqlite {path}: {reason}")
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
