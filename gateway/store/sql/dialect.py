@@ -40,6 +40,9 @@ class Dialect:
     - `{ids:$n}` / `{texts:$n}`: "is one of the array passed as $n" (see `array`);
     - `{clock}`: the leases' clock in seconds; `{stale}`: "a lease not renewed within $1
       seconds of it" (or renewed ahead of it, where it restarts with the machine).
+
+    The text is read as str.format reads it: a literal brace in a statement is doubled.
+    Values never enter the text: they go as parameters.
     """
 
     name: str
