@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import math
 import secrets
@@ -20,7 +19,7 @@ import asyncssh
 
 from . import config as config_module
 from . import executors
-from .config import Config
+from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
 from .domain import audit, retention
@@ -63,6 +62,11 @@ STALE_QUARANTINE_SECONDS = 3600
 PRUNE_INTERVAL_SECONDS = 3600
 
 
+def _apply_log_level(config: Config) -> None:
+    """[log] level follows a reload ([log] format needs a restart: the handler is built once)."""
+    logging.getLogger().setLevel(config.log.level.upper())
+
+
 def _ignore() -> None:
     """A signal handler that does nothing (and, unlike SIG_IGN, is not inherited by the
     processes we start)."""
@@ -75,15 +79,17 @@ class Gateway:
         # One of `serve --workers N`'s processes (see gateway.workers), or None: the whole
         # node in this process.
         self.worker = worker
-        self._loaded = config  # as read from the file: what a reload compares against
-        config = worker.adapt(config) if worker is not None else config
-        self.config = config
+        # The one configuration every part reads at use (`self.config` is its current value);
+        # a reload replaces it (see `_reload`).
+        self.settings = Settings(config, worker.adapt(config) if worker is not None else None)
+        self.settings.subscribe(_apply_log_level)
+        config = self.settings.current
         self.store: Store
         self.repos = Repositories(
             config.storage.repos,
             config.git.max_input_size,
             git=config.git.binary,
-            max_commit_size=config.limits.max_commit_size,
+            max_commit_size=lambda: self.config.limits.max_commit_size,
         )
         self.git: gitbin.Git
         self.deploys: DeployService
@@ -91,12 +97,12 @@ class Gateway:
         self.pack_cache: PackCache | None = None
         self.web: WebServer | None = None
         self.connections: set[Connection] = set()
-        self.addresses: list[tuple[str, int]] = []
         # Connection caps hold for the node: with workers, their counts are shared.
         self.admission = Admission(
-            config.limits, shared=worker.shared_counts() if worker is not None else None
+            lambda: self.config.limits,
+            shared=worker.shared_counts() if worker is not None else None,
         )
-        self.rate = RateLimiter(config.limits.user_ops_per_minute)
+        self.rate = RateLimiter(lambda: self.config.limits.user_ops_per_minute)
         self.explainer = Explainer(
             config.ssh.help_url, config.ssh.user, lambda: self.config.ssh_command("").strip()
         )
@@ -125,6 +131,16 @@ class Gateway:
         # The first key exchange and host key algorithms we offer (see kexguess).
         self.first_algorithms = ("", "")
         self._last_touch: dict[int, float] = {}
+
+    @property
+    def config(self) -> Config:
+        """The running configuration: read it at use, never keep a copy."""
+        return self.settings.current
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the SSH listener listens (empty until it does)."""
+        return self.settings.ssh_addresses
 
     @property
     def port(self) -> int:
@@ -156,8 +172,10 @@ class Gateway:
                 )
                 await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
-                registry = Registry(cfg, self.store, self.repos)
-                self.web = WebServer(cfg, registry, self.deploys, self.metrics, self.ssh_status)
+                registry = Registry(self.settings, self.store, self.repos)
+                self.web = WebServer(
+                    self.settings, registry, self.deploys, self.metrics, self.ssh_status
+                )
                 worker = self.worker
                 self.deploys.http_address = await self.web.start(
                     worker.sockets(worker.http_fds) if worker else None,
@@ -177,7 +195,6 @@ class Gateway:
                     key.get_algorithm(),
                     key.get_fingerprint("sha256"),
                 )
-            host, port = cfg.ssh.listen
             self._ssh_options = await asyncssh.SSHServerConnectionOptions.construct(
                 server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
                 # Sessions come from Connection.session_requested, which counts each channel
@@ -222,12 +239,11 @@ class Gateway:
                 self.pack_cache.close()
             await self.store.close()
             raise
-        self.addresses = self.listener.addresses
+        # Port 0 asked the OS for a port: what users are shown names the one it gave.
+        self.settings.bound(self.listener.addresses)
+        # DeployService keeps a copy of its own (deploy messages, webhooks): given the value.
+        await self.deploys.reconfigure(self.config)
         self._housekeeper = asyncio.ensure_future(self._housekeeping())
-        if port == 0:
-            # Port 0 asked the OS for a port: clone URLs must show the one it gave.
-            ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
-            self.config = self.deploys.config = dataclasses.replace(cfg, ssh=ssh)
         if self.worker is not None:
             # The supervisor says "listening on" once every worker serves.
             log.info("event=worker_ready worker=%d port=%d", self.worker.index, self.port)
@@ -395,9 +411,9 @@ class Gateway:
         self.spawn(self._reload())
 
     async def _reload(self) -> None:
-        """Re-read the config file and apply what can change while running (limits,
-        deploy settings, per-app overrides, log level); the rest needs a restart. A file
-        that does not validate, or asks for a sandbox that cannot be built, changes nothing."""
+        """Re-read the config file and run what can change while running (see
+        `Settings.reload`); the rest is logged as needing a restart. A file that does not
+        validate, or asks for a sandbox that cannot be built, changes nothing."""
         try:
             new = config_module.load(self.config.source) if self.config.source else None
             if new is not None:
@@ -409,35 +425,15 @@ class Gateway:
         if new is None:
             log.info("event=reload_skipped reason=no_config_file")
             return
-        fixed = {"server", "ssh", "storage", "git", "http"}
-        for section in sorted(fixed):
-            # Compared with the file as it was at start (port 0 there is not a change).
-            if getattr(new, section) != getattr(self._loaded, section):
-                log.warning("event=reload_needs_restart section=%s", section)
-        deploy = new.deploy
-        if deploy.log_dir != self.config.deploy.log_dir:
-            # Earlier deploys' logs are read from the directory the gateway started with.
-            log.warning("event=reload_needs_restart setting=deploy.log_dir")
-            deploy = dataclasses.replace(deploy, log_dir=self.config.deploy.log_dir)
-        applied = dataclasses.replace(
-            new,
-            server=self.config.server,
-            ssh=self.config.ssh,
-            storage=self.config.storage,
-            git=self.config.git,
-            http=self.config.http,
-            deploy=deploy,
-        )
-        self.config = applied
-        await self.deploys.reconfigure(applied)
-        if self.web is not None:
-            # Apps created through the API get the new default deploy branch.
-            self.web.registry.config = applied
-        self.admission.settings = applied.limits
-        self.rate.per_minute = applied.limits.user_ops_per_minute
-        self.repos.max_commit_size = applied.limits.max_commit_size
-        logging.getLogger().setLevel(applied.log.level.upper())
-        log.info("event=reloaded source=%s", applied.source)
+        for name in self.settings.reload(new):
+            # Restart-only sections are compared with the file as it was at start (port 0
+            # there is not a change); keys, with what runs.
+            log.warning(
+                "event=reload_needs_restart %s=%s", "setting" if "." in name else "section", name
+            )
+        # New deploys follow the new settings; max_parallel applies at once.
+        await self.deploys.reconfigure(self.config)
+        log.info("event=reloaded source=%s", self.config.source)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run bookkeeping in the background; close() waits for it."""

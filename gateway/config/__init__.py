@@ -5,6 +5,7 @@ the running value every part reads at use (holder.py)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .holder import Settings, at_use
 from .load import default_build_dir, from_mapping, load
 from .parse import MAX_WORKERS, size_text
 from .render import example, reference, render
@@ -47,7 +48,9 @@ __all__ = [
     "LogSettings",
     "SSHSettings",
     "ServerSettings",
+    "Settings",
     "StorageSettings",
+    "at_use",
     "default_build_dir",
     "example",
     "from_mapping",

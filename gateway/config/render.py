@@ -53,7 +53,8 @@ EXAMPLE_HEADER = """\
 # edit a copy (e.g. /etc/git-gateway/gateway.toml) and start with
 # `git-gateway --config PATH serve`, or set GATEWAY_CONFIG=PATH.
 # Relative paths are taken from the directory the gateway is started in.
-# `kill -HUP` reloads [limits], [deploy], [audit], [log] and [apps.*]; other sections need a
+# `kill -HUP` reloads [limits], [deploy], [audit], [log] level, [cluster] node_timeout and
+# [apps.*]; other sections, [deploy] log_dir, [log] format and [cluster] node_name need a
 # restart.
 """
 
