@@ -86,8 +86,9 @@ def _check_sandbox_paths(cfg: Config) -> None:
         "[storage] control_socket": cfg.storage.control_socket,
         "[ssh] host_key_dir": cfg.ssh.host_key_dir,
         "[deploy] log_dir": cfg.deploy.log_dir,
-        "[deploy] build_dir": cfg.deploy.build_dir,
     }
+    if cfg.deploy.build_dir is not None:  # always set by now (from_mapping's default)
+        private["[deploy] build_dir"] = cfg.deploy.build_dir
     if cfg.git.pack_cache_dir is not None:
         private["[git] pack_cache_dir"] = cfg.git.pack_cache_dir
     if isinstance(cfg.storage.database, Path):
