@@ -64,7 +64,7 @@ def readers(server: ServerThread, section: str, key: str) -> dict[str, Any]:
     if section == "limits":
         seen["admission"] = getattr(at_use(gateway.admission.settings), key)
     if (section, key) == ("limits", "user_ops_per_minute"):
-        seen["rate"] = at_use(gateway.rate.per_minute)
+        seen["rate"] = at_use(gateway.ssh.rate.per_minute)
     if (section, key) == ("limits", "max_commit_size"):
         seen["repos"] = gateway.repos.max_commit_size
         seen["deploys.repos"] = gateway.deploys.repos.max_commit_size
