@@ -72,7 +72,6 @@ class Gateway:
         # The one configuration every part reads at use (`self.config` is its current value);
         # a reload replaces it (see `_reload`).
         self.settings = Settings(config, worker.adapt(config) if worker is not None else None)
-        self.settings.subscribe(_apply_log_level)
         config = self.settings.current
         self.store: Store
         self.repos = Repositories(
@@ -392,7 +391,9 @@ class Gateway:
             log.warning(
                 "event=reload_needs_restart %s=%s", "setting" if "." in name else "section", name
             )
-        # New deploys follow the new settings; max_parallel applies at once.
+        # What acts on a change rather than reading the settings at use: the log level, and
+        # the deploys' own copy (new deploys follow it; max_parallel applies at once).
+        _apply_log_level(self.config)
         await self.deploys.reconfigure(self.config)
         log.info("event=reloaded source=%s", self.config.source)
 

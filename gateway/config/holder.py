@@ -28,8 +28,8 @@ def at_use(value: T | Callable[[], T]) -> T:
 
 class Settings:
     """The configuration a running gateway uses: `current`, read at use by every part that
-    needs a setting; `reload` replaces it once, and `subscribe` runs what must act on a
-    change (a log level, say) rather than read a value."""
+    needs a setting; `reload` replaces it once (what must act on a change rather than read
+    a value, a log level say, is called by the reloader)."""
 
     def __init__(self, loaded: Config, running: Config | None = None) -> None:
         # As read from the file at start: what a reload's restart-only sections compare with.
@@ -38,15 +38,10 @@ class Settings:
         self._current = running if running is not None else loaded
         # Where the SSH listener listens, once it does (port 0 asks the OS for one).
         self.ssh_addresses: list[tuple[str, int]] = []
-        self._subscribers: list[Callable[[Config], None]] = []
 
     @property
     def current(self) -> Config:
         return self._current
-
-    def subscribe(self, callback: Callable[[Config], None]) -> None:
-        """Call `callback` with the new configuration each time it changes."""
-        self._subscribers.append(callback)
 
     def bound(self, addresses: list[tuple[str, int]]) -> None:
         """The SSH listener listens on `addresses`. With `[ssh] listen` on port 0, what users
@@ -56,7 +51,7 @@ class Settings:
         host, port = self._current.ssh.listen
         if port == 0 and addresses:
             ssh = dataclasses.replace(self._current.ssh, listen=(host, addresses[0][1]))
-            self._replace(dataclasses.replace(self._current, ssh=ssh))
+            self._current = dataclasses.replace(self._current, ssh=ssh)
 
     def reload(self, new: Config) -> list[str]:
         """Run `new` (a freshly loaded file) for everything that can change while running:
@@ -74,10 +69,5 @@ class Settings:
                     values, **{key: getattr(getattr(running, section), key)}
                 )
             kept[section] = values
-        self._replace(dataclasses.replace(new, **kept))
+        self._current = dataclasses.replace(new, **kept)
         return needs_restart
-
-    def _replace(self, config: Config) -> None:
-        self._current = config
-        for callback in self._subscribers:
-            callback(config)
