@@ -1,14 +1,12 @@
-"""The running gateway: registry, repositories, git runtime, SSH listener, lifecycle and the
-sessions' commands (each client connection is gateway.connection)."""
+"""The running gateway, the composition root: builds the registry, repositories, git runtime,
+deploys, HTTP and SSH servers from one configuration holder; starts, drains, reloads and stops
+them (sessions are gateway.ssh.server's, each client connection gateway.ssh.connection's)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
-import secrets
 import signal
 import socket
 import time
@@ -19,16 +17,13 @@ from typing import Any
 import asyncssh
 
 from . import config as config_module
-from . import executors
-from .config import Config
+from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
 from .domain import audit, retention
-from .domain.access import CertificateRevoked, KeyExpired, KeyRevoked, recheck
 from .domain.registry import Registry
-from .errors import AccessDenied, ConfigError, GatewayError, NotFound, StoreUnavailable
+from .errors import ConfigError, StoreUnavailable
 from .git import gitbin
-from .git.bridge import Channel
 from .git.packcache import PackCache
 from .git.repos import Repositories
 from .http import WebServer
@@ -36,21 +31,15 @@ from .logs import q
 from .metrics import Metrics
 from .models import Identity
 from .net.listener import Listener
-from .ssh import certs, commands, hostkeys
-from .ssh.commands.dispatch import execute
+from .ssh import certs, hostkeys, server
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
-from .ssh.limits import Admission, RateLimiter
+from .ssh.limits import Admission
 from .store import Store, open_store, utcnow
-from .textsafe import terminal_safe
 from .workers import WorkerRole
 
 log = logging.getLogger("gateway.server")
 
-# Transport tuning (measured, see ../shared/design/libraries.md): a 16 MiB window and large
-# packets keep one channel at full speed on a fast link.
-WINDOW = 16 * 1024 * 1024
-MAX_PACKET = 256 * 1024
 # Recording "last used" is a write; once a minute per key is enough.
 TOUCH_INTERVAL_SECONDS = 60
 # On SIGTERM, seconds a client whose session has ended gets to read its last bytes and close.
@@ -61,6 +50,11 @@ LOGIN_GRACE_SECONDS = 10.0
 STALE_QUARANTINE_SECONDS = 3600
 # Retention is applied at start and then this often.
 PRUNE_INTERVAL_SECONDS = 3600
+
+
+def _apply_log_level(config: Config) -> None:
+    """[log] level follows a reload ([log] format needs a restart: the handler is built once)."""
+    logging.getLogger().setLevel(config.log.level.upper())
 
 
 def _ignore() -> None:
@@ -75,15 +69,16 @@ class Gateway:
         # One of `serve --workers N`'s processes (see gateway.workers), or None: the whole
         # node in this process.
         self.worker = worker
-        self._loaded = config  # as read from the file: what a reload compares against
-        config = worker.adapt(config) if worker is not None else config
-        self.config = config
+        # The one configuration every part reads at use (`self.config` is its current value);
+        # a reload replaces it (see `_reload`).
+        self.settings = Settings(config, worker.adapt(config) if worker is not None else None)
+        config = self.settings.current
         self.store: Store
         self.repos = Repositories(
             config.storage.repos,
             config.git.max_input_size,
             git=config.git.binary,
-            max_commit_size=config.limits.max_commit_size,
+            max_commit_size=lambda: self.config.limits.max_commit_size,
         )
         self.git: gitbin.Git
         self.deploys: DeployService
@@ -91,12 +86,11 @@ class Gateway:
         self.pack_cache: PackCache | None = None
         self.web: WebServer | None = None
         self.connections: set[Connection] = set()
-        self.addresses: list[tuple[str, int]] = []
         # Connection caps hold for the node: with workers, their counts are shared.
         self.admission = Admission(
-            config.limits, shared=worker.shared_counts() if worker is not None else None
+            lambda: self.config.limits,
+            shared=worker.shared_counts() if worker is not None else None,
         )
-        self.rate = RateLimiter(config.limits.user_ops_per_minute)
         self.explainer = Explainer(
             config.ssh.help_url, config.ssh.user, lambda: self.config.ssh_command("").strip()
         )
@@ -107,24 +101,32 @@ class Gateway:
             self.revocations = certs.Revocations(config.ssh.revoked_certificates)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"[ssh] certificates: {exc}") from None
+        self.ssh = server.Sessions(self, self.cert_cas, self.revocations)
         self.metrics = (
             Metrics(Path(worker.metrics_dir), supervisor=worker.parent)
             if worker is not None
             else Metrics()
         )
-        self.sessions: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
-        # Set whenever a session starts: the drain then looks again at what runs.
-        self._session_started = asyncio.Event()
         self.auth_failures: audit.AuthFailures
         self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         # The first key exchange and host key algorithms we offer (see kexguess).
         self.first_algorithms = ("", "")
         self._last_touch: dict[int, float] = {}
+
+    @property
+    def config(self) -> Config:
+        """The running configuration: read it at use, never keep a copy."""
+        return self.settings.current
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where the SSH listener listens (empty until it does)."""
+        return self.settings.ssh_addresses
 
     @property
     def port(self) -> int:
@@ -156,8 +158,10 @@ class Gateway:
                 )
                 await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
-                registry = Registry(cfg, self.store, self.repos)
-                self.web = WebServer(cfg, registry, self.deploys, self.metrics, self.ssh_status)
+                registry = Registry(self.settings, self.store, self.repos)
+                self.web = WebServer(
+                    self.settings, registry, self.deploys, self.metrics, self.ssh_status
+                )
                 worker = self.worker
                 self.deploys.http_address = await self.web.start(
                     worker.sockets(worker.http_fds) if worker else None,
@@ -177,34 +181,7 @@ class Gateway:
                     key.get_algorithm(),
                     key.get_fingerprint("sha256"),
                 )
-            host, port = cfg.ssh.listen
-            self._ssh_options = await asyncssh.SSHServerConnectionOptions.construct(
-                server_host_keys=hostkeys.offered(keys, cfg.ssh.signature_algorithms),
-                # Sessions come from Connection.session_requested, which counts each channel
-                # as it opens; binary streams (encoding None) carry git's packs.
-                encoding=None,
-                # Only exec sessions are served: no pty, no forwarding of any kind, no sftp/scp.
-                allow_pty=False,
-                agent_forwarding=False,
-                x11_forwarding=False,
-                allow_scp=False,
-                # Public keys only; no GSSAPI (asyncssh enables it when gssapi is installed).
-                gss_host=None,
-                password_auth=False,
-                kbdint_auth=False,
-                kex_algs=list(cfg.ssh.kex_algorithms),
-                encryption_algs=list(cfg.ssh.ciphers),
-                mac_algs=list(cfg.ssh.macs),
-                signature_algs=list(cfg.ssh.signature_algorithms),
-                # Packs are compressed already; SSH compression would only burn CPU.
-                compression_algs=["none"],
-                login_timeout=cfg.ssh.login_timeout,
-                keepalive_interval=cfg.ssh.keepalive_interval,
-                keepalive_count_max=3,
-                window=WINDOW,
-                max_pktsize=MAX_PACKET,
-                server_version="git-gateway",
-            )
+            self._ssh_options = await server.options(cfg.ssh, keys)
             self.first_algorithms = (
                 cfg.ssh.kex_algorithms[0],
                 next(iter(self._ssh_options.server_host_keys)).decode(),
@@ -222,12 +199,11 @@ class Gateway:
                 self.pack_cache.close()
             await self.store.close()
             raise
-        self.addresses = self.listener.addresses
+        # Port 0 asked the OS for a port: what users are shown names the one it gave.
+        self.settings.bound(self.listener.addresses)
+        # DeployService keeps a copy of its own (deploy messages, webhooks): given the value.
+        await self.deploys.reconfigure(self.config)
         self._housekeeper = asyncio.ensure_future(self._housekeeping())
-        if port == 0:
-            # Port 0 asked the OS for a port: clone URLs must show the one it gave.
-            ssh = dataclasses.replace(cfg.ssh, listen=(host, self.port))
-            self.config = self.deploys.config = dataclasses.replace(cfg, ssh=ssh)
         if self.worker is not None:
             # The supervisor says "listening on" once every worker serves.
             log.info("event=worker_ready worker=%d port=%d", self.worker.index, self.port)
@@ -334,7 +310,7 @@ class Gateway:
         login_deadline = now + min(seconds, LOGIN_GRACE_SECONDS)
         busy: set[Connection] = set()
         while True:
-            self._session_started.clear()
+            self.ssh.started.clear()
             now = loop.time()
             logins = now < login_deadline
             running, fresh = self._still_running(logins)
@@ -347,7 +323,7 @@ class Gateway:
             remaining = (login_deadline if logins else deadline) - now
             # Woken by the first to end, or by a fresh connection's first session.
             waiters = {asyncio.ensure_future(c.closed.wait()) for c in fresh}
-            waiters.add(asyncio.ensure_future(self._session_started.wait()))
+            waiters.add(asyncio.ensure_future(self.ssh.started.wait()))
             try:
                 await asyncio.wait(
                     running | waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
@@ -395,9 +371,9 @@ class Gateway:
         self.spawn(self._reload())
 
     async def _reload(self) -> None:
-        """Re-read the config file and apply what can change while running (limits,
-        deploy settings, per-app overrides, log level); the rest needs a restart. A file
-        that does not validate, or asks for a sandbox that cannot be built, changes nothing."""
+        """Re-read the config file and run what can change while running (see
+        `Settings.reload`); the rest is logged as needing a restart. A file that does not
+        validate, or asks for a sandbox that cannot be built, changes nothing."""
         try:
             new = config_module.load(self.config.source) if self.config.source else None
             if new is not None:
@@ -409,35 +385,17 @@ class Gateway:
         if new is None:
             log.info("event=reload_skipped reason=no_config_file")
             return
-        fixed = {"server", "ssh", "storage", "git", "http"}
-        for section in sorted(fixed):
-            # Compared with the file as it was at start (port 0 there is not a change).
-            if getattr(new, section) != getattr(self._loaded, section):
-                log.warning("event=reload_needs_restart section=%s", section)
-        deploy = new.deploy
-        if deploy.log_dir != self.config.deploy.log_dir:
-            # Earlier deploys' logs are read from the directory the gateway started with.
-            log.warning("event=reload_needs_restart setting=deploy.log_dir")
-            deploy = dataclasses.replace(deploy, log_dir=self.config.deploy.log_dir)
-        applied = dataclasses.replace(
-            new,
-            server=self.config.server,
-            ssh=self.config.ssh,
-            storage=self.config.storage,
-            git=self.config.git,
-            http=self.config.http,
-            deploy=deploy,
-        )
-        self.config = applied
-        await self.deploys.reconfigure(applied)
-        if self.web is not None:
-            # Apps created through the API get the new default deploy branch.
-            self.web.registry.config = applied
-        self.admission.settings = applied.limits
-        self.rate.per_minute = applied.limits.user_ops_per_minute
-        self.repos.max_commit_size = applied.limits.max_commit_size
-        logging.getLogger().setLevel(applied.log.level.upper())
-        log.info("event=reloaded source=%s", applied.source)
+        for name in self.settings.reload(new):
+            # Restart-only sections are compared with the file as it was at start (port 0
+            # there is not a change); keys, with what runs.
+            log.warning(
+                "event=reload_needs_restart %s=%s", "setting" if "." in name else "section", name
+            )
+        # What acts on a change rather than reading the settings at use: the log level, and
+        # the deploys' own copy (new deploys follow it; max_parallel applies at once).
+        _apply_log_level(self.config)
+        await self.deploys.reconfigure(self.config)
+        log.info("event=reloaded source=%s", self.config.source)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run bookkeeping in the background; close() waits for it."""
@@ -563,156 +521,15 @@ class Gateway:
             # Bookkeeping must never cost the user their session.
             log.exception("event=touch_key_failed key_id=%d", identity.key_id)
 
-    # -- sessions --
+    # -- sessions (gateway/ssh/server.py serves them) --
 
     async def handle_process(self, process: asyncssh.SSHServerProcess) -> None:
-        """Serve one session; never lets an exception escape (it would kill the connection)."""
-        conn = process.get_extra_info("connection")
-        connection: Connection = conn.get_extra_info("gateway_connection")
-        stderr = process.stderr
-        code = 1
-        task = asyncio.current_task()
-        if task is not None:
-            self.sessions.add(task)
-        connection.sessions += 1
-        connection.sessions_total += 1
-        self._session_started.set()
-        stats = commands.SessionStats()
-        try:
-            code = await self._serve(process, connection, stats)
-        except GatewayError as exc:
-            code = exc.exit_code
-            denied = isinstance(exc, AccessDenied | KeyRevoked)
-            stats.outcome = "denied" if denied else "refused"
-            if denied and connection.identity is not None:
-                reason = {}
-                if isinstance(exc, KeyRevoked):
-                    expired = isinstance(exc, KeyExpired)
-                    reason = {"reason": "key expired" if expired else "key no longer registered"}
-                # Awaited, so the row exists by the time the client reads the refusal.
-                await audit.record(
-                    self.store,
-                    "access_denied",
-                    actor=connection.identity.user_name,
-                    fingerprint=connection.identity.fingerprint,
-                    source=connection.peer,
-                    app=exc.name[:100] if isinstance(exc, AccessDenied) else "",
-                    command=(process.command or "")[:200],
-                    **reason,
-                )
-            log.info(
-                "event=refused conn=%s user=%s command=%s reason=%s",
-                connection.id,
-                connection.identity.user_name if connection.identity else "-",
-                q(process.command),
-                q(exc),
-            )
-            with contextlib.suppress(Exception):
-                stderr.write(f"error: {terminal_safe(str(exc))}\n".encode())
-        except Exception:
-            stats.outcome = "internal_error"
-            reference = secrets.token_hex(4)
-            log.exception(
-                "event=internal_error conn=%s ref=%s command=%s",
-                connection.id,
-                reference,
-                q(process.command),
-            )
-            with contextlib.suppress(Exception):
-                stderr.write(f"error: internal error (reference {reference})\n".encode())
-        finally:
-            connection.sessions -= 1
-            connection.bytes_in += stats.bytes_in
-            connection.bytes_out += stats.bytes_out
-            if stats.outcome != "ok":
-                connection.outcome = stats.outcome
-            self.metrics.commands.labels(
-                commands.command_label(process.command), stats.outcome
-            ).inc()
-            if task is not None:
-                self.sessions.discard(task)
-            with contextlib.suppress(Exception):
-                process.exit(code)
+        await self.ssh.handle(process)
 
     def refresh_certificate_lists(self) -> None:
-        """Re-read the CA and revocation files if they changed (blocking: off the loop)."""
-        self.cert_cas.refresh()
-        self.revocations.refresh()
+        self.ssh.refresh_certificate_lists()
 
-    async def _recheck_certificate(self, identity: Identity) -> None:
-        """A certificate's connection outlives neither its validity, nor its revocation, nor
-        its user (the same re-check per session as a key's)."""
-        cert = identity.certificate
-        if cert is None:  # pragma: no cover - only called for certificates
-            return
-        try:
-            await executors.run(self.refresh_certificate_lists)
-        except (OSError, ValueError) as exc:
-            log.error("event=certificate_lists_unreadable reason=%s", q(exc))
-            raise KeyRevoked() from None
-        if self.revocations.revoked(cert.serial, cert.key_id, cert.key_fingerprint):
-            raise CertificateRevoked("access denied: this certificate has been revoked")
-        if cert.ca_fingerprint not in self.cert_cas:
-            raise CertificateRevoked("access denied: this certificate's CA is no longer trusted")
-        if time.time() >= cert.valid_before:
-            raise CertificateRevoked("access denied: this certificate has expired")
-        try:
-            user = await self.store.get_user(identity.user_name)
-        except NotFound:
-            raise KeyRevoked() from None
-        if user.id != identity.user_id:
-            raise KeyRevoked()
-
-    async def _serve(
-        self,
-        process: asyncssh.SSHServerProcess,
-        connection: Connection,
-        stats: commands.SessionStats,
-    ) -> int:
-        identity = connection.identity
-        if identity is None:
-            raise GatewayError("not authenticated")
-        if connection.over_limit is not None:
-            raise GatewayError(connection.over_limit)
-        # Roles are read per command by authorize(); the key itself is re-checked here.
-        if identity.certificate is not None:
-            await self._recheck_certificate(identity)
-        else:
-            identity = await recheck(self.store, identity)
-        if process.subsystem is not None:
-            raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
-        env = process.env
-        # Only GIT_PROTOCOL reaches git; default client configs also send LANG and LC_*,
-        # which are ignored rather than refused so that the session goes on.
-        declined = sorted(k for k in env if k != "GIT_PROTOCOL")
-        if declined:
-            log.debug("event=env_declined conn=%s names=%s", connection.id, q(",".join(declined)))
-        invocation = commands.parse(process.command)
-        syntax = commands.COMMANDS.get(invocation.command)
-        if invocation.command in commands.GIT_SERVICES or (syntax and syntax.rated):
-            wait = self.rate.take(identity.rate_key)
-            if wait > 0:
-                self.metrics.limit_rejections.labels("user_ops_per_minute").inc()
-                raise GatewayError(
-                    f"too many git operations for {identity.user_name} (limit "
-                    f"{self.config.limits.user_ops_per_minute} per minute): retry in "
-                    f"{math.ceil(wait)}s"
-                )
-        ctx = commands.Context(
-            identity=identity,
-            channel=Channel(process.stdin, process.stdout, process.stderr),
-            config=self.config,
-            store=self.store,
-            repos=self.repos,
-            git=self.git,
-            deploys=self.deploys,
-            client_protocol=env.get("GIT_PROTOCOL"),
-            conn_id=connection.id,
-            peer=connection.peer,
-            metrics=self.metrics,
-            stats=stats,
-            pack_cache=self.pack_cache,
-            refused_keys=tuple(connection.told.unknown) if connection.told else (),
-            admission=self.admission,
-        )
-        return await execute(ctx, invocation)
+    @property
+    def sessions(self) -> set[asyncio.Task[None]]:
+        """The sessions running now (a drain waits for them)."""
+        return self.ssh.running

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import executors, names, times
-from ..config import Config
+from ..config import Config, Settings
 from ..errors import Conflict, GatewayError, NotFound, Unauthorized, UsageError
 from ..git.repos import Repositories
 from ..keys import PublicKey, parse_public_key
@@ -70,15 +70,24 @@ class Registry:
     and the API cannot drift apart on a rule or a message.
     """
 
-    def __init__(self, config: Config, store: Store, repos: Repositories | None = None) -> None:
-        self.config = config
+    def __init__(
+        self, config: Config | Settings, store: Store, repos: Repositories | None = None
+    ) -> None:
+        # The running gateway's Settings: a reload reaches the API at once (the default
+        # deploy branch, max_keys_per_user), and clone URLs name the port actually bound.
+        self._settings = config if isinstance(config, Settings) else Settings(config)
         self.store = store
+        current = self._settings.current
         self.repos = repos or Repositories(
-            config.storage.repos,
-            config.git.max_input_size,
-            git=config.git.binary,
-            max_commit_size=config.limits.max_commit_size,
+            current.storage.repos,
+            current.git.max_input_size,
+            git=current.git.binary,
+            max_commit_size=current.limits.max_commit_size,
         )
+
+    @property
+    def config(self) -> Config:
+        return self._settings.current
 
     # -- users --
 

@@ -47,7 +47,10 @@ class ObjectReads:
 
     root: Path
     git: str
-    max_commit_size: int
+
+    @property
+    def max_commit_size(self) -> int:
+        raise NotImplementedError
 
     def path_for(self, app: str) -> Path:
         raise NotImplementedError

@@ -8,6 +8,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dulwich.refs import Ref
 from dulwich.repo import Repo
 
 from .. import names
+from ..config import at_use
 from ..errors import AccessDenied, Conflict, GatewayError, NotFound
 from ..logs import q
 from . import hooks, packhook, repoguard
@@ -111,14 +113,15 @@ class Repositories(ObjectReads):
         root: Path,
         max_input_size: int,
         git: str = "git",
-        max_commit_size: int = DEFAULT_MAX_COMMIT_SIZE,
+        max_commit_size: int | Callable[[], int] = DEFAULT_MAX_COMMIT_SIZE,
     ) -> None:
         self.root = root.resolve()
         self.max_input_size = max_input_size
         self.git = git
         # Commits and tags larger than this are never read into the gateway (pre-receive
-        # refuses new ones; an older one is described, not read).
-        self.max_commit_size = max_commit_size
+        # refuses new ones; an older one is described, not read). A callable follows the
+        # running configuration ([limits] max_commit_size is reloadable).
+        self._max_commit_size = max_commit_size
         # git takes the gateway's hooks from hooks_dir only (-c core.hooksPath), so an app
         # repository's own hooks/ holds none: nothing there ever runs through the gateway.
         self.hooks = {name: hooks.script(name).encode() for name in hooks.HOOK_NAMES}
@@ -131,6 +134,10 @@ class Repositories(ObjectReads):
             attributes=ATTRIBUTES,
             generated=generated_earlier,
         )
+
+    @property
+    def max_commit_size(self) -> int:
+        return at_use(self._max_commit_size)
 
     @property
     def hooks_dir(self) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..config import Config
+from ..config import Config, Settings
 from ..deploys import DeployService
 from ..domain.registry import Registry
 from ..errors import GatewayError, StoreUnavailable, Unauthorized, printable
@@ -43,19 +43,19 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 class WebServer:
     def __init__(
         self,
-        config: Config,
+        settings: Settings,
         registry: Registry,
         deploys: DeployService,
         metrics: Metrics,
         ssh_status: Callable[[], str],
     ) -> None:
-        self.config = config
+        self.settings = settings
         self.registry = registry
         self.deploys = deploys
         self.metrics = metrics
         self.ssh_status = ssh_status  # "ok", "draining" or why SSH does not accept
         self._touched: dict[int, float] = {}
-        http = config.http
+        http = self.config.http
         self.main = HTTPListener("main", http, metrics)
         self.monitoring = HTTPListener("monitoring", http, metrics)
         self.monitoring_address: tuple[str, int] | None = None
@@ -63,6 +63,11 @@ class WebServer:
         # make the node look down, and a hung disk fails the check instead of hanging it.
         self._checks = ThreadPoolExecutor(1, thread_name_prefix="readyz")
         self.app = self._build(self.main, metrics=http.monitoring_listen is None)
+
+    @property
+    def config(self) -> Config:
+        """The running configuration ([http] itself needs a restart: it is read at start)."""
+        return self.settings.current
 
     def _application(
         self, listener: HTTPListener, *, metrics: bool, hint: str = ""

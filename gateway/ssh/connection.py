@@ -37,7 +37,6 @@ class Host(Protocol):
     """What a connection needs from the server that accepted it (the app implements it; the
     SSH layer never imports the app)."""
 
-    config: Config
     store: Store
     metrics: Metrics
     admission: Admission
@@ -47,6 +46,8 @@ class Host(Protocol):
     revocations: certs.Revocations
     first_algorithms: tuple[str, str]
 
+    @property
+    def config(self) -> Config: ...  # the running configuration, read at use
     async def handle_process(self, process: asyncssh.SSHServerProcess[Any]) -> None: ...
     def audit_auth_failure(self, connection: Connection) -> None: ...
     async def record_key_use(self, identity: Identity) -> None: ...

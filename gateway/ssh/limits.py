@@ -6,9 +6,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..config import LimitSettings
+from ..config import LimitSettings, at_use
 from ..models import Identity
 from ..shared_limits import SharedCounts, TableFull
 
@@ -35,7 +36,8 @@ class Admission:
     generous because CI fan-out comes from one NAT address.
     """
 
-    settings: LimitSettings
+    # The running gateway passes a callable: the caps follow a reload at once.
+    settings: LimitSettings | Callable[[], LimitSettings]
     total: int = 0
     unauthenticated: int = 0
     per_address: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -57,7 +59,7 @@ class Admission:
         return refused
 
     def _refusal(self, total: int, unauthenticated: int, here: int) -> str | None:
-        limits = self.settings
+        limits = at_use(self.settings)
         if total >= limits.max_connections:
             return "max_connections"
         if unauthenticated >= limits.max_unauthenticated:
@@ -154,15 +156,15 @@ class Admission:
 class RateLimiter:
     """A token bucket per key: `per_minute` operations per minute, bursts up to that many."""
 
-    def __init__(self, per_minute: int, max_keys: int | None = None) -> None:
-        self.per_minute = per_minute
+    def __init__(self, per_minute: int | Callable[[], int], max_keys: int | None = None) -> None:
+        self.per_minute = per_minute  # a callable follows the running configuration
         self.max_keys = max_keys  # keys a client may choose (addresses): bounded memory
         self._buckets: dict[object, tuple[float, float]] = {}
 
     def take(self, key: object, now: float | None = None) -> float:
         """Take one token; return 0 if allowed, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
-        capacity = float(self.per_minute)
+        capacity = float(at_use(self.per_minute))
         rate = capacity / 60.0
         full = self.max_keys is not None and len(self._buckets) >= self.max_keys
         if full and key not in self._buckets:

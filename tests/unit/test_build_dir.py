@@ -127,7 +127,7 @@ def test_the_default_build_dir_is_per_gateway_and_stable(tmp_path: Path) -> None
 
 
 def test_a_gateway_not_root_builds_beside_its_state(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     cfg = config.from_mapping({})
     assert cfg.deploy.build_dir == Path("var/builds").absolute()
 
