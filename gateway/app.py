@@ -23,10 +23,10 @@ from . import executors
 from .config import Config
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
-from .domain import audit, retention
-from .domain.access import CertificateRevoked, KeyExpired, KeyRevoked, recheck
-from .domain.registry import Registry
-from .errors import AccessDenied, ConfigError, GatewayError, NotFound, StoreUnavailable
+from .domain import retention
+from .domain.access import CertificateRevoked, KeyRevoked
+from .domain.facade import Domain
+from .errors import AccessDenied, ConfigError, GatewayError, StoreUnavailable
 from .git import gitbin
 from .git.bridge import Channel
 from .git.packcache import PackCache
@@ -41,7 +41,7 @@ from .ssh.commands.dispatch import execute
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
 from .ssh.limits import Admission, RateLimiter
-from .store import Store, open_store, utcnow
+from .store import Store, open_store
 from .textsafe import terminal_safe
 from .workers import WorkerRole
 
@@ -51,8 +51,6 @@ log = logging.getLogger("gateway.server")
 # packets keep one channel at full speed on a fast link.
 WINDOW = 16 * 1024 * 1024
 MAX_PACKET = 256 * 1024
-# Recording "last used" is a write; once a minute per key is enough.
-TOUCH_INTERVAL_SECONDS = 60
 # On SIGTERM, seconds a client whose session has ended gets to read its last bytes and close.
 CLOSE_GRACE_SECONDS = 5.0
 # On a drain, how long logins in progress are waited for (see Gateway._drain).
@@ -119,12 +117,12 @@ class Gateway:
         self.draining = False
         # Set whenever a session starts: the drain then looks again at what runs.
         self._session_started = asyncio.Event()
-        self.auth_failures: audit.AuthFailures
+        # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
+        self.domain: Domain
         self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         # The first key exchange and host key algorithms we offer (see kexguess).
         self.first_algorithms = ("", "")
-        self._last_touch: dict[int, float] = {}
 
     @property
     def port(self) -> int:
@@ -138,7 +136,7 @@ class Gateway:
         for warning in await sandbox.check(cfg):
             log.warning("event=sandbox_warning %s", warning)
         self.store = await open_store(cfg.storage.database)
-        self.auth_failures = audit.AuthFailures(self.store)
+        self.domain = Domain(cfg, self.store, self.repos)
         self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
@@ -156,8 +154,7 @@ class Gateway:
                 )
                 await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
-                registry = Registry(cfg, self.store, self.repos)
-                self.web = WebServer(cfg, registry, self.deploys, self.metrics, self.ssh_status)
+                self.web = WebServer(cfg, self.domain, self.deploys, self.metrics, self.ssh_status)
                 worker = self.worker
                 self.deploys.http_address = await self.web.start(
                     worker.sockets(worker.http_fds) if worker else None,
@@ -299,7 +296,7 @@ class Gateway:
             with contextlib.suppress(BaseException):
                 await self._housekeeper
         # Connections closed above reported their failures: the last counts are written.
-        await self.auth_failures.flush(everything=True)
+        await self.domain.access.flush_failures(everything=True)
         await self.store.close()
 
     def _running_deploys(self) -> set[asyncio.Future[Any]]:
@@ -430,9 +427,8 @@ class Gateway:
         )
         self.config = applied
         await self.deploys.reconfigure(applied)
-        if self.web is not None:
-            # Apps created through the API get the new default deploy branch.
-            self.web.registry.config = applied
+        # Apps created through the API get the new default deploy branch.
+        self.domain.config = applied
         self.admission.settings = applied.limits
         self.rate.per_minute = applied.limits.user_ops_per_minute
         self.repos.max_commit_size = applied.limits.max_commit_size
@@ -444,16 +440,6 @@ class Gateway:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-    def audit_auth_failure(self, connection: Connection) -> None:
-        """Counted in memory per source and minute; written by the housekeeping task."""
-        self.auth_failures.add(
-            connection.address,
-            connection.failure_kind,
-            connection.failure,
-            fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
-            attempts=connection.auth_attempts,
-        )
 
     async def _housekeeping(self) -> None:
         """Just after each minute boundary, write the last minute's failed-login counts;
@@ -472,7 +458,7 @@ class Gateway:
                 except Exception:
                     log.exception("event=prune_failed")
             await asyncio.sleep(60.5 - time.time() % 60)
-            await self.auth_failures.flush()
+            await self.domain.access.flush_failures()
 
     async def _prepare_repositories(self) -> None:
         """Every app repository holds exactly this version's hooks and config, and nothing
@@ -548,21 +534,6 @@ class Gateway:
             return {signal.SIGTERM: signalled, signal.SIGINT: signalled}, {}
         return {}, {signal.SIGTERM: stop.set, signal.SIGUSR1: hurried, signal.SIGINT: _ignore}
 
-    # -- bookkeeping --
-
-    async def record_key_use(self, identity: Identity) -> None:
-        """Update the key's "last used", at most once a minute per key (it is a write)."""
-        now = asyncio.get_running_loop().time()
-        last = self._last_touch.get(identity.key_id)
-        if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
-            return
-        self._last_touch[identity.key_id] = now
-        try:
-            await self.store.touch_key(identity.key_id, utcnow())
-        except Exception:
-            # Bookkeeping must never cost the user their session.
-            log.exception("event=touch_key_failed key_id=%d", identity.key_id)
-
     # -- sessions --
 
     async def handle_process(self, process: asyncssh.SSHServerProcess) -> None:
@@ -585,20 +556,9 @@ class Gateway:
             denied = isinstance(exc, AccessDenied | KeyRevoked)
             stats.outcome = "denied" if denied else "refused"
             if denied and connection.identity is not None:
-                reason = {}
-                if isinstance(exc, KeyRevoked):
-                    expired = isinstance(exc, KeyExpired)
-                    reason = {"reason": "key expired" if expired else "key no longer registered"}
                 # Awaited, so the row exists by the time the client reads the refusal.
-                await audit.record(
-                    self.store,
-                    "access_denied",
-                    actor=connection.identity.user_name,
-                    fingerprint=connection.identity.fingerprint,
-                    source=connection.peer,
-                    app=exc.name[:100] if isinstance(exc, AccessDenied) else "",
-                    command=(process.command or "")[:200],
-                    **reason,
+                await self.domain.access.denied(
+                    connection.identity, connection.peer, exc, process.command or ""
                 )
             log.info(
                 "event=refused conn=%s user=%s command=%s reason=%s",
@@ -640,8 +600,8 @@ class Gateway:
         self.revocations.refresh()
 
     async def _recheck_certificate(self, identity: Identity) -> None:
-        """A certificate's connection outlives neither its validity, nor its revocation, nor
-        its user (the same re-check per session as a key's)."""
+        """A certificate's connection outlives neither its validity nor its revocation (its
+        user is re-checked by the domain, as a key is)."""
         cert = identity.certificate
         if cert is None:  # pragma: no cover - only called for certificates
             return
@@ -656,12 +616,6 @@ class Gateway:
             raise CertificateRevoked("access denied: this certificate's CA is no longer trusted")
         if time.time() >= cert.valid_before:
             raise CertificateRevoked("access denied: this certificate has expired")
-        try:
-            user = await self.store.get_user(identity.user_name)
-        except NotFound:
-            raise KeyRevoked() from None
-        if user.id != identity.user_id:
-            raise KeyRevoked()
 
     async def _serve(
         self,
@@ -677,8 +631,7 @@ class Gateway:
         # Roles are read per command by authorize(); the key itself is re-checked here.
         if identity.certificate is not None:
             await self._recheck_certificate(identity)
-        else:
-            identity = await recheck(self.store, identity)
+        identity = await self.domain.access.recheck(identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env
@@ -703,6 +656,7 @@ class Gateway:
             channel=Channel(process.stdin, process.stdout, process.stderr),
             config=self.config,
             store=self.store,
+            domain=self.domain,
             repos=self.repos,
             git=self.git,
             deploys=self.deploys,

@@ -18,14 +18,12 @@ from asyncssh.packet import String
 
 from .. import executors, times
 from ..config import Config
-from ..domain import audit
-from ..domain.access import identify
+from ..domain.facade import Domain
 from ..errors import NotFound, StoreUnavailable
 from ..logs import q
 from ..metrics import Metrics
 from ..models import CertInfo, Identity
 from ..names import USER_NAME
-from ..store import Store, utcnow
 from ..textsafe import terminal_safe
 from . import certs, kexguess
 from .explain import Explainer, Told
@@ -38,7 +36,7 @@ class Host(Protocol):
     SSH layer never imports the app)."""
 
     config: Config
-    store: Store
+    domain: Domain
     metrics: Metrics
     admission: Admission
     explainer: Explainer
@@ -48,8 +46,6 @@ class Host(Protocol):
     first_algorithms: tuple[str, str]
 
     async def handle_process(self, process: asyncssh.SSHServerProcess[Any]) -> None: ...
-    def audit_auth_failure(self, connection: Connection) -> None: ...
-    async def record_key_use(self, identity: Identity) -> None: ...
     def refresh_certificate_lists(self) -> None: ...
 
 
@@ -286,7 +282,14 @@ class Connection(asyncssh.SSHServer):
                 self.last_fingerprint,
                 q(self.failure),
             )
-            self.gateway.audit_auth_failure(self)
+            # Counted in memory per source and minute; written by the housekeeping task.
+            self.gateway.domain.access.login_failed(
+                self.address,
+                self.failure_kind,
+                self.failure,
+                fingerprint=self.last_fingerprint if self.auth_attempts else "",
+                attempts=self.auth_attempts,
+            )
         # One line per connection that ties it together: who, how long, how much, how it ended.
         log.info(
             "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d channels_refused=%d "
@@ -395,7 +398,7 @@ class Connection(asyncssh.SSHServer):
             if name in users or not USER_NAME.fullmatch(name):
                 continue
             try:
-                user = await self.gateway.store.get_user(name)
+                user = await self.gateway.domain.accounts.get_user(name)
             except NotFound:
                 continue
             users[name] = (principal, user.id)
@@ -456,7 +459,7 @@ class Connection(asyncssh.SSHServer):
         if not self._attempt(username, fingerprint):
             return False
         try:
-            identity = await identify(self.gateway.store, fingerprint)
+            identity = await self.gateway.domain.access.identify(fingerprint)
         except StoreUnavailable as exc:
             # The registry is down (a database restart): say so, rather than let the
             # client see "Connection closed"; its next attempt may work.
@@ -475,7 +478,7 @@ class Connection(asyncssh.SSHServer):
             algorithm = key.get_algorithm()
             self._banner(lambda told: told.lines_for_unknown_key(fingerprint, algorithm))
             return False
-        if identity.expired(utcnow()):
+        if identity.expired(times.now()):
             log.info(
                 "event=auth_rejected conn=%s peer=%s reason=expired_key user=%s key=%s fp=%s",
                 self.id,
@@ -504,15 +507,7 @@ class Connection(asyncssh.SSHServer):
             q(identity.key_name),
             identity.fingerprint,
         )
-        await audit.record(
-            self.gateway.store,
-            "auth_refused",
-            actor=identity.user_name,
-            fingerprint=identity.fingerprint,
-            source=self.peer,
-            key=identity.key_name,
-            reason=f"key {refusal.reason}",
-        )
+        await self.gateway.domain.access.login_refused(identity, self.peer, refusal.reason)
         self._banner(
             lambda _: [
                 f'git-gateway: the SSH key "{identity.key_name}" of {identity.user_name} '
@@ -619,22 +614,7 @@ class Connection(asyncssh.SSHServer):
             mac,
             q(self.conn.get_extra_info("client_version")),
         )
-        cert = identity.certificate
-        if cert is None:
-            await self.gateway.record_key_use(identity)
-        detail: dict[str, object] = {"key": identity.key_name}
-        if cert is not None:
-            detail = {
-                "certificate": cert.key_id,
-                "serial": cert.serial,
-                "principal": cert.principal,
-                "ca": cert.ca_fingerprint,
-            }
-        await audit.record(
-            self.gateway.store,
-            "auth_ok",
-            actor=identity.user_name,
-            fingerprint=identity.fingerprint,
-            source=self.peer,
-            **detail,
-        )
+        access = self.gateway.domain.access
+        if identity.certificate is None:
+            await access.record_key_use(identity)
+        await access.logged_in(identity, self.peer)
