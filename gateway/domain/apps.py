@@ -16,7 +16,7 @@ from . import audit
 from .deploylog import read_log
 from .part import Part
 
-# The logger of these events since they were written (operators filter on it).
+# The logger these lines had before the facade was split by aggregate: operators filter on it.
 log = logging.getLogger("gateway.service")
 
 
