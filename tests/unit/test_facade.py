@@ -179,6 +179,28 @@ async def test_regression_a_missing_and_a_forbidden_app_get_one_refusal(
     assert [(a.name, r) for a, r in await domain.access.reachable(bob)] == [("web", Role.READ)]
 
 
+async def test_regression_a_deploy_key_learns_nothing_of_other_tenants_apps(
+    domain: Domain, pubkeys
+) -> None:
+    await member(domain, pubkeys)
+    key = await domain.accounts.add_deploy_key("web", "ci", pubkeys[2], actor="op")
+    [event] = await events(domain, "deploy_key_added")
+    assert event["app"] == "web" and event["detail"]["access"] == "read"
+    ci = await domain.access.identify(key.fingerprint)
+    assert ci is not None and ci.user_name == "deploy:web/ci"
+    assert (await domain.access.authorize(ci, "web", Role.READ))[1] is Role.READ
+    answers = set()
+    for name in ("secret", "no-such-app"):
+        with pytest.raises(AccessDenied) as err:
+            await domain.access.authorize(ci, name, Role.READ)
+        answers.add(str(err.value).replace(name, "APP"))
+    assert answers == {
+        "repository 'APP' not found or access denied: "
+        "this is a deploy key of web, it reaches only that app"
+    }
+    assert await domain.access.reachable(ci) == []
+
+
 async def test_an_unknown_key_is_nobody(domain: Domain) -> None:
     assert await domain.access.identify("SHA256:" + "A" * 43) is None
 
