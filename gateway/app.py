@@ -20,8 +20,8 @@ from . import config as config_module
 from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox, webhook
-from .domain import audit, retention
-from .domain.registry import Registry
+from .domain import retention
+from .domain.facade import Domain
 from .errors import ConfigError, StoreUnavailable
 from .git import gitbin
 from .git.packcache import PackCache
@@ -29,19 +29,16 @@ from .git.repos import Repositories
 from .http import WebServer
 from .logs import q
 from .metrics import Metrics
-from .models import Identity
 from .net.listener import Listener
 from .ssh import certs, hostkeys, server
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
 from .ssh.limits import Admission
-from .store import Store, open_store, utcnow
+from .store import Store, open_store
 from .workers import WorkerRole
 
 log = logging.getLogger("gateway.server")
 
-# Recording "last used" is a write; once a minute per key is enough.
-TOUCH_INTERVAL_SECONDS = 60
 # On SIGTERM, seconds a client whose session has ended gets to read its last bytes and close.
 CLOSE_GRACE_SECONDS = 5.0
 # On a drain, how long logins in progress are waited for (see Gateway._drain).
@@ -111,12 +108,12 @@ class Gateway:
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
-        self.auth_failures: audit.AuthFailures
+        # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
+        self.domain: Domain
         self._housekeeper: asyncio.Task[None] | None = None
         self._ssh_options: asyncssh.SSHServerConnectionOptions | None = None
         # The first key exchange and host key algorithms we offer (see kexguess).
         self.first_algorithms = ("", "")
-        self._last_touch: dict[int, float] = {}
 
     @property
     def config(self) -> Config:
@@ -140,7 +137,7 @@ class Gateway:
         for warning in await sandbox.check(cfg):
             log.warning("event=sandbox_warning %s", warning)
         self.store = await open_store(cfg.storage.database)
-        self.auth_failures = audit.AuthFailures(self.store)
+        self.domain = Domain(self.settings, self.store, self.repos)
         self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
@@ -158,9 +155,8 @@ class Gateway:
                 )
                 await self.pack_cache.start(self.metrics)
             if cfg.http.listen is not None or cfg.http.monitoring_listen is not None:
-                registry = Registry(self.settings, self.store, self.repos)
                 self.web = WebServer(
-                    self.settings, registry, self.deploys, self.metrics, self.ssh_status
+                    self.settings, self.domain, self.deploys, self.metrics, self.ssh_status
                 )
                 worker = self.worker
                 self.deploys.http_address = await self.web.start(
@@ -275,7 +271,7 @@ class Gateway:
             with contextlib.suppress(BaseException):
                 await self._housekeeper
         # Connections closed above reported their failures: the last counts are written.
-        await self.auth_failures.flush(everything=True)
+        await self.domain.access.flush_failures(everything=True)
         await self.store.close()
 
     def _running_deploys(self) -> set[asyncio.Future[Any]]:
@@ -403,16 +399,6 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def audit_auth_failure(self, connection: Connection) -> None:
-        """Counted in memory per source and minute; written by the housekeeping task."""
-        self.auth_failures.add(
-            connection.address,
-            connection.failure_kind,
-            connection.failure,
-            fingerprint=connection.last_fingerprint if connection.auth_attempts else "",
-            attempts=connection.auth_attempts,
-        )
-
     async def _housekeeping(self) -> None:
         """Just after each minute boundary, write the last minute's failed-login counts;
         at start and every hour, apply the retention settings."""
@@ -430,7 +416,7 @@ class Gateway:
                 except Exception:
                     log.exception("event=prune_failed")
             await asyncio.sleep(60.5 - time.time() % 60)
-            await self.auth_failures.flush()
+            await self.domain.access.flush_failures()
 
     async def _prepare_repositories(self) -> None:
         """Every app repository holds exactly this version's hooks and config, and nothing
@@ -505,21 +491,6 @@ class Gateway:
         if self.worker is None:
             return {signal.SIGTERM: signalled, signal.SIGINT: signalled}, {}
         return {}, {signal.SIGTERM: stop.set, signal.SIGUSR1: hurried, signal.SIGINT: _ignore}
-
-    # -- bookkeeping --
-
-    async def record_key_use(self, identity: Identity) -> None:
-        """Update the key's "last used", at most once a minute per key (it is a write)."""
-        now = asyncio.get_running_loop().time()
-        last = self._last_touch.get(identity.key_id)
-        if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
-            return
-        self._last_touch[identity.key_id] = now
-        try:
-            await self.store.touch_key(identity.key_id, utcnow())
-        except Exception:
-            # Bookkeeping must never cost the user their session.
-            log.exception("event=touch_key_failed key_id=%d", identity.key_id)
 
     # -- sessions (gateway/ssh/server.py serves them) --
 

@@ -12,11 +12,10 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
-from . import __version__, completion, config, control, logs, names, tables, umask
-from .dburl import is_postgres, redact
+from . import __version__, completion, config, control, dbtools, logs, names, tables, times, umask
 from .domain import audit
-from .domain.deploylog import read_log
-from .domain.registry import MAX_KEY_TEXT, Registry
+from .domain.accounts import MAX_KEY_TEXT
+from .domain.facade import Domain
 from .domain.shapes import (
     app_dict,
     audit_dict,
@@ -31,8 +30,6 @@ from .errors import ConfigError, GatewayError, UsageError
 from .git import gitbin
 from .models import SSHKey
 from .ssh import certs
-from .store import Store, open_store, utcnow
-from .store import probe as store_probe
 from .tables import expiry_text, shown
 from .textsafe import TerminalStream, terminal_safe
 
@@ -60,34 +57,23 @@ def _json(data: Any, out: TextIO) -> None:
 # -- command implementations: each gets the parsed args, the config and an output stream --
 
 
-async def _with_store(cfg: config.Config, action: Callable[[Store], Awaitable[int]]) -> int:
-    store = await open_store(cfg.storage.database)
-    try:
-        return await action(store)
-    finally:
-        await store.close()
-
-
-async def _with_registry(cfg: config.Config, action: Callable[[Registry], Awaitable[int]]) -> int:
-    store = await open_store(cfg.storage.database)
-    try:
-        return await action(Registry(cfg, store))
-    finally:
-        await store.close()
+async def _with_domain(cfg: config.Config, action: Callable[[Domain], Awaitable[Any]]) -> Any:
+    async with Domain.open(cfg) as domain:
+        return await action(domain)
 
 
 async def user_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        user = await reg.create_user(args.name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        user = await domain.accounts.create_user(args.name, actor=OPERATOR)
         out.write(f"created user {user.name}\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        users = await reg.list_users()
+    async def act(domain: Domain) -> int:
+        users = await domain.accounts.list_users()
         if args.json:
             _json([user_dict(u) for u in users], out)
         else:
@@ -97,16 +83,16 @@ async def user_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
             _table(rows, ["USER", "KEYS", "APPS OWNED", "CREATED"], out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def user_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        await reg.remove_user(args.name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        await domain.accounts.remove_user(args.name, actor=OPERATOR)
         out.write(f"removed user {args.name} with their keys and memberships\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 def _read_key_input(source: str) -> str:
@@ -125,8 +111,8 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     names.key_name(args.name)
     text = _read_key_input(args.file)
 
-    async def act(reg: Registry) -> int:
-        record = await reg.add_key(
+    async def act(domain: Domain) -> int:
+        record = await domain.accounts.add_key(
             args.user,
             args.name,
             text,
@@ -138,7 +124,7 @@ async def key_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         out.write(tables.key_added(record))
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 def _keys(keys: list[SSHKey], as_json: bool, out: TextIO) -> None:
@@ -153,77 +139,79 @@ async def deploy_key_add(args: argparse.Namespace, cfg: config.Config, out: Text
     names.key_name(args.name)
     text = _read_key_input(args.file)
 
-    async def act(reg: Registry) -> int:
-        record = await reg.add_deploy_key(
+    async def act(domain: Domain) -> int:
+        record = await domain.accounts.add_deploy_key(
             args.app, args.name, text, actor=OPERATOR, write=args.write, expires=args.expires
         )
         out.write(tables.key_added(record))
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def deploy_key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        _keys(await reg.list_deploy_keys(args.app), args.json, out)
+    async def act(domain: Domain) -> int:
+        _keys(await domain.accounts.list_deploy_keys(args.app), args.json, out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def deploy_key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        key = await reg.remove_deploy_key(args.app, args.name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        key = await domain.accounts.remove_deploy_key(args.app, args.name, actor=OPERATOR)
         out.write(tables.key_removed(key))
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def key_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        _keys(await reg.list_keys(args.user), args.json, out)
+    async def act(domain: Domain) -> int:
+        _keys(await domain.accounts.list_keys(args.user), args.json, out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def key_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        key = await reg.remove_key(args.user, args.name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        key = await domain.accounts.remove_key(args.user, args.name, actor=OPERATOR)
         out.write(tables.key_removed(key))
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def key_move(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        key = await reg.move_key(args.user, args.name, args.to, args.new_name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        key = await domain.accounts.move_key(
+            args.user, args.name, args.to, args.new_name, actor=OPERATOR
+        )
         out.write(
             f"moved key '{args.name}' ({key.fingerprint}) from {args.user} to "
             f"{key.user_name} as '{key.name}'\n"
         )
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        app = await reg.create_app(args.app, args.owner, args.branch, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        app = await domain.apps.create_app(args.app, args.owner, args.branch, actor=OPERATOR)
         out.write(
             f"created app {app.name} (owner {app.owner_name}, deploy branch {app.deploy_branch})\n"
         )
         out.write(f"clone URL: {cfg.clone_url(app.name)}\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        apps = await reg.list_apps()
+    async def act(domain: Domain) -> int:
+        apps = await domain.apps.list_apps()
         if args.json:
             _json([app_dict(a, cfg) for a in apps], out)
         else:
@@ -234,12 +222,12 @@ async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
             _table(rows, ["APP", "OWNER", "BRANCH", "CREATED", "CLONE URL"], out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        await reg.get_app(args.app)  # unknown apps are refused before anything is stopped
+    async def act(domain: Domain) -> int:
+        await domain.apps.get_app(args.app)  # unknown apps are refused before anything is stopped
         # The running gateway first stops the app's deploys, so none writes on after its
         # logs are archived with the repository.
         with contextlib.suppress(control.NotRunning):
@@ -248,7 +236,7 @@ async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
                 list, control.request(cfg.storage.control_socket, message, timeout=120)
             ):
                 out.write(reply.get("out", ""))
-        removed = await reg.remove_app(args.app, actor=OPERATOR)
+        removed = await domain.apps.remove_app(args.app, actor=OPERATOR)
         out.write(f"removed app {removed.app.name}\n")
         if removed.trashed is not None:
             out.write(
@@ -257,12 +245,12 @@ async def app_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
             )
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        grant = await reg.grant(args.app, args.user, args.role, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        grant = await domain.apps.grant(args.app, args.user, args.role, actor=OPERATOR)
         role, previous = grant.role, grant.previous
         if previous is None:
             out.write(f"granted {role.label} on {args.app} to {args.user}\n")
@@ -274,21 +262,21 @@ async def app_grant(args: argparse.Namespace, cfg: config.Config, out: TextIO) -
             )
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_revoke(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        role = await reg.revoke(args.app, args.user, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        role = await domain.apps.revoke(args.app, args.user, actor=OPERATOR)
         out.write(f"revoked {args.user}'s {role.label} access to {args.app}\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        members = await reg.members(args.app)
+    async def act(domain: Domain) -> int:
+        members = await domain.apps.members(args.app)
         if args.json:
             _json([member_dict(m) for m in members], out)
         else:
@@ -299,12 +287,12 @@ async def app_members(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             )
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        token, secret = await reg.create_token(
+    async def act(domain: Domain) -> int:
+        token, secret = await domain.tokens.create_token(
             args.name, args.user, actor=OPERATOR, expires=args.expires
         )
         if args.json:
@@ -315,13 +303,13 @@ async def token_create(args: argparse.Namespace, cfg: config.Config, out: TextIO
         out.write(f"created {scope} '{token.name}'{until}; it is shown only this once:\n{secret}\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        tokens = await reg.list_tokens()
-        now = utcnow()
+    async def act(domain: Domain) -> int:
+        tokens = await domain.tokens.list_tokens()
+        now = times.now()
         if args.json:
             _json([token_dict(t) for t in tokens], out)
         else:
@@ -338,33 +326,33 @@ async def token_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
             _table(rows, ["NAME", "USER", "CREATED", "LAST USED", "EXPIRES"], out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def token_remove(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        token = await reg.remove_token(args.name, actor=OPERATOR)
+    async def act(domain: Domain) -> int:
+        token = await domain.tokens.remove_token(args.name, actor=OPERATOR)
         out.write(f"removed token '{token.name}'\n")
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def deploy_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        deploys = await reg.list_deploys(args.app, limit=args.limit)
+    async def act(domain: Domain) -> int:
+        deploys = await domain.records.list_deploys(args.app, limit=args.limit)
         if args.json:
             _json([deploy_dict(d) for d in deploys], out)
         else:
             _table(tables.deploy_rows(deploys), tables.DEPLOY_HEADERS, out)
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(reg: Registry) -> int:
-        record = await reg.deploy_record(args.id)
+    async def act(domain: Domain) -> int:
+        record = await domain.records.deploy_record(args.id)
         deploy, deliveries = record.deploy, record.deliveries
         if args.json:
             _json(deploy_record_dict(deploy, deliveries), out)
@@ -381,11 +369,11 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             )
         return 0
 
-    return await _with_registry(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    deploy = asyncio.run(_with_store_value(cfg, lambda s: Registry(cfg, s).get_deploy(args.id)))
+    deploy = asyncio.run(_with_domain(cfg, lambda d: d.records.get_deploy(args.id)))
     # The log is the deploy's own output: its control sequences are shown, never obeyed.
     if args.follow and not deploy.status.finished:
         stream = TerminalStream()
@@ -403,10 +391,10 @@ def deploy_logs(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> in
             return code
         except control.NotRunning:
             # No gateway here: another node may run it; follow it in the registry.
-            return asyncio.run(
-                _with_store_value(cfg, lambda s: _follow_stored(cfg, s, args.id, out))
-            )
-    out.write(terminal_safe(asyncio.run(_with_store_value(cfg, lambda s: read_log(s, deploy.id)))))
+            return asyncio.run(_with_domain(cfg, lambda d: _follow_stored(cfg, d, args.id, out)))
+    out.write(
+        terminal_safe(asyncio.run(_with_domain(cfg, lambda d: d.records.deploy_log(deploy.id))))
+    )
     if not deploy.status.finished:
         out.write(f"deploy #{deploy.id} is {deploy.status.value}\n")
     if args.follow:
@@ -429,31 +417,32 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         if code == 0:
             # The running gateway cancelled it; the audit trail records who asked, as the
             # SSH `cancel`, the API and the offline cancel do.
-            asyncio.run(_with_registry(cfg, lambda reg: _audit_cancel(reg, args.id)))
+            asyncio.run(_with_domain(cfg, lambda domain: _audit_cancel(domain, args.id)))
         return code
 
-    async def offline(reg: Registry) -> int:
-        deploy = await reg.record_cancel_offline(args.id, actor=OPERATOR)
+    async def offline(domain: Domain) -> int:
+        deploy = await domain.records.record_cancel_offline(args.id, actor=OPERATOR)
         if deploy.status.finished:
             out.write(f"deploy #{deploy.id}: cancelled (no gateway runs here)\n")
         else:
             out.write(f"deploy #{deploy.id}: cancel asked of {deploy.runner}, which runs it\n")
         return 0
 
-    return asyncio.run(_with_registry(cfg, offline))
+    return asyncio.run(_with_domain(cfg, offline))
 
 
-async def _audit_cancel(reg: Registry, deploy_id: int) -> int:
-    deploy = await reg.get_deploy(deploy_id)
+async def _audit_cancel(domain: Domain, deploy_id: int) -> int:
+    deploy = await domain.records.get_deploy(deploy_id)
     await audit.record(
-        reg.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
+        domain.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
     )
     return 0
 
 
-async def _follow_stored(cfg: config.Config, store: Store, deploy_id: int, out: TextIO) -> int:
+async def _follow_stored(cfg: config.Config, domain: Domain, deploy_id: int, out: TextIO) -> int:
     """Stream a deploy's log from the registry to its end, polling (no gateway runs here to
-    announce new output)."""
+    announce new output). Following is gateway.deploys' business: its watcher is given the
+    facade's store, as DeployService is by the app."""
     from .deploys.queue import Wakeups
     from .deploys.watch import watch
 
@@ -464,7 +453,7 @@ async def _follow_stored(cfg: config.Config, store: Store, deploy_id: int, out: 
         out.flush()
 
     final = await watch(
-        store, Wakeups(), deploy_id, say, asyncio.Event(), until_done=True, poll=lambda: 0.5
+        domain.store, Wakeups(), deploy_id, say, asyncio.Event(), until_done=True, poll=lambda: 0.5
     )
     out.write(stream.flush())
     if final is None:  # pragma: no cover - until_done waits for the end
@@ -475,17 +464,9 @@ async def _follow_stored(cfg: config.Config, store: Store, deploy_id: int, out: 
     return 0 if final.status.ok else 1
 
 
-async def _with_store_value(cfg: config.Config, action: Callable[[Store], Awaitable[Any]]) -> Any:
-    store = await open_store(cfg.storage.database)
-    try:
-        return await action(store)
-    finally:
-        await store.close()
-
-
 async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    async def act(store: Store) -> int:
-        events = await store.list_audit(app=args.app, actor=args.user, limit=args.limit)
+    async def act(domain: Domain) -> int:
+        events = await domain.audit_trail(app=args.app, actor=args.user, limit=args.limit)
         if args.json:
             _json([audit_dict(e) for e in events], out)
             return 0
@@ -504,7 +485,7 @@ async def audit_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) 
         _table(rows, ["AT", "EVENT", "ACTOR", "APP", "SOURCE", "FINGERPRINT", "DETAIL"], out)
         return 0
 
-    return await _with_store(cfg, act)
+    return await _with_domain(cfg, act)
 
 
 def serve(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -551,53 +532,6 @@ def _worker_count(text: str) -> int:
     return int(text)
 
 
-async def db_migrate(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    store = await open_store(cfg.storage.database)  # opening applies what is pending
-    try:
-        version = await store.schema_version()
-        applied = getattr(store, "applied", 0)
-    finally:
-        await store.close()
-    out.write(
-        f"registry {redact(cfg.storage.database)}: schema version {version} "
-        f"({applied} migration{'s' if applied != 1 else ''} applied now)\n"
-    )
-    return 0
-
-
-async def db_copy(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
-    from .store import transfer
-
-    source_path = args.source or cfg.storage.database
-    if is_postgres(source_path):
-        raise UsageError(
-            "db copy reads a SQLite registry: [storage] database (or $GATEWAY_DATABASE_URL) "
-            "names a PostgreSQL one; give the SQLite file with --from PATH"
-        )
-    if not is_postgres(args.to):
-        raise UsageError("db copy --to needs a postgresql:// URL")
-    if not await asyncio.to_thread(os.path.isfile, source_path):
-        raise UsageError(f"no SQLite registry at {source_path}")
-    source = await open_store(source_path)
-    try:
-        target = await open_store(args.to)
-        try:
-            report = await transfer.copy_registry(source, target)
-        finally:
-            await target.close()
-    finally:
-        await source.close()
-    out.write(f"copied {source_path} -> {redact(args.to)}\n")
-    _table(
-        [list(row) for row in transfer.report_rows(report)],
-        ["TABLE", "SQLITE ROWS", "POSTGRESQL ROWS", "NEXT ID AFTER"],
-        out,
-    )
-    out.write(f"checksum sqlite:     {report.source.checksum}\n")
-    out.write(f"checksum postgresql: {report.target.checksum}\n")
-    return 0
-
-
 def config_show(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     out.write(config.render(cfg) + "\n")
     return 0
@@ -626,7 +560,7 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     for line in confine.report(cfg):
         out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
-    out.write(f"{asyncio.run(store_probe.probe(cfg.storage.database)).text()}\n")
+    out.write(f"{asyncio.run(dbtools.probe(cfg))}\n")
     return 0
 
 
@@ -800,11 +734,11 @@ def build_parser() -> argparse.ArgumentParser:
     db = groups.add_parser("db", help="the registry database").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
-    add(db, "migrate", db_migrate, "apply pending schema migrations; print the version")
+    add(db, "migrate", dbtools.migrate, "apply pending schema migrations; print the version")
     p = add(
         db,
         "copy",
-        db_copy,
+        dbtools.copy,
         "copy a SQLite registry into an empty PostgreSQL database (ids kept, checksummed)",
     )
     p.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB")

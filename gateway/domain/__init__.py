@@ -1,1 +1,1 @@
-"""The registry's business rules over the store: accounts, apps, access, audit."""
+"""The business rules over the registry: the facade (facade.Domain) and its parts, access, audit."""

@@ -1,14 +1,28 @@
-"""Identify a verified key's owner and decide whether they may use an app at a given level."""
+"""Identify a verified key's owner, decide whether they may use an app at a given level, and
+audit logins and refusals (`Access`, the facade's part every front end's authentication uses)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from .. import times
-from ..errors import AccessDenied, GatewayError, InvalidName
+from ..errors import AccessDenied, GatewayError, InvalidName, NotFound
 from ..models import App, Identity, Role, SSHKey
 from ..names import app_name
 from ..store import Store, utcnow
+from . import audit
+from .part import Part
+
+if TYPE_CHECKING:
+    from .facade import Domain
+
+log = logging.getLogger("gateway.server")
+
+# Recording a key's "last used" is a write; once a minute per key is enough.
+TOUCH_INTERVAL_SECONDS = 60
 
 
 async def identify(store: Store, fingerprint: str) -> Identity | None:
@@ -170,3 +184,123 @@ async def role_of(store: Store, identity: Identity, app: App) -> Role | None:
     if role is not None and identity.access == "read":
         return Role.READ
     return role
+
+
+class Access(Part):
+    """Who a key or certificate is, what it may reach, and the audit trail of logins, of
+    refusals and of failed logins (counted per source and minute, see audit.AuthFailures)."""
+
+    def __init__(self, domain: Domain) -> None:
+        super().__init__(domain)
+        self.failures = audit.AuthFailures(domain.store)
+        self._last_touch: dict[int, float] = {}
+
+    async def identify(self, fingerprint: str) -> Identity | None:
+        """The account that owns this key, or None for an unregistered key."""
+        return await identify(self.store, fingerprint)
+
+    async def recheck(self, identity: Identity) -> Identity:
+        """The identity as it is now, or KeyRevoked (see `recheck`): a key still registered
+        to the same account; a certificate's account still there, with the same id (its
+        validity and revocation are the SSH layer's to check)."""
+        if identity.certificate is None:
+            return await recheck(self.store, identity)
+        try:
+            user = await self.store.get_user(identity.user_name)
+        except NotFound:
+            raise KeyRevoked() from None
+        if user.id != identity.user_id:
+            raise KeyRevoked()
+        return identity
+
+    async def authorize(self, identity: Identity, name: str, needed: Role) -> tuple[App, Role]:
+        """The app and the caller's role, or one AccessDenied (see `authorize`)."""
+        return await authorize(self.store, identity, name, needed)
+
+    async def reachable(self, identity: Identity) -> list[tuple[App, Role]]:
+        """The apps this key reaches, with what it may do there (its limits applied)."""
+        if identity.user_id is None:
+            return []
+        found = []
+        for app, _ in await self.store.apps_for(identity.user_id):
+            role = await role_of(self.store, identity, app)
+            if role is not None:
+                found.append((app, role))
+        return found
+
+    async def record_key_use(self, identity: Identity) -> None:
+        """Update the key's "last used", at most once a minute per key (it is a write)."""
+        now = asyncio.get_running_loop().time()
+        last = self._last_touch.get(identity.key_id)
+        if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
+            return
+        self._last_touch[identity.key_id] = now
+        try:
+            await self.store.touch_key(identity.key_id, utcnow())
+        except Exception:
+            # Bookkeeping must never cost the user their session.
+            log.exception("event=touch_key_failed key_id=%d", identity.key_id)
+
+    async def logged_in(self, identity: Identity, source: str) -> None:
+        """`auth_ok`: the key, or the certificate (its id, serial, principal and CA)."""
+        cert = identity.certificate
+        detail: dict[str, object] = {"key": identity.key_name}
+        if cert is not None:
+            detail = {
+                "certificate": cert.key_id,
+                "serial": cert.serial,
+                "principal": cert.principal,
+                "ca": cert.ca_fingerprint,
+            }
+        await audit.record(
+            self.store,
+            "auth_ok",
+            actor=identity.user_name,
+            fingerprint=identity.fingerprint,
+            source=source,
+            **detail,
+        )
+
+    async def login_refused(self, identity: Identity, source: str, why: str) -> None:
+        """`auth_refused`: a registered key that may not log in (`why`: "expired"), used by
+        whoever holds it; the refusal is the account's to see."""
+        await audit.record(
+            self.store,
+            "auth_refused",
+            actor=identity.user_name,
+            fingerprint=identity.fingerprint,
+            source=source,
+            key=identity.key_name,
+            reason=f"key {why}",
+        )
+
+    def login_failed(
+        self, source: str, kind: str, reason: str, fingerprint: str = "", attempts: int = 0
+    ) -> None:
+        """An unauthenticated connection ended: counted in memory per source and minute,
+        written by `flush_failures` (no registry write per TCP connect)."""
+        self.failures.add(source, kind, reason, fingerprint=fingerprint, attempts=attempts)
+
+    async def flush_failures(self, now: datetime | None = None, everything: bool = False) -> int:
+        """Write the failed-login counts of finished minutes (all with `everything`)."""
+        return await self.failures.flush(now, everything)
+
+    async def denied(
+        self, identity: Identity, source: str, refusal: GatewayError, command: str
+    ) -> None:
+        """`access_denied`: a command refused for an app (AccessDenied) or for a key no
+        longer valid (KeyRevoked, with why)."""
+        reason = {}
+        if isinstance(refusal, KeyRevoked):
+            expired = isinstance(refusal, KeyExpired)
+            reason = {"reason": "key expired" if expired else "key no longer registered"}
+        await audit.record(
+            self.store,
+            "access_denied",
+            actor=identity.user_name,
+            fingerprint=identity.fingerprint,
+            source=source,
+            app=refusal.name[:100] if isinstance(refusal, AccessDenied) else "",
+            command=command[:200],
+            **reason,
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -17,12 +16,11 @@ from aiohttp import web
 
 from ..config import Config, Settings
 from ..deploys import DeployService
-from ..domain.registry import Registry
+from ..domain.facade import Domain
 from ..errors import GatewayError, StoreUnavailable, Unauthorized, printable
 from ..logs import q
 from ..metrics import CONTENT_TYPE, Metrics
 from ..models import ApiToken
-from ..store import utcnow
 from . import api, openapi, reports
 from .listener import HTTPListener
 from .page import KeysPage
@@ -30,8 +28,6 @@ from .sessions import Sessions
 
 log = logging.getLogger("gateway.http")
 
-# A token's "last used" is a write: once a minute is enough.
-TOUCH_INTERVAL = 60.0
 # A readiness check that takes longer than this fails.
 CHECK_TIMEOUT = 5.0
 PROBES = ("/healthz", "/readyz", "/metrics")
@@ -44,17 +40,16 @@ class WebServer:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry,
+        domain: Domain,
         deploys: DeployService,
         metrics: Metrics,
         ssh_status: Callable[[], str],
     ) -> None:
         self.settings = settings
-        self.registry = registry
+        self.domain = domain
         self.deploys = deploys
         self.metrics = metrics
         self.ssh_status = ssh_status  # "ok", "draining" or why SSH does not accept
-        self._touched: dict[int, float] = {}
         http = self.config.http
         self.main = HTTPListener("main", http, metrics)
         self.monitoring = HTTPListener("monitoring", http, metrics)
@@ -92,8 +87,8 @@ class WebServer:
         for route in api.ROUTES:
             app.router.add_route(route.method, api.PREFIX + route.path, self._api(route))
         app.router.add_get("/", self.root)
-        sessions = Sessions(self.registry.store, self.config.http.public_url)
-        page = KeysPage(self.registry, sessions, self.config.http.secure_cookies)
+        sessions = Sessions(self.domain, self.config.http.public_url)
+        page = KeysPage(self.domain, sessions, self.config.http.secure_cookies)
         app.router.add_routes(page.routes())
         return app
 
@@ -177,14 +172,14 @@ class WebServer:
         root writable."""
         checks: dict[str, str] = {"ssh": self.ssh_status()}
         try:
-            await asyncio.wait_for(self.registry.store.ping(), CHECK_TIMEOUT)
+            await asyncio.wait_for(self.domain.ping(), CHECK_TIMEOUT)
             checks["database"] = "ok"
         except Exception as exc:
             checks["database"] = f"unreachable: {exc or type(exc).__name__}"[:200]
         loop = asyncio.get_running_loop()
         try:
             checks["repos"] = await asyncio.wait_for(
-                loop.run_in_executor(self._checks, _writable, self.registry.repos.root),
+                loop.run_in_executor(self._checks, _writable, self.domain.repos.root),
                 CHECK_TIMEOUT,
             )
         except TimeoutError:
@@ -209,7 +204,7 @@ class WebServer:
             try:
                 token = await self._authenticate(request)
                 api.check_scope(route, token)
-                call = api.Call(request, token, self.registry, self.deploys)
+                call = api.Call(request, token, self.domain, self.deploys)
                 status, body = await route.handler(call)
             except GatewayError as exc:
                 log.info(
@@ -231,14 +226,10 @@ class WebServer:
         scheme, _, secret = header.partition(" ")
         token = None
         if scheme.lower() == "bearer" and secret.strip():
-            token = await self.registry.authenticate(secret.strip())
+            token = await self.domain.tokens.authenticate(secret.strip())
         if token is None:
             raise Unauthorized("missing or unknown bearer token")
-        now = time.monotonic()
-        if now - self._touched.get(token.id, -TOUCH_INTERVAL) >= TOUCH_INTERVAL:
-            self._touched[token.id] = now
-            with contextlib.suppress(Exception):
-                await self.registry.store.touch_token(token.id, utcnow())
+        await self.domain.tokens.record_use(token)
         return token
 
 

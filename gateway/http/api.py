@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..deploys import DeployService
 from ..domain import audit
-from ..domain.registry import Registry
+from ..domain.facade import Domain
 from ..domain.shapes import (
     account_dict,
     app_dict,
@@ -22,7 +22,6 @@ from ..domain.shapes import (
 )
 from ..errors import Forbidden, GatewayError, UsageError
 from ..models import ApiToken
-from ..store import UserSummary
 from . import jsonbody
 
 PREFIX = "/api/v1"
@@ -34,7 +33,7 @@ class Call:
 
     request: web.Request
     token: ApiToken
-    registry: Registry
+    domain: Domain
     deploys: DeployService
 
     @property
@@ -112,31 +111,26 @@ class Route:
 
 
 async def list_users(call: Call) -> tuple[int, Any]:
-    return 200, [user_dict(u) for u in await call.registry.list_users()]
+    return 200, [user_dict(u) for u in await call.domain.accounts.list_users()]
 
 
 async def create_user(call: Call) -> tuple[int, Any]:
     body = await call.body()
-    user = await call.registry.create_user(string(body, "name") or "", actor=call.actor)
-    return 201, user_dict(UserSummary(user, 0, 0))
+    user = await call.domain.accounts.create_user(string(body, "name") or "", actor=call.actor)
+    return 201, user_dict(await call.domain.accounts.user_summary(user.name))
 
 
 async def get_user(call: Call) -> tuple[int, Any]:
-    name = call.param("user")
-    user = await call.registry.get_user(name)
-    for summary in await call.registry.list_users():
-        if summary.user.id == user.id:
-            return 200, user_dict(summary)
-    return 200, user_dict(UserSummary(user, 0, 0))
+    return 200, user_dict(await call.domain.accounts.user_summary(call.param("user")))
 
 
 async def remove_user(call: Call) -> tuple[int, Any]:
-    await call.registry.remove_user(call.param("user"), actor=call.actor)
+    await call.domain.accounts.remove_user(call.param("user"), actor=call.actor)
     return 204, None
 
 
 async def list_keys(call: Call) -> tuple[int, Any]:
-    return 200, [key_dict(k) for k in await call.registry.list_keys(call.param("user"))]
+    return 200, [key_dict(k) for k in await call.domain.accounts.list_keys(call.param("user"))]
 
 
 async def add_key(call: Call) -> tuple[int, Any]:
@@ -145,7 +139,7 @@ async def add_key(call: Call) -> tuple[int, Any]:
 
 async def _add_key(call: Call, user: str) -> tuple[int, Any]:
     body = await call.body()
-    key = await call.registry.add_key(
+    key = await call.domain.accounts.add_key(
         user,
         string(body, "name") or "",
         string(body, "key") or "",
@@ -162,12 +156,14 @@ async def _add_key(call: Call, user: str) -> tuple[int, Any]:
 
 
 async def list_deploy_keys(call: Call) -> tuple[int, Any]:
-    return 200, [key_dict(k) for k in await call.registry.list_deploy_keys(call.param("app"))]
+    return 200, [
+        key_dict(k) for k in await call.domain.accounts.list_deploy_keys(call.param("app"))
+    ]
 
 
 async def add_deploy_key(call: Call) -> tuple[int, Any]:
     body = await call.body()
-    key = await call.registry.add_deploy_key(
+    key = await call.domain.accounts.add_deploy_key(
         call.param("app"),
         string(body, "name") or "",
         string(body, "key") or "",
@@ -180,12 +176,14 @@ async def add_deploy_key(call: Call) -> tuple[int, Any]:
 
 
 async def remove_deploy_key(call: Call) -> tuple[int, Any]:
-    await call.registry.remove_deploy_key(call.param("app"), call.param("key"), actor=call.actor)
+    await call.domain.accounts.remove_deploy_key(
+        call.param("app"), call.param("key"), actor=call.actor
+    )
     return 204, None
 
 
 async def remove_key(call: Call) -> tuple[int, Any]:
-    await call.registry.remove_key(call.param("user"), call.param("key"), actor=call.actor)
+    await call.domain.accounts.remove_key(call.param("user"), call.param("key"), actor=call.actor)
     return 204, None
 
 
@@ -195,13 +193,13 @@ def _me(call: Call) -> str:
 
 
 async def my_account(call: Call) -> tuple[int, Any]:
-    user = await call.registry.get_user(_me(call))
-    keys = await call.registry.list_keys(user.name)
+    user = await call.domain.accounts.get_user(_me(call))
+    keys = await call.domain.accounts.list_keys(user.name)
     return 200, account_dict(user, len(keys))
 
 
 async def my_keys(call: Call) -> tuple[int, Any]:
-    return 200, [key_dict(k) for k in await call.registry.list_keys(_me(call))]
+    return 200, [key_dict(k) for k in await call.domain.accounts.list_keys(_me(call))]
 
 
 async def add_my_key(call: Call) -> tuple[int, Any]:
@@ -209,48 +207,48 @@ async def add_my_key(call: Call) -> tuple[int, Any]:
 
 
 async def remove_my_key(call: Call) -> tuple[int, Any]:
-    await call.registry.remove_key(_me(call), call.param("key"), actor=call.actor)
+    await call.domain.accounts.remove_key(_me(call), call.param("key"), actor=call.actor)
     return 204, None
 
 
 async def list_apps(call: Call) -> tuple[int, Any]:
-    return 200, [app_dict(a, call.registry.config) for a in await call.registry.list_apps()]
+    return 200, [app_dict(a, call.domain.config) for a in await call.domain.apps.list_apps()]
 
 
 async def create_app(call: Call) -> tuple[int, Any]:
     body = await call.body()
-    app = await call.registry.create_app(
+    app = await call.domain.apps.create_app(
         string(body, "name") or "",
         string(body, "owner") or "",
         string(body, "branch", required=False),
         actor=call.actor,
     )
-    return 201, app_dict(app, call.registry.config)
+    return 201, app_dict(app, call.domain.config)
 
 
 async def get_app(call: Call) -> tuple[int, Any]:
-    return 200, app_dict(await call.registry.get_app(call.param("app")), call.registry.config)
+    return 200, app_dict(await call.domain.apps.get_app(call.param("app")), call.domain.config)
 
 
 async def remove_app(call: Call) -> tuple[int, Any]:
-    app = await call.registry.get_app(call.param("app"))
+    app = await call.domain.apps.get_app(call.param("app"))
     # Its deploys stop first, so none writes on after its logs are archived.
     await call.deploys.cancel_app(app.name, f"{call.actor} (app removed)")
-    removed = await call.registry.remove_app(app.name, actor=call.actor)
+    removed = await call.domain.apps.remove_app(app.name, actor=call.actor)
     return 200, {
-        **app_dict(removed.app, call.registry.config),
+        **app_dict(removed.app, call.domain.config),
         "trashed_to": str(removed.trashed or ""),
     }
 
 
 async def list_members(call: Call) -> tuple[int, Any]:
-    members = await call.registry.members(call.param("app"))
+    members = await call.domain.apps.members(call.param("app"))
     return 200, [member_dict(m) for m in members]
 
 
 async def grant(call: Call) -> tuple[int, Any]:
     body = await call.body()
-    result = await call.registry.grant(
+    result = await call.domain.apps.grant(
         call.param("app"), call.param("user"), string(body, "role") or "", actor=call.actor
     )
     return 200, {
@@ -261,7 +259,7 @@ async def grant(call: Call) -> tuple[int, Any]:
 
 
 async def revoke(call: Call) -> tuple[int, Any]:
-    await call.registry.revoke(call.param("app"), call.param("user"), actor=call.actor)
+    await call.domain.apps.revoke(call.param("app"), call.param("user"), actor=call.actor)
     return 204, None
 
 
@@ -269,17 +267,17 @@ async def list_deploys(call: Call) -> tuple[int, Any]:
     text = call.request.query.get("limit", "20")
     if not text.isdigit():
         raise UsageError("limit must be a whole number")
-    deploys = await call.registry.list_deploys(call.param("app"), limit=int(text))
+    deploys = await call.domain.records.list_deploys(call.param("app"), limit=int(text))
     return 200, [deploy_dict(d) for d in deploys]
 
 
 async def get_deploy(call: Call) -> tuple[int, Any]:
-    record = await call.registry.deploy_record(call.deploy_id())
+    record = await call.domain.records.deploy_record(call.deploy_id())
     return 200, deploy_record_dict(record.deploy, record.deliveries)
 
 
 async def deploy_log(call: Call) -> tuple[int, Any]:
-    deploy = await call.registry.get_deploy(call.deploy_id())
+    deploy = await call.domain.records.get_deploy(call.deploy_id())
     return 200, {
         "id": deploy.id,
         "status": deploy.status.value,
@@ -289,10 +287,10 @@ async def deploy_log(call: Call) -> tuple[int, Any]:
 
 async def cancel_deploy(call: Call) -> tuple[int, Any]:
     deploy_id = call.deploy_id()
-    await call.registry.get_deploy(deploy_id)  # 404 before 409
+    await call.domain.records.get_deploy(deploy_id)  # 404 before 409
     final = await call.deploys.cancel(deploy_id, call.actor)
     await audit.record(
-        call.registry.store,
+        call.domain.store,
         "deploy_cancelled",
         actor=call.actor,
         app=final.app_name,

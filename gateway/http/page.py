@@ -14,15 +14,16 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from ..domain.registry import Registry, TokenExpired
+from .. import times
+from ..domain.facade import Domain
+from ..domain.tokens import LIFETIME, TokenExpired
 from ..errors import GatewayError
 from ..keys import looks_private
 from ..logs import q
 from ..models import ApiToken, SSHKey
-from ..store import utcnow
 from ..tables import expiry_text, shown
 from .api import STATUS_OF  # the page answers with the API's status codes
-from .sessions import LIFETIME, PRESIGNIN_SECONDS, Sessions
+from .sessions import PRESIGNIN_SECONDS, Sessions
 
 log = logging.getLogger("gateway.http")
 
@@ -129,7 +130,7 @@ def keys_page(
     form: dict[str, str] | None = None,
 ) -> str:
     form = form or {}
-    now = utcnow()
+    now = times.now()
     if keys:
         rows = "".join(
             f'<tr data-key="{_e(k.name)}"><td>{_e(k.name)}</td><td>{_e(k.algorithm)}</td>'
@@ -186,8 +187,8 @@ def _echo(form: dict[str, str]) -> dict[str, str]:
 
 
 class KeysPage:
-    def __init__(self, registry: Registry, sessions: Sessions, secure_cookies: bool) -> None:
-        self.registry = registry
+    def __init__(self, domain: Domain, sessions: Sessions, secure_cookies: bool) -> None:
+        self.domain = domain
         self.sessions = sessions
         self.secure = secure_cookies
 
@@ -241,10 +242,10 @@ class KeysPage:
 
     async def _session(self, request: web.Request) -> tuple[ApiToken, str] | None:
         session_id = request.cookies.get(COOKIE, "")
-        session = await self.sessions.find(session_id) if session_id else None
-        if session is None or not session.token.personal or session.token.expired(utcnow()):
+        token = await self.sessions.find(session_id) if session_id else None
+        if token is None or not token.personal or token.expired(times.now()):
             return None
-        return session.token, session_id
+        return token, session_id
 
     async def _form(self, request: web.Request) -> dict[str, str]:
         data = await request.post()
@@ -266,7 +267,7 @@ class KeysPage:
         self, token: ApiToken, session_id: str, status: int = 200, **kw: Any
     ) -> web.Response:
         user = token.user_name or ""  # sessions only hold personal tokens
-        keys = await self.registry.list_keys(user)
+        keys = await self.domain.accounts.list_keys(user)
         return self._html(keys_page(user, keys, self.sessions.csrf(session_id), **kw), status)
 
     async def _authorized_form(
@@ -294,7 +295,7 @@ class KeysPage:
         name, text = form.get("name", "").strip(), form.get("key", "")
         try:
             expires = form.get("expires", "").strip() or None
-            key = await self.registry.add_key(
+            key = await self.domain.accounts.add_key(
                 user,
                 name,
                 text,
@@ -318,7 +319,7 @@ class KeysPage:
         token, session_id, form = checked
         user = token.user_name or ""
         try:
-            key = await self.registry.remove_key(user, form.get("name", ""), actor=user)
+            key = await self.domain.accounts.remove_key(user, form.get("name", ""), actor=user)
         except GatewayError as exc:
             return await self._render(
                 token, session_id, STATUS_OF.get(exc.code, 400), error=str(exc)
@@ -335,7 +336,7 @@ class KeysPage:
             log.info("event=keys_page_refused reason=presignin_token peer=%s", q(request.remote))
             return self._signin("The sign-in form expired: try again.", 403)
         try:
-            token = await self.registry.authenticate(form.get("token", "").strip())
+            token = await self.domain.tokens.authenticate(form.get("token", "").strip())
         except TokenExpired as exc:
             return self._signin(f"{str(exc)[0].upper()}{str(exc)[1:]}.", 401)
         if token is None:

@@ -1,8 +1,9 @@
 """Keys page sessions and the tokens that keep its forms from being posted cross-site.
 
-- A sign-in opens a server-side session: the cookie holds a random id, the registry only
-  its SHA-256 with the personal token it acts with. It ends after `LIFETIME`, after `IDLE`
-  without a request, at sign-out, or when the token (or its user) is removed.
+- A sign-in opens a server-side session (gateway.domain.tokens): the cookie holds a random
+  id, the registry only its SHA-256 with the personal token it acts with. It ends after
+  `LIFETIME`, after `IDLE` without a request, at sign-out, or when the token (or its user)
+  is removed.
 - Before sign-in, the form carries a token tied to a short-lived cookie (a signed
   double-submit: the field is an HMAC of the cookie with this process's secret), so that a
   page elsewhere cannot sign a browser into an account of its choosing.
@@ -18,27 +19,15 @@ import hashlib
 import hmac
 import secrets
 import time
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .. import times
+from ..domain.facade import Domain
 from ..models import ApiToken
-from ..store import Store, WebSession
 
-LIFETIME = timedelta(hours=8)
-IDLE = timedelta(hours=1)
-# A user signed in from more browsers than this loses the oldest sessions.
-MAX_PER_TOKEN = 20
 # How long a sign-in form stays usable.
 PRESIGNIN_SECONDS = 3600
-# Recording "last seen" is a write: once a minute is enough for the idle expiry.
-TOUCH_SECONDS = 60
-
-
-def _hash(session_id: str) -> str:
-    return hashlib.sha256(session_id.encode()).hexdigest()
 
 
 def origin_of(url: str) -> str:
@@ -57,8 +46,8 @@ def origin_of(url: str) -> str:
 
 
 class Sessions:
-    def __init__(self, store: Store, public_url: str) -> None:
-        self.store = store
+    def __init__(self, domain: Domain, public_url: str) -> None:
+        self.domain = domain
         self.public_url = public_url
         # Per process: a restart only makes open forms ask to be submitted again.
         self._secret = secrets.token_bytes(32)
@@ -98,33 +87,14 @@ class Sessions:
 
     async def open(self, token: ApiToken) -> str:
         """A new session for a personal token; the id to put in the cookie."""
-        now = times.now()
-        await self.store.prune_web_sessions(now, now - IDLE)
-        session_id = secrets.token_urlsafe(32)
-        await self.store.create_web_session(
-            _hash(session_id), token.id, now, now + LIFETIME, MAX_PER_TOKEN
-        )
-        return session_id
+        return await self.domain.tokens.open_session(token)
 
-    async def find(self, session_id: str) -> WebSession | None:
-        """The live session with this id, or None (an expired one is deleted)."""
-        if not session_id or len(session_id) > 100:
-            return None
-        id_hash = _hash(session_id)
-        session = await self.store.web_session(id_hash)
-        if session is None:
-            return None
-        now = times.now()
-        if session.expires_at <= now or session.last_seen_at <= now - IDLE:
-            await self.store.remove_web_session(id_hash)
-            return None
-        if session.last_seen_at <= now - timedelta(seconds=TOUCH_SECONDS):
-            await self.store.touch_web_session(id_hash, now)
-        return session
+    async def find(self, session_id: str) -> ApiToken | None:
+        """The token of the live session with this id, or None."""
+        return await self.domain.tokens.session_token(session_id)
 
     async def close(self, session_id: str) -> None:
-        if session_id and len(session_id) <= 100:
-            await self.store.remove_web_session(_hash(session_id))
+        await self.domain.tokens.close_session(session_id)
 
     def csrf(self, session_id: str) -> str:
         return self._mac("session", session_id)

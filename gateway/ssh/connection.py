@@ -18,14 +18,12 @@ from asyncssh.packet import String
 
 from .. import executors, times
 from ..config import Config
-from ..domain import audit
-from ..domain.access import identify
+from ..domain.facade import Domain
 from ..errors import NotFound, StoreUnavailable
 from ..logs import q
 from ..metrics import Metrics
 from ..models import CertInfo, Identity
 from ..names import USER_NAME
-from ..store import Store, utcnow
 from ..textsafe import terminal_safe
 from . import certs, kexguess
 from .explain import Explainer, Told
@@ -37,7 +35,7 @@ class Host(Protocol):
     """What a connection needs from the server that accepted it (the app implements it; the
     SSH layer never imports the app)."""
 
-    store: Store
+    domain: Domain
     metrics: Metrics
     admission: Admission
     explainer: Explainer
@@ -49,8 +47,6 @@ class Host(Protocol):
     @property
     def config(self) -> Config: ...  # the running configuration, read at use
     async def handle_process(self, process: asyncssh.SSHServerProcess[Any]) -> None: ...
-    def audit_auth_failure(self, connection: Connection) -> None: ...
-    async def record_key_use(self, identity: Identity) -> None: ...
     def refresh_certificate_lists(self) -> None: ...
 
 
@@ -287,7 +283,14 @@ class Connection(asyncssh.SSHServer):
                 self.last_fingerprint,
                 q(self.failure),
             )
-            self.gateway.audit_auth_failure(self)
+            # Counted in memory per source and minute; written by the housekeeping task.
+            self.gateway.domain.access.login_failed(
+                self.address,
+                self.failure_kind,
+                self.failure,
+                fingerprint=self.last_fingerprint if self.auth_attempts else "",
+                attempts=self.auth_attempts,
+            )
         # One line per connection that ties it together: who, how long, how much, how it ended.
         log.info(
             "event=disconnect conn=%s peer=%s user=%s fp=%s sessions=%d channels_refused=%d "
@@ -396,7 +399,7 @@ class Connection(asyncssh.SSHServer):
             if name in users or not USER_NAME.fullmatch(name):
                 continue
             try:
-                user = await self.gateway.store.get_user(name)
+                user = await self.gateway.domain.accounts.get_user(name)
             except NotFound:
                 continue
             users[name] = (principal, user.id)
@@ -457,7 +460,7 @@ class Connection(asyncssh.SSHServer):
         if not self._attempt(username, fingerprint):
             return False
         try:
-            identity = await identify(self.gateway.store, fingerprint)
+            identity = await self.gateway.domain.access.identify(fingerprint)
         except StoreUnavailable as exc:
             # The registry is down (a database restart): say so, rather than let the
             # client see "Connection closed"; its next attempt may work.
@@ -476,7 +479,7 @@ class Connection(asyncssh.SSHServer):
             algorithm = key.get_algorithm()
             self._banner(lambda told: told.lines_for_unknown_key(fingerprint, algorithm))
             return False
-        if identity.expired(utcnow()):
+        if identity.expired(times.now()):
             log.info(
                 "event=auth_rejected conn=%s peer=%s reason=expired_key user=%s key=%s fp=%s",
                 self.id,
@@ -505,15 +508,7 @@ class Connection(asyncssh.SSHServer):
             q(identity.key_name),
             identity.fingerprint,
         )
-        await audit.record(
-            self.gateway.store,
-            "auth_refused",
-            actor=identity.user_name,
-            fingerprint=identity.fingerprint,
-            source=self.peer,
-            key=identity.key_name,
-            reason=f"key {refusal.reason}",
-        )
+        await self.gateway.domain.access.login_refused(identity, self.peer, refusal.reason)
         self._banner(
             lambda _: [
                 f'git-gateway: the SSH key "{identity.key_name}" of {identity.user_name} '
@@ -620,22 +615,7 @@ class Connection(asyncssh.SSHServer):
             mac,
             q(self.conn.get_extra_info("client_version")),
         )
-        cert = identity.certificate
-        if cert is None:
-            await self.gateway.record_key_use(identity)
-        detail: dict[str, object] = {"key": identity.key_name}
-        if cert is not None:
-            detail = {
-                "certificate": cert.key_id,
-                "serial": cert.serial,
-                "principal": cert.principal,
-                "ca": cert.ca_fingerprint,
-            }
-        await audit.record(
-            self.gateway.store,
-            "auth_ok",
-            actor=identity.user_name,
-            fingerprint=identity.fingerprint,
-            source=self.peer,
-            **detail,
-        )
+        access = self.gateway.domain.access
+        if identity.certificate is None:
+            await access.record_key_use(identity)
+        await access.logged_in(identity, self.peer)

@@ -17,9 +17,9 @@ import asyncssh
 from .. import executors
 from ..config import Config, SSHSettings
 from ..deploys import DeployService
-from ..domain import audit
-from ..domain.access import CertificateRevoked, KeyExpired, KeyRevoked, recheck
-from ..errors import AccessDenied, GatewayError, NotFound
+from ..domain.access import CertificateRevoked, KeyRevoked
+from ..domain.facade import Domain
+from ..errors import AccessDenied, GatewayError
 from ..git import gitbin
 from ..git.bridge import Channel
 from ..git.packcache import PackCache
@@ -48,6 +48,7 @@ class Runtime(Protocol):
     imports the app)."""
 
     store: Store
+    domain: Domain
     repos: Repositories
     git: gitbin.Git
     deploys: DeployService
@@ -128,20 +129,9 @@ class Sessions:
             denied = isinstance(exc, AccessDenied | KeyRevoked)
             stats.outcome = "denied" if denied else "refused"
             if denied and connection.identity is not None:
-                reason = {}
-                if isinstance(exc, KeyRevoked):
-                    expired = isinstance(exc, KeyExpired)
-                    reason = {"reason": "key expired" if expired else "key no longer registered"}
                 # Awaited, so the row exists by the time the client reads the refusal.
-                await audit.record(
-                    self.runtime.store,
-                    "access_denied",
-                    actor=connection.identity.user_name,
-                    fingerprint=connection.identity.fingerprint,
-                    source=connection.peer,
-                    app=exc.name[:100] if isinstance(exc, AccessDenied) else "",
-                    command=(process.command or "")[:200],
-                    **reason,
+                await self.runtime.domain.access.denied(
+                    connection.identity, connection.peer, exc, process.command or ""
                 )
             log.info(
                 "event=refused conn=%s user=%s command=%s reason=%s",
@@ -183,8 +173,8 @@ class Sessions:
         self.revocations.refresh()
 
     async def _recheck_certificate(self, identity: Identity) -> None:
-        """A certificate's connection outlives neither its validity, nor its revocation, nor
-        its user (the same re-check per session as a key's)."""
+        """A certificate's connection outlives neither its validity nor its revocation (its
+        user is re-checked by the domain, as a key is)."""
         cert = identity.certificate
         if cert is None:  # pragma: no cover - only called for certificates
             return
@@ -199,12 +189,6 @@ class Sessions:
             raise CertificateRevoked("access denied: this certificate's CA is no longer trusted")
         if time.time() >= cert.valid_before:
             raise CertificateRevoked("access denied: this certificate has expired")
-        try:
-            user = await self.runtime.store.get_user(identity.user_name)
-        except NotFound:
-            raise KeyRevoked() from None
-        if user.id != identity.user_id:
-            raise KeyRevoked()
 
     async def _serve(
         self,
@@ -220,8 +204,7 @@ class Sessions:
         # Roles are read per command by authorize(); the key itself is re-checked here.
         if identity.certificate is not None:
             await self._recheck_certificate(identity)
-        else:
-            identity = await recheck(self.runtime.store, identity)
+        identity = await self.runtime.domain.access.recheck(identity)
         if process.subsystem is not None:
             raise GatewayError(f"subsystem '{process.subsystem}' is not supported: no sftp or scp")
         env = process.env
@@ -246,6 +229,7 @@ class Sessions:
             channel=Channel(process.stdin, process.stdout, process.stderr),
             config=self.runtime.config,
             store=self.runtime.store,
+            domain=self.runtime.domain,
             repos=self.runtime.repos,
             git=self.runtime.git,
             deploys=self.runtime.deploys,

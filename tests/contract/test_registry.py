@@ -7,27 +7,27 @@ import json
 import pytest
 
 from gateway.config import from_mapping
-from gateway.domain.registry import Registry
+from gateway.domain.facade import Domain
 from gateway.errors import Conflict, NotFound
 from gateway.store import Store
 
 
 @pytest.fixture
-def registry(store: Store) -> Registry:
-    return Registry(from_mapping({}), store)
+def domain(store: Store) -> Domain:
+    return Domain(from_mapping({}), store)
 
 
-async def test_a_key_moves_to_another_account(registry: Registry, pubkeys) -> None:
-    await registry.create_user("alice", actor="op")
-    await registry.create_user("bob", actor="op")
-    key = await registry.add_key("alice", "laptop", pubkeys[0], actor="op")
-    moved = await registry.move_key("alice", "laptop", "bob", "work", actor="op")
+async def test_a_key_moves_to_another_account(domain: Domain, pubkeys) -> None:
+    await domain.accounts.create_user("alice", actor="op")
+    await domain.accounts.create_user("bob", actor="op")
+    key = await domain.accounts.add_key("alice", "laptop", pubkeys[0], actor="op")
+    moved = await domain.accounts.move_key("alice", "laptop", "bob", "work", actor="op")
     assert (moved.user_name, moved.name, moved.fingerprint) == ("bob", "work", key.fingerprint)
-    assert await registry.list_keys("alice") == []
-    assert [k.name for k in await registry.list_keys("bob")] == ["work"]
-    found = await registry.store.find_key(key.fingerprint)
+    assert await domain.accounts.list_keys("alice") == []
+    assert [k.name for k in await domain.accounts.list_keys("bob")] == ["work"]
+    found = await domain.store.find_key(key.fingerprint)
     assert found is not None and found.user_name == "bob"
-    [event] = [e for e in await registry.store.list_audit() if e.event == "key_moved"]
+    [event] = [e for e in await domain.store.list_audit() if e.event == "key_moved"]
     assert json.loads(event.detail) == {
         "key": "laptop",
         "to_key": "work",
@@ -38,19 +38,19 @@ async def test_a_key_moves_to_another_account(registry: Registry, pubkeys) -> No
 
 @pytest.mark.parametrize("problem", ["no such user", "name taken"])
 async def test_regression_a_refused_move_leaves_the_key_where_it_was(
-    registry: Registry, pubkeys, problem: str
+    domain: Domain, pubkeys, problem: str
 ) -> None:
     """The key is removed from one account and added to the other in one transaction: when
     the second step is refused, the first is undone (the key never ends up on no account)."""
-    await registry.create_user("alice", actor="op")
-    key = await registry.add_key("alice", "laptop", pubkeys[0], actor="op")
+    await domain.accounts.create_user("alice", actor="op")
+    key = await domain.accounts.add_key("alice", "laptop", pubkeys[0], actor="op")
     target = "ghost"
     if problem == "name taken":
         target = "bob"
-        await registry.create_user("bob", actor="op")
-        await registry.add_key("bob", "laptop", pubkeys[1], actor="op")
+        await domain.accounts.create_user("bob", actor="op")
+        await domain.accounts.add_key("bob", "laptop", pubkeys[1], actor="op")
     with pytest.raises(NotFound if problem == "no such user" else Conflict):
-        await registry.move_key("alice", "laptop", target, actor="op")
-    [kept] = await registry.list_keys("alice")
+        await domain.accounts.move_key("alice", "laptop", target, actor="op")
+    [kept] = await domain.accounts.list_keys("alice")
     assert kept.fingerprint == key.fingerprint and kept.id == key.id
-    assert not [e for e in await registry.store.list_audit() if e.event == "key_moved"]
+    assert not [e for e in await domain.store.list_audit() if e.event == "key_moved"]

@@ -731,22 +731,22 @@ async def test_creating_an_app_with_its_repository_is_one_transaction(
     store: Store, tmp_path: Path
 ) -> None:
     from gateway import config
-    from gateway.domain.registry import Registry
+    from gateway.domain.facade import Domain
 
     cfg = config.from_mapping({"storage": {"repos": str(tmp_path / "repos")}})
-    registry = Registry(cfg, store)
+    domain = Domain(cfg, store)
     await store.create_user("alice")
 
     def broken(app: str, branch: str) -> Path:
         raise OSError("disk full")
 
-    real = registry.repos.create
-    registry.repos.create = broken  # type: ignore[method-assign]
+    real = domain.repos.create
+    domain.repos.create = broken  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk full"):
-        await registry.create_app("web", "alice", actor="operator")
+        await domain.apps.create_app("web", "alice", actor="operator")
     assert await store.get_app("web") is None and await store.list_audit() == []
-    assert not registry.repos.path_for("web").exists()
-    registry.repos.create = real  # type: ignore[method-assign]
-    app = await registry.create_app("web", "alice", actor="operator")
-    assert app.owner_name == "alice" and registry.repos.exists("web")
+    assert not domain.repos.path_for("web").exists()
+    domain.repos.create = real  # type: ignore[method-assign]
+    app = await domain.apps.create_app("web", "alice", actor="operator")
+    assert app.owner_name == "alice" and domain.repos.exists("web")
     assert [e.event for e in await store.list_audit()] == ["app_created"]

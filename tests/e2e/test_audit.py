@@ -58,7 +58,7 @@ def test_audit_trail_of_a_user_and_an_app(owner, app, admin, make_user, server, 
         e for e in events(admin, "--user", stranger.name) if e["event"] == "access_denied"
     )
     assert denied["app"] == app
-    server.call(server.gateway.auth_failures.flush(everything=True))  # minute-end write
+    server.call(server.gateway.domain.access.flush_failures(everything=True))  # minute-end write
     failed = [e for e in events(admin) if e["event"] == "auth_failed"]
     assert any(e["detail"]["reason"] == "unknown key" for e in failed)
 

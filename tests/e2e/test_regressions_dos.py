@@ -67,7 +67,7 @@ def test_auth_attempt_flood(tight, tight_user, tmp_path):
         assert b"Too many authentication failures" in err or b"closed" in err or b"reset" in err
     settle(tight)
     assert tight_user.ssh().returncode == 0
-    tight.call(tight.gateway.auth_failures.flush(everything=True))  # minute-end write
+    tight.call(tight.gateway.domain.access.flush_failures(everything=True))  # minute-end write
     events = json.loads(Admin(tight.config_path).ok("audit", "--json", "--limit", "500"))
     reasons = {e["detail"].get("reason") for e in events if e["event"] == "auth_failed"}
     assert "too many authentication attempts" in reasons

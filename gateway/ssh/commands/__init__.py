@@ -13,6 +13,7 @@ from ...names import app_name
 if TYPE_CHECKING:
     from ...config import Config
     from ...deploys import DeployService
+    from ...domain.facade import Domain
     from ...git.bridge import Channel
     from ...git.gitbin import Git
     from ...git.packcache import PackCache
@@ -55,7 +56,10 @@ class Context:
     identity: Identity
     channel: Channel
     config: Config
+    # Only `cancel`'s, until the one audited cancel in gateway.deploys: every other command
+    # does its domain work through `domain` (pyproject.toml's import contract).
     store: Store
+    domain: Domain
     repos: Repositories
     git: Git
     deploys: DeployService

@@ -1,6 +1,6 @@
 """Self-service over SSH: `whoami`, `keys`, `keys add NAME < KEY.pub`, `keys remove NAME`.
 
-The same registry calls, rules and messages as the operator CLI and the HTTP API; the
+The same domain facade, rules and messages as the operator CLI and the HTTP API; the
 account is always the connection's own (bound to the key that completed authentication).
 """
 
@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
-from ... import tables
-from ...domain.registry import MAX_KEY_TEXT, Registry
+from ... import tables, times
+from ...domain.accounts import MAX_KEY_TEXT
 from ...errors import GatewayError, UsageError
 from ...models import Identity
-from ...store import utcnow
 from . import Context, Invocation
 
 # Seconds `keys add` waits for the public key on standard input (a forgotten `< key.pub`
@@ -29,9 +28,11 @@ async def _write(ctx: Context, text: str) -> None:
 def expiry_warning(ctx: Context) -> str | None:
     """One line when the connection's key expires within WARN_DAYS days, else None."""
     ident = ctx.identity
-    if ident.expires_at is None or ident.expires_at - utcnow() > timedelta(days=tables.WARN_DAYS):
+    if ident.expires_at is None or ident.expires_at - times.now() > timedelta(
+        days=tables.WARN_DAYS
+    ):
         return None
-    when = tables.expiry_text(ident.expires_at, utcnow())
+    when = tables.expiry_text(ident.expires_at, times.now())
     add = ctx.config.ssh_command("keys add NAME < KEY.pub")
     return f'warning: your SSH key "{ident.key_name}" expires {when}: add another: {add}'
 
@@ -40,10 +41,6 @@ def _expiry(ident: Identity) -> datetime | None:
     if ident.certificate is not None:
         return ident.certificate.until
     return ident.expires_at
-
-
-def _registry(ctx: Context) -> Registry:
-    return Registry(ctx.config, ctx.store, ctx.repos)
 
 
 async def whoami(ctx: Context, inv: Invocation) -> int:
@@ -65,7 +62,7 @@ async def whoami(ctx: Context, inv: Invocation) -> int:
     lines = [
         owner,
         what,
-        f"expires: {tables.expiry_text(_expiry(ident), utcnow())}",
+        f"expires: {tables.expiry_text(_expiry(ident), times.now())}",
     ]
     warning = expiry_warning(ctx)
     if warning:
@@ -112,7 +109,7 @@ async def keys(ctx: Context, inv: Invocation) -> int:
         )
     ident = ctx.identity
     user = ident.user_name
-    registry = _registry(ctx)
+    accounts = ctx.domain.accounts
     action = inv.args[0]
     if action != "list" and (ident.scope is not None or ident.access == "read"):
         # A key limited to some apps or to reading must not mint an unlimited one, nor take
@@ -122,7 +119,7 @@ async def keys(ctx: Context, inv: Invocation) -> int:
             "not add or remove them (log in with an unlimited key)"
         )
     if action == "list":
-        found = await registry.list_keys(user)
+        found = await accounts.list_keys(user)
         rows = [
             [*row, "<- this connection" if key.id == ctx.identity.key_id else ""]
             for row, key in zip(tables.key_rows(found), found, strict=True)
@@ -134,7 +131,7 @@ async def keys(ctx: Context, inv: Invocation) -> int:
         text = await _read_key(ctx)
         apps = list(inv.args[4:])
         # A key that expires (a certificate too) adds none that outlives it.
-        record = await registry.add_key(
+        record = await accounts.add_key(
             user,
             name,
             text,
@@ -146,7 +143,7 @@ async def keys(ctx: Context, inv: Invocation) -> int:
         )
         await _write(ctx, tables.key_added(record))
         return 0
-    removed = await registry.remove_key(user, name, actor=user)
+    removed = await accounts.remove_key(user, name, actor=user)
     note = ""
     if removed.id == ctx.identity.key_id:
         note = "This was the key of this connection: it can no longer log in.\n"

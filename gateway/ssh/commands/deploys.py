@@ -8,7 +8,7 @@ import contextlib
 from ... import tables
 from ...domain import audit
 from ...domain.access import authorize
-from ...errors import AccessDenied, GatewayError
+from ...errors import AccessDenied, GatewayError, NotFound
 from ...git.bridge import CLIENT_GONE
 from ...models import Role
 from ...textsafe import TerminalStream, terminal_safe
@@ -29,8 +29,8 @@ async def _write(ctx: Context, text: str) -> None:
 
 
 async def list_deploys(ctx: Context, inv: Invocation) -> int:
-    app, _ = await authorize(ctx.store, ctx.identity, inv.app, Role.READ)
-    deploys = await ctx.store.list_deploys(app.name)
+    app, _ = await ctx.domain.access.authorize(ctx.identity, inv.app, Role.READ)
+    deploys = await ctx.domain.records.list_deploys(app.name)
     if not deploys:
         await _write(ctx, f"no deploys of {app.name} yet\n")
         return 0
@@ -39,14 +39,18 @@ async def list_deploys(ctx: Context, inv: Invocation) -> int:
 
 
 async def logs(ctx: Context, inv: Invocation) -> int:
-    app, _ = await authorize(ctx.store, ctx.identity, inv.app, Role.READ)
+    app, _ = await ctx.domain.access.authorize(ctx.identity, inv.app, Role.READ)
+    records = ctx.domain.records
     _, wanted, follow = inv.args
     if wanted:
-        deploy = await ctx.store.get_deploy(int(wanted))
-        if deploy is None or deploy.app_id != app.id:
+        try:
+            deploy = await records.get_deploy(int(wanted))
+        except NotFound:
+            raise DeployNotFound(f"#{wanted} of {app.name}") from None
+        if deploy.app_id != app.id:
             raise DeployNotFound(f"#{wanted} of {app.name}")
     else:
-        latest = await ctx.store.list_deploys(app.name, limit=1)
+        latest = await records.list_deploys(app.name, limit=1)
         if not latest:
             raise GatewayError(f"no deploys of {app.name} yet")
         deploy = latest[0]
@@ -66,7 +70,10 @@ async def logs(ctx: Context, inv: Invocation) -> int:
                 await asyncio.wait_for(_write(ctx, rest), FLUSH_TIMEOUT)
         return 0 if final.status.ok else 1
     await _write(ctx, terminal_safe(await ctx.deploys.log_text(deploy.id)))
-    current = await ctx.store.get_deploy(deploy.id) or deploy
+    try:
+        current = await records.get_deploy(deploy.id)
+    except NotFound:  # removed with its app meanwhile
+        current = deploy
     if not current.status.finished:
         await say(f"deploy #{current.id} is {current.status.value}; add --follow to watch it\n")
     return 0

@@ -10,7 +10,6 @@ import time
 from ... import executors
 from ...config import size_text
 from ...deploys import PushSession
-from ...domain.access import authorize
 from ...errors import GatewayError
 from ...git import bridge, gitbin, hooks
 from ...git.repos import git_settings
@@ -78,7 +77,7 @@ class TooManyAtOnce(GatewayError):
 
 async def run(ctx: Context, inv: Invocation) -> int:
     needed, subcommand, extra = SERVICES[inv.command]
-    app, role = await authorize(ctx.store, ctx.identity, inv.app, needed)
+    app, role = await ctx.domain.access.authorize(ctx.identity, inv.app, needed)
     admission = ctx.admission
     if admission is None:
         return await _serve(ctx, app, role, subcommand, extra)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import textwrap
 
 from ... import times
-from ...domain.access import role_of
-from ...models import App, Role
 from ...tables import one_line
 from . import COMMANDS, Context, Invocation
 from .account import expiry_warning
@@ -75,7 +73,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
     warning = expiry_warning(ctx)
     if warning:
         lines.append(warning)
-    apps = await reachable(ctx)
+    apps = await ctx.domain.access.reachable(ident)
     if ident.deploy:
         pass  # its one app is named above
     elif apps:
@@ -104,19 +102,6 @@ async def run(ctx: Context, inv: Invocation) -> int:
 def _limits(scope: tuple[str, ...] | None, access: str | None) -> str:
     apps = "every app of yours" if scope is None else (", ".join(scope) or "no app")
     return apps + (", reading only" if access == "read" else "")
-
-
-async def reachable(ctx: Context) -> list[tuple[App, Role]]:
-    """The apps this key reaches, with what it may do there (its limits applied)."""
-    ident = ctx.identity
-    if ident.user_id is None:
-        return []
-    found = []
-    for app, _ in await ctx.store.apps_for(ident.user_id):
-        role = await role_of(ctx.store, ident, app)
-        if role is not None:
-            found.append((app, role))
-    return found
 
 
 async def help_text(ctx: Context, inv: Invocation) -> int:
