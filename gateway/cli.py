@@ -359,8 +359,8 @@ async def deploy_show(args: argparse.Namespace, cfg: config.Config, out: TextIO)
             return 0
         # Subject, author and reason are the tenant's text: shown escaped, one line each.
         for key, value in deploy_dict(deploy).items():
-            shown = tables.one_line("" if value is None else str(value))
-            out.write(f"{key + ':':<17}{shown}\n")
+            text = tables.one_line("" if value is None else str(value))
+            out.write(f"{key + ':':<17}{text}\n")
         for d in deliveries:
             result = d.status_code if d.status_code is not None else tables.one_line(d.error)
             out.write(

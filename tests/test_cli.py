@@ -304,3 +304,49 @@ def test_key_add_without_a_file_prints_its_usage_instead_of_waiting(tmp_path, co
         f"git-gateway {' '.join(command[:-2])}: error: give the public key's FILE, or - to read "
         "it from standard input"
     )
+
+
+def test_regression_deploy_show_lists_webhook_attempts(admin, tmp_path):
+    """`deploy show` of a deploy with webhook deliveries printed nothing but a crash ("str
+    not callable": a local variable hid the time formatter); each attempt is one line."""
+    import asyncio
+    from datetime import UTC, datetime
+
+    from gateway.models import NewDeploy, WebhookDelivery
+    from gateway.store import open_store
+
+    admin.ok("user", "add", "alice")
+    admin.ok("app", "create", "web", "--owner", "alice")
+
+    async def seed() -> int:
+        store = await open_store(str(tmp_path / "gw.db"))
+        try:
+            app = await store.get_app("web")
+            new = NewDeploy(
+                app.id,
+                "refs/heads/main",
+                "0" * 40,
+                "1" * 40,
+                "alice",
+                "",
+                "s",
+                "a",
+                "detached",
+                "webhook",
+            )
+            deploy = await store.create_deploy(new)
+            at = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+            failed = WebhookDelivery(
+                deploy.id, 1, "https://ci.example/hook", None, "timed out", 5000, at
+            )
+            await store.add_webhook_delivery(failed)
+            ok = WebhookDelivery(deploy.id, 2, "https://ci.example/hook", 204, "", 80, at)
+            await store.add_webhook_delivery(ok)
+            return deploy.id
+        finally:
+            await store.close()
+
+    deploy_id = asyncio.run(seed())
+    out = admin.ok("deploy", "show", str(deploy_id))
+    assert "webhook attempt 1: timed out in 5000 ms at 2026-12-07" in out
+    assert "webhook attempt 2: 204 in 80 ms at 2026-12-07" in out
