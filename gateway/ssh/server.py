@@ -30,7 +30,7 @@ from ..models import Identity
 from ..store import Store
 from ..textsafe import terminal_safe
 from . import certs, commands, hostkeys
-from .commands.dispatch import execute
+from .commands import execute
 from .connection import Connection
 from .limits import Admission, RateLimiter
 

@@ -58,7 +58,7 @@ def readers(server: ServerThread, section: str, key: str) -> dict[str, Any]:
     gateway = server.gateway
     seen = {"gateway": getattr(getattr(gateway.config, section), key)}
     assert gateway.web is not None
-    seen["api"] = getattr(getattr(gateway.web.registry.config, section), key)
+    seen["api"] = getattr(getattr(gateway.web.domain.config, section), key)
     if section in ("deploy", "cluster"):
         seen["deploys"] = getattr(getattr(gateway.deploys.config, section), key)
     if section == "limits":

@@ -7,8 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import AccessDenied, GatewayError, UnknownCommand
-from gateway.ssh.commands import COMMANDS, KNOWN_COMMANDS, parse
-from gateway.ssh.commands.dispatch import HANDLERS
+from gateway.ssh.commands import COMMANDS, HANDLERS, KNOWN_COMMANDS, parse
 
 KEYS_USAGE = (
     "usage: keys | keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub"

@@ -1,33 +1,179 @@
-"""Parse the SSH command line into one of the allowed commands; anything else is refused."""
+"""The SSH commands: their one table (which drives parsing, `help`, the welcome screen, usage
+errors and metric labels), the parser that turns an exec request into one of them or refuses
+it, and the two commands that describe the table (the command-less welcome, `help`).
+
+A new command is one module (its readers, its handler and its `Command`) and one line in
+COMMANDS below.
+"""
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+import textwrap
 
-from ...errors import AccessDenied, InvalidName, UnknownCommand, printable
-from ...names import app_name
+from ... import times
+from ...errors import UnknownCommand, printable
+from ...tables import one_line
+from . import account, deploys, git
+from .account import expiry_warning
+from .base import (
+    GIT_SERVICES,
+    Command,
+    Context,
+    Handler,
+    Invocation,
+    SessionStats,
+    Usage,
+    no_words,
+    repo_path_to_app,
+)
 
-if TYPE_CHECKING:
-    from ...config import Config
-    from ...deploys import DeployService
-    from ...domain.facade import Domain
-    from ...git.bridge import Channel
-    from ...git.gitbin import Git
-    from ...git.packcache import PackCache
-    from ...git.repos import Repositories
-    from ...metrics import Metrics
-    from ...models import Identity
-    from ...store import Store
-    from ..limits import Admission
+__all__ = [
+    "COMMANDS",
+    "GIT_SERVICES",
+    "KNOWN_COMMANDS",
+    "Command",
+    "Context",
+    "Invocation",
+    "SessionStats",
+    "command_label",
+    "execute",
+    "parse",
+    "repo_path_to_app",
+]
 
 MAX_COMMAND_LENGTH = 4096
 
-# git sends the repository path quoted in several forms depending on the URL the user typed:
-# host:app.git -> 'app.git', ssh://host/app.git -> '/app.git', ssh://host/~/app.git -> '~/app.git'.
-GIT_SERVICES = ("git-upload-pack", "git-receive-pack", "git-upload-archive")
+
+WIDTH = 80  # a terminal's width: nothing of `help` or the welcome's command list wraps
+
+
+def _commands(ctx: Context) -> list[str]:
+    """Every command with its forms, as `help` and the welcome list them: each form on its
+    own line, what it does wrapped under it, nothing wider than WIDTH columns (but a host
+    name or URL longer than a line)."""
+    prefix = ctx.config.ssh_command("")
+    lines = _wrap(f"Commands ({prefix}COMMAND):", "")
+    for syntax in COMMANDS.values():
+        for form in syntax.forms:
+            lines += _wrap(form, "  ")
+        lines += _wrap(syntax.summary, "      ")
+    lines += _wrap(
+        f"git clone, fetch, push, archive --remote with {ctx.config.clone_url('APP')}", "  "
+    )
+    return lines
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    return textwrap.wrap(
+        text,
+        WIDTH,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+async def run(ctx: Context, inv: Invocation) -> int:
+    ident = ctx.identity
+    if ident.deploy:
+        access = "read-write" if ident.access == "write" else "read-only"
+        lines = [
+            f'Hi! You are authenticated with the deploy key "{ident.key_name}" of '
+            f"{ident.app_name} ({ident.fingerprint}), {access}: it reaches "
+            f"{ctx.config.clone_url(ident.app_name or '')} only."
+        ]
+    elif ident.certificate is not None:
+        cert = ident.certificate
+        lines = [
+            f"Hi {ident.user_name}! You are authenticated with the certificate "
+            f'"{one_line(cert.key_id)}" (serial {cert.serial}, principal '
+            f"{one_line(cert.principal)}, valid "
+            f"{'until ' + times.text(cert.until) if cert.until else 'forever'}), "
+            f"signed by the CA {cert.ca_fingerprint}."
+        ]
+    else:
+        lines = [
+            f'Hi {ident.user_name}! You are authenticated with key "{ident.key_name}" '
+            f"({ident.fingerprint})."
+        ]
+    if ctx.refused_keys:
+        # A multi-key agent: say which of its keys this is, and that the others are unknown.
+        count = len(ctx.refused_keys)
+        others = "another key" if count == 1 else f"{count} other keys"
+        lines.append(
+            f"Your client offered {others} first, not registered here: "
+            f"{', '.join(ctx.refused_keys)}."
+        )
+    warning = expiry_warning(ctx)
+    if warning:
+        lines.append(warning)
+    apps = await ctx.domain.access.reachable(ident)
+    if ident.deploy:
+        pass  # its one app is named above
+    elif apps:
+        width = max(len(app.name) for app, _ in apps)
+        lines.append("Apps you can reach:")
+        for app, role in apps:
+            lines.append(
+                f"  {app.name:<{width}}  {role.label:<5}  {ctx.config.clone_url(app.name)}"
+            )
+        if ident.scope is not None or ident.access == "read":
+            lines.append(f"This key is limited to: {_limits(ident.scope, ident.access)}.")
+    elif ident.scope is not None:
+        lines.append(
+            f"This key is limited to {_limits(ident.scope, ident.access)}, "
+            "where you have no role (any more)."
+        )
+    else:
+        lines.append("You cannot reach any app yet: ask an app's owner to grant you access.")
+    lines += _commands(ctx)
+    lines.append("There is no shell.")
+    ctx.channel.stdout.write(("\n".join(lines) + "\n").encode())
+    await ctx.channel.stdout.drain()
+    return 0
+
+
+def _limits(scope: tuple[str, ...] | None, access: str | None) -> str:
+    apps = "every app of yours" if scope is None else (", ".join(scope) or "no app")
+    return apps + (", reading only" if access == "read" else "")
+
+
+async def help_text(ctx: Context, inv: Invocation) -> int:
+    ctx.channel.stdout.write(("\n".join(_commands(ctx)) + "\n").encode())
+    await ctx.channel.stdout.drain()
+    return 0
+
+
+# Every command a session may run besides git's own, in the order `help` lists them.
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        Command(
+            "info",
+            ("info",),
+            "who you are and the apps you reach (also: no command)",
+            no_words,
+            run,
+        ),
+        account.WHOAMI,
+        account.KEYS,
+        deploys.DEPLOYS,
+        deploys.LOGS,
+        deploys.CANCEL,
+        Command("help", ("help",), "this list", no_words, help_text),
+    )
+}
+KNOWN_COMMANDS = (*GIT_SERVICES, *COMMANDS)
+HANDLERS: dict[str, Handler] = {
+    **{service: git.run for service in GIT_SERVICES},
+    **{name: command.run for name, command in COMMANDS.items()},
+}
+
+
+async def execute(ctx: Context, inv: Invocation) -> int:
+    return await HANDLERS[inv.command](ctx, inv)
 
 
 def command_label(command: str | None) -> str:
@@ -38,184 +184,6 @@ def command_label(command: str | None) -> str:
     if len(words) >= 2 and words[0] == "git" and f"git-{words[1]}" in GIT_SERVICES:
         return f"git-{words[1]}"
     return words[0] if words[0] in KNOWN_COMMANDS else "other"
-
-
-@dataclass
-class SessionStats:
-    """What a command reports back about its session, for the connection's summary line."""
-
-    bytes_in: int = 0
-    bytes_out: int = 0
-    outcome: str = "ok"
-
-
-@dataclass
-class Context:
-    """Everything a command may use: the verified identity, the session's streams, services."""
-
-    identity: Identity
-    channel: Channel
-    config: Config
-    # Only `cancel`'s, until the one audited cancel in gateway.deploys: every other command
-    # does its domain work through `domain` (pyproject.toml's import contract).
-    store: Store
-    domain: Domain
-    repos: Repositories
-    git: Git
-    deploys: DeployService
-    metrics: Metrics | None = None
-    stats: SessionStats = field(default_factory=SessionStats)
-    client_protocol: str | None = None
-    conn_id: str = "-"
-    peer: str = "-"
-    pack_cache: PackCache | None = None
-    # Fingerprints the client offered before the key that logged in, not registered here.
-    refused_keys: tuple[str, ...] = ()
-    # The node's per-user caps ([limits] max_fetches_per_user); None: not counted.
-    admission: Admission | None = None
-
-
-Handler = Callable[[Context, "Invocation"], Awaitable[int]]
-
-
-@dataclass(frozen=True)
-class Invocation:
-    command: str
-    args: tuple[str, ...]
-
-    @property
-    def app(self) -> str:
-        return self.args[0]
-
-
-def repo_path_to_app(path: str) -> str:
-    """Map a path as git sends it to an app name, or raise AccessDenied."""
-    name = path
-    if name.startswith("~/"):
-        name = name[2:]
-    elif name.startswith("/"):
-        name = name[1:]
-    name = name.removesuffix("/").removesuffix(".git")
-    try:
-        return app_name(name)
-    except InvalidName:
-        raise AccessDenied(path) from None
-
-
-def _deploy_id(text: str) -> str:
-    digits = text.removeprefix("#")
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
-        raise UnknownCommand(f"invalid deploy id '{printable(text, 20)}'")
-    return str(int(digits))
-
-
-class _Usage(Exception):
-    """The words after a command's name do not fit any of its forms."""
-
-
-def _none(words: list[str]) -> tuple[str, ...]:
-    if words:
-        raise _Usage
-    return ()
-
-
-def _app_only(words: list[str]) -> tuple[str, ...]:
-    if len(words) != 1:
-        raise _Usage
-    return (repo_path_to_app(words[0]),)
-
-
-def _logs(words: list[str]) -> tuple[str, ...]:
-    follow = [w for w in words[1:] if w in ("--follow", "-f")]
-    rest = [w for w in words[1:] if w not in ("--follow", "-f")]
-    if not 1 <= len(words) <= 3 or len(follow) > 1 or len(rest) > 1:
-        raise _Usage
-    deploy_id = _deploy_id(rest[0]) if rest else ""
-    return (repo_path_to_app(words[0]), deploy_id, "follow" if follow else "")
-
-
-def _cancel(words: list[str]) -> tuple[str, ...]:
-    if len(words) != 1:
-        raise _Usage
-    return (_deploy_id(words[0]),)
-
-
-MAX_KEY_APPS = 100
-
-
-def _keys(words: list[str]) -> tuple[str, ...]:
-    """`keys`, `keys remove NAME`, `keys add NAME [--expires WHEN] [--read-only] [--app APP]...`
-    as ("list",), ("remove", NAME, "", ""), ("add", NAME, WHEN, "read-only" or "", APP...).
-    Names, expiry and apps are then checked by the registry's rules."""
-    if not words or words == ["list"]:
-        return ("list",)
-    if len(words) == 2 and words[0] == "remove":
-        return ("remove", words[1], "", "")
-    if len(words) < 2 or words[0] != "add" or words[1].startswith("-"):
-        raise _Usage
-    expires, read_only, apps = "", "", []
-    rest = words[2:]
-    while rest:
-        word = rest.pop(0)
-        name, eq, value = word.partition("=")
-        if name in ("--expires", "--app") and not eq:
-            if not rest:
-                raise _Usage
-            value = rest.pop(0)
-        if name == "--expires" and not expires:
-            expires = value
-        elif name == "--app" and len(apps) < MAX_KEY_APPS:
-            apps.append(value)
-        elif word == "--read-only":
-            read_only = "read-only"
-        else:
-            raise _Usage
-    return ("add", words[1], expires, read_only, *apps)
-
-
-@dataclass(frozen=True)
-class Syntax:
-    """One command besides git's: its forms (for `help` and usage errors), what it does,
-    and how the words after its name become its arguments."""
-
-    name: str
-    forms: tuple[str, ...]
-    summary: str
-    read: Callable[[list[str]], tuple[str, ...]]
-    takes_app: bool = False  # its first argument is an app name
-    rated: bool = False  # counted against [limits] user_ops_per_minute, as git operations are
-
-
-# Every command a session may run besides git's own, in the order `help` lists them.
-COMMANDS: dict[str, Syntax] = {
-    s.name: s
-    for s in (
-        Syntax("info", ("info",), "who you are and the apps you reach (also: no command)", _none),
-        Syntax("whoami", ("whoami",), "your account and the key this connection used", _none),
-        Syntax(
-            "keys",
-            (
-                "keys",
-                "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub",
-                "keys remove NAME",
-            ),
-            "list, add or remove the SSH keys of your account",
-            _keys,
-            rated=True,
-        ),
-        Syntax("deploys", ("deploys APP",), "an app's recent deploys", _app_only, True),
-        Syntax(
-            "logs",
-            ("logs APP [ID] [--follow]",),
-            "a deploy's log (the latest by default)",
-            _logs,
-            True,
-        ),
-        Syntax("cancel", ("cancel ID",), "cancel a queued or running deploy", _cancel),
-        Syntax("help", ("help",), "this list", _none),
-    )
-}
-KNOWN_COMMANDS = (*GIT_SERVICES, *COMMANDS)
 
 
 def parse(command: str | None) -> Invocation:
@@ -247,5 +215,5 @@ def parse(command: str | None) -> Invocation:
         )
     try:
         return Invocation(name, syntax.read(words[1:]))
-    except _Usage:
+    except Usage:
         raise UnknownCommand("usage: " + " | ".join(syntax.forms)) from None

@@ -13,7 +13,7 @@ from ... import tables, times
 from ...domain.accounts import MAX_KEY_TEXT
 from ...errors import GatewayError, UsageError
 from ...models import Identity
-from . import Context, Invocation
+from .base import Command, Context, Invocation, Usage, no_words
 
 # Seconds `keys add` waits for the public key on standard input (a forgotten `< key.pub`
 # leaves ssh waiting on the terminal: it ends with a usage line rather than hanging).
@@ -149,3 +149,54 @@ async def keys(ctx: Context, inv: Invocation) -> int:
         note = "This was the key of this connection: it can no longer log in.\n"
     await _write(ctx, tables.key_removed(removed) + note)
     return 0
+
+
+MAX_KEY_APPS = 100
+
+
+def _keys(words: list[str]) -> tuple[str, ...]:
+    """`keys`, `keys remove NAME`, `keys add NAME [--expires WHEN] [--read-only] [--app APP]...`
+    as ("list",), ("remove", NAME, "", ""), ("add", NAME, WHEN, "read-only" or "", APP...).
+    Names, expiry and apps are then checked by the registry's rules."""
+    if not words or words == ["list"]:
+        return ("list",)
+    if len(words) == 2 and words[0] == "remove":
+        return ("remove", words[1], "", "")
+    if len(words) < 2 or words[0] != "add" or words[1].startswith("-"):
+        raise Usage
+    expires, read_only = "", ""
+    apps: list[str] = []
+    rest = words[2:]
+    while rest:
+        word = rest.pop(0)
+        name, eq, value = word.partition("=")
+        if name in ("--expires", "--app") and not eq:
+            if not rest:
+                raise Usage
+            value = rest.pop(0)
+        if name == "--expires" and not expires:
+            expires = value
+        elif name == "--app" and len(apps) < MAX_KEY_APPS:
+            apps.append(value)
+        elif word == "--read-only":
+            read_only = "read-only"
+        else:
+            raise Usage
+    return ("add", words[1], expires, read_only, *apps)
+
+
+WHOAMI = Command(
+    "whoami", ("whoami",), "your account and the key this connection used", no_words, whoami
+)
+KEYS = Command(
+    "keys",
+    (
+        "keys",
+        "keys add NAME [--expires WHEN] [--read-only] [--app APP]... < KEY.pub",
+        "keys remove NAME",
+    ),
+    "list, add or remove the SSH keys of your account",
+    _keys,
+    keys,
+    rated=True,
+)

@@ -12,7 +12,7 @@ from ...errors import AccessDenied, GatewayError, NotFound
 from ...git.bridge import CLIENT_GONE
 from ...models import Role
 from ...textsafe import TerminalStream, terminal_safe
-from . import Context, Invocation
+from .base import Command, Context, Invocation, Usage, app_only, deploy_id, repo_path_to_app
 
 # Seconds the last bytes of a followed log may take to reach a watcher.
 FLUSH_TIMEOUT = 5.0
@@ -105,3 +105,32 @@ async def cancel(ctx: Context, inv: Invocation) -> int:
         ),
     )
     return 0
+
+
+def _logs(words: list[str]) -> tuple[str, ...]:
+    follow = [w for w in words[1:] if w in ("--follow", "-f")]
+    rest = [w for w in words[1:] if w not in ("--follow", "-f")]
+    if not 1 <= len(words) <= 3 or len(follow) > 1 or len(rest) > 1:
+        raise Usage
+    number = deploy_id(rest[0]) if rest else ""
+    return (repo_path_to_app(words[0]), number, "follow" if follow else "")
+
+
+def _cancel(words: list[str]) -> tuple[str, ...]:
+    if len(words) != 1:
+        raise Usage
+    return (deploy_id(words[0]),)
+
+
+DEPLOYS = Command(
+    "deploys", ("deploys APP",), "an app's recent deploys", app_only, list_deploys, True
+)
+LOGS = Command(
+    "logs",
+    ("logs APP [ID] [--follow]",),
+    "a deploy's log (the latest by default)",
+    _logs,
+    logs,
+    rated=True,
+)
+CANCEL = Command("cancel", ("cancel ID",), "cancel a queued or running deploy", _cancel, cancel)

@@ -16,8 +16,8 @@ from ...git.repos import git_settings
 from ...logs import q
 from ...models import App, Role
 from ..limits import FETCHES, PUSHES, user_key
-from . import Context, Invocation
 from .account import expiry_warning
+from .base import Context, Invocation
 
 log = logging.getLogger("gateway.git")
 
