@@ -6,7 +6,8 @@ import re
 from typing import Any
 
 from .. import __version__
-from .api import ERROR, PREFIX, ROUTES, Route
+from .api import PREFIX, ROUTES, Route
+from .schemas import ERROR
 
 _PARAM = re.compile(r"{(\w+)}")
 _REASONS = {
