@@ -22,7 +22,7 @@ from . import config as config_module
 from . import executors
 from .config import Config
 from .control import ControlServer
-from .deploys import DeployService, sandbox, webhook
+from .deploys import DeployService, sandbox
 from .domain import audit, retention
 from .domain.access import CertificateRevoked, KeyExpired, KeyRevoked, recheck
 from .domain.registry import Registry
@@ -284,8 +284,7 @@ class Gateway:
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
-        await self.deploys.close()
-        await webhook.close()
+        await self.deploys.close()  # and the pipelines' shared clients
         if self.web is not None:
             await self.web.close()
         await self.control.close()

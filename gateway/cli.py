@@ -14,7 +14,6 @@ from typing import Any, TextIO
 
 from . import __version__, completion, config, control, logs, names, tables, umask
 from .dburl import is_postgres, redact
-from .domain import audit
 from .domain.deploylog import read_log
 from .domain.registry import MAX_KEY_TEXT, Registry
 from .domain.shapes import (
@@ -426,14 +425,12 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     except control.NotRunning:
         pass
     else:
-        if code == 0:
-            # The running gateway cancelled it; the audit trail records who asked, as the
-            # SSH `cancel`, the API and the offline cancel do.
-            asyncio.run(_with_registry(cfg, lambda reg: _audit_cancel(reg, args.id)))
-        return code
+        return code  # the running gateway cancelled it, and audited who asked
+
+    from .deploys import cancel_offline
 
     async def offline(reg: Registry) -> int:
-        deploy = await reg.record_cancel_offline(args.id, actor=OPERATOR)
+        deploy = await cancel_offline(reg.store, args.id, actor=OPERATOR)
         if deploy.status.finished:
             out.write(f"deploy #{deploy.id}: cancelled (no gateway runs here)\n")
         else:
@@ -441,14 +438,6 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         return 0
 
     return asyncio.run(_with_registry(cfg, offline))
-
-
-async def _audit_cancel(reg: Registry, deploy_id: int) -> int:
-    deploy = await reg.get_deploy(deploy_id)
-    await audit.record(
-        reg.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
-    )
-    return 0
 
 
 async def _follow_stored(cfg: config.Config, store: Store, deploy_id: int, out: TextIO) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .. import executors, names, times
 from ..config import Config
-from ..errors import Conflict, GatewayError, NotFound, Unauthorized, UsageError
+from ..errors import GatewayError, NotFound, Unauthorized, UsageError
 from ..git.repos import Repositories
 from ..keys import PublicKey, parse_public_key
 from ..logs import q
@@ -21,7 +21,6 @@ from ..models import (
     ApiToken,
     App,
     Deploy,
-    DeployStatus,
     Member,
     Role,
     SSHKey,
@@ -399,25 +398,6 @@ class Registry:
     async def deploy_log(self, deploy_id: int) -> str:
         deploy = await self.get_deploy(deploy_id)
         return await read_log(self.store, deploy.id)
-
-    async def record_cancel_offline(self, deploy_id: int, *, actor: str) -> Deploy:
-        """Cancel a deploy with no gateway on this machine to ask: a queued one is cancelled
-        in the registry; a running one is marked for the gateway running it (another node),
-        or, if none runs it any more, recorded as cancelled."""
-        deploy = await self.get_deploy(deploy_id)
-        if deploy.status.finished:
-            raise Conflict(f"deploy #{deploy.id} already ended: {deploy.status.value}")
-        after = await self.store.request_cancel(deploy.id, f"cancelled by {actor}")
-        if after is not None and after.status is DeployStatus.RUNNING:
-            alive = {node.id for node in await self.store.list_nodes()}
-            if after.runner not in alive:
-                await self.store.finish_deploy(
-                    deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
-                )
-        await audit.record(
-            self.store, "deploy_cancelled", actor=actor, app=deploy.app_name, deploy=deploy.id
-        )
-        return await self.get_deploy(deploy.id)
 
     # -- API tokens --
 

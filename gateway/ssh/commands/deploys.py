@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 
 from ... import tables
-from ...domain import audit
 from ...domain.access import authorize
 from ...errors import AccessDenied, GatewayError
 from ...git.bridge import CLIENT_GONE
@@ -81,15 +80,8 @@ async def cancel(ctx: Context, inv: Invocation) -> int:
         await authorize(ctx.store, ctx.identity, deploy.app_name, Role.WRITE)
     except AccessDenied:
         raise DeployNotFound(f"#{deploy_id}") from None
-    final = await ctx.deploys.cancel(deploy_id, ctx.identity.user_name)
-    await audit.record(
-        ctx.store,
-        "deploy_cancelled",
-        actor=ctx.identity.user_name,
-        fingerprint=ctx.identity.fingerprint,
-        source=ctx.peer,
-        app=final.app_name,
-        deploy=final.id,
+    final = await ctx.deploys.cancel(
+        deploy_id, ctx.identity.user_name, fingerprint=ctx.identity.fingerprint, source=ctx.peer
     )
     await _write(
         ctx,
