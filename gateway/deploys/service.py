@@ -104,9 +104,6 @@ class DeployService:
         self._config = config
         self.wakeups.fire(QUEUE)
 
-    def poll_interval(self) -> float:
-        return self.runner.poll_interval()
-
     # -- pushes --
 
     async def open_session(
@@ -139,7 +136,7 @@ class DeployService:
         final = await self.readers.watch(deploy_id, say, self.draining, until_done=True)
         if final is None:  # pragma: no cover - until_done waits for the end
             raise NotFound(f"no deploy #{deploy_id}")
-        await deliver(say, self.final_line(final, final.elapsed), self.draining)
+        await deliver(say, messages.final_line(self._config, final, final.elapsed), self.draining)
         return final
 
     async def wait_done(self, deploy_id: int) -> Deploy:
@@ -150,7 +147,7 @@ class DeployService:
                 raise NotFound(f"no deploy #{deploy_id}")
             if deploy.status.finished:
                 return deploy
-            await self.wakeups.wait(deploy_id, self.poll_interval())
+            await self.wakeups.wait(deploy_id, self.runner.poll_interval())
 
     async def log_text(self, deploy_id: int) -> str:
         """What is kept of a deploy's log so far (live if it is running)."""
@@ -193,25 +190,11 @@ class DeployService:
 
     # -- webhook receivers' status reports --
 
-    def status_base_url(self) -> str | None:
-        return self.reports.status_base_url()
-
     async def report(
         self, deploy_id: int, text: str | None, status: DeployStatus | None, exit_code: int | None
     ) -> str:
         """A receiver's report: "ok", "not waiting" or "slow down" (see Reports.report)."""
         return await self.reports.report(deploy_id, text, status, exit_code)
-
-    # -- wording --
-
-    def describe(self, deploy: Deploy, elapsed: float | None = None) -> str:
-        return messages.describe(deploy, elapsed)
-
-    def final_line(self, deploy: Deploy, elapsed: float | None = None) -> str:
-        return messages.final_line(self._config, deploy, elapsed)
-
-    def logs_command(self, app: str, deploy_id: int, follow: bool = False) -> str:
-        return messages.logs_command(self._config, app, deploy_id, follow)
 
 
 async def audit_cancel(

@@ -55,6 +55,9 @@ class CommandPipeline:
             log.error("event=deploy_sandbox_unavailable deploy=%d reason=%s", deploy.id, q(exc))
             context.log.write("the deploy sandbox is not available: see the gateway's log\n")
             return Outcome(DeployStatus.FAILED, None, "deploy sandbox unavailable")
+        build_dir = context.config.deploy.build_dir
+        if build_dir is None:  # pragma: no cover - config.from_mapping resolves it
+            raise RuntimeError("[deploy] build_dir was not resolved")
         return await run_pipeline(
             settings.command,
             deploy,
@@ -62,7 +65,7 @@ class CommandPipeline:
             repo=context.repos.path_for(deploy.app_name),
             quarantine=job.quarantine,
             sandbox=sandbox,
-            build_dir=context.config.deploy.build_dir,
+            build_dir=build_dir,
             max_export_size=settings.max_export_size,
             max_output=settings.max_output,
             log=context.log,
