@@ -612,7 +612,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
-    for line in confine.report(cfg):
+    sizes = [box.limits.build_size for box in sandbox.sandboxes(cfg).values() if box.enabled]
+    for line in confine.report(sizes):
         out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
     out.write(f"{asyncio.run(store_probe.probe(cfg.storage.database)).text()}\n")
