@@ -236,7 +236,7 @@ async def test_closing_interrupts_what_runs(
 
 
 def test_the_registry_of_kinds_validates_a_recorded_kind() -> None:
-    assert set(pipelines.KINDS) == {"command", "webhook"}
+    assert {"command", "webhook"} <= set(pipelines.KINDS)  # and any module added there
     assert pipelines.get("webhook").kind == "webhook"
     with pytest.raises(Exception, match="unknown deploy pipeline kind 'podman'"):
         pipelines.get("podman")
