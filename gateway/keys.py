@@ -155,7 +155,7 @@ def parse_public_key(text: str) -> PublicKey:
         raise InvalidKey("invalid key data: not a valid public key") from None
     bits = ACCEPTED[algorithm]
     if bits is None:
-        bits = int(key.pyca_key.key_size)
+        bits = int(getattr(key.pyca_key, "key_size", 0))  # RSA only (the only unsized entry)
         if bits < MIN_RSA_BITS:
             raise InvalidKey(
                 f"RSA key too small ({bits} bits): at least {MIN_RSA_BITS} bits are required; "

@@ -8,6 +8,7 @@ node, not the one worker that answers.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -226,7 +227,7 @@ class _Node:
     def processes(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
         for pid in self.pids():
-            collector = ProcessCollector(pid=lambda pid=pid: pid, registry=None)
+            collector = ProcessCollector(pid=functools.partial(_same, pid), registry=None)
             for family in collector.collect():
                 if not family.samples:
                     continue  # the process is gone
@@ -245,3 +246,8 @@ class _Node:
         yield from self.files.collect()
         yield from self.local.collect()
         yield from self.processes()
+
+
+def _same(pid: int) -> int:
+    """ProcessCollector asks for its pid through a callable."""
+    return pid

@@ -37,6 +37,7 @@ def expiry(value: str, current: datetime) -> datetime:
     Raises ValueError, with the line to show, for anything else or a moment not ahead."""
     value = value.strip()
     unit = _UNITS.get(value[-1:].lower())
+    moment: datetime | None
     if unit is not None and value[:-1].isascii() and value[:-1].isdigit() and len(value) < 8:
         moment = current + timedelta(seconds=int(value[:-1]) * unit)
     else:

@@ -18,11 +18,12 @@ Each run sends one datagram to its gateway worker (metrics, and log lines for pr
 Standard library only, and little of it: every fetch with wants pays this start-up, so no
 json, subprocess, socket or contextlib (about 16 ms of imports, more than a small fetch's
 pack-objects run): git is started with posix_spawn, the report is sent with _socket.
+Size: one module on purpose: the hook imports it alone, and every import is start-up time.
 """
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]  # signal's C half, without signal's imports
 import _socket
 import errno
 import fcntl
@@ -1062,7 +1063,8 @@ def run_plain(command: list[str], request: bytes, stdin: int) -> int:
 
 def read_request(fd: int) -> tuple[bytes, bool]:
     """stdin up to MAX_REQUEST bytes; (data, complete)."""
-    parts, size = [], 0
+    parts: list[bytes] = []
+    size = 0
     while size <= MAX_REQUEST:
         data = os.read(fd, CHUNK)
         if not data:

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 FILE, DIR = "file", "dir"
 
@@ -188,8 +189,12 @@ def _is_generated(fd: int, name: str, generated: Generated, mode: int | None) ->
 # -- helpers on directory descriptors --
 
 
+# A descriptor that may be missing stays "maybe" inside the block; one that is sure, sure.
+_Fd = TypeVar("_Fd", int, int | None)
+
+
 @contextlib.contextmanager
-def _closing(fd: int | None) -> Iterator[int | None]:
+def _closing(fd: _Fd) -> Iterator[_Fd]:
     try:
         yield fd
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 # No body the API takes nests more than a few levels; a generous bound still refuses the
@@ -32,6 +33,7 @@ def _depth(data: Any) -> int:
     stack = [(data, 1)]
     while stack:
         value, depth = stack.pop()
+        values: Iterable[Any]
         if isinstance(value, dict):
             values = value.values()
         elif isinstance(value, list):

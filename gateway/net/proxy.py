@@ -60,7 +60,12 @@ async def _first_byte(sock: socket.socket) -> bytes:
     """Wait until the client has sent something and peek at its first byte."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), readable)
     try:
         await ready
     finally:

@@ -18,9 +18,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import asyncssh
-from asyncssh.public_key import CERT_TYPE_USER, decode_ssh_certificate
+from asyncssh.public_key import CERT_TYPE_USER, SSHOpenSSHCertificate, decode_ssh_certificate
 
 from ..models import CertInfo
 
@@ -141,7 +142,7 @@ class Fields:
     valid_before: int
 
     @classmethod
-    def of(cls, cert: asyncssh.SSHCertificate) -> Fields:
+    def of(cls, cert: SSHOpenSSHCertificate) -> Fields:
         key_id = cert._key_id
         if isinstance(key_id, bytes):
             key_id = key_id.decode("utf-8", "replace")
@@ -154,7 +155,7 @@ class Fields:
         )
 
 
-def decode(key_data: bytes) -> asyncssh.SSHCertificate | str | None:
+def decode(key_data: bytes) -> SSHOpenSSHCertificate | str | None:
     """The OpenSSH certificate in an auth request; a reason string for a certificate that
     asyncssh refuses to read (an unknown critical option); None for a plain key."""
     try:
@@ -164,7 +165,7 @@ def decode(key_data: bytes) -> asyncssh.SSHCertificate | str | None:
         if algorithm.endswith("-cert-v01@openssh.com"):
             return f"the certificate cannot be used here ({exc})"
         return None
-    if cert.is_x509_chain:
+    if not isinstance(cert, SSHOpenSSHCertificate):
         return "X.509 certificates are not accepted"
     return cert
 
@@ -177,7 +178,7 @@ def _algorithm(key_data: bytes) -> str:
 
 
 def check(
-    cert: asyncssh.SSHCertificate,
+    cert: SSHOpenSSHCertificate,
     cas: TrustedCAs | frozenset[str],
     revocations: Revocations,
     client_address: str,
@@ -208,7 +209,11 @@ def check(
         raise CertificateRefused(
             f"it carries the critical option {', '.join(sorted(critical - ALLOWED_CRITICAL))}"
         )
-    allowed = cert.options.get("source-address")
+    # asyncssh parses source-address into networks (its options are typed as objects).
+    allowed = cast(
+        "list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None",
+        cert.options.get("source-address"),
+    )
     if allowed:
         try:
             address = ipaddress.ip_address(client_address)
@@ -230,9 +235,7 @@ def check(
     )
 
 
-def candidates(
-    cert: asyncssh.SSHCertificate, principal_map: dict[str, str]
-) -> list[tuple[str, str]]:
+def candidates(cert: SSHOpenSSHCertificate, principal_map: dict[str, str]) -> list[tuple[str, str]]:
     """(principal, user name) pairs the certificate may log in as: through the map when one
     is configured, else principals as user names."""
     if principal_map:

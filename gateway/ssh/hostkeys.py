@@ -8,6 +8,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 
@@ -16,7 +17,7 @@ from ..errors import ConfigError
 log = logging.getLogger("gateway.hostkeys")
 
 # file name -> (algorithm, generation options). ed25519 first: it is what modern clients pick.
-HOST_KEYS = {
+HOST_KEYS: dict[str, tuple[str, dict[str, Any]]] = {
     "ssh_host_ed25519_key": ("ssh-ed25519", {}),
     "ssh_host_rsa_key": ("ssh-rsa", {"key_size": 3072}),
 }

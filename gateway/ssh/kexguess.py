@@ -45,8 +45,9 @@ def judge_guesses_by_rfc(conn: asyncssh.SSHServerConnection, kex: str, host_key:
     This replaces asyncssh's KEXINIT handler for this connection only, around the original;
     without the internals it relies on, it logs once per connection and changes nothing.
     """
-    handlers = getattr(type(conn), "_packet_handlers", None)
-    process = handlers.get(MSG_KEXINIT) if isinstance(handlers, Mapping) else None
+    found = getattr(type(conn), "_packet_handlers", None)
+    handlers: Mapping[int, Any] = found if isinstance(found, Mapping) else {}
+    process = handlers.get(MSG_KEXINIT)
     if process is None or not hasattr(conn, "_ignore_first_kex"):
         log.warning("event=kex_guess_rule_unavailable asyncssh=%s", asyncssh.__version__)
         return

@@ -1,5 +1,15 @@
-"""The registry interface every caller uses, one part per aggregate; backends (SQLite,
-PostgreSQL) live in submodules and implement all of them."""
+"""The registry interface every caller uses, one part per aggregate (UsersAndKeys,
+AppsAndMembers, DeployRecords, DeployQueue, AuditTrail, AccessTokens, Lifecycle: Store is
+all of them).
+
+Implementations, each a facade composing one part per aggregate (mixins: each part holds one
+aggregate's code, the facade class only puts them together):
+- `sql/`: the SQL, written once for every engine (`sql.SQLStore`, its `Dialect` spells what
+  engines differ in); `sqlite.py` and `postgres/` are its drivers (connections,
+  transactions, migrations, and what only one engine does: LISTEN/NOTIFY, advisory locks,
+  id sequences, `db copy`);
+- `memory/`: the registry in memory, no SQL, for unit tests (the same contract suite).
+Rows become records by column name (`rows.py`)."""
 
 from __future__ import annotations
 
@@ -306,6 +316,8 @@ class Queued:
 class DeployQueue(abc.ABC):
     """The deploy queue every gateway process shares: one running deploy per app across
     all of them, at most `max_parallel` per node name, a newer push supersedes what waits."""
+
+    _subscribers: list[Callable[[str, int], None]]  # set by Store.__init__
 
     @abc.abstractmethod
     async def queue_stats(self) -> tuple[int, datetime | None]:

@@ -54,9 +54,11 @@ async def probe(database: Path | str) -> RegistryState:
 
 
 def _sqlite(path: Path) -> RegistryState:
-    from .sqlite import migrations
+    from .sqlite import migrations, too_old
 
     latest = len(migrations())
+    if reason := too_old():
+        raise _sqlite_refused(path, reason)
     if not path.exists():
         _creatable(path)
         return RegistryState("sqlite", str(path), None, latest)
@@ -124,7 +126,7 @@ def _sqlite_refused(path: Path, reason: str) -> StoreUnavailable:
 
 
 async def _postgres(url: str) -> RegistryState:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     from .postgres import migrations
 

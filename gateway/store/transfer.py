@@ -180,7 +180,7 @@ async def copy_registry(source: Any, target: Any) -> CopyReport:
     """Copy every row of `source` (a SQLiteStore) into `target` (an empty PostgresStore),
     ids and id sequences kept, in one transaction that rolls back unless the target then
     holds exactly what the source did (same checksum)."""
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]
 
     rows, marks = await source.snapshot(COLUMNS)
     before = _side(rows, marks)

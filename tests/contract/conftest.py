@@ -1,4 +1,5 @@
-"""One registry contract, every backend: each test here runs against SQLite and PostgreSQL."""
+"""One registry contract, every backend: each test here runs against SQLite, PostgreSQL and
+the memory store (gateway/store/memory/, the unit tests' double)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import Store, open_store
+from gateway.store.memory import MemoryStore
 from tests.helpers import keygen
 
 
@@ -22,7 +24,16 @@ class Backend:
     target: str
     store: Store
 
+    async def open_another(self) -> Store:
+        """Another store on the same registry, as another gateway process opens it."""
+        if isinstance(self.store, MemoryStore):
+            return self.store.sharing()
+        return await open_store(self.target)
+
     async def execute(self, sql: str) -> None:
+        """A statement run by hand on the database, beside the store (SQL backends only)."""
+        if self.kind == "memory":
+            raise TypeError("the memory store runs no SQL")
         if self.kind == "sqlite":
 
             def run() -> None:
@@ -40,16 +51,20 @@ class Backend:
                 await conn.close()
 
 
-BACKENDS = ["sqlite", "postgres"]
+BACKENDS = ["sqlite", "postgres", "memory"]
 
 
 @pytest.fixture(params=BACKENDS)
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "sqlite":
-        target = str(tmp_path / "db" / "gw.db")
+    store: Store
+    if request.param == "memory":
+        target, store = "memory", MemoryStore()
     else:
-        target = request.getfixturevalue("pg_url")
-    store = await open_store(target)
+        if request.param == "sqlite":
+            target = str(tmp_path / "db" / "gw.db")
+        else:
+            target = request.getfixturevalue("pg_url")
+        store = await open_store(target)
     try:
         yield Backend(request.param, target, store)
     finally:

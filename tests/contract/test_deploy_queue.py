@@ -80,7 +80,7 @@ async def test_a_gated_deploy_runs_only_where_its_push_waits(store: Store) -> No
 async def test_concurrent_claims_never_run_two_deploys_of_one_app(backend: Backend) -> None:
     """Eight processes claim at once, again and again: each app runs one deploy at a time
     and each node name stays within its limit, whatever the interleaving."""
-    stores = [backend.store] + [await open_store(backend.target) for _ in range(3)]
+    stores = [backend.store] + [await backend.open_another() for _ in range(3)]
     try:
         apps = [await app_with_owner(backend.store, f"app{i}") for i in range(3)]
         for i in range(8):
@@ -193,18 +193,15 @@ async def test_a_process_that_stops_renewing_is_declared_gone(store: Store) -> N
 
 async def backdate(store: Store, node: str) -> None:
     """Make a node's last renewal two minutes old, as if it had stopped then."""
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store.memory import MemoryStore
+    from gateway.store.sql import SQLStore
 
-    if isinstance(store, SQLiteStore):
+    if isinstance(store, MemoryStore):
         async with store.transaction():
-            await store._db.execute(
-                "UPDATE nodes SET seen_at = seen_at - 120 WHERE id = ?", (node,)
-            )
+            store._db.nodes[node]["seen_at"] -= 120
     else:
-        async with store.transaction():
-            await store._db().execute(
-                "UPDATE nodes SET seen_at = seen_at - 120 WHERE id = $1", node
-            )
+        assert isinstance(store, SQLStore)
+        await store.execute("UPDATE nodes SET seen_at = seen_at - 120 WHERE id = $1", node)
 
 
 async def test_changes_are_announced_to_subscribers(store: Store) -> None:

@@ -231,3 +231,24 @@ async def test_regression_reads_never_leave_a_stale_snapshot_behind(tmp_path):
 async def _users(path: Path) -> list[str]:
     with sqlite3.connect(path) as db:
         return [row[0] for row in db.execute("SELECT name FROM users")]
+
+
+async def test_regression_a_sqlite_too_old_for_the_registry_is_one_clear_line(
+    tmp_path, monkeypatch
+):
+    """The statements read what they write with RETURNING (SQLite 3.35): an older library
+    is refused by name, at start and by `check`, before anything is created."""
+    from gateway.errors import StoreUnavailable
+    from gateway.store.probe import probe
+
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    path = tmp_path / "gw.db"
+    for attempt in (open_store(path), probe(path)):
+        with pytest.raises(StoreUnavailable) as err:
+            await attempt
+        assert str(err.value) == (
+            f"registry unusable: sqlite {path}: "
+            "SQLite 3.34.1 is too old for the registry (3.35.0 or newer)"
+        )
+    assert not path.exists()
