@@ -19,7 +19,7 @@ import asyncssh
 from . import config as config_module
 from .config import Config, Settings
 from .control import ControlServer
-from .deploys import DeployService, sandbox, webhook
+from .deploys import DeployService, sandbox
 from .domain import retention
 from .domain.facade import Domain
 from .errors import ConfigError, StoreUnavailable
@@ -256,8 +256,7 @@ class Gateway:
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
-        await self.deploys.close()
-        await webhook.close()
+        await self.deploys.close()  # and the pipelines' shared clients
         if self.web is not None:
             await self.web.close()
         await self.control.close()

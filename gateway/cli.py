@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TextIO
 
 from . import __version__, completion, config, control, dbtools, logs, names, tables, times, umask
-from .domain import audit
 from .domain.accounts import MAX_KEY_TEXT
 from .domain.facade import Domain
 from .domain.shapes import (
@@ -414,14 +413,12 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
     except control.NotRunning:
         pass
     else:
-        if code == 0:
-            # The running gateway cancelled it; the audit trail records who asked, as the
-            # SSH `cancel`, the API and the offline cancel do.
-            asyncio.run(_with_domain(cfg, lambda domain: _audit_cancel(domain, args.id)))
-        return code
+        return code  # the running gateway cancelled it, and audited who asked
+
+    from .deploys import cancel_offline
 
     async def offline(domain: Domain) -> int:
-        deploy = await domain.records.record_cancel_offline(args.id, actor=OPERATOR)
+        deploy = await cancel_offline(domain.store, args.id, actor=OPERATOR)
         if deploy.status.finished:
             out.write(f"deploy #{deploy.id}: cancelled (no gateway runs here)\n")
         else:
@@ -429,14 +426,6 @@ def deploy_cancel(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> 
         return 0
 
     return asyncio.run(_with_domain(cfg, offline))
-
-
-async def _audit_cancel(domain: Domain, deploy_id: int) -> int:
-    deploy = await domain.records.get_deploy(deploy_id)
-    await audit.record(
-        domain.store, "deploy_cancelled", actor=OPERATOR, app=deploy.app_name, deploy=deploy.id
-    )
-    return 0
 
 
 async def _follow_stored(cfg: config.Config, domain: Domain, deploy_id: int, out: TextIO) -> int:
@@ -557,7 +546,8 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
-    for line in confine.report(cfg):
+    sizes = [box.limits.build_size for box in sandbox.sandboxes(cfg).values() if box.enabled]
+    for line in confine.report(sizes):
         out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
     out.write(f"{asyncio.run(dbtools.probe(cfg))}\n")

@@ -10,20 +10,33 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .. import executors
-from ..config import Config, size_text
+from ..config import size_text
 from ..logs import q
 from . import cgroups
 from .buildsize import BuildWatch
 
-if TYPE_CHECKING:
-    from .sandbox import Limits
-
 log = logging.getLogger("gateway.deploys")
+
+
+class Limits(Protocol):
+    """What confinement reads of a deploy's limits (sandbox.Limits has them): the sandbox
+    imports this module, so this one names only the fields it needs."""
+
+    @property
+    def memory(self) -> int: ...
+    @property
+    def processes(self) -> int: ...
+    @property
+    def tmp_size(self) -> int: ...
+    @property
+    def build_size(self) -> int: ...
+
 
 # The sandbox's in-memory mounts and their sizes, as sandbox._bwrap_args makes them (a unit
 # test holds the two together): what the watcher counts of them.
@@ -163,14 +176,12 @@ class Confinement:
             log.warning("event=cgroup_not_removed path=%s", q(str(self.cgroup.path)))
 
 
-def report(cfg: Config) -> list[str]:
-    """One line per deploy limit: enforced on this host, by what, or why not."""
-    from .sandbox import sandboxes
-
-    boxes = [box for box in sandboxes(cfg).values() if box.enabled]
-    if not boxes:
+def report(build_sizes: Collection[int]) -> list[str]:
+    """One line per deploy limit: enforced on this host, by what, or why not; given the
+    max_build_size of each enabled sandbox (none: no line)."""
+    if not build_sizes:
         return []
-    sizes = sorted({box.limits.build_size for box in boxes})
+    sizes = sorted(set(build_sizes))
     lines = [
         "deploy limits: max_build_size "
         f"({', '.join(size_text(s) for s in sizes)}) enforced by a watcher: du of the export "

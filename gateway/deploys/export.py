@@ -15,16 +15,14 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import umask
 from ..config import size_text
 from ..errors import GatewayError
 from ..git import gitbin
+from .confine import Confinement
 from .sandbox import APP_DIR, SANDBOX_PATH, Sandbox
-
-if TYPE_CHECKING:
-    from .confine import Confinement
 
 CHUNK = 64 * 1024
 STDERR_KEPT = 4096

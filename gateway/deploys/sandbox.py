@@ -31,16 +31,14 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import Config, DeploySettings
 from ..errors import ConfigError
 from ..logs import q
 from . import network as net
 from . import seccomp
-
-if TYPE_CHECKING:
-    from .confine import Confinement
+from .confine import Confinement
 
 log = logging.getLogger("gateway.deploys")
 

@@ -1,14 +1,12 @@
 """Deploy records as the registry keeps them: lists, one deploy with its webhook deliveries,
-its log, and the cancel recorded when no gateway runs on this machine."""
+and its log (cancelling is gateway.deploys', online or offline)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import Conflict, NotFound, UsageError
-from ..models import Deploy, DeployStatus, WebhookDelivery
-from ..store import utcnow
-from . import audit
+from ..errors import NotFound, UsageError
+from ..models import Deploy, WebhookDelivery
 from .deploylog import read_log
 from .part import Part
 
@@ -41,22 +39,3 @@ class DeployRecords(Part):
     async def deploy_log(self, deploy_id: int) -> str:
         deploy = await self.get_deploy(deploy_id)
         return await read_log(self.store, deploy.id)
-
-    async def record_cancel_offline(self, deploy_id: int, *, actor: str) -> Deploy:
-        """Cancel a deploy with no gateway on this machine to ask: a queued one is cancelled
-        in the registry; a running one is marked for the gateway running it (another node),
-        or, if none runs it any more, recorded as cancelled."""
-        deploy = await self.get_deploy(deploy_id)
-        if deploy.status.finished:
-            raise Conflict(f"deploy #{deploy.id} already ended: {deploy.status.value}")
-        after = await self.store.request_cancel(deploy.id, f"cancelled by {actor}")
-        if after is not None and after.status is DeployStatus.RUNNING:
-            alive = {node.id for node in await self.store.list_nodes()}
-            if after.runner not in alive:
-                await self.store.finish_deploy(
-                    deploy.id, DeployStatus.CANCELLED, utcnow(), reason=f"cancelled by {actor}"
-                )
-        await audit.record(
-            self.store, "deploy_cancelled", actor=actor, app=deploy.app_name, deploy=deploy.id
-        )
-        return await self.get_deploy(deploy.id)

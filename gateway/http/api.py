@@ -9,7 +9,6 @@ from typing import Any
 from aiohttp import web
 
 from ..deploys import DeployService
-from ..domain import audit
 from ..domain.facade import Domain
 from ..domain.shapes import (
     account_dict,
@@ -308,13 +307,6 @@ async def cancel_deploy(call: Call) -> tuple[int, Any]:
     deploy_id = call.deploy_id()
     await call.domain.records.get_deploy(deploy_id)  # 404 before 409
     final = await call.deploys.cancel(deploy_id, call.actor)
-    await audit.record(
-        call.domain.store,
-        "deploy_cancelled",
-        actor=call.actor,
-        app=final.app_name,
-        deploy=final.id,
-    )
     return 200, deploy_dict(final)
 
 

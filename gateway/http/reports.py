@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ..deploys import DeployService
-from ..deploys.webhook import token_hash
+from ..deploys.pipelines.webhook import token_hash
 from ..logs import q
 from ..models import DeployStatus
 from . import jsonbody

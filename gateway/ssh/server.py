@@ -27,7 +27,6 @@ from ..git.repos import Repositories
 from ..logs import q
 from ..metrics import Metrics
 from ..models import Identity
-from ..store import Store
 from ..textsafe import terminal_safe
 from . import certs, commands, hostkeys
 from .commands import execute
@@ -47,7 +46,6 @@ class Runtime(Protocol):
     """What sessions need from the running gateway (the app implements it; the SSH layer never
     imports the app)."""
 
-    store: Store
     domain: Domain
     repos: Repositories
     git: gitbin.Git
@@ -228,7 +226,6 @@ class Sessions:
             identity=identity,
             channel=Channel(process.stdin, process.stdout, process.stderr),
             config=self.runtime.config,
-            store=self.runtime.store,
             domain=self.runtime.domain,
             repos=self.runtime.repos,
             git=self.runtime.git,

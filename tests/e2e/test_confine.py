@@ -119,7 +119,7 @@ def test_check_says_which_limits_this_host_enforces(tmp_path):
 def test_report_on_a_host_with_delegation(tmp_path, monkeypatch):
     cfg = config.load(commanded(tmp_path))
     monkeypatch.setattr(confine, "_delegation", cgroups.Delegation(Path("/sys/fs/cgroup/gw")))
-    assert confine.report(cfg)[2] == (
+    assert confine.report([cfg.deploy.max_build_size])[2] == (
         "deploy limits: memory.max (max_memory, for the whole deploy: shm, memfd and tmpfs "
         "included), memory.swap.max = 0 and pids.max (max_processes) enforced per deploy by "
         "cgroup v2 under /sys/fs/cgroup/gw"

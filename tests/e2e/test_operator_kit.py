@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.deploys.webhook import DELIVERY_RESULTS
+from gateway.deploys.pipelines.webhook import DELIVERY_RESULTS
 from gateway.git.packcache import RESULTS as PACK_CACHE_RESULTS
 from gateway.models import DeployStatus
 from gateway.ssh.commands import GIT_SERVICES

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from gateway import config as gwconfig
-from gateway.deploys.service import REPORT_TEXT, REPORTS_PER_SECOND, DeployService
+from gateway.deploys.reports import REPORT_TEXT, REPORTS_PER_SECOND
+from gateway.deploys.service import DeployService
 from gateway.git.repos import Repositories
 from gateway.models import DeployStatus, NewDeploy
 from gateway.store import open_store

@@ -6,7 +6,7 @@ import os
 import re
 import socket
 
-from gateway.deploys.service import node_id
+from gateway.deploys.runner import node_id
 
 
 def test_the_node_id_starts_with_the_configured_node_name():

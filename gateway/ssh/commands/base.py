@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from ...git.repos import Repositories
     from ...metrics import Metrics
     from ...models import Identity
-    from ...store import Store
     from ..limits import Admission
 
 # git sends the repository path quoted in several forms depending on the URL the user typed:
@@ -44,9 +43,6 @@ class Context:
     identity: Identity
     channel: Channel
     config: Config
-    # Only `cancel`'s, until the one audited cancel in gateway.deploys: every other command
-    # does its domain work through `domain` (pyproject.toml's import contract).
-    store: Store
     domain: Domain
     repos: Repositories
     git: Git

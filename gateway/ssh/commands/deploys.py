@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 
 from ... import tables
-from ...domain import audit
-from ...domain.access import authorize
 from ...errors import AccessDenied, GatewayError, NotFound
 from ...git.bridge import CLIENT_GONE
 from ...models import Role
@@ -81,22 +79,15 @@ async def logs(ctx: Context, inv: Invocation) -> int:
 
 async def cancel(ctx: Context, inv: Invocation) -> int:
     deploy_id = int(inv.args[0])
-    deploy = await ctx.store.get_deploy(deploy_id)
-    if deploy is None:
-        raise DeployNotFound(f"#{deploy_id}")
     try:
-        await authorize(ctx.store, ctx.identity, deploy.app_name, Role.WRITE)
-    except AccessDenied:
+        deploy = await ctx.domain.records.get_deploy(deploy_id)
+        await ctx.domain.access.authorize(ctx.identity, deploy.app_name, Role.WRITE)
+    except (NotFound, AccessDenied):
+        # The same answer for a deploy that does not exist and one of an app you cannot
+        # reach: ids must not reveal other tenants' deploys.
         raise DeployNotFound(f"#{deploy_id}") from None
-    final = await ctx.deploys.cancel(deploy_id, ctx.identity.user_name)
-    await audit.record(
-        ctx.store,
-        "deploy_cancelled",
-        actor=ctx.identity.user_name,
-        fingerprint=ctx.identity.fingerprint,
-        source=ctx.peer,
-        app=final.app_name,
-        deploy=final.id,
+    final = await ctx.deploys.cancel(
+        deploy_id, ctx.identity.user_name, fingerprint=ctx.identity.fingerprint, source=ctx.peer
     )
     await _write(
         ctx,

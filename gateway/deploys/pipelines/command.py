@@ -1,9 +1,11 @@
-"""The command pipeline: export the pushed commit, run the deploy command on it, sandboxed."""
+"""The command pipeline: export the pushed commit, run the deploy command on it, sandboxed
+([deploy] command; the sandbox pieces are gateway/deploys/sandbox.py and its neighbours)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import tempfile
@@ -11,15 +13,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .. import executors, umask
-from ..config import size_text
-from ..domain.deploylog import DeployLog
-from ..models import Deploy, DeployStatus
-from . import program
-from .confine import Confinement
-from .export import ExportError, export_commit
-from .outcome import Outcome
-from .sandbox import (
+from ... import executors, umask
+from ...config import Config, DeploySettings, size_text
+from ...domain.deploylog import DeployLog
+from ...logs import q
+from ...models import Deploy, DeployStatus
+from .. import program
+from ..confine import Confinement
+from ..export import ExportError, export_commit
+from ..outcome import Outcome
+from ..queue import Job
+from ..sandbox import (
     APP_DIR,
     SANDBOX_PATH,
     Sandbox,
@@ -27,9 +31,58 @@ from .sandbox import (
     network_stopped,
     remove_tree,
 )
+from .base import Context
+
+log = logging.getLogger("gateway.deploys")
 
 KILL_GRACE = 5.0
 READ_CHUNK = 64 * 1024
+
+
+class CommandPipeline:
+    """[deploy] command: the argument list runs on an export of the pushed commit."""
+
+    kind = "command"
+
+    def configured(self, settings: DeploySettings) -> bool:
+        return bool(settings.command)
+
+    async def run(self, job: Job, context: Context) -> Outcome:
+        deploy, settings = job.deploy, job.settings
+        try:
+            sandbox = Sandbox.of(settings)
+        except SandboxError as exc:
+            log.error("event=deploy_sandbox_unavailable deploy=%d reason=%s", deploy.id, q(exc))
+            context.log.write("the deploy sandbox is not available: see the gateway's log\n")
+            return Outcome(DeployStatus.FAILED, None, "deploy sandbox unavailable")
+        build_dir = context.config.deploy.build_dir
+        if build_dir is None:  # pragma: no cover - config.from_mapping resolves it
+            raise RuntimeError("[deploy] build_dir was not resolved")
+        return await run_pipeline(
+            settings.command,
+            deploy,
+            git=context.git,
+            repo=context.repos.path_for(deploy.app_name),
+            quarantine=job.quarantine,
+            sandbox=sandbox,
+            build_dir=build_dir,
+            max_export_size=settings.max_export_size,
+            max_output=settings.max_output,
+            log=context.log,
+            setting=command_setting(context.config, deploy.app_name),
+        )
+
+    async def close(self) -> None:
+        pass
+
+
+PIPELINE = CommandPipeline()
+
+
+def command_setting(config: Config, app: str) -> str:
+    """Where the app's deploy command is configured, as the operator would look for it."""
+    overridden = "command" in (config.apps.get(app) or {})
+    return f"[apps.{app}] command" if overridden else "[deploy] command"
 
 
 def command_env(deploy: Deploy, home: str, path: str) -> dict[str, str]:

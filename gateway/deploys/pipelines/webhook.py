@@ -22,18 +22,17 @@ import json
 import secrets
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
-from .. import __version__, executors
-from ..models import DeployStatus, WebhookDelivery
-from ..store import utcnow
-from .outcome import Outcome
-
-if TYPE_CHECKING:
-    from .queue import Job
-    from .service import DeployService
+from ... import __version__, executors
+from ...config import DeploySettings
+from ...models import DeployStatus, WebhookDelivery
+from ...times import now
+from ..outcome import Outcome
+from ..queue import Job
+from .base import Context
 
 SIGNATURE_HEADER = "X-Gateway-Signature-256"
 MAX_COMMITS = 20
@@ -57,7 +56,7 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def payload(service: DeployService, job: Job, status_token: str | None) -> dict[str, Any]:
+def payload(context: Context, job: Job, status_token: str | None) -> dict[str, Any]:
     deploy = job.deploy
     data: dict[str, Any] = {
         "event": "deploy",
@@ -67,14 +66,14 @@ def payload(service: DeployService, job: Job, status_token: str | None) -> dict[
         "before": deploy.old_sha,
         "after": deploy.new_sha,
         "pusher": {"name": deploy.pusher, "key_fingerprint": deploy.key_fingerprint},
-        "clone_url": service.config.clone_url(deploy.app_name),
-        "commits": service.repos.commits_between(
+        "clone_url": context.config.clone_url(deploy.app_name),
+        "commits": context.repos.commits_between(
             deploy.app_name, deploy.old_sha, deploy.new_sha, MAX_COMMITS, job.quarantine
         ),
         "mode": deploy.mode,
         "note": deploy.note,
     }
-    base = service.status_base_url()
+    base = context.status_base_url
     if status_token and base:
         data["status_url"] = f"{base}/deploys/{deploy.id}/status"
         data["status_token"] = status_token
@@ -136,13 +135,31 @@ def delivery_result(code: int | None) -> str:
     return f"{code // 100}xx"
 
 
-async def deliver(service: DeployService, job: Job) -> Outcome:
+class WebhookPipeline:
+    """[deploy] webhook_url: the deploy is a signed POST to the tenant's receiver."""
+
+    kind = "webhook"
+
+    def configured(self, settings: DeploySettings) -> bool:
+        return bool(settings.webhook_url)
+
+    async def run(self, job: Job, context: Context) -> Outcome:
+        return await deliver(context, job)
+
+    async def close(self) -> None:
+        await close()
+
+
+PIPELINE = WebhookPipeline()
+
+
+async def deliver(context: Context, job: Job) -> Outcome:
     settings = job.settings
     deploy = job.deploy
-    token = secrets.token_urlsafe(32) if service.status_base_url() else None
+    token = secrets.token_urlsafe(32) if context.status_base_url else None
     if token:
-        await service.store.set_status_token(deploy.id, token_hash(token))
-    body = json.dumps(await executors.run(payload, service, job, token), sort_keys=True).encode()
+        await context.records.set_status_token(deploy.id, token_hash(token))
+    body = json.dumps(await executors.run(payload, context, job, token), sort_keys=True).encode()
     headers = {
         "Content-Type": "application/json",
         "User-Agent": f"git-gateway/{__version__}",
@@ -152,7 +169,7 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
     }
     if settings.webhook_secret:
         headers[SIGNATURE_HEADER] = sign(settings.webhook_secret, body)
-    delay = service.config.deploy.webhook_backoff
+    delay = context.config.deploy.webhook_backoff
     last = ""
     for attempt in range(1, settings.webhook_attempts + 1):
         started = time.monotonic()
@@ -164,19 +181,19 @@ async def deliver(service: DeployService, job: Job) -> Outcome:
             # refused, reset, DNS, TLS, deadline, malformed answer
             error = _error_text(exc, settings.webhook_timeout)
         elapsed_ms = int((time.monotonic() - started) * 1000)
-        await service.store.add_webhook_delivery(
+        await context.records.add_webhook_delivery(
             WebhookDelivery(
-                deploy.id, attempt, settings.webhook_url, code, error, elapsed_ms, utcnow()
+                deploy.id, attempt, settings.webhook_url, code, error, elapsed_ms, now()
             )
         )
-        if service.metrics is not None:
-            service.metrics.webhook_deliveries.labels(delivery_result(code)).inc()
+        if context.metrics is not None:
+            context.metrics.webhook_deliveries.labels(delivery_result(code)).inc()
         result = f"HTTP {code}" if code is not None else error
-        job.log.write(f"webhook attempt {attempt}/{settings.webhook_attempts}: {result}\n")
+        context.log.write(f"webhook attempt {attempt}/{settings.webhook_attempts}: {result}\n")
         if code is not None and 200 <= code < 300:
             if code == 202 and token:
-                job.log.write("webhook accepted: waiting for the receiver's status report\n")
-                return await service.wait_for_report(job)
+                context.log.write("webhook accepted: waiting for the receiver's status report\n")
+                return await context.wait_for_report()
             return Outcome(DeployStatus.SUCCEEDED, None, f"webhook accepted (HTTP {code})")
         if code is not None and 300 <= code < 400:
             # Following would let a receiver point the gateway anywhere: configure the final URL.
