@@ -60,7 +60,10 @@ def _ignore() -> None:
 
 
 class Gateway:
-    """The running service: registry, repositories, git runtime and the SSH listener."""
+    """The running service: registry, repositories, git runtime and the SSH listener.
+
+    Size: the composition root's whole life (build, start, drain, reload, stop) in one place;
+    what it builds (SSH sessions, HTTP, deploys, the facade) lives in their own packages."""
 
     def __init__(self, config: Config, worker: WorkerRole | None = None) -> None:
         # One of `serve --workers N`'s processes (see gateway.workers), or None: the whole

@@ -212,7 +212,7 @@ class _Node:
 
     def __init__(self, directory: Path, local: CollectorRegistry, supervisor: int | None) -> None:
         self.directory = directory
-        self.files = MultiProcessCollector(None, path=str(directory))
+        self.files = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
         self.local = local
         self.supervisor = supervisor
 
@@ -243,7 +243,7 @@ class _Node:
         yield from families.values()
 
     def collect(self) -> Iterable[Metric]:
-        yield from self.files.collect()
+        yield from self.files.collect()  # type: ignore[no-untyped-call]
         yield from self.local.collect()
         yield from self.processes()
 

@@ -90,7 +90,7 @@ class SharedCounts:
         ).digest()
 
     def _base(self, region: int) -> int:
-        return _HEADER.size + region * self._region_size
+        return int(_HEADER.size + region * self._region_size)
 
     def totals(self) -> tuple[int, int]:
         """(connections, unauthenticated) across every worker."""

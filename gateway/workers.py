@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,7 +377,7 @@ class Supervisor:
                     sent += 1
         return sent
 
-    async def _shutdown(self, watchers: list[asyncio.Future[None]] | None = None) -> int:
+    async def _shutdown(self, watchers: Sequence[asyncio.Future[None]] | None = None) -> int:
         """SIGTERM to every worker; wait until each has drained and exited."""
         self._stop.set()
         running = [w for w in self.workers if w.proc is not None and w.proc.returncode is None]

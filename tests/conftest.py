@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.deploys.sandbox import remove_tree
+from gateway.deploys.builddir import remove_tree
 from tests import helpers, pg
 from tests.helpers import Admin, Client, ServerThread, require_tools, unique, write_config
 

@@ -149,7 +149,7 @@ class PushHandler:
             source=session.peer,
             app=app.name,
             updates=[f"{u.ref} {u.old[:12]}..{u.new[:12]}" for u in updates],
-            **({"options": session.options.words()} if session.options.given else {}),
+            more={"options": session.options.words()} if session.options.given else None,
         )
         return await self._post_receive(session, updates, say)
 

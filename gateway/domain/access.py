@@ -258,7 +258,7 @@ class Access(Part):
             actor=identity.user_name,
             fingerprint=identity.fingerprint,
             source=source,
-            **detail,
+            more=detail,
         )
 
     async def login_refused(self, identity: Identity, source: str, why: str) -> None:
@@ -302,5 +302,5 @@ class Access(Part):
             source=source,
             app=refusal.name[:100] if isinstance(refusal, AccessDenied) else "",
             command=command[:200],
-            **reason,
+            more=reason,
         )

@@ -101,7 +101,7 @@ class Accounts(Part):
                 fingerprint=record.fingerprint,
                 user=user,
                 key=key_name,
-                **_limits(expires_at, "read" if read_only else None, scope),
+                more=_limits(expires_at, "read" if read_only else None, scope),
             )
         return record
 
@@ -142,7 +142,7 @@ class Accounts(Part):
                 fingerprint=record.fingerprint,
                 app=app,
                 key=key_name,
-                **_limits(expires_at, access, None),
+                more=_limits(expires_at, access, None),
             )
         return record
 

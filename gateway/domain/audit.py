@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -24,10 +25,13 @@ async def record(
     source: str = "",
     app: str = "",
     at: datetime | None = None,
+    more: Mapping[str, object] | None = None,
     **detail: object,
 ) -> None:
     """Record an event; a failing write is logged, never raised (auditing must not turn a
-    successful operation into a failed one)."""
+    successful operation into a failed one). `more` is detail built elsewhere (a dict of
+    optional fields): with ** it could collide with the named fields."""
+    detail = {**detail, **(more or {})}
     entry = AuditEvent(
         event=event,
         actor=actor,

@@ -66,7 +66,7 @@ class Tokens(Part):
             actor=actor,
             token=name,
             user=user or "(operator)",
-            **({"expires_at": times.text(expires_at)} if expires_at else {}),
+            more={"expires_at": times.text(expires_at)} if expires_at else None,
         )
         return token, secret
 

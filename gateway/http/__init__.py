@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware as AiohttpMiddleware
 
 from ..config import Config, Settings
 from ..deploys import DeployService
@@ -233,7 +234,7 @@ class WebServer:
         return token
 
 
-def json_errors(hint: str) -> Middleware:
+def json_errors(hint: str) -> AiohttpMiddleware:
     """A middleware answering an unknown route, or a method a route does not take, in the
     API's JSON error shape (as every other refusal) rather than aiohttp's plain `404: Not
     Found`; `hint` says where the listener's routes are described."""

@@ -25,7 +25,7 @@ def decline_env_requests(conn: asyncssh.SSHServerConnection) -> None:
     """
     create = conn.create_server_channel
 
-    def create_filtered(*args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel:
+    def create_filtered(*args: Any, **kwargs: Any) -> asyncssh.SSHServerChannel[Any]:
         channel = create(*args, **kwargs)
         env = getattr(channel, "_env", None)
         if not isinstance(env, dict) or not hasattr(channel, "_process_env_request"):

@@ -15,8 +15,9 @@ import pytest
 
 from gateway import config
 from gateway.deploys import cgroups, confine
+from gateway.deploys.builddir import remove_tree
 from gateway.deploys.buildsize import BuildWatch
-from gateway.deploys.sandbox import Sandbox, remove_tree
+from gateway.deploys.sandbox import Sandbox
 from tests.helpers import run, write_config
 
 

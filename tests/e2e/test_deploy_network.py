@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from gateway.deploys import sandbox
+from gateway.deploys import builddir, sandbox
 from tests.helpers import (
     DEPLOY_PYTHON,
     PIPELINE,
@@ -81,7 +81,7 @@ async def _in_sandbox(box: sandbox.Sandbox, argv: list[str], build: Path) -> tup
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
     finally:
-        await asyncio.to_thread(sandbox.remove_tree, export)
+        await asyncio.to_thread(builddir.remove_tree, export)
     return proc.returncode or 0, out.decode("utf-8", "replace")
 
 
@@ -420,7 +420,7 @@ async def main():
         ["python3", "-c", PROBE], export_dir=export, env=env, stdout=asyncio.subprocess.PIPE
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    sandbox.remove_tree(export)
+    builddir.remove_tree(export)
     print(out.decode())
 asyncio.run(main())
 """

@@ -18,7 +18,7 @@ import pytest
 
 from bench.postgres import SUPERUSER, PostgresServer
 from gateway import config
-from gateway.deploys.sandbox import remove_tree
+from gateway.deploys.builddir import remove_tree
 from tests.docs import Block, Walk, blocks, pattern
 from tests.helpers import REPO_ROOT, LiveProcess, require_tools
 from tests.pg import require_postgres

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from gateway import config
-from gateway.deploys import buildsize, cgroups, confine, sandbox
+from gateway.deploys import builddir, buildsize, cgroups, confine, sandbox
 from tests.helpers import DEPLOY_PYTHON, require_sandbox, sandbox_settings
 
 pytestmark = pytest.mark.skipif(shutil.which("pasta") is None, reason="needs pasta (passt)")
@@ -63,7 +63,7 @@ async def _run(
         finally:
             await confinement.close()
     finally:
-        await asyncio.to_thread(sandbox.remove_tree, export)
+        await asyncio.to_thread(builddir.remove_tree, export)
     return out.decode("utf-8", "replace"), reason, elapsed
 
 
@@ -403,7 +403,7 @@ async def _starved(box: sandbox.Sandbox, build: Path) -> str:
         os.killpg(hog.pid, 9)
         await hog.wait()
         for export in exports:
-            await asyncio.to_thread(sandbox.remove_tree, export)
+            await asyncio.to_thread(builddir.remove_tree, export)
 
 
 def test_regression_a_deploy_killed_while_starting_leaves_no_process(tmp_path):
@@ -434,7 +434,7 @@ async def _killed_while_starting(box: sandbox.Sandbox, build: Path) -> list[str]
             await asyncio.sleep(0.1)  # no event says that the killed processes are gone
         return left
     finally:
-        await asyncio.to_thread(sandbox.remove_tree, export)
+        await asyncio.to_thread(builddir.remove_tree, export)
 
 
 def _running_with(text: str) -> list[str]:
@@ -531,7 +531,7 @@ async def _two_gated(box: sandbox.Sandbox, build: Path, tmp: Path) -> list[dict]
                 os.killpg(proc.pid, 9)
             await proc.wait()
             await confinement.close()
-            await asyncio.to_thread(sandbox.remove_tree, export)
+            await asyncio.to_thread(builddir.remove_tree, export)
     return found
 
 
@@ -593,7 +593,7 @@ async def main():
     proc = await box.spawn(["python3", "-c", PROBE], export_dir=export,
                            env={"PATH": sandbox.SANDBOX_PATH}, stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    sandbox.remove_tree(export)
+    builddir.remove_tree(export)
     print(out.decode())
 asyncio.run(main())
 """

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.config import at_use
+from gateway.deploys.messages import logs_command
 from tests.helpers import (
     Admin,
     ServerThread,
@@ -153,4 +154,5 @@ def test_regression_port_0_api_and_ssh_info_show_the_bound_port(
     info = client.ssh("info")
     assert wanted in info.stdout + info.stderr
     assert not re.search(r"127\.0\.0\.1:0\b|-p 0\b", info.stdout + info.stderr)
-    assert f"-p {server.port} " in server.gateway.deploys.logs_command("portapp", 1)
+    # What deploy messages tell the pusher to run, from the deploy service's configuration.
+    assert f"-p {server.port} " in logs_command(server.gateway.deploys.config, "portapp", 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.deploys import buildsize
-from gateway.deploys.sandbox import remove_tree
+from gateway.deploys.builddir import remove_tree
 
 MIB = 1024 * 1024
 

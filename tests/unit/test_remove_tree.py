@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.deploys.sandbox import remove_tree
+from gateway.deploys.builddir import remove_tree
 from tests.helpers import sandbox_root, unique
 
 TIMEOUT = 60
@@ -96,7 +96,7 @@ def test_a_gateway_not_root_opens_up_what_its_build_locked(tmp_path):
     (export / "ro" / "locked").chmod(0o000)
     (export / "ro").chmod(0o500)
     code = (
-        "import sys; from pathlib import Path; from gateway.deploys.sandbox import remove_tree;"
+        "import sys; from pathlib import Path; from gateway.deploys.builddir import remove_tree;"
         "remove_tree(Path(sys.argv[1]))"
     )
     argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

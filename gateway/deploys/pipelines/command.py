@@ -19,6 +19,7 @@ from ...domain.deploylog import DeployLog
 from ...logs import q
 from ...models import Deploy, DeployStatus
 from .. import program
+from ..builddir import remove_tree
 from ..confine import Confinement
 from ..export import ExportError, export_commit
 from ..outcome import Outcome
@@ -29,7 +30,6 @@ from ..sandbox import (
     Sandbox,
     SandboxError,
     network_stopped,
-    remove_tree,
 )
 from .base import Context
 
