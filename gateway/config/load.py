@@ -19,6 +19,7 @@ from .schema import (
     CONFIG_ENV,
     DATABASE_ENV,
     DEFAULT_CONFIG_FILE,
+    PIPELINE_KEYS,
     SECTIONS,
     Config,
     DeploySettings,
@@ -70,8 +71,9 @@ def _check_pipelines(cfg: Config) -> None:
     labelled = [("[deploy]", cfg.deploy)]
     labelled += [(f"[apps.{app}]", cfg.deploy_for(app)) for app in cfg.apps]
     for label, settings in labelled:
-        if settings.command and settings.webhook_url:
-            raise ConfigError(f"config: {label}: set either command or webhook_url, not both")
+        chosen = [key for key in PIPELINE_KEYS if getattr(settings, key)]
+        if len(chosen) > 1:
+            raise ConfigError(f"config: {label}: set only one of {', '.join(chosen)}")
 
 
 _STATE_FILES = ("[storage] database", "[storage] control_socket", "the configuration file")

@@ -487,10 +487,14 @@ class HTTPSettings:
     )
 
 
+# The setting that chooses each deploy pipeline kind (gateway/deploys/pipelines/): an app
+# sets at most one, and one set in [apps.NAME] replaces the global pipeline. A new kind adds
+# its key here and to DeploySettings.
+PIPELINE_KEYS = ("command", "webhook_url")
+
 # Keys an app may override in [apps.NAME]; everything else is global.
 APP_OVERRIDABLE = (
-    "command",
-    "webhook_url",
+    *PIPELINE_KEYS,
     "webhook_secret",
     "mode",
     "timeout",
@@ -545,10 +549,10 @@ class Config:
         if not overrides:
             return self.deploy
         # An app that picks a pipeline replaces the global one rather than adding to it.
-        if overrides.get("webhook_url") and "command" not in overrides:
-            overrides["command"] = ()
-        if overrides.get("command") and "webhook_url" not in overrides:
-            overrides["webhook_url"] = ""
+        if any(overrides.get(key) for key in PIPELINE_KEYS):
+            specs = {f.name: f.metadata for f in dataclasses.fields(DeploySettings)}
+            for key in PIPELINE_KEYS:
+                overrides.setdefault(key, specs[key]["parse"](specs[key]["default"]))
         return dataclasses.replace(self.deploy, **overrides)
 
     @property

@@ -167,7 +167,7 @@ def test_app_overrides():
         ({"deploy": {"webhook_url": "ftp://x"}}, "[deploy] webhook_url"),
         (
             {"deploy": {"command": ["x"], "webhook_url": "https://x"}},
-            "set either command or webhook_url",
+            "set only one of command, webhook_url",
         ),
         ({"deploy": {"max_parallel": 0}}, "[deploy] max_parallel"),
         ({"http": {"listen": "nowhere"}}, "[http] listen"),
