@@ -3,7 +3,8 @@
 Each module here defines `PIPELINE`, an object following `base.Pipeline`; the module's name
 is not what counts, its `PIPELINE.kind` is (the name recorded with each deploy). The kinds
 are found by listing this package, so a new kind is one module here plus its configuration
-keys (gateway/config.py): nothing else names the kinds, the registry's schema included.
+keys (gateway/config/schema.py: a DeploySettings field named in PIPELINE_KEYS): nothing else
+names the kinds, the registry's schema included.
 """
 
 from __future__ import annotations
