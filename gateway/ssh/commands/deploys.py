@@ -114,7 +114,7 @@ def _cancel(words: list[str]) -> tuple[str, ...]:
 
 
 DEPLOYS = Command(
-    "deploys", ("deploys APP",), "an app's recent deploys", app_only, list_deploys, True
+    "deploys", ("deploys APP",), "an app's recent deploys", app_only, list_deploys, takes_app=True
 )
 LOGS = Command(
     "logs",
@@ -122,6 +122,6 @@ LOGS = Command(
     "a deploy's log (the latest by default)",
     _logs,
     logs,
-    rated=True,
+    takes_app=True,
 )
 CANCEL = Command("cancel", ("cancel ID",), "cancel a queued or running deploy", _cancel, cancel)
