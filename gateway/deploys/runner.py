@@ -283,6 +283,17 @@ class Runner:
         log.info(
             "event=deploy_started deploy=%d app=%s node=%s", deploy.id, deploy.app_name, self.node
         )
+        if deploy.pipeline not in pipelines.KINDS:
+            # No CHECK in the registry lists the kinds any more: this is where they are checked.
+            log.error(
+                "event=deploy_unknown_pipeline deploy=%d app=%s kind=%s",
+                deploy.id,
+                deploy.app_name,
+                q(deploy.pipeline),
+            )
+            reason = f"unknown deploy pipeline kind {deploy.pipeline!r} on this gateway"
+            await self._finish(job, DeployStatus.FAILED, reason=reason)
+            return
         pipeline = pipelines.chosen(job.settings)
         if pipeline is None:
             await self._finish(job, DeployStatus.CANCELLED, reason="no deploy pipeline any more")

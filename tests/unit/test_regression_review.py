@@ -3,7 +3,13 @@ pins a behaviour the layer packages, the facade, the SQL rewrite or the deploy s
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from gateway.models import DeployStatus, NewDeploy
 from gateway.ssh.commands import COMMANDS, parse
+from tests.unit.fake_pipeline import SHA, ZERO, rig
 
 
 def test_regression_commands_keep_their_rate_and_app_flags():
@@ -15,3 +21,26 @@ def test_regression_commands_keep_their_rate_and_app_flags():
     assert {name for name, c in COMMANDS.items() if c.takes_app} == {"deploys", "logs"}
     inv = parse("logs /shop.git 7 --follow")
     assert inv.app == "shop"
+
+
+async def test_regression_a_deploy_of_an_unknown_pipeline_kind_is_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The registry no longer lists the kinds (migration 0012 / 0006 dropped the CHECK on
+    deploys.pipeline, saying the gateway checks a deploy's kind against pipelines.KINDS),
+    but nothing did: a claimed deploy recorded with a kind this gateway does not know (a
+    newer node's, a copied registry, a hand edit) ran whatever the app's settings chose now.
+    It ends failed instead, with the reason, and no pipeline runs."""
+    async with rig(tmp_path, monkeypatch) as r:
+        new = NewDeploy(r.app.id, "refs/heads/main", ZERO, SHA, "alice", "SHA256:x", "s", "a",
+                        "attached", "podman")  # fmt: skip
+        queued = await r.service.runner.queue(new)
+        final = await r.done(queued.id)
+        assert (final.status, final.reason) == (
+            DeployStatus.FAILED,
+            "unknown deploy pipeline kind 'podman' on this gateway",
+        )
+        assert r.fake.runs == []
+        # A known kind still runs.
+        assert (await r.done((await r.queue()).id)).status is DeployStatus.SUCCEEDED
+        assert len(r.fake.runs) == 1
