@@ -50,7 +50,7 @@ def _serve_worker(role: Any, cfg: config.Config) -> int:
 
 
 def worker_count(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= config.MAX_WORKERS:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= config.MAX_WORKERS:
         raise argparse.ArgumentTypeError(
             f"expected a whole number from 0 (one per CPU core) to {config.MAX_WORKERS}"
         )

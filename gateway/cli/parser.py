@@ -235,7 +235,7 @@ def require_key_source(args: argparse.Namespace) -> None:
 
 def _deploy_id(text: str) -> int:
     digits = text.removeprefix("#")
-    if not digits.isdigit():
+    if not (digits.isascii() and digits.isdigit()):
         raise argparse.ArgumentTypeError(f"invalid deploy id: {text!r}")
     return int(digits)
 

@@ -64,7 +64,7 @@ class Call:
 
     def deploy_id(self) -> int:
         text = self.param("id")
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
             raise UsageError(f"invalid deploy id '{text[:20]}'")
         return int(text)
 
@@ -283,7 +283,7 @@ async def revoke(call: Call) -> tuple[int, Any]:
 
 async def list_deploys(call: Call) -> tuple[int, Any]:
     text = call.request.query.get("limit", "20")
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise UsageError("limit must be a whole number")
     deploys = await call.domain.records.list_deploys(call.param("app"), limit=int(text))
     return 200, [deploy_dict(d) for d in deploys]

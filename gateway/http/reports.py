@@ -26,7 +26,7 @@ def _error(status: int, message: str) -> web.Response:
 def handler(deploys: DeployService) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def report_status(request: web.Request) -> web.Response:
         text = request.match_info["id"]
-        if not text.isdigit() or len(text) > 18:
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
             return _error(404, "not found")
         deploy_id = int(text)
         auth = request.headers.get("Authorization", "")

@@ -109,7 +109,7 @@ class Revocations:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue  # comments are whole lines: a key id may hold `#` and spaces
             kind, _, value = line.lstrip().partition(" ")
-            if kind == "serial" and value.strip().isdigit():
+            if kind == "serial" and value.strip().isascii() and value.strip().isdigit():
                 serials.add(int(value.strip()))
             elif kind == "key-id" and value:
                 key_ids.add(value)  # exactly as written after `key-id `

@@ -44,3 +44,56 @@ async def test_regression_a_deploy_of_an_unknown_pipeline_kind_is_not_run(
         # A known kind still runs.
         assert (await r.done((await r.queue()).id)).status is DeployStatus.SUCCEEDED
         assert len(r.fake.runs) == 1
+
+
+# Digits that are not ASCII: str.isdigit() accepts "²" and "٣" but int() refuses "²", so a
+# check with isdigit alone let them through to a ValueError: a 500 and an internal-error log
+# line from one request (the deploy report route and the keys page's sign-in need no token).
+NOT_ASCII_DIGITS = ["²", "1²", "٣"]
+
+
+@pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
+async def test_regression_a_report_for_a_non_ascii_deploy_id_is_a_404(text: str) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.http import reports
+
+    class Store:
+        async def status_token_hash(self, deploy_id: int) -> None:
+            raise AssertionError("never looked up")
+
+    class Deploys:
+        store = Store()
+
+    app = web.Application()
+    app.router.add_post("/deploys/{id}/status", reports.handler(Deploys()))  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        answer = await client.post(f"/deploys/{text}/status", json={"status": "succeeded"})
+        assert answer.status == 404
+
+
+@pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
+def test_regression_a_presignin_cookie_with_non_ascii_digits_is_refused(text: str) -> None:
+    from gateway.http.sessions import Sessions
+
+    sessions = Sessions.__new__(Sessions)  # check_presignin reads nothing of the instance
+    assert sessions.check_presignin(f"abc.{text}", "field") is False
+
+
+@pytest.mark.parametrize("text", NOT_ASCII_DIGITS)
+async def test_regression_api_deploy_ids_and_limits_with_non_ascii_digits_are_422(
+    text: str,
+) -> None:
+    from types import SimpleNamespace
+
+    from gateway.errors import UsageError
+    from gateway.http import api
+
+    request = SimpleNamespace(match_info={"id": text, "app": "web"}, query={"limit": text})
+    call = api.Call.__new__(api.Call)
+    call.request = request  # type: ignore[assignment]
+    with pytest.raises(UsageError):
+        call.deploy_id()
+    with pytest.raises(UsageError):
+        await api.list_deploys(call)

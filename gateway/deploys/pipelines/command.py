@@ -19,7 +19,7 @@ from ...domain.deploylog import DeployLog
 from ...logs import q
 from ...models import Deploy, DeployStatus
 from .. import program
-from ..builddir import remove_tree
+from ..builddir import SandboxError, remove_tree
 from ..confine import Confinement
 from ..export import ExportError, export_commit
 from ..outcome import Outcome
@@ -28,7 +28,6 @@ from ..sandbox import (
     APP_DIR,
     SANDBOX_PATH,
     Sandbox,
-    SandboxError,
     network_stopped,
 )
 from .base import Context
