@@ -10,7 +10,15 @@ import pytest
 
 from gateway.deploys.sandbox import remove_tree
 from tests import helpers, pg
-from tests.helpers import Admin, Client, ServerThread, require_tools, unique, write_config
+from tests.helpers import (
+    Admin,
+    Client,
+    GatewayFactory,
+    ServerThread,
+    require_tools,
+    unique,
+    write_config,
+)
 
 require_tools()
 
@@ -62,6 +70,27 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     thread = ServerThread(write_config(directory)).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Start gateways of this test's own: `gateway_factory(limits={...})` returns a started
+    GatewayHandle (admin CLI, users, apps); all are stopped at the test's end."""
+    factory = GatewayFactory(tmp_path_factory.mktemp)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """gateway_factory for module-scoped fixtures: a module's gateways live until its end."""
+    factory = GatewayFactory(tmp_path_factory.mktemp)
+    try:
+        yield factory
+    finally:
+        factory.close()
 
 
 @pytest.fixture(scope="session")

@@ -267,6 +267,66 @@ class ServerThread:
         return path
 
 
+class GatewayHandle(ServerThread):
+    """A started test gateway (see GatewayFactory) with what tests do to it: its operator
+    CLI, users with fresh keys, apps."""
+
+    def __init__(self, config_path: Path, home: Path) -> None:
+        super().__init__(config_path)
+        self.home = home
+        self.admin = Admin(config_path)
+
+    def user(
+        self,
+        prefix: str = "user",
+        directory: Path | None = None,
+        kind: str = "ed25519",
+        bits: int | None = None,
+    ) -> Client:
+        """A new user with one fresh key (named laptop), and their client; keys and home
+        in `directory` (the gateway's own directory by default)."""
+        return registered_user(self, self.admin, directory or self.home, prefix, kind, bits)
+
+    def app(self, owner: Client | str, prefix: str = "app", *options: str) -> str:
+        """A new app owned by `owner`; options as `app create` takes them (--branch)."""
+        name = unique(prefix)
+        user = owner if isinstance(owner, str) else owner.name
+        self.admin.ok("app", "create", name, "--owner", user, *options)
+        return name
+
+
+class GatewayFactory:
+    """Starts test gateways, each in a fresh directory on port 0, and stops them all when
+    closed (the fixtures close it at the end of their scope).
+
+    `factory(toml, name=..., **sections)`: sections as write_config takes them
+    ({section: {key: value}}), `toml` text appended to the file ([apps.NAME] tables)."""
+
+    def __init__(self, mktemp: Any) -> None:
+        self._mktemp = mktemp
+        self.started: list[GatewayHandle] = []
+
+    def config(self, toml: str = "", *, name: str = "gw", **sections: dict[str, object]) -> Path:
+        """Write a config file (in a fresh directory) without starting anything."""
+        path = write_config(self._mktemp(name), **sections)
+        if toml:
+            path.write_text(path.read_text() + toml)
+        return path
+
+    def __call__(
+        self, toml: str = "", *, name: str = "gw", **sections: dict[str, object]
+    ) -> GatewayHandle:
+        path = self.config(toml, name=name, **sections)
+        handle = GatewayHandle(path, path.parent)
+        handle.start()
+        self.started.append(handle)
+        return handle
+
+    def close(self) -> None:
+        while self.started:
+            self.started.pop().stop()
+
+
 @dataclass
 class Client:
     """One person at a terminal: their own HOME, key, known_hosts and git identity."""
