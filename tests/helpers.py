@@ -318,13 +318,25 @@ class GatewayFactory:
     ) -> GatewayHandle:
         path = self.config(toml, name=name, **sections)
         handle = GatewayHandle(path, path.parent)
-        handle.start()
+        try:
+            handle.start()
+        except BaseException:
+            # Not started: only its loop's thread is left to end.
+            handle.loop.call_soon_threadsafe(handle.loop.stop)
+            raise
         self.started.append(handle)
         return handle
 
     def close(self) -> None:
+        """Stop every gateway, the last started first; the first failure is raised after."""
+        failure: BaseException | None = None
         while self.started:
-            self.started.pop().stop()
+            try:
+                self.started.pop().stop()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
 
 @dataclass
