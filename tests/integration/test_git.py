@@ -98,3 +98,42 @@ async def test_regression_a_garbage_pack_is_refused_and_moves_nothing(
         await asyncio.wait_for(process.wait_closed(), TIMEOUT)
     assert report[0].startswith(b"unpack ") and report[0] != b"unpack ok\n"
     assert await asyncio.to_thread(server_refs, gw.repo(app)) == {}
+
+
+async def test_regression_an_oversized_git_protocol_is_declined_and_v0_served(gw: LiveGateway):
+    alice = await gw.user("alice")
+    app = await gw.app(alice)
+    conn, process = await session(
+        gw, alice, f"git-upload-pack '{app}.git'", GIT_PROTOCOL="version=2:" + "x" * 300
+    )
+    async with conn:
+        assert await read_pkts(process.stdout) == []  # v0 on an empty repository
+        process.stdin.write(FLUSH)
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), TIMEOUT)
+    assert process.exit_status == 0
+
+
+async def test_regression_other_environment_never_reaches_git(gw: LiveGateway, tmp_path: Path):
+    """GIT_DIR, GIT_CONFIG_* and friends sent by the client would point git elsewhere, or
+    give it a config naming a program: they are declined, and the app's repository served."""
+    alice = await gw.user("alice")
+    app = await gw.app(alice)
+    hostile = {
+        "GIT_DIR": str(tmp_path),
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "uploadpack.packObjectsHook",
+        "GIT_CONFIG_VALUE_0": f"touch {tmp_path}/owned",
+        "GIT_PROTOCOL": "version=2",
+    }
+    conn, process = await session(gw, alice, f"git-upload-pack '{app}.git'", **hostile)
+    async with conn:
+        capabilities = await read_pkts(process.stdout)
+        assert capabilities[0] == b"version 2\n"
+        process.stdin.write(
+            pkt("command=ls-refs\n") + DELIM + pkt("symrefs\n") + pkt("unborn\n") + FLUSH
+        )
+        assert await read_pkts(process.stdout) == [b"unborn HEAD symref-target:refs/heads/main\n"]
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), TIMEOUT)
+    assert not (tmp_path / "owned").exists()
