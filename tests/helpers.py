@@ -327,6 +327,11 @@ class GatewayFactory:
         self.started.append(handle)
         return handle
 
+    def stop(self, handle: GatewayHandle) -> None:
+        """Stop this gateway now (a test that must act after the stop), not again later."""
+        self.started.remove(handle)
+        handle.stop()
+
     def close(self) -> None:
         """Stop every gateway, the last started first; the first failure is raised after."""
         failure: BaseException | None = None
