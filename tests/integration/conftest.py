@@ -17,18 +17,35 @@ import pytest
 from gateway import config as gwconfig
 from gateway.app import Gateway
 from gateway.ssh import hostkeys
+from gateway.store import open_store
 from tests.helpers import Admin, unique, write_config
 
 # Every session of these tests is bounded: a gateway that stops answering fails the test.
 TIMEOUT = 10
 
 
+@dataclass
+class Prepared:
+    """What every test gateway starts from, made once per session: its host keys (an RSA
+    3072 key takes a while to make, and 0.2 s to load) and an empty registry database
+    with every migration applied."""
+
+    host_key_dir: Path
+    host_keys: list[asyncssh.SSHKey]
+    database: Path
+
+
 @pytest.fixture(scope="session")
-def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Host keys made once for the session (RSA 3072 takes a while), copied to each gateway."""
-    directory = tmp_path_factory.mktemp("hostkeys")
-    hostkeys.load_or_create(directory)
-    return directory
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Prepared:
+    directory = tmp_path_factory.mktemp("prepared")
+    keys = hostkeys.load_or_create(directory / "hostkeys")
+    database = directory / "gw.db"
+
+    async def migrate() -> None:
+        await (await open_store(database)).close()
+
+    asyncio.run(migrate())
+    return Prepared(directory / "hostkeys", keys, database)
 
 
 @dataclass
@@ -145,15 +162,20 @@ StartGateway = Callable[..., Awaitable[LiveGateway]]
 
 
 @pytest.fixture
-async def start_gateway(tmp_path: Path, host_keys: Path) -> AsyncIterator[StartGateway]:
+async def start_gateway(
+    tmp_path: Path, prepared: Prepared, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[StartGateway]:
     """Start gateways in this test's loop: `await start_gateway(limits={...})`; each one is
-    closed at the test's end."""
+    closed at the test's end. They start from the session's prepared host keys and database
+    (loading the keys is what the end-to-end tests prove)."""
     started: list[LiveGateway] = []
+    monkeypatch.setattr(hostkeys, "load_or_create", lambda directory: list(prepared.host_keys))
 
     async def start(**overrides: dict[str, object]) -> LiveGateway:
         home = tmp_path / unique("gw")
         home.mkdir()
-        shutil.copytree(host_keys, home / "hostkeys")
+        shutil.copytree(prepared.host_key_dir, home / "hostkeys")
+        shutil.copy(prepared.database, home / "gw.db")
         path = write_config(home, **overrides)
         gateway = Gateway(gwconfig.load(path))
         await gateway.start()
