@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.deploys.sandbox import remove_tree
+from gateway.ssh import hostkeys
 from tests import helpers, pg
 from tests.helpers import (
     Admin,
@@ -72,11 +73,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     thread.stop()
 
 
+@pytest.fixture(scope="session")
+def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host keys generated once, copied to the gateways of gateway_factory."""
+    directory = tmp_path_factory.mktemp("hostkeys") / "hostkeys"
+    hostkeys.load_or_create(directory)
+    return directory
+
+
 @pytest.fixture
-def gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+def gateway_factory(
+    tmp_path_factory: pytest.TempPathFactory, host_keys: Path
+) -> Iterator[GatewayFactory]:
     """Start gateways of this test's own: `gateway_factory(limits={...})` returns a started
     GatewayHandle (admin CLI, users, apps); all are stopped at the test's end."""
-    factory = GatewayFactory(tmp_path_factory.mktemp)
+    factory = GatewayFactory(tmp_path_factory.mktemp, host_keys)
     try:
         yield factory
     finally:
@@ -84,9 +95,11 @@ def gateway_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gatewa
 
 
 @pytest.fixture(scope="module")
-def module_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+def module_gateways(
+    tmp_path_factory: pytest.TempPathFactory, host_keys: Path
+) -> Iterator[GatewayFactory]:
     """gateway_factory for module-scoped fixtures: a module's gateways live until its end."""
-    factory = GatewayFactory(tmp_path_factory.mktemp)
+    factory = GatewayFactory(tmp_path_factory.mktemp, host_keys)
     try:
         yield factory
     finally:

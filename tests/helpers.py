@@ -300,15 +300,21 @@ class GatewayFactory:
     closed (the fixtures close it at the end of their scope).
 
     `factory(toml, name=..., **sections)`: sections as write_config takes them
-    ({section: {key: value}}), `toml` text appended to the file ([apps.NAME] tables)."""
+    ({section: {key: value}}), `toml` text appended to the file ([apps.NAME] tables).
+    With `host_keys`, each gateway's host key directory starts as a copy of it (made once:
+    an RSA key takes a while to generate), so its gateways share their host keys."""
 
-    def __init__(self, mktemp: Any) -> None:
+    def __init__(self, mktemp: Any, host_keys: Path | None = None) -> None:
         self._mktemp = mktemp
+        self._host_keys = host_keys
         self.started: list[GatewayHandle] = []
 
     def config(self, toml: str = "", *, name: str = "gw", **sections: dict[str, object]) -> Path:
         """Write a config file (in a fresh directory) without starting anything."""
-        path = write_config(self._mktemp(name), **sections)
+        directory = self._mktemp(name)
+        if self._host_keys is not None:
+            shutil.copytree(self._host_keys, directory / "hostkeys")
+        path = write_config(directory, **sections)
         if toml:
             path.write_text(path.read_text() + toml)
         return path
