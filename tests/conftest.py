@@ -9,8 +9,17 @@ from pathlib import Path
 import pytest
 
 from gateway.deploys.builddir import remove_tree
+from gateway.ssh import hostkeys
 from tests import helpers, pg
-from tests.helpers import Admin, Client, ServerThread, require_tools, unique, write_config
+from tests.helpers import (
+    Admin,
+    Client,
+    GatewayFactory,
+    ServerThread,
+    require_tools,
+    unique,
+    write_config,
+)
 
 require_tools()
 
@@ -62,6 +71,39 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     thread = ServerThread(write_config(directory)).start()
     yield thread
     thread.stop()
+
+
+@pytest.fixture(scope="session")
+def host_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Host keys generated once, copied to the gateways of gateway_factory."""
+    directory = tmp_path_factory.mktemp("hostkeys") / "hostkeys"
+    hostkeys.load_or_create(directory)
+    return directory
+
+
+@pytest.fixture
+def gateway_factory(
+    tmp_path_factory: pytest.TempPathFactory, host_keys: Path
+) -> Iterator[GatewayFactory]:
+    """Start gateways of this test's own: `gateway_factory(limits={...})` returns a started
+    GatewayHandle (admin CLI, users, apps); all are stopped at the test's end."""
+    factory = GatewayFactory(tmp_path_factory.mktemp, host_keys)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_gateways(
+    tmp_path_factory: pytest.TempPathFactory, host_keys: Path
+) -> Iterator[GatewayFactory]:
+    """gateway_factory for module-scoped fixtures: a module's gateways live until its end."""
+    factory = GatewayFactory(tmp_path_factory.mktemp, host_keys)
+    try:
+        yield factory
+    finally:
+        factory.close()
 
 
 @pytest.fixture(scope="session")

@@ -267,6 +267,89 @@ class ServerThread:
         return path
 
 
+class GatewayHandle(ServerThread):
+    """A started test gateway (see GatewayFactory) with what tests do to it: its operator
+    CLI, users with fresh keys, apps."""
+
+    def __init__(self, config_path: Path, home: Path) -> None:
+        super().__init__(config_path)
+        self.home = home
+        self.admin = Admin(config_path)
+
+    def user(
+        self,
+        prefix: str = "user",
+        directory: Path | None = None,
+        kind: str = "ed25519",
+        bits: int | None = None,
+    ) -> Client:
+        """A new user with one fresh key (named laptop), and their client; keys and home
+        in `directory` (the gateway's own directory by default)."""
+        return registered_user(self, self.admin, directory or self.home, prefix, kind, bits)
+
+    def app(self, owner: Client | str, prefix: str = "app", *options: str) -> str:
+        """A new app owned by `owner`; options as `app create` takes them (--branch)."""
+        name = unique(prefix)
+        user = owner if isinstance(owner, str) else owner.name
+        self.admin.ok("app", "create", name, "--owner", user, *options)
+        return name
+
+
+class GatewayFactory:
+    """Starts test gateways, each in a fresh directory on port 0, and stops them all when
+    closed (the fixtures close it at the end of their scope).
+
+    `factory(toml, name=..., **sections)`: sections as write_config takes them
+    ({section: {key: value}}), `toml` text appended to the file ([apps.NAME] tables).
+    With `host_keys`, each gateway's host key directory starts as a copy of it (made once:
+    an RSA key takes a while to generate), so its gateways share their host keys."""
+
+    def __init__(self, mktemp: Any, host_keys: Path | None = None) -> None:
+        self._mktemp = mktemp
+        self._host_keys = host_keys
+        self.started: list[GatewayHandle] = []
+
+    def config(self, toml: str = "", *, name: str = "gw", **sections: dict[str, object]) -> Path:
+        """Write a config file (in a fresh directory) without starting anything."""
+        directory = self._mktemp(name)
+        if self._host_keys is not None:
+            shutil.copytree(self._host_keys, directory / "hostkeys")
+        path = write_config(directory, **sections)
+        if toml:
+            path.write_text(path.read_text() + toml)
+        return path
+
+    def __call__(
+        self, toml: str = "", *, name: str = "gw", **sections: dict[str, object]
+    ) -> GatewayHandle:
+        path = self.config(toml, name=name, **sections)
+        handle = GatewayHandle(path, path.parent)
+        try:
+            handle.start()
+        except BaseException:
+            # Not started: only its loop's thread is left to end.
+            handle.loop.call_soon_threadsafe(handle.loop.stop)
+            raise
+        self.started.append(handle)
+        return handle
+
+    def stop(self, handle: GatewayHandle) -> None:
+        """Stop this gateway now (a test that must act after the stop), not again later."""
+        self.started.remove(handle)
+        handle.stop()
+
+    def close(self) -> None:
+        """Stop every gateway, the last started first; the first failure is raised after."""
+        failure: BaseException | None = None
+        while self.started:
+            try:
+                self.started.pop().stop()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+
 @dataclass
 class Client:
     """One person at a terminal: their own HOME, key, known_hosts and git identity."""

@@ -79,7 +79,10 @@ class Sessions:
 
     def check_presignin(self, cookie: str, field: str) -> bool:
         _, _, issued = cookie.rpartition(".")
-        if not (issued.isascii() and issued.isdigit()) or time.time() - int(issued) > PRESIGNIN_SECONDS:
+        if (
+            not (issued.isascii() and issued.isdigit())
+            or time.time() - int(issued) > PRESIGNIN_SECONDS
+        ):
             return False
         return hmac.compare_digest(field.encode(), self._mac("signin", cookie).encode())
 

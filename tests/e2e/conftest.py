@@ -1,18 +1,32 @@
-"""Fixtures for the end-to-end tests that need a gateway with small limits."""
+"""Fixtures for the end-to-end tests: the operator CLI of a module's own gateway, and a
+gateway with small limits."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.helpers import Admin, Client, ServerThread, keygen, unique, write_config
+from tests.helpers import Admin, Client, GatewayFactory, GatewayHandle, keygen, unique
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory):
+def admin(request: pytest.FixtureRequest) -> Admin:
+    """The operator CLI of the gateway this module's tests use: its `gw` when that is a
+    GatewayHandle (started with module_gateways), else `server` (the session's shared
+    gateway, unless the module overrides it)."""
+    try:
+        gateway = request.getfixturevalue("gw")
+    except pytest.FixtureLookupError:
+        gateway = None
+    if isinstance(gateway, GatewayHandle):
+        return gateway.admin
+    return Admin(request.getfixturevalue("server").config_path)
+
+
+@pytest.fixture(scope="module")
+def tight(module_gateways: GatewayFactory) -> GatewayHandle:
     """A gateway with small limits, so that tests can reach them."""
-    directory = tmp_path_factory.mktemp("tight")
-    config = write_config(
-        directory,
+    return module_gateways(
+        name="tight",
         ssh={"login_timeout": 2},
         limits={
             "max_connections": 8,
@@ -24,14 +38,11 @@ def tight(tmp_path_factory):
             "user_ops_per_minute": 3,
         },
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture
-def tight_user(tight, tmp_path) -> Client:
-    admin = Admin(tight.config_path)
+def tight_user(tight: GatewayHandle, tmp_path) -> Client:
+    admin = tight.admin
     name, app = unique("lim"), unique("limapp")
     key = keygen(tmp_path / f"{name}_id")
     admin.ok("user", "add", name)

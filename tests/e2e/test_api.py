@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,14 @@ from tests.helpers import (
     DEPLOY_PYTHON,
     Admin,
     Client,
+    GatewayFactory,
+    GatewayHandle,
     ServerThread,
     http,
     http_base,
     keygen,
     keygen_fingerprint,
     unique,
-    write_config,
 )
 
 PREFIX = "/api/v1"
@@ -67,18 +67,10 @@ class Spec:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def server(module_gateways: GatewayFactory) -> GatewayHandle:
     """A gateway whose deploys run a real command, so that pushes make deploy records."""
-    directory = tmp_path_factory.mktemp("api")
     command = [DEPLOY_PYTHON, "-c", "print('deployed')"]
-    thread = ServerThread(write_config(directory, deploy={"command": command})).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(server: ServerThread) -> Admin:
-    return Admin(server.config_path)
+    return module_gateways(name="api", deploy={"command": command})
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from tests.helpers import (
     Client,
     LiveProcess,
     ServeProcess,
-    ServerThread,
     banner,
     keygen,
     ssh_connect,
@@ -76,9 +75,9 @@ def test_audit_trail_of_a_user_and_an_app(owner, app, admin, make_user, server, 
     assert any("kind=push" in line and f"actor={owner.name}" in line for line in logged)
 
 
-def test_regression_cli_cancel_of_a_running_deploy_is_audited(tmp_path, exchange):
-    config = write_config(tmp_path / "gw", deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)]})
-    server = ServerThread(config).start()
+def test_regression_cli_cancel_of_a_running_deploy_is_audited(gateway_factory, tmp_path, exchange):
+    server = gateway_factory(deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)]})
+    config = server.config_path
     pushing = None
     try:
         admin = Admin(config)
@@ -101,7 +100,6 @@ def test_regression_cli_cancel_of_a_running_deploy_is_audited(tmp_path, exchange
     finally:
         if pushing is not None and pushing.proc.poll() is None:
             pushing.kill()
-        server.stop()
 
 
 async def unknown_key_logins(port: int, count: int) -> int:

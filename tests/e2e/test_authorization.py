@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.helpers import ServerThread, fsck, server_refs, unique, write_config
+from tests.helpers import fsck, server_refs, unique
 
 
 def denied(name: str) -> str:
@@ -52,36 +52,25 @@ def test_writers_and_admins_can_push(owner, app, admin, make_user, server, tmp_p
     fsck(server.repo(app))
 
 
-def test_push_size_limit(tmp_path_factory, make_user, tmp_path):
-    directory = tmp_path_factory.mktemp("small")
-    small = ServerThread(write_config(directory, git={"max_input_size": "20K"})).start()
-    try:
-        from tests.helpers import Admin, Client, keygen
-
-        admin = Admin(small.config_path)
-        name, app = unique("big"), unique("bigapp")
-        key = keygen(tmp_path / "big_id")
-        admin.ok("user", "add", name)
-        admin.ok("key", "add", name, "k", f"{key}.pub")
-        admin.ok("app", "create", app, "--owner", name)
-        client = Client(tmp_path / "bighome", key, small, name=name)
-        work = client.new_repo(tmp_path / "bigwork", {"blob": os.urandom(60000).hex()})
-        result = client.git("push", client.url(app), "main", cwd=work, check=False)
-        assert result.returncode != 0
-        assert "maximum allowed size" in result.stderr
-        # git's own words do not say what the limit is: the gateway does.
-        assert (
-            "error: push refused: the pack is larger than this gateway's limit of 20 KiB per "
-            "push ([git] max_input_size)\n"
-        ) in result.stderr
-        assert server_refs(small.repo(app)) == {}
-        fsck(small.repo(app))
-        # A push within the limit says nothing of it.
-        work = client.new_repo(tmp_path / "smallwork", {"blob": "small\n"})
-        result = client.git("push", client.url(app), "main", cwd=work)
-        assert "max_input_size" not in result.stderr
-    finally:
-        small.stop()
+def test_push_size_limit(gateway_factory, make_user, tmp_path):
+    small = gateway_factory(name="small", git={"max_input_size": "20K"})
+    client = small.user("big", tmp_path)
+    app = small.app(client, "bigapp")
+    work = client.new_repo(tmp_path / "bigwork", {"blob": os.urandom(60000).hex()})
+    result = client.git("push", client.url(app), "main", cwd=work, check=False)
+    assert result.returncode != 0
+    assert "maximum allowed size" in result.stderr
+    # git's own words do not say what the limit is: the gateway does.
+    assert (
+        "error: push refused: the pack is larger than this gateway's limit of 20 KiB per "
+        "push ([git] max_input_size)\n"
+    ) in result.stderr
+    assert server_refs(small.repo(app)) == {}
+    fsck(small.repo(app))
+    # A push within the limit says nothing of it.
+    work = client.new_repo(tmp_path / "smallwork", {"blob": "small\n"})
+    result = client.git("push", client.url(app), "main", cwd=work)
+    assert "max_input_size" not in result.stderr
 
 
 def test_a_moved_key_logs_in_as_its_new_owner(admin, make_user, server, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Admin, Client, ServerThread, keygen, run, unique, write_config
+from tests.helpers import Client, keygen, run, unique, write_config
 
 
 class CA:
@@ -51,21 +51,13 @@ def revoked(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, ca, revoked):
-    directory = tmp_path_factory.mktemp("certs")
-    cas = directory / "user_ca.pub"
+def gw(module_gateways, tmp_path_factory, ca, revoked):
+    cas = tmp_path_factory.mktemp("cas") / "user_ca.pub"
     cas.write_text("# the platform's user CA\n" + ca.key.with_suffix(".pub").read_text())
-    config = write_config(
-        directory, ssh={"trusted_user_ca_keys": str(cas), "revoked_certificates": str(revoked)}
+    return module_gateways(
+        name="certs",
+        ssh={"trusted_user_ca_keys": str(cas), "revoked_certificates": str(revoked)},
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
 
 
 @pytest.fixture
@@ -182,25 +174,23 @@ def test_revocation_by_serial_and_key_id_also_on_an_open_connection(
     assert result.returncode == 255 and "it has been revoked" in result.stderr
 
 
-def test_a_principal_map_names_the_account(tmp_path):
+def test_a_principal_map_names_the_account(gateway_factory, tmp_path):
     ca = CA(tmp_path / "ca")
     cas = tmp_path / "user_ca.pub"
     cas.write_text(ca.key.with_suffix(".pub").read_text())
     user = unique("carol")
-    config = write_config(tmp_path / "gw", ssh={"trusted_user_ca_keys": str(cas)})
-    config.write_text(config.read_text() + f'[ssh.principals]\n"carol@corp.example" = "{user}"\n')
-    server = ServerThread(config).start()
-    try:
-        Admin(server.config_path).ok("user", "add", user)
-        mapped = ca.sign(keygen(tmp_path / "id"), "carol@corp.example")
-        _, result = login(server, mapped, tmp_path)
-        assert result.returncode == 0 and result.stdout.startswith(f"user: {user}\n")
-        # With a map, a principal that is a user name but not in the map does not count.
-        direct = ca.sign(keygen(tmp_path / "id2"), user)
-        _, result = login(server, direct, tmp_path)
-        assert result.returncode == 255
-    finally:
-        server.stop()
+    server = gateway_factory(
+        f'[ssh.principals]\n"carol@corp.example" = "{user}"\n',
+        ssh={"trusted_user_ca_keys": str(cas)},
+    )
+    server.admin.ok("user", "add", user)
+    mapped = ca.sign(keygen(tmp_path / "id"), "carol@corp.example")
+    _, result = login(server, mapped, tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith(f"user: {user}\n")
+    # With a map, a principal that is a user name but not in the map does not count.
+    direct = ca.sign(keygen(tmp_path / "id2"), user)
+    _, result = login(server, direct, tmp_path)
+    assert result.returncode == 255
 
 
 def test_regression_an_unreadable_ca_file_stops_the_start(tmp_path):

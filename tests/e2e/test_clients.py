@@ -17,7 +17,6 @@ import shlex
 import shutil
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ from tests.helpers import (
     TIMEOUT,
     Admin,
     Client,
+    GatewayFactory,
+    GatewayHandle,
     ServerThread,
     fsck,
     keygen,
@@ -36,7 +37,6 @@ from tests.helpers import (
     server_refs,
     settle,
     unique,
-    write_config,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -253,13 +253,10 @@ def test_dbclient_refuses_a_changed_host_key(user_app, server, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def curve_first(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def curve_first(module_gateways: GatewayFactory) -> GatewayHandle:
     """A gateway whose key exchange list starts as Dropbear's does (curve25519-sha256)."""
-    directory = tmp_path_factory.mktemp("curvefirst")
     kex = ["curve25519-sha256", "mlkem768x25519-sha256", "ecdh-sha2-nistp256"]
-    thread = ServerThread(write_config(directory, ssh={"kex_algorithms": kex})).start()
-    yield thread
-    thread.stop()
+    return module_gateways(name="curvefirst", ssh={"kex_algorithms": kex})
 
 
 @pytest.mark.parametrize("guess", ["wrong", "right"])

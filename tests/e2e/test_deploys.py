@@ -23,7 +23,6 @@ from tests.helpers import (
     Client,
     LiveProcess,
     ServeProcess,
-    ServerThread,
     fsck,
     keygen,
     registered_user,
@@ -85,10 +84,20 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory, receiver):
-    directory = tmp_path_factory.mktemp("deploys")
-    config = write_config(
-        directory,
+def gw(module_gateways, receiver):
+    # Per-app overrides for the apps these tests create.
+    return module_gateways(
+        '[apps.gated]\nmode = "gate"\n'
+        + '[apps.detached]\nmode = "detached"\n'
+        + '[apps.queued]\nmode = "detached"\n'
+        + "[apps.slow]\ntimeout = 2\n"
+        + f'[apps.hooked]\nwebhook_url = "{receiver.url("/hook")}"\nwebhook_secret = "{SECRET}"\n'
+        + "[apps.command]\ncommand = []\n"
+        + '[apps.fromtree]\ncommand = ["./deploy"]\n'
+        + '[apps.linkout]\ncommand = ["./deploy"]\n'
+        + f'[apps.accepted]\nwebhook_url = "{receiver.url("/accepted")}"\n'
+        + f'webhook_secret = "{SECRET}"\n',
+        name="deploys",
         deploy={
             "command": [DEPLOY_PYTHON, str(PIPELINE)],
             "timeout": 60,
@@ -99,28 +108,6 @@ def gw(tmp_path_factory, receiver):
         http={"listen": "127.0.0.1:0"},
         cluster={"node_name": "deploys-node"},
     )
-    # Per-app overrides for the apps these tests create.
-    config.write_text(
-        config.read_text()
-        + '[apps.gated]\nmode = "gate"\n'
-        + '[apps.detached]\nmode = "detached"\n'
-        + '[apps.queued]\nmode = "detached"\n'
-        + "[apps.slow]\ntimeout = 2\n"
-        + f'[apps.hooked]\nwebhook_url = "{receiver.url("/hook")}"\nwebhook_secret = "{SECRET}"\n'
-        + "[apps.command]\ncommand = []\n"
-        + '[apps.fromtree]\ncommand = ["./deploy"]\n'
-        + '[apps.linkout]\ncommand = ["./deploy"]\n'
-        + f'[apps.accepted]\nwebhook_url = "{receiver.url("/accepted")}"\n'
-        + f'webhook_secret = "{SECRET}"\n'
-    )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def gw_admin(gw) -> Admin:
-    return Admin(gw.config_path)
 
 
 def make_client(gw, admin, tmp_path, prefix="dev") -> Client:
@@ -128,8 +115,8 @@ def make_client(gw, admin, tmp_path, prefix="dev") -> Client:
 
 
 @pytest.fixture
-def dev(gw, gw_admin, tmp_path) -> Client:
-    return make_client(gw, gw_admin, tmp_path)
+def dev(gw, tmp_path) -> Client:
+    return gw.user("dev", tmp_path)
 
 
 def new_app(admin: Admin, owner: Client, name: str | None = None, branch: str = "main") -> str:
@@ -182,8 +169,8 @@ def push(client: Client, work: Path, app: str, *refspecs: str) -> LiveProcess:
     )
 
 
-def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev)
+def test_attached_deploy_streams_live(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev)
     fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo), "app.txt": "v1\n"})
@@ -200,7 +187,7 @@ def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path, exchange):
     assert "remote: released by the test" in out
     assert out.index("waiting for the test") < out.index("released by the test")
     assert "succeeded in" in out and f"logs {app} " in out
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert record["status"] == "succeeded" and record["exit_code"] == 0
     assert record["pusher"] == dev.name and record["subject"] == "first"
     assert record["key_fingerprint"].startswith("SHA256:")
@@ -208,8 +195,8 @@ def test_attached_deploy_streams_live(gw, gw_admin, dev, tmp_path, exchange):
     fsck(gw.repo(app))
 
 
-def test_failed_deploy_fails_the_push_but_keeps_the_refs(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev)
+def test_failed_deploy_fails_the_push_but_keeps_the_refs(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev)
     work = dev.new_repo(tmp_path / "work", {"exit": "3", "stderr": "build error on stderr"})
     head = dev.git("rev-parse", "HEAD", cwd=work).stdout.strip()
     result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
@@ -217,53 +204,53 @@ def test_failed_deploy_fails_the_push_but_keeps_the_refs(gw, gw_admin, dev, tmp_
     assert "remote: build error on stderr" in result.stderr
     assert "FAILED (exit code 3)" in result.stderr and "The push itself is stored" in result.stderr
     assert server_refs(gw.repo(app))["refs/heads/main"] == head
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert (record["status"], record["exit_code"]) == ("failed", 3)
     fsck(gw.repo(app))
 
 
-def test_timeout_kills_the_process_group(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev, "slow")
+def test_timeout_kills_the_process_group(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev, "slow")
     pids = exchange / "pids"
     work = dev.new_repo(tmp_path / "work", {"hang": str(pids)})
     result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
     assert result.returncode == 1
     assert "TIMED OUT (timed out after 2.0s; killed)" in result.stderr
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert record["status"] == "timed_out"
     assert len(pids.read_text().split()) == 2  # the pipeline and its child were running...
     assert deploy_processes(app, record["id"]) == []  # ...and are gone
 
 
-def test_other_branch_is_stored_not_deployed(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev)
+def test_other_branch_is_stored_not_deployed(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev)
     work = dev.new_repo(tmp_path / "work")
     result = dev.git("push", dev.url(app), "main:feature", "main:topic", cwd=work)
     lines = [line for line in result.stderr.splitlines() if line.startswith("remote:")]
     assert len(lines) == 1
     assert "'feature', 'topic' stored, not deployed" in lines[0]
     assert "git push <remote> HEAD:main" in lines[0]
-    assert deploys(gw_admin, app) == []
+    assert deploys(admin, app) == []
     assert "refs/heads/feature" in server_refs(gw.repo(app))
     # Deleting the deploy branch deploys nothing either.
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
-    assert len(deploys(gw_admin, app)) == 1
+    assert len(deploys(admin, app)) == 1
     result = dev.git("push", dev.url(app), ":main", cwd=work)
     assert "nothing deployed" in result.stderr
-    assert len(deploys(gw_admin, app)) == 1
+    assert len(deploys(admin, app)) == 1
 
 
-def test_deploy_branch_per_app(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev, branch="production")
+def test_deploy_branch_per_app(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev, branch="production")
     work = dev.new_repo(tmp_path / "work")
     result = dev.git("push", dev.url(app), "main", cwd=work)
     assert "HEAD:production" in result.stderr
     dev.git("push", "-q", dev.url(app), "main:production", cwd=work)
-    assert deploys(gw_admin, app)[0]["ref"] == "refs/heads/production"
+    assert deploys(admin, app)[0]["ref"] == "refs/heads/production"
 
 
-def test_command_env_and_export(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev)
+def test_command_env_and_export(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev)
     dump = exchange / "env.json"
     work = dev.new_repo(tmp_path / "work", {"env-dump": str(dump), "src/main.py": "print()\n"})
     (work / "run.sh").write_text("#!/bin/sh\n")
@@ -274,7 +261,7 @@ def test_command_env_and_export(gw, gw_admin, dev, tmp_path, exchange):
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
     seen = json.loads(dump.read_text())
     env = seen["env"]
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert {k for k in env if k.startswith("GATEWAY_")} == {
         "GATEWAY_APP",
         "GATEWAY_REF",
@@ -299,8 +286,8 @@ def test_command_env_and_export(gw, gw_admin, dev, tmp_path, exchange):
     assert list(gw.config.deploy.build_dir.iterdir()) == []  # the export is removed afterwards
 
 
-def test_gate_mode_rejects_with_refs_unchanged(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev, "gated")
+def test_gate_mode_rejects_with_refs_unchanged(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev, "gated")
     work = dev.new_repo(tmp_path / "work", {"app.txt": "good\n"})
     good = dev.git("rev-parse", "HEAD", cwd=work).stdout.strip()
     result = dev.git("push", dev.url(app), "main", cwd=work)
@@ -314,19 +301,19 @@ def test_gate_mode_rejects_with_refs_unchanged(gw, gw_admin, dev, tmp_path):
     assert server_refs(gw.repo(app))["refs/heads/main"] == good
     missing = run(["git", "cat-file", "-e", bad], cwd=gw.repo(app))
     assert missing.returncode != 0  # the pushed objects never left quarantine
-    statuses = [d["status"] for d in deploys(gw_admin, app)]
+    statuses = [d["status"] for d in deploys(admin, app)]
     assert statuses == ["failed", "succeeded"]
     fsck(gw.repo(app))
 
 
-def test_detached_then_follow(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev, "detached")
+def test_detached_then_follow(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev, "detached")
     fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     result = dev.git("push", dev.url(app), "main", cwd=work)  # returns while the deploy waits
     assert "queued" in result.stderr and "the push is done" in result.stderr
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert record["status"] in ("queued", "running")
     following = LiveProcess(
         [*dev.ssh_base, "-T", "git@127.0.0.1", "logs", app, str(record["id"]), "--follow"],
@@ -343,24 +330,24 @@ def test_detached_then_follow(gw, gw_admin, dev, tmp_path, exchange):
     (work / "wait-fifo").unlink()
     dev.commit(work, {}, "no fifo")
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
-    latest = deploys(gw_admin, app)[0]
+    latest = deploys(admin, app)[0]
     follow = dev.ssh("logs", app, "--follow")
     assert follow.returncode == 1, follow
     assert f"deploy #{latest['id']} FAILED (exit code 2)" in follow.stdout
 
 
-def test_queue_and_supersede(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev, "queued")
+def test_queue_and_supersede(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev, "queued")
     fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
-    first = deploys(gw_admin, app)[0]
+    first = deploys(admin, app)[0]
     (work / "wait-fifo").unlink()
     for n in (2, 3):
         dev.commit(work, {"n": f"{n}\n"}, f"push {n}")
         dev.git("push", "-q", dev.url(app), "main", cwd=work)
-    third, second, again_first = deploys(gw_admin, app)
+    third, second, again_first = deploys(admin, app)
     assert again_first["id"] == first["id"]
     assert second["status"] == "cancelled" and second["superseded_by"] == third["id"]
     assert f"superseded by #{third['id']}" in second["reason"]
@@ -373,7 +360,7 @@ def test_queue_and_supersede(gw, gw_admin, dev, tmp_path, exchange):
         release.write("go\n")
     follow = dev.ssh("logs", app, str(third["id"]), "--follow")
     assert follow.returncode == 0, follow
-    statuses = {d["id"]: d["status"] for d in deploys(gw_admin, app)}
+    statuses = {d["id"]: d["status"] for d in deploys(admin, app)}
     assert statuses == {
         first["id"]: "succeeded",
         second["id"]: "cancelled",
@@ -381,10 +368,10 @@ def test_queue_and_supersede(gw, gw_admin, dev, tmp_path, exchange):
     }
 
 
-def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path, exchange):
+def test_apps_deploy_in_parallel(gw, admin, dev, tmp_path, exchange):
     fifos, pushes = [], []
     for index in range(2):
-        app = new_app(gw_admin, dev)
+        app = new_app(admin, dev)
         fifo = exchange / f"gate{index}.fifo"
         os.mkfifo(fifo)
         fifos.append(fifo)
@@ -398,35 +385,35 @@ def test_apps_deploy_in_parallel(gw, gw_admin, dev, tmp_path, exchange):
     assert all(p.finish() == 0 for p in pushes)
 
 
-def test_ctrl_c_leaves_the_deploy_running(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev)
+def test_ctrl_c_leaves_the_deploy_running(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev)
     fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     pushing = push(dev, work, app)
     pushing.wait_for(r"remote: waiting for the test")
     pushing.kill()  # the pusher's Ctrl-C: the client process dies
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert record["status"] == "running"
     with open(fifo, "w") as release:
         release.write("go\n")
     follow = dev.ssh("logs", app, str(record["id"]), "--follow")
     assert follow.returncode == 0 and "released by the test" in follow.stdout
-    assert deploys(gw_admin, app)[0]["status"] == "succeeded"
+    assert deploys(admin, app)[0]["status"] == "succeeded"
     assert "refs/heads/main" in server_refs(gw.repo(app))
     fsck(gw.repo(app))
 
 
-def test_cancel_over_ssh_needs_write(gw, gw_admin, dev, tmp_path, exchange):
-    app = new_app(gw_admin, dev)
+def test_cancel_over_ssh_needs_write(gw, admin, dev, tmp_path, exchange):
+    app = new_app(admin, dev)
     fifo = exchange / "gate.fifo"
     os.mkfifo(fifo)
     work = dev.new_repo(tmp_path / "work", {"wait-fifo": str(fifo)})
     pushing = push(dev, work, app)
     pushing.wait_for(r"remote: waiting for the test")
-    deploy_id = deploys(gw_admin, app)[0]["id"]
-    reader = make_client(gw, gw_admin, tmp_path, "reader")
-    gw_admin.ok("app", "grant", app, reader.name, "read")
+    deploy_id = deploys(admin, app)[0]["id"]
+    reader = make_client(gw, admin, tmp_path, "reader")
+    admin.ok("app", "grant", app, reader.name, "read")
     denied = reader.ssh("cancel", str(deploy_id))
     assert denied.returncode == 1
     assert denied.stderr == f"error: deploy #{deploy_id} not found or access denied\n"
@@ -436,23 +423,23 @@ def test_cancel_over_ssh_needs_write(gw, gw_admin, dev, tmp_path, exchange):
         and f"#{deploy_id}" in listing.stdout
         and "running" in listing.stdout
     )
-    stranger = make_client(gw, gw_admin, tmp_path, "stranger")
+    stranger = make_client(gw, admin, tmp_path, "stranger")
     assert stranger.ssh("deploys", app).stderr.endswith("not found or access denied\n")
     cancelled = dev.ssh("cancel", str(deploy_id))
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     assert pushing.finish() == 1
     assert f"cancelled by {dev.name}" in pushing.stderr
-    record = deploys(gw_admin, app)[0]
+    record = deploys(admin, app)[0]
     assert (record["status"], record["reason"]) == ("cancelled", f"cancelled by {dev.name}")
     assert dev.ssh("cancel", str(deploy_id)).stderr.startswith("error: deploy")
 
 
-def test_logs_and_cli_views(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev)
+def test_logs_and_cli_views(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev)
     work = dev.new_repo(tmp_path / "work", {"spam": "400"})  # ~36 KB of output, 16K kept
     dev.git("push", "-q", dev.url(app), "main", cwd=work)
-    record = deploys(gw_admin, app)[0]
-    code, text, _ = gw_admin("deploy", "logs", str(record["id"]))
+    record = deploys(admin, app)[0]
+    code, text, _ = admin("deploy", "logs", str(record["id"]))
     assert code == 0
     assert (
         "bytes of earlier output cut" in text
@@ -463,16 +450,14 @@ def test_logs_and_cli_views(gw, gw_admin, dev, tmp_path):
     assert "succeeded" in text.splitlines()[-1]
     over_ssh = dev.ssh("logs", app)
     assert over_ssh.returncode == 0 and "line 000399" in over_ssh.stdout
-    shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
+    shown = json.loads(admin.ok("deploy", "show", str(record["id"]), "--json"))
     assert shown["status"] == "succeeded" and shown["webhook_deliveries"] == []
     # The runner is named after [cluster] node_name (not the host name), then its process.
     assert re.fullmatch(rf"deploys-node-{os.getpid()}-[0-9a-f]{{8}}", shown["runner"])
-    assert f"runner:          {shown['runner']}\n" in gw_admin.ok(
-        "deploy", "show", str(record["id"])
-    )
-    code, _, err = gw_admin("deploy", "cancel", str(record["id"]))
+    assert f"runner:          {shown['runner']}\n" in admin.ok("deploy", "show", str(record["id"]))
+    code, _, err = admin("deploy", "cancel", str(record["id"]))
     assert code == 1 and "already ended" in err
-    code, _, err = gw_admin("deploy", "show", "999999")
+    code, _, err = admin("deploy", "show", "999999")
     assert code == 1 and "no deploy #999999" in err
 
 
@@ -481,8 +466,8 @@ def delivered(gw, result: str) -> float:
     return counter._value.get()
 
 
-def test_webhook_signed_delivery_with_retries(gw, gw_admin, dev, receiver, tmp_path):
-    app = new_app(gw_admin, dev, "hooked")
+def test_webhook_signed_delivery_with_retries(gw, admin, dev, receiver, tmp_path):
+    app = new_app(admin, dev, "hooked")
     receiver.answers["/hook"] = [500, 503, 200]
     before = delivered(gw, "5xx"), delivered(gw, "2xx")
     work = dev.new_repo(tmp_path / "work")
@@ -495,22 +480,22 @@ def test_webhook_signed_delivery_with_retries(gw, gw_admin, dev, receiver, tmp_p
     expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     assert headers["X-Gateway-Signature-256"] == expected
     payload = json.loads(body)
-    [record] = deploys(gw_admin, app)
+    [record] = deploys(admin, app)
     assert payload["app"] == app and payload["deploy_id"] == record["id"]
     assert payload["ref"] == "refs/heads/main" and payload["after"] == record["new_sha"]
     assert payload["before"] == "0" * 40 and payload["pusher"]["name"] == dev.name
     assert payload["clone_url"].endswith(f"/{app}.git")
     assert [c["id"] for c in payload["commits"]] == [record["new_sha"]]
     assert record["status"] == "succeeded" and record["pipeline"] == "webhook"
-    shown = json.loads(gw_admin.ok("deploy", "show", str(record["id"]), "--json"))
+    shown = json.loads(admin.ok("deploy", "show", str(record["id"]), "--json"))
     attempts = [(d["attempt"], d["status_code"]) for d in shown["webhook_deliveries"]]
     assert attempts == [(1, 500), (2, 503), (3, 200)]
     # And counted for the operator (gateway_webhook_deliveries_total{result}).
     assert (delivered(gw, "5xx") - before[0], delivered(gw, "2xx") - before[1]) == (2, 1)
 
 
-def test_webhook_receiver_reports_status(gw, gw_admin, dev, receiver, tmp_path):
-    app = new_app(gw_admin, dev, "accepted")
+def test_webhook_receiver_reports_status(gw, admin, dev, receiver, tmp_path):
+    app = new_app(admin, dev, "accepted")
     receiver.answers["/accepted"] = [202]
     work = dev.new_repo(tmp_path / "work")
     pushing = push(dev, work, app)
@@ -540,23 +525,23 @@ def test_webhook_receiver_reports_status(gw, gw_admin, dev, receiver, tmp_path):
     assert report({"status": "failed", "exit_code": 7}, token) == 200
     assert pushing.finish() == 1
     assert "reported failed by the receiver" in pushing.stderr
-    record = deploys(gw_admin, app)[0]
+    record = deploys(admin, app)[0]
     assert (record["status"], record["exit_code"]) == ("failed", 7)
     assert report({"status": "succeeded"}, token) == 409  # it already ended
 
 
-def test_no_pipeline_configured(gw, gw_admin, dev, tmp_path):
-    app = new_app(gw_admin, dev, "command")
+def test_no_pipeline_configured(gw, admin, dev, tmp_path):
+    app = new_app(admin, dev, "command")
     work = dev.new_repo(tmp_path / "work")
     result = dev.git("push", dev.url(app), "main", cwd=work)
     assert "no deploy pipeline is configured" in result.stderr
-    assert deploys(gw_admin, app) == []
+    assert deploys(admin, app) == []
 
 
-def test_a_deploy_program_missing_from_the_tree_is_named(gw, gw_admin, dev, tmp_path):
+def test_a_deploy_program_missing_from_the_tree_is_named(gw, admin, dev, tmp_path):
     """`./deploy` missing or not executable: one line naming it, the branch and the commit,
     instead of bwrap's `execvp ./deploy: No such file or directory`."""
-    app = new_app(gw_admin, dev, "fromtree")
+    app = new_app(admin, dev, "fromtree")
     work = dev.new_repo(tmp_path / "work")
 
     def pushed() -> tuple[str, str]:
@@ -581,14 +566,14 @@ def test_a_deploy_program_missing_from_the_tree_is_named(gw, gw_admin, dev, tmp_
     dev.git("commit", "-q", "-m", "executable", cwd=work)
     result = dev.git("push", dev.url(app), "main", cwd=work)
     assert "remote: deployed from the tree" in result.stderr
-    assert [d["status"] for d in deploys(gw_admin, app)] == ["succeeded", "failed", "failed"]
+    assert [d["status"] for d in deploys(admin, app)] == ["succeeded", "failed", "failed"]
 
 
-def test_regression_a_deploy_link_out_of_the_tree_reveals_nothing(gw, gw_admin, dev, tmp_path):
+def test_regression_a_deploy_link_out_of_the_tree_reveals_nothing(gw, admin, dev, tmp_path):
     """`deploy -> /etc/shadow` or `deploy -> ../../x`: the gateway does not look where the
     link points (a link to an existing host file and to nothing read the same); the sandbox,
     which has neither, refuses to run it."""
-    app = new_app(gw_admin, dev, "linkout")
+    app = new_app(admin, dev, "linkout")
     work = dev.new_repo(tmp_path / "work")
     answers = []
     for target in ("/etc/shadow", "/etc/no-such-file", "../../x", "../../../../../../etc/shadow"):
@@ -641,17 +626,17 @@ def deep_commit(work: Path, depth: int) -> None:
     repo.refs[b"refs/heads/main"] = commit.id
 
 
-def test_regression_a_deep_pushed_tree_leaves_nothing_in_build_dir(gw, gw_admin, dev, tmp_path):
+def test_regression_a_deep_pushed_tree_leaves_nothing_in_build_dir(gw, admin, dev, tmp_path):
     """A tree 1100 directories deep (fsck, git archive and tar all take it): removing its
     export raised RecursionError, the deploy ended in `deploy error`, and the export stayed
     in build_dir for good, up to max_export_size per push."""
-    app = new_app(gw_admin, dev)
+    app = new_app(admin, dev)
     work = dev.new_repo(tmp_path / "work")
     deep_commit(work, 1100)
     result = dev.git("push", dev.url(app), "main", cwd=work, check=False)
     assert "remote: done" in result.stderr, result.stderr
     assert "recursion" not in result.stderr
-    assert [d["status"] for d in deploys(gw_admin, app)] == ["succeeded"]
+    assert [d["status"] for d in deploys(admin, app)] == ["succeeded"]
     build_dir = gw.config.deploy.build_dir
     assert not [p.name for p in build_dir.iterdir() if p.name.startswith("deploy-")]
 

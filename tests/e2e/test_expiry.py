@@ -12,38 +12,26 @@ import pytest
 
 from gateway import times
 from tests.helpers import (
-    Admin,
     Client,
-    ServerThread,
     http,
     http_base,
     keygen,
     keygen_fingerprint,
-    registered_user,
     run,
     unique,
-    write_config,
 )
 
 HELP = "https://paas.example/account/keys"
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("expiry")
-    thread = ServerThread(write_config(directory, ssh={"help_url": HELP})).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
+def gw(module_gateways):
+    return module_gateways(name="expiry", ssh={"help_url": HELP})
 
 
 @pytest.fixture
-def dev(gw, admin, tmp_path) -> Client:
-    return registered_user(gw, admin, tmp_path, "dev")
+def dev(gw, tmp_path) -> Client:
+    return gw.user("dev", tmp_path)
 
 
 def set_expiry(gw, table: str, name: str, when) -> None:

@@ -13,7 +13,6 @@ from tests.helpers import (
     TIMEOUT,
     Admin,
     Client,
-    ServerThread,
     banner,
     keygen,
     raw,
@@ -21,16 +20,13 @@ from tests.helpers import (
     settle,
     ssh_connect,
     unique,
-    write_config,
 )
 
 
-def test_per_address_and_total_caps(tmp_path):
-    config = write_config(
-        tmp_path,
+def test_per_address_and_total_caps(gateway_factory, tmp_path):
+    server = gateway_factory(
         limits={"max_connections": 3, "max_connections_per_address": 2, "max_unauthenticated": 10},
     )
-    server = ServerThread(config).start()
     held = []
     try:
         for _ in range(2):
@@ -48,7 +44,6 @@ def test_per_address_and_total_caps(tmp_path):
     finally:
         for sock in held:
             sock.close()
-        server.stop()
 
 
 def test_auth_attempts_are_capped_counting_probes(tight, tight_user, tmp_path):

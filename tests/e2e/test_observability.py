@@ -49,16 +49,13 @@ def test_probes(server: ServerThread) -> None:
     }
 
 
-def test_readyz_fails_when_ssh_stops_accepting(tmp_path: Path) -> None:
-    server = ServerThread(write_config(tmp_path)).start()
-    try:
-        server.call(server.gateway.listener.close())
-        reply = http("GET", http_base(server) + "/readyz")
-        assert reply.status == 503
-        assert reply.json()["checks"]["ssh"] == "not accepting connections"
-        assert http("GET", http_base(server) + "/healthz").status == 200
-    finally:
-        server.stop()
+def test_readyz_fails_when_ssh_stops_accepting(gateway_factory, tmp_path: Path) -> None:
+    server = gateway_factory()
+    server.call(server.gateway.listener.close())
+    reply = http("GET", http_base(server) + "/readyz")
+    assert reply.status == 503
+    assert reply.json()["checks"]["ssh"] == "not accepting connections"
+    assert http("GET", http_base(server) + "/healthz").status == 200
 
 
 def test_metrics_count_connections_auth_git_and_limits(
@@ -91,45 +88,37 @@ def test_metrics_count_connections_auth_git_and_limits(
     assert "process_resident_memory_bytes" in after
 
 
-def test_limit_rejections_are_counted(tmp_path: Path) -> None:
+def test_limit_rejections_are_counted(gateway_factory, tmp_path: Path) -> None:
     from tests.helpers import banner, raw
 
-    server = ServerThread(write_config(tmp_path, limits={"max_connections_per_address": 1})).start()
-    try:
-        first = raw(server)
-        server.wait_until(lambda: server.gateway.admission.total == 1)
-        second = raw(server)
-        assert banner(second) == b""
-        first.close()
-        second.close()
-        text = metrics(server)
-        assert (
-            sample(text, "gateway_limit_rejections_total", limit="max_connections_per_address") == 1
-        )
-    finally:
-        server.stop()
+    server = gateway_factory(limits={"max_connections_per_address": 1})
+    first = raw(server)
+    server.wait_until(lambda: server.gateway.admission.total == 1)
+    second = raw(server)
+    assert banner(second) == b""
+    first.close()
+    second.close()
+    text = metrics(server)
+    assert sample(text, "gateway_limit_rejections_total", limit="max_connections_per_address") == 1
 
 
-def test_deploy_metrics(tmp_path: Path) -> None:
+def test_deploy_metrics(gateway_factory, tmp_path: Path) -> None:
     command = [DEPLOY_PYTHON, "-c", "print('deployed')"]
-    server = ServerThread(write_config(tmp_path, deploy={"command": command})).start()
-    try:
-        admin = Admin(server.config_path)
-        user, app = unique("dm"), unique("dmapp")
-        key = keygen(tmp_path / "key")
-        admin.ok("user", "add", user)
-        admin.ok("key", "add", user, "laptop", f"{key}.pub")
-        admin.ok("app", "create", app, "--owner", user)
-        client = Client(tmp_path / "home", key, server, name=user)
-        repo = client.new_repo(tmp_path / "work")
-        client.git("push", "-q", client.url(app), "main", cwd=repo, check=True)
-        server.wait_until(lambda: not server.gateway.deploys.jobs)
-        text = metrics(server)
-        assert sample(text, "gateway_deploys_total", status="succeeded") == 1
-        assert sample(text, "gateway_deploy_duration_seconds_count", status="succeeded") == 1
-        assert sample(text, "gateway_deploys_running") == 0
-    finally:
-        server.stop()
+    server = gateway_factory(deploy={"command": command})
+    admin = Admin(server.config_path)
+    user, app = unique("dm"), unique("dmapp")
+    key = keygen(tmp_path / "key")
+    admin.ok("user", "add", user)
+    admin.ok("key", "add", user, "laptop", f"{key}.pub")
+    admin.ok("app", "create", app, "--owner", user)
+    client = Client(tmp_path / "home", key, server, name=user)
+    repo = client.new_repo(tmp_path / "work")
+    client.git("push", "-q", client.url(app), "main", cwd=repo, check=True)
+    server.wait_until(lambda: not server.gateway.deploys.jobs)
+    text = metrics(server)
+    assert sample(text, "gateway_deploys_total", status="succeeded") == 1
+    assert sample(text, "gateway_deploy_duration_seconds_count", status="succeeded") == 1
+    assert sample(text, "gateway_deploys_running") == 0
 
 
 def test_json_logs_tie_a_connection_together(tmp_path: Path) -> None:

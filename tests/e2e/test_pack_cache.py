@@ -14,15 +14,14 @@ import pytest
 
 from tests.helpers import (
     TIMEOUT,
-    Admin,
     Client,
+    GatewayFactory,
     LiveProcess,
     ServerThread,
     http,
     http_base,
     keygen,
     unique,
-    write_config,
 )
 
 REAL_GIT = shutil.which("git") or "/usr/bin/git"
@@ -54,7 +53,10 @@ os.execv(REAL, [REAL] + sys.argv[1:])
 class Cached:
     """A gateway whose git is the counting wrapper, with its own users and apps."""
 
-    def __init__(self, directory: Path, **overrides: dict[str, object]) -> None:
+    def __init__(
+        self, gateways: GatewayFactory, directory: Path, **overrides: dict[str, object]
+    ) -> None:
+        self.gateways = gateways
         self.dir = directory
         self.log = directory / "pack-objects.log"
         self.gate = directory / "gate"
@@ -63,8 +65,8 @@ class Cached:
         wrapper.write_text(WRAPPER.format(real=REAL_GIT, log=str(self.log), gate=str(self.gate)))
         wrapper.chmod(0o755)
         git = {"binary": str(wrapper), "pack_cache": True, **overrides.pop("git", {})}
-        self.server = ServerThread(write_config(directory, git=git, **overrides)).start()
-        self.admin = Admin(self.server.config_path)
+        self.server = gateways(name="packcache", git=git, **overrides)
+        self.admin = self.server.admin
         self.cache = self.server.config.git.pack_cache_dir
 
     def user(self, tmp: Path) -> Client:
@@ -98,14 +100,12 @@ class Cached:
         return sorted((self.cache / "entries").iterdir())
 
     def stop(self) -> None:
-        self.server.stop()
+        self.gateways.stop(self.server)
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    gateway = Cached(tmp_path_factory.mktemp("packcache"))
-    yield gateway
-    gateway.stop()
+def cached(module_gateways, tmp_path_factory):
+    return Cached(module_gateways, tmp_path_factory.mktemp("packcache"))
 
 
 def push_content(client: Client, app: str, tmp: Path, files: int = 60, size: int = 40_000) -> Path:
@@ -325,7 +325,7 @@ def missing_objects(repo: Path) -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("?"))
 
 
-def test_cache_on_a_full_disk_degrades_to_no_cache(tmp_path, caplog):
+def test_cache_on_a_full_disk_degrades_to_no_cache(gateway_factory, tmp_path, caplog):
     mount = tmp_path / "small"
     mount.mkdir()
     result = subprocess.run(
@@ -337,7 +337,9 @@ def test_cache_on_a_full_disk_degrades_to_no_cache(tmp_path, caplog):
         pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.decode().strip()}")
     gateway = None
     try:
-        gateway = Cached(tmp_path / "gw", git={"pack_cache_dir": str(mount / "cache")})
+        gateway = Cached(
+            gateway_factory, tmp_path / "gw", git={"pack_cache_dir": str(mount / "cache")}
+        )
         with contextlib.suppress(OSError), open(mount / "filler", "wb") as filler:
             while True:
                 filler.write(b"\0" * 65536)
@@ -357,16 +359,13 @@ def test_cache_on_a_full_disk_degrades_to_no_cache(tmp_path, caplog):
         subprocess.run(["umount", str(mount)], timeout=TIMEOUT, check=False)
 
 
-def test_cache_off_runs_plain_upload_pack(tmp_path):
-    gateway = Cached(tmp_path / "gw", git={"pack_cache": False})
-    try:
-        owner = gateway.user(tmp_path)
-        app = gateway.app(owner)
-        push_content(owner, app, tmp_path, files=3)
-        for name in ("a", "b"):
-            same_as_git_alone(gateway.server, app, clone(owner, app, tmp_path / name), tmp_path)
-        assert gateway.runs() == 0  # upload-pack ran its own pack-objects, not the hook
-        assert gateway.reports() == 0
-        assert not gateway.cache.exists()
-    finally:
-        gateway.stop()
+def test_cache_off_runs_plain_upload_pack(gateway_factory, tmp_path):
+    gateway = Cached(gateway_factory, tmp_path / "gw", git={"pack_cache": False})
+    owner = gateway.user(tmp_path)
+    app = gateway.app(owner)
+    push_content(owner, app, tmp_path, files=3)
+    for name in ("a", "b"):
+        same_as_git_alone(gateway.server, app, clone(owner, app, tmp_path / name), tmp_path)
+    assert gateway.runs() == 0  # upload-pack ran its own pack-objects, not the hook
+    assert gateway.reports() == 0
+    assert not gateway.cache.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +16,14 @@ from tests.helpers import (
     TIMEOUT,
     Admin,
     Client,
+    GatewayFactory,
+    GatewayHandle,
     ServerThread,
     banner,
     http,
     http_base,
     keygen,
     unique,
-    write_config,
 )
 
 
@@ -75,20 +76,15 @@ class Via:
         return path
 
 
-def gateway(tmp_path: Path, **ssh: object) -> ServerThread:
-    return ServerThread(write_config(tmp_path / unique("gw"), ssh=ssh)).start()
-
-
 @pytest.fixture
-def required(tmp_path: Path) -> Iterator[ServerThread]:
-    server = gateway(
-        tmp_path,
-        proxy_protocol="required",
-        proxy_allowed=["127.0.0.1/32"],
-        proxy_header_timeout=1,
+def required(gateway_factory: GatewayFactory) -> GatewayHandle:
+    return gateway_factory(
+        ssh={
+            "proxy_protocol": "required",
+            "proxy_allowed": ["127.0.0.1/32"],
+            "proxy_header_timeout": 1,
+        }
     )
-    yield server
-    server.stop()
 
 
 def user_with_app(server: ServerThread, tmp_path: Path) -> tuple[str, Path, str]:
@@ -166,68 +162,53 @@ def test_malformed_header_is_refused(required: ServerThread) -> None:
     assert rejections(required, "malformed") == 1
 
 
-def test_untrusted_peer_is_refused_when_required(tmp_path: Path) -> None:
-    server = gateway(tmp_path, proxy_protocol="required", proxy_allowed=["10.0.0.0/8"])
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
-            sock.sendall(proxy.v1_header(("203.0.113.1", 1), ("127.0.0.1", 22)))
-            assert refused(sock)
-        assert rejections(server, "untrusted") == 1
-    finally:
-        server.stop()
+def test_untrusted_peer_is_refused_when_required(gateway_factory, tmp_path: Path) -> None:
+    server = gateway_factory(ssh={"proxy_protocol": "required", "proxy_allowed": ["10.0.0.0/8"]})
+    with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
+        sock.sendall(proxy.v1_header(("203.0.113.1", 1), ("127.0.0.1", 22)))
+        assert refused(sock)
+    assert rejections(server, "untrusted") == 1
 
 
-def test_optional_serves_direct_and_proxied_clients(tmp_path: Path) -> None:
-    server = gateway(tmp_path, proxy_protocol="optional", proxy_allowed=["127.0.0.1/32"])
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
-            sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
-            assert banner(sock).startswith(b"SSH-2.0-git-gateway")
-        with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
-            sock.sendall(proxy.v2_header(("192.0.2.50", 999)) + b"SSH-2.0-OpenSSH_9.2\r\n")
-            assert banner(sock).startswith(b"SSH-2.0-git-gateway")
-            server.wait_until(
-                lambda: any(c.address == "192.0.2.50" for c in server.gateway.connections)
-            )
-    finally:
-        server.stop()
-
-
-def test_untrusted_header_is_not_believed_when_optional(tmp_path: Path) -> None:
-    server = gateway(tmp_path, proxy_protocol="optional", proxy_allowed=["10.0.0.0/8"])
-    try:
-        with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
-            # A client that is not a balancer cannot choose its address: its header is
-            # not read, so the SSH server sees garbage instead of a version line.
-            sock.sendall(proxy.v1_header(("192.0.2.77", 1), ("127.0.0.1", 22)))
-            sock.recv(256)
-            assert not any(c.address == "192.0.2.77" for c in server.gateway.connections)
-    finally:
-        server.stop()
-
-
-def test_limits_apply_to_the_header_address(tmp_path: Path) -> None:
-    server = ServerThread(
-        write_config(
-            tmp_path,
-            ssh={"proxy_protocol": "required", "proxy_allowed": ["127.0.0.1/32"]},
-            limits={"max_connections_per_address": 1},
+def test_optional_serves_direct_and_proxied_clients(gateway_factory, tmp_path: Path) -> None:
+    server = gateway_factory(ssh={"proxy_protocol": "optional", "proxy_allowed": ["127.0.0.1/32"]})
+    with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
+        sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+        assert banner(sock).startswith(b"SSH-2.0-git-gateway")
+    with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
+        sock.sendall(proxy.v2_header(("192.0.2.50", 999)) + b"SSH-2.0-OpenSSH_9.2\r\n")
+        assert banner(sock).startswith(b"SSH-2.0-git-gateway")
+        server.wait_until(
+            lambda: any(c.address == "192.0.2.50" for c in server.gateway.connections)
         )
-    ).start()
+
+
+def test_untrusted_header_is_not_believed_when_optional(gateway_factory, tmp_path: Path) -> None:
+    server = gateway_factory(ssh={"proxy_protocol": "optional", "proxy_allowed": ["10.0.0.0/8"]})
+    with socket.create_connection(("127.0.0.1", server.port), TIMEOUT) as sock:
+        # A client that is not a balancer cannot choose its address: its header is
+        # not read, so the SSH server sees garbage instead of a version line.
+        sock.sendall(proxy.v1_header(("192.0.2.77", 1), ("127.0.0.1", 22)))
+        sock.recv(256)
+        assert not any(c.address == "192.0.2.77" for c in server.gateway.connections)
+
+
+def test_limits_apply_to_the_header_address(gateway_factory, tmp_path: Path) -> None:
+    server = gateway_factory(
+        ssh={"proxy_protocol": "required", "proxy_allowed": ["127.0.0.1/32"]},
+        limits={"max_connections_per_address": 1},
+    )
 
     def connect(address: str) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", server.port), TIMEOUT)
         sock.sendall(proxy.v1_header((address, 1000), ("127.0.0.1", 22)))
         return sock
 
-    try:
-        first = connect("198.51.100.1")
-        assert banner(first).startswith(b"SSH-2.0-")
-        second = connect("198.51.100.1")  # same client behind the balancer: over its limit
-        assert refused(second)
-        third = connect("198.51.100.2")  # another client through the same balancer
-        assert banner(third).startswith(b"SSH-2.0-")
-        for sock in (first, second, third):
-            sock.close()
-    finally:
-        server.stop()
+    first = connect("198.51.100.1")
+    assert banner(first).startswith(b"SSH-2.0-")
+    second = connect("198.51.100.1")  # same client behind the balancer: over its limit
+    assert refused(second)
+    third = connect("198.51.100.2")  # another client through the same balancer
+    assert banner(third).startswith(b"SSH-2.0-")
+    for sock in (first, second, third):
+        sock.close()

@@ -11,35 +11,20 @@ from tests.e2e.test_deploys import deploys, make_client, new_app
 from tests.helpers import (
     DEPLOY_PYTHON,
     PIPELINE,
-    Admin,
     Client,
-    ServerThread,
     server_refs,
-    write_config,
 )
 
 KNOWN = "known push options: deploy.skip, deploy.detach, deploy.attach, deploy.note=TEXT"
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("options")
-    config = write_config(
-        directory, deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "timeout": 60}
+def gw(module_gateways):
+    return module_gateways(
+        '[apps.optgate]\nmode = "gate"\n[apps.optdetached]\nmode = "detached"\n',
+        name="options",
+        deploy={"command": [DEPLOY_PYTHON, str(PIPELINE)], "timeout": 60},
     )
-    config.write_text(
-        config.read_text()
-        + '[apps.optgate]\nmode = "gate"\n'
-        + '[apps.optdetached]\nmode = "detached"\n'
-    )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
 
 
 @pytest.fixture

@@ -16,39 +16,24 @@ import pytest
 from gateway.ssh import explain
 from tests.helpers import (
     TIMEOUT,
-    Admin,
     Client,
-    ServerThread,
     keygen,
     keygen_fingerprint,
-    registered_user,
     run,
     unique,
-    write_config,
 )
 
 HELP = "https://paas.example/keys"
 
 
-def start(directory: Path) -> ServerThread:
-    return ServerThread(write_config(directory, ssh={"help_url": HELP})).start()
-
-
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    thread = start(tmp_path_factory.mktemp("refused"))
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
+def gw(module_gateways):
+    return module_gateways(name="refused", ssh={"help_url": HELP})
 
 
 @pytest.fixture
-def dev(gw, admin, tmp_path) -> Client:
-    return registered_user(gw, admin, tmp_path, "dev")
+def dev(gw, tmp_path) -> Client:
+    return gw.user("dev", tmp_path)
 
 
 @contextlib.contextmanager
@@ -222,26 +207,23 @@ def test_regression_a_registered_public_key_without_its_private_key_reveals_noth
     assert "not registered" not in result.stderr  # it is registered: no lie, and no detail
 
 
-def test_regression_banners_are_rate_limited_per_source_address(tmp_path):
+def test_regression_banners_are_rate_limited_per_source_address(gateway_factory, tmp_path):
     """A client cannot make the gateway write banners without bound: past the budget per
     source address it gets OpenSSH's plain answer."""
-    server = start(tmp_path / "gw")
-    try:
-        stranger = Client(tmp_path / "home", keygen(tmp_path / "unregistered"), server)
-        per_connection = 2  # the key's line and, once per connection, where keys are added
-        budget = explain.LINES_PER_MINUTE // per_connection
-        told = []
-        for _ in range(budget + 10):
-            result = stranger.ssh("whoami")
-            assert result.returncode == 255
-            told.append("is not registered here" in result.stderr)
-            if len(told) > 2 and not any(told[-2:]):
-                break
-        # The budget refills at one line a second: a few more connections while this runs.
-        assert budget <= told.index(False) <= budget + 5
-        assert told[-2:] == [False, False]
-    finally:
-        server.stop()
+    server = gateway_factory(ssh={"help_url": HELP})
+    stranger = Client(tmp_path / "home", keygen(tmp_path / "unregistered"), server)
+    per_connection = 2  # the key's line and, once per connection, where keys are added
+    budget = explain.LINES_PER_MINUTE // per_connection
+    told = []
+    for _ in range(budget + 10):
+        result = stranger.ssh("whoami")
+        assert result.returncode == 255
+        told.append("is not registered here" in result.stderr)
+        if len(told) > 2 and not any(told[-2:]):
+            break
+    # The budget refills at one line a second: a few more connections while this runs.
+    assert budget <= told.index(False) <= budget + 5
+    assert told[-2:] == [False, False]
 
 
 def test_regression_banner_text_is_terminal_safe():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import DEPLOY_PYTHON, Admin, Client, ServerThread, write_config
+from tests.helpers import DEPLOY_PYTHON, Admin, Client
 
 BUILD = Path(__file__).with_name("build_size_deploy.py")
 STOPPED = (
@@ -27,10 +27,9 @@ def app_of(mode: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("buildsize")
-    config = write_config(
-        directory,
+def gw(module_gateways):
+    return module_gateways(
+        name="buildsize",
         deploy={
             "command": [DEPLOY_PYTHON, "build.py"],
             "timeout": 90,
@@ -38,9 +37,6 @@ def gw(tmp_path_factory):
             "max_file_size": "1M",
         },
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
 
 
 @pytest.fixture(scope="module")

@@ -141,17 +141,15 @@ def test_regression_many_followers_of_one_deploy_leave_other_tenants_fast(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def capped(tmp_path_factory):  # type: ignore[no-untyped-def]
+def capped(module_gateways):  # type: ignore[no-untyped-def]
     """A gateway where one user may hold 2 connections and 1 fetch at once."""
-    directory = tmp_path_factory.mktemp("capped")
-    config = write_config(
-        directory, limits={"max_connections_per_user": 2, "max_fetches_per_user": 1}
+    thread = module_gateways(
+        name="capped", limits={"max_connections_per_user": 2, "max_fetches_per_user": 1}
     )
-    thread = ServerThread(config).start()
-    admin = Admin(config)
-    keys = {name: admin.enroll(name, directory, f"{name}-app") for name in ("hog", "other")}
-    yield thread, keys
-    thread.stop()
+    keys = {
+        name: thread.admin.enroll(name, thread.home, f"{name}-app") for name in ("hog", "other")
+    }
+    return thread, keys
 
 
 def _held(server: ServerThread, kind: str) -> dict[tuple[str, str], int]:

@@ -8,12 +8,20 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import TIMEOUT, LiveProcess, ServerThread, http, http_base, write_config
+from tests.helpers import (
+    TIMEOUT,
+    GatewayFactory,
+    GatewayHandle,
+    LiveProcess,
+    ServerThread,
+    http,
+    http_base,
+    write_config,
+)
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -22,10 +30,10 @@ MAX_CONNECTIONS = 4
 
 
 @pytest.fixture(scope="module")
-def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+def strict(module_gateways: GatewayFactory) -> GatewayHandle:
     """A gateway with small HTTP limits and a monitoring listener."""
-    config = write_config(
-        tmp_path_factory.mktemp("http"),
+    return module_gateways(
+        name="http",
         http={
             "listen": "127.0.0.1:0",
             "monitoring_listen": "127.0.0.1:0",
@@ -35,9 +43,6 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
             "max_connections": MAX_CONNECTIONS,
         },
     )
-    server = ServerThread(config).start()
-    yield server
-    server.stop()
 
 
 def address(server: ServerThread) -> tuple[str, int]:

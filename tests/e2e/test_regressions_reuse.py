@@ -16,12 +16,9 @@ SECRET = "DATABASE_URL=postgres://alice:s3cr3t-0f-alice@db/shop"
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
+def gw(module_gateways):
     """A gateway whose deploy prints the pushed `env` file, as a chatty build would."""
-    config = write_config(tmp_path_factory.mktemp("reuse"), deploy={"command": ["cat", "env"]})
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
+    return module_gateways(name="reuse", deploy={"command": ["cat", "env"]})
 
 
 def person(gw: ServerThread, tmp_path: Path, prefix: str) -> Client:

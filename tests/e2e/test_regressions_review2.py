@@ -18,7 +18,6 @@ from tests.helpers import (
     keygen,
     ssh_connect,
     unique,
-    write_config,
 )
 
 
@@ -49,15 +48,13 @@ def test_regression_an_expiring_token_adds_no_deploy_key_that_outlives_it(
 
 
 @pytest.fixture(scope="module")
-def one_push(tmp_path_factory):  # type: ignore[no-untyped-def]
+def one_push(module_gateways):  # type: ignore[no-untyped-def]
     """A gateway where one user may run one push at once."""
-    directory = tmp_path_factory.mktemp("pushcap")
-    config = write_config(directory, limits={"max_pushes_per_user": 1})
-    thread = ServerThread(config).start()
-    admin = Admin(config)
-    keys = {name: admin.enroll(name, directory, f"{name}-app") for name in ("hog", "other")}
-    yield thread, keys
-    thread.stop()
+    thread = module_gateways(name="pushcap", limits={"max_pushes_per_user": 1})
+    keys = {
+        name: thread.admin.enroll(name, thread.home, f"{name}-app") for name in ("hog", "other")
+    }
+    return thread, keys
 
 
 async def test_regression_a_users_pushes_are_capped_per_node(one_push, caplog) -> None:

@@ -37,29 +37,17 @@ VICTIM_SECRET = "DATABASE_URL=postgres://victim:hunter2@db/victim"
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tenants")
-    config = write_config(
-        directory,
-        deploy={"command": [DEPLOY_PYTHON, "hostile_deploy.py"], "timeout": 60},
-    )
-    config.write_text(
-        config.read_text()
-        + f'[apps.victim]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "detached"\n'
+def gw(module_gateways):
+    return module_gateways(
+        f'[apps.victim]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "detached"\n'
         + f'[apps.gated]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "gate"\n'
         + "[apps.airgapped]\nnetwork = false\n"
         + '[apps.inflate]\nmax_export_size = "8M"\n'
         + f'[apps.chatty]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmax_output = "256K"\n'
-        + f'[apps.doomed]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "detached"\n'
+        + f'[apps.doomed]\ncommand = ["{DEPLOY_PYTHON}", "{PIPELINE}"]\nmode = "detached"\n',
+        name="tenants",
+        deploy={"command": [DEPLOY_PYTHON, "hostile_deploy.py"], "timeout": 60},
     )
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.helpers import DEPLOY_PYTHON, Admin, Client, ServerThread, keygen, unique, write_config
+from tests.helpers import DEPLOY_PYTHON, Admin, Client, keygen, unique
 
 # Clipboard write (OSC 52), window title, clear screen + cursor home, a bidi override.
 SUBJECT = "fix \x1b]52;c;cm0gLXJmIH4=\x07 \x1b[2J\x1b[H \u202eevil \x1b]0;title\x07"
@@ -29,13 +29,9 @@ def assert_inert(text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def deploying(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("terminal")
+def deploying(module_gateways):
     program = "import sys; sys.stdout.write(open('out', encoding='utf-8').read())"
-    config = write_config(directory, deploy={"command": [DEPLOY_PYTHON, "-c", program]})
-    thread = ServerThread(config).start()
-    yield thread
-    thread.stop()
+    return module_gateways(name="terminal", deploy={"command": [DEPLOY_PYTHON, "-c", program]})
 
 
 def test_regression_tenant_text_reaches_terminals_escaped(deploying, tmp_path):

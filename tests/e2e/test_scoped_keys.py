@@ -11,30 +11,20 @@ import pytest
 from tests.helpers import (
     Admin,
     Client,
-    ServerThread,
     keygen,
-    registered_user,
     server_refs,
     unique,
-    write_config,
 )
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    thread = ServerThread(write_config(tmp_path_factory.mktemp("scoped"))).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
+def gw(module_gateways):
+    return module_gateways(name="scoped")
 
 
 @pytest.fixture
-def owner(gw, admin, tmp_path) -> Client:
-    return registered_user(gw, admin, tmp_path, "owner")
+def owner(gw, tmp_path) -> Client:
+    return gw.user("owner", tmp_path)
 
 
 def app_with_commit(admin: Admin, owner: Client, tmp_path: Path) -> tuple[str, Path]:

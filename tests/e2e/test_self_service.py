@@ -7,14 +7,10 @@ import dataclasses
 import pytest
 
 from tests.helpers import (
-    Admin,
     Client,
-    ServerThread,
     keygen,
     keygen_fingerprint,
-    registered_user,
     unique,
-    write_config,
 )
 
 MAX_KEYS = 4
@@ -27,21 +23,13 @@ KEYS_USAGE = (
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("self-service")
-    thread = ServerThread(write_config(directory, limits={"max_keys_per_user": MAX_KEYS})).start()
-    yield thread
-    thread.stop()
-
-
-@pytest.fixture(scope="module")
-def admin(gw) -> Admin:
-    return Admin(gw.config_path)
+def gw(module_gateways):
+    return module_gateways(name="self-service", limits={"max_keys_per_user": MAX_KEYS})
 
 
 @pytest.fixture
-def dev(gw, admin, tmp_path) -> Client:
-    return registered_user(gw, admin, tmp_path, "dev")
+def dev(gw, tmp_path) -> Client:
+    return gw.user("dev", tmp_path)
 
 
 def with_key(client: Client, key) -> Client:

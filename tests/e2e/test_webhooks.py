@@ -19,6 +19,8 @@ from tests.helpers import (
     TIMEOUT,
     Admin,
     Client,
+    GatewayFactory,
+    GatewayHandle,
     LiveProcess,
     ServerThread,
     http,
@@ -173,19 +175,17 @@ def attempts(admin: Admin, deploy_id: object) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def bounded(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[ServerThread]:
+def bounded(module_gateways: GatewayFactory, receiver: Receiver) -> GatewayHandle:
     """A gateway whose apps each point at one misbehaving receiver, 2 s per attempt."""
     apps = "".join(
         f'[apps.{name}]\nwebhook_url = "{receiver.url("/" + name)}"\n'
         for name in ("trickle", "redirect", "huge")
     )
-    server = start_gateway(
-        tmp_path_factory.mktemp("hooks"),
-        {"webhook_url": receiver.url("/ok"), "webhook_timeout": 2, "webhook_attempts": 3},
+    return module_gateways(
         apps,
+        name="hooks",
+        deploy={"webhook_url": receiver.url("/ok"), "webhook_timeout": 2, "webhook_attempts": 3},
     )
-    yield server
-    server.stop()
 
 
 def push_to(admin: Admin, dev: Client, app: str, tmp_path: Path) -> str:
