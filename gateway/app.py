@@ -141,7 +141,7 @@ class Gateway:
             log.warning("event=sandbox_warning %s", warning)
         self.store = await open_store(cfg.storage.database)
         self.domain = Domain(self.settings, self.store, self.repos)
-        self.deploys = DeployService(cfg, self.store, self.repos, self.git.path)
+        self.deploys = DeployService(self.settings, self.store, self.repos, self.git.path)
         self.deploys.metrics = self.metrics
         self.control = ControlServer(cfg.storage.control_socket, self.deploys)
         try:
@@ -200,8 +200,6 @@ class Gateway:
             raise
         # Port 0 asked the OS for a port: what users are shown names the one it gave.
         self.settings.bound(self.listener.addresses)
-        # DeployService keeps a copy of its own (deploy messages, webhooks): given the value.
-        await self.deploys.reconfigure(self.config)
         self._housekeeper = asyncio.ensure_future(self._housekeeping())
         if self.worker is not None:
             # The supervisor says "listening on" once every worker serves.
@@ -390,9 +388,9 @@ class Gateway:
                 "event=reload_needs_restart %s=%s", "setting" if "." in name else "section", name
             )
         # What acts on a change rather than reading the settings at use: the log level, and
-        # the deploys' own copy (new deploys follow it; max_parallel applies at once).
+        # the deploy queue (a raised max_parallel claims waiting deploys at once).
         _apply_log_level(self.config)
-        await self.deploys.reconfigure(self.config)
+        await self.deploys.reconfigure()
         log.info("event=reloaded source=%s", self.config.source)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -14,7 +14,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, DeploySettings
+from ..config import Config, DeploySettings, Settings
 from ..domain import audit
 from ..domain.deploylog import read_log
 from ..errors import Conflict, GatewayError, NotFound
@@ -34,8 +34,12 @@ from .watch import Say, deliver
 class DeployService:
     """The deploy facade; the work is done by the runner, the push handler and the reports."""
 
-    def __init__(self, config: Config, store: Store, repos: Repositories, git: str = "git") -> None:
-        self._config = config
+    def __init__(
+        self, config: Config | Settings, store: Store, repos: Repositories, git: str = "git"
+    ) -> None:
+        # The running gateway's Settings, read at use: a reload reaches new deploys, deploy
+        # messages and webhooks at once (a plain Config for tests and one-off tools).
+        self.settings = config if isinstance(config, Settings) else Settings(config)
         self.store = store
         self.repos = repos
         self.git = git
@@ -47,7 +51,7 @@ class DeployService:
         # Watchers of one deploy share one reader of its log (issue 20: one per watcher,
         # reading on every flush, slowed every tenant).
         self.readers = LogReaders(
-            store, self.wakeups, self.runner.poll_interval, lambda: self._config.deploy.log_limit
+            store, self.wakeups, self.runner.poll_interval, lambda: self.config.deploy.log_limit
         )
         self.push = PushHandler(
             self._current, store, repos, self.runner, self.readers, self.draining
@@ -55,15 +59,11 @@ class DeployService:
         self.pushes = self.push.sessions
 
     def _current(self) -> Config:
-        return self._config
+        return self.settings.current
 
     @property
     def config(self) -> Config:
-        return self._config
-
-    @config.setter
-    def config(self, config: Config) -> None:
-        self._config = config
+        return self.settings.current
 
     @property
     def metrics(self) -> Metrics | None:
@@ -99,9 +99,9 @@ class DeployService:
         await self.readers.close()
         await pipelines.close()
 
-    async def reconfigure(self, config: Config) -> None:
-        """A reload: new deploys follow the new settings; max_parallel applies at once."""
-        self._config = config
+    async def reconfigure(self) -> None:
+        """After a reload (the settings are read at use): a raised max_parallel claims
+        waiting deploys at once."""
         self.wakeups.fire(QUEUE)
 
     # -- pushes --
@@ -136,7 +136,7 @@ class DeployService:
         final = await self.readers.watch(deploy_id, say, self.draining, until_done=True)
         if final is None:  # pragma: no cover - until_done waits for the end
             raise NotFound(f"no deploy #{deploy_id}")
-        await deliver(say, messages.final_line(self._config, final, final.elapsed), self.draining)
+        await deliver(say, messages.final_line(self.config, final, final.elapsed), self.draining)
         return final
 
     async def wait_done(self, deploy_id: int) -> Deploy:

@@ -100,7 +100,8 @@ class Rig:
         return await asyncio.wait_for(self.service.wait_done(deploy_id), 10)
 
     def configure(self, **deploy: Any) -> None:
-        self.service.config = make_config(self.tmp_path, **deploy)
+        # As a reload does: the service reads its settings at use.
+        self.service.settings.reload(make_config(self.tmp_path, **deploy))
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
