@@ -119,6 +119,11 @@ class ControlServer:
         if "hook" in request:
             return await self.deploys.handle_hook(request, say, peer)
         op = request.get("op")
+        if op == "ssh_port":
+            # The port the SSH listener was given (`[ssh] listen` on port 0): the CLI shows
+            # clone URLs as the running gateway does.
+            await say(f"{self.deploys.config.ssh.listen[1]}\n")
+            return 0
         if op == "cancel_app":
             app = request.get("app")
             if not isinstance(app, str):

@@ -21,7 +21,7 @@ from ..domain.shapes import (
 from ..errors import UsageError
 from ..models import SSHKey
 from ..tables import expiry_text, shown
-from .common import OPERATOR, json_out, table_out, with_domain
+from .common import OPERATOR, as_shown, json_out, table_out, with_domain
 
 
 async def user_add(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
@@ -160,25 +160,35 @@ async def key_move(args: argparse.Namespace, cfg: config.Config, out: TextIO) ->
 
 
 async def app_create(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    shown_as = as_shown(cfg)
+
     async def act(domain: Domain) -> int:
         app = await domain.apps.create_app(args.app, args.owner, args.branch, actor=OPERATOR)
         out.write(
             f"created app {app.name} (owner {app.owner_name}, deploy branch {app.deploy_branch})\n"
         )
-        out.write(f"clone URL: {cfg.clone_url(app.name)}\n")
+        out.write(f"clone URL: {shown_as.clone_url(app.name)}\n")
         return 0
 
     return await with_domain(cfg, act)
 
 
 async def app_list(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
+    shown_as = as_shown(cfg)
+
     async def act(domain: Domain) -> int:
         apps = await domain.apps.list_apps()
         if args.json:
-            json_out([app_dict(a, cfg) for a in apps], out)
+            json_out([app_dict(a, shown_as) for a in apps], out)
         else:
             rows = [
-                [a.name, a.owner_name, a.deploy_branch, shown(a.created_at), cfg.clone_url(a.name)]
+                [
+                    a.name,
+                    a.owner_name,
+                    a.deploy_branch,
+                    shown(a.created_at),
+                    shown_as.clone_url(a.name),
+                ]
                 for a in apps
             ]
             table_out(rows, ["APP", "OWNER", "BRANCH", "CREATED", "CLONE URL"], out)

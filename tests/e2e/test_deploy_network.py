@@ -367,7 +367,7 @@ def test_isolated_relays_outbound_and_dns_and_reaches_the_nodes_other_addresses(
 NAMESPACE = r"""
 import asyncio, json, socket, subprocess, sys, threading
 from gateway import config
-from gateway.deploys import sandbox
+from gateway.deploys import builddir, sandbox
 for argv in (["ip", "link", "set", "lo", "up"],
              ["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"],
              ["ip", "addr", "add", "10.99.0.2/24", "dev", "up0"],

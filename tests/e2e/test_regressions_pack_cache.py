@@ -20,10 +20,8 @@ from tests.unit.test_packhook import blocked_writing, disk_held
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    gateway = Cached(tmp_path_factory.mktemp("packcache-hostile"))
-    yield gateway
-    gateway.stop()
+def cached(module_gateways, tmp_path_factory):
+    return Cached(module_gateways, tmp_path_factory.mktemp("packcache-hostile"))
 
 
 def tenant(cached: Cached, tmp, files: dict[str, str]) -> tuple[Client, str]:
@@ -136,14 +134,16 @@ def pkt(line: str) -> bytes:
 
 
 @pytest.mark.slow
-def test_regression_pack_cache_stalled_clients_never_hold_more_than_the_cap(tmp_path):
+def test_regression_pack_cache_stalled_clients_never_hold_more_than_the_cap(
+    gateway_factory, tmp_path
+):
     """The review's attack: eight fetches of distinct 15 MiB packs (raw upload-pack over
     SSH) whose clients never read, against a 20 MiB cache. Each leader spools at
     pack-objects' pace and keeps what it spooled (removed or not) to feed its client: all
     of it stays within the cap while they stall (before: 120 MiB, on disk until
     idle_timeout), counted from /proc; once they are gone, so are their bytes."""
     cap = 20 * 1024 * 1024
-    cached = Cached(tmp_path / "gw", git={"pack_cache_max_size": "20M"})
+    cached = Cached(gateway_factory, tmp_path / "gw", git={"pack_cache_max_size": "20M"})
     clients = []
     try:
         owner = cached.user(tmp_path)
@@ -215,11 +215,13 @@ def test_regression_pack_cache_stalled_clients_never_hold_more_than_the_cap(tmp_
         cached.stop()
 
 
-def test_regression_pack_cache_markers_stay_bounded_under_distinct_fetches(tmp_path):
+def test_regression_pack_cache_markers_stay_bounded_under_distinct_fetches(
+    gateway_factory, tmp_path
+):
     """Each distinct request leaves a marker in seen/ (so that its second request keeps the
     answer): a tenant fetching ever new wants cannot grow the directory past
     [git] pack_cache_max_markers."""
-    cached = Cached(tmp_path / "gw", git={"pack_cache_max_markers": 4})
+    cached = Cached(gateway_factory, tmp_path / "gw", git={"pack_cache_max_markers": 4})
     try:
         owner = cached.user(tmp_path)
         app = cached.app(owner)

@@ -543,7 +543,7 @@ async def _two_gated(box: sandbox.Sandbox, build: Path, tmp: Path) -> list[dict]
 DNS_NAMESPACE = r"""
 import asyncio, json, socket, subprocess, sys, threading
 from gateway import config
-from gateway.deploys import sandbox
+from gateway.deploys import builddir, sandbox
 for argv in (["ip", "link", "set", "lo", "up"],
              ["ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1"],
              ["ip", "addr", "add", "10.99.0.2/24", "dev", "up0"],

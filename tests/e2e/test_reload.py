@@ -145,8 +145,11 @@ def test_regression_port_0_api_and_ssh_info_show_the_bound_port(
     same. Every reader now takes the configuration the listener updated."""
     assert server.config.ssh.listen[1] == 0 and server.port != 0
     client = registered_user(server, admin, tmp_path, "port")
-    admin.ok("app", "create", "portapp", "--owner", client.name)
+    created = admin.ok("app", "create", "portapp", "--owner", client.name)
     wanted = f"ssh://git@127.0.0.1:{server.port}/portapp.git"
+    # The CLI reads the file (port 0) in its own process: it asks the running gateway.
+    assert f"clone URL: {wanted}" in created
+    assert wanted in admin.ok("app", "list")
     shown = http("GET", f"{http_base(server)}/api/v1/apps/portapp", token)
     assert shown.status == 200 and shown.json()["clone_url"] == wanted
     listed = http("GET", f"{http_base(server)}/api/v1/apps", token).json()
