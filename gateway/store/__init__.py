@@ -1,6 +1,6 @@
 """The registry interface every caller uses, one part per aggregate (UsersAndKeys,
-AppsAndMembers, DeployRecords, DeployQueue, AuditTrail, AccessTokens, Lifecycle: Store is
-all of them).
+AppsAndMembers, DeployRecords, DeployQueue, RepositoryHomes, AuditTrail, AccessTokens,
+Lifecycle: Store is all of them).
 
 Implementations, each a facade composing one part per aggregate (mixins: each part holds one
 aggregate's code, the facade class only puts them together):
@@ -416,6 +416,36 @@ class DeployQueue(abc.ABC):
             callback(kind, deploy_id)
 
 
+class RepositoryHomes(abc.ABC):
+    """Which node serves each app's repository (its home): one at a time across the cluster.
+
+    A home has no lease of its own: it lives as long as its node's row in the queue's
+    leases (DeployQueue.register_node, renew_node). When the node is declared gone
+    (expire_nodes) or leaves (leave_node), its homes go with it, and the next node that
+    needs one of those apps claims it; removing an app removes its home."""
+
+    @abc.abstractmethod
+    async def claim_home(self, app_id: int, node: str) -> str | None:
+        """The app's home node, made `node` if the app has none (atomic: racing claims all
+        get the one winner's name). None if the app has no home and `node` may not take it,
+        not being registered (declared gone: it joins again first). NotFound if there is
+        no such app."""
+
+    @abc.abstractmethod
+    async def home_of(self, app_id: int) -> str | None:
+        """The app's home node; None while it has none (no node claimed it, or its node
+        is gone)."""
+
+    @abc.abstractmethod
+    async def homes_of(self, node: str) -> list[int]:
+        """The ids of the apps whose home `node` is, in order."""
+
+    @abc.abstractmethod
+    async def release_homes(self, node: str) -> int:
+        """Give up every home of `node` (a drain: the next node that needs each app takes
+        it); how many there were."""
+
+
 class AuditTrail(abc.ABC):
     """Security-relevant events, newest first, with retention."""
 
@@ -513,6 +543,7 @@ class Store(
     AppsAndMembers,
     DeployRecords,
     DeployQueue,
+    RepositoryHomes,
     AuditTrail,
     AccessTokens,
     Lifecycle,

@@ -44,6 +44,7 @@ TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ),
     ("key_apps", ("key_id", "app_id"), frozenset()),
     ("app_members", ("app_id", "user_id", "role", "created_at"), frozenset({"created_at"})),
+    ("app_homes", ("app_id", "node", "claimed_at"), frozenset({"claimed_at"})),
     (
         "deploys",
         (

@@ -108,12 +108,14 @@ async def test_dropping_the_kind_check_keeps_rows_ids_and_children(
         target = request.getfixturevalue("pg_url")
         await postgres_before(target)
         migrations = pg_backend.migrations()
-    assert any(name == MIGRATION for _, name, _ in migrations)
+    names = [name for _, name, _ in migrations]
+    # This one and every later migration are applied when the store opens.
+    pending = len(names) - names.index(MIGRATION)
     query = "SELECT MIN(id), MAX(id), MAX(id) + 1 FROM deploys"
     first, kept, deleted = (await raw(kind, target, query))[0]
     store = await open_store(target)
     try:
-        assert store.applied == 1 and await store.schema_version() == len(migrations)
+        assert store.applied == pending and await store.schema_version() == len(migrations)
         old = await store.get_deploy(first)
         assert (old.pipeline, old.status, old.superseded_by, old.note) == (
             "command",

@@ -2,8 +2,8 @@
 the real rules: unique names and keys, ids never handed out twice, cascades, ordering,
 transactions that roll back).
 
-One part per aggregate (accounts, apps, deploys, queue, tokens and audit), composed here;
-stores made with `sharing` see one registry, as gateway processes see one database.
+One part per aggregate (accounts, apps, deploys, queue, homes, tokens and audit), composed
+here; stores made with `sharing` see one registry, as gateway processes see one database.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 from ...errors import StoreUnavailable
 from .. import packaged_migrations
 from .base import Registry
+from .homes import HomesMemory
 from .queue import QueueMemory
 from .tokens import AuditMemory, TokensMemory
 
 
-class MemoryStore(QueueMemory, TokensMemory, AuditMemory):
+class MemoryStore(QueueMemory, HomesMemory, TokensMemory, AuditMemory):
     """Every aggregate's part in one Store."""
 
     def __init__(self, registry: Registry | None = None) -> None:

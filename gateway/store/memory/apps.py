@@ -38,11 +38,12 @@ class AppsMemory(AccountsMemory):
             db = self._db
             del db.apps[app.id]
             # What goes with the app: its deploy keys, its place in scoped keys, its
-            # members, and its deploys with their logs and webhook deliveries.
+            # members, its deploys with their logs and webhook deliveries, and its home.
             self._drop_keys([k for k, row in db.keys.items() if row["app_id"] == app.id])
             db.key_apps = {pair for pair in db.key_apps if pair[1] != app.id}
             db.members = {k: v for k, v in db.members.items() if k[0] != app.id}
             self._drop_deploys([d for d, row in db.deploys.items() if row["app_id"] == app.id])
+            self._drop_orphan_homes()
             return app
 
     def _drop_deploys(self, ids: list[int]) -> None:

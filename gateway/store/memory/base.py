@@ -35,6 +35,7 @@ class Tables:
     tokens: dict[int, Record] = dataclasses.field(default_factory=dict)
     sessions: dict[int, Record] = dataclasses.field(default_factory=dict)
     nodes: dict[str, Record] = dataclasses.field(default_factory=dict)
+    homes: dict[int, Record] = dataclasses.field(default_factory=dict)  # by app id
     marks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
@@ -110,6 +111,13 @@ class MemoryBase(Store):
         marks = self._db.marks
         marks[table] = marks.get(table, 0) + 1
         return marks[table]
+
+    def _drop_orphan_homes(self) -> None:
+        """Homes go with their app and with their node (ON DELETE CASCADE in SQL)."""
+        db = self._db
+        db.homes = {
+            a: row for a, row in db.homes.items() if a in db.apps and row["node"] in db.nodes
+        }
 
     # -- lookups every part uses --
 

@@ -189,6 +189,7 @@ class QueueMemory(DeploysMemory):
             db = self._db
             now = clock()
             db.nodes = {n: row for n, row in db.nodes.items() if row["seen_at"] >= now - lapse}
+            self._drop_orphan_homes()
             gone = []
             for _, row in sorted(db.deploys.items()):
                 if row["status"] == "running" and row["runner"] not in db.nodes:
@@ -212,6 +213,7 @@ class QueueMemory(DeploysMemory):
     async def leave_node(self, node: str) -> None:
         async with self._transaction():
             self._db.nodes.pop(node, None)
+            self._drop_orphan_homes()
 
     async def list_nodes(self) -> list[Node]:
         async with self._reading() as db:
