@@ -275,7 +275,9 @@ class SQLiteStore(SQLStore):
                 # Table and column names come from the code's own list, never from input.
                 found[table] = await self.table_rows(table, columns)
                 if columns[0] == "id":
-                    highest = max((r[0] for r in found[table]), default=0)
+                    # Only numbered ids have a mark (a node's id is its name).
+                    ids = (r[0] for r in found[table] if isinstance(r[0], int))
+                    highest = max(ids, default=0)
                     marks[table] = max(int(sequences.get(table) or 0), highest)
         return found, marks
 

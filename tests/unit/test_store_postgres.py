@@ -141,3 +141,22 @@ async def test_both_backends_have_the_same_tables_and_columns(postgres, pg_url, 
     assert {tuple(r.split("|")) for r in rows.splitlines()} == lite
     copied = {(table, column) for table, columns, _ in transfer.TABLES for column in columns}
     assert copied == lite
+
+
+async def test_db_copy_keeps_each_apps_home(pg_url, tmp_path) -> None:
+    """The home nodes (and the node rows they hang on) go over with `db copy`."""
+    source = await open_store(tmp_path / "gw.db")
+    target = await open_store(pg_url)
+    try:
+        await source.create_user("alice")
+        web = (await source.create_app("web", "alice", "main")).id
+        await source.create_app("api", "alice", "main")
+        await source.register_node("node-a", "host-a", 1)
+        assert await source.claim_home(web, "node-a") == "node-a"
+        report = await transfer.copy_registry(source, target)
+        assert report.source.rows["app_homes"] == report.target.rows["app_homes"] == 1
+        assert await target.home_of(web) == "node-a"
+        assert await target.homes_of("node-a") == [web]
+    finally:
+        await source.close()
+        await target.close()
