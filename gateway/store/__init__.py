@@ -387,11 +387,13 @@ class DeployQueue(abc.ABC):
     async def expire_nodes(self, lapse: float) -> list[Deploy]:
         """Declare gone the processes that did not renew within `lapse` seconds: their
         running deploys and the gated ones they hold become interrupted, as do running
-        deploys with no live runner at all. The deploys interrupted."""
+        deploys with no live runner at all; their homes (RepositoryHomes) go with their
+        rows. The deploys interrupted."""
 
     @abc.abstractmethod
     async def leave_node(self, node: str) -> None:
-        """A process that stops: its row goes (what it ran was ended by it)."""
+        """A process that stops: its row goes, with its homes (what it ran was ended by
+        it)."""
 
     @abc.abstractmethod
     async def list_nodes(self) -> list[Node]: ...
