@@ -241,6 +241,18 @@ class Node:
     pid: int
     started_at: datetime
     seen_at: float
+    # Where the other nodes reach its internal listener ([cluster] listen), if it has one.
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Home:
+    """The node serving an app's repository: its process's row, its name (the workers of
+    one machine share its filesystem cache) and where the others forward to."""
+
+    node: str
+    name: str
+    address: str | None
 
 
 @dataclass(frozen=True, slots=True)

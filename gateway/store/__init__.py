@@ -33,6 +33,7 @@ from ..models import (
     AuditEvent,
     Deploy,
     DeployStatus,
+    Home,
     LogChunk,
     Member,
     NewDeploy,
@@ -377,7 +378,10 @@ class DeployQueue(abc.ABC):
 
     # -- the processes sharing the queue --
     @abc.abstractmethod
-    async def register_node(self, node: str, name: str, pid: int) -> None: ...
+    async def register_node(
+        self, node: str, name: str, pid: int, address: str | None = None
+    ) -> None:
+        """Join (or, already there, renew); `address`: where the others forward to it."""
 
     @abc.abstractmethod
     async def renew_node(self, node: str) -> bool:
@@ -427,14 +431,14 @@ class RepositoryHomes(abc.ABC):
     needs one of those apps claims it; removing an app removes its home."""
 
     @abc.abstractmethod
-    async def claim_home(self, app_id: int, node: str) -> str | None:
+    async def claim_home(self, app_id: int, node: str) -> Home | None:
         """The app's home node, made `node` if the app has none (atomic: racing claims all
-        get the one winner's name). None if the app has no home and `node` may not take it,
+        get the one winner). None if the app has no home and `node` may not take it,
         not being registered (declared gone: it joins again first). NotFound if there is
         no such app."""
 
     @abc.abstractmethod
-    async def home_of(self, app_id: int) -> str | None:
+    async def home_of(self, app_id: int) -> Home | None:
         """The app's home node; None while it has none (no node claimed it, or its node
         is gone)."""
 
@@ -443,9 +447,9 @@ class RepositoryHomes(abc.ABC):
         """The ids of the apps whose home `node` is, in order."""
 
     @abc.abstractmethod
-    async def release_homes(self, node: str) -> int:
-        """Give up every home of `node` (a drain: the next node that needs each app takes
-        it); how many there were."""
+    async def release_homes(self, node: str, apps: Sequence[int] | None = None) -> int:
+        """Give up the homes of `node` (those of `apps` only, if given): a drain; the next
+        node that needs each app takes it. How many were given up."""
 
 
 class AuditTrail(abc.ABC):

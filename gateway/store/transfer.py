@@ -15,7 +15,7 @@ from ..errors import GatewayError
 # which of them are times (text on SQLite, timestamptz on PostgreSQL).
 TABLES: tuple[tuple[str, tuple[str, ...], frozenset[str]], ...] = (
     ("users", ("id", "name", "created_at"), frozenset({"created_at"})),
-    ("nodes", ("id", "name", "pid", "started_at", "seen_at"), frozenset({"started_at"})),
+    ("nodes", ("id", "name", "pid", "started_at", "seen_at", "address"), frozenset({"started_at"})),
     (
         "apps",
         ("id", "name", "owner_id", "deploy_branch", "created_at"),

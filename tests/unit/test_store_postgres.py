@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from gateway.errors import GatewayError, StoreUnavailable
+from gateway.models import Home
 from gateway.store import open_store, transfer
 from gateway.store.postgres import PostgresStore, migrations
 from tests import pg
@@ -151,11 +152,12 @@ async def test_db_copy_keeps_each_apps_home(pg_url, tmp_path) -> None:
         await source.create_user("alice")
         web = (await source.create_app("web", "alice", "main")).id
         await source.create_app("api", "alice", "main")
-        await source.register_node("node-a", "host-a", 1)
-        assert await source.claim_home(web, "node-a") == "node-a"
+        await source.register_node("node-a", "host-a", 1, "10.0.0.11:7422")
+        home = await source.claim_home(web, "node-a")
+        assert home == Home("node-a", "host-a", "10.0.0.11:7422")
         report = await transfer.copy_registry(source, target)
         assert report.source.rows["app_homes"] == report.target.rows["app_homes"] == 1
-        assert await target.home_of(web) == "node-a"
+        assert await target.home_of(web) == home
         assert await target.homes_of("node-a") == [web]
     finally:
         await source.close()

@@ -162,7 +162,9 @@ class QueueMemory(DeploysMemory):
 
     # -- the processes sharing the queue --
 
-    async def register_node(self, node: str, name: str, pid: int) -> None:
+    async def register_node(
+        self, node: str, name: str, pid: int, address: str | None = None
+    ) -> None:
         async with self._transaction():
             found = self._db.nodes.get(node)
             if found is not None:
@@ -174,6 +176,7 @@ class QueueMemory(DeploysMemory):
                 "pid": pid,
                 "started_at": utcnow(),
                 "seen_at": clock(),
+                "address": address,
             }
 
     async def renew_node(self, node: str) -> bool:

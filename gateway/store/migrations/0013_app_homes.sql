@@ -10,3 +10,6 @@ CREATE TABLE app_homes (
 );
 -- A node's homes: what it gives up when it drains, and what its row's deletion cascades to.
 CREATE INDEX app_homes_by_node ON app_homes (node);
+-- Where the other nodes reach a node's internal listener ([cluster] listen), to forward the
+-- git operations of the apps it is home to.
+ALTER TABLE nodes ADD COLUMN address TEXT;

@@ -3,7 +3,11 @@ its node's row (ON DELETE CASCADE: expiry or leaving) or released when the node 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from ...errors import NotFound
+from ...models import Home
 from .. import utcnow
 from .base import ForeignKeyViolation, SQLBase
 
@@ -14,21 +18,23 @@ from .base import ForeignKeyViolation, SQLBase
 CLAIM = """INSERT INTO app_homes (app_id, node, claimed_at)
            SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM nodes WHERE id = $2)
            ON CONFLICT (app_id) DO NOTHING"""
-HOME = "SELECT node FROM app_homes WHERE app_id = $1"
+HOME = """SELECT h.node, n.name, n.address FROM app_homes h JOIN nodes n ON n.id = h.node
+          WHERE h.app_id = $1"""
 APP_EXISTS = "SELECT 1 AS found FROM apps WHERE id = $1"
 HOMES = "SELECT app_id FROM app_homes WHERE node = $1 ORDER BY app_id"
 RELEASE = "DELETE FROM app_homes WHERE node = $1"
+RELEASE_SOME = "DELETE FROM app_homes WHERE node = $1 AND app_id {ids:$2}"
 
 
 class HomesSQL(SQLBase):
-    async def claim_home(self, app_id: int, node: str) -> str | None:
+    async def claim_home(self, app_id: int, node: str) -> Home | None:
         try:
             async with self._transaction():
                 await self.execute(CLAIM, app_id, node, self.dialect.time(utcnow()))
                 # A new statement: on PostgreSQL it sees a racing winner's committed row.
-                home = await self.fetchval(HOME, app_id)
+                home = await self.fetchrow(HOME, app_id)
                 if home is not None:
-                    return str(home)
+                    return _home(home)
         except ForeignKeyViolation:
             # The app was removed, or the node declared gone, while the claim was made.
             pass
@@ -36,13 +42,23 @@ class HomesSQL(SQLBase):
             raise NotFound(f"no such app (id {app_id})")
         return None
 
-    async def home_of(self, app_id: int) -> str | None:
-        home = await self.fetchval(HOME, app_id)
-        return None if home is None else str(home)
+    async def home_of(self, app_id: int) -> Home | None:
+        home = await self.fetchrow(HOME, app_id)
+        return None if home is None else _home(home)
 
     async def homes_of(self, node: str) -> list[int]:
         return [int(r["app_id"]) for r in await self.fetch(HOMES, node)]
 
-    async def release_homes(self, node: str) -> int:
+    async def release_homes(self, node: str, apps: Sequence[int] | None = None) -> int:
         async with self._transaction():
-            return await self.execute(RELEASE, node)
+            if apps is None:
+                return await self.execute(RELEASE, node)
+            if not apps:
+                return 0
+            ids = self.dialect.array([int(a) for a in apps])
+            return await self.execute(RELEASE_SOME, node, ids)
+
+
+def _home(row: Any) -> Home:
+    address = row["address"]
+    return Home(str(row["node"]), str(row["name"]), None if address is None else str(address))

@@ -55,8 +55,8 @@ LOG_TRIM = """DELETE FROM deploy_log_chunks
                WHERE deploy_id = $1 AND seq < $2 AND position + size <= $3"""
 LOG = f"""SELECT {rows.select_list(LogChunk, "c")} FROM deploy_log_chunks c
            WHERE c.deploy_id = $1 AND c.seq > $2 ORDER BY c.seq LIMIT $3"""
-REGISTER = """INSERT INTO nodes (id, name, pid, started_at, seen_at)
-              VALUES ($1, $2, $3, $4, {clock})
+REGISTER = """INSERT INTO nodes (id, name, pid, started_at, seen_at, address)
+              VALUES ($1, $2, $3, $4, {clock}, $5)
               ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at"""
 RENEW = "UPDATE nodes SET seen_at = {clock} WHERE id = $1"
 EXPIRE = "DELETE FROM nodes WHERE {stale}"
@@ -190,9 +190,11 @@ class QueueSQL(DeploysSQL):
 
     # -- the processes sharing the queue --
 
-    async def register_node(self, node: str, name: str, pid: int) -> None:
+    async def register_node(
+        self, node: str, name: str, pid: int, address: str | None = None
+    ) -> None:
         async with self._transaction():
-            await self.execute(REGISTER, node, name, pid, self.dialect.time(utcnow()))
+            await self.execute(REGISTER, node, name, pid, self.dialect.time(utcnow()), address)
 
     async def renew_node(self, node: str) -> bool:
         async with self._transaction():

@@ -6,3 +6,6 @@ CREATE TABLE app_homes (
     claimed_at  timestamptz NOT NULL
 );
 CREATE INDEX app_homes_by_node ON app_homes (node);
+-- Where the other nodes reach a node's internal listener ([cluster] listen), to forward the
+-- git operations of the apps it is home to.
+ALTER TABLE nodes ADD COLUMN address text;
