@@ -17,7 +17,15 @@ RESTART_SECTIONS = ("git", "http", "server", "ssh", "storage")
 # Keys of sections a reload applies that are taken at start all the same: earlier deploys'
 # logs are read from the log directory the gateway started with, the log handler is built
 # once, and this node is registered in the cluster under its name.
-RESTART_KEYS = (("cluster", "node_name"), ("deploy", "log_dir"), ("log", "format"))
+RESTART_KEYS = (
+    ("cluster", "node_name"),
+    ("cluster", "listen"),
+    ("cluster", "advertise"),
+    ("cluster", "peers"),
+    ("cluster", "forward"),
+    ("deploy", "log_dir"),
+    ("log", "format"),
+)
 
 
 def at_use(value: T | Callable[[], T]) -> T:
@@ -62,7 +70,8 @@ class Settings:
         needs_restart = [s for s in RESTART_SECTIONS if getattr(new, s) != getattr(self.loaded, s)]
         kept = {section: getattr(running, section) for section in RESTART_SECTIONS}
         for section, key in RESTART_KEYS:
-            values = getattr(new, section)
+            # Several keys of one section: each keeps its running value in turn.
+            values = kept.get(section, getattr(new, section))
             if getattr(values, key) != getattr(getattr(running, section), key):
                 needs_restart.append(f"{section}.{key}")
                 values = dataclasses.replace(

@@ -133,7 +133,27 @@ def from_mapping(data: Mapping[str, Any], source: Path | None = None) -> Config:
         cfg = dataclasses.replace(cfg, deploy=deploy)
     _check_pipelines(cfg)
     _check_sandbox_paths(cfg)
+    _check_cluster(cfg)
     return cfg
+
+
+def _check_cluster(cfg: Config) -> None:
+    """The internal listener is never open to everyone, and the others must know where it is."""
+    cluster = cfg.cluster
+    if cluster.listen is None:
+        if cluster.forward == "always":
+            raise ConfigError('config: [cluster] forward = "always" needs [cluster] listen')
+        return
+    if not cluster.peers:
+        raise ConfigError(
+            "config: [cluster] listen needs [cluster] peers (the other nodes' addresses)"
+        )
+    host = cluster.listen[0]
+    if not cluster.advertise and host in ("", "0.0.0.0", "::"):  # noqa: S104 - a check
+        raise ConfigError(
+            f"config: [cluster] listen on {host or 'every address'} needs [cluster] advertise "
+            "(the address the other nodes dial)"
+        )
 
 
 def default_build_dir(storage: StorageSettings) -> Path:

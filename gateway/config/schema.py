@@ -440,7 +440,35 @@ class ClusterSettings:
         15,
         _seconds,
         "seconds without a sign of life after which the other gateways declare one gone "
-        "and mark its running deploys interrupted",
+        "and mark its running deploys interrupted (and its repositories' homes move); at "
+        "least the repositories filesystem's attribute cache lifetime (docs/cluster.md)",
+    )
+    # Each repository is served by one home node; the others forward its git operations
+    # there over an SSH channel both ends authenticate with the shared host keys.
+    listen: tuple[str, int] | None = _setting(
+        "",
+        _optional_listen,
+        "internal listener the other nodes forward git operations to (HOST:PORT, private "
+        "network); empty = none (this node forwards nothing and is forwarded nothing)",
+    )
+    advertise: str = _setting(
+        "",
+        _public_address,
+        "HOST:PORT the other nodes dial to reach listen ('' = listen's address, which must "
+        "then name one host)",
+    )
+    peers: tuple[str, ...] = _setting(
+        [],
+        _networks,
+        "addresses (CIDR) of the other nodes: the only ones the internal listener accepts; "
+        "required with listen",
+    )
+    forward: str = _setting(
+        "auto",
+        _choice("auto", "always", "never"),
+        "serve each repository on its home node and forward to it: auto (when listen is set "
+        "and the repositories root is a network filesystem) | always (when listen is set) "
+        "| never",
     )
 
 
