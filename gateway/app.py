@@ -119,6 +119,7 @@ class Gateway:
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
+        self._closed = False
         # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
         self.domain: Domain
         self._housekeeper: asyncio.Task[None] | None = None
@@ -301,7 +302,10 @@ class Gateway:
 
     async def close(self, drain: float = 0.0, reason: str = "stop") -> None:
         """Stop accepting, let logins in progress, running git operations and deploys finish
-        for up to `drain` seconds, then close what is left."""
+        for up to `drain` seconds, then close what is left. Once only."""
+        if self._closed:
+            return
+        self._closed = True
         self._begin_draining()
         if self.listener is not None:
             await self.listener.close()

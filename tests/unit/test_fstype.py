@@ -84,12 +84,14 @@ def test_an_unreadable_mountinfo_tells_nothing(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kind", ["fuse.sshfs", "fuse.rclone", "fuse.s3fs", "nfs", "nfs4", "ceph", "cifs", "fuse"]
+    "kind", ["fuse.sshfs", "fuse.rclone", "fuse.s3fs", "nfs", "nfs4", "ceph", "cifs"]
 )
 def test_network_filesystems(kind):
     assert fstype.is_network(kind)
 
 
-@pytest.mark.parametrize("kind", ["ext4", "xfs", "tmpfs", "btrfs", "overlay", "zfs", "fuseext"])
+@pytest.mark.parametrize(
+    "kind", ["ext4", "xfs", "tmpfs", "btrfs", "overlay", "zfs", "fuseext", "fuseblk"]
+)
 def test_local_filesystems(kind):
     assert not fstype.is_network(kind)
