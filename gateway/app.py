@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from . import config as config_module
+from . import fstype
 from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox
@@ -184,6 +185,15 @@ class Gateway:
             forwards = forwarding(cfg)
             if forwards:
                 self._bind_peers(cfg)
+            else:
+                kind = fstype.filesystem_of(cfg.storage.repos)
+                if fstype.is_network(kind):
+                    # Each node then reads through its own cache (see docs/cluster.md).
+                    log.warning(
+                        "event=network_filesystem_without_forwarding repos=%s type=%s",
+                        q(str(cfg.storage.repos)),
+                        kind,
+                    )
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             if forwards:

@@ -212,3 +212,24 @@ def forged(service: str, app: str) -> str:
     return good.replace('"service":"git-upload-pack"', f'"service":"{service}"').replace(
         '"app":"web"', f'"app":"{app}"'
     )
+
+
+async def test_a_network_filesystem_without_forwarding_is_logged_at_start(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    """An operator who skips `check` still reads it in the log: every node would read its
+    repositories through its own cache."""
+    from gateway import fstype
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"36 1 0:32 / {tmp_path} rw,relatime - fuse.sshfs gw@storage:/srv rw,user_id=0\n"
+    )
+    monkeypatch.setattr(fstype, "MOUNTINFO", mountinfo)
+    caplog.set_level(logging.WARNING)
+    await start_gateway()
+    assert "event=network_filesystem_without_forwarding" in caplog.text
+    assert "type=fuse.sshfs" in caplog.text
