@@ -31,7 +31,7 @@ from .git.repos import Repositories
 from .http import WebServer
 from .logs import q
 from .metrics import Metrics
-from .net.listener import Listener, bind
+from .net.listener import Listener
 from .ssh import certs, hostkeys, peers, server
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
@@ -237,27 +237,9 @@ class Gateway:
     def _bind_peers(self, cfg: Config) -> None:
         """The internal listener's sockets (the supervisor's, with workers), and the address
         this node registers for the others to dial."""
-        listen = cfg.cluster.listen
-        if listen is None:  # pragma: no cover - forwarding() needs it
-            return
-        if self.worker is not None:
-            self._peer_sockets = self.worker.sockets(self.worker.cluster_fds)
-        else:
-            try:
-                self._peer_sockets = bind(*listen)
-            except OSError as exc:
-                raise ConfigError(
-                    f"[cluster] listen: cannot listen on {listen[0]}:{listen[1]}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-        port = self._peer_sockets[0].getsockname()[1]
-        advertise = cfg.cluster.advertise
-        if not advertise:
-            host = listen[0]
-            advertise = f"[{host}]" if ":" in host else host
-        if not advertise.rsplit("]", 1)[-1].count(":"):
-            advertise = f"{advertise}:{port}"
-        self.deploys.advertise(advertise)
+        inherited = self.worker.sockets(self.worker.cluster_fds) if self.worker else None
+        self._peer_sockets, address = peers.bind_listener(cfg.cluster, inherited)
+        self.deploys.advertise(address)
 
     async def _start_peers(self, cfg: Config, keys: list[asyncssh.SSHKey]) -> None:
         """Serve what the other nodes forward here; forward there what is theirs."""
@@ -336,12 +318,14 @@ class Gateway:
         if self.listener is not None:
             await self.listener.abort()
         if self.peers is not None:
-            await self.peers.close()
+            await self.peers.close(CLOSE_GRACE_SECONDS)
         if self.forwarder is not None:
             await self.forwarder.close()
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
+        # Before leaving (the node's homes go with it): no git of this node still writes.
+        await self._end_sessions(CLOSE_GRACE_SECONDS)
         await self.deploys.close()  # and the pipelines' shared clients
         if self.web is not None:
             await self.web.close()
@@ -358,6 +342,19 @@ class Gateway:
         # Connections closed above reported their failures: the last counts are written.
         await self.domain.access.flush_failures(everything=True)
         await self.store.close()
+
+    async def _end_sessions(self, grace: float) -> None:
+        """Give the sessions whose clients were cut `grace` seconds to end (a push finishes
+        on its own), then stop them."""
+        running = {task for task in self.sessions if not task.done()}
+        if not running:
+            return
+        _, left = await asyncio.wait(running, timeout=grace)
+        for task in left:
+            task.cancel()
+        for task in left:
+            with contextlib.suppress(BaseException):
+                await task
 
     def _running_deploys(self) -> set[asyncio.Future[Any]]:
         jobs = self.deploys.jobs.values()

@@ -1,6 +1,6 @@
-"""Review of issue 22's forwarding: proofs of what a tenant or a failing node can still do
-through the internal listener and the entry node's forwarder (each test fails on main as of
-4ff0d0d and says why in its docstring)."""
+"""Review of issue 22's forwarding: what a tenant or a failing node could do through the
+internal listener and the entry node's forwarder (each failed before its fix; the
+docstrings say what they found)."""
 
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ async def test_regression_forwarded_request_fields_reach_no_log_line_unquoted(
         agent_path=None,
         config=None,
     ) as conn:
-        result = await asyncio.wait_for(conn.run(text, input="0000", check=False), TIMEOUT)
+        result = await asyncio.wait_for(conn.run(text, check=False), TIMEOUT)
     forged = [r.getMessage() for r in caplog.records if "\n" in r.getMessage()]
-    assert result.exit_status is not None
+    assert result.exit_status == 1 and result.stderr == "error: not a forwarded operation\n"
     assert not forged, forged
