@@ -120,6 +120,7 @@ class Gateway:
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
+        self._drain_started = 0.0
         self._closed = False
         # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
         self.domain: Domain
@@ -289,8 +290,12 @@ class Gateway:
 
     def _begin_draining(self) -> None:
         # Not ready; and queued deploys are left to other nodes at once (see DeployService).
+        if not self.draining:
+            self._drain_started = asyncio.get_running_loop().time()
         self.draining = True
         self.deploys.draining.set()
+        # No new home from the other nodes; those held are handed over in `close`.
+        self.domain.homes.draining = True
 
     async def close(self, drain: float = 0.0, reason: str = "stop") -> None:
         """Stop accepting, let logins in progress, running git operations and deploys finish
@@ -309,9 +314,13 @@ class Gateway:
                 len(self._running_deploys()),
             )
         if self.domain.homes.enabled:
-            # The apps with nothing running here get another home from their next operation;
-            # the others keep this one until they end or it leaves.
             with contextlib.suppress(StoreUnavailable):
+                if drain > 0:  # see Homes.hand_over
+                    handover = min(self.config.cluster.cache_seconds, drain)
+                    loop = asyncio.get_running_loop()
+                    await self.domain.homes.hand_over(self._drain_started + handover - loop.time())
+                # The apps with nothing running here get another home from their next
+                # operation; the others when they end, or when this process leaves.
                 await self.domain.homes.release()
         if drain > 0:
             await self._drain(drain)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.peers")
 
+MAX_CONNECTIONS = 256
+MAX_LOGGING_IN = 16
+
 
 class PeerConnection(asyncssh.SSHServer):
     """One connection from another node: refused unless from a peer address; logged in only
@@ -44,15 +47,29 @@ class PeerConnection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         address = str(peer[0]) if peer else ""
         if not self.peers.allowed(address):
-            self.peers.refused(address)
+            self.peers.refused(address, "not_in_peers")
+            conn.abort()
+            return
+        # The nodes keep one connection each per worker: these caps are far above that, and
+        # hold anyone else who gets past the address (a deploy on a node) to a few sockets.
+        if len(self.peers.connections) >= MAX_CONNECTIONS or (
+            len(self.peers.logging_in) >= MAX_LOGGING_IN
+        ):
+            self.peers.refused(address, "too_many_connections")
             conn.abort()
             return
         self.conn = conn
         self.peers.connections.add(conn)
+        self.peers.logging_in.add(conn)
+
+    def auth_completed(self) -> None:
+        if self.conn is not None:
+            self.peers.logging_in.discard(self.conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.conn is not None:
             self.peers.connections.discard(self.conn)
+            self.peers.logging_in.discard(self.conn)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -84,6 +101,7 @@ class PeerListener:
         self.options = options
         self.servers: list[asyncssh.SSHAcceptor] = []
         self.connections: set[asyncssh.SSHServerConnection] = set()
+        self.logging_in: set[asyncssh.SSHServerConnection] = set()
         self.running: set[asyncio.Task[None]] = set()
         self._refusals_logged = 0.0
 
@@ -107,13 +125,13 @@ class PeerListener:
                 )
             )
 
-    def refused(self, address: str) -> None:
-        """Log a refused address, at most once a second (anyone who reaches the port can
+    def refused(self, address: str, reason: str) -> None:
+        """Log a refused connection, at most once a second (anyone who reaches the port can
         make refusals)."""
         now = time.monotonic()
         if now - self._refusals_logged >= 1.0:
             self._refusals_logged = now
-            log.warning("event=peer_refused address=%s reason=not_in_peers", q(address))
+            log.warning("event=peer_refused address=%s reason=%s", q(address), reason)
 
     def stop_accepting(self) -> None:
         for server in self.servers:

@@ -235,9 +235,13 @@ async def _serve(
     extra: tuple[str, ...],
     via: str | None = None,
 ) -> int:
-    # A drain keeps the home of an app with an operation running here.
-    with ctx.domain.homes.busy(app.id):
-        return await _run_git(ctx, app, role, subcommand, extra, via)
+    # A drain keeps the home of an app with an operation running here, until it ends.
+    try:
+        with ctx.domain.homes.busy(app.id):
+            return await _run_git(ctx, app, role, subcommand, extra, via)
+    finally:
+        with contextlib.suppress(GatewayError):
+            await ctx.domain.homes.finished(app.id)
 
 
 async def _run_git(
