@@ -19,6 +19,7 @@ import getpass
 import os
 import re
 import signal
+import sqlite3
 import statistics
 import subprocess
 import time
@@ -59,6 +60,17 @@ def forwarded_homes(gateway: Gateway) -> list[str]:
     """The `home=` of each `event=git_forwarded` line in the node's log."""
     log = (gateway.state / "gateway.log").read_text(errors="replace")
     return re.findall(r"event=git_forwarded .*?home=(\S+)", log)
+
+
+def home_in_registry(database: str, app: str) -> str | None:
+    """The app's home node's name as the registry records it (read only)."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30) as db:
+        row = db.execute(
+            "SELECT n.name FROM app_homes h JOIN nodes n ON n.id = h.node "
+            "JOIN apps a ON a.id = h.app_id WHERE a.name = ?",
+            (app,),
+        ).fetchone()
+    return None if row is None else str(row[0])
 
 
 class Cluster:
@@ -205,8 +217,12 @@ def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[st
             cluster.clone(side)
             cluster.ls_remote(side)
         homes = set(forwarded_homes(cluster.b))
-        if homes != {"node-a"}:
-            raise SystemExit(f"node B forwarded to {homes or 'no node'}, not to node-a")
+        registered = home_in_registry(cluster.a.database, "bench")
+        if homes != {"node-a"} or registered != "node-a":
+            raise SystemExit(
+                f"node-b forwarded to {homes or 'no node'}, the registry says {registered}: "
+                "the app's home should be node-a"
+            )
         for rep in range(reps):
             for side in sides if rep % 2 == 0 else sides[::-1]:
                 seconds, used = cluster.clone(side)
@@ -215,7 +231,8 @@ def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[st
                     cpu[side][name].append(used[name])
                 ls[side].extend(cluster.ls_remote(side) for _ in range(LS_REMOTES))
                 pushes[side].append(cluster.push(side))
-        failover = cluster.failover()
+        failover: dict[str, object] = cluster.failover()
+        failover["home_after_failover"] = home_in_registry(cluster.a.database, "bench")
         forwards = len(forwarded_homes(cluster.b))
     finally:
         for name, gateway in cluster.nodes.items():
@@ -302,7 +319,8 @@ def report(figures: dict[str, object]) -> str:
             f"  failover (node_timeout {f['node_timeout']:g} s): node-a killed, first ls-remote "
             f"through node-b served after {f['failover_s']} s ({f['attempts']} attempts, "
             f"{verdict('failover_s', ' s')}); clone then {f['clone_after_s']} s",
-            f"  meanwhile: {f['errors_meanwhile']}",
+            f"  meanwhile: {f['errors_meanwhile']}; the registry's home after: "
+            f"{f['home_after_failover']}",
             f"  'database is locked' in the nodes' logs: {f['database_locked']}",
         ]
     )
