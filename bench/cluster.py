@@ -76,7 +76,7 @@ def home_in_registry(database: str, app: str) -> str | None:
 class Cluster:
     """The two nodes, the client's environment and the timed operations."""
 
-    def __init__(self, root: Path, profile: str, node_timeout: float) -> None:
+    def __init__(self, root: Path, profile: str, node_timeout: float, cipher: str | None) -> None:
         self.root = root
         key = root / "id_ed25519"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
@@ -101,7 +101,7 @@ class Cluster:
             "GIT_SSH_COMMAND": (
                 f"ssh -F /dev/null -i {key} -o IdentitiesOnly=yes -o IdentityAgent=none "
                 f"-o BatchMode=yes -o StrictHostKeyChecking=yes "
-                f"-o UserKnownHostsFile={self.known}"
+                f"-o UserKnownHostsFile={self.known}" + (f" -c {cipher}" if cipher else "")
             ),
             "GIT_CONFIG_NOSYSTEM": "1",
             "GIT_CONFIG_GLOBAL": "/dev/null",
@@ -203,12 +203,14 @@ def added(home: float, forwarded: float) -> float:
     return (forwarded / home - 1) * 100
 
 
-def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[str, object]:
-    cluster = Cluster(root, profile, node_timeout)
+def measure(
+    root: Path, profile: str, reps: int, node_timeout: float, cipher: str | None = None
+) -> dict[str, object]:
+    cluster = Cluster(root, profile, node_timeout, cipher)
     sides = (HOME, FORWARDED)
     clones: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in NODES} for s in sides}
-    ls: dict[str, list[float]] = {s: [] for s in sides}
+    ls: dict[str, list[list[float]]] = {s: [] for s in sides}
     pushes: dict[str, list[float]] = {s: [] for s in sides}
     codes: dict[str, int | None] = {}
     try:
@@ -229,7 +231,7 @@ def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[st
                 clones[side].append(seconds)
                 for name in NODES:
                     cpu[side][name].append(used[name])
-                ls[side].extend(cluster.ls_remote(side) for _ in range(LS_REMOTES))
+                ls[side].append([cluster.ls_remote(side) for _ in range(LS_REMOTES)])
                 pushes[side].append(cluster.push(side))
         failover: dict[str, object] = cluster.failover()
         failover["home_after_failover"] = home_in_registry(cluster.a.database, "bench")
@@ -238,7 +240,16 @@ def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[st
         for name, gateway in cluster.nodes.items():
             codes[name] = gateway.stop() if gateway.proc is not None else None
     clone = {s: statistics.median(v) for s, v in clones.items()}
-    ls_p50 = {s: statistics.median(v) for s, v in ls.items()}
+    ls_p50 = {s: statistics.median(x for rep in v for x in rep) for s, v in ls.items()}
+    # Each repetition's forwarded figure against its home one, taken minutes apart at most:
+    # steadier than the medians when the machine's load drifts.
+    paired_ratio = statistics.median(
+        f / h for h, f in zip(clones[HOME], clones[FORWARDED], strict=True)
+    )
+    paired_ms = statistics.median(
+        (statistics.median(f) - statistics.median(h)) * 1000
+        for h, f in zip(ls[HOME], ls[FORWARDED], strict=True)
+    )
     push = {s: statistics.median(v) for s, v in pushes.items()}
     clone_pct = added(clone[HOME], clone[FORWARDED])
     ls_ms = (ls_p50[FORWARDED] - ls_p50[HOME]) * 1000
@@ -252,18 +263,24 @@ def measure(root: Path, profile: str, reps: int, node_timeout: float) -> dict[st
         "reps": reps,
         "pack_bytes": repogen.pack_size(cluster.generated),
         "node_timeout": node_timeout,
+        "cipher": cipher,
         "ls_remotes_per_rep": LS_REMOTES,
         "home": "node-a",
         "forwarded_operations": forwards,
         "clone_s": {s: round(v, 3) for s, v in clone.items()},
         "clone_samples_s": {s: [round(x, 3) for x in v] for s, v in clones.items()},
         "clone_ratio": round(clone[FORWARDED] / clone[HOME], 3),
+        "clone_paired_ratio": round(paired_ratio, 3),
         "clone_added_pct": round(clone_pct, 1),
         "clone_cpu_s": {
             s: {n: round(statistics.median(v), 3) for n, v in per.items()} for s, per in cpu.items()
         },
         "ls_remote_p50_s": {s: round(v, 4) for s, v in ls_p50.items()},
         "ls_remote_added_ms": round(ls_ms, 1),
+        "ls_remote_paired_added_ms": round(paired_ms, 1),
+        "ls_remote_rep_p50_s": {
+            s: [round(statistics.median(rep), 4) for rep in v] for s, v in ls.items()
+        },
         "push_s": {s: round(v, 3) for s, v in push.items()},
         "push_ratio": round(push[FORWARDED] / push[HOME], 3),
         "push_added_ms": round((push[FORWARDED] - push[HOME]) * 1000, 1),
@@ -303,17 +320,20 @@ def report(figures: dict[str, object]) -> str:
     return "\n".join(
         [
             f"Two nodes, app homed on node-a, forwarded through node-b ({f['profile']} profile, "
-            f"{f['pack_bytes'] / 1e6:.1f} MB pack, {f['reps']} repetitions, medians)",
+            f"{f['pack_bytes'] / 1e6:.1f} MB pack, {f['reps']} repetitions, medians; client "
+            f"cipher {f['cipher'] or 'the ssh default'})",
             f"  bare clone: home {f['clone_s'][HOME]:.3f} s, forwarded "
             f"{f['clone_s'][FORWARDED]:.3f} s, ratio {f['clone_ratio']}x, "
-            f"added {f['clone_added_pct']}% ({verdict('clone_added_pct', '%')})",
+            f"added {f['clone_added_pct']}% ({verdict('clone_added_pct', '%')}); "
+            f"paired per repetition {f['clone_paired_ratio']}x",
             f"  CPU per clone: home: node-a {cpu[HOME]['node-a']} s, node-b "
             f"{cpu[HOME]['node-b']} s; forwarded: node-a {cpu[FORWARDED]['node-a']} s, "
             f"node-b {cpu[FORWARDED]['node-b']} s",
             f"  ls-remote p50 ({f['ls_remotes_per_rep']} per repetition): home "
             f"{f['ls_remote_p50_s'][HOME] * 1000:.1f} ms, forwarded "
             f"{f['ls_remote_p50_s'][FORWARDED] * 1000:.1f} ms, added "
-            f"{f['ls_remote_added_ms']} ms ({verdict('ls_remote_added_ms', ' ms')})",
+            f"{f['ls_remote_added_ms']} ms ({verdict('ls_remote_added_ms', ' ms')}); "
+            f"paired per repetition {f['ls_remote_paired_added_ms']} ms",
             f"  push one commit: home {f['push_s'][HOME] * 1000:.1f} ms, forwarded "
             f"{f['push_s'][FORWARDED] * 1000:.1f} ms, added {f['push_added_ms']} ms",
             f"  failover (node_timeout {f['node_timeout']:g} s): node-a killed, first ls-remote "

@@ -4,7 +4,8 @@
                     [--markdown FILE] [--cipher NAME] [--database sqlite|postgresql|both]
                     [--keys N] [--no-pack-cache]
     python -m bench --workers N [--quick | --profile ...] [--reps N] [--json FILE]
-    python -m bench --cluster [--profile ...] [--reps N] [--node-timeout S] [--json FILE]
+    python -m bench --cluster [--profile ...] [--reps N] [--node-timeout S] [--cipher NAME]
+                    [--json FILE]
 
 Every workload runs against every target (file://, OpenSSH + git, OpenSSH + git pinned to
 AES-GCM, gitolite3 when it can run here, the gateway), alternating their order at each
@@ -1262,7 +1263,7 @@ def cluster_main(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
-        figures = cluster.measure(Path(tmp), settings.profile, reps, args.node_timeout)
+        figures = cluster.measure(Path(tmp), settings.profile, reps, args.node_timeout, args.cipher)
     report = {
         **figures,
         "machine": machine(),

@@ -233,7 +233,7 @@ def test_cluster_benchmark_on_tiny_data(tmp_path):
     assert figures["clone_cpu_s"]["forwarded"]["node-b"] > 0
     # The failover: node-a killed, node-b serves and is the home after, within a bound the
     # report states (whether it is met is the benchmark's figure, not this test's).
-    assert figures["node_timeout"] == 3
+    assert figures["node_timeout"] == 3 and figures["cipher"] is None
     assert figures["failover_s"] > 0 and figures["attempts"] >= 1
     assert figures["home_after_failover"] == "node-b"
     assert figures["clone_after_s"] > 0
