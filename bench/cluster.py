@@ -211,6 +211,7 @@ def measure(
     clones: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in NODES} for s in sides}
     ls: dict[str, list[list[float]]] = {s: [] for s in sides}
+    ls_cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in NODES} for s in sides}
     pushes: dict[str, list[float]] = {s: [] for s in sides}
     codes: dict[str, int | None] = {}
     try:
@@ -231,7 +232,10 @@ def measure(
                 clones[side].append(seconds)
                 for name in NODES:
                     cpu[side][name].append(used[name])
+                before = {n: node_cpu(g) for n, g in cluster.nodes.items()}
                 ls[side].append([cluster.ls_remote(side) for _ in range(LS_REMOTES)])
+                for name, gateway in cluster.nodes.items():
+                    ls_cpu[side][name].append((node_cpu(gateway) - before[name]) / LS_REMOTES)
                 pushes[side].append(cluster.push(side))
         failover: dict[str, object] = cluster.failover()
         failover["home_after_failover"] = home_in_registry(cluster.a.database, "bench")
@@ -278,6 +282,10 @@ def measure(
         "ls_remote_p50_s": {s: round(v, 4) for s, v in ls_p50.items()},
         "ls_remote_added_ms": round(ls_ms, 1),
         "ls_remote_paired_added_ms": round(paired_ms, 1),
+        "ls_remote_cpu_ms": {
+            s: {n: round(statistics.median(v) * 1000, 1) for n, v in per.items()}
+            for s, per in ls_cpu.items()
+        },
         "ls_remote_rep_p50_s": {
             s: [round(statistics.median(rep), 4) for rep in v] for s, v in ls.items()
         },
@@ -316,7 +324,7 @@ def report(figures: dict[str, object]) -> str:
         t = targets[name]
         return f"target <= {t['target']:g}{unit}: {'pass' if t['pass'] else 'FAIL'}"
 
-    cpu = f["clone_cpu_s"]
+    cpu, lcpu = f["clone_cpu_s"], f["ls_remote_cpu_ms"]
     return "\n".join(
         [
             f"Two nodes, app homed on node-a, forwarded through node-b ({f['profile']} profile, "
@@ -334,6 +342,9 @@ def report(figures: dict[str, object]) -> str:
             f"{f['ls_remote_p50_s'][FORWARDED] * 1000:.1f} ms, added "
             f"{f['ls_remote_added_ms']} ms ({verdict('ls_remote_added_ms', ' ms')}); "
             f"paired per repetition {f['ls_remote_paired_added_ms']} ms",
+            f"  CPU per ls-remote: home: node-a {lcpu[HOME]['node-a']} ms, node-b "
+            f"{lcpu[HOME]['node-b']} ms; forwarded: node-a {lcpu[FORWARDED]['node-a']} ms, "
+            f"node-b {lcpu[FORWARDED]['node-b']} ms",
             f"  push one commit: home {f['push_s'][HOME] * 1000:.1f} ms, forwarded "
             f"{f['push_s'][FORWARDED] * 1000:.1f} ms, added {f['push_added_ms']} ms",
             f"  failover (node_timeout {f['node_timeout']:g} s): node-a killed, first ls-remote "
