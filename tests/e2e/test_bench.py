@@ -242,4 +242,10 @@ def test_cluster_benchmark_on_tiny_data(tmp_path):
     assert all(isinstance(t["pass"], bool) for t in figures["targets"].values())
     assert figures["exit_codes"] == {"node-a": -9, "node-b": 0}
     assert figures["database_locked"] == {"node-a": 0, "node-b": 0}
+    # Nothing went wrong but the killed home: node-b could not reach it until it took over.
+    assert figures["warnings_logged"]["node-a"] == {}
+    assert set(figures["warnings_logged"]["node-b"]) <= {
+        "WARNING peer_unreachable",
+        "WARNING home_unreachable",
+    }
     assert "failover (node_timeout 3 s)" in result.stdout
