@@ -74,14 +74,19 @@ def home_in_registry(database: str, app: str) -> str | None:
 
 
 def warnings_logged(gateway: Gateway) -> dict[str, int]:
-    """How many WARNING and ERROR lines the node logged, per level and event."""
+    """How many WARNING, ERROR and CRITICAL lines (and tracebacks) the node logged, per
+    level and event (the text format: time, level, logger, message)."""
     counts: dict[str, int] = {}
     for line in (gateway.state / "gateway.log").read_text(errors="replace").splitlines():
-        level = line.split(" ", 2)[1] if line.count(" ") >= 2 else ""
-        if level in ("WARNING", "ERROR", "CRITICAL") or line.startswith("Traceback"):
-            event = re.search(r"event=(\S+)", line)
-            key = f"{level or 'Traceback'} {event.group(1) if event else line[:80]}"
-            counts[key] = counts.get(key, 0) + 1
+        if line.startswith("Traceback"):
+            key = "Traceback"
+        else:
+            parts = line.split(" ", 3)
+            if len(parts) < 4 or parts[1] not in ("WARNING", "ERROR", "CRITICAL"):
+                continue
+            event = re.search(r"event=(\S+)", parts[3])
+            key = f"{parts[1]} {event.group(1) if event else parts[3][:80]}"
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
