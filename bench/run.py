@@ -1261,17 +1261,21 @@ def cluster_main(args: argparse.Namespace, settings: Settings) -> int:
 
     reps = args.reps or (2 if settings.profile == "tiny" else 5)
     started = time.monotonic()
+    load = list(os.getloadavg())  # other work on the machine moves these figures
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
         figures = cluster.measure(Path(tmp), settings.profile, reps, args.node_timeout, args.cipher)
     report = {
         **figures,
         "machine": machine(),
-        "load_average": list(os.getloadavg()),
+        "load_average": {"start": load, "end": list(os.getloadavg())},
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     print(cluster.report(figures))
-    print(f"{report['elapsed_s']} s, {json.dumps(report['machine'])}")
+    print(
+        f"{report['elapsed_s']} s, load average {load[0]:.2f} at the start, "
+        f"{report['load_average']['end'][0]:.2f} at the end, {json.dumps(report['machine'])}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
