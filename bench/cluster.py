@@ -99,13 +99,15 @@ class Cluster:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
         self.generated = root / "generated.git"
         repogen.generate(self.generated, repogen.PROFILES[profile])
-        shared = {
-            "database": str(root / "registry.db"),
-            "repos": root / "repos",
-            "host_key_dir": root / "hostkeys",
-        }
+        # One registry, one repositories root and one host key directory for both nodes.
         self.nodes = {
-            name: Gateway(root / name, node_config(name, node_timeout), **shared)  # type: ignore[arg-type]
+            name: Gateway(
+                root / name,
+                node_config(name, node_timeout),
+                database=str(root / "registry.db"),
+                repos=root / "repos",
+                host_key_dir=root / "hostkeys",
+            )
             for name in NODES
         }
         self.a, self.b = (self.nodes[n] for n in NODES)
