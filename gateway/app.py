@@ -248,7 +248,7 @@ class Gateway:
             self,
             keys,
             cfg.cluster.peers,
-            peers.peer_options(keys, cfg.ssh, server.WINDOW, server.MAX_PACKET),
+            await peers.peer_options(keys, cfg.ssh),
         )
         await self.peers.start(self._peer_sockets)
         self.forwarder = Forwarder(

@@ -12,7 +12,6 @@ import secrets
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import asyncssh
 
@@ -23,12 +22,9 @@ from ..git.bridge import Channel
 from ..logs import q
 from ..net.listener import bind
 from ..textsafe import terminal_safe
-from . import commands, hostkeys
+from . import commands, server
 from .commands import git
 from .forward import NOT_HOME, PEER_USER, SERVING, BadRequest, Request
-
-if TYPE_CHECKING:
-    from .server import Runtime
 
 log = logging.getLogger("gateway.peers")
 
@@ -91,7 +87,7 @@ class PeerListener:
 
     def __init__(
         self,
-        runtime: Runtime,
+        runtime: server.Runtime,
         keys: Sequence[asyncssh.SSHKey],
         peers: Sequence[str],
         options: asyncssh.SSHServerConnectionOptions,
@@ -135,8 +131,8 @@ class PeerListener:
             log.warning("event=peer_refused address=%s reason=%s", q(address), reason)
 
     def stop_accepting(self) -> None:
-        for server in self.servers:
-            server.close()
+        for acceptor in self.servers:
+            acceptor.close()
 
     async def close(self, grace: float) -> None:
         """Stop accepting, cut the other nodes' connections, and give what runs `grace`
@@ -229,31 +225,16 @@ class PeerListener:
         return NOT_HOME if served is None else served
 
 
-def peer_options(
-    keys: list[asyncssh.SSHKey], ssh: SSHSettings, window: int, max_packet: int
+async def peer_options(
+    keys: list[asyncssh.SSHKey], ssh: SSHSettings
 ) -> asyncssh.SSHServerConnectionOptions:
-    """The internal listener's SSH: the shared host keys, exec sessions only, nothing else
-    (no pty, no forwarding of any kind, no sftp or scp)."""
-    return asyncssh.SSHServerConnectionOptions(
-        server_host_keys=hostkeys.offered(keys, ssh.signature_algorithms),
-        encoding=None,
-        allow_pty=False,
-        agent_forwarding=False,
-        x11_forwarding=False,
-        allow_scp=False,
-        gss_host=None,
-        password_auth=False,
-        kbdint_auth=False,
-        kex_algs=list(ssh.kex_algorithms),
-        encryption_algs=list(ssh.ciphers),
-        mac_algs=list(ssh.macs),
-        signature_algs=list(ssh.signature_algorithms),
-        compression_algs=["none"],
+    """The internal listener's SSH: the public port's (the shared host keys, exec sessions
+    only, nothing else), with a shorter login and keepalive, and its own name."""
+    return await server.options(
+        ssh,
+        keys,
         login_timeout=10,
         keepalive_interval=10,
-        keepalive_count_max=3,
-        window=window,
-        max_pktsize=max_packet,
         server_version="git-gateway-node",
     )
 

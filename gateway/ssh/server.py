@@ -10,7 +10,7 @@ import logging
 import math
 import secrets
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -61,10 +61,11 @@ class Runtime(Protocol):
 
 
 async def options(
-    ssh: SSHSettings, keys: list[asyncssh.SSHKey]
+    ssh: SSHSettings, keys: list[asyncssh.SSHKey], **overrides: Any
 ) -> asyncssh.SSHServerConnectionOptions:
-    """What every connection is offered and allowed: exec sessions over public keys only."""
-    return await asyncssh.SSHServerConnectionOptions.construct(
+    """What every connection is offered and allowed: exec sessions over public keys only
+    (the nodes' internal listener changes a few timers and its name with `overrides`)."""
+    settings: dict[str, Any] = dict(
         server_host_keys=hostkeys.offered(keys, ssh.signature_algorithms),
         # Sessions come from Connection.session_requested, which counts each channel
         # as it opens; binary streams (encoding None) carry git's packs.
@@ -91,6 +92,8 @@ async def options(
         max_pktsize=MAX_PACKET,
         server_version="git-gateway",
     )
+    settings.update(overrides)
+    return await asyncssh.SSHServerConnectionOptions.construct(**settings)
 
 
 class Sessions:

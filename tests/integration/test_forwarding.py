@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import pytest
@@ -59,6 +60,22 @@ async def ls_refs(gw: LiveGateway, person, app: str) -> list[bytes]:
         await asyncio.wait_for(process.wait_closed(), TIMEOUT)
     assert process.exit_status == 0
     return refs
+
+
+def to_peers(gw: LiveGateway, keys: list[asyncssh.SSHKey], **options: object) -> Any:
+    """An SSH connection to the node's internal listener as a node would open it (user and
+    address), logging in with `keys`."""
+    host, port = gw.gateway.deploys.runner.lease.address.rsplit(":", 1)
+    return asyncssh.connect(
+        host,
+        int(port),
+        username=PEER_USER,
+        client_keys=keys,
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+        **options,
+    )
 
 
 async def test_operations_through_either_node_run_on_the_apps_home(
@@ -141,18 +158,8 @@ async def test_regression_the_internal_listener_refuses_a_tenants_key(
 ):
     a, _ = await two_nodes(start_gateway)
     alice = await a.user("alice")
-    address = a.gateway.deploys.runner.lease.address
-    host, port = address.rsplit(":", 1)
     with pytest.raises(asyncssh.PermissionDenied):
-        async with asyncssh.connect(
-            host,
-            int(port),
-            username=PEER_USER,
-            client_keys=[alice.key],
-            known_hosts=None,
-            agent_path=None,
-            config=None,
-        ):
+        async with to_peers(a, [alice.key]):
             pass
 
 
@@ -162,18 +169,8 @@ async def test_regression_the_internal_listener_refuses_addresses_not_in_peers(
     """Even with the nodes' own host key, a connection from outside [cluster] peers gets no
     login (it is cut before authentication)."""
     a = await start_gateway(cluster=cluster("node-a", peers=["192.0.2.0/24"]))
-    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
     with pytest.raises((asyncssh.Error, OSError)):
-        async with asyncssh.connect(
-            host,
-            int(port),
-            username=PEER_USER,
-            client_keys=list(prepared.host_keys),
-            known_hosts=None,
-            agent_path=None,
-            config=None,
-            login_timeout=TIMEOUT,
-        ) as conn:
+        async with to_peers(a, list(prepared.host_keys), login_timeout=TIMEOUT) as conn:
             await conn.run("x", check=False)
 
 
@@ -183,16 +180,7 @@ async def test_regression_a_peer_request_that_is_not_one_is_refused(
     a, _ = await two_nodes(start_gateway)
     alice = await a.user("alice")
     app = await a.app(alice)
-    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
-    async with asyncssh.connect(
-        host,
-        int(port),
-        username=PEER_USER,
-        client_keys=list(prepared.host_keys),
-        known_hosts=None,
-        agent_path=None,
-        config=None,
-    ) as conn:
+    async with to_peers(a, list(prepared.host_keys)) as conn:
         for command in ("git-upload-pack 'x.git'", "{}", '{"service": "rm -rf /"}'):
             result = await asyncio.wait_for(conn.run(command, check=False), TIMEOUT)
             assert result.exit_status == 1
@@ -302,16 +290,7 @@ async def test_regression_a_forwarded_operation_the_home_refuses_is_audited_ther
     key = (await store.list_keys(mallory.name))[0]
     identity = Identity(user.id, mallory.name, key.id, key.name, mallory.fingerprint)
     text = Request("git-upload-pack", app, identity, None, "c1", "192.0.2.9:4000", "b").encode()
-    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
-    async with asyncssh.connect(
-        host,
-        int(port),
-        username=PEER_USER,
-        client_keys=list(prepared.host_keys),
-        known_hosts=None,
-        agent_path=None,
-        config=None,
-    ) as conn:
+    async with to_peers(a, list(prepared.host_keys)) as conn:
         result = await asyncio.wait_for(conn.run(text, check=False), TIMEOUT)
     assert result.exit_status != 0
     assert result.stderr == f"error: {AccessDenied(app)}\n"

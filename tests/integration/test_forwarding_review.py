@@ -9,15 +9,14 @@ import logging
 import socket
 from pathlib import Path
 
-import asyncssh
 import pytest
 
 from gateway.models import Identity
 from gateway.ssh import forward
-from gateway.ssh.forward import PEER_USER, Request
+from gateway.ssh.forward import Request
 from tests.integration.conftest import TIMEOUT, LiveGateway, StartGateway
 from tests.integration.gitwire import FLUSH, commit_and_pack, pkt, push, read_pkts, session
-from tests.integration.test_forwarding import cluster
+from tests.integration.test_forwarding import cluster, to_peers
 
 
 async def two_nodes(
@@ -173,16 +172,7 @@ async def test_regression_forwarded_request_fields_reach_no_log_line_unquoted(
         "git-upload-pack", app, identity, None, "c1\nevent=forged user=root", "p\nx", "node-b"
     ).encode()
     caplog.set_level(logging.INFO)
-    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
-    async with asyncssh.connect(
-        host,
-        int(port),
-        username=PEER_USER,
-        client_keys=list(prepared.host_keys),
-        known_hosts=None,
-        agent_path=None,
-        config=None,
-    ) as conn:
+    async with to_peers(a, list(prepared.host_keys)) as conn:
         result = await asyncio.wait_for(conn.run(text, check=False), TIMEOUT)
     forged = [r.getMessage() for r in caplog.records if "\n" in r.getMessage()]
     assert result.exit_status == 1 and result.stderr == "error: not a forwarded operation\n"
