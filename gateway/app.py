@@ -22,6 +22,7 @@ from .control import ControlServer
 from .deploys import DeployService, sandbox
 from .domain import retention
 from .domain.facade import Domain
+from .domain.homes import forwarding
 from .errors import ConfigError, StoreUnavailable
 from .git import gitbin
 from .git.packcache import PackCache
@@ -29,11 +30,13 @@ from .git.repos import Repositories
 from .http import WebServer
 from .logs import q
 from .metrics import Metrics
-from .net.listener import Listener
-from .ssh import certs, hostkeys, server
+from .net.listener import Listener, bind
+from .ssh import certs, hostkeys, peers, server
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
+from .ssh.forward import Forwarder
 from .ssh.limits import Admission
+from .ssh.peers import PeerListener
 from .store import Store, open_store
 from .workers import WorkerRole
 
@@ -85,6 +88,11 @@ class Gateway:
         self.control: ControlServer
         self.pack_cache: PackCache | None = None
         self.web: WebServer | None = None
+        # Repositories served by their home node (gateway.domain.homes): the internal
+        # listener other nodes forward to, and this node's connections to them.
+        self.peers: PeerListener | None = None
+        self.forwarder: Forwarder | None = None
+        self._peer_sockets: list[socket.socket] = []
         self.connections: set[Connection] = set()
         # Connection caps hold for the node: with workers, their counts are shared.
         self.admission = Admission(
@@ -111,6 +119,7 @@ class Gateway:
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
+        self._closed = False
         # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
         self.domain: Domain
         self._housekeeper: asyncio.Task[None] | None = None
@@ -172,8 +181,13 @@ class Gateway:
                 # Worker 0 serves HTTP for the node: callbacks (webhook status reports)
                 # of this worker's deploys go there.
                 self.deploys.http_address = self.worker.http_address
+            forwards = forwarding(cfg)
+            if forwards:
+                self._bind_peers(cfg)
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
+            if forwards:
+                await self._start_peers(cfg, keys)
             for key in keys:
                 log.info(
                     "event=host_key algorithm=%s fingerprint=%s",
@@ -210,6 +224,55 @@ class Gateway:
             shown = f"[{addr_host}]" if ":" in addr_host else addr_host
             log.info("event=listening address=%s:%d", shown, addr_port)
 
+    def _bind_peers(self, cfg: Config) -> None:
+        """The internal listener's sockets (the supervisor's, with workers), and the address
+        this node registers for the others to dial."""
+        listen = cfg.cluster.listen
+        if listen is None:  # pragma: no cover - forwarding() needs it
+            return
+        if self.worker is not None:
+            self._peer_sockets = self.worker.sockets(self.worker.cluster_fds)
+        else:
+            try:
+                self._peer_sockets = bind(*listen)
+            except OSError as exc:
+                raise ConfigError(
+                    f"[cluster] listen: cannot listen on {listen[0]}:{listen[1]}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        port = self._peer_sockets[0].getsockname()[1]
+        advertise = cfg.cluster.advertise
+        if not advertise:
+            host = listen[0]
+            advertise = f"[{host}]" if ":" in host else host
+        if not advertise.rsplit("]", 1)[-1].count(":"):
+            advertise = f"{advertise}:{port}"
+        self.deploys.advertise(advertise)
+
+    async def _start_peers(self, cfg: Config, keys: list[asyncssh.SSHKey]) -> None:
+        """Serve what the other nodes forward here; forward there what is theirs."""
+        self.peers = PeerListener(
+            self,
+            keys,
+            cfg.cluster.peers,
+            peers.peer_options(keys, cfg.ssh, server.WINDOW, server.MAX_PACKET),
+        )
+        await self.peers.start(self._peer_sockets)
+        self.forwarder = Forwarder(
+            keys,
+            cfg.ssh.kex_algorithms,
+            cfg.ssh.ciphers,
+            cfg.ssh.macs,
+            server.WINDOW,
+            server.MAX_PACKET,
+        )
+        self.domain.homes.serve_as(self.deploys.node)
+        log.info(
+            "event=forwarding node=%s address=%s",
+            self.deploys.node,
+            self.deploys.runner.lease.address,
+        )
+
     async def shutdown(self, hurry: asyncio.Event | None = None) -> None:
         """What SIGTERM does (`keep_accepting`, then close with the drain)."""
         reason = await self.keep_accepting(hurry or asyncio.Event())
@@ -239,7 +302,10 @@ class Gateway:
 
     async def close(self, drain: float = 0.0, reason: str = "stop") -> None:
         """Stop accepting, let logins in progress, running git operations and deploys finish
-        for up to `drain` seconds, then close what is left."""
+        for up to `drain` seconds, then close what is left. Once only."""
+        if self._closed:
+            return
+        self._closed = True
         self._begin_draining()
         if self.listener is not None:
             await self.listener.close()
@@ -250,10 +316,19 @@ class Gateway:
                 len(self.sessions),
                 len(self._running_deploys()),
             )
+        if self.domain.homes.enabled:
+            # The apps with nothing running here get another home from their next operation;
+            # the others keep this one until they end or it leaves.
+            with contextlib.suppress(StoreUnavailable):
+                await self.domain.homes.release()
         if drain > 0:
             await self._drain(drain)
         if self.listener is not None:
             await self.listener.abort()
+        if self.peers is not None:
+            await self.peers.close()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
@@ -283,6 +358,8 @@ class Gateway:
         progress and the authenticated connections that have not asked for their first
         command yet."""
         running = set(self.sessions) | self._running_deploys()
+        if self.peers is not None:
+            running |= self.peers.running
         fresh: list[Connection] = []
         if logins:
             if self.listener is not None:

@@ -10,7 +10,8 @@ MOUNTINFO = Path("/proc/self/mountinfo")
 
 # Filesystems whose other clients can change what this machine caches. FUSE filesystems are
 # named "fuse.<program>" (sshfs, s3fs, rclone, glusterfs, ceph...): every one of those counts,
-# since a FUSE program's caching is its own, as sshfs's 20 s default shows.
+# since a FUSE program's caching is its own, as sshfs's 20 s default shows ("fuseblk", ntfs-3g
+# or exfat on a local disk, is not one of those).
 NETWORK = frozenset(
     {
         "nfs",
@@ -29,8 +30,6 @@ NETWORK = frozenset(
         "beegfs",
         "orangefs",
         "virtiofs",
-        "fuse",
-        "fuseblk",
     }
 )
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .domain.homes import forwarding
 from .errors import GatewayError
 from .net.listener import bind
 from .shared_limits import SharedCounts
@@ -89,6 +90,8 @@ class WorkerRole:
     metrics_dir: str
     http_address: tuple[str, int] | None
     prepare: bool  # the node's first worker 0: check the repositories before serving
+    # The internal listener ([cluster] listen), shared by every worker like the SSH port.
+    cluster_fds: tuple[int, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -96,7 +99,7 @@ class WorkerRole:
     @classmethod
     def from_json(cls, text: str) -> WorkerRole:
         data: dict[str, Any] = json.loads(text)
-        for name in ("ssh_fds", "http_fds", "monitoring_fds"):
+        for name in ("ssh_fds", "http_fds", "monitoring_fds", "cluster_fds"):
             data[name] = tuple(data[name])
         if data["http_address"] is not None:
             data["http_address"] = tuple(data["http_address"])
@@ -165,6 +168,7 @@ class Supervisor:
         self.ssh: list[socket.socket] = []
         self.http: list[socket.socket] = []
         self.monitoring: list[socket.socket] = []
+        self.cluster: list[socket.socket] = []
         self.counts: SharedCounts | None = None
         self._stop = asyncio.Event()
         self._own_metrics_dir = False
@@ -179,7 +183,12 @@ class Supervisor:
             host, port = cfg.ssh.listen
             raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         http = cfg.http
-        for attr, address in (("http", http.listen), ("monitoring", http.monitoring_listen)):
+        for attr, address in (
+            ("http", http.listen),
+            ("monitoring", http.monitoring_listen),
+            # Only where repositories are forwarded (see gateway.domain.homes).
+            ("cluster", cfg.cluster.listen if forwarding(cfg) else None),
+        ):
             if address is None:
                 continue
             try:
@@ -203,7 +212,7 @@ class Supervisor:
         self._own_metrics_dir = True
 
     def _close(self) -> None:
-        for sock in (*self.ssh, *self.http, *self.monitoring):
+        for sock in (*self.ssh, *self.http, *self.monitoring, *self.cluster):
             sock.close()
         if self.counts is not None:
             self.counts.close()
@@ -276,12 +285,20 @@ class Supervisor:
             metrics_dir=str(self.metrics_dir),
             http_address=http_address,
             prepare=prepare,
+            cluster_fds=tuple(s.fileno() for s in self.cluster),
         )
         argv = [sys.executable, "-m", "gateway"]
         if self.config_path is not None:
             argv += ["--config", str(self.config_path)]
         argv += ["serve", "--worker-of", role.to_json()]
-        fds = (*role.ssh_fds, *role.http_fds, *role.monitoring_fds, write_end, self.counts.fd)
+        fds = (
+            *role.ssh_fds,
+            *role.http_fds,
+            *role.monitoring_fds,
+            *role.cluster_fds,
+            write_end,
+            self.counts.fd,
+        )
         try:
             worker.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -389,7 +406,7 @@ class Supervisor:
         # No worker will be started again: once the draining workers have closed their
         # copies too, new connections are refused rather than left queued on a socket
         # nobody accepts from.
-        for sock in (*self.ssh, *self.http, *self.monitoring):
+        for sock in (*self.ssh, *self.http, *self.monitoring, *self.cluster):
             sock.close()
         codes = [await w.proc.wait() for w in running]  # type: ignore[union-attr]
         for task in watchers or ():

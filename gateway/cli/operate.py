@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any, TextIO
 
-from .. import __version__, config, dbtools, logs
+from .. import __version__, config, dbtools, fstype, logs
 from ..errors import ConfigError, GatewayError
 from ..git import gitbin
 from ..ssh import certs
@@ -73,6 +73,9 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"[ssh] certificates: {exc}") from None
     warnings = asyncio.run(sandbox.check(cfg))
+    repositories, stale = repositories_report(cfg)
+    if stale:
+        warnings.append(repositories)
     for warning in warnings:
         out.write(f"warning: {warning}\n")
     built = [label for label, box in sandbox.sandboxes(cfg).items() if box.enabled]
@@ -82,12 +85,35 @@ def check(args: argparse.Namespace, cfg: config.Config, out: TextIO) -> int:
         f"config ok ({cfg.source or 'embedded defaults'}); git {git.version_text} at {git.path}"
         f"{sandboxed}{trusted}\n"
     )
+    if repositories and not stale:
+        out.write(f"{repositories}\n")
     sizes = [box.limits.build_size for box in sandbox.sandboxes(cfg).values() if box.enabled]
     for line in confine.report(sizes):
         out.write(f"{line}\n")
     # Read only: `check` may run beside an older gateway on the same registry (see probe).
     out.write(f"{asyncio.run(dbtools.probe(cfg))}\n")
     return 0
+
+
+def repositories_report(cfg: config.Config) -> tuple[str, bool]:
+    """What `check` says of the repositories root: ("", False) on a local filesystem; on a
+    network one, an ok line, or a warning (True) when this node forwards nothing, since a
+    node's cache then hides another's writes (issue 22: stale refs for sshfs's 20 s)."""
+    repos = cfg.storage.repos
+    kind = fstype.filesystem_of(repos)
+    if not fstype.is_network(kind):
+        return "", False
+    cluster = cfg.cluster
+    if cluster.listen is not None and cluster.forward != "never":
+        return f"repositories ok ({kind}: each repository served by its home node)", False
+    why = '[cluster] forward = "never"' if cluster.listen else "[cluster] listen is not set"
+    return (
+        f"[storage] repos ({repos}) is on a network filesystem ({kind}) and {why}: this "
+        "node serves every repository itself, and its cache can hide what other nodes wrote "
+        '(stale refs, "not our ref", failed clones); set [cluster] listen and peers on every '
+        'node and keep forward = "auto" (see docs/cluster.md)',
+        True,
+    )
 
 
 # -- argument parsing --

@@ -46,10 +46,12 @@ class Lease:
         self.fenced = False  # no renewal for half the timeout: running and claiming nothing
         self._healthy_since = time.monotonic()
         self._renewed = time.monotonic()  # the last successful lease renewal
+        # Where the other nodes forward this node's repositories' operations, if they do.
+        self.address: str | None = None
 
     async def join(self) -> None:
         """Register this process (at start, and after the others declared it gone)."""
-        await self.store.register_node(self.node, self.node_name, os.getpid())
+        await self.store.register_node(self.node, self.node_name, os.getpid(), self.address)
         self._healthy_since = self._renewed = time.monotonic()
 
     async def loop(self) -> None:

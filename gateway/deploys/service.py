@@ -83,6 +83,15 @@ class DeployService:
         self.reports.http_address = address
 
     @property
+    def node(self) -> str:
+        """This process's row in the registry's nodes table."""
+        return self.runner.node
+
+    def advertise(self, address: str | None) -> None:
+        """Where the other nodes reach this one's internal listener (registered at start)."""
+        self.runner.lease.address = address
+
+    @property
     def jobs(self) -> dict[int, Job]:
         """The deploys this process runs."""
         return self.runner.jobs

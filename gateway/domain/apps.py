@@ -61,6 +61,7 @@ class Apps(Part):
             if created:  # the registry could not commit: the repository goes too
                 await executors.run(shutil.rmtree, self.repos.path_for(name), True)
             raise
+        await self.domain.homes.adopt(app)
         return app
 
     async def list_apps(self) -> list[App]:

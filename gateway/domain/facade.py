@@ -12,6 +12,7 @@ from ..store import Store, open_store
 from .access import Access
 from .accounts import Accounts
 from .apps import Apps
+from .homes import Homes
 from .records import DeployRecords
 from .tokens import Tokens
 
@@ -43,6 +44,7 @@ class Domain:
         self.tokens = Tokens(self)
         self.records = DeployRecords(self)
         self.access = Access(self)
+        self.homes = Homes(self)
 
     @property
     def config(self) -> Config:

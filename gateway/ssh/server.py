@@ -31,6 +31,7 @@ from ..textsafe import terminal_safe
 from . import certs, commands, hostkeys
 from .commands import execute
 from .connection import Connection
+from .forward import Forwarder
 from .limits import Admission, RateLimiter
 
 # The logger of the session events before they left server.py: operators filter on it.
@@ -53,6 +54,7 @@ class Runtime(Protocol):
     metrics: Metrics
     pack_cache: PackCache | None
     admission: Admission
+    forwarder: Forwarder | None
 
     @property
     def config(self) -> Config: ...  # the running configuration, read at use
@@ -238,5 +240,6 @@ class Sessions:
             pack_cache=self.runtime.pack_cache,
             refused_keys=tuple(connection.told.unknown) if connection.told else (),
             admission=self.runtime.admission,
+            forwarder=self.runtime.forwarder,
         )
         return await execute(ctx, invocation)

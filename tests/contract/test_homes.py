@@ -12,7 +12,7 @@ from gateway.errors import NotFound
 from gateway.store import Store
 from tests.contract.conftest import Backend
 from tests.contract.test_deploy_queue import backdate
-from tests.contract.test_store import app_with_owner
+from tests.contract.test_store import app_with_owner, new_deploy
 
 
 async def claim(store: Store, app_id: int, node: str) -> str | None:
@@ -208,3 +208,17 @@ async def test_a_drain_may_keep_the_homes_of_apps_still_busy(store: Store) -> No
     assert await store.release_homes("draining", [apps[0], apps[2]]) == 2
     assert await store.release_homes("draining", []) == 0
     assert await store.homes_of("draining") == [apps[1]]
+
+
+async def test_a_deploy_runs_on_its_apps_home_machine(store: Store) -> None:
+    """Only the home's filesystem cache reads a repository: its deploys (the export reads
+    it) are claimed by a process of the home's machine, any of its workers."""
+    web = await app_with_owner(store)
+    await store.register_node("a1", "host-a", 1)
+    await store.register_node("a2", "host-a", 2)
+    await store.register_node("b1", "host-b", 3)
+    await store.claim_home(web, "a1")
+    queued = await store.queue_deploy(new_deploy(web))
+    assert await store.claim_deploy("b1", "host-b", 4) is None
+    taken = await store.claim_deploy("a2", "host-a", 4)
+    assert taken is not None and taken.id == queued.deploy.id

@@ -247,3 +247,76 @@ def test_crypto_lists_are_validated(key, value, message):
     with pytest.raises(ConfigError) as err:
         config.from_mapping({"ssh": {key: value}})
     assert f"[ssh] {key}" in str(err.value) and message in str(err.value)
+
+
+def cluster(**keys: object) -> dict[str, object]:
+    return {"cluster": keys}
+
+
+def test_a_cluster_config_with_listen_and_peers_is_accepted():
+    cfg = config.from_mapping(
+        cluster(listen="10.0.0.11:2300", peers=["10.0.0.12", "10.0.1.0/24"], forward="always")
+    )
+    assert cfg.cluster.listen == ("10.0.0.11", 2300)
+    assert cfg.cluster.peers == ("10.0.0.12/32", "10.0.1.0/24")
+    assert cfg.cluster.forward == "always" and cfg.cluster.advertise == ""
+    every = cluster(listen="0.0.0.0:0", advertise="gw1.internal:2300", peers=["10.0.0.0/24"])
+    assert config.from_mapping(every).cluster.advertise == "gw1.internal:2300"
+    alone = config.from_mapping({}).cluster  # no listener: a node that forwards nothing
+    assert alone.listen is None and alone.peers == () and alone.forward == "auto"
+    assert config.from_mapping(cluster(forward="never")).cluster.forward == "never"
+
+
+def test_regression_internal_listener_never_open_to_all():
+    """The internal listener runs git for whoever it lets in: with no peers there is nobody to
+    let in, and the gateway does not start rather than guess."""
+    for peers in ([], None):
+        keys = {"listen": "10.0.0.11:2300", **({"peers": peers} if peers is not None else {})}
+        with pytest.raises(ConfigError) as err:
+            config.from_mapping(cluster(**keys))
+        message = str(err.value)
+        assert message == (
+            "config: [cluster] listen needs [cluster] peers (the other nodes' addresses)"
+        )
+        assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (
+            {"forward": "always"},
+            'config: [cluster] forward = "always" needs [cluster] listen',
+        ),
+        (
+            {"listen": "0.0.0.0:2300", "peers": ["10.0.0.0/24"]},
+            "config: [cluster] listen on 0.0.0.0 needs [cluster] advertise",
+        ),
+        (
+            {"listen": "[::]:2300", "peers": ["fd00::/64"]},
+            "config: [cluster] listen on :: needs [cluster] advertise",
+        ),
+        (
+            {"listen": "10.0.0.11:2300", "peers": ["10.0.0.0/33"]},
+            "config: [cluster] peers: invalid address or CIDR block '10.0.0.0/33'",
+        ),
+        (
+            {"listen": "10.0.0.11:2300", "peers": ["everyone"]},
+            "config: [cluster] peers: invalid address or CIDR block 'everyone'",
+        ),
+        ({"peers": "10.0.0.0/24"}, "config: [cluster] peers: expected a list"),
+        (
+            {"forward": "sometimes"},
+            "config: [cluster] forward: invalid value 'sometimes': expected one of auto, "
+            "always, never",
+        ),
+        ({"listen": "10.0.0.11"}, "config: [cluster] listen"),
+        ({"advertise": "gw1 internal"}, "config: [cluster] advertise: invalid address"),
+    ],
+)
+def test_bad_cluster_settings_are_refused_in_one_line_naming_the_key(keys, message):
+    with pytest.raises(ConfigError) as err:
+        config.from_mapping(cluster(**keys))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 2

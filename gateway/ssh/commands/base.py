@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ...git.repos import Repositories
     from ...metrics import Metrics
     from ...models import Identity
+    from ..forward import Forwarder
     from ..limits import Admission
 
 # git sends the repository path quoted in several forms depending on the URL the user typed:
@@ -57,6 +58,8 @@ class Context:
     refused_keys: tuple[str, ...] = ()
     # The node's per-user caps ([limits] max_fetches_per_user); None: not counted.
     admission: Admission | None = None
+    # The connections to the other nodes, when repositories are served by their home node.
+    forwarder: Forwarder | None = None
 
 
 Handler = Callable[[Context, "Invocation"], Awaitable[int]]

@@ -10,11 +10,13 @@ import time
 from ... import executors
 from ...config import size_text
 from ...deploys import PushSession
+from ...domain.homes import HomeUnavailable, node_name
 from ...errors import GatewayError
 from ...git import bridge, gitbin, hooks
 from ...git.repos import git_settings
 from ...logs import q
-from ...models import App, Role
+from ...models import App, Home, Role
+from ..forward import NOT_HOME, PeerUnreachable, Request
 from ..limits import FETCHES, PUSHES, user_key
 from .account import expiry_warning
 from .base import Context, Invocation
@@ -76,11 +78,11 @@ class TooManyAtOnce(GatewayError):
 
 
 async def run(ctx: Context, inv: Invocation) -> int:
-    needed, subcommand, extra = SERVICES[inv.command]
+    needed, subcommand, _ = SERVICES[inv.command]
     app, role = await ctx.domain.access.authorize(ctx.identity, inv.app, needed)
     admission = ctx.admission
     if admission is None:
-        return await _serve(ctx, app, role, subcommand, extra)
+        return await _dispatch(ctx, inv, app, role)
     # A clone or an archive is the costly read (pack-objects, compression): one user's many
     # at once must not take the node's CPU from the others. A push costs more (index-pack,
     # a quarantine of up to max_input_size on the repositories' disk, the pre-receive
@@ -105,13 +107,114 @@ async def run(ctx: Context, inv: Invocation) -> int:
         )
         raise TooManyAtOnce(ctx.identity.user_name, limit, what, kind)
     try:
-        return await _serve(ctx, app, role, subcommand, extra)
+        return await _dispatch(ctx, inv, app, role)
     finally:
         admission.give_back(kind, key)
 
 
+async def _dispatch(ctx: Context, inv: Invocation, app: App, role: Role) -> int:
+    """Serve here, or on the app's home node when that is another (gateway.ssh.forward)."""
+    _, subcommand, extra = SERVICES[inv.command]
+    homes = ctx.domain.homes
+    # A home that turns out not to be one any more (it drained) is looked up again.
+    for _ in range(3):
+        route = await homes.route(app)
+        if route.home is None:
+            return await _serve(ctx, app, role, subcommand, extra)
+        code = await _forward(ctx, inv, app, route.home)
+        if code is not None:
+            return code
+    raise HomeUnavailable(app.name)
+
+
+async def serve_forwarded(ctx: Context, inv: Invocation, via: str) -> int | None:
+    """An operation another node forwarded here (gateway.ssh.peers): authorized again against
+    the registry, run if this node is the app's home; None if it is not (the entry node
+    looks again)."""
+    needed, subcommand, extra = SERVICES[inv.command]
+    app, role = await ctx.domain.access.authorize(ctx.identity, inv.app, needed)
+    if not await ctx.domain.homes.serves_here(app):
+        log.info("event=not_home app=%s via=%s conn=%s", app.name, q(via), ctx.conn_id)
+        return None
+    return await _serve(ctx, app, role, subcommand, extra, via=via)
+
+
+async def _forward(ctx: Context, inv: Invocation, app: App, home: Home) -> int | None:
+    """Run the operation on `home` with this session's streams; its exit status, or None if
+    that node is not the home any more."""
+    if ctx.forwarder is None or home.address is None:
+        log.error("event=home_unreachable app=%s home=%s reason=no_address", app.name, home.name)
+        raise HomeUnavailable(app.name)
+    request = Request(
+        service=inv.command,
+        app=app.name,
+        identity=ctx.identity,
+        protocol=ctx.client_protocol,
+        conn=ctx.conn_id,
+        peer=ctx.peer,
+        via=node_name(ctx.config),
+    )
+    started = time.monotonic()
+    try:
+        outcome = await ctx.forwarder.run(home.address, request, ctx.channel)
+    except PeerUnreachable:
+        log.warning(
+            "event=home_unreachable app=%s home=%s address=%s conn=%s",
+            app.name,
+            home.name,
+            home.address,
+            ctx.conn_id,
+        )
+        raise HomeUnavailable(app.name) from None
+    if outcome.returncode == NOT_HOME and outcome.bytes_out == 0:
+        return None
+    lost = outcome.returncode < 0 and not outcome.client_gone
+    log.info(
+        "event=git_forwarded service=%s app=%s user=%s home=%s rc=%d bytes_in=%d bytes_out=%d "
+        "client_gone=%s duration=%.3f conn=%s",
+        inv.command.removeprefix("git-"),
+        app.name,
+        ctx.identity.user_name,
+        home.name,
+        outcome.returncode,
+        outcome.bytes_in,
+        outcome.bytes_out,
+        outcome.client_gone,
+        time.monotonic() - started,
+        ctx.conn_id,
+    )
+    ctx.stats.bytes_in += outcome.bytes_in
+    ctx.stats.bytes_out += outcome.bytes_out
+    if lost:
+        ctx.stats.outcome = "home_lost"
+        with contextlib.suppress(*bridge.CLIENT_GONE):
+            ctx.channel.stderr.write(
+                f"error: the node serving '{app.name}' stopped answering during this "
+                "operation: retry (a push either went through whole or not at all)\n".encode()
+            )
+        return 1
+    if outcome.client_gone:
+        ctx.stats.outcome = "client_gone"
+    elif outcome.returncode != 0:
+        ctx.stats.outcome = "error"
+    return outcome.returncode
+
+
 async def _serve(
-    ctx: Context, app: App, role: Role, subcommand: str, extra: tuple[str, ...]
+    ctx: Context,
+    app: App,
+    role: Role,
+    subcommand: str,
+    extra: tuple[str, ...],
+    via: str | None = None,
+) -> int:
+    # A drain keeps the home of an app with an operation running here.
+    with ctx.domain.homes.busy(app.id):
+        return await _run_git(ctx, app, role, subcommand, extra, via)
+
+
+async def _run_git(
+    ctx: Context, app: App, role: Role, subcommand: str, extra: tuple[str, ...], via: str | None
 ) -> int:
     path = ctx.repos.path_for(app.name)
     try:
@@ -185,7 +288,7 @@ async def _serve(
     duration = time.monotonic() - started
     log.info(
         "event=git service=%s app=%s user=%s fp=%s role=%s protocol=%s rc=%d bytes_in=%d "
-        "bytes_out=%d client_gone=%s duration=%.3f outcome=%s conn=%s",
+        "bytes_out=%d client_gone=%s duration=%.3f outcome=%s conn=%s%s",
         subcommand,
         app.name,
         ctx.identity.user_name,
@@ -199,6 +302,7 @@ async def _serve(
         duration,
         result,
         ctx.conn_id,
+        "" if via is None else f" via={q(via)}",
     )
     ctx.stats.bytes_in += outcome.bytes_in
     ctx.stats.bytes_out += outcome.bytes_out

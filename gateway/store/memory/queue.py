@@ -68,6 +68,12 @@ class QueueMemory(DeploysMemory):
             if busy >= max_parallel:
                 return None
             apps_running = {r["app_id"] for r in running}
+            # An app with a home node elsewhere is deployed there (see the SQL store).
+            homed_elsewhere = {
+                app_id
+                for app_id, home in db.homes.items()
+                if db.nodes[home["node"]]["name"] != node_name
+            }
             wanted = None if only is None else set(only)
             for deploy_id in sorted(db.deploys):
                 row = db.deploys[deploy_id]
@@ -76,6 +82,7 @@ class QueueMemory(DeploysMemory):
                     and (row["mode"] != "gate" or row["origin"] == node)
                     and (wanted is None or deploy_id in wanted)
                     and row["app_id"] not in apps_running
+                    and row["app_id"] not in homed_elsewhere
                 ):
                     row.update(status="running", started_at=utcnow(), runner=node)
                     return self._deploy(row)

@@ -27,13 +27,17 @@ BUSY = """SELECT COUNT(*) AS n FROM deploys d JOIN nodes n ON n.id = d.runner
 # The oldest deploy the node may take ($1: the node; $2: the ids it is limited to). Other
 # nodes skip what one of them is taking (where rows lock); the unique index on running
 # deploys per app settles two claims of one app's deploys.
+# A deploy of an app whose repository has a home node runs on that machine (its name): only
+# its filesystem cache reads that repository (see docs/cluster.md).
 CANDIDATE = """SELECT d.id FROM deploys d
                 WHERE d.status = 'queued' AND (d.mode <> 'gate' OR d.origin = $1) {only}
                   AND NOT EXISTS (SELECT 1 FROM deploys r
                                    WHERE r.app_id = d.app_id AND r.status = 'running')
+                  AND NOT EXISTS (SELECT 1 FROM app_homes h JOIN nodes hn ON hn.id = h.node
+                                   WHERE h.app_id = d.app_id AND hn.name <> {name})
                 ORDER BY d.id LIMIT 1 {{skip:d}}"""
-CANDIDATE_ANY = CANDIDATE.format(only="")
-CANDIDATE_ONLY = CANDIDATE.format(only="AND d.id {ids:$2}")
+CANDIDATE_ANY = CANDIDATE.format(only="", name="$2")
+CANDIDATE_ONLY = CANDIDATE.format(only="AND d.id {ids:$2}", name="$3")
 TAKE = """UPDATE deploys SET status = 'running', started_at = $1, runner = $2
            WHERE id = $3 AND status = 'queued'"""
 CANCEL_QUEUED = """UPDATE deploys SET status = 'cancelled', finished_at = $1, reason = $2
@@ -120,10 +124,10 @@ class QueueSQL(DeploysSQL):
                 if int(await self.fetchval(BUSY, node_name)) >= max_parallel:
                     return None
                 if only is None:
-                    deploy_id = await self.fetchval(CANDIDATE_ANY, node)
+                    deploy_id = await self.fetchval(CANDIDATE_ANY, node, node_name)
                 else:
                     ids = self.dialect.array([int(i) for i in only])
-                    deploy_id = await self.fetchval(CANDIDATE_ONLY, node, ids)
+                    deploy_id = await self.fetchval(CANDIDATE_ONLY, node, ids, node_name)
                 if deploy_id is None:
                     return None
                 await self.execute(TAKE, self.dialect.time(utcnow()), node, deploy_id)

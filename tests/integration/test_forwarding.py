@@ -1,0 +1,214 @@
+"""Two in-process nodes on one registry and one repositories root, forwarding always: each
+app's operations run on its home node, whichever node the client reached; the internal
+listener lets in only the other nodes (their address, the shared host key)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from gateway.errors import AccessDenied
+from gateway.models import Identity
+from gateway.ssh.forward import PEER_USER, Request
+from tests.integration.conftest import TIMEOUT, LiveGateway, StartGateway
+from tests.integration.gitwire import (
+    DELIM,
+    FLUSH,
+    commit_and_pack,
+    pkt,
+    push,
+    read_pkts,
+    session,
+)
+
+
+def cluster(name: str, **more: object) -> dict[str, object]:
+    return {
+        "node_name": name,
+        "listen": "127.0.0.1:0",
+        "peers": ["127.0.0.1/32"],
+        "forward": "always",
+        **more,
+    }
+
+
+async def two_nodes(start_gateway: StartGateway) -> tuple[LiveGateway, LiveGateway]:
+    a = await start_gateway(cluster=cluster("node-a"))
+    shared = a.gateway.config.storage
+    b = await start_gateway(
+        cluster=cluster("node-b"),
+        storage={"database": str(shared.database), "repos": str(shared.repos)},
+        ssh={"host_key_dir": str(a.home / "hostkeys")},
+    )
+    return a, b
+
+
+async def ls_refs(gw: LiveGateway, person, app: str) -> list[bytes]:
+    conn, process = await session(
+        gw, person, f"git-upload-pack '{app}.git'", GIT_PROTOCOL="version=2"
+    )
+    async with conn:
+        await read_pkts(process.stdout)
+        process.stdin.write(pkt("command=ls-refs\n") + DELIM + FLUSH)
+        refs = await read_pkts(process.stdout)
+        process.stdin.write_eof()
+        await asyncio.wait_for(process.wait_closed(), TIMEOUT)
+    assert process.exit_status == 0
+    return refs
+
+
+async def test_operations_through_either_node_run_on_the_apps_home(
+    start_gateway: StartGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    a, b = await two_nodes(start_gateway)
+    alice = await a.user("alice")
+    app = await a.app(alice)  # created through node A's CLI: node A is its home
+    home = await a.gateway.store.home_of((await a.gateway.store.get_app(app)).id)
+    assert home is not None and home.name == "node-a" and home.address
+    sha, pack = await asyncio.to_thread(commit_and_pack, tmp_path / "work", {"README": "hi\n"})
+    caplog.set_level(logging.INFO)
+    # A push through B runs on A (its hooks, its quarantine), its report comes back whole.
+    pushed = await push(b, alice, app, sha, pack)
+    assert pushed.report == [b"unpack ok\n", b"ok refs/heads/main\n"] and pushed.code == 0
+    assert f"{sha} refs/heads/main\n".encode() in await ls_refs(b, alice, app)
+    forwarded = [r.getMessage() for r in caplog.records if "event=git_forwarded" in r.getMessage()]
+    assert len(forwarded) == 2 and all("home=node-a" in line for line in forwarded)
+    served = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=git ")]
+    assert len(served) == 2 and all("via=node-b" in line for line in served)
+    # Through A itself: served there, nothing forwarded.
+    caplog.clear()
+    assert f"{sha} refs/heads/main\n".encode() in await ls_refs(a, alice, app)
+    assert not [r for r in caplog.records if "git_forwarded" in r.getMessage()]
+
+
+async def test_regression_forwarded_operations_are_authorized_again(
+    start_gateway: StartGateway,
+):
+    """The home checks the user's rights itself: a user with no right on the app gets the
+    same refusal through either node."""
+    a, b = await two_nodes(start_gateway)
+    alice, mallory = await a.user("alice"), await a.user("mallory")
+    app = await a.app(alice)
+    for node in (a, b):
+        reply = await node.run(mallory, f"git-upload-pack '{app}.git'")
+        assert reply.code != 0
+        assert reply.stderr.splitlines() == [f"error: {AccessDenied(app)}"]
+
+
+async def test_a_drained_home_moves_to_the_next_node_that_serves_the_app(
+    start_gateway: StartGateway, tmp_path: Path
+):
+    a, b = await two_nodes(start_gateway)
+    alice = await a.user("alice")
+    app = await a.app(alice)
+    app_id = (await a.gateway.store.get_app(app)).id
+    sha, pack = await asyncio.to_thread(commit_and_pack, tmp_path / "work", {"README": "hi\n"})
+    assert (await push(a, alice, app, sha, pack)).code == 0
+    await a.gateway.close()
+    assert await b.gateway.store.home_of(app_id) is None  # left with node A
+    assert f"{sha} refs/heads/main\n".encode() in await ls_refs(b, alice, app)
+    home = await b.gateway.store.home_of(app_id)
+    assert home is not None and home.name == "node-b"
+
+
+async def test_an_unreachable_home_is_one_line_and_changes_nothing(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+):
+    a, b = await two_nodes(start_gateway)
+    alice = await a.user("alice")
+    app = await a.app(alice)
+    store = a.gateway.store
+    app_id = (await store.get_app(app)).id
+    # A node that registered and went silent (killed): nothing listens where it said.
+    await store.release_homes(a.gateway.deploys.node)
+    await store.register_node("ghost-1", "ghost", 1, "127.0.0.1:9")
+    assert (await store.claim_home(app_id, "ghost-1")).name == "ghost"
+    reply = await b.run(alice, f"git-upload-pack '{app}.git'")
+    assert reply.code != 0
+    assert reply.stderr.splitlines() == [
+        f"error: repository '{app}' is temporarily unavailable (its node is not answering): "
+        "retry in a few seconds"
+    ]
+    assert "event=home_unreachable" in caplog.text and "home=ghost" in caplog.text
+
+
+async def test_regression_the_internal_listener_refuses_a_tenants_key(
+    start_gateway: StartGateway,
+):
+    a, _ = await two_nodes(start_gateway)
+    alice = await a.user("alice")
+    address = a.gateway.deploys.runner.lease.address
+    host, port = address.rsplit(":", 1)
+    with pytest.raises(asyncssh.PermissionDenied):
+        async with asyncssh.connect(
+            host,
+            int(port),
+            username=PEER_USER,
+            client_keys=[alice.key],
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+        ):
+            pass
+
+
+async def test_regression_the_internal_listener_refuses_addresses_not_in_peers(
+    start_gateway: StartGateway, prepared
+):
+    """Even with the nodes' own host key, a connection from outside [cluster] peers gets no
+    login (it is cut before authentication)."""
+    a = await start_gateway(cluster=cluster("node-a", peers=["192.0.2.0/24"]))
+    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
+    with pytest.raises((asyncssh.Error, OSError)):
+        async with asyncssh.connect(
+            host,
+            int(port),
+            username=PEER_USER,
+            client_keys=list(prepared.host_keys),
+            known_hosts=None,
+            agent_path=None,
+            config=None,
+            login_timeout=TIMEOUT,
+        ) as conn:
+            await conn.run("x", check=False)
+
+
+async def test_regression_a_peer_request_that_is_not_one_is_refused(
+    start_gateway: StartGateway, prepared
+):
+    a, _ = await two_nodes(start_gateway)
+    alice = await a.user("alice")
+    app = await a.app(alice)
+    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
+    async with asyncssh.connect(
+        host,
+        int(port),
+        username=PEER_USER,
+        client_keys=list(prepared.host_keys),
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    ) as conn:
+        for command in ("git-upload-pack 'x.git'", "{}", '{"service": "rm -rf /"}'):
+            result = await asyncio.wait_for(conn.run(command, check=False), TIMEOUT)
+            assert result.exit_status == 1
+            assert result.stderr == "error: not a forwarded operation\n"
+        # Well-formed, but for a shell, or for a path outside the repositories.
+        for service, name in (("sh", app), ("git-upload-pack", "../../etc")):
+            text = forged(service, name)
+            result = await asyncio.wait_for(conn.run(text, check=False), TIMEOUT)
+            assert result.exit_status == 1
+            assert result.stderr == "error: not a forwarded operation\n"
+
+
+def forged(service: str, app: str) -> str:
+    """A request as a node would send it, for any service and app name (unchecked here)."""
+    identity = Identity(1, "alice", 1, "laptop", "SHA256:x")
+    good = Request("git-upload-pack", "web", identity, None, "c", "p", "v").encode()
+    return good.replace('"service":"git-upload-pack"', f'"service":"{service}"').replace(
+        '"app":"web"', f'"app":"{app}"'
+    )
