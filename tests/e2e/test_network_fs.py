@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import os
 import queue
+import re
 import signal
 import subprocess
 import time
@@ -75,6 +76,12 @@ def log_of(node: ServeProcess) -> str:
             break
         node.lines.append(line)
     return node.stderr
+
+
+def forwarded(nodes: Nodes, app: str) -> None:
+    """Node B served `app` through its home, node A (not from its own mount)."""
+    pattern = rf"event=git_forwarded service=\S+ app={app} .*home=node-a"
+    assert FORWARD == "never" or re.search(pattern, log_of(nodes.b)), nodes.logs()
 
 
 def node_config(state: Path, name: str, repos: Path) -> Path:
@@ -156,6 +163,7 @@ def test_new_branch_through_a_is_seen_at_once_through_b(nodes, tmp_path):
         if f"{commit}\trefs/heads/{branch}" not in listed.stdout:
             missing.append((branch, listed.returncode, listed.stdout, listed.stderr))
     assert not missing, f"{len(missing)}/10 not seen through B: {missing}\n{nodes.logs()}"
+    forwarded(nodes, app)
 
 
 def test_fetch_through_b_right_after_a_pack_push_through_a(nodes, tmp_path):
@@ -233,7 +241,7 @@ def test_app_removed_and_created_again_is_served_at_once_through_b(nodes, tmp_pa
     failures = []
     for round_number in range(3):
         work = on_a.new_repo(tmp_path / f"old-{round_number}", {"old": f"{round_number}\n"})
-        on_a.git("push", "-q", on_a.url(app), "main", cwd=work)
+        on_a.git("push", "-q", on_a.url(app), "+main", cwd=work)  # over the last round's
         on_b.git("clone", "-q", on_b.url(app), str(tmp_path / f"seen-{round_number}"))
         nodes.admin.ok("app", "remove", app)
         nodes.admin.ok("app", "create", app, "--owner", on_a.name)
