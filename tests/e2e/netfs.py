@@ -4,6 +4,7 @@ twice with sshfs, with sshfs's default caching, as two machines would mount one 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -101,7 +102,7 @@ def mount(port: int, key: Path, shared: Path, point: Path) -> None:
     run(
         [
             "sshfs",
-            f"root@127.0.0.1:{shared}",
+            f"{pwd.getpwuid(os.getuid()).pw_name}@127.0.0.1:{shared}",
             str(point),
             *("-p", str(port)),
             *("-o", f"IdentityFile={key}"),

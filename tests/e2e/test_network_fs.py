@@ -44,6 +44,7 @@ FORWARD = "auto"
 # Short, so that the failover test stays bounded; the rest never waits for it.
 NODE_TIMEOUT = 6
 FALSE_LOCK = "remove the file manually"
+BUSY = "temporarily unavailable"
 
 
 @dataclass
@@ -247,17 +248,20 @@ def test_app_removed_and_created_again_is_served_at_once_through_b(nodes, tmp_pa
         nodes.admin.ok("app", "create", app, "--owner", on_a.name)
         empty = tmp_path / f"empty-{round_number}"
         cloned = on_b.git("clone", on_b.url(app), str(empty), check=False)
-        if cloned.returncode != 0 or "empty repository" not in cloned.stderr:
+        if (
+            cloned.returncode != 0
+            or "empty repository" not in cloned.stderr
+            or BUSY in cloned.stderr
+        ):
             failures.append(("clone", round_number, cloned.returncode, cloned.stderr))
             continue
         fresh = on_b.commit(empty, {"new": f"{round_number}\n"}, "new")
         pushed = on_b.git("push", on_b.url(app), "main", cwd=empty, check=False)
-        if pushed.returncode != 0:
+        if pushed.returncode != 0 or BUSY in pushed.stderr:
             failures.append(("push", round_number, pushed.returncode, pushed.stderr))
             continue
         assert server_refs(nodes.repo(app)) == {"refs/heads/main": fresh}
     assert not failures, f"{failures}\n{nodes.logs()}"
-    assert "temporarily unavailable" not in str(failures)
 
 
 def race(pushers: list[tuple[Client, Path]], app: str, round_number: int) -> tuple[str, list]:
@@ -279,7 +283,8 @@ def race(pushers: list[tuple[Client, Path]], app: str, round_number: int) -> tup
         )
         for client, copy in pushers
     ]
-    outcomes = [(proc.wait(TIMEOUT), proc.communicate(timeout=TIMEOUT)[0]) for proc in racing]
+    outputs = [proc.communicate(timeout=TIMEOUT)[0] for proc in racing]
+    outcomes = [(proc.returncode, out) for proc, out in zip(racing, outputs, strict=True)]
     winners = [commits[i] for i, (code, _) in enumerate(outcomes) if code == 0]
     return (winners[0] if len(winners) == 1 else ""), outcomes
 
@@ -403,9 +408,7 @@ def test_node_a_killed_mid_push_b_takes_over_and_loses_no_acknowledged_push(
         assert took <= NODE_TIMEOUT + 5, f"{attempts}\n{nodes.logs()}"
         # Meanwhile each refusal was the one line, and nothing else.
         for _, refused in attempts[:-1]:
-            assert refused.startswith("error: repository ") and "temporarily unavailable" in (
-                refused
-            ), refused
+            assert refused.startswith("error: repository ") and BUSY in refused, refused
         head = on_b.git("rev-parse", "HEAD", cwd=target).stdout.strip()
         for commit in acknowledged:
             ancestor = on_b.git(
