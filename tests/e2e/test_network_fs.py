@@ -38,8 +38,9 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 
-# forward = "never" shows the issue itself: each node reads the repositories through its own
-# mount's cache (see the module's history for what fails then).
+# forward = "never" shows the issue itself, each node reading through its own mount's cache:
+# branches unseen, "upload-pack: not our ref", "loose object ... is corrupt" and "Failed to
+# traverse parents" during gc, a false "main.lock: File exists ... remove the file manually".
 FORWARD = "auto"
 # Short, so that the failover test stays bounded; the rest never waits for it.
 NODE_TIMEOUT = 6
@@ -56,7 +57,6 @@ class Nodes:
     b: ServeProcess
     admin: Admin
     shared: Path
-    keys: Path
 
     def repo(self, app: str) -> Path:
         return self.shared / f"{app}.git"
@@ -115,7 +115,7 @@ def two_nodes(netfs: NetworkFS, state: Path) -> Iterator[Nodes]:
     try:
         for name, mount in (("a", netfs.a), ("b", netfs.b)):
             started.append(ServeProcess(node_config(state, name, mount / state.name)))
-        yield Nodes(*started, Admin(started[0].config_path), shared, state)
+        yield Nodes(*started, Admin(started[0].config_path), shared)
     finally:
         for node in started:
             if node.proc.poll() is None:
