@@ -34,6 +34,11 @@ GIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 180, 600, 1800)
 DEPLOY_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 3600)
 
 
+# A forwarded operation's ends: git's own (ok, error), the client leaving, the home node
+# lost in the middle, or no channel to it at all.
+FORWARD_OUTCOMES = ("ok", "error", "client_gone", "home_lost", "unreachable")
+
+
 class Metrics:
     """One registry per gateway (not the global default), so that several gateways in one
     process, as in the tests, keep separate counts."""
@@ -70,6 +75,12 @@ class Metrics:
         self.git_ops = Counter(
             "gateway_git_operations",
             "git services served, by verb and outcome",
+            ["verb", "outcome"],
+            registry=r,
+        )
+        self.git_forwarded = Counter(
+            "gateway_git_forwarded",
+            "git services forwarded to the app's home node, by verb and outcome",
             ["verb", "outcome"],
             registry=r,
         )
@@ -182,6 +193,10 @@ class Metrics:
         self.git_duration.labels(verb).observe(seconds)
         self.bytes.labels("in", verb).inc(bytes_in)
         self.bytes.labels("out", verb).inc(bytes_out)
+
+    def forwarded(self, verb: str, outcome: str) -> None:
+        """One operation this node forwarded; `outcome` one of FORWARD_OUTCOMES."""
+        self.git_forwarded.labels(verb, outcome).inc()
 
     def deploy_done(self, status: str, seconds: float | None) -> None:
         self.deploys.labels(status).inc()

@@ -5,6 +5,7 @@ the running value every part reads at use (holder.py)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .cluster import ClusterSettings
 from .holder import Settings, at_use
 from .load import default_build_dir, from_mapping, load
 from .parse import MAX_WORKERS, size_text
@@ -17,7 +18,6 @@ from .schema import (
     DEPLOY_MODES,
     SECTIONS,
     AuditSettings,
-    ClusterSettings,
     Config,
     DeploySettings,
     GitSettings,

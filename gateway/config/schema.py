@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cluster import ClusterSettings
 from .parse import (
     _algorithms,
     _argv,
@@ -26,7 +27,6 @@ from .parse import (
     _listen,
     _network,
     _networks,
-    _node_name,
     _nonempty,
     _optional_listen,
     _optional_path,
@@ -425,50 +425,6 @@ class DeploySettings:
 class AuditSettings:
     retention: float = _setting(
         365, _days, "days audit events are kept (0 = forever); pruned hourly"
-    )
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    node_name: str = _setting(
-        "",
-        _node_name,
-        "this machine's name among the gateways sharing the registry ('' = host name); "
-        "max_parallel counts per name",
-    )
-    node_timeout: float = _setting(
-        15,
-        _seconds,
-        "seconds without a sign of life after which the other gateways declare one gone "
-        "and mark its running deploys interrupted (and its repositories' homes move); at "
-        "least the repositories filesystem's attribute cache lifetime (docs/cluster.md)",
-    )
-    # Each repository is served by one home node; the others forward its git operations
-    # there over an SSH channel both ends authenticate with the shared host keys.
-    listen: tuple[str, int] | None = _setting(
-        "",
-        _optional_listen,
-        "internal listener the other nodes forward git operations to (HOST:PORT, private "
-        "network); empty = none (this node forwards nothing and is forwarded nothing)",
-    )
-    advertise: str = _setting(
-        "",
-        _public_address,
-        "HOST:PORT the other nodes dial to reach listen ('' = listen's address, which must "
-        "then name one host)",
-    )
-    peers: tuple[str, ...] = _setting(
-        [],
-        _networks,
-        "addresses (CIDR) of the other nodes: the only ones the internal listener accepts; "
-        "required with listen",
-    )
-    forward: str = _setting(
-        "auto",
-        _choice("auto", "always", "never"),
-        "serve each repository on its home node and forward to it: auto (when listen is set "
-        "and the repositories root is a network filesystem) | always (when listen is set) "
-        "| never",
     )
 
 

@@ -89,7 +89,8 @@ class Homes(Part):
         HomeUnavailable when this process may take none (declared gone: it joins again)."""
         if self.node is None:
             return HERE
-        home = await self.store.claim_home(app.id, self.node)
+        # A read first: most operations find the home taken (a claim is a write).
+        home = await self.store.home_of(app.id) or await self.store.claim_home(app.id, self.node)
         if home is None:
             log.warning("event=home_unclaimable app=%s node=%s", app.name, self.node)
             raise HomeUnavailable(app.name)
@@ -100,9 +101,8 @@ class Homes(Part):
         app's home, or becomes it (none yet, and this node is not draining)."""
         if self.node is None:
             return True
-        if self.draining:
-            home = await self.store.home_of(app.id)
-        else:
+        home = await self.store.home_of(app.id)
+        if home is None and not self.draining:
             home = await self.store.claim_home(app.id, self.node)
         return home is not None and home.name == node_name(self.config)
 

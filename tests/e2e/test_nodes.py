@@ -25,8 +25,12 @@ from tests.helpers import (
 )
 
 
-def node_config(shared: Path, name: str, database: str) -> Path:
-    """One node's config: its own ports and control socket, everything else shared."""
+def node_config(shared: Path, name: str, database: str, forwarded: bool = False) -> Path:
+    """One node's config: its own ports and control socket, everything else shared; with
+    `forwarded`, each repository served by its home node (the other forwards to it)."""
+    cluster: dict[str, object] = {"node_timeout": 4, "node_name": f"node-{name}"}
+    if forwarded:
+        cluster.update(listen="127.0.0.1:0", peers=["127.0.0.1/32"], forward="always")
     return write_config(
         shared / name,
         storage={
@@ -35,10 +39,12 @@ def node_config(shared: Path, name: str, database: str) -> Path:
             "control_socket": str(shared / name / "gw.sock"),
         },
         ssh={"host_key_dir": str(shared / "hostkeys")},
+        cluster=cluster,
     )
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+# Forwarded: the internal listener bound by each node's supervisor and shared by its workers.
+@pytest.fixture(scope="module", params=["sqlite", "postgresql", "forwarded"])
 def nodes(request, tmp_path_factory):
     shared = tmp_path_factory.mktemp("cluster")
     if request.param == "sqlite":
@@ -46,10 +52,12 @@ def nodes(request, tmp_path_factory):
     else:
         database = request.getfixturevalue("postgres").create_database()
         args = ("--workers", "2")
+    forwarded = request.param == "forwarded"
     started = []
     try:
         for name in ("a", "b"):
-            started.append(ServeProcess(node_config(shared, name, database), args=args))
+            config = node_config(shared, name, database, forwarded)
+            started.append(ServeProcess(config, args=args))
         yield started
     finally:
         for node in started:
@@ -83,6 +91,10 @@ def test_push_on_one_node_clone_on_the_other(nodes, tmp_path):
     on_a.git("push", "-q", on_a.url("shared"), "main", cwd=work)
     on_b.git("clone", "-q", on_b.url("shared"), str(tmp_path / "clone"))
     assert (tmp_path / "clone" / "README").read_text() == "pushed through A\n"
+    if "forward" in a.config_path.read_text():
+        # Created through A's configuration: A is the home, B forwarded the clone there.
+        line = b.wait_for("event=git_forwarded service=upload-pack app=shared").string
+        assert "home=node-a" in line
 
 
 def test_key_added_through_one_node_works_on_the_other_and_removal_too(nodes, tmp_path):

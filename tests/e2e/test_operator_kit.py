@@ -18,6 +18,7 @@ import pytest
 
 from gateway.deploys.pipelines.webhook import DELIVERY_RESULTS
 from gateway.git.packcache import RESULTS as PACK_CACHE_RESULTS
+from gateway.metrics import FORWARD_OUTCOMES
 from gateway.models import DeployStatus
 from gateway.ssh.commands import GIT_SERVICES
 from tests.helpers import TIMEOUT, Client, ServerThread, http, http_base
@@ -109,6 +110,7 @@ LABEL_VALUES = {
     ("gateway_deploys_total", "status"): {s.value for s in DeployStatus},
     ("gateway_deploy_duration_seconds_bucket", "status"): {s.value for s in DeployStatus},
     ("gateway_pack_cache_requests_total", "result"): set(PACK_CACHE_RESULTS),
+    ("gateway_git_forwarded_total", "outcome"): set(FORWARD_OUTCOMES),
     ("gateway_webhook_deliveries_total", "result"): set(DELIVERY_RESULTS),
     ("gateway_git_operations_total", "verb"): {s.removeprefix("git-") for s in GIT_SERVICES},
     ("gateway_git_operation_duration_seconds_bucket", "verb"): {

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from gateway import config as gwconfig
+from gateway.domain.homes import HERE, Homes, HomeUnavailable, Route
 from gateway.git.bridge import Outcome
 from gateway.git.repos import git_settings
-from gateway.models import Identity, Role
-from gateway.ssh.commands import Invocation
+from gateway.models import Home, Identity, Role
+from gateway.ssh.commands import Invocation, SessionStats
 from gateway.ssh.commands import git as service
+from gateway.ssh.forward import NOT_HOME, PeerUnreachable, Request
 from gateway.ssh.limits import FETCHES, PUSHES, Admission, user_key
 from tests.helpers import write_config
 
@@ -27,7 +29,9 @@ async def _unset(identity: Identity, app: str, needed: Role) -> Any:
 
 
 # The domain facade as the commands see it; a test sets the decision it needs.
+# Homes off (no node): every operation is served here unless a test routes it elsewhere.
 DOMAIN = SimpleNamespace(access=SimpleNamespace(authorize=_unset))
+DOMAIN.homes = Homes(DOMAIN)  # type: ignore[arg-type]
 
 
 def context(tmp_path: Path, admission: Admission | None = None, **limits: int) -> Any:
@@ -191,7 +195,107 @@ async def test_a_repository_that_cannot_be_used_is_unavailable_not_an_internal_e
         enforce=enforce,
         exists=lambda app: False,
     )
-    app = SimpleNamespace(name="web")
+    app = SimpleNamespace(name="web", id=1)
     with pytest.raises(service.RepositoryUnavailable) as err:
         await service._serve(ctx, app, Role.WRITE, "receive-pack", ())  # type: ignore[arg-type]
     assert str(err.value) == ("repository 'web' is temporarily unavailable; contact the operator")
+
+
+class Channel:
+    def __init__(self) -> None:
+        self.stdin = self.stdout = None
+        self.stderr = self
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+class Forwarder:
+    """Answers each forwarded run with the next of `answers` (an Outcome or an exception)."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.requests: list[tuple[str, Request]] = []
+
+    async def run(self, address: str, request: Request, channel: Any) -> Outcome:
+        self.requests.append((address, request))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+ELSEWHERE = Route(Home("node-a-1-x", "node-a", "10.0.0.11:7422"))
+
+
+def routed(tmp_path, monkeypatch, routes: list[Route], forwarder: Forwarder) -> Any:
+    """A context whose app is routed as `routes` say, one per lookup, and served here as 7."""
+
+    async def authorize(identity: Identity, app: str, needed: Role) -> Any:
+        return SimpleNamespace(name=app, id=1), needed
+
+    async def route(app: Any) -> Route:
+        return routes.pop(0)
+
+    async def serve(*args: Any, **kwargs: Any) -> int:
+        return 7
+
+    monkeypatch.setattr(DOMAIN.access, "authorize", authorize)
+    monkeypatch.setattr(DOMAIN.homes, "route", route)
+    monkeypatch.setattr(service, "_serve", serve)
+    ctx = context(tmp_path)
+    ctx.channel = Channel()
+    ctx.forwarder = forwarder
+    ctx.client_protocol = "version=2"
+    ctx.peer = "192.0.2.7:50000"
+    ctx.stats = SessionStats()
+    return ctx
+
+
+async def test_an_app_homed_elsewhere_is_forwarded_with_the_verified_identity(
+    tmp_path, monkeypatch
+):
+    forwarder = Forwarder(Outcome(0, False, 10, 20))
+    ctx = routed(tmp_path, monkeypatch, [ELSEWHERE], forwarder)
+    assert await service.run(ctx, Invocation("git-receive-pack", ("web",))) == 0
+    [(address, request)] = forwarder.requests
+    assert address == "10.0.0.11:7422"
+    assert (request.service, request.app, request.identity, request.protocol) == (
+        "git-receive-pack",
+        "web",
+        ALICE,
+        "version=2",
+    )
+    assert (request.conn, request.peer) == ("c0ffee00", "192.0.2.7:50000")
+    assert Request.decode(request.encode()) == request
+    assert (ctx.stats.bytes_in, ctx.stats.bytes_out) == (10, 20)
+
+
+async def test_a_home_that_moved_meanwhile_is_looked_up_again(tmp_path, monkeypatch):
+    forwarder = Forwarder(Outcome(NOT_HOME, False, 0, 0))
+    ctx = routed(tmp_path, monkeypatch, [ELSEWHERE, HERE], forwarder)
+    assert await service.run(ctx, Invocation("git-upload-pack", ("web",))) == 7
+    assert len(forwarder.requests) == 1
+
+
+async def test_a_home_that_keeps_moving_is_unavailable_after_three_looks(tmp_path, monkeypatch):
+    forwarder = Forwarder(*[Outcome(NOT_HOME, False, 0, 0)] * 3)
+    ctx = routed(tmp_path, monkeypatch, [ELSEWHERE] * 3, forwarder)
+    with pytest.raises(HomeUnavailable):
+        await service.run(ctx, Invocation("git-upload-pack", ("web",)))
+
+
+async def test_an_unreachable_home_is_unavailable(tmp_path, monkeypatch):
+    ctx = routed(tmp_path, monkeypatch, [ELSEWHERE], Forwarder(PeerUnreachable("x")))
+    with pytest.raises(HomeUnavailable) as err:
+        await service.run(ctx, Invocation("git-upload-pack", ("web",)))
+    assert "temporarily unavailable" in str(err.value)
+
+
+async def test_a_home_lost_mid_operation_says_so_once_and_fails(tmp_path, monkeypatch):
+    ctx = routed(tmp_path, monkeypatch, [ELSEWHERE], Forwarder(Outcome(-1, False, 5, 5)))
+    assert await service.run(ctx, Invocation("git-receive-pack", ("web",))) == 1
+    assert ctx.channel.written.decode().count("\n") == 1
+    assert "stopped answering" in ctx.channel.written.decode()
+    assert ctx.stats.outcome == "home_lost"

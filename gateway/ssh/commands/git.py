@@ -158,6 +158,8 @@ async def _forward(ctx: Context, inv: Invocation, app: App, home: Home) -> int |
     try:
         outcome = await ctx.forwarder.run(home.address, request, ctx.channel)
     except PeerUnreachable:
+        if ctx.metrics is not None:
+            ctx.metrics.forwarded(inv.command.removeprefix("git-"), "unreachable")
         log.warning(
             "event=home_unreachable app=%s home=%s address=%s conn=%s",
             app.name,
@@ -185,6 +187,14 @@ async def _forward(ctx: Context, inv: Invocation, app: App, home: Home) -> int |
     )
     ctx.stats.bytes_in += outcome.bytes_in
     ctx.stats.bytes_out += outcome.bytes_out
+    if lost:
+        result = "home_lost"
+    elif outcome.client_gone:
+        result = "client_gone"
+    else:
+        result = "ok" if outcome.returncode == 0 else "error"
+    if ctx.metrics is not None:
+        ctx.metrics.forwarded(inv.command.removeprefix("git-"), result)
     if lost:
         ctx.stats.outcome = "home_lost"
         with contextlib.suppress(*bridge.CLIENT_GONE):
