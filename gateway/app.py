@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from . import config as config_module
+from . import fstype
 from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox
@@ -30,7 +31,7 @@ from .git.repos import Repositories
 from .http import WebServer
 from .logs import q
 from .metrics import Metrics
-from .net.listener import Listener, bind
+from .net.listener import Listener
 from .ssh import certs, hostkeys, peers, server
 from .ssh.connection import Connection
 from .ssh.explain import Explainer
@@ -119,6 +120,7 @@ class Gateway:
         self.listener: Listener | None = None
         # Set on SIGTERM: /readyz answers 503 from then on, while the listener may still accept.
         self.draining = False
+        self._drain_started = 0.0
         self._closed = False
         # The domain facade: what the SSH sessions and the HTTP front end do goes through it.
         self.domain: Domain
@@ -184,6 +186,15 @@ class Gateway:
             forwards = forwarding(cfg)
             if forwards:
                 self._bind_peers(cfg)
+            else:
+                kind = fstype.filesystem_of(cfg.storage.repos)
+                if fstype.is_network(kind):
+                    # Each node then reads through its own cache (see docs/cluster.md).
+                    log.warning(
+                        "event=network_filesystem_without_forwarding repos=%s type=%s",
+                        q(str(cfg.storage.repos)),
+                        kind,
+                    )
             await self.deploys.start()
             keys = await asyncio.to_thread(hostkeys.load_or_create, cfg.ssh.host_key_dir)
             if forwards:
@@ -227,27 +238,9 @@ class Gateway:
     def _bind_peers(self, cfg: Config) -> None:
         """The internal listener's sockets (the supervisor's, with workers), and the address
         this node registers for the others to dial."""
-        listen = cfg.cluster.listen
-        if listen is None:  # pragma: no cover - forwarding() needs it
-            return
-        if self.worker is not None:
-            self._peer_sockets = self.worker.sockets(self.worker.cluster_fds)
-        else:
-            try:
-                self._peer_sockets = bind(*listen)
-            except OSError as exc:
-                raise ConfigError(
-                    f"[cluster] listen: cannot listen on {listen[0]}:{listen[1]}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-        port = self._peer_sockets[0].getsockname()[1]
-        advertise = cfg.cluster.advertise
-        if not advertise:
-            host = listen[0]
-            advertise = f"[{host}]" if ":" in host else host
-        if not advertise.rsplit("]", 1)[-1].count(":"):
-            advertise = f"{advertise}:{port}"
-        self.deploys.advertise(advertise)
+        inherited = self.worker.sockets(self.worker.cluster_fds) if self.worker else None
+        self._peer_sockets, address = peers.bind_listener(cfg.cluster, inherited)
+        self.deploys.advertise(address)
 
     async def _start_peers(self, cfg: Config, keys: list[asyncssh.SSHKey]) -> None:
         """Serve what the other nodes forward here; forward there what is theirs."""
@@ -297,8 +290,12 @@ class Gateway:
 
     def _begin_draining(self) -> None:
         # Not ready; and queued deploys are left to other nodes at once (see DeployService).
+        if not self.draining:
+            self._drain_started = asyncio.get_running_loop().time()
         self.draining = True
         self.deploys.draining.set()
+        # No new home from the other nodes; those held are handed over in `close`.
+        self.domain.homes.draining = True
 
     async def close(self, drain: float = 0.0, reason: str = "stop") -> None:
         """Stop accepting, let logins in progress, running git operations and deploys finish
@@ -317,21 +314,27 @@ class Gateway:
                 len(self._running_deploys()),
             )
         if self.domain.homes.enabled:
-            # The apps with nothing running here get another home from their next operation;
-            # the others keep this one until they end or it leaves.
             with contextlib.suppress(StoreUnavailable):
+                if drain > 0:  # see Homes.hand_over
+                    handover = min(self.config.cluster.cache_seconds, drain)
+                    loop = asyncio.get_running_loop()
+                    await self.domain.homes.hand_over(self._drain_started + handover - loop.time())
+                # The apps with nothing running here get another home from their next
+                # operation; the others when they end, or when this process leaves.
                 await self.domain.homes.release()
         if drain > 0:
             await self._drain(drain)
         if self.listener is not None:
             await self.listener.abort()
         if self.peers is not None:
-            await self.peers.close()
+            await self.peers.close(CLOSE_GRACE_SECONDS)
         if self.forwarder is not None:
             await self.forwarder.close()
         for connection in list(self.connections):
             if connection.conn is not None:
                 connection.conn.close()
+        # Before leaving (the node's homes go with it): no git of this node still writes.
+        await self._end_sessions(CLOSE_GRACE_SECONDS)
         await self.deploys.close()  # and the pipelines' shared clients
         if self.web is not None:
             await self.web.close()
@@ -348,6 +351,19 @@ class Gateway:
         # Connections closed above reported their failures: the last counts are written.
         await self.domain.access.flush_failures(everything=True)
         await self.store.close()
+
+    async def _end_sessions(self, grace: float) -> None:
+        """Give the sessions whose clients were cut `grace` seconds to end (a push finishes
+        on its own), then stop them."""
+        running = {task for task in self.sessions if not task.done()}
+        if not running:
+            return
+        _, left = await asyncio.wait(running, timeout=grace)
+        for task in left:
+            task.cancel()
+        for task in left:
+            with contextlib.suppress(BaseException):
+                await task
 
     def _running_deploys(self) -> set[asyncio.Future[Any]]:
         jobs = self.deploys.jobs.values()

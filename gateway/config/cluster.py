@@ -12,6 +12,7 @@ from .parse import (
     _optional_listen,
     _public_address,
     _seconds,
+    _seconds_or_zero,
     _setting,
 )
 
@@ -50,6 +51,13 @@ class ClusterSettings:
         _networks,
         "addresses (CIDR) of the other nodes: the only ones the internal listener accepts; "
         "required with listen",
+    )
+    cache_seconds: float = _setting(
+        20,
+        _seconds_or_zero,
+        "seconds the repositories filesystem may show one node an old view of what another "
+        "wrote (sshfs cache_timeout: 20; NFS acdirmax: 60); a drain keeps serving its "
+        "repositories this long before another node takes them",
     )
     forward: str = _setting(
         "auto",

@@ -148,6 +148,12 @@ def _check_cluster(cfg: Config) -> None:
         raise ConfigError(
             "config: [cluster] listen needs [cluster] peers (the other nodes' addresses)"
         )
+    everyone = [n for n in cluster.peers if n.endswith("/0")]
+    if everyone:
+        raise ConfigError(
+            f"config: [cluster] peers: {everyone[0]} is every address: list the nodes' "
+            "addresses or their private network"
+        )
     host = cluster.listen[0]
     if not cluster.advertise and host in ("", "0.0.0.0", "::"):  # noqa: S104 - a check
         raise ConfigError(

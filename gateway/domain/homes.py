@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -73,7 +74,8 @@ class Homes(Part):
     def __init__(self, domain: Domain) -> None:
         super().__init__(domain)
         self.node: str | None = None
-        self.draining = False
+        self.draining = False  # takes no new home from the other nodes
+        self.released = False  # the drain gave up the idle homes
         # Operations running here per app: a drain keeps those apps' homes until they end.
         self._busy: collections.Counter[int] = collections.Counter()
 
@@ -132,13 +134,15 @@ class Homes(Part):
                 del self._busy[app_id]
 
     async def release(self) -> int:
-        """A drain: give up the homes of the apps with nothing running here (the others go
-        when this process leaves); from now on, take no new home."""
+        """A drain: give up the homes of the apps with nothing running here (the others when
+        their last operation ends, or when this process leaves); from now on, take no new
+        home from the other nodes."""
         self.draining = True
         if self.node is None:
             return 0
         idle = [a for a in await self.store.homes_of(self.node) if a not in self._busy]
         released = await self.store.release_homes(self.node, idle)
+        self.released = True
         log.info(
             "event=homes_released node=%s released=%d kept=%d",
             self.node,
@@ -146,3 +150,18 @@ class Homes(Part):
             len(self._busy),
         )
         return released
+
+    async def finished(self, app_id: int) -> None:
+        """After an operation: once the drain has released the idle homes, an app whose last
+        operation here just ended goes too."""
+        if self.released and self.node is not None and app_id not in self._busy:
+            await self.store.release_homes(self.node, [app_id])
+
+    async def hand_over(self, seconds: float) -> None:
+        """A drain: keep serving the apps this process is home to for `seconds` more (what is
+        left of [cluster] cache_seconds since the drain began), so that whatever the next
+        home's cache kept from before has expired by the time it takes them (docs/cluster.md).
+        """
+        if seconds > 0 and self.node is not None and await self.store.homes_of(self.node):
+            log.info("event=homes_handover seconds=%.1f", seconds)
+            await asyncio.sleep(seconds)

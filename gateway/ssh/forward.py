@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -33,6 +35,17 @@ PEER_USER = "git-gateway-node"
 CONNECT_TIMEOUT = 5.0
 # Above this, a request is not one of ours.
 MAX_REQUEST = 16 * 1024
+# What the logs read: a connection id, a client's address, a node's name.
+CONN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+PEER = re.compile(r"[0-9A-Fa-f.:\[\]%-]{1,64}|-")
+NODE = re.compile(r"[A-Za-z0-9._-]{1,255}")
+# The home's first byte on stdout: it serves the operation (git's own bytes follow). Before
+# it, nothing of the client's input is sent, so that a home that answers NOT_HOME instead
+# leaves that input to the next one.
+SERVING = b"\x01"
+# After a connection to a peer failed, operations fail at once for this long rather than
+# each waiting for its own connection attempt.
+RETRY_AFTER = 2.0
 
 
 class BadRequest(GatewayError):
@@ -85,9 +98,9 @@ class Request:
                 app=app_name(_text(body["app"])),
                 identity=identity,
                 protocol=_optional(body["protocol"], str),
-                conn=_text(body["conn"]),
-                peer=_text(body["peer"]),
-                via=_text(body["via"]),
+                conn=_matching(body["conn"], CONN),
+                peer=_matching(body["peer"], PEER),
+                via=_matching(body["via"], NODE),
             )
         except (KeyError, TypeError, ValueError, GatewayError, AttributeError) as exc:
             raise BadRequest(f"not a forwarded operation ({exc.__class__.__name__})") from None
@@ -95,9 +108,20 @@ class Request:
 
 
 def _text(value: Any) -> str:
+    """A string without control characters (they would forge log lines or reach git's
+    environment)."""
     if not isinstance(value, str):
         raise TypeError("expected a string")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("control character")
     return value
+
+
+def _matching(value: Any, pattern: re.Pattern[str]) -> str:
+    text = _text(value)
+    if not pattern.fullmatch(text):
+        raise ValueError("unexpected form")
+    return text
 
 
 def _int(value: Any) -> int:
@@ -166,29 +190,48 @@ class Forwarder:
             kbdint_auth=False,
         )
         self._connections: dict[str, asyncssh.SSHClientConnection] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One connection attempt per address at a time, shared by every operation waiting.
+        self._connecting: dict[str, asyncio.Future[asyncssh.SSHClientConnection]] = {}
+        self._failed: dict[str, float] = {}
 
     async def _connection(self, address: str) -> asyncssh.SSHClientConnection:
-        lock = self._locks.setdefault(address, asyncio.Lock())
-        async with lock:
-            conn = self._connections.get(address)
-            if conn is not None and not conn.is_closed():
-                return conn
-            host, _, port = address.rpartition(":")
-            try:
-                conn = await asyncio.wait_for(
-                    asyncssh.connect(host.strip("[]"), int(port), options=self.options),
-                    CONNECT_TIMEOUT,
-                )
-            except (OSError, asyncssh.Error, TimeoutError, ValueError) as exc:
-                log.warning("event=peer_unreachable address=%s error=%s", address, q(exc))
-                raise PeerUnreachable(address) from None
-            self._connections[address] = conn
+        conn = self._connections.get(address)
+        if conn is not None and not conn.is_closed():
             return conn
+        self._connections.pop(address, None)
+        failed = self._failed.get(address)
+        if failed is not None and time.monotonic() - failed < RETRY_AFTER:
+            raise PeerUnreachable(address)
+        attempt = self._connecting.get(address)
+        if attempt is None:
+            attempt = asyncio.ensure_future(self._connect(address))
+            self._connecting[address] = attempt
+            attempt.add_done_callback(lambda _: self._connecting.pop(address, None))
+        # Shielded: one waiter cancelled (its client left) leaves the attempt to the others.
+        return await asyncio.shield(attempt)
+
+    async def _connect(self, address: str) -> asyncssh.SSHClientConnection:
+        host, _, port = address.rpartition(":")
+        try:
+            conn = await asyncio.wait_for(
+                asyncssh.connect(host.strip("[]"), int(port), options=self.options),
+                CONNECT_TIMEOUT,
+            )
+        except (OSError, asyncssh.Error, TimeoutError, ValueError) as exc:
+            self._failed[address] = time.monotonic()
+            log.warning("event=peer_unreachable address=%s error=%s", address, q(exc))
+            raise PeerUnreachable(address) from None
+        self._failed.pop(address, None)
+        # Addresses change with restarts (a port 0): a closed connection leaves no entry.
+        for old in [a for a, c in self._connections.items() if c.is_closed()]:
+            del self._connections[old]
+        self._connections[address] = conn
+        return conn
 
     async def run(self, address: str, request: Request, channel: Channel) -> Outcome:
         """Run `request` on the node at `address`, with the user's streams; its outcome
-        (returncode NOT_HOME: that node did not run it). PeerUnreachable if no channel opens."""
+        (returncode NOT_HOME: that node did not run it, and none of the user's input was
+        used). PeerUnreachable if no channel opens."""
         conn = await self._connection(address)
         try:
             process = await conn.create_process(request.encode(), encoding=None)
@@ -202,6 +245,14 @@ class Forwarder:
             except (OSError, asyncssh.Error) as again:
                 log.warning("event=peer_unreachable address=%s error=%s", address, q(again))
                 raise PeerUnreachable(address) from None
+        try:
+            first = await process.stdout.read(len(SERVING))
+        except CLIENT_GONE:
+            first = b""
+        if first != SERVING:
+            # Not served: refused there (its one error line goes to the user), or not the
+            # home (NOT_HOME, nothing said), or the home gone.
+            return await _refused(process, channel)
         return await _pump(process, channel)
 
     async def close(self) -> None:
@@ -213,6 +264,20 @@ class Forwarder:
         self._connections.clear()
 
 
+async def _refused(process: asyncssh.SSHClientProcess[bytes], channel: Channel) -> Outcome:
+    """What the home said instead of serving, passed on; its exit status (or -1: gone)."""
+    with contextlib.suppress(*CLIENT_GONE, TimeoutError):
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            while said := await process.stderr.read(MAX_REQUEST):
+                channel.stderr.write(said)
+                await channel.stderr.drain()
+    with contextlib.suppress(*CLIENT_GONE, TimeoutError):
+        await asyncio.wait_for(process.wait_closed(), CONNECT_TIMEOUT)
+    process.close()
+    status = process.exit_status
+    return Outcome(status if status is not None else -1, False, 0, 0)
+
+
 async def _pump(process: asyncssh.SSHClientProcess[bytes], channel: Channel) -> Outcome:
     """The user's stdin to the home's git, its stdout and stderr back, until it exits. The
     user going away closes the channel: the home's git then ends as it would for a client
@@ -221,17 +286,21 @@ async def _pump(process: asyncssh.SSHClientProcess[bytes], channel: Channel) -> 
     gone = asyncio.Event()
 
     async def upstream() -> None:
-        try:
-            while True:
+        while True:
+            try:
                 data = await channel.stdin.read(CHUNK)
+            except CLIENT_GONE:
+                gone.set()
+                return
+            try:
                 if not data:
-                    break
+                    process.stdin.write_eof()
+                    return
                 counts["in"] += len(data)
                 process.stdin.write(data)
                 await process.stdin.drain()
-            process.stdin.write_eof()
-        except CLIENT_GONE:
-            gone.set()
+            except CLIENT_GONE:
+                return  # the home's side broke: its exit status (none) will say
 
     async def downstream(reader: Reader, writer: Writer, count: bool) -> None:
         forwarding = True

@@ -1,6 +1,6 @@
 """The internal listener ([cluster] listen): git operations the other nodes forward to the
-repositories this node is home to. Only addresses in [cluster] peers get a banner, and only a
-client holding the nodes' shared host key logs in; tenants never reach it."""
+repositories this node is home to. A connection from outside [cluster] peers is cut at once,
+and only a client holding the nodes' shared host key logs in."""
 
 from __future__ import annotations
 
@@ -10,24 +10,29 @@ import ipaddress
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import asyncssh
 
-from ..config import SSHSettings
-from ..errors import GatewayError
+from ..config import ClusterSettings, SSHSettings
+from ..errors import ConfigError, GatewayError
 from ..git.bridge import Channel
 from ..logs import q
+from ..net.listener import bind
 from ..textsafe import terminal_safe
 from . import commands, hostkeys
 from .commands import git
-from .forward import NOT_HOME, PEER_USER, BadRequest, Request
+from .forward import NOT_HOME, PEER_USER, SERVING, BadRequest, Request
 
 if TYPE_CHECKING:
     from .server import Runtime
 
 log = logging.getLogger("gateway.peers")
+
+MAX_CONNECTIONS = 256
+MAX_LOGGING_IN = 16
 
 
 class PeerConnection(asyncssh.SSHServer):
@@ -36,13 +41,35 @@ class PeerConnection(asyncssh.SSHServer):
 
     def __init__(self, peers: PeerListener) -> None:
         self.peers = peers
+        self.conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         peer = conn.get_extra_info("peername")
         address = str(peer[0]) if peer else ""
         if not self.peers.allowed(address):
-            log.warning("event=peer_refused address=%s reason=not_in_peers", q(address))
+            self.peers.refused(address, "not_in_peers")
             conn.abort()
+            return
+        # The nodes keep one connection each per worker: these caps are far above that, and
+        # hold anyone else who gets past the address (a deploy on a node) to a few sockets.
+        if len(self.peers.connections) >= MAX_CONNECTIONS or (
+            len(self.peers.logging_in) >= MAX_LOGGING_IN
+        ):
+            self.peers.refused(address, "too_many_connections")
+            conn.abort()
+            return
+        self.conn = conn
+        self.peers.connections.add(conn)
+        self.peers.logging_in.add(conn)
+
+    def auth_completed(self) -> None:
+        if self.conn is not None:
+            self.peers.logging_in.discard(self.conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn is not None:
+            self.peers.connections.discard(self.conn)
+            self.peers.logging_in.discard(self.conn)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -73,7 +100,10 @@ class PeerListener:
         self.trusted = {key.public_data for key in keys}
         self.options = options
         self.servers: list[asyncssh.SSHAcceptor] = []
+        self.connections: set[asyncssh.SSHServerConnection] = set()
+        self.logging_in: set[asyncssh.SSHServerConnection] = set()
         self.running: set[asyncio.Task[None]] = set()
+        self._refusals_logged = 0.0
 
     def allowed(self, address: str) -> bool:
         try:
@@ -95,12 +125,34 @@ class PeerListener:
                 )
             )
 
-    async def close(self) -> None:
+    def refused(self, address: str, reason: str) -> None:
+        """Log a refused connection, at most once a second (anyone who reaches the port can
+        make refusals)."""
+        now = time.monotonic()
+        if now - self._refusals_logged >= 1.0:
+            self._refusals_logged = now
+            log.warning("event=peer_refused address=%s reason=%s", q(address), reason)
+
+    def stop_accepting(self) -> None:
         for server in self.servers:
             server.close()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await server.wait_closed()
+
+    async def close(self, grace: float) -> None:
+        """Stop accepting, cut the other nodes' connections, and give what runs `grace`
+        seconds to end (a push cut from its entry node finishes on its own, as git does
+        for a client gone); then stop it. Nothing forwarded runs here afterwards: the node
+        may leave, and another take its homes."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close()
+        running = {task for task in self.running if not task.done()}
+        if running:
+            _, left = await asyncio.wait(running, timeout=grace)
+            for task in left:
+                task.cancel()
+            for task in left:
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """Run one forwarded operation; the exit status is git's (NOT_HOME: not run here)."""
@@ -152,9 +204,14 @@ class PeerListener:
             conn_id=request.conn,
             peer=request.peer,
             pack_cache=runtime.pack_cache,
+            admission=runtime.admission,
         )
+
+        def serving() -> None:
+            process.stdout.write(SERVING)
+
         invocation = commands.Invocation(request.service, (request.app,))
-        served = await git.serve_forwarded(ctx, invocation, via=request.via)
+        served = await git.serve_forwarded(ctx, invocation, request.via, serving)
         return NOT_HOME if served is None else served
 
 
@@ -185,3 +242,29 @@ def peer_options(
         max_pktsize=max_packet,
         server_version="git-gateway-node",
     )
+
+
+def bind_listener(
+    cluster: ClusterSettings, inherited: list[socket.socket] | None
+) -> tuple[list[socket.socket], str]:
+    """The internal listener's sockets (`inherited` from the supervisor, or bound here) and
+    the address the other nodes dial: [cluster] advertise, else listen's host, with the port
+    bound when it names none (port 0)."""
+    listen = cluster.listen
+    if listen is None:
+        raise ConfigError("[cluster] listen is not set")
+    if inherited is not None:
+        sockets = inherited
+    else:
+        try:
+            sockets = bind(*listen)
+        except OSError as exc:
+            raise ConfigError(
+                f"[cluster] listen: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}"
+            ) from None
+    address = cluster.advertise
+    if not address:
+        address = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+    if ":" not in address.rsplit("]", 1)[-1]:
+        address = f"{address}:{sockets[0].getsockname()[1]}"
+    return sockets, address

@@ -30,7 +30,10 @@ def node_config(shared: Path, name: str, database: str, forwarded: bool = False)
     `forwarded`, each repository served by its home node (the other forwards to it)."""
     cluster: dict[str, object] = {"node_timeout": 4, "node_name": f"node-{name}"}
     if forwarded:
-        cluster.update(listen="127.0.0.1:0", peers=["127.0.0.1/32"], forward="always")
+        # One local disk: no cache to wait out on a stop.
+        cluster.update(
+            listen="127.0.0.1:0", peers=["127.0.0.1/32"], forward="always", cache_seconds=0
+        )
     return write_config(
         shared / name,
         storage={

@@ -212,3 +212,78 @@ def forged(service: str, app: str) -> str:
     return good.replace('"service":"git-upload-pack"', f'"service":"{service}"').replace(
         '"app":"web"', f'"app":"{app}"'
     )
+
+
+async def test_a_network_filesystem_without_forwarding_is_logged_at_start(
+    start_gateway: StartGateway,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    """An operator who skips `check` still reads it in the log: every node would read its
+    repositories through its own cache."""
+    from gateway import fstype
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"36 1 0:32 / {tmp_path} rw,relatime - fuse.sshfs gw@storage:/srv rw,user_id=0\n"
+    )
+    monkeypatch.setattr(fstype, "MOUNTINFO", mountinfo)
+    caplog.set_level(logging.WARNING)
+    await start_gateway()
+    assert "event=network_filesystem_without_forwarding" in caplog.text
+    assert "type=fuse.sshfs" in caplog.text
+
+
+async def test_a_drain_keeps_serving_its_homes_for_cache_seconds_then_hands_them_over(
+    start_gateway: StartGateway, caplog: pytest.LogCaptureFixture
+):
+    """Whatever node B's cache kept from before node A took the app has expired by the time
+    B takes it: A serves B's forwarded operations until cache_seconds after its drain began."""
+    a = await start_gateway(cluster=cluster("node-a", cache_seconds=1))
+    shared = a.gateway.config.storage
+    b = await start_gateway(
+        cluster=cluster("node-b"),
+        storage={"database": str(shared.database), "repos": str(shared.repos)},
+        ssh={"host_key_dir": str(a.home / "hostkeys")},
+    )
+    alice = await a.user("alice")
+    app = await a.app(alice)
+    app_id = (await a.gateway.store.get_app(app)).id
+    caplog.set_level(logging.INFO)
+    a.gateway._begin_draining()
+    closing = asyncio.ensure_future(a.gateway.close(drain=5))
+    # Meanwhile B's operations still run on A, the home.
+    assert await ls_refs(b, alice, app) == []
+    home = await b.gateway.store.home_of(app_id)
+    assert home is not None and home.name == "node-a"
+    await asyncio.wait_for(closing, TIMEOUT)
+    assert "event=homes_handover" in caplog.text
+    assert await ls_refs(b, alice, app) == []
+    home = await b.gateway.store.home_of(app_id)
+    assert home is not None and home.name == "node-b"
+
+
+async def test_regression_the_internal_listener_caps_logins_in_progress(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Anyone past the address filter (a deploy on a node reaches its address) holds a
+    login slot for at most login_timeout: a few at once, never the node's descriptors."""
+    from gateway.ssh import peers
+
+    monkeypatch.setattr(peers, "MAX_LOGGING_IN", 2)
+    a, _ = await two_nodes(start_gateway)
+    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
+    silent = []
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            assert (await asyncio.wait_for(reader.readline(), TIMEOUT)).startswith(b"SSH-2.0-")
+            silent.append(writer)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        silent.append(writer)
+        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # cut at once
+        assert "reason=too_many_connections" in caplog.text
+    finally:
+        for writer in silent:
+            writer.close()

@@ -279,6 +279,10 @@ def test_regression_internal_listener_never_open_to_all():
             "config: [cluster] listen needs [cluster] peers (the other nodes' addresses)"
         )
         assert err.value.exit_code == 2
+    for everyone in ("0.0.0.0/0", "::/0"):
+        with pytest.raises(ConfigError) as err:
+            config.from_mapping(cluster(listen="10.0.0.11:2300", peers=["10.0.0.12", everyone]))
+        assert str(err.value).startswith(f"config: [cluster] peers: {everyone} is every address")
 
 
 @pytest.mark.parametrize(

@@ -113,3 +113,32 @@ async def test_a_new_app_starts_on_the_machine_that_created_it(setup, tmp_path: 
     other = await cli.apps.create_app("blog", "alice", actor="alice")
     home = await domain.store.home_of(other.id)
     assert home is not None and home.name == "host-a"
+
+
+async def test_a_busy_app_kept_by_a_drain_goes_when_its_last_operation_ends(setup) -> None:
+    domain, web, _ = setup
+    await domain.homes.route(web)
+    with domain.homes.busy(web.id):
+        await domain.homes.release()
+        with domain.homes.busy(web.id):
+            pass
+        await domain.homes.finished(web.id)  # one more still runs
+        assert await domain.store.homes_of("a1") == [web.id]
+    await domain.homes.finished(web.id)
+    assert await domain.store.homes_of("a1") == []
+
+
+async def test_a_drain_hands_over_only_what_it_holds(setup, monkeypatch) -> None:
+    domain, web, _ = setup
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("gateway.domain.homes.asyncio.sleep", sleep)
+    await domain.homes.hand_over(5.0)
+    assert slept == []  # no home: nothing to wait for
+    await domain.homes.route(web)
+    await domain.homes.hand_over(-1.0)
+    await domain.homes.hand_over(5.0)
+    assert slept == [5.0]

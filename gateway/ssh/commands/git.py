@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Callable, Iterator
 
 from ... import executors
 from ...config import size_text
@@ -80,14 +81,25 @@ class TooManyAtOnce(GatewayError):
 async def run(ctx: Context, inv: Invocation) -> int:
     needed, subcommand, _ = SERVICES[inv.command]
     app, role = await ctx.domain.access.authorize(ctx.identity, inv.app, needed)
+    with _admitted(ctx, app, subcommand):
+        return await _dispatch(ctx, inv, app, role)
+
+
+@contextlib.contextmanager
+def _admitted(ctx: Context, app: App, subcommand: str) -> Iterator[None]:
+    """Hold one of the user's slots on this node while the block runs, or refuse.
+
+    A clone or an archive is the costly read (pack-objects, compression): one user's many
+    at once must not take the node's CPU from the others. A push costs more (index-pack,
+    a quarantine of up to max_input_size on the repositories' disk, the pre-receive
+    checks on the gateway's blocking threads): review 2 found 64 connections x 10
+    sessions of one user let 640 run at once, so pushes have a cap of their own. Held where
+    the client connected and again on the home node that runs git: users entering through
+    several nodes still run no more than the cap on the home."""
     admission = ctx.admission
     if admission is None:
-        return await _dispatch(ctx, inv, app, role)
-    # A clone or an archive is the costly read (pack-objects, compression): one user's many
-    # at once must not take the node's CPU from the others. A push costs more (index-pack,
-    # a quarantine of up to max_input_size on the repositories' disk, the pre-receive
-    # checks on the gateway's blocking threads): review 2 found 64 connections x 10
-    # sessions of one user let 640 run at once, so pushes have a cap of their own.
+        yield
+        return
     if subcommand == "receive-pack":
         kind, what, limit = PUSHES, "pushes", ctx.config.limits.max_pushes_per_user
     else:
@@ -107,7 +119,7 @@ async def run(ctx: Context, inv: Invocation) -> int:
         )
         raise TooManyAtOnce(ctx.identity.user_name, limit, what, kind)
     try:
-        return await _dispatch(ctx, inv, app, role)
+        yield
     finally:
         admission.give_back(kind, key)
 
@@ -127,16 +139,21 @@ async def _dispatch(ctx: Context, inv: Invocation, app: App, role: Role) -> int:
     raise HomeUnavailable(app.name)
 
 
-async def serve_forwarded(ctx: Context, inv: Invocation, via: str) -> int | None:
+async def serve_forwarded(
+    ctx: Context, inv: Invocation, via: str, serving: Callable[[], None]
+) -> int | None:
     """An operation another node forwarded here (gateway.ssh.peers): authorized again against
-    the registry, run if this node is the app's home; None if it is not (the entry node
-    looks again)."""
+    the registry and this node's caps, run if this node is the app's home (`serving` is
+    called first: the entry node then sends the client's input); None if it is not (the
+    entry node looks again)."""
     needed, subcommand, extra = SERVICES[inv.command]
     app, role = await ctx.domain.access.authorize(ctx.identity, inv.app, needed)
     if not await ctx.domain.homes.serves_here(app):
         log.info("event=not_home app=%s via=%s conn=%s", app.name, q(via), ctx.conn_id)
         return None
-    return await _serve(ctx, app, role, subcommand, extra, via=via)
+    with _admitted(ctx, app, subcommand):
+        serving()
+        return await _serve(ctx, app, role, subcommand, extra, via=via)
 
 
 async def _forward(ctx: Context, inv: Invocation, app: App, home: Home) -> int | None:
@@ -207,7 +224,7 @@ async def _forward(ctx: Context, inv: Invocation, app: App, home: Home) -> int |
         ctx.stats.outcome = "client_gone"
     elif outcome.returncode != 0:
         ctx.stats.outcome = "error"
-    return outcome.returncode
+    return outcome.returncode if outcome.returncode >= 0 else 1
 
 
 async def _serve(
@@ -218,9 +235,13 @@ async def _serve(
     extra: tuple[str, ...],
     via: str | None = None,
 ) -> int:
-    # A drain keeps the home of an app with an operation running here.
-    with ctx.domain.homes.busy(app.id):
-        return await _run_git(ctx, app, role, subcommand, extra, via)
+    # A drain keeps the home of an app with an operation running here, until it ends.
+    try:
+        with ctx.domain.homes.busy(app.id):
+            return await _run_git(ctx, app, role, subcommand, extra, via)
+    finally:
+        with contextlib.suppress(GatewayError):
+            await ctx.domain.homes.finished(app.id)
 
 
 async def _run_git(
