@@ -387,8 +387,9 @@ def test_node_a_killed_mid_push_b_takes_over_and_loses_no_acknowledged_push(
         }
         outputs = {}
         try:
-            for _ in pushing:  # both receive-packs run on node A, the home
-                nodes.a.wait_for(
+            # Both receive-packs run on node A, the home (without forwarding, on each node).
+            for node in (nodes.a, nodes.b if FORWARD == "never" else nodes.a):
+                node.wait_for(
                     rf"event=process_started .*service=receive-pack app={app} user=bigpusher "
                 )
             kill_machine(nodes.a)
