@@ -4,6 +4,8 @@
                     [--markdown FILE] [--cipher NAME] [--database sqlite|postgresql|both]
                     [--keys N] [--no-pack-cache]
     python -m bench --workers N [--quick | --profile ...] [--reps N] [--json FILE]
+    python -m bench --cluster [--profile ...] [--reps N] [--node-timeout S] [--cipher NAME]
+                    [--json FILE]
 
 Every workload runs against every target (file://, OpenSSH + git, OpenSSH + git pinned to
 AES-GCM, gitolite3 when it can run here, the gateway), alternating their order at each
@@ -1128,6 +1130,20 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the comparison: concurrent clone throughput of the gateway with 1 "
         "and with N workers (0 = one per CPU core); 4 clones per worker at once",
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead of the comparison: two nodes forwarding to each repository's home node "
+        "(clone, ls-remote and push through the home and through the other node), then the "
+        "failover when the home is killed",
+    )
+    parser.add_argument(
+        "--node-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="[cluster] node_timeout of --cluster's nodes (default 5)",
+    )
     args = parser.parse_args(argv)
     if args.profile == "tiny":
         settings = MODES["tiny"]
@@ -1143,6 +1159,8 @@ def main(argv: list[str] | None = None) -> int:
     databases = DATABASES if args.database == "both" else (args.database,)
     if args.workers is not None:
         return workers_main(args, settings)
+    if args.cluster:
+        return cluster_main(args, settings)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         bench = Bench(
@@ -1232,6 +1250,32 @@ def workers_main(args: argparse.Namespace, settings: Settings) -> int:
     }
     print(workers.report(figures))
     print(f"{report['elapsed_s']} s, {json.dumps(report['machine'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def cluster_main(args: argparse.Namespace, settings: Settings) -> int:
+    """`--cluster`: what forwarding to a repository's home node adds, and the failover."""
+    from . import cluster
+
+    reps = args.reps or (2 if settings.profile == "tiny" else 5)
+    started = time.monotonic()
+    load = list(os.getloadavg())  # other work on the machine moves these figures
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        print(f"setting up ({settings.profile} profile)...", file=sys.stderr, flush=True)
+        figures = cluster.measure(Path(tmp), settings.profile, reps, args.node_timeout, args.cipher)
+    report = {
+        **figures,
+        "machine": machine(),
+        "load_average": {"start": load, "end": list(os.getloadavg())},
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    print(cluster.report(figures))
+    print(
+        f"{report['elapsed_s']} s, load average {load[0]:.2f} at the start, "
+        f"{report['load_average']['end'][0]:.2f} at the end, {json.dumps(report['machine'])}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

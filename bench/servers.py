@@ -65,13 +65,21 @@ class Gateway:
     """The gateway started as operators start it, in a private state directory."""
 
     def __init__(
-        self, state: Path, extra: str = "", database: str | None = None, workers: int = 1
+        self,
+        state: Path,
+        extra: str = "",
+        database: str | None = None,
+        workers: int = 1,
+        repos: Path | None = None,
+        host_key_dir: Path | None = None,
     ) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
-        # The registry: a SQLite file in the state directory, or a postgresql:// URL.
+        # The registry: a SQLite file in the state directory, or a postgresql:// URL. Nodes
+        # of one cluster share it, the repositories root and the host keys.
         self.database = database or str(state / "gw.db")
-        self.repos = state / "repos"
+        self.repos = repos or state / "repos"
+        self.host_key_dir = host_key_dir or state / "hostkeys"
         self.config = state / "gateway.toml"
         self.control_socket = state / "gw.sock"
         self.config.write_text(
@@ -80,7 +88,7 @@ class Gateway:
             f"[server]\nworkers = {workers}\ndrain_accept_seconds = 0\n"
             "[ssh]\n"
             'listen = "127.0.0.1:0"\n'
-            f'host_key_dir = "{state / "hostkeys"}"\n'
+            f'host_key_dir = "{self.host_key_dir}"\n'
             "[storage]\n"
             f'repos = "{self.repos}"\n'
             f'database = "{self.database}"\n'
@@ -135,8 +143,7 @@ class Gateway:
 
     def host_keys(self) -> list[str]:
         return [
-            " ".join(p.read_text().split()[:2])
-            for p in sorted((self.state / "hostkeys").glob("*.pub"))
+            " ".join(p.read_text().split()[:2]) for p in sorted(self.host_key_dir.glob("*.pub"))
         ]
 
     def stop(self) -> int:

@@ -46,6 +46,8 @@ SERVING = b"\x01"
 # After a connection to a peer failed, operations fail at once for this long rather than
 # each waiting for its own connection attempt.
 RETRY_AFTER = 2.0
+# A home that has not said within this long whether it serves is treated as gone.
+DECIDE_TIMEOUT = 30.0
 
 
 class BadRequest(GatewayError):
@@ -246,8 +248,9 @@ class Forwarder:
                 log.warning("event=peer_unreachable address=%s error=%s", address, q(again))
                 raise PeerUnreachable(address) from None
         try:
-            first = await process.stdout.read(len(SERVING))
-        except CLIENT_GONE:
+            # The home answers once it has checked the rights and the home (registry reads).
+            first = await asyncio.wait_for(process.stdout.read(len(SERVING)), DECIDE_TIMEOUT)
+        except (*CLIENT_GONE, TimeoutError):
             first = b""
         if first != SERVING:
             # Not served: refused there (its one error line goes to the user), or not the

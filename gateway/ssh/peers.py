@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import asyncssh
 
 from ..config import ClusterSettings, SSHSettings
-from ..errors import ConfigError, GatewayError
+from ..domain.access import KeyRevoked
+from ..errors import AccessDenied, ConfigError, GatewayError
 from ..git.bridge import Channel
 from ..logs import q
 from ..net.listener import bind
@@ -160,6 +161,7 @@ class PeerListener:
         if task is not None:
             self.running.add(task)
         code = 1
+        request: Request | None = None
         try:
             request = Request.decode(process.command)
             if request.service not in commands.GIT_SERVICES:
@@ -176,6 +178,18 @@ class PeerListener:
                 process.stderr.write(b"error: not a forwarded operation\n")
         except GatewayError as exc:
             code = exc.exit_code
+            if request is not None and isinstance(exc, AccessDenied | KeyRevoked):
+                # Rights removed between the entry's check and this one: audited here.
+                await self.runtime.domain.access.denied(
+                    request.identity, request.peer, exc, request.service
+                )
+            log.info(
+                "event=refused conn=%s user=%s command=%s reason=%s",
+                request.conn if request else "-",
+                request.identity.user_name if request else "-",
+                request.service if request else "-",
+                q(exc),
+            )
             with contextlib.suppress(Exception):
                 process.stderr.write(f"error: {terminal_safe(str(exc))}\n".encode())
         except Exception:

@@ -287,3 +287,33 @@ async def test_regression_the_internal_listener_caps_logins_in_progress(
     finally:
         for writer in silent:
             writer.close()
+
+
+async def test_regression_a_forwarded_operation_the_home_refuses_is_audited_there(
+    start_gateway: StartGateway, prepared
+):
+    """Rights removed between the entry node's check and the home's: the home refuses with
+    the same line as any node and records the refusal."""
+    a, _ = await two_nodes(start_gateway)
+    alice, mallory = await a.user("alice"), await a.user("mallory")
+    app = await a.app(alice)
+    store = a.gateway.store
+    user = await store.get_user(mallory.name)
+    key = (await store.list_keys(mallory.name))[0]
+    identity = Identity(user.id, mallory.name, key.id, key.name, mallory.fingerprint)
+    text = Request("git-upload-pack", app, identity, None, "c1", "192.0.2.9:4000", "b").encode()
+    host, port = a.gateway.deploys.runner.lease.address.rsplit(":", 1)
+    async with asyncssh.connect(
+        host,
+        int(port),
+        username=PEER_USER,
+        client_keys=list(prepared.host_keys),
+        known_hosts=None,
+        agent_path=None,
+        config=None,
+    ) as conn:
+        result = await asyncio.wait_for(conn.run(text, check=False), TIMEOUT)
+    assert result.exit_status != 0
+    assert result.stderr == f"error: {AccessDenied(app)}\n"
+    events = await store.list_audit(actor=mallory.name)
+    assert [e.event for e in events if e.event == "access_denied"] == ["access_denied"]

@@ -61,6 +61,7 @@ RELOADABLE: dict[tuple[str, str], Any] = {
     ("audit", "retention"): 30,
     ("log", "level"): "debug",
     ("cluster", "node_timeout"): 9,
+    ("cluster", "cache_seconds"): 5,
 }
 
 
