@@ -42,7 +42,9 @@ pytestmark = pytest.mark.slow
 # branches unseen, "upload-pack: not our ref", "loose object ... is corrupt" and "Failed to
 # traverse parents" during gc, a false "main.lock: File exists ... remove the file manually".
 FORWARD = "auto"
-# Short, so that the failover test stays bounded; the rest never waits for it.
+# Short, so that the failover test stays bounded; the rest never waits for it. Below sshfs's
+# 20 s, which docs/cluster.md asks node_timeout to cover: it holds here because node B never
+# read the failover test's repository (it forwarded all to A), so B's cache has none of it.
 NODE_TIMEOUT = 6
 FALSE_LOCK = "remove the file manually"
 BUSY = "temporarily unavailable"
