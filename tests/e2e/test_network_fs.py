@@ -396,6 +396,8 @@ def test_node_a_killed_mid_push_b_takes_over_and_loses_no_acknowledged_push(
                 )
             kill_machine(nodes.a)
             killed = time.monotonic()
+            if FORWARD != "never":  # B ran nothing of the app itself (see NODE_TIMEOUT)
+                assert not re.search(rf"event=git service=\S+ app={app} ", log_of(nodes.b))
             for branch, proc in pushing.items():
                 outputs[branch] = proc.communicate(timeout=TIMEOUT)[0]
         finally:
