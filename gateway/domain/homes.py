@@ -92,7 +92,7 @@ class Homes(Part):
         if self.node is None:
             return HERE
         # A read first: most operations find the home taken (a claim is a write).
-        home = await self.store.home_of(app.id) or await self.store.claim_home(app.id, self.node)
+        home = await self.store.home_of(app.id) or await self._claim(app)
         if home is None:
             log.warning("event=home_unclaimable app=%s node=%s", app.name, self.node)
             raise HomeUnavailable(app.name)
@@ -105,8 +105,17 @@ class Homes(Part):
             return True
         home = await self.store.home_of(app.id)
         if home is None and not self.draining:
-            home = await self.store.claim_home(app.id, self.node)
+            home = await self._claim(app)
         return home is not None and home.name == node_name(self.config)
+
+    async def _claim(self, app: App) -> Home | None:
+        """Take the app's home if it has none (a race gives it to one node); logged when this
+        node took it (the first operation since start, or since its last home left)."""
+        assert self.node is not None  # noqa: S101 - callers check
+        home = await self.store.claim_home(app.id, self.node)
+        if home is not None and home.node == self.node:
+            log.info("event=home_taken app=%s node=%s", app.name, self.node)
+        return home
 
     async def adopt(self, app: App) -> None:
         """A repository this machine has just created is first served by this machine, whose

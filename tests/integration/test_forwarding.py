@@ -117,7 +117,7 @@ async def test_regression_forwarded_operations_are_authorized_again(
 
 
 async def test_a_drained_home_moves_to_the_next_node_that_serves_the_app(
-    start_gateway: StartGateway, tmp_path: Path
+    start_gateway: StartGateway, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     a, b = await two_nodes(start_gateway)
     alice = await a.user("alice")
@@ -127,9 +127,12 @@ async def test_a_drained_home_moves_to_the_next_node_that_serves_the_app(
     assert (await push(a, alice, app, sha, pack)).code == 0
     await a.gateway.close()
     assert await b.gateway.store.home_of(app_id) is None  # left with node A
+    caplog.set_level(logging.INFO)
     assert f"{sha} refs/heads/main\n".encode() in await ls_refs(b, alice, app)
     home = await b.gateway.store.home_of(app_id)
     assert home is not None and home.name == "node-b"
+    taken = [r.getMessage() for r in caplog.records if "event=home_taken" in r.getMessage()]
+    assert taken == [f"event=home_taken app={app} node={b.gateway.deploys.node}"]
 
 
 async def test_an_unreachable_home_is_one_line_and_changes_nothing(
