@@ -17,7 +17,7 @@ from typing import Any
 import asyncssh
 
 from . import config as config_module
-from . import fstype
+from . import fstype, tasks
 from .config import Config, Settings
 from .control import ControlServer
 from .deploys import DeployService, sandbox
@@ -334,7 +334,7 @@ class Gateway:
             if connection.conn is not None:
                 connection.conn.close()
         # Before leaving (the node's homes go with it): no git of this node still writes.
-        await self._end_sessions(CLOSE_GRACE_SECONDS)
+        await tasks.end(self.sessions, CLOSE_GRACE_SECONDS)
         await self.deploys.close()  # and the pipelines' shared clients
         if self.web is not None:
             await self.web.close()
@@ -351,19 +351,6 @@ class Gateway:
         # Connections closed above reported their failures: the last counts are written.
         await self.domain.access.flush_failures(everything=True)
         await self.store.close()
-
-    async def _end_sessions(self, grace: float) -> None:
-        """Give the sessions whose clients were cut `grace` seconds to end (a push finishes
-        on its own), then stop them."""
-        running = {task for task in self.sessions if not task.done()}
-        if not running:
-            return
-        _, left = await asyncio.wait(running, timeout=grace)
-        for task in left:
-            task.cancel()
-        for task in left:
-            with contextlib.suppress(BaseException):
-                await task
 
     def _running_deploys(self) -> set[asyncio.Future[Any]]:
         jobs = self.deploys.jobs.values()

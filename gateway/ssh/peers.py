@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import asyncssh
 
+from .. import tasks
 from ..config import ClusterSettings, SSHSettings
 from ..domain.access import KeyRevoked
 from ..errors import AccessDenied, ConfigError, GatewayError
@@ -142,14 +143,7 @@ class PeerListener:
         self.stop_accepting()
         for conn in list(self.connections):
             conn.close()
-        running = {task for task in self.running if not task.done()}
-        if running:
-            _, left = await asyncio.wait(running, timeout=grace)
-            for task in left:
-                task.cancel()
-            for task in left:
-                with contextlib.suppress(BaseException):
-                    await task
+        await tasks.end(self.running, grace)
 
     async def handle(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """Run one forwarded operation; the exit status is git's (NOT_HOME: not run here)."""

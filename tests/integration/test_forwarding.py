@@ -37,13 +37,17 @@ def cluster(name: str, **more: object) -> dict[str, object]:
     }
 
 
-async def two_nodes(start_gateway: StartGateway) -> tuple[LiveGateway, LiveGateway]:
-    a = await start_gateway(cluster=cluster("node-a"))
+async def two_nodes(
+    start_gateway: StartGateway, **more: dict[str, object]
+) -> tuple[LiveGateway, LiveGateway]:
+    """Nodes A and B on one registry, repositories root and host keys; `more` for both."""
+    a = await start_gateway(cluster=cluster("node-a"), **more)
     shared = a.gateway.config.storage
     b = await start_gateway(
         cluster=cluster("node-b"),
         storage={"database": str(shared.database), "repos": str(shared.repos)},
         ssh={"host_key_dir": str(a.home / "hostkeys")},
+        **more,
     )
     return a, b
 

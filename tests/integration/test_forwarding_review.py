@@ -14,23 +14,9 @@ import pytest
 from gateway.models import Identity
 from gateway.ssh import forward
 from gateway.ssh.forward import Request
-from tests.integration.conftest import TIMEOUT, LiveGateway, StartGateway
+from tests.integration.conftest import TIMEOUT, StartGateway
 from tests.integration.gitwire import FLUSH, commit_and_pack, pkt, push, read_pkts, session
-from tests.integration.test_forwarding import cluster, to_peers
-
-
-async def two_nodes(
-    start_gateway: StartGateway, **more: dict[str, object]
-) -> tuple[LiveGateway, LiveGateway]:
-    a = await start_gateway(cluster=cluster("node-a"), **more)
-    shared = a.gateway.config.storage
-    b = await start_gateway(
-        cluster=cluster("node-b"),
-        storage={"database": str(shared.database), "repos": str(shared.repos)},
-        ssh={"host_key_dir": str(a.home / "hostkeys")},
-        **more,
-    )
-    return a, b
+from tests.integration.test_forwarding import to_peers, two_nodes
 
 
 async def test_regression_the_per_user_fetch_cap_holds_on_the_home_whatever_the_entry(
